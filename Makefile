@@ -1,0 +1,44 @@
+# pgphi build. The extension is built with PGXS; the core library, unit tests
+# and benchmarks with CMake (CMakeLists.txt). Both take the core's sources from
+# src/core/*.cpp, so there is one list of sources.
+#
+#   make            build the extension
+#   make install    install it into the PostgreSQL found by PG_CONFIG
+#   make demo       set up everything and run the clinical demo (scripts/demo.sh)
+#   make test       set up everything and run every test suite (scripts/test.sh)
+
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+
+EXTENSION = pgphi
+MODULE_big = pgphi
+DATA = src/pgphi--0.1.0.sql
+OBJS = $(patsubst %.cpp,%.o,$(wildcard src/core/*.cpp src/pg/*.cpp))
+
+PG_CXXFLAGS = -std=c++17 -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
+              -Wno-register -Werror
+SHLIB_LINK = -lcrypto -lstdc++
+
+# No LLVM bitcode: JIT inlining of this module is not worth a clang dependency.
+override with_llvm = no
+
+.DEFAULT_GOAL := all
+.PHONY: demo demo-stop test deps
+
+demo:
+	scripts/demo.sh
+
+demo-stop:
+	scripts/demo.sh stop
+
+test:
+	scripts/test.sh
+
+deps:
+	scripts/install-deps.sh
+
+# PGXS exists only once postgresql-server-dev-15 is installed; demo, test and
+# deps install it first, so they must work without it.
+PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
+ifneq ($(wildcard $(PGXS)),)
+include $(PGXS)
+endif

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages pgphi needs to build, test and demo, if any
+# is missing. Safe to run again: it does nothing when all are present.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+PACKAGES=(
+    g++ make cmake pkg-config           # build tools
+    libssl-dev                          # OpenSSL 3: all cryptography
+    postgresql-15 postgresql-server-dev-15  # server and PGXS, same version
+    postgresql-contrib                  # pgcrypto, for the benchmarks against it
+    libgtest-dev libbenchmark-dev       # GoogleTest and Google Benchmark
+    libipc-run-perl                     # TAP tests (PostgreSQL::Test::Cluster)
+)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+
+echo "pgphi: installing ${missing[*]}"
+if [ "$(id -u)" != 0 ] && ! command -v sudo >/dev/null; then
+    echo "pgphi: run as root, or install these packages: ${missing[*]}" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+as_root apt-get update -qq
+# postgresql-15 is named again so it is upgraded to match the -dev package.
+as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" postgresql-15 >/dev/null

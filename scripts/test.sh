@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runs pgphi's test suites and exits non-zero if any test fails:
+#   unit     GoogleTest on the core (CTest)
+#   regress  pg_regress on the SQL surface, in a temporary cluster
+#   tap      TAP tests (prove) with PostgreSQL::Test::Cluster
+# With no argument it installs what is missing, builds, installs and runs all.
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$REPO_ROOT"
+
+suites=("$@")
+[ ${#suites[@]} -eq 0 ] && suites=(unit regress tap)
+
+scripts/install-deps.sh || exit 1
+make -s -j2 PG_CONFIG="$PG_CONFIG" || exit 1
+as_root make -s install PG_CONFIG="$PG_CONFIG" >/dev/null || exit 1
+
+PGXS_DIR=$(dirname "$("$PG_CONFIG" --pgxs)")/../..
+PG_REGRESS=$PGXS_DIR/src/test/regress/pg_regress
+PERL_TEST_LIB=$PGXS_DIR/src/test/perl
+
+run_unit() {
+    cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null &&
+        cmake --build build -j2 >/dev/null &&
+        (cd build && ctest --output-on-failure)
+}
+
+run_regress() {
+    local work
+    work=$(make_pg_workdir regress)
+    cp -r sql expected test/regress/* "$work"/
+    (cd "$work" && as_pg_user "$PG_REGRESS" --bindir="$PG_BIN" --inputdir="$work" --outputdir="$work" \
+        --temp-instance="$work/tmp_check" --temp-config="$work/pgphi.conf" \
+        --schedule="$work/schedule")
+    local status=$?
+    [ $status -ne 0 ] && [ -f "$work/regression.diffs" ] && cat "$work/regression.diffs"
+    [ $status -eq 0 ] && rm -rf "$work"
+    return $status
+}
+
+run_tap() {
+    local work
+    work=$(make_pg_workdir tap)
+    cp -r test "$work"/
+    (cd "$work" && as_pg_user env PATH="$PG_BIN:$PATH" PG_REGRESS="$PG_REGRESS" TESTDIR="$work" \
+        PGPHI_TEST_DIR="$work/test" prove -I "$PERL_TEST_LIB" -I "$work/test/perl" test/t/)
+    local status=$?
+    [ $status -ne 0 ] && echo "TAP logs kept in $work/tmp_check/log"
+    [ $status -eq 0 ] && rm -rf "$work"
+    return $status
+}
+
+passed=0
+failed=0
+failed_names=()
+for suite in "${suites[@]}"; do
+    echo "=== pgphi: $suite tests"
+    if "run_$suite"; then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1))
+        failed_names+=("$suite")
+    fi
+done
+
+echo
+[ $failed -gt 0 ] && echo "failed suites: ${failed_names[*]}"
+echo "suites: $passed passed, $failed failed"
+[ $failed -eq 0 ]

@@ -1,0 +1,93 @@
+-- Every kind of bad input gets its own clear error and SQLSTATE, and none
+-- echoes plaintext or key bytes.
+CREATE TABLE sample AS SELECT encrypt_phi('123-45-6789', 'ssn_key')::bytea AS v;
+
+-- Truncated: inside the header, then inside the tag.
+SELECT decrypt_phi(substring(v FROM 1 FOR 20)) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+SELECT decrypt_phi(substring(v FROM 1 FOR length(v) - 1)) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+-- Padded.
+SELECT decrypt_phi(v || '\x00'::bytea) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+-- Empty.
+SELECT decrypt_phi(''::bytea);
+\echo :LAST_ERROR_SQLSTATE
+
+-- A flipped bit in each field: magic, version, algorithm, key id, key
+-- version, nonce, body, tag.
+SELECT decrypt_phi(set_byte(v, 0, get_byte(v, 0) # 1)) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+SELECT decrypt_phi(set_byte(v, 1, get_byte(v, 1) # 2)) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+SELECT decrypt_phi(set_byte(v, 2, get_byte(v, 2) # 8)) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+SELECT decrypt_phi(set_byte(v, 6, get_byte(v, 6) # 64)) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+SELECT decrypt_phi(set_byte(v, 10, get_byte(v, 10) # 4)) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+SELECT decrypt_phi(set_byte(v, 11, get_byte(v, 11) # 1)) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+SELECT decrypt_phi(set_byte(v, 25, get_byte(v, 25) # 128)) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+SELECT decrypt_phi(set_byte(v, length(v) - 1, get_byte(v, length(v) - 1) # 1)) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+-- The header is authenticated: pointing it at another existing key fails.
+SELECT decrypt_phi(set_byte(v, 6, 2)) FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+
+-- Wrong key name, wrong or missing context.
+SELECT decrypt_phi(v, 'name_key') FROM sample;
+\echo :LAST_ERROR_SQLSTATE
+SELECT decrypt_phi(encrypt_phi('x', 'ssn_key', 'patient:1'), 'ssn_key', 'patient:2');
+\echo :LAST_ERROR_SQLSTATE
+SELECT decrypt_phi(encrypt_phi('x', 'ssn_key', 'patient:1'), 'ssn_key');
+\echo :LAST_ERROR_SQLSTATE
+
+-- Bytes that are not valid text, or text that is not JSON.
+SELECT decrypt_phi(encrypt_phi('\xff00'::bytea, 'ssn_key'));
+\echo :LAST_ERROR_SQLSTATE
+SELECT decrypt_phi_jsonb(encrypt_phi('not json: 123-45-6789', 'ssn_key'));
+\echo :LAST_ERROR_SQLSTATE
+
+-- Keys that do not exist, and bad key definitions; nothing is half-created.
+SELECT encrypt_phi('x', 'missing_key');
+\echo :LAST_ERROR_SQLSTATE
+SELECT pgphi.create_key('ssn_key');
+\echo :LAST_ERROR_SQLSTATE
+SELECT pgphi.create_key('bad name!');
+\echo :LAST_ERROR_SQLSTATE
+SELECT pgphi.create_key('hsm_key', provider => 'hsm');
+\echo :LAST_ERROR_SQLSTATE
+SELECT pgphi.create_key('other_kek_key', kek => 'other');
+\echo :LAST_ERROR_SQLSTATE
+SELECT count(*) AS half_created FROM pgphi.keys WHERE name IN ('hsm_key', 'other_kek_key');
+
+-- A damaged wrapped DEK in the catalog is refused when unwrapped. The update
+-- also shows that a catalog change reaches this session's key cache at once.
+SELECT decrypt_phi(encrypt_phi('cached', 'name_key'));
+BEGIN;
+UPDATE pgphi.key_versions SET wrapped_dek = set_byte(wrapped_dek, 30, get_byte(wrapped_dek, 30) # 1)
+ WHERE key_id = 2;
+SELECT decrypt_phi(encrypt_phi('x', 'name_key'));
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+SELECT decrypt_phi(encrypt_phi('works again', 'name_key'));
+
+-- A wrapped DEK moved to another key's catalog row does not unwrap.
+BEGIN;
+UPDATE pgphi.key_versions
+   SET wrapped_dek = (SELECT wrapped_dek FROM pgphi.key_versions WHERE key_id = 1)
+ WHERE key_id = 2;
+SELECT encrypt_phi('x', 'name_key');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+
+-- A destroyed key version: the DEK is gone, and decrypts say so.
+CREATE TABLE doomed AS SELECT encrypt_phi('shredded', 'notes_key') AS v;
+BEGIN;
+UPDATE pgphi.key_versions SET state = 'destroyed', wrapped_dek = NULL WHERE key_id = 3;
+SELECT decrypt_phi(v) FROM doomed;
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+SELECT decrypt_phi(v) FROM doomed;

@@ -1,0 +1,83 @@
+#include "ciphertext_format.hpp"
+
+#include <string>
+
+#include "error.hpp"
+
+namespace pgphi::format {
+
+namespace {
+
+uint32_t read_be32(const uint8_t* p)
+{
+    return (static_cast<uint32_t>(p[0]) << 24) | (static_cast<uint32_t>(p[1]) << 16) |
+           (static_cast<uint32_t>(p[2]) << 8) | static_cast<uint32_t>(p[3]);
+}
+
+void write_be32(uint8_t* p, uint32_t v)
+{
+    p[0] = static_cast<uint8_t>(v >> 24);
+    p[1] = static_cast<uint8_t>(v >> 16);
+    p[2] = static_cast<uint8_t>(v >> 8);
+    p[3] = static_cast<uint8_t>(v);
+}
+
+[[noreturn]] void truncated(size_t have, size_t need)
+{
+    throw Error(ErrorCode::Truncated, "pgphi ciphertext is truncated",
+                "The value has " + std::to_string(have) + " bytes; at least " + std::to_string(need) +
+                    " are needed.");
+}
+
+} // namespace
+
+ParsedValue parse(ByteView value)
+{
+    // Checked one field at a time so that each kind of damage has its own error.
+    if (value.size == 0 || value.data[0] != kMagic)
+        throw Error(ErrorCode::NotCiphertext, "value is not a pgphi ciphertext",
+                    "pgphi ciphertexts start with byte 0xA7.",
+                    "Encrypt values with encrypt_phi(); plaintext cannot be stored in an encrypted column.");
+    if (value.size < 2)
+        truncated(value.size, kGcmOverhead);
+
+    ParsedValue parsed;
+    parsed.format_version = value.data[1];
+    if (parsed.format_version != kVersion1)
+        throw Error(ErrorCode::UnsupportedVersion,
+                    "unsupported pgphi ciphertext format version " + std::to_string(parsed.format_version),
+                    "This build of pgphi reads format version 1.",
+                    "The value may come from a newer pgphi release, or be damaged.");
+    if (value.size < 3)
+        truncated(value.size, kGcmOverhead);
+    if (value.data[2] != static_cast<uint8_t>(Algorithm::Aes256Gcm))
+        throw Error(ErrorCode::UnknownAlgorithm,
+                    "unknown pgphi encryption algorithm id " + std::to_string(value.data[2]),
+                    "This build of pgphi knows algorithm 1 (AES-256-GCM).");
+    if (value.size < kGcmOverhead)
+        truncated(value.size, kGcmOverhead);
+
+    parsed.algorithm = Algorithm::Aes256Gcm;
+    parsed.key.key_id = read_be32(value.data + 3);
+    parsed.key.version = read_be32(value.data + 7);
+    if (parsed.key.key_id == 0 || parsed.key.version == 0)
+        throw Error(ErrorCode::NotCiphertext, "value is not a pgphi ciphertext",
+                    "Its key reference is zero, which pgphi never writes.");
+
+    parsed.prefix = ByteView(value.data, kPrefixSize);
+    parsed.nonce = value.data + kPrefixSize;
+    parsed.ciphertext = ByteView(parsed.nonce + kGcmNonceSize, value.size - kGcmOverhead);
+    parsed.tag = value.data + value.size - kGcmTagSize;
+    return parsed;
+}
+
+void write_prefix(uint8_t* out, KeyRef key)
+{
+    out[0] = kMagic;
+    out[1] = kVersion1;
+    out[2] = static_cast<uint8_t>(Algorithm::Aes256Gcm);
+    write_be32(out + 3, key.key_id);
+    write_be32(out + 7, key.version);
+}
+
+} // namespace pgphi::format

@@ -1,0 +1,37 @@
+// A data-encryption key (one version of one named pgphi key) made ready for
+// use: it seals plaintext into the ciphertext format and opens it again. The
+// plaintext DEK itself is not kept: only OpenSSL's key schedule, which is
+// cleansed when the DataKey is destroyed.
+#pragma once
+
+#include <string>
+
+#include "aead.hpp"
+#include "bytes.hpp"
+#include "ciphertext_format.hpp"
+#include "nonce.hpp"
+#include "secure_bytes.hpp"
+
+namespace pgphi {
+
+class DataKey {
+public:
+    DataKey(format::KeyRef ref, std::string name, const SecureBytes& dek);
+
+    const format::KeyRef& ref() const noexcept { return ref_; }
+    const std::string& name() const noexcept { return name_; }
+
+    // Writes format::sealed_size(plaintext.size) bytes to `out`.
+    void seal(NonceSource& nonces, ByteView plaintext, ByteView context, uint8_t* out);
+
+    // Writes value.ciphertext.size plaintext bytes to `out`, or throws
+    // AuthenticationFailed and leaves `out` wiped.
+    void open(const format::ParsedValue& value, ByteView context, uint8_t* out);
+
+private:
+    format::KeyRef ref_;
+    std::string name_;
+    Aes256Gcm cipher_;
+};
+
+} // namespace pgphi

@@ -1,0 +1,46 @@
+// Errors raised by the core. The core never talks to PostgreSQL; the glue in
+// src/pg/ catches these and maps each ErrorCode to a SQLSTATE (see
+// src/pg/error_bridge.cpp), so every code here must mean one thing to a user.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace pgphi {
+
+enum class ErrorCode {
+    NotCiphertext,        // bytes are not a pgphi value at all
+    Truncated,            // a pgphi value cut short
+    UnsupportedVersion,   // format version this build does not know
+    UnknownAlgorithm,     // algorithm id this build does not know
+    AuthenticationFailed, // tag mismatch: tampered, wrong context or wrong DEK
+    KeyNotFound,          // no such key name, or no such key id/version
+    KeyMismatch,          // value was encrypted under another key than named
+    InvalidArgument,      // bad argument from the caller
+    KekFileMissing,       // local provider: KEK file absent
+    KekFileInvalid,       // local provider: wrong size, mode or owner
+    KekMismatch,          // DEK was wrapped by another KEK than configured
+    ProviderError,        // the key provider failed for another reason
+    Io,                   // operating-system I/O failure
+    Internal,             // a bug or an OpenSSL failure that should not happen
+};
+
+// An error with a message fit for the user: it never contains key bytes or
+// plaintext. `detail` and `hint` are optional and follow PostgreSQL's style.
+class Error : public std::runtime_error {
+public:
+    Error(ErrorCode code, std::string message, std::string detail = {}, std::string hint = {})
+        : std::runtime_error(std::move(message)), code_(code), detail_(std::move(detail)),
+          hint_(std::move(hint)) {}
+
+    ErrorCode code() const noexcept { return code_; }
+    const std::string& detail() const noexcept { return detail_; }
+    const std::string& hint() const noexcept { return hint_; }
+
+private:
+    ErrorCode code_;
+    std::string detail_;
+    std::string hint_;
+};
+
+} // namespace pgphi

@@ -1,0 +1,68 @@
+// The interface every key provider implements: the local file provider now,
+// HashiCorp Vault Transit and AWS KMS next. A provider holds a KEK it never
+// reveals and wraps or unwraps DEKs with it. The caller binds each wrapped DEK
+// to the pgphi key it belongs to, so a wrapped DEK moved to another key or
+// version in the catalog fails to unwrap.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "bytes.hpp"
+#include "secure_bytes.hpp"
+
+namespace pgphi {
+
+// Which pgphi key a DEK belongs to. key_id and version are authenticated with
+// the wrapped DEK; the name is used only in messages.
+struct DekBinding {
+    uint32_t key_id = 0;
+    uint32_t version = 0;
+    std::string key_name;
+};
+
+struct WrappedDek {
+    std::vector<uint8_t> blob;  // opaque to pgphi, stored in the key catalog
+    std::string kek_version;    // which KEK version wrapped it, for the inventory
+};
+
+struct GeneratedDek {
+    SecureBytes plaintext;
+    WrappedDek wrapped;
+};
+
+struct KekDescription {
+    std::string provider;
+    std::string kek_ref;
+    std::string kek_version;    // the version new wraps use
+};
+
+class KeyProvider {
+public:
+    static constexpr size_t kDekSize = 32;
+
+    virtual ~KeyProvider() = default;
+
+    virtual const char* name() const = 0;
+
+    // Wraps a DEK the caller generated.
+    virtual WrappedDek wrap(const std::string& kek_ref, const SecureBytes& dek,
+                            const DekBinding& binding) = 0;
+
+    virtual SecureBytes unwrap(const std::string& kek_ref, ByteView wrapped,
+                               const DekBinding& binding) = 0;
+
+    // Re-wraps under the KEK's newest version. Providers that can do this
+    // inside the key manager (Vault rewrap, KMS ReEncrypt) never expose the DEK.
+    virtual WrappedDek rewrap(const std::string& kek_ref, ByteView wrapped,
+                              const DekBinding& binding) = 0;
+
+    virtual KekDescription describe(const std::string& kek_ref) = 0;
+
+    // A fresh DEK. By default drawn locally and wrapped; key managers that
+    // generate data keys themselves override it.
+    virtual GeneratedDek generate_dek(const std::string& kek_ref, const DekBinding& binding);
+};
+
+} // namespace pgphi

@@ -1,0 +1,39 @@
+// The backend-local cache of ready DataKeys, looked up by key reference (for
+// decryption: the reference comes from the value's header) or by key name (for
+// encryption: the active version). It owns the keys; clear() destroys them,
+// which cleanses their key schedules. A pointer returned by a lookup stays
+// valid until the next clear().
+#pragma once
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+
+#include "ciphertext_format.hpp"
+#include "data_key.hpp"
+#include "secure_bytes.hpp"
+
+namespace pgphi {
+
+class KeyRing {
+public:
+    DataKey* find(format::KeyRef ref) noexcept;
+    DataKey* find_active(std::string_view name) noexcept;
+
+    // Adds a key made from `dek` (wiped before returning) and, when `active`,
+    // makes it the version encrypt_phi uses for its name.
+    DataKey& install(format::KeyRef ref, std::string name, bool active, SecureBytes dek);
+
+    void clear() noexcept;
+    size_t size() const noexcept { return by_ref_.size(); }
+
+private:
+    std::unordered_map<uint64_t, std::unique_ptr<DataKey>> by_ref_;
+    std::unordered_map<std::string, DataKey*> active_by_name_;
+    // One-entry memo in front of each map: columns are mostly one key.
+    DataKey* last_found_ = nullptr;
+    DataKey* last_active_ = nullptr;
+};
+
+} // namespace pgphi

@@ -1,0 +1,232 @@
+#include "local_provider.hpp"
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include "aead.hpp"
+#include "error.hpp"
+
+namespace pgphi {
+
+namespace {
+
+constexpr uint8_t kLayoutVersion = 1;
+constexpr size_t kFingerprintSize = 8;
+constexpr char kFingerprintLabel[] = "pgphi local KEK fingerprint v1";
+constexpr char kWrapLabel[] = "pgphi local DEK wrap v1";
+
+struct FileCloser {
+    int fd;
+    ~FileCloser()
+    {
+        if (fd >= 0)
+            close(fd);
+    }
+};
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+void fingerprint(const SecureBytes& kek, uint8_t* out)
+{
+    uint8_t mac[EVP_MAX_MD_SIZE];
+    size_t mac_len = 0;
+    if (!EVP_Q_mac(nullptr, "HMAC", nullptr, "SHA256", nullptr, kek.data(), kek.size(),
+                   reinterpret_cast<const unsigned char*>(kFingerprintLabel), sizeof(kFingerprintLabel) - 1,
+                   mac, sizeof(mac), &mac_len) ||
+        mac_len < kFingerprintSize)
+        throw Error(ErrorCode::Internal, "could not compute the local KEK fingerprint");
+    std::memcpy(out, mac, kFingerprintSize);
+}
+
+std::string to_hex(const uint8_t* bytes, size_t n)
+{
+    static const char digits[] = "0123456789abcdef";
+    std::string hex;
+    hex.reserve(n * 2);
+    for (size_t i = 0; i < n; ++i) {
+        hex.push_back(digits[bytes[i] >> 4]);
+        hex.push_back(digits[bytes[i] & 0xF]);
+    }
+    return hex;
+}
+
+// Associated data of a wrap: the label, then key id and version big-endian.
+std::string wrap_aad(const DekBinding& binding)
+{
+    std::string aad(kWrapLabel, sizeof(kWrapLabel) - 1);
+    for (uint32_t v : {binding.key_id, binding.version})
+        for (int shift = 24; shift >= 0; shift -= 8)
+            aad.push_back(static_cast<char>((v >> shift) & 0xFF));
+    return aad;
+}
+
+std::string describe_key(const DekBinding& binding)
+{
+    std::string who = binding.key_name.empty() ? "key id " + std::to_string(binding.key_id)
+                                               : "key \"" + binding.key_name + "\"";
+    return who + " version " + std::to_string(binding.version);
+}
+
+} // namespace
+
+void LocalKeyProvider::check_kek_ref(const std::string& kek_ref)
+{
+    if (!kek_ref.empty() && kek_ref != kDefaultKekRef)
+        throw Error(ErrorCode::InvalidArgument,
+                    "the local key provider has no KEK named \"" + kek_ref + "\"",
+                    "The local provider holds a single KEK, in the file named by pgphi.local_kek_file.",
+                    "Omit kek, or pass 'default'.");
+}
+
+std::string LocalKeyProvider::fingerprint_hex(const SecureBytes& kek)
+{
+    uint8_t fp[kFingerprintSize];
+    fingerprint(kek, fp);
+    return to_hex(fp, sizeof(fp));
+}
+
+SecureBytes LocalKeyProvider::load_kek() const
+{
+    FileCloser file{open(kek_path_.c_str(), O_RDONLY | O_CLOEXEC)};
+    if (file.fd < 0) {
+        int err = errno;
+        if (err == ENOENT)
+            throw Error(ErrorCode::KekFileMissing,
+                        "local KEK file \"" + kek_path_ + "\" does not exist",
+                        "Every key of the local provider is wrapped by the KEK in this file.",
+                        "Restore the file from backup, or set pgphi.local_kek_file to where it is.");
+        throw Error(ErrorCode::KekFileInvalid,
+                    "could not open local KEK file \"" + kek_path_ + "\": " + errno_text(err));
+    }
+
+    struct stat st;
+    if (fstat(file.fd, &st) != 0)
+        throw Error(ErrorCode::Io, "could not stat local KEK file \"" + kek_path_ + "\": " + errno_text(errno));
+    if (!S_ISREG(st.st_mode))
+        throw Error(ErrorCode::KekFileInvalid, "local KEK file \"" + kek_path_ + "\" is not a regular file");
+    if (st.st_uid != geteuid())
+        throw Error(ErrorCode::KekFileInvalid,
+                    "local KEK file \"" + kek_path_ + "\" is not owned by the database server's user",
+                    {}, "chown the file to the account the server runs as.");
+    if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0)
+        throw Error(ErrorCode::KekFileInvalid,
+                    "local KEK file \"" + kek_path_ + "\" is accessible by group or others",
+                    {}, "Run chmod 0600 on the file.");
+    if (static_cast<size_t>(st.st_size) != kKekSize)
+        throw Error(ErrorCode::KekFileInvalid,
+                    "local KEK file \"" + kek_path_ + "\" has the wrong size",
+                    "It has " + std::to_string(st.st_size) + " bytes; a KEK is exactly " +
+                        std::to_string(kKekSize) + ".");
+
+    SecureBytes kek(kKekSize);
+    ssize_t n = read(file.fd, kek.data(), kKekSize);
+    if (n != static_cast<ssize_t>(kKekSize))
+        throw Error(ErrorCode::Io, "could not read local KEK file \"" + kek_path_ + "\"" +
+                                       (n < 0 ? ": " + errno_text(errno) : std::string()));
+    return kek;
+}
+
+bool LocalKeyProvider::ensure_kek_file()
+{
+    FileCloser file{open(kek_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, S_IRUSR | S_IWUSR)};
+    if (file.fd < 0) {
+        if (errno == EEXIST)
+            return false;
+        throw Error(ErrorCode::Io, "could not create local KEK file \"" + kek_path_ + "\": " + errno_text(errno));
+    }
+    SecureBytes kek = SecureBytes::random(kKekSize);
+    if (write(file.fd, kek.data(), kek.size()) != static_cast<ssize_t>(kek.size()) || fsync(file.fd) != 0) {
+        int err = errno;
+        unlink(kek_path_.c_str());
+        throw Error(ErrorCode::Io, "could not write local KEK file \"" + kek_path_ + "\": " + errno_text(err));
+    }
+    // Make the new directory entry durable too: losing the KEK loses every key.
+    size_t slash = kek_path_.rfind('/');
+    std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : kek_path_.substr(0, slash);
+    FileCloser dir_file{open(dir.c_str(), O_RDONLY | O_CLOEXEC)};
+    if (dir_file.fd >= 0)
+        fsync(dir_file.fd);
+    return true;
+}
+
+WrappedDek LocalKeyProvider::wrap(const std::string& kek_ref, const SecureBytes& dek,
+                                  const DekBinding& binding)
+{
+    check_kek_ref(kek_ref);
+    if (dek.size() != kDekSize)
+        throw Error(ErrorCode::InvalidArgument, "a DEK must be 32 bytes");
+    SecureBytes kek = load_kek();
+
+    WrappedDek wrapped;
+    wrapped.blob.resize(kWrappedSize);
+    uint8_t* out = wrapped.blob.data();
+    out[0] = kLayoutVersion;
+    fingerprint(kek, out + 1);
+    uint8_t* nonce = out + 1 + kFingerprintSize;
+    if (RAND_bytes(nonce, Aes256Gcm::kNonceSize) != 1)
+        throw Error(ErrorCode::Internal, "could not draw a random nonce");
+    uint8_t* body = nonce + Aes256Gcm::kNonceSize;
+    Aes256Gcm cipher(ByteView(kek.data(), kek.size()));
+    cipher.seal(nonce, ByteView(wrap_aad(binding)), ByteView(), ByteView(dek.data(), dek.size()), body,
+                body + kDekSize);
+    wrapped.kek_version = to_hex(out + 1, kFingerprintSize);
+    return wrapped;
+}
+
+SecureBytes LocalKeyProvider::unwrap(const std::string& kek_ref, ByteView wrapped,
+                                     const DekBinding& binding)
+{
+    check_kek_ref(kek_ref);
+    if (wrapped.size != kWrappedSize || wrapped.data[0] != kLayoutVersion)
+        throw Error(ErrorCode::ProviderError,
+                    "wrapped DEK of " + describe_key(binding) + " is not in the local provider's format",
+                    "The key catalog entry may have been created by another provider or damaged.");
+    SecureBytes kek = load_kek();
+
+    uint8_t configured[kFingerprintSize];
+    fingerprint(kek, configured);
+    if (CRYPTO_memcmp(configured, wrapped.data + 1, kFingerprintSize) != 0)
+        throw Error(ErrorCode::KekMismatch,
+                    "the DEK of " + describe_key(binding) + " was wrapped by a different local KEK",
+                    "It needs the KEK with fingerprint " + to_hex(wrapped.data + 1, kFingerprintSize) +
+                        "; pgphi.local_kek_file holds the KEK with fingerprint " +
+                        to_hex(configured, kFingerprintSize) + ".",
+                    "Point pgphi.local_kek_file at the KEK file these keys were created with.");
+
+    const uint8_t* nonce = wrapped.data + 1 + kFingerprintSize;
+    const uint8_t* body = nonce + Aes256Gcm::kNonceSize;
+    SecureBytes dek(kDekSize);
+    Aes256Gcm cipher(ByteView(kek.data(), kek.size()));
+    if (!cipher.open(nonce, ByteView(wrap_aad(binding)), ByteView(), ByteView(body, kDekSize),
+                     body + kDekSize, dek.data()))
+        throw Error(ErrorCode::ProviderError,
+                    "the wrapped DEK of " + describe_key(binding) + " failed authentication",
+                    "The key catalog entry was altered, or moved from another key or version.");
+    return dek;
+}
+
+WrappedDek LocalKeyProvider::rewrap(const std::string& kek_ref, ByteView wrapped,
+                                    const DekBinding& binding)
+{
+    // The local KEK has a single version, so rewrapping re-encrypts under a
+    // fresh nonce; the DEK exists in plaintext only inside this call.
+    SecureBytes dek = unwrap(kek_ref, wrapped, binding);
+    return wrap(kek_ref, dek, binding);
+}
+
+KekDescription LocalKeyProvider::describe(const std::string& kek_ref)
+{
+    check_kek_ref(kek_ref);
+    return KekDescription{name(), kDefaultKekRef, fingerprint_hex(load_kek())};
+}
+
+} // namespace pgphi

@@ -1,0 +1,160 @@
+// encrypt_phi and decrypt_phi: the SQL functions applications call per value.
+// Arguments are detoasted and buffers allocated here, in PostgreSQL's world;
+// only the sealing and opening run in the core (see error_bridge.hpp).
+#include "postgres.hpp"
+
+extern "C" {
+#include "mb/pg_wchar.h"
+#include "utils/jsonb.h"
+}
+
+#include <string_view>
+
+#include "../core/ciphertext_format.hpp"
+#include "error_bridge.hpp"
+#include "key_access.hpp"
+
+using namespace pgphi;
+using namespace pgphi::pg;
+
+namespace {
+
+enum class PlaintextKind { Text, Bytea, Jsonb };
+
+ByteView view_of(const struct varlena* v)
+{
+    return ByteView(reinterpret_cast<const uint8_t*>(VARDATA_ANY(v)), VARSIZE_ANY_EXHDR(v));
+}
+
+// The optional context argument (AAD); absent means empty.
+ByteView context_arg(FunctionCallInfo fcinfo, int argno)
+{
+    return PG_NARGS() > argno ? view_of(PG_GETARG_TEXT_PP(argno)) : ByteView();
+}
+
+Datum encrypt_bytes(FunctionCallInfo fcinfo, ByteView plaintext)
+{
+    DataKey* key = key_for_encrypt(PG_GETARG_TEXT_PP(1));
+    ByteView context = context_arg(fcinfo, 2);
+
+    size_t total = VARHDRSZ + format::sealed_size(plaintext.size);
+    if (total > MaxAllocSize)
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+                        errmsg("value is too large to encrypt"),
+                        errdetail("Encrypted values are at most %zu bytes.", MaxAllocSize - VARHDRSZ)));
+    bytea* result = static_cast<bytea*>(palloc(total));
+    SET_VARSIZE(result, total);
+    call_core([&] { key->seal(nonce_source(), plaintext, context, reinterpret_cast<uint8_t*>(VARDATA(result))); });
+    PG_RETURN_BYTEA_P(result);
+}
+
+// Parses the value, checks the key name if one was given, and returns the
+// plaintext as a bytea-shaped varlena (text and bytea share the layout).
+struct varlena* decrypt_to_varlena(FunctionCallInfo fcinfo)
+{
+    bytea* value = PG_GETARG_BYTEA_PP(0);
+    format::ParsedValue parsed;
+    call_core([&] { parsed = format::parse(view_of(value)); });
+
+    DataKey* key = key_for_decrypt(parsed.key);
+    if (PG_NARGS() > 1) {
+        text* expected = PG_GETARG_TEXT_PP(1);
+        std::string_view expected_name(VARDATA_ANY(expected), VARSIZE_ANY_EXHDR(expected));
+        if (key->name() != expected_name)
+            ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+                            errmsg("value was encrypted with pgphi key \"%s\", not \"%s\"", key->name().c_str(),
+                                   text_to_cstring(expected))));
+    }
+    ByteView context = context_arg(fcinfo, 2);
+
+    struct varlena* plaintext = static_cast<struct varlena*>(palloc(VARHDRSZ + parsed.ciphertext.size));
+    SET_VARSIZE(plaintext, VARHDRSZ + parsed.ciphertext.size);
+    call_core([&] { key->open(parsed, context, reinterpret_cast<uint8_t*>(VARDATA(plaintext))); });
+    return plaintext;
+}
+
+void wipe_and_free(struct varlena* v)
+{
+    explicit_bzero(VARDATA(v), VARSIZE(v) - VARHDRSZ);
+    pfree(v);
+}
+
+// Text results must be valid in the database encoding; a value encrypted from
+// bytea or in another database may not be.
+void check_text_encoding(struct varlena* plaintext)
+{
+    if (!pg_verify_mbstr(GetDatabaseEncoding(), VARDATA(plaintext), VARSIZE(plaintext) - VARHDRSZ, true)) {
+        wipe_and_free(plaintext);
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
+                        errmsg("decrypted value is not valid text in encoding \"%s\"",
+                               GetDatabaseEncodingName()),
+                        errhint("Use decrypt_phi_bytea() for values that were encrypted from bytea.")));
+    }
+}
+
+} // namespace
+
+PGPHI_FUNCTION(pgphi_encrypt_text)
+{
+    return encrypt_bytes(fcinfo, view_of(PG_GETARG_TEXT_PP(0)));
+}
+
+PGPHI_FUNCTION(pgphi_encrypt_bytea)
+{
+    return encrypt_bytes(fcinfo, view_of(PG_GETARG_BYTEA_PP(0)));
+}
+
+// jsonb is encrypted in its text form, which is stable across PostgreSQL
+// versions and decrypts as text too.
+PGPHI_FUNCTION(pgphi_encrypt_jsonb)
+{
+    Jsonb* document = PG_GETARG_JSONB_P(0);
+    char* json = JsonbToCString(nullptr, &document->root, VARSIZE(document));
+    size_t length = strlen(json);
+    Datum result = encrypt_bytes(fcinfo, ByteView(reinterpret_cast<const uint8_t*>(json), length));
+    explicit_bzero(json, length);
+    pfree(json);
+    return result;
+}
+
+PGPHI_FUNCTION(pgphi_decrypt_text)
+{
+    struct varlena* plaintext = decrypt_to_varlena(fcinfo);
+    check_text_encoding(plaintext);
+    PG_RETURN_TEXT_P(plaintext);
+}
+
+PGPHI_FUNCTION(pgphi_decrypt_bytea)
+{
+    PG_RETURN_BYTEA_P(decrypt_to_varlena(fcinfo));
+}
+
+PGPHI_FUNCTION(pgphi_decrypt_jsonb)
+{
+    struct varlena* plaintext = decrypt_to_varlena(fcinfo);
+    check_text_encoding(plaintext);
+    char* json = text_to_cstring(reinterpret_cast<text*>(plaintext));
+    wipe_and_free(plaintext);
+
+    // jsonb_in's own errors quote the input, which here is plaintext PHI: they
+    // are replaced by one that says nothing about the content.
+    MemoryContext context = CurrentMemoryContext;
+    Datum document = 0;
+    PG_TRY();
+    {
+        document = DirectFunctionCall1(jsonb_in, CStringGetDatum(json));
+    }
+    PG_CATCH();
+    {
+        MemoryContextSwitchTo(context);
+        FlushErrorState();
+        explicit_bzero(json, strlen(json));
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+                        errmsg("decrypted value is not valid jsonb"),
+                        errhint("Use decrypt_phi() for values that were not encrypted from jsonb.")));
+    }
+    PG_END_TRY();
+    explicit_bzero(json, strlen(json));
+    pfree(json);
+    return document;
+}

@@ -1,0 +1,69 @@
+#include "postgres.hpp"
+
+#include <cstring>
+
+#include "error_bridge.hpp"
+
+namespace pgphi::pg {
+
+namespace {
+
+void copy_text(char* dst, size_t size, const char* src) noexcept
+{
+    strlcpy(dst, src ? src : "", size);
+}
+
+// The SQLSTATE a user sees for each kind of core error.
+int sqlstate_for(ErrorCode code)
+{
+    switch (code) {
+    case ErrorCode::NotCiphertext:
+    case ErrorCode::Truncated:
+        return ERRCODE_INVALID_BINARY_REPRESENTATION;      // 22P03
+    case ErrorCode::UnsupportedVersion:
+    case ErrorCode::UnknownAlgorithm:
+        return ERRCODE_FEATURE_NOT_SUPPORTED;              // 0A000
+    case ErrorCode::AuthenticationFailed:
+        // An integrity check failed, as with a page checksum: XX001.
+        return ERRCODE_DATA_CORRUPTED;
+    case ErrorCode::KeyNotFound:
+        return ERRCODE_UNDEFINED_OBJECT;                   // 42704
+    case ErrorCode::KeyMismatch:
+    case ErrorCode::InvalidArgument:
+        return ERRCODE_INVALID_PARAMETER_VALUE;            // 22023
+    case ErrorCode::KekFileMissing:
+        return ERRCODE_UNDEFINED_FILE;                     // 58P01
+    case ErrorCode::KekFileInvalid:
+    case ErrorCode::KekMismatch:
+        return ERRCODE_CONFIG_FILE_ERROR;                  // F0000
+    case ErrorCode::ProviderError:
+        return ERRCODE_SYSTEM_ERROR;                       // 58000
+    case ErrorCode::Io:
+        return ERRCODE_IO_ERROR;                           // 58030
+    case ErrorCode::Internal:
+        break;
+    }
+    return ERRCODE_INTERNAL_ERROR;
+}
+
+} // namespace
+
+void CoreFailure::capture(ErrorCode c, const char* msg, const char* det, const char* hnt) noexcept
+{
+    code = c;
+    copy_text(message, sizeof(message), msg);
+    copy_text(detail, sizeof(detail), det);
+    copy_text(hint, sizeof(hint), hnt);
+}
+
+void raise_core_failure(const CoreFailure& failure, int sqlstate)
+{
+    // errhidestmt: the statement may hold plaintext literals; keep it out of the log.
+    ereport(ERROR, (errcode(sqlstate != 0 ? sqlstate : sqlstate_for(failure.code)),
+                    errmsg_internal("%s", failure.message), errhidestmt(true),
+                    failure.detail[0] ? errdetail_internal("%s", failure.detail) : 0,
+                    failure.hint[0] ? errhint("%s", failure.hint) : 0));
+    pg_unreachable();
+}
+
+} // namespace pgphi::pg

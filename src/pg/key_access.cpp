@@ -1,0 +1,237 @@
+#include "postgres.hpp"
+
+extern "C" {
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_namespace.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "storage/ipc.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/syscache.h"
+}
+
+#include <cstring>
+#include <string_view>
+
+#include "../core/key_ring.hpp"
+#include "error_bridge.hpp"
+#include "key_access.hpp"
+#include "providers.hpp"
+
+namespace pgphi::pg {
+
+namespace {
+
+KeyRing g_ring;
+NonceSource g_nonces;
+
+// Set by the relcache callback when the key catalog changed; the ring is
+// cleared at the next lookup, never inside the callback, so pointers handed
+// out for the current row stay valid.
+bool g_ring_stale = false;
+Oid g_keys_relid = InvalidOid;
+Oid g_versions_relid = InvalidOid;
+
+SPIPlanPtr g_plan_by_name = nullptr;
+SPIPlanPtr g_plan_by_ref = nullptr;
+
+constexpr const char* kSelectKey =
+    "SELECT k.key_id, v.version, k.name, k.provider, k.kek_ref, v.state, v.wrapped_dek "
+    "FROM pgphi.keys k JOIN pgphi.key_versions v ON v.key_id OPERATOR(pg_catalog.=) k.key_id ";
+constexpr const char* kWhereName =
+    "WHERE k.name OPERATOR(pg_catalog.=) $1 AND v.state OPERATOR(pg_catalog.=) 'active'";
+constexpr const char* kWhereRef =
+    "WHERE v.key_id OPERATOR(pg_catalog.=) $1 AND v.version OPERATOR(pg_catalog.=) $2";
+
+// One row of the key catalog, copied out of SPI into the caller's context.
+struct CatalogKey {
+    uint32 key_id;
+    uint32 version;
+    char* name;
+    char* provider;
+    char* kek_ref;
+    char* state;
+    bytea* wrapped_dek; // NULL once the version is destroyed
+};
+
+void wipe_keys_at_exit(int, Datum) { g_ring.clear(); }
+
+void flush_if_stale()
+{
+    if (g_ring_stale) {
+        g_ring.clear();
+        g_ring_stale = false;
+    }
+}
+
+void on_relcache_invalidation(Datum, Oid relid)
+{
+    if (relid == InvalidOid || relid == g_keys_relid || relid == g_versions_relid)
+        g_ring_stale = true;
+}
+
+// The role that owns pgphi's schema (the extension's installer). Catalog
+// lookups run as this role so callers need no privilege on the key tables.
+Oid catalog_owner()
+{
+    Oid nsp = get_namespace_oid("pgphi", true);
+    if (!OidIsValid(nsp))
+        ereport(ERROR, (errcode(ERRCODE_UNDEFINED_SCHEMA),
+                        errmsg("extension pgphi is not installed in this database"),
+                        errhint("Run CREATE EXTENSION pgphi.")));
+    g_keys_relid = get_relname_relid("keys", nsp);
+    g_versions_relid = get_relname_relid("key_versions", nsp);
+
+    HeapTuple tuple = SearchSysCache1(NAMESPACEOID, ObjectIdGetDatum(nsp));
+    if (!HeapTupleIsValid(tuple))
+        elog(ERROR, "cache lookup failed for namespace %u", nsp);
+    Oid owner = ((Form_pg_namespace)GETSTRUCT(tuple))->nspowner;
+    ReleaseSysCache(tuple);
+    return owner;
+}
+
+char* copy_text_column(HeapTuple row, TupleDesc desc, int column)
+{
+    char* value = SPI_getvalue(row, desc, column);
+    return value ? pstrdup(value) : nullptr;
+}
+
+// Runs one of the two lookups and copies the row into `out`. Returns false
+// when no row matched.
+bool fetch_catalog_key(SPIPlanPtr* plan, const char* where, int nargs, Oid* argtypes, Datum* args,
+                       CatalogKey* out)
+{
+    MemoryContext caller_context = CurrentMemoryContext;
+    Oid owner = catalog_owner();
+    Oid saved_user;
+    int saved_security;
+    volatile bool found = false;
+
+    GetUserIdAndSecContext(&saved_user, &saved_security);
+    SetUserIdAndSecContext(owner, saved_security | SECURITY_LOCAL_USERID_CHANGE |
+                                      SECURITY_RESTRICTED_OPERATION);
+    PG_TRY();
+    {
+        if (SPI_connect() != SPI_OK_CONNECT)
+            elog(ERROR, "pgphi: SPI_connect failed");
+        if (*plan == nullptr) {
+            char* query = psprintf("%s%s", kSelectKey, where);
+            SPIPlanPtr prepared = SPI_prepare(query, nargs, argtypes);
+            if (prepared == nullptr || SPI_keepplan(prepared) != 0)
+                elog(ERROR, "pgphi: could not prepare key catalog lookup: %s",
+                     SPI_result_code_string(SPI_result));
+            *plan = prepared;
+        }
+        int rc = SPI_execute_plan(*plan, args, nullptr, true, 1);
+        if (rc != SPI_OK_SELECT)
+            elog(ERROR, "pgphi: key catalog lookup failed: %s", SPI_result_code_string(rc));
+        if (SPI_processed > 0) {
+            HeapTuple row = SPI_tuptable->vals[0];
+            TupleDesc desc = SPI_tuptable->tupdesc;
+            bool isnull;
+            MemoryContext spi_context = MemoryContextSwitchTo(caller_context);
+            out->key_id = DatumGetInt32(SPI_getbinval(row, desc, 1, &isnull));
+            out->version = DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull));
+            out->name = copy_text_column(row, desc, 3);
+            out->provider = copy_text_column(row, desc, 4);
+            out->kek_ref = copy_text_column(row, desc, 5);
+            out->state = copy_text_column(row, desc, 6);
+            Datum wrapped = SPI_getbinval(row, desc, 7, &isnull);
+            out->wrapped_dek = isnull ? nullptr : DatumGetByteaPCopy(wrapped);
+            MemoryContextSwitchTo(spi_context);
+            found = true;
+        }
+        SPI_finish();
+    }
+    PG_FINALLY();
+    {
+        SetUserIdAndSecContext(saved_user, saved_security);
+    }
+    PG_END_TRY();
+    return found;
+}
+
+// Unwraps a catalog row's DEK through its provider and adds it to the ring.
+DataKey* install_catalog_key(const CatalogKey& key)
+{
+    static bool exit_hook_registered = false;
+    if (key.wrapped_dek == nullptr)
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pgphi key \"%s\" version %u has been destroyed", key.name, key.version),
+                        errdetail("Values encrypted under a destroyed key version cannot be decrypted.")));
+    if (!exit_hook_registered) {
+        on_proc_exit(wipe_keys_at_exit, 0);
+        exit_hook_registered = true;
+    }
+
+    DataKey* installed = nullptr;
+    call_core([&] {
+        std::unique_ptr<KeyProvider> provider = make_provider(key.provider);
+        DekBinding binding{key.key_id, key.version, key.name};
+        SecureBytes dek = provider->unwrap(
+            key.kek_ref,
+            ByteView(reinterpret_cast<const uint8_t*>(VARDATA(key.wrapped_dek)), VARSIZE(key.wrapped_dek) - VARHDRSZ),
+            binding);
+        bool active = std::strcmp(key.state, "active") == 0;
+        installed = &g_ring.install(format::KeyRef{key.key_id, key.version}, key.name, active, std::move(dek));
+    });
+    return installed;
+}
+
+} // namespace
+
+DataKey* key_for_encrypt(const text* key_name)
+{
+    flush_if_stale();
+    std::string_view name(VARDATA_ANY(key_name), VARSIZE_ANY_EXHDR(key_name));
+    if (DataKey* key = g_ring.find_active(name))
+        return key;
+
+    Oid argtypes[1] = {TEXTOID};
+    Datum args[1] = {PointerGetDatum(key_name)};
+    CatalogKey row;
+    if (!fetch_catalog_key(&g_plan_by_name, kWhereName, 1, argtypes, args, &row))
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT),
+                        errmsg("pgphi key \"%s\" does not exist", text_to_cstring(key_name)),
+                        errhint("Create it with pgphi.create_key().")));
+    return install_catalog_key(row);
+}
+
+DataKey* key_for_decrypt(format::KeyRef ref)
+{
+    flush_if_stale();
+    if (DataKey* key = g_ring.find(ref))
+        return key;
+
+    Oid argtypes[2] = {INT4OID, INT4OID};
+    Datum args[2] = {Int32GetDatum(static_cast<int32>(ref.key_id)), Int32GetDatum(static_cast<int32>(ref.version))};
+    CatalogKey row;
+    if (!fetch_catalog_key(&g_plan_by_ref, kWhereRef, 2, argtypes, args, &row))
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT),
+                        errmsg("pgphi key id %u version %u does not exist in this database", ref.key_id,
+                               ref.version),
+                        errhint("The value was encrypted in a database whose pgphi key catalog is not "
+                                "present here; restore the catalog with the data.")));
+    return install_catalog_key(row);
+}
+
+NonceSource& nonce_source() { return g_nonces; }
+
+void register_key_invalidation() { CacheRegisterRelcacheCallback(on_relcache_invalidation, 0); }
+
+} // namespace pgphi::pg
+
+// Statement-level trigger on the key catalog tables: queues a relcache
+// invalidation that every backend of this database processes once the change
+// commits (and this backend at once), clearing their KeyRings.
+PGPHI_FUNCTION(pgphi_key_catalog_changed)
+{
+    if (!CALLED_AS_TRIGGER(fcinfo))
+        ereport(ERROR, (errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+                        errmsg("pgphi_key_catalog_changed must be called as a trigger")));
+    TriggerData* trigger = reinterpret_cast<TriggerData*>(fcinfo->context);
+    CacheInvalidateRelcacheByRelid(RelationGetRelid(trigger->tg_relation));
+    return PointerGetDatum(nullptr);
+}

@@ -1,0 +1,20 @@
+// PostgreSQL's headers, included with C linkage, plus the macro that declares
+// an fmgr entry point. Only entry points and _PG_init need extern "C".
+#pragma once
+
+extern "C" {
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+}
+
+// Declares a SQL-callable function: PG_FUNCTION_INFO_V1 plus an unmangled
+// definition. Use as `PGPHI_FUNCTION(name) { ... }`.
+#define PGPHI_FUNCTION(name)                                                                       \
+    extern "C" {                                                                                   \
+    PG_FUNCTION_INFO_V1(name);                                                                     \
+    }                                                                                              \
+    extern "C" Datum name(PG_FUNCTION_ARGS)

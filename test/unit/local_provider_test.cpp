@@ -1,0 +1,200 @@
+// The local file KEK provider: file creation, every refusal of a bad KEK file,
+// wrap/unwrap round trips and the binding of a wrapped DEK to its key.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <string>
+
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "error.hpp"
+#include "local_provider.hpp"
+
+using namespace pgphi;
+
+namespace {
+
+class LocalProviderTest : public ::testing::Test {
+protected:
+    void SetUp() override
+    {
+        char tmpl[] = "/tmp/pgphi-unit-XXXXXX";
+        ASSERT_NE(mkdtemp(tmpl), nullptr);
+        dir = tmpl;
+        path = dir + "/kek";
+    }
+    void TearDown() override
+    {
+        unlink(path.c_str());
+        rmdir(dir.c_str());
+    }
+
+    void write_file(const std::string& content, mode_t mode)
+    {
+        unlink(path.c_str());
+        std::ofstream(path, std::ios::binary) << content;
+        chmod(path.c_str(), mode);
+    }
+
+    ErrorCode error_of_unwrap(LocalKeyProvider& provider, const WrappedDek& wrapped, const DekBinding& b)
+    {
+        try {
+            provider.unwrap("", ByteView(wrapped.blob.data(), wrapped.blob.size()), b);
+        } catch (const Error& e) {
+            last_message = e.what();
+            return e.code();
+        }
+        ADD_FAILURE() << "expected an error";
+        return ErrorCode::Internal;
+    }
+
+    std::string dir, path, last_message;
+    DekBinding binding{7, 1, "ssn_key"};
+};
+
+bool same_bytes(const SecureBytes& a, const SecureBytes& b)
+{
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
+} // namespace
+
+TEST_F(LocalProviderTest, CreatesKekFileOwnerOnly)
+{
+    LocalKeyProvider provider(path);
+    EXPECT_TRUE(provider.ensure_kek_file());
+    EXPECT_FALSE(provider.ensure_kek_file()); // never replaces an existing KEK
+    struct stat st;
+    ASSERT_EQ(stat(path.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0600u);
+    EXPECT_EQ(st.st_size, 32);
+}
+
+TEST_F(LocalProviderTest, GeneratedDekUnwrapsToTheSameBytes)
+{
+    LocalKeyProvider provider(path);
+    provider.ensure_kek_file();
+    GeneratedDek generated = provider.generate_dek("", binding);
+    EXPECT_EQ(generated.plaintext.size(), 32u);
+    EXPECT_EQ(generated.wrapped.blob.size(), LocalKeyProvider::kWrappedSize);
+    EXPECT_EQ(generated.wrapped.kek_version.size(), 16u);
+    SecureBytes back = provider.unwrap(
+        "default", ByteView(generated.wrapped.blob.data(), generated.wrapped.blob.size()), binding);
+    EXPECT_TRUE(same_bytes(back, generated.plaintext));
+}
+
+TEST_F(LocalProviderTest, WrappedDekDoesNotContainThePlaintext)
+{
+    LocalKeyProvider provider(path);
+    provider.ensure_kek_file();
+    GeneratedDek generated = provider.generate_dek("", binding);
+    const auto& blob = generated.wrapped.blob;
+    EXPECT_EQ(std::search(blob.begin(), blob.end(), generated.plaintext.data(),
+                          generated.plaintext.data() + 8),
+              blob.end());
+}
+
+TEST_F(LocalProviderTest, RewrapKeepsTheDekAndChangesTheBlob)
+{
+    LocalKeyProvider provider(path);
+    provider.ensure_kek_file();
+    GeneratedDek generated = provider.generate_dek("", binding);
+    WrappedDek rewrapped = provider.rewrap(
+        "", ByteView(generated.wrapped.blob.data(), generated.wrapped.blob.size()), binding);
+    EXPECT_NE(rewrapped.blob, generated.wrapped.blob);
+    SecureBytes back = provider.unwrap("", ByteView(rewrapped.blob.data(), rewrapped.blob.size()), binding);
+    EXPECT_TRUE(same_bytes(back, generated.plaintext));
+}
+
+TEST_F(LocalProviderTest, WrappedDekIsBoundToKeyIdAndVersion)
+{
+    LocalKeyProvider provider(path);
+    provider.ensure_kek_file();
+    GeneratedDek generated = provider.generate_dek("", binding);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, DekBinding{7, 2, "ssn_key"}),
+              ErrorCode::ProviderError);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, DekBinding{8, 1, "mrn_key"}),
+              ErrorCode::ProviderError);
+    EXPECT_NE(last_message.find("failed authentication"), std::string::npos);
+}
+
+TEST_F(LocalProviderTest, AnotherKekIsNamedByFingerprint)
+{
+    LocalKeyProvider provider(path);
+    provider.ensure_kek_file();
+    GeneratedDek generated = provider.generate_dek("", binding);
+    unlink(path.c_str());
+    provider.ensure_kek_file(); // a different KEK now
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekMismatch);
+    EXPECT_NE(last_message.find("different local KEK"), std::string::npos);
+}
+
+TEST_F(LocalProviderTest, MissingKekFileIsNotRecreatedByUnwrap)
+{
+    LocalKeyProvider provider(path);
+    provider.ensure_kek_file();
+    GeneratedDek generated = provider.generate_dek("", binding);
+    unlink(path.c_str());
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileMissing);
+    EXPECT_NE(access(path.c_str(), F_OK), 0);
+}
+
+TEST_F(LocalProviderTest, RefusesBadKekFiles)
+{
+    LocalKeyProvider provider(path);
+    provider.ensure_kek_file();
+    GeneratedDek generated = provider.generate_dek("", binding);
+
+    write_file(std::string(31, 'k'), 0600);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileInvalid);
+    EXPECT_NE(last_message.find("wrong size"), std::string::npos);
+
+    write_file(std::string(33, 'k'), 0600);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileInvalid);
+
+    write_file(std::string(32, 'k'), 0640);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileInvalid);
+    EXPECT_NE(last_message.find("group or others"), std::string::npos);
+
+    unlink(path.c_str());
+    ASSERT_EQ(mkdir(path.c_str(), 0700), 0);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileInvalid);
+    rmdir(path.c_str());
+}
+
+TEST_F(LocalProviderTest, UnreadableKekFileIsRefused)
+{
+    if (geteuid() == 0)
+        GTEST_SKIP() << "root reads files whatever their mode";
+    LocalKeyProvider provider(path);
+    provider.ensure_kek_file();
+    GeneratedDek generated = provider.generate_dek("", binding);
+    chmod(path.c_str(), 0);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileInvalid);
+    EXPECT_NE(last_message.find("could not open"), std::string::npos);
+}
+
+TEST_F(LocalProviderTest, OnlyTheDefaultKekExists)
+{
+    LocalKeyProvider provider(path);
+    provider.ensure_kek_file();
+    EXPECT_THROW(provider.generate_dek("other", binding), Error);
+    EXPECT_EQ(provider.describe("").kek_ref, "default");
+}
+
+TEST_F(LocalProviderTest, DamagedWrappedDekIsRefused)
+{
+    LocalKeyProvider provider(path);
+    provider.ensure_kek_file();
+    GeneratedDek generated = provider.generate_dek("", binding);
+    WrappedDek shorter = generated.wrapped;
+    shorter.blob.pop_back();
+    EXPECT_EQ(error_of_unwrap(provider, shorter, binding), ErrorCode::ProviderError);
+    WrappedDek flipped = generated.wrapped;
+    flipped.blob[30] ^= 1;
+    EXPECT_EQ(error_of_unwrap(provider, flipped, binding), ErrorCode::ProviderError);
+}
