@@ -1,0 +1,113 @@
+# The local provider's KEK file: created safely, and every way it can be
+# missing or wrong gives a clear error without losing data.
+use strict;
+use warnings;
+
+use File::Copy;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use PgphiTest;
+
+# pgphi refuses to work unless preloaded.
+my $plain = PostgreSQL::Test::Cluster->new('not_preloaded');
+$plain->init;
+$plain->start;
+my $err = PgphiTest::psql_error($plain, 'postgres', 'CREATE EXTENSION pgphi');
+like($err, qr/55000: pgphi must be loaded via shared_preload_libraries/,
+	'CREATE EXTENSION without preload fails with 55000');
+like($err, qr/HINT:  Add pgphi to shared_preload_libraries/, '... and says how to fix it');
+$plain->stop;
+
+my $node = PgphiTest::new_node('kek_file');
+$node->safe_psql('postgres', q{
+	CREATE EXTENSION pgphi;
+	SELECT pgphi.create_key('ssn_key');
+	CREATE TABLE patients (id int, ssn pgphi.encrypted);
+	INSERT INTO patients SELECT 1, pgphi.encrypt_phi('123-45-6789', 'ssn_key');
+});
+
+my $kek = $node->data_dir . '/pgphi_local.kek';
+ok(-f $kek, 'first key created the KEK file in the data directory');
+is((stat $kek)[2] & 07777, 0600, 'KEK file has mode 0600');
+is(-s $kek, 32, 'KEK file holds 32 bytes');
+ok($node->log_contains('pgphi: the local key provider keeps its KEK in a file'),
+	'server log warns that the local provider is for development');
+
+my $decrypt = 'SELECT pgphi.decrypt_phi(ssn) FROM patients';
+is($node->safe_psql('postgres', $decrypt), '123-45-6789', 'value decrypts');
+
+# Missing: the error names the file, and decrypting never invents a new KEK.
+move($kek, "$kek.moved") or die;
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+like($err, qr/58P01: local KEK file "pgphi_local.kek" does not exist/, 'missing KEK file: 58P01');
+ok(!-e $kek, 'a failed unwrap does not create a new KEK file');
+move("$kek.moved", $kek) or die;
+is($node->safe_psql('postgres', $decrypt), '123-45-6789', 'restored KEK file decrypts again');
+
+# Point pgphi.local_kek_file at bad files, reloading the configuration each time.
+my $bad = $node->data_dir . '/bad.kek';
+sub use_kek_file
+{
+	my ($path) = @_;
+	$node->safe_psql('postgres',
+		"ALTER SYSTEM SET pgphi.local_kek_file = '$path'; SELECT pg_reload_conf();");
+}
+sub write_file_mode
+{
+	my ($content, $mode) = @_;
+	unlink $bad;
+	open my $fh, '>', $bad or die;
+	binmode $fh;
+	print $fh $content;
+	close $fh;
+	chmod $mode, $bad;
+}
+use_kek_file('bad.kek');
+
+write_file_mode('k' x 31, 0600);
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+like($err, qr/F0000: local KEK file "bad.kek" has the wrong size/, 'short KEK file: F0000');
+like($err, qr/It has 31 bytes; a KEK is exactly 32/, '... with the sizes');
+
+write_file_mode('k' x 32, 0644);
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+like($err, qr/F0000: local KEK file "bad.kek" is accessible by group or others/,
+	'KEK file readable by others: F0000');
+
+write_file_mode('k' x 32, 0000);
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+like($err, qr/F0000: could not open local KEK file "bad.kek": Permission denied/,
+	'unreadable KEK file: F0000');
+
+write_file_mode('k' x 32, 0600);
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+like($err, qr/F0000: the DEK of key "ssn_key" version 1 was wrapped by a different local KEK/,
+	'another KEK: F0000');
+like($err, qr/needs the KEK with fingerprint [0-9a-f]{16}; pgphi.local_kek_file holds the KEK with fingerprint [0-9a-f]{16}/,
+	'... naming both fingerprints');
+
+unlink $bad;
+mkdir $bad or die;
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+like($err, qr/F0000: local KEK file "bad.kek" is not a regular file/, 'a directory: F0000');
+rmdir $bad;
+
+# Back to the real KEK: nothing was lost, also across a restart.
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET pgphi.local_kek_file; SELECT pg_reload_conf();');
+is($node->safe_psql('postgres', $decrypt), '123-45-6789', 'original KEK decrypts again');
+$node->restart;
+is($node->safe_psql('postgres', $decrypt), '123-45-6789', 'value decrypts after a restart');
+
+# Nothing secret reached the server log: no plaintext, no KEK bytes.
+open my $fh, '<', $kek or die;
+binmode $fh;
+read($fh, my $kek_bytes, 32);
+close $fh;
+my $log = slurp_file($node->logfile);
+unlike($log, qr/123-45-6789/, 'server log holds no plaintext');
+ok(index($log, $kek_bytes) < 0, 'server log holds no raw KEK bytes');
+ok(index(lc $log, unpack('H*', $kek_bytes)) < 0, 'server log holds no hex KEK');
+
+$node->stop;
+done_testing();
