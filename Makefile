@@ -16,7 +16,7 @@ OBJS = $(patsubst %.cpp,%.o,$(wildcard src/core/*.cpp src/pg/*.cpp))
 
 PG_CXXFLAGS = -std=c++17 -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
               -Wno-register -Werror
-SHLIB_LINK = -lcrypto -lstdc++
+SHLIB_LINK = -lcrypto -lcurl -lstdc++
 
 # No LLVM bitcode: JIT inlining of this module is not worth a clang dependency.
 override with_llvm = no

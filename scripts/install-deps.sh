@@ -6,11 +6,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 PACKAGES=(
     g++ make cmake pkg-config           # build tools
-    libssl-dev                          # OpenSSL 3: all cryptography
+    libssl-dev openssl                  # OpenSSL 3: all cryptography; the CLI makes test PKI
+    libcurl4-openssl-dev                # HTTPS to Vault and AWS KMS
+    nlohmann-json3-dev                  # JSON for the key managers' APIs
     postgresql-15 postgresql-server-dev-15  # server and PGXS, same version
     postgresql-contrib                  # pgcrypto, for the benchmarks against it
     libgtest-dev libbenchmark-dev       # GoogleTest and Google Benchmark
     libipc-run-perl                     # TAP tests (PostgreSQL::Test::Cluster)
+    python3 python3-cryptography        # the Vault / KMS emulator in test/emulator
+    awscli python3-boto3 python3-hvac   # independent clients that check the emulator
 )
 
 missing=()

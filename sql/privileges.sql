@@ -47,7 +47,7 @@ SHOW pgphi.local_kek_file;
 \echo :LAST_ERROR_SQLSTATE
 SELECT count(*) AS visible_pgphi_settings FROM pg_settings WHERE name LIKE 'pgphi.%';
 RESET ROLE;
-SELECT name, setting, context FROM pg_settings WHERE name LIKE 'pgphi.%';
+SELECT name, setting, context FROM pg_settings WHERE name LIKE 'pgphi.%' ORDER BY name;
 
 -- Object shadowing: a caller's own "=" operator on text, first in its
 -- search_path, must not take part in pgphi's key lookups.

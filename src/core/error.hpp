@@ -17,9 +17,14 @@ enum class ErrorCode {
     KeyNotFound,          // no such key name, or no such key id/version
     KeyMismatch,          // value was encrypted under another key than named
     InvalidArgument,      // bad argument from the caller
-    KekFileMissing,       // local provider: KEK file absent
-    KekFileInvalid,       // local provider: wrong size, mode or owner
+    ConfigError,          // a provider setting is missing or unusable
+    SecretFileMissing,    // a KEK, token or credentials file is absent
+    SecretFileInvalid,    // ... or unreadable, of the wrong size, mode or owner
     KekMismatch,          // DEK was wrapped by another KEK than configured
+    WrappedDekInvalid,    // the wrapped DEK does not unwrap: damaged, moved, or wrong context
+    KeyManagerDenied,     // the key manager refused: permissions, expired credentials
+    KeyManagerKeyDisabled,// the KEK is disabled or pending deletion
+    KeyManagerUnavailable,// unreachable, timed out, TLS failure, throttled or failing
     ProviderError,        // the key provider failed for another reason
     Io,                   // operating-system I/O failure
     Internal,             // a bug or an OpenSSL failure that should not happen

@@ -14,6 +14,7 @@
 
 #include "aead.hpp"
 #include "error.hpp"
+#include "secret_file.hpp"
 
 namespace pgphi {
 
@@ -96,42 +97,21 @@ std::string LocalKeyProvider::fingerprint_hex(const SecureBytes& kek)
 
 SecureBytes LocalKeyProvider::load_kek() const
 {
-    FileCloser file{open(kek_path_.c_str(), O_RDONLY | O_CLOEXEC)};
-    if (file.fd < 0) {
-        int err = errno;
-        if (err == ENOENT)
-            throw Error(ErrorCode::KekFileMissing,
-                        "local KEK file \"" + kek_path_ + "\" does not exist",
-                        "Every key of the local provider is wrapped by the KEK in this file.",
-                        "Restore the file from backup, or set pgphi.local_kek_file to where it is.");
-        throw Error(ErrorCode::KekFileInvalid,
-                    "could not open local KEK file \"" + kek_path_ + "\": " + errno_text(err));
+    SecureBytes kek;
+    try {
+        kek = read_secret_file(kek_path_, "local KEK file", 4096);
+    } catch (const Error& e) {
+        if (e.code() != ErrorCode::SecretFileMissing)
+            throw;
+        throw Error(ErrorCode::SecretFileMissing, e.what(),
+                    "Every key of the local provider is wrapped by the KEK in this file.",
+                    "Restore the file from backup, or set pgphi.local_kek_file to where it is.");
     }
-
-    struct stat st;
-    if (fstat(file.fd, &st) != 0)
-        throw Error(ErrorCode::Io, "could not stat local KEK file \"" + kek_path_ + "\": " + errno_text(errno));
-    if (!S_ISREG(st.st_mode))
-        throw Error(ErrorCode::KekFileInvalid, "local KEK file \"" + kek_path_ + "\" is not a regular file");
-    if (st.st_uid != geteuid())
-        throw Error(ErrorCode::KekFileInvalid,
-                    "local KEK file \"" + kek_path_ + "\" is not owned by the database server's user",
-                    {}, "chown the file to the account the server runs as.");
-    if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0)
-        throw Error(ErrorCode::KekFileInvalid,
-                    "local KEK file \"" + kek_path_ + "\" is accessible by group or others",
-                    {}, "Run chmod 0600 on the file.");
-    if (static_cast<size_t>(st.st_size) != kKekSize)
-        throw Error(ErrorCode::KekFileInvalid,
+    if (kek.size() != kKekSize)
+        throw Error(ErrorCode::SecretFileInvalid,
                     "local KEK file \"" + kek_path_ + "\" has the wrong size",
-                    "It has " + std::to_string(st.st_size) + " bytes; a KEK is exactly " +
+                    "It has " + std::to_string(kek.size()) + " bytes; a KEK is exactly " +
                         std::to_string(kKekSize) + ".");
-
-    SecureBytes kek(kKekSize);
-    ssize_t n = read(file.fd, kek.data(), kKekSize);
-    if (n != static_cast<ssize_t>(kKekSize))
-        throw Error(ErrorCode::Io, "could not read local KEK file \"" + kek_path_ + "\"" +
-                                       (n < 0 ? ": " + errno_text(errno) : std::string()));
     return kek;
 }
 
@@ -187,7 +167,7 @@ SecureBytes LocalKeyProvider::unwrap(const std::string& kek_ref, ByteView wrappe
 {
     check_kek_ref(kek_ref);
     if (wrapped.size != kWrappedSize || wrapped.data[0] != kLayoutVersion)
-        throw Error(ErrorCode::ProviderError,
+        throw Error(ErrorCode::WrappedDekInvalid,
                     "wrapped DEK of " + describe_key(binding) + " is not in the local provider's format",
                     "The key catalog entry may have been created by another provider or damaged.");
     SecureBytes kek = load_kek();
@@ -208,7 +188,7 @@ SecureBytes LocalKeyProvider::unwrap(const std::string& kek_ref, ByteView wrappe
     Aes256Gcm cipher(ByteView(kek.data(), kek.size()));
     if (!cipher.open(nonce, ByteView(wrap_aad(binding)), ByteView(), ByteView(body, kDekSize),
                      body + kDekSize, dek.data()))
-        throw Error(ErrorCode::ProviderError,
+        throw Error(ErrorCode::WrappedDekInvalid,
                     "the wrapped DEK of " + describe_key(binding) + " failed authentication",
                     "The key catalog entry was altered, or moved from another key or version.");
     return dek;

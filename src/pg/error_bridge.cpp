@@ -31,11 +31,22 @@ int sqlstate_for(ErrorCode code)
     case ErrorCode::KeyMismatch:
     case ErrorCode::InvalidArgument:
         return ERRCODE_INVALID_PARAMETER_VALUE;            // 22023
-    case ErrorCode::KekFileMissing:
-        return ERRCODE_UNDEFINED_FILE;                     // 58P01
-    case ErrorCode::KekFileInvalid:
+    case ErrorCode::ConfigError:
+    case ErrorCode::SecretFileInvalid:
     case ErrorCode::KekMismatch:
         return ERRCODE_CONFIG_FILE_ERROR;                  // F0000
+    case ErrorCode::SecretFileMissing:
+        return ERRCODE_UNDEFINED_FILE;                     // 58P01
+    case ErrorCode::WrappedDekInvalid:
+        return ERRCODE_DATA_CORRUPTED;                     // XX001
+    case ErrorCode::KeyManagerDenied:
+        return ERRCODE_INSUFFICIENT_PRIVILEGE;             // 42501
+    case ErrorCode::KeyManagerKeyDisabled:
+        return ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;   // 55000
+    case ErrorCode::KeyManagerUnavailable:
+        // The key manager is a remote server pgphi could not use, as
+        // postgres_fdw reports an unreachable remote server.
+        return ERRCODE_CONNECTION_FAILURE;                 // 08006
     case ErrorCode::ProviderError:
         return ERRCODE_SYSTEM_ERROR;                       // 58000
     case ErrorCode::Io:

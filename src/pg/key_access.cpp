@@ -168,9 +168,9 @@ DataKey* install_catalog_key(const CatalogKey& key)
 
     DataKey* installed = nullptr;
     call_core([&] {
-        std::unique_ptr<KeyProvider> provider = make_provider(key.provider);
+        KeyProvider& provider = provider_named(key.provider);
         DekBinding binding{key.key_id, key.version, key.name};
-        SecureBytes dek = provider->unwrap(
+        SecureBytes dek = provider.unwrap(
             key.kek_ref,
             ByteView(reinterpret_cast<const uint8_t*>(VARDATA(key.wrapped_dek)), VARSIZE(key.wrapped_dek) - VARHDRSZ),
             binding);

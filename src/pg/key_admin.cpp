@@ -39,10 +39,10 @@ PGPHI_FUNCTION(pgphi_generate_wrapped_dek)
     bool created_kek_file = false;
 
     call_core([&] {
-        std::unique_ptr<KeyProvider> provider = make_provider(provider_name);
-        if (auto* local = dynamic_cast<LocalKeyProvider*>(provider.get()))
+        KeyProvider& provider = provider_named(provider_name);
+        if (auto* local = dynamic_cast<LocalKeyProvider*>(&provider))
             created_kek_file = local->ensure_kek_file();
-        GeneratedDek dek = provider->generate_dek(kek_ref, DekBinding{key_id, version, key_name});
+        GeneratedDek dek = provider.generate_dek(kek_ref, DekBinding{key_id, version, key_name});
         if (dek.wrapped.blob.size() > kMaxWrappedSize || dek.wrapped.kek_version.size() >= kMaxKekVersion)
             throw Error(ErrorCode::ProviderError, "key provider returned an oversized wrapped DEK");
         std::memcpy(VARDATA(wrapped), dek.wrapped.blob.data(), dek.wrapped.blob.size());

@@ -1,20 +1,106 @@
 #include "postgres.hpp"
 
+#include <chrono>
+#include <map>
+#include <memory>
 #include <string>
 
 #include "../core/error.hpp"
+#include "../core/kms_provider.hpp"
 #include "../core/local_provider.hpp"
+#include "../core/vault_provider.hpp"
 #include "providers.hpp"
 #include "settings.hpp"
 
 namespace pgphi::pg {
 
-std::unique_ptr<KeyProvider> make_provider(std::string_view name)
+namespace {
+
+std::string str(const char* setting) { return setting ? setting : ""; }
+
+HttpTimeouts timeouts()
+{
+    return HttpTimeouts{std::chrono::milliseconds(provider_connect_timeout_ms),
+                        std::chrono::milliseconds(provider_timeout_ms)};
+}
+
+RetryPolicy retry_policy()
+{
+    RetryPolicy policy;
+    policy.max_attempts = 1 + provider_max_retries;
+    return policy;
+}
+
+// Every setting a provider is built from; a change means rebuilding.
+std::string configuration_fingerprint()
+{
+    std::string all;
+    for (const char* s : {local_kek_file, vault_addr, vault_mount, vault_namespace, vault_token_file,
+                          vault_approle_role_id_file, vault_approle_secret_id_file, vault_approle_mount,
+                          vault_ca_file, vault_client_cert, vault_client_key, aws_region, aws_kms_endpoint,
+                          aws_credentials_file, aws_profile, aws_imds_endpoint, aws_ca_file, aws_client_cert,
+                          aws_client_key})
+        all += str(s) + '\n';
+    all += std::to_string(aws_use_environment) + std::to_string(provider_connect_timeout_ms) + ',' +
+           std::to_string(provider_timeout_ms) + ',' + std::to_string(provider_max_retries) + ',' +
+           std::to_string(allow_insecure_http_loopback);
+    return all;
+}
+
+std::unique_ptr<KeyProvider> build(std::string_view name)
 {
     if (name == "local")
-        return std::make_unique<LocalKeyProvider>(local_kek_file ? local_kek_file : "");
+        return std::make_unique<LocalKeyProvider>(str(local_kek_file));
+    if (name == "vault") {
+        VaultSettings settings;
+        settings.address = str(vault_addr);
+        settings.mount = str(vault_mount);
+        settings.vault_namespace = str(vault_namespace);
+        settings.token_file = str(vault_token_file);
+        settings.approle_role_id_file = str(vault_approle_role_id_file);
+        settings.approle_secret_id_file = str(vault_approle_secret_id_file);
+        settings.approle_mount = str(vault_approle_mount);
+        settings.tls = TlsSettings{str(vault_ca_file), str(vault_client_cert), str(vault_client_key)};
+        settings.timeouts = timeouts();
+        settings.retry = retry_policy();
+        settings.allow_http_loopback = allow_insecure_http_loopback;
+        return std::make_unique<VaultKeyProvider>(std::move(settings));
+    }
+    if (name == "aws_kms") {
+        KmsSettings settings;
+        settings.region = str(aws_region);
+        settings.endpoint = str(aws_kms_endpoint);
+        settings.tls = TlsSettings{str(aws_ca_file), str(aws_client_cert), str(aws_client_key)};
+        settings.timeouts = timeouts();
+        settings.retry = retry_policy();
+        settings.allow_http_loopback = allow_insecure_http_loopback;
+        settings.credentials.use_environment = aws_use_environment;
+        settings.credentials.credentials_file = str(aws_credentials_file);
+        settings.credentials.profile = str(aws_profile);
+        settings.credentials.imds_endpoint = str(aws_imds_endpoint);
+        settings.credentials.allow_http_loopback = allow_insecure_http_loopback;
+        return std::make_unique<KmsKeyProvider>(std::move(settings));
+    }
     throw Error(ErrorCode::InvalidArgument, "unknown pgphi key provider \"" + std::string(name) + "\"", {},
-                "Available providers: local.");
+                "Available providers: local, vault, aws_kms.");
+}
+
+std::string g_fingerprint;
+std::map<std::string, std::unique_ptr<KeyProvider>, std::less<>> g_providers;
+
+} // namespace
+
+KeyProvider& provider_named(std::string_view name)
+{
+    std::string fingerprint = configuration_fingerprint();
+    if (fingerprint != g_fingerprint) {
+        g_providers.clear();
+        g_fingerprint = fingerprint;
+    }
+    auto it = g_providers.find(name);
+    if (it == g_providers.end())
+        it = g_providers.emplace(std::string(name), build(name)).first;
+    return *it->second;
 }
 
 } // namespace pgphi::pg

@@ -1,14 +1,15 @@
-// Builds key providers from the server's configuration. Called only inside
-// call_core(): it throws pgphi::Error for an unknown provider.
+// The key providers of this process, built from the server's configuration
+// and kept between calls (connections stay open, Vault tokens are reused).
+// When a reload changes any provider setting, they are rebuilt. Called only
+// inside call_core(): it throws pgphi::Error.
 #pragma once
 
-#include <memory>
 #include <string_view>
 
 #include "../core/key_provider.hpp"
 
 namespace pgphi::pg {
 
-std::unique_ptr<KeyProvider> make_provider(std::string_view name);
+KeyProvider& provider_named(std::string_view name);
 
 } // namespace pgphi::pg

@@ -8,16 +8,97 @@ extern "C" {
 
 namespace pgphi::pg {
 
-char* local_kek_file = nullptr;
+char* local_kek_file;
+char* vault_addr;
+char* vault_mount;
+char* vault_namespace;
+char* vault_token_file;
+char* vault_approle_role_id_file;
+char* vault_approle_secret_id_file;
+char* vault_approle_mount;
+char* vault_ca_file;
+char* vault_client_cert;
+char* vault_client_key;
+char* aws_region;
+char* aws_kms_endpoint;
+char* aws_credentials_file;
+char* aws_profile;
+bool aws_use_environment;
+char* aws_imds_endpoint;
+char* aws_ca_file;
+char* aws_client_cert;
+char* aws_client_key;
+int provider_connect_timeout_ms;
+int provider_timeout_ms;
+int provider_max_retries;
+bool allow_insecure_http_loopback;
+
+namespace {
+
+struct StringSetting {
+    const char* name;
+    char** variable;
+    const char* default_value;
+    const char* description;
+};
+
+const StringSetting kStringSettings[] = {
+    {"pgphi.local_kek_file", &local_kek_file, "pgphi_local.kek",
+     "File holding the local key provider's KEK (development only); relative to the data directory."},
+    {"pgphi.vault_addr", &vault_addr, "", "HashiCorp Vault address, e.g. https://vault.example:8200."},
+    {"pgphi.vault_mount", &vault_mount, "transit", "Mount path of Vault's Transit secrets engine."},
+    {"pgphi.vault_namespace", &vault_namespace, "", "Vault namespace (X-Vault-Namespace), if any."},
+    {"pgphi.vault_token_file", &vault_token_file, "", "File holding a Vault token."},
+    {"pgphi.vault_approle_role_id_file", &vault_approle_role_id_file, "", "File holding the Vault AppRole role id."},
+    {"pgphi.vault_approle_secret_id_file", &vault_approle_secret_id_file, "",
+     "File holding the Vault AppRole secret id."},
+    {"pgphi.vault_approle_mount", &vault_approle_mount, "approle", "Mount path of Vault's AppRole auth method."},
+    {"pgphi.vault_ca_file", &vault_ca_file, "", "CA bundle that signs Vault's certificate (default: system store)."},
+    {"pgphi.vault_client_cert", &vault_client_cert, "", "Client certificate for mutual TLS with Vault."},
+    {"pgphi.vault_client_key", &vault_client_key, "", "Client key for mutual TLS with Vault."},
+    {"pgphi.aws_region", &aws_region, "", "AWS region of the KMS keys."},
+    {"pgphi.aws_kms_endpoint", &aws_kms_endpoint, "",
+     "KMS endpoint override (VPC endpoint); default https://kms.<region>.amazonaws.com."},
+    {"pgphi.aws_credentials_file", &aws_credentials_file, "", "Shared-credentials-style file with AWS keys."},
+    {"pgphi.aws_profile", &aws_profile, "default", "Profile to read from pgphi.aws_credentials_file."},
+    {"pgphi.aws_imds_endpoint", &aws_imds_endpoint, "",
+     "EC2 instance metadata service for role credentials, e.g. http://169.254.169.254; empty: not used."},
+    {"pgphi.aws_ca_file", &aws_ca_file, "", "CA bundle that signs the KMS endpoint's certificate."},
+    {"pgphi.aws_client_cert", &aws_client_cert, "", "Client certificate for mutual TLS with the KMS endpoint."},
+    {"pgphi.aws_client_key", &aws_client_key, "", "Client key for mutual TLS with the KMS endpoint."},
+};
+
+void define_string(const StringSetting& s)
+{
+    DefineCustomStringVariable(s.name, s.description, nullptr, s.variable, s.default_value, PGC_SIGHUP,
+                               GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);
+}
+
+} // namespace
 
 void define_settings()
 {
-    DefineCustomStringVariable(
-        "pgphi.local_kek_file",
-        "File holding the local key provider's key-encryption key (development only).",
-        "Relative paths are taken from the data directory. The file is created with mode 0600 "
-        "when the first local key is created.",
-        &local_kek_file, "pgphi_local.kek", PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);
+    for (const StringSetting& setting : kStringSettings)
+        define_string(setting);
+
+    DefineCustomBoolVariable("pgphi.aws_use_environment",
+                             "Take AWS credentials from the server's environment (AWS_ACCESS_KEY_ID, ...).",
+                             nullptr, &aws_use_environment, true, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr,
+                             nullptr, nullptr);
+    DefineCustomIntVariable("pgphi.provider_connect_timeout", "Time limit for connecting to a key manager.",
+                            nullptr, &provider_connect_timeout_ms, 2000, 100, 60000, PGC_SIGHUP,
+                            GUC_UNIT_MS | GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);
+    DefineCustomIntVariable("pgphi.provider_timeout", "Time limit for one request to a key manager.", nullptr,
+                            &provider_timeout_ms, 5000, 100, 300000, PGC_SIGHUP, GUC_UNIT_MS | GUC_SUPERUSER_ONLY,
+                            nullptr, nullptr, nullptr);
+    DefineCustomIntVariable("pgphi.provider_max_retries",
+                            "Retries after throttling or a transient key manager failure (never after a denial).",
+                            nullptr, &provider_max_retries, 2, 0, 10, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr,
+                            nullptr, nullptr);
+    DefineCustomBoolVariable("pgphi.allow_insecure_http_loopback",
+                             "Allow plain http to key managers on loopback addresses. For tests only.", nullptr,
+                             &allow_insecure_http_loopback, false, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr,
+                             nullptr, nullptr);
 
     MarkGUCPrefixReserved("pgphi");
 }

@@ -1,12 +1,41 @@
-// pgphi's configuration parameters (GUCs), defined in _PG_init.
+// pgphi's configuration parameters (GUCs), defined in _PG_init. Every one is
+// reloadable (SIGHUP) and superuser-only: hidden from pg_settings and SHOW for
+// everyone else, since they say where secrets live.
 #pragma once
 
 namespace pgphi::pg {
 
-// pgphi.local_kek_file: the local provider's KEK file, relative to the data
-// directory unless absolute. Superuser-only: hidden from pg_settings and SHOW
-// for everyone else.
+// Local provider
 extern char* local_kek_file;
+
+// HashiCorp Vault Transit provider
+extern char* vault_addr;
+extern char* vault_mount;
+extern char* vault_namespace;
+extern char* vault_token_file;
+extern char* vault_approle_role_id_file;
+extern char* vault_approle_secret_id_file;
+extern char* vault_approle_mount;
+extern char* vault_ca_file;
+extern char* vault_client_cert;
+extern char* vault_client_key;
+
+// AWS KMS provider
+extern char* aws_region;
+extern char* aws_kms_endpoint;
+extern char* aws_credentials_file;
+extern char* aws_profile;
+extern bool aws_use_environment;
+extern char* aws_imds_endpoint;
+extern char* aws_ca_file;
+extern char* aws_client_cert;
+extern char* aws_client_key;
+
+// All remote providers
+extern int provider_connect_timeout_ms;
+extern int provider_timeout_ms;
+extern int provider_max_retries;
+extern bool allow_insecure_http_loopback;
 
 void define_settings();
 

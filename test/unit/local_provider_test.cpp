@@ -116,9 +116,9 @@ TEST_F(LocalProviderTest, WrappedDekIsBoundToKeyIdAndVersion)
     provider.ensure_kek_file();
     GeneratedDek generated = provider.generate_dek("", binding);
     EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, DekBinding{7, 2, "ssn_key"}),
-              ErrorCode::ProviderError);
+              ErrorCode::WrappedDekInvalid);
     EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, DekBinding{8, 1, "mrn_key"}),
-              ErrorCode::ProviderError);
+              ErrorCode::WrappedDekInvalid);
     EXPECT_NE(last_message.find("failed authentication"), std::string::npos);
 }
 
@@ -139,7 +139,7 @@ TEST_F(LocalProviderTest, MissingKekFileIsNotRecreatedByUnwrap)
     provider.ensure_kek_file();
     GeneratedDek generated = provider.generate_dek("", binding);
     unlink(path.c_str());
-    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileMissing);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::SecretFileMissing);
     EXPECT_NE(access(path.c_str(), F_OK), 0);
 }
 
@@ -150,19 +150,19 @@ TEST_F(LocalProviderTest, RefusesBadKekFiles)
     GeneratedDek generated = provider.generate_dek("", binding);
 
     write_file(std::string(31, 'k'), 0600);
-    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileInvalid);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::SecretFileInvalid);
     EXPECT_NE(last_message.find("wrong size"), std::string::npos);
 
     write_file(std::string(33, 'k'), 0600);
-    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileInvalid);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::SecretFileInvalid);
 
     write_file(std::string(32, 'k'), 0640);
-    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileInvalid);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::SecretFileInvalid);
     EXPECT_NE(last_message.find("group or others"), std::string::npos);
 
     unlink(path.c_str());
     ASSERT_EQ(mkdir(path.c_str(), 0700), 0);
-    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileInvalid);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::SecretFileInvalid);
     rmdir(path.c_str());
 }
 
@@ -174,7 +174,7 @@ TEST_F(LocalProviderTest, UnreadableKekFileIsRefused)
     provider.ensure_kek_file();
     GeneratedDek generated = provider.generate_dek("", binding);
     chmod(path.c_str(), 0);
-    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::KekFileInvalid);
+    EXPECT_EQ(error_of_unwrap(provider, generated.wrapped, binding), ErrorCode::SecretFileInvalid);
     EXPECT_NE(last_message.find("could not open"), std::string::npos);
 }
 
@@ -193,8 +193,8 @@ TEST_F(LocalProviderTest, DamagedWrappedDekIsRefused)
     GeneratedDek generated = provider.generate_dek("", binding);
     WrappedDek shorter = generated.wrapped;
     shorter.blob.pop_back();
-    EXPECT_EQ(error_of_unwrap(provider, shorter, binding), ErrorCode::ProviderError);
+    EXPECT_EQ(error_of_unwrap(provider, shorter, binding), ErrorCode::WrappedDekInvalid);
     WrappedDek flipped = generated.wrapped;
     flipped.blob[30] ^= 1;
-    EXPECT_EQ(error_of_unwrap(provider, flipped, binding), ErrorCode::ProviderError);
+    EXPECT_EQ(error_of_unwrap(provider, flipped, binding), ErrorCode::WrappedDekInvalid);
 }

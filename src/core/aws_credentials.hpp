@@ -1,0 +1,50 @@
+// Where the AWS KMS provider gets its credentials, in the order the AWS SDKs
+// use: the server's environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+// AWS_SESSION_TOKEN), a shared-credentials-style file, then the EC2 instance
+// metadata service (IMDSv2 token flow). Temporary credentials are cached
+// until shortly before they expire.
+#pragma once
+
+#include <ctime>
+#include <memory>
+#include <string>
+
+#include "http_client.hpp"
+#include "sigv4.hpp"
+
+namespace pgphi {
+
+struct AwsCredentialSettings {
+    bool use_environment = true;
+    std::string credentials_file; // empty: skip
+    std::string profile = "default";
+    std::string imds_endpoint;    // empty: skip; normally http://169.254.169.254
+    HttpTimeouts imds_timeouts{std::chrono::milliseconds(1000), std::chrono::milliseconds(2000)};
+    bool allow_http_loopback = false;
+};
+
+class AwsCredentialChain {
+public:
+    explicit AwsCredentialChain(AwsCredentialSettings settings);
+
+    // Current credentials; throws KeyManagerDenied when no source has any.
+    const sigv4::Credentials& get(std::time_t now);
+
+    // Forgets cached credentials (after the service rejected them).
+    void invalidate() { expires_at_ = 0; }
+
+    const char* source() const { return source_; }
+
+private:
+    bool from_environment();
+    bool from_file();
+    bool from_metadata_service(std::time_t now);
+
+    AwsCredentialSettings settings_;
+    sigv4::Credentials current_;
+    std::time_t expires_at_ = 0; // 0: nothing cached
+    const char* source_ = "none";
+    std::unique_ptr<HttpClient> imds_;
+};
+
+} // namespace pgphi

@@ -1,0 +1,53 @@
+// The AWS KMS key provider: the KEK is a KMS key (id, ARN or alias) that
+// never leaves KMS. Requests use the JSON 1.1 protocol, signed with SigV4,
+// and carry an encryption context naming the pgphi key and version, so KMS
+// itself refuses to unwrap a DEK for another key (and CloudTrail shows which
+// pgphi key each call was for).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "aws_credentials.hpp"
+#include "http_client.hpp"
+#include "key_provider.hpp"
+
+namespace pgphi {
+
+struct KmsSettings {
+    std::string region;
+    std::string endpoint; // empty: https://kms.<region>.amazonaws.com
+    TlsSettings tls;
+    HttpTimeouts timeouts;
+    RetryPolicy retry;
+    bool allow_http_loopback = false;
+    AwsCredentialSettings credentials;
+};
+
+class KmsKeyProvider final : public KeyProvider {
+public:
+    explicit KmsKeyProvider(KmsSettings settings);
+    ~KmsKeyProvider() override;
+
+    const char* name() const override { return "aws_kms"; }
+
+    WrappedDek wrap(const std::string& kek_ref, const SecureBytes& dek, const DekBinding& binding) override;
+    SecureBytes unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
+    WrappedDek rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
+    KekDescription describe(const std::string& kek_ref) override;
+    GeneratedDek generate_dek(const std::string& kek_ref, const DekBinding& binding) override;
+
+private:
+    // Signs and sends one operation, retrying throttling and transient
+    // failures; throws a pgphi::Error for every KMS error type.
+    nlohmann::json call(const std::string& operation, const nlohmann::json& body);
+
+    KmsSettings settings_;
+    std::string endpoint_;
+    HttpClient http_;
+    AwsCredentialChain credentials_;
+};
+
+} // namespace pgphi

@@ -1,0 +1,20 @@
+// Reads a secret (a KEK, a Vault token, an AppRole secret id, AWS keys) from
+// a file the way PostgreSQL treats its own key files: it must be a regular
+// file owned by the server's account and inaccessible to group and others.
+#pragma once
+
+#include <string>
+
+#include "secure_bytes.hpp"
+
+namespace pgphi {
+
+// `what` names the file in messages ("local KEK file", "Vault token file").
+// Throws SecretFileMissing when absent and SecretFileInvalid for every other
+// problem; files larger than `max_size` are refused.
+SecureBytes read_secret_file(const std::string& path, const std::string& what, size_t max_size);
+
+// The file's contents without surrounding whitespace, for token-like secrets.
+std::string read_secret_text(const std::string& path, const std::string& what);
+
+} // namespace pgphi

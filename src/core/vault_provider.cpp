@@ -1,0 +1,270 @@
+#include "vault_provider.hpp"
+
+#include <nlohmann/json.hpp>
+#include <openssl/crypto.h>
+
+#include "encoding.hpp"
+#include "error.hpp"
+#include "secret_file.hpp"
+
+namespace pgphi {
+
+using nlohmann::json;
+
+namespace {
+
+void wipe(std::string& s) { OPENSSL_cleanse(s.data(), s.size()); }
+
+std::string first_error(const json& doc)
+{
+    if (doc.is_object() && doc.contains("errors") && doc["errors"].is_array() && !doc["errors"].empty() &&
+        doc["errors"][0].is_string())
+        return doc["errors"][0].get<std::string>();
+    return {};
+}
+
+// "vault:v3:..." -> "v3"
+std::string version_of(const std::string& ciphertext)
+{
+    if (ciphertext.rfind("vault:v", 0) != 0)
+        throw Error(ErrorCode::ProviderError, "Vault returned a ciphertext without a vault:vN: prefix");
+    size_t end = ciphertext.find(':', 6);
+    return ciphertext.substr(6, end == std::string::npos ? std::string::npos : end - 6);
+}
+
+std::string wrapped_text(ByteView wrapped)
+{
+    std::string text(reinterpret_cast<const char*>(wrapped.data), wrapped.size);
+    if (text.rfind("vault:v", 0) != 0)
+        throw Error(ErrorCode::WrappedDekInvalid, "wrapped DEK is not a Vault Transit ciphertext",
+                    "The key catalog entry may have been created by another provider or damaged.");
+    return text;
+}
+
+WrappedDek wrapped_from(const json& response)
+{
+    const json& data = response.value("data", json::object());
+    if (!data.contains("ciphertext") || !data["ciphertext"].is_string())
+        throw Error(ErrorCode::ProviderError, "Vault response has no ciphertext");
+    std::string ciphertext = data["ciphertext"].get<std::string>();
+    return WrappedDek{std::vector<uint8_t>(ciphertext.begin(), ciphertext.end()), version_of(ciphertext)};
+}
+
+} // namespace
+
+VaultKeyProvider::VaultKeyProvider(VaultSettings settings)
+    : settings_(std::move(settings)),
+      http_("Vault", settings_.tls, settings_.timeouts, PlainHttp{settings_.allow_http_loopback, false})
+{
+    if (settings_.address.empty())
+        throw Error(ErrorCode::ConfigError, "the Vault provider has no address", {}, "Set pgphi.vault_addr.");
+    while (!settings_.address.empty() && settings_.address.back() == '/')
+        settings_.address.pop_back();
+    if (settings_.token_file.empty() && (settings_.approle_role_id_file.empty() || settings_.approle_secret_id_file.empty()))
+        throw Error(ErrorCode::ConfigError, "the Vault provider has no credentials",
+                    {}, "Set pgphi.vault_token_file, or pgphi.vault_approle_role_id_file and "
+                        "pgphi.vault_approle_secret_id_file.");
+}
+
+VaultKeyProvider::~VaultKeyProvider() { forget_token(); }
+
+void VaultKeyProvider::check_key_name(const std::string& kek_ref)
+{
+    if (kek_ref.empty() || kek_ref.find_first_of("/?#% ") != std::string::npos)
+        throw Error(ErrorCode::InvalidArgument, "\"" + kek_ref + "\" is not a Vault Transit key name",
+                    {}, "Pass the Transit key's name as kek, for example kek => 'pgphi-kek'.");
+}
+
+void VaultKeyProvider::forget_token()
+{
+    wipe(token_);
+    token_.clear();
+    token_ttl_ = 0;
+    token_obtained_ = 0;
+}
+
+long VaultKeyProvider::token_seconds_left(std::time_t now) const
+{
+    if (token_.empty() || token_ttl_ <= 0)
+        return -1;
+    return token_ttl_ - static_cast<long>(now - token_obtained_);
+}
+
+long VaultKeyProvider::exchange(Method method, const std::string& path, const json* body, const std::string* token,
+                                json& out)
+{
+    HttpRequest request;
+    request.method = method == Method::Get ? "GET" : "POST";
+    request.url = settings_.address + "/v1/" + path;
+    if (token)
+        request.headers.emplace_back("X-Vault-Token", *token);
+    if (!settings_.vault_namespace.empty())
+        request.headers.emplace_back("X-Vault-Namespace", settings_.vault_namespace);
+    if (body) {
+        request.headers.emplace_back("Content-Type", "application/json");
+        request.body = body->dump();
+    }
+    HttpResponse response = http_.send(request);
+    out = response.body.empty() ? json::object() : json::parse(response.body, nullptr, false);
+    if (out.is_discarded())
+        out = json::object();
+    return response.status;
+}
+
+void VaultKeyProvider::login(std::time_t now)
+{
+    forget_token();
+    if (!settings_.token_file.empty()) {
+        token_ = read_secret_text(settings_.token_file, "Vault token file");
+        token_obtained_ = now;
+        return;
+    }
+    json credentials = {{"role_id", read_secret_text(settings_.approle_role_id_file, "Vault AppRole role id file")},
+                        {"secret_id", read_secret_text(settings_.approle_secret_id_file, "Vault AppRole secret id file")}};
+    json response;
+    long status = exchange(Method::Post, "auth/" + settings_.approle_mount + "/login", &credentials, nullptr, response);
+    wipe(credentials["secret_id"].get_ref<std::string&>());
+    if (status != 200 || !response.contains("auth") || !response["auth"].is_object())
+        throw Error(ErrorCode::KeyManagerDenied,
+                    "Vault AppRole login failed (HTTP " + std::to_string(status) + ")" +
+                        (first_error(response).empty() ? "" : ": " + first_error(response)));
+    json& auth = response["auth"];
+    token_ = auth.value("client_token", "");
+    if (auth.contains("client_token") && auth["client_token"].is_string())
+        wipe(auth["client_token"].get_ref<std::string&>());
+    token_ttl_ = auth.value("lease_duration", 0L);
+    token_renewable_ = auth.value("renewable", false);
+    token_obtained_ = now;
+    if (token_.empty())
+        throw Error(ErrorCode::KeyManagerDenied, "Vault AppRole login returned no token");
+}
+
+bool VaultKeyProvider::renew(std::time_t now)
+{
+    json response;
+    json body = json::object();
+    long status = exchange(Method::Post, "auth/token/renew-self", &body, &token_, response);
+    if (status != 200 || !response.contains("auth"))
+        return false;
+    token_ttl_ = response["auth"].value("lease_duration", token_ttl_);
+    token_renewable_ = response["auth"].value("renewable", false);
+    token_obtained_ = now;
+    return true;
+}
+
+void VaultKeyProvider::ensure_token(std::time_t now)
+{
+    if (token_.empty()) {
+        login(now);
+        return;
+    }
+    // Renew an AppRole token once two thirds of its lease have passed; log in
+    // again when it cannot be renewed (not renewable, or past its max TTL).
+    if (token_ttl_ > 0 && now - token_obtained_ >= token_ttl_ * 2 / 3) {
+        if (!token_renewable_ || !renew(now) || token_ttl_ <= 0)
+            login(now);
+    }
+}
+
+json VaultKeyProvider::call(Method method, const std::string& path, const json& body)
+{
+    json result;
+    Error last_error(ErrorCode::KeyManagerUnavailable, "Vault did not answer");
+    bool logged_in_again = false;
+
+    bool done = with_retries(settings_.retry, [&](int) {
+        long status = 0;
+        try {
+            ensure_token(std::time(nullptr));
+            status = exchange(method, path, method == Method::Post ? &body : nullptr, &token_, result);
+        } catch (const Error& e) {
+            if (e.code() != ErrorCode::KeyManagerUnavailable)
+                throw;
+            last_error = e;
+            return false;
+        }
+        if (status >= 200 && status < 300)
+            return true;
+
+        std::string reason = first_error(result);
+        std::string text = "Vault " + path + " returned HTTP " + std::to_string(status) +
+                           (reason.empty() ? "" : ": " + reason);
+        if (status == 403) {
+            // The token may have expired or been revoked: get a new one once.
+            if (!logged_in_again) {
+                logged_in_again = true;
+                forget_token();
+                last_error = Error(ErrorCode::KeyManagerDenied, "permission denied by " + text);
+                return false;
+            }
+            throw Error(ErrorCode::KeyManagerDenied, "permission denied by " + text,
+                        "Check the token's or AppRole's policy for this Transit key.");
+        }
+        if (status == 429 || status >= 500) {
+            last_error = Error(ErrorCode::KeyManagerUnavailable, text, "Vault kept failing after retries.");
+            return false;
+        }
+        if (reason.find("not found") != std::string::npos || status == 404)
+            throw Error(ErrorCode::KeyNotFound, text);
+        if (reason.find("disabled") != std::string::npos)
+            throw Error(ErrorCode::KeyManagerKeyDisabled, "the Transit key is not usable: " + text);
+        if (path.find("/decrypt/") != std::string::npos || path.find("/rewrap/") != std::string::npos)
+            throw Error(ErrorCode::WrappedDekInvalid, "Vault could not unwrap the DEK: " + text,
+                        "The wrapped DEK was altered, or its Transit key version is below "
+                        "min_decryption_version.");
+        throw Error(ErrorCode::ProviderError, text);
+    });
+    if (!done)
+        throw last_error;
+    return result;
+}
+
+GeneratedDek VaultKeyProvider::generate_dek(const std::string& kek_ref, const DekBinding&)
+{
+    check_key_name(kek_ref);
+    json response = call(Method::Post, settings_.mount + "/datakey/wrapped/" + kek_ref, {{"bits", 256}});
+    GeneratedDek generated;
+    generated.wrapped = wrapped_from(response);
+    return generated;
+}
+
+WrappedDek VaultKeyProvider::wrap(const std::string& kek_ref, const SecureBytes& dek, const DekBinding&)
+{
+    check_key_name(kek_ref);
+    json request = {{"plaintext", base64_encode(ByteView(dek.data(), dek.size()))}};
+    json response = call(Method::Post, settings_.mount + "/encrypt/" + kek_ref, request);
+    wipe(request["plaintext"].get_ref<std::string&>());
+    return wrapped_from(response);
+}
+
+SecureBytes VaultKeyProvider::unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding&)
+{
+    check_key_name(kek_ref);
+    json response = call(Method::Post, settings_.mount + "/decrypt/" + kek_ref, {{"ciphertext", wrapped_text(wrapped)}});
+    json& data = response["data"];
+    if (!data.is_object() || !data.contains("plaintext") || !data["plaintext"].is_string())
+        throw Error(ErrorCode::ProviderError, "Vault decrypt response has no plaintext");
+    auto& plaintext = data["plaintext"].get_ref<std::string&>();
+    SecureBytes dek = base64_decode(plaintext);
+    wipe(plaintext);
+    if (dek.size() != kDekSize)
+        throw Error(ErrorCode::WrappedDekInvalid, "Vault unwrapped a DEK of the wrong size");
+    return dek;
+}
+
+WrappedDek VaultKeyProvider::rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding&)
+{
+    check_key_name(kek_ref);
+    json response = call(Method::Post, settings_.mount + "/rewrap/" + kek_ref, {{"ciphertext", wrapped_text(wrapped)}});
+    return wrapped_from(response);
+}
+
+KekDescription VaultKeyProvider::describe(const std::string& kek_ref)
+{
+    check_key_name(kek_ref);
+    json response = call(Method::Get, settings_.mount + "/keys/" + kek_ref, json::object());
+    const json& data = response.value("data", json::object());
+    return KekDescription{name(), kek_ref, "v" + std::to_string(data.value("latest_version", 0))};
+}
+
+} // namespace pgphi

@@ -1,0 +1,77 @@
+// The HashiCorp Vault Transit key provider: the KEK is a Transit key that
+// never leaves Vault. New DEKs come from datakey/wrapped, so their plaintext
+// is first seen when a session needs it (decrypt); rewrap moves a wrapped DEK
+// to the Transit key's newest version inside Vault. The Transit key version
+// that wrapped each DEK ("vault:vN:") is recorded as its KEK version.
+//
+// Authentication is a token read from a file, or AppRole (role id and secret
+// id read from files): the token is renewed when a third of its lease is left,
+// and pgphi logs in again when renewal fails or Vault refuses the token.
+#pragma once
+
+#include <ctime>
+#include <string>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "http_client.hpp"
+#include "key_provider.hpp"
+
+namespace pgphi {
+
+struct VaultSettings {
+    std::string address;              // https://vault.example:8200
+    std::string mount = "transit";
+    std::string vault_namespace;      // X-Vault-Namespace, Vault Enterprise / HCP
+    std::string token_file;
+    std::string approle_role_id_file;
+    std::string approle_secret_id_file;
+    std::string approle_mount = "approle";
+    TlsSettings tls;
+    HttpTimeouts timeouts;
+    RetryPolicy retry;
+    bool allow_http_loopback = false;
+};
+
+class VaultKeyProvider final : public KeyProvider {
+public:
+    explicit VaultKeyProvider(VaultSettings settings);
+    ~VaultKeyProvider() override;
+
+    const char* name() const override { return "vault"; }
+
+    WrappedDek wrap(const std::string& kek_ref, const SecureBytes& dek, const DekBinding& binding) override;
+    SecureBytes unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
+    WrappedDek rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
+    KekDescription describe(const std::string& kek_ref) override;
+    // The plaintext of a generated DEK is left empty: Vault returns only the
+    // wrapped form, and the DEK is unwrapped on first use.
+    GeneratedDek generate_dek(const std::string& kek_ref, const DekBinding& binding) override;
+
+    // Seconds until the current token's lease ends (for status reporting);
+    // negative when no token is held or it does not expire.
+    long token_seconds_left(std::time_t now) const;
+
+private:
+    enum class Method { Get, Post };
+
+    // One authenticated Transit call with retries; `path` follows /v1/.
+    nlohmann::json call(Method method, const std::string& path, const nlohmann::json& body);
+    // One HTTP exchange, unauthenticated unless `token` is given.
+    long exchange(Method method, const std::string& path, const nlohmann::json* body, const std::string* token,
+                  nlohmann::json& out);
+    void ensure_token(std::time_t now);
+    void login(std::time_t now);
+    bool renew(std::time_t now);
+    void forget_token();
+    static void check_key_name(const std::string& kek_ref);
+
+    VaultSettings settings_;
+    HttpClient http_;
+    std::string token_;
+    std::time_t token_obtained_ = 0;
+    long token_ttl_ = 0;          // seconds; 0: no expiry known
+    bool token_renewable_ = false;
+};
+
+} // namespace pgphi
