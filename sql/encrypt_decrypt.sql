@@ -80,6 +80,15 @@ SET max_parallel_workers_per_gather = 2;
 EXPLAIN (COSTS OFF)
 SELECT count(*) FROM patients WHERE decrypt_phi(ssn, 'ssn_key', mrn) LIKE '1%';
 SELECT count(*) FROM patients WHERE decrypt_phi(ssn, 'ssn_key', mrn) LIKE '1%';
+CREATE FUNCTION workers_launched(query text) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    plan json;
+BEGIN
+    EXECUTE 'EXPLAIN (ANALYZE, FORMAT JSON) ' || query INTO plan;
+    RETURN (plan -> 0 -> 'Plan' -> 'Plans' -> 0 ->> 'Workers Launched')::integer;
+END $$;
+SELECT workers_launched($$SELECT count(*) FROM patients
+                         WHERE decrypt_phi(ssn, 'ssn_key', mrn) LIKE '1%'$$) > 0 AS workers_decrypted;
 RESET parallel_setup_cost;
 RESET parallel_tuple_cost;
 RESET min_parallel_table_scan_size;
@@ -92,9 +101,12 @@ INSERT INTO patients (id, mrn, ssn, name)
 SELECT 9999, 'MRN-1', ssn_encrypted, ssn_encrypted FROM patients_seed WHERE id = 2;
 SELECT decrypt_phi(ssn, 'ssn_key', mrn) FROM patients WHERE id = 9999;
 
--- A key created in a transaction works there, and is gone after rollback.
+-- Nothing is encrypted under a key version before it is committed: a value
+-- that outlived a rollback of its key could never be decrypted.
 BEGIN;
 SELECT pgphi.create_key('short_lived_key') > 0 AS created;
-SELECT decrypt_phi(encrypt_phi('inside', 'short_lived_key'));
+SELECT encrypt_phi('inside', 'short_lived_key');
 ROLLBACK;
 SELECT encrypt_phi('after rollback', 'short_lived_key');
+SELECT pgphi.create_key('committed_key') > 0 AS created;
+SELECT decrypt_phi(encrypt_phi('after commit', 'committed_key'));

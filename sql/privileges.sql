@@ -40,7 +40,7 @@ SELECT * FROM pgphi.key_versions;
 \echo :LAST_ERROR_SQLSTATE
 SELECT pgphi.create_key('outsider_key');
 \echo :LAST_ERROR_SQLSTATE
-SELECT * FROM pgphi._generate_wrapped_dek('local', NULL, 100, 1, 'x');
+SELECT * FROM pgphi._generate_wrapped_dek('local', 'default', 100, 1, 'x', false);
 \echo :LAST_ERROR_SQLSTATE
 -- The KEK file location is hidden from non-superusers.
 SHOW pgphi.local_kek_file;

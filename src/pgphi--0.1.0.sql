@@ -1,16 +1,38 @@
 -- pgphi 0.1.0: encrypted type, encrypt_phi / decrypt_phi, key catalog.
 \echo Use "CREATE EXTENSION pgphi" to load this file. \quit
 
--- Roles that hold the coarse privileges. They are cluster-wide and outlive the
--- extension, so they are created only when missing.
-DO $roles$
+-- A schema "pgphi" that existed before CREATE EXTENSION is adopted by it; it
+-- must then belong to a superuser, or its owner could tamper with the key
+-- catalog's surroundings.
+DO $schema$
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'pgphi_encrypt') THEN
-        CREATE ROLE pgphi_encrypt NOLOGIN;
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_namespace n
+              JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) n.nspowner
+             WHERE n.nspname OPERATOR(pg_catalog.=) 'pgphi') THEN
+        RAISE EXCEPTION 'schema pgphi exists and is not owned by a superuser'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Drop the schema, or have a superuser own it, before CREATE EXTENSION pgphi.';
     END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'pgphi_decrypt') THEN
-        CREATE ROLE pgphi_decrypt NOLOGIN;
-    END IF;
+END
+$schema$;
+
+-- Roles that hold the coarse privileges. They are cluster-wide and outlive the
+-- extension (another database may have created them), so they are created
+-- only when missing, and an existing one is refused if it can log in.
+DO $roles$
+DECLARE
+    role_name text;
+BEGIN
+    FOREACH role_name IN ARRAY ARRAY['pgphi_encrypt', 'pgphi_decrypt'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) role_name) THEN
+            EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', role_name);
+        ELSIF (SELECT rolcanlogin OR rolsuper FROM pg_catalog.pg_roles
+                WHERE rolname OPERATOR(pg_catalog.=) role_name) THEN
+            RAISE EXCEPTION 'role % exists and can log in', role_name
+                USING ERRCODE = 'duplicate_object',
+                      HINT = 'pgphi grants privileges to this role; it must be a NOLOGIN group role.';
+        END IF;
+    END LOOP;
 END
 $roles$;
 
@@ -60,6 +82,10 @@ CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgph
     FOR EACH STATEMENT EXECUTE FUNCTION pgphi._key_catalog_changed();
 CREATE TRIGGER key_versions_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgphi.key_versions
     FOR EACH STATEMENT EXECUTE FUNCTION pgphi._key_catalog_changed();
+-- Also under session_replication_role = replica (logical replication apply,
+-- some restore tools): a missed invalidation would keep a destroyed key alive.
+ALTER TABLE pgphi.keys ENABLE ALWAYS TRIGGER keys_changed;
+ALTER TABLE pgphi.key_versions ENABLE ALWAYS TRIGGER key_versions_changed;
 
 ------------------------------------------------------------------------------
 -- The encrypted type: bytea underneath, accepting only pgphi ciphertexts.
@@ -151,8 +177,9 @@ CREATE FUNCTION pgphi.ciphertext_info(value pgphi.encrypted,
 ------------------------------------------------------------------------------
 
 CREATE FUNCTION pgphi._generate_wrapped_dek(provider text, kek text, key_id integer,
-        version integer, key_name text, OUT wrapped_dek bytea, OUT kek_version text)
-    AS 'MODULE_PATHNAME', 'pgphi_generate_wrapped_dek' LANGUAGE C VOLATILE;
+        version integer, key_name text, may_create_local_kek boolean,
+        OUT wrapped_dek bytea, OUT kek_version text)
+    AS 'MODULE_PATHNAME', 'pgphi_generate_wrapped_dek' LANGUAGE C VOLATILE STRICT;
 
 -- Creates a named key: version 1 of its DEK, generated and wrapped by the
 -- provider's KEK. Returns the key id that ciphertexts carry.
@@ -163,6 +190,7 @@ CREATE FUNCTION pgphi.create_key(name text, provider text DEFAULT 'local', kek t
 AS $$
 DECLARE
     new_key_id integer;
+    kek_ref text := coalesce(create_key.kek, CASE WHEN create_key.provider = 'local' THEN 'default' END);
     dek record;
 BEGIN
     IF create_key.name IS NULL OR create_key.name !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,62}$' THEN
@@ -173,15 +201,21 @@ BEGIN
     IF create_key.provider IS NULL THEN
         RAISE EXCEPTION 'a pgphi key needs a provider' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF kek_ref IS NULL THEN
+        RAISE EXCEPTION 'provider % needs the KEK to use', create_key.provider
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass kek => the Vault Transit key name or the AWS KMS key id, ARN or alias.';
+    END IF;
     IF EXISTS (SELECT FROM pgphi.keys k WHERE k.name = create_key.name) THEN
         RAISE EXCEPTION 'pgphi key "%" already exists', create_key.name USING ERRCODE = 'duplicate_object';
     END IF;
 
     INSERT INTO pgphi.keys (name, provider, kek_ref)
-        VALUES (create_key.name, create_key.provider, coalesce(create_key.kek, 'default'))
+        VALUES (create_key.name, create_key.provider, kek_ref)
         RETURNING key_id INTO new_key_id;
-    SELECT * INTO dek FROM pgphi._generate_wrapped_dek(create_key.provider, create_key.kek,
-                                                        new_key_id, 1, create_key.name);
+    SELECT * INTO dek FROM pgphi._generate_wrapped_dek(
+        create_key.provider, kek_ref, new_key_id, 1, create_key.name,
+        NOT EXISTS (SELECT FROM pgphi.keys k WHERE k.provider = 'local' AND k.key_id <> new_key_id));
     INSERT INTO pgphi.key_versions (key_id, version, state, wrapped_dek, kek_version)
         VALUES (new_key_id, 1, 'active', dek.wrapped_dek, dek.kek_version);
     RETURN new_key_id;
@@ -192,7 +226,7 @@ $$;
 -- Privileges: nothing that touches a key is open to PUBLIC.
 ------------------------------------------------------------------------------
 
-REVOKE ALL ON FUNCTION pgphi._generate_wrapped_dek(text, text, integer, integer, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgphi._generate_wrapped_dek(text, text, integer, integer, text, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgphi.create_key(text, text, text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION pgphi.encrypt_phi(text, text, text), pgphi.encrypt_phi(bytea, text, text),

@@ -76,16 +76,21 @@ bool Aes256Gcm::open(const uint8_t* nonce, ByteView aad_prefix, ByteView aad_suf
                      ByteView ciphertext, const uint8_t* tag, uint8_t* out)
 {
     int len = 0;
-    if (EVP_DecryptInit_ex(decrypt_ctx_, nullptr, nullptr, nullptr, nonce) != 1)
-        openssl_failure("nonce setup");
-    add_aad(decrypt_ctx_, aad_prefix, EVP_DecryptUpdate);
-    add_aad(decrypt_ctx_, aad_suffix, EVP_DecryptUpdate);
-    if (ciphertext.size > 0 &&
-        EVP_DecryptUpdate(decrypt_ctx_, out, &len, ciphertext.data, checked_length(ciphertext.size)) != 1)
-        openssl_failure("decrypt");
-    // OpenSSL's API takes a non-const tag pointer but only reads it.
-    if (EVP_CIPHER_CTX_ctrl(decrypt_ctx_, EVP_CTRL_GCM_SET_TAG, kTagSize, const_cast<uint8_t*>(tag)) != 1)
-        openssl_failure("tag setup");
+    try {
+        if (EVP_DecryptInit_ex(decrypt_ctx_, nullptr, nullptr, nullptr, nonce) != 1)
+            openssl_failure("nonce setup");
+        add_aad(decrypt_ctx_, aad_prefix, EVP_DecryptUpdate);
+        add_aad(decrypt_ctx_, aad_suffix, EVP_DecryptUpdate);
+        if (ciphertext.size > 0 &&
+            EVP_DecryptUpdate(decrypt_ctx_, out, &len, ciphertext.data, checked_length(ciphertext.size)) != 1)
+            openssl_failure("decrypt");
+        // OpenSSL's API takes a non-const tag pointer but only reads it.
+        if (EVP_CIPHER_CTX_ctrl(decrypt_ctx_, EVP_CTRL_GCM_SET_TAG, kTagSize, const_cast<uint8_t*>(tag)) != 1)
+            openssl_failure("tag setup");
+    } catch (...) {
+        OPENSSL_cleanse(out, ciphertext.size); // never leave unauthenticated bytes behind
+        throw;
+    }
     if (EVP_DecryptFinal_ex(decrypt_ctx_, out + len, &len) != 1) {
         OPENSSL_cleanse(out, ciphertext.size);
         return false;

@@ -117,25 +117,38 @@ SecureBytes LocalKeyProvider::load_kek() const
 
 bool LocalKeyProvider::ensure_kek_file()
 {
-    FileCloser file{open(kek_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, S_IRUSR | S_IWUSR)};
-    if (file.fd < 0) {
-        if (errno == EEXIST)
-            return false;
-        throw Error(ErrorCode::Io, "could not create local KEK file \"" + kek_path_ + "\": " + errno_text(errno));
-    }
-    SecureBytes kek = SecureBytes::random(kKekSize);
-    if (write(file.fd, kek.data(), kek.size()) != static_cast<ssize_t>(kek.size()) || fsync(file.fd) != 0) {
-        int err = errno;
-        unlink(kek_path_.c_str());
-        throw Error(ErrorCode::Io, "could not write local KEK file \"" + kek_path_ + "\": " + errno_text(err));
-    }
-    // Make the new directory entry durable too: losing the KEK loses every key.
+    struct stat st;
+    if (stat(kek_path_.c_str(), &st) == 0)
+        return false;
+
+    // Written in full to a temporary file, made durable, then linked into
+    // place: a crash or a concurrent first key never sees a partial KEK, and
+    // link() never replaces a KEK that another session created meanwhile.
     size_t slash = kek_path_.rfind('/');
     std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : kek_path_.substr(0, slash);
+    std::string temp = kek_path_ + ".tmp." + std::to_string(getpid());
+    FileCloser file{open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, S_IRUSR | S_IWUSR)};
+    if (file.fd < 0)
+        throw Error(ErrorCode::Io, "could not create local KEK file \"" + temp + "\": " + errno_text(errno));
+    SecureBytes kek = SecureBytes::random(kKekSize);
+    ssize_t written = write(file.fd, kek.data(), kek.size());
+    int err = written < 0 ? errno : 0;
+    if (written != static_cast<ssize_t>(kek.size()) || fsync(file.fd) != 0) {
+        err = err ? err : (written >= 0 && written != static_cast<ssize_t>(kek.size()) ? ENOSPC : errno);
+        unlink(temp.c_str());
+        throw Error(ErrorCode::Io, "could not write local KEK file \"" + temp + "\": " + errno_text(err));
+    }
+    bool created = link(temp.c_str(), kek_path_.c_str()) == 0;
+    err = errno;
+    unlink(temp.c_str());
+    if (!created && err != EEXIST)
+        throw Error(ErrorCode::Io, "could not create local KEK file \"" + kek_path_ + "\": " + errno_text(err));
+
     FileCloser dir_file{open(dir.c_str(), O_RDONLY | O_CLOEXEC)};
-    if (dir_file.fd >= 0)
-        fsync(dir_file.fd);
-    return true;
+    if (dir_file.fd < 0 || fsync(dir_file.fd) != 0)
+        throw Error(ErrorCode::Io, "could not make local KEK file \"" + kek_path_ + "\" durable: " +
+                                       errno_text(errno));
+    return created;
 }
 
 WrappedDek LocalKeyProvider::wrap(const std::string& kek_ref, const SecureBytes& dek,

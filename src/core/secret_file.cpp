@@ -29,7 +29,9 @@ struct FileCloser {
 SecureBytes read_secret_file(const std::string& path, const std::string& what, size_t max_size)
 {
     std::string named = what + " \"" + path + "\"";
-    FileCloser file{open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+    // O_NONBLOCK: a FIFO planted at the path must not block the backend in
+    // open(); it is refused as not a regular file just below.
+    FileCloser file{open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK)};
     if (file.fd < 0) {
         int err = errno;
         if (err == ENOENT)

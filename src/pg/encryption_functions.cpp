@@ -147,8 +147,11 @@ PGPHI_FUNCTION(pgphi_decrypt_jsonb)
     PG_CATCH();
     {
         MemoryContextSwitchTo(context);
-        FlushErrorState();
         explicit_bzero(json, strlen(json));
+        // Cancels, out-of-memory and the like pass through unchanged.
+        if (ERRCODE_TO_CATEGORY(geterrcode()) != ERRCODE_DATA_EXCEPTION)
+            PG_RE_THROW();
+        FlushErrorState();
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
                         errmsg("decrypted value is not valid jsonb"),
                         errhint("Use decrypt_phi() for values that were not encrypted from jsonb.")));

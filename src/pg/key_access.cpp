@@ -3,12 +3,14 @@
 extern "C" {
 #include "access/htup_details.h"
 #include "catalog/namespace.h"
-#include "catalog/pg_namespace.h"
+#include "catalog/pg_class.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "storage/ipc.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
+#include "utils/snapmgr.h"
+#include "access/xact.h"
 #include "utils/syscache.h"
 }
 
@@ -38,7 +40,7 @@ SPIPlanPtr g_plan_by_name = nullptr;
 SPIPlanPtr g_plan_by_ref = nullptr;
 
 constexpr const char* kSelectKey =
-    "SELECT k.key_id, v.version, k.name, k.provider, k.kek_ref, v.state, v.wrapped_dek "
+    "SELECT k.key_id, v.version, k.name, k.provider, k.kek_ref, v.state, v.wrapped_dek, v.xmin "
     "FROM pgphi.keys k JOIN pgphi.key_versions v ON v.key_id OPERATOR(pg_catalog.=) k.key_id ";
 constexpr const char* kWhereName =
     "WHERE k.name OPERATOR(pg_catalog.=) $1 AND v.state OPERATOR(pg_catalog.=) 'active'";
@@ -54,6 +56,7 @@ struct CatalogKey {
     char* kek_ref;
     char* state;
     bytea* wrapped_dek; // NULL once the version is destroyed
+    TransactionId created_by_xid;
 };
 
 void wipe_keys_at_exit(int, Datum) { g_ring.clear(); }
@@ -72,22 +75,22 @@ void on_relcache_invalidation(Datum, Oid relid)
         g_ring_stale = true;
 }
 
-// The role that owns pgphi's schema (the extension's installer). Catalog
-// lookups run as this role so callers need no privilege on the key tables.
+// The role that owns the key catalog (the extension's installer). Lookups
+// run as this role so callers need no privilege on the key tables.
 Oid catalog_owner()
 {
     Oid nsp = get_namespace_oid("pgphi", true);
-    if (!OidIsValid(nsp))
-        ereport(ERROR, (errcode(ERRCODE_UNDEFINED_SCHEMA),
+    g_keys_relid = OidIsValid(nsp) ? get_relname_relid("keys", nsp) : InvalidOid;
+    g_versions_relid = OidIsValid(nsp) ? get_relname_relid("key_versions", nsp) : InvalidOid;
+    if (!OidIsValid(g_keys_relid) || !OidIsValid(g_versions_relid))
+        ereport(ERROR, (errcode(ERRCODE_UNDEFINED_OBJECT),
                         errmsg("extension pgphi is not installed in this database"),
                         errhint("Run CREATE EXTENSION pgphi.")));
-    g_keys_relid = get_relname_relid("keys", nsp);
-    g_versions_relid = get_relname_relid("key_versions", nsp);
 
-    HeapTuple tuple = SearchSysCache1(NAMESPACEOID, ObjectIdGetDatum(nsp));
+    HeapTuple tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(g_keys_relid));
     if (!HeapTupleIsValid(tuple))
-        elog(ERROR, "cache lookup failed for namespace %u", nsp);
-    Oid owner = ((Form_pg_namespace)GETSTRUCT(tuple))->nspowner;
+        elog(ERROR, "cache lookup failed for relation %u", g_keys_relid);
+    Oid owner = ((Form_pg_class)GETSTRUCT(tuple))->relowner;
     ReleaseSysCache(tuple);
     return owner;
 }
@@ -124,7 +127,10 @@ bool fetch_catalog_key(SPIPlanPtr* plan, const char* where, int nargs, Oid* argt
                      SPI_result_code_string(SPI_result));
             *plan = prepared;
         }
-        int rc = SPI_execute_plan(*plan, args, nullptr, true, 1);
+        // A fresh snapshot, not the statement's: a change committed before we
+        // look has already sent its invalidation, so an older snapshot could
+        // cache a stale row that no later invalidation would clear.
+        int rc = SPI_execute_snapshot(*plan, args, nullptr, GetLatestSnapshot(), InvalidSnapshot, true, false, 1);
         if (rc != SPI_OK_SELECT)
             elog(ERROR, "pgphi: key catalog lookup failed: %s", SPI_result_code_string(rc));
         if (SPI_processed > 0) {
@@ -140,6 +146,7 @@ bool fetch_catalog_key(SPIPlanPtr* plan, const char* where, int nargs, Oid* argt
             out->state = copy_text_column(row, desc, 6);
             Datum wrapped = SPI_getbinval(row, desc, 7, &isnull);
             out->wrapped_dek = isnull ? nullptr : DatumGetByteaPCopy(wrapped);
+            out->created_by_xid = DatumGetTransactionId(SPI_getbinval(row, desc, 8, &isnull));
             MemoryContextSwitchTo(spi_context);
             found = true;
         }
@@ -196,6 +203,14 @@ DataKey* key_for_encrypt(const text* key_name)
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT),
                         errmsg("pgphi key \"%s\" does not exist", text_to_cstring(key_name)),
                         errhint("Create it with pgphi.create_key().")));
+    // Nothing may be written under a DEK whose wrapped form is not committed:
+    // if this transaction rolled back, such values could never be decrypted.
+    if (TransactionIdIsCurrentTransactionId(row.created_by_xid))
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pgphi key \"%s\" version %u was created or changed in this transaction", row.name,
+                               row.version),
+                        errdetail("Values are encrypted only under key versions that are committed."),
+                        errhint("Commit the transaction that creates the key, then encrypt.")));
     return install_catalog_key(row);
 }
 

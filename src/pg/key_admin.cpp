@@ -24,15 +24,20 @@ constexpr size_t kMaxKekVersion = 256;
 
 } // namespace
 
-// pgphi._generate_wrapped_dek(provider, kek_ref, key_id, version, key_name)
-//   RETURNS (wrapped_dek bytea, kek_version text)
+// pgphi._generate_wrapped_dek(provider, kek_ref, key_id, version, key_name,
+//                             may_create_local_kek) RETURNS (wrapped_dek bytea, kek_version text)
+// STRICT; an empty kek_ref means the provider's default KEK.
 PGPHI_FUNCTION(pgphi_generate_wrapped_dek)
 {
     char* provider_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-    char* kek_ref = PG_ARGISNULL(1) ? pstrdup("") : text_to_cstring(PG_GETARG_TEXT_PP(1));
+    char* kek_ref = text_to_cstring(PG_GETARG_TEXT_PP(1));
     uint32 key_id = static_cast<uint32>(PG_GETARG_INT32(2));
     uint32 version = static_cast<uint32>(PG_GETARG_INT32(3));
     char* key_name = text_to_cstring(PG_GETARG_TEXT_PP(4));
+    // Only the first local key may create the KEK file: once local keys
+    // exist, a missing file means the KEK was lost or moved, and a new one
+    // would silently split the keys between two KEKs.
+    bool may_create_local_kek = PG_GETARG_BOOL(5);
 
     bytea* wrapped = static_cast<bytea*>(palloc(VARHDRSZ + kMaxWrappedSize));
     char kek_version[kMaxKekVersion];
@@ -40,7 +45,8 @@ PGPHI_FUNCTION(pgphi_generate_wrapped_dek)
 
     call_core([&] {
         KeyProvider& provider = provider_named(provider_name);
-        if (auto* local = dynamic_cast<LocalKeyProvider*>(&provider))
+        auto* local = dynamic_cast<LocalKeyProvider*>(&provider);
+        if (local && may_create_local_kek)
             created_kek_file = local->ensure_kek_file();
         GeneratedDek dek = provider.generate_dek(kek_ref, DekBinding{key_id, version, key_name});
         if (dek.wrapped.blob.size() > kMaxWrappedSize || dek.wrapped.kek_version.size() >= kMaxKekVersion)

@@ -20,6 +20,18 @@ like($err, qr/HINT:  Add pgphi to shared_preload_libraries/, '... and says how t
 $plain->stop;
 
 my $node = PgphiTest::new_node('kek_file');
+
+# A schema "pgphi" created beforehand by an ordinary user is not adopted.
+$node->safe_psql('postgres', q{
+	CREATE ROLE schema_squatter LOGIN;
+	CREATE DATABASE squatted;
+	GRANT CREATE ON DATABASE squatted TO schema_squatter;
+});
+$node->safe_psql('squatted', 'SET ROLE schema_squatter; CREATE SCHEMA pgphi;');
+like(PgphiTest::psql_error($node, 'squatted', 'CREATE EXTENSION pgphi'),
+	qr/42501: schema pgphi exists and is not owned by a superuser/,
+	'CREATE EXTENSION refuses a pgphi schema owned by an ordinary user');
+
 $node->safe_psql('postgres', q{
 	CREATE EXTENSION pgphi;
 	SELECT pgphi.create_key('ssn_key');
@@ -93,11 +105,25 @@ $err = PgphiTest::psql_error($node, 'postgres', $decrypt);
 like($err, qr/F0000: local KEK file "bad.kek" is not a regular file/, 'a directory: F0000');
 rmdir $bad;
 
+# With local keys in the catalog, a missing KEK file is an error for
+# create_key too: a new KEK would silently split the keys between two KEKs.
+unlink $bad;
+$err = PgphiTest::psql_error($node, 'postgres', "SELECT pgphi.create_key('second_key')");
+like($err, qr/58P01: local KEK file "bad.kek" does not exist/, 'create_key does not replace a lost KEK');
+ok(!-e $bad, '... and creates no KEK file');
+
 # Back to the real KEK: nothing was lost, also across a restart.
 $node->safe_psql('postgres', 'ALTER SYSTEM RESET pgphi.local_kek_file; SELECT pg_reload_conf();');
 is($node->safe_psql('postgres', $decrypt), '123-45-6789', 'original KEK decrypts again');
 $node->restart;
 is($node->safe_psql('postgres', $decrypt), '123-45-6789', 'value decrypts after a restart');
+
+# Failing statements that carry PHI literals are logged without their text.
+PgphiTest::psql_error($node, 'postgres', "SELECT pgphi.encrypt_phi('123-45-6789', 'no_such_key')");
+PgphiTest::psql_error($node, 'postgres',
+	"SELECT pgphi.decrypt_phi_jsonb(pgphi.encrypt_phi('123-45-6789', 'ssn_key'))");
+PgphiTest::psql_error($node, 'postgres',
+	"SELECT pgphi.decrypt_phi(pgphi.encrypt_phi('123-45-6789', 'ssn_key', 'a'), 'ssn_key', 'b')");
 
 # Nothing secret reached the server log: no plaintext, no KEK bytes.
 open my $fh, '<', $kek or die;
@@ -105,6 +131,7 @@ binmode $fh;
 read($fh, my $kek_bytes, 32);
 close $fh;
 my $log = slurp_file($node->logfile);
+like($log, qr/pgphi key "no_such_key" does not exist/, 'the failures above were logged');
 unlike($log, qr/123-45-6789/, 'server log holds no plaintext');
 ok(index($log, $kek_bytes) < 0, 'server log holds no raw KEK bytes');
 ok(index(lc $log, unpack('H*', $kek_bytes)) < 0, 'server log holds no hex KEK');

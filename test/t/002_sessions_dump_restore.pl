@@ -3,6 +3,7 @@
 use strict;
 use warnings;
 
+use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -44,6 +45,46 @@ $node->safe_psql('postgres', q{
 	  FROM saved_versions s WHERE s.key_id = v.key_id AND s.version = v.version;
 });
 is($reader->query_safe($count_ok), '1000', 'and decrypts again once it is back');
+
+# A key destroyed while a statement is already running: the statement's first
+# catalog lookup must see the committed change, and the session must not
+# cache the key from the statement's older snapshot for later statements.
+my $slow_session = IPC::Run::start(
+	[ 'psql', '-X', '-d', $node->connstr('postgres'), '-v', 'ON_ERROR_STOP=0',
+	  '-c', q{SELECT count(pgphi.decrypt_phi(p.ssn, 'ssn_key', p.mrn))
+	            FROM (SELECT pg_sleep(2) OFFSET 0) s, patients p},
+	  '-c', q{SELECT count(pgphi.decrypt_phi(ssn, 'ssn_key', mrn)) FROM patients} ],
+	'>', \my $slow_out, '2>', \my $slow_err);
+sleep 1;
+$node->safe_psql('postgres', q{
+	UPDATE pgphi.key_versions SET state = 'destroyed', wrapped_dek = NULL
+	 WHERE key_id = (SELECT key_id FROM pgphi.keys WHERE name = 'ssn_key');
+});
+$slow_session->finish;
+my @destroyed = ($slow_err =~ /has been destroyed/g);
+is(scalar @destroyed, 2, 'a key destroyed during a running statement is refused there and afterwards');
+is($slow_out, '', '... and no value was decrypted after the destruction committed');
+
+# Catalog changes made with session_replication_role = replica (as logical
+# replication applies them) invalidate too.
+$node->safe_psql('postgres', q{
+	UPDATE pgphi.key_versions v SET state = s.state, wrapped_dek = s.wrapped_dek
+	  FROM saved_versions s WHERE s.key_id = v.key_id AND s.version = v.version;
+});
+my $warm = $node->background_psql('postgres', on_error_stop => 0);
+is($warm->query_safe($count_ok), '1000', 'a warm session before a replica-mode change');
+$node->safe_psql('postgres', q{
+	SET session_replication_role = replica;
+	UPDATE pgphi.key_versions SET state = 'destroyed', wrapped_dek = NULL
+	 WHERE key_id = (SELECT key_id FROM pgphi.keys WHERE name = 'ssn_key');
+});
+$warm->query($count_ok);
+like($warm->{stderr}, qr/has been destroyed/, 'a change made in replica mode reaches the warm session');
+$warm->quit;
+$node->safe_psql('postgres', q{
+	UPDATE pgphi.key_versions v SET state = s.state, wrapped_dek = s.wrapped_dek
+	  FROM saved_versions s WHERE s.key_id = v.key_id AND s.version = v.version;
+});
 
 # A cancelled decrypt-heavy query leaves the session usable.
 $reader->query(q{SET statement_timeout = '300ms';

@@ -166,6 +166,36 @@ TEST_F(LocalProviderTest, RefusesBadKekFiles)
     rmdir(path.c_str());
 }
 
+// A partial KEK (as a crash while writing one could leave) is refused, never
+// replaced; pgphi itself writes the KEK to a temporary file and links it.
+TEST_F(LocalProviderTest, EmptyKekFileIsRefusedNotReplaced)
+{
+    write_file("", 0600);
+    LocalKeyProvider provider(path);
+    EXPECT_FALSE(provider.ensure_kek_file());
+    std::string message;
+    try {
+        provider.generate_dek("", binding);
+        FAIL();
+    } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::SecretFileInvalid);
+        message = e.what();
+    }
+    EXPECT_NE(message.find("wrong size"), std::string::npos);
+}
+
+TEST_F(LocalProviderTest, FifoAtKekPathDoesNotBlock)
+{
+    ASSERT_EQ(mkfifo(path.c_str(), 0600), 0);
+    LocalKeyProvider provider(path);
+    DekBinding b{1, 1, "k"};
+    std::vector<uint8_t> blob(LocalKeyProvider::kWrappedSize, 0);
+    blob[0] = 1;
+    WrappedDek wrapped{blob, ""};
+    EXPECT_EQ(error_of_unwrap(provider, wrapped, b), ErrorCode::SecretFileInvalid);
+    EXPECT_NE(last_message.find("not a regular file"), std::string::npos);
+}
+
 TEST_F(LocalProviderTest, UnreadableKekFileIsRefused)
 {
     if (geteuid() == 0)
