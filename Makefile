@@ -14,7 +14,9 @@ MODULE_big = pgphi
 DATA = src/pgphi--0.1.0.sql
 OBJS = $(patsubst %.cpp,%.o,$(wildcard src/core/*.cpp src/pg/*.cpp))
 
-PG_CXXFLAGS = -std=c++17 -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
+# -MMD -MP: the compiler records which headers each object includes, so a
+# changed header rebuilds every object that uses it (PGXS alone does not).
+PG_CXXFLAGS = -MMD -MP -std=c++17 -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
               -Wno-register -Werror
 SHLIB_LINK = -lcrypto -lcurl -lstdc++
 
@@ -42,3 +44,6 @@ PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
 ifneq ($(wildcard $(PGXS)),)
 include $(PGXS)
 endif
+
+-include $(OBJS:.o=.d)
+EXTRA_CLEAN = $(OBJS:.o=.d)

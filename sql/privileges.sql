@@ -42,10 +42,11 @@ SELECT pgphi.create_key('outsider_key');
 \echo :LAST_ERROR_SQLSTATE
 SELECT * FROM pgphi._generate_wrapped_dek('local', 'default', 100, 1, 'x', false);
 \echo :LAST_ERROR_SQLSTATE
--- The KEK file location is hidden from non-superusers.
+-- Settings that say where secrets live are hidden from non-superusers; only
+-- the cache's tuning is visible.
 SHOW pgphi.local_kek_file;
 \echo :LAST_ERROR_SQLSTATE
-SELECT count(*) AS visible_pgphi_settings FROM pg_settings WHERE name LIKE 'pgphi.%';
+SELECT name AS visible_pgphi_settings FROM pg_settings WHERE name LIKE 'pgphi.%' ORDER BY name;
 RESET ROLE;
 SELECT name, setting, context FROM pg_settings WHERE name LIKE 'pgphi.%' ORDER BY name;
 

@@ -4,6 +4,7 @@
 // cleansed when the DataKey is destroyed.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "aead.hpp"
@@ -21,6 +22,11 @@ public:
     const format::KeyRef& ref() const noexcept { return ref_; }
     const std::string& name() const noexcept { return name_; }
 
+    // Until when this process may use the key without asking the shared
+    // cache again (its TTL there); in PostgreSQL milliseconds.
+    int64_t valid_until_ms() const noexcept { return valid_until_ms_; }
+    void set_valid_until_ms(int64_t ms) noexcept { valid_until_ms_ = ms; }
+
     // Writes format::sealed_size(plaintext.size) bytes to `out`.
     void seal(NonceSource& nonces, ByteView plaintext, ByteView context, uint8_t* out);
 
@@ -32,6 +38,7 @@ private:
     format::KeyRef ref_;
     std::string name_;
     Aes256Gcm cipher_;
+    int64_t valid_until_ms_ = INT64_MAX;
 };
 
 } // namespace pgphi

@@ -20,7 +20,7 @@ extern "C" {
 #include "../core/key_ring.hpp"
 #include "error_bridge.hpp"
 #include "key_access.hpp"
-#include "providers.hpp"
+#include "shared_state.hpp"
 
 namespace pgphi::pg {
 
@@ -33,6 +33,9 @@ NonceSource g_nonces;
 // cleared at the next lookup, never inside the callback, so pointers handed
 // out for the current row stay valid.
 bool g_ring_stale = false;
+// The shared invalidation generation the ring was filled under: the broker
+// bumps it when a key manager revokes a key or a key expires unrefreshed.
+uint64_t g_ring_generation = 0;
 Oid g_keys_relid = InvalidOid;
 Oid g_versions_relid = InvalidOid;
 
@@ -63,10 +66,31 @@ void wipe_keys_at_exit(int, Datum) { g_ring.clear(); }
 
 void flush_if_stale()
 {
-    if (g_ring_stale) {
+    uint64_t generation = shared_state()->invalidation_generation.load(std::memory_order_acquire);
+    if (g_ring_stale || generation != g_ring_generation) {
         g_ring.clear();
         g_ring_stale = false;
+        g_ring_generation = generation;
     }
+}
+
+// A key from the ring, unless its time in this process is up. The statement
+// start time costs no system call; a key thus outlives its TTL by at most one
+// statement, and a revocation reaches running statements through the
+// generation check.
+DataKey* still_valid(DataKey* key)
+{
+    if (key && key->valid_until_ms() > GetCurrentStatementStartTimestamp() / 1000)
+        return key;
+    return nullptr;
+}
+
+void copy_field(char* dst, size_t size, const char* src, const char* what)
+{
+    if (strlen(src) >= size)
+        ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+                        errmsg("pgphi key catalog entry has an overlong %s", what)));
+    strlcpy(dst, src, size);
 }
 
 void on_relcache_invalidation(Datum, Oid relid)
@@ -160,7 +184,8 @@ bool fetch_catalog_key(SPIPlanPtr* plan, const char* where, int nargs, Oid* argt
     return found;
 }
 
-// Unwraps a catalog row's DEK through its provider and adds it to the ring.
+// Gets a catalog row's DEK from the shared cache (the broker unwraps it on a
+// miss) and adds it to the ring.
 DataKey* install_catalog_key(const CatalogKey& key)
 {
     static bool exit_hook_registered = false;
@@ -173,17 +198,36 @@ DataKey* install_catalog_key(const CatalogKey& key)
         exit_hook_registered = true;
     }
 
+    cache::UnwrapRequest request;
+    memset(&request, 0, sizeof(request));
+    copy_field(request.provider, sizeof(request.provider), key.provider, "provider");
+    copy_field(request.kek_ref, sizeof(request.kek_ref), key.kek_ref, "KEK reference");
+    copy_field(request.key_name, sizeof(request.key_name), key.name, "key name");
+    request.key_id = key.key_id;
+    request.key_version = key.version;
+    size_t wrapped_size = VARSIZE(key.wrapped_dek) - VARHDRSZ;
+    if (wrapped_size > sizeof(request.wrapped))
+        ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+                        errmsg("wrapped DEK of pgphi key \"%s\" is too large", key.name)));
+    memcpy(request.wrapped, VARDATA(key.wrapped_dek), wrapped_size);
+    request.wrapped_size = static_cast<uint16_t>(wrapped_size);
+
+    uint8_t dek[cache::kDekSize];
+    int64_t valid_until_ms = 0;
+    get_dek(request, dek, &valid_until_ms);
+
     DataKey* installed = nullptr;
-    call_core([&] {
-        KeyProvider& provider = provider_named(key.provider);
-        DekBinding binding{key.key_id, key.version, key.name};
-        SecureBytes dek = provider.unwrap(
-            key.kek_ref,
-            ByteView(reinterpret_cast<const uint8_t*>(VARDATA(key.wrapped_dek)), VARSIZE(key.wrapped_dek) - VARHDRSZ),
-            binding);
-        bool active = std::strcmp(key.state, "active") == 0;
-        installed = &g_ring.install(format::KeyRef{key.key_id, key.version}, key.name, active, std::move(dek));
+    bool active = strcmp(key.state, "active") == 0;
+    CoreFailure failure;
+    bool ok = run_core(failure, [&] {
+        installed = &g_ring.install(format::KeyRef{key.key_id, key.version}, key.name, active,
+                                    SecureBytes(dek, sizeof(dek)));
+        installed->set_valid_until_ms(valid_until_ms);
     });
+    explicit_bzero(dek, sizeof(dek));
+    explicit_bzero(&request, sizeof(request));
+    if (!ok)
+        raise_core_failure(failure);
     return installed;
 }
 
@@ -193,7 +237,7 @@ DataKey* key_for_encrypt(const text* key_name)
 {
     flush_if_stale();
     std::string_view name(VARDATA_ANY(key_name), VARSIZE_ANY_EXHDR(key_name));
-    if (DataKey* key = g_ring.find_active(name))
+    if (DataKey* key = still_valid(g_ring.find_active(name)))
         return key;
 
     Oid argtypes[1] = {TEXTOID};
@@ -217,7 +261,7 @@ DataKey* key_for_encrypt(const text* key_name)
 DataKey* key_for_decrypt(format::KeyRef ref)
 {
     flush_if_stale();
-    if (DataKey* key = g_ring.find(ref))
+    if (DataKey* key = still_valid(g_ring.find(ref)))
         return key;
 
     Oid argtypes[2] = {INT4OID, INT4OID};

@@ -1,10 +1,37 @@
 // Module entry: refuses to load unless preloaded (the key broker and the
 // shared DEK cache need shared memory reserved at server start), defines the
-// settings and hooks key-catalog invalidation.
+// settings, reserves shared memory, registers the key broker and hooks
+// key-catalog invalidation.
 #include "postgres.hpp"
+
+extern "C" {
+#include "postmaster/bgworker.h"
+}
+
+#include <cstring>
 
 #include "key_access.hpp"
 #include "settings.hpp"
+#include "shared_state.hpp"
+
+namespace {
+
+void register_key_broker()
+{
+    BackgroundWorker worker;
+    std::memset(&worker, 0, sizeof(worker));
+    worker.bgw_flags = BGWORKER_SHMEM_ACCESS;
+    // Needs no database, so it also serves standbys during recovery.
+    worker.bgw_start_time = BgWorkerStart_PostmasterStart;
+    worker.bgw_restart_time = 1;
+    strlcpy(worker.bgw_library_name, "pgphi", sizeof(worker.bgw_library_name));
+    strlcpy(worker.bgw_function_name, "pgphi_broker_main", sizeof(worker.bgw_function_name));
+    strlcpy(worker.bgw_name, "pgphi key broker", sizeof(worker.bgw_name));
+    strlcpy(worker.bgw_type, "pgphi key broker", sizeof(worker.bgw_type));
+    RegisterBackgroundWorker(&worker);
+}
+
+} // namespace
 
 extern "C" {
 PG_MODULE_MAGIC;
@@ -21,6 +48,8 @@ void _PG_init(void)
                                 "server.")));
 
     pgphi::pg::define_settings();
+    pgphi::pg::request_shared_memory();
+    register_key_broker();
     pgphi::pg::register_key_invalidation();
 
     ereport(LOG, (errmsg("pgphi: the local key provider keeps its KEK in a file beside the database; "

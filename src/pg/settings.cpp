@@ -32,6 +32,10 @@ int provider_connect_timeout_ms;
 int provider_timeout_ms;
 int provider_max_retries;
 bool allow_insecure_http_loopback;
+int cache_size;
+int cache_ttl_s;
+int key_manager_grace_s;
+int key_wait_timeout_ms;
 
 namespace {
 
@@ -99,6 +103,22 @@ void define_settings()
                              "Allow plain http to key managers on loopback addresses. For tests only.", nullptr,
                              &allow_insecure_http_loopback, false, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr,
                              nullptr, nullptr);
+
+    DefineCustomIntVariable("pgphi.cache_size", "Number of DEKs the shared cache holds.",
+                            "Each entry takes about 2.5 kB of shared memory.", &cache_size, 1024, 16, 1 << 20,
+                            PGC_POSTMASTER, 0, nullptr, nullptr, nullptr);
+    DefineCustomIntVariable("pgphi.cache_ttl",
+                            "How long a cached DEK is used before the key manager is asked again.",
+                            "Bounds how long a revoked or disabled KEK keeps working. Keys in use are "
+                            "re-validated before they expire.",
+                            &cache_ttl_s, 300, 1, 86400, PGC_SIGHUP, GUC_UNIT_S, nullptr, nullptr, nullptr);
+    DefineCustomIntVariable("pgphi.key_manager_grace",
+                            "How long cached DEKs keep working past their TTL while the key manager is unreachable.",
+                            "An explicit denial ends it at once.", &key_manager_grace_s, 600, 0, 7 * 86400,
+                            PGC_SIGHUP, GUC_UNIT_S, nullptr, nullptr, nullptr);
+    DefineCustomIntVariable("pgphi.key_wait_timeout", "How long a session waits for the key broker.", nullptr,
+                            &key_wait_timeout_ms, 10000, 100, 600000, PGC_SUSET, GUC_UNIT_MS, nullptr, nullptr,
+                            nullptr);
 
     MarkGUCPrefixReserved("pgphi");
 }

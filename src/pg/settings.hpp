@@ -37,6 +37,12 @@ extern int provider_timeout_ms;
 extern int provider_max_retries;
 extern bool allow_insecure_http_loopback;
 
+// Key broker and shared DEK cache
+extern int cache_size;              // slots; fixed at server start
+extern int cache_ttl_s;             // a DEK is re-validated with the key manager this often
+extern int key_manager_grace_s;     // how long cached DEKs outlive an unreachable key manager
+extern int key_wait_timeout_ms;     // how long a session waits for the broker
+
 void define_settings();
 
 } // namespace pgphi::pg

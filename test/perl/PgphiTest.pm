@@ -22,11 +22,26 @@ CONF
 	return $node;
 }
 
+# Reloads the configuration and waits until the key broker has applied it
+# (pg_reload_conf only signals; the broker rereads on its own time).
+sub reload_broker
+{
+	my ($node, $db) = @_;
+	$db //= 'postgres';
+	my $before = $node->safe_psql($db, 'SELECT config_reloads FROM pgphi.broker_status()');
+	$node->safe_psql($db, 'SELECT pg_reload_conf()');
+	$node->poll_query_until($db, "SELECT config_reloads > $before FROM pgphi.broker_status()")
+	  or die "the key broker did not reload its configuration";
+}
+
 # Runs SQL that is expected to fail; returns its stderr with verbose errors,
 # so the SQLSTATE is visible.
 sub psql_error
 {
-	my ($node, $db, $sql) = @_;
+	my ($node, $db, $sql, %opts) = @_;
+	# The shared cache would answer without the key manager: empty it first
+	# when the test is about what the key manager (or the KEK file) says.
+	$sql = "SELECT pgphi.flush_cache();\n$sql" if $opts{flush};
 	my ($ret, $stdout, $stderr) =
 	  $node->psql($db, "\\set VERBOSITY verbose\n$sql", on_error_stop => 1);
 	return $ret == 0 ? '' : $stderr;

@@ -51,7 +51,7 @@ is($node->safe_psql('postgres', $decrypt), '123-45-6789', 'value decrypts');
 
 # Missing: the error names the file, and decrypting never invents a new KEK.
 move($kek, "$kek.moved") or die;
-$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt, flush => 1);
 like($err, qr/58P01: local KEK file "pgphi_local.kek" does not exist/, 'missing KEK file: 58P01');
 ok(!-e $kek, 'a failed unwrap does not create a new KEK file');
 move("$kek.moved", $kek) or die;
@@ -62,8 +62,8 @@ my $bad = $node->data_dir . '/bad.kek';
 sub use_kek_file
 {
 	my ($path) = @_;
-	$node->safe_psql('postgres',
-		"ALTER SYSTEM SET pgphi.local_kek_file = '$path'; SELECT pg_reload_conf();");
+	$node->safe_psql('postgres', "ALTER SYSTEM SET pgphi.local_kek_file = '$path'");
+	PgphiTest::reload_broker($node);
 }
 sub write_file_mode
 {
@@ -78,22 +78,22 @@ sub write_file_mode
 use_kek_file('bad.kek');
 
 write_file_mode('k' x 31, 0600);
-$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt, flush => 1);
 like($err, qr/F0000: local KEK file "bad.kek" has the wrong size/, 'short KEK file: F0000');
 like($err, qr/It has 31 bytes; a KEK is exactly 32/, '... with the sizes');
 
 write_file_mode('k' x 32, 0644);
-$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt, flush => 1);
 like($err, qr/F0000: local KEK file "bad.kek" is accessible by group or others/,
 	'KEK file readable by others: F0000');
 
 write_file_mode('k' x 32, 0000);
-$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt, flush => 1);
 like($err, qr/F0000: could not open local KEK file "bad.kek": Permission denied/,
 	'unreadable KEK file: F0000');
 
 write_file_mode('k' x 32, 0600);
-$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt, flush => 1);
 like($err, qr/F0000: the DEK of key "ssn_key" version 1 was wrapped by a different local KEK/,
 	'another KEK: F0000');
 like($err, qr/needs the KEK with fingerprint [0-9a-f]{16}; pgphi.local_kek_file holds the KEK with fingerprint [0-9a-f]{16}/,
@@ -101,7 +101,7 @@ like($err, qr/needs the KEK with fingerprint [0-9a-f]{16}; pgphi.local_kek_file 
 
 unlink $bad;
 mkdir $bad or die;
-$err = PgphiTest::psql_error($node, 'postgres', $decrypt);
+$err = PgphiTest::psql_error($node, 'postgres', $decrypt, flush => 1);
 like($err, qr/F0000: local KEK file "bad.kek" is not a regular file/, 'a directory: F0000');
 rmdir $bad;
 
@@ -113,7 +113,8 @@ like($err, qr/58P01: local KEK file "bad.kek" does not exist/, 'create_key does 
 ok(!-e $bad, '... and creates no KEK file');
 
 # Back to the real KEK: nothing was lost, also across a restart.
-$node->safe_psql('postgres', 'ALTER SYSTEM RESET pgphi.local_kek_file; SELECT pg_reload_conf();');
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET pgphi.local_kek_file');
+PgphiTest::reload_broker($node);
 is($node->safe_psql('postgres', $decrypt), '123-45-6789', 'original KEK decrypts again');
 $node->restart;
 is($node->safe_psql('postgres', $decrypt), '123-45-6789', 'value decrypts after a restart');

@@ -1,0 +1,278 @@
+// The key broker: a background worker, and the only process that talks to
+// key managers or reads their credentials. Backends post requests in shared
+// memory (src/pg/shared_state.cpp) and sleep on a condition variable; the
+// broker answers them, refreshes keys in use before their TTL ends, rides
+// out key-manager outages for the grace period, and evicts keys the key
+// manager refuses. It needs no database connection: requests carry the
+// wrapped DEK.
+//
+// The main loop is C-style glue: key-manager calls run through run_core(),
+// and no C++ object lives in a frame that CHECK_FOR_INTERRUPTS could leave.
+#include "postgres.hpp"
+
+extern "C" {
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/wait_event.h"
+}
+
+#include <cstring>
+
+#include "../core/local_provider.hpp"
+#include "error_bridge.hpp"
+#include "providers.hpp"
+#include "settings.hpp"
+#include "shared_state.hpp"
+
+namespace pgphi::pg {
+
+namespace {
+
+constexpr int kMaxJobs = 64;
+constexpr int64_t kAbandonedRequestMs = 60'000;
+
+struct UnwrapJob {
+    uint32_t slot;
+    uint64_t generation;
+    bool refresh;
+    cache::UnwrapRequest request;
+};
+
+UnwrapJob g_jobs[kMaxJobs]; // static: about 100 kB, too much for the stack
+
+void forget_broker(int, Datum)
+{
+    SharedState* state = shared_state();
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    state->broker_latch = nullptr;
+    state->broker_pid = 0;
+    LWLockRelease(state->lock);
+}
+
+void announce_broker(SharedState* state)
+{
+    cache::Table table = state->table();
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    state->broker_latch = MyLatch;
+    state->broker_pid = MyProcPid;
+    state->broker_started_ms = now_ms();
+    state->broker_starts++;
+    // Work the previous broker had in hand when it died is simply redone.
+    for (uint32_t i = 0; i < table.capacity(); ++i)
+        table.at(i).in_flight = false;
+    for (AdminRequest& request : state->admin)
+        if (request.state == AdminRequest::State::InFlight)
+            request.state = AdminRequest::State::Pending;
+    LWLockRelease(state->lock);
+    before_shmem_exit(forget_broker, 0);
+}
+
+// Under the exclusive lock: expire dead keys and pick up the work to do.
+int collect_work(SharedState* state, int64_t now, int* admin_jobs, int* admin_count, bool* keys_dropped)
+{
+    cache::Table table = state->table();
+    int64_t ttl = static_cast<int64_t>(cache_ttl_s) * 1000;
+    int jobs = 0;
+    // Requests that backends are waiting for come first, then refreshes.
+    for (int pass = 0; pass < 2; ++pass)
+        for (uint32_t i = 0; i < table.capacity() && jobs < kMaxJobs; ++i) {
+            cache::Slot& slot = table.at(i);
+            bool take = pass == 0 ? slot.state == cache::SlotState::Pending && !slot.in_flight
+                                  : table.wants_refresh(slot, now, ttl);
+            if (pass == 1 && table.is_dead(slot, now, ttl)) {
+                table.wipe(slot);
+                state->stats.expirations.fetch_add(1, std::memory_order_relaxed);
+                *keys_dropped = true;
+                continue;
+            }
+            if (!take)
+                continue;
+            slot.in_flight = true;
+            g_jobs[jobs++] = UnwrapJob{i, slot.generation, pass == 1, slot.request};
+        }
+    *admin_count = 0;
+    for (int i = 0; i < kAdminRequests; ++i) {
+        AdminRequest& request = state->admin[i];
+        if (request.state == AdminRequest::State::Pending) {
+            request.state = AdminRequest::State::InFlight;
+            admin_jobs[(*admin_count)++] = i;
+        } else if (request.state == AdminRequest::State::Done && now - request.done_at_ms > kAbandonedRequestMs) {
+            explicit_bzero(&request, sizeof(request)); // its requester was cancelled
+        }
+    }
+    return jobs;
+}
+
+DekBinding binding_of(const cache::UnwrapRequest& request)
+{
+    return DekBinding{request.key_id, request.key_version, request.key_name};
+}
+
+void log_failure(const char* operation, const cache::UnwrapRequest& request, const CoreFailure& failure)
+{
+    ereport(LOG, (errmsg("pgphi key broker: %s of key \"%s\" version %u through provider %s failed: %s", operation,
+                         request.key_name, request.key_version, request.provider, failure.message)));
+}
+
+void run_unwrap(SharedState* state, UnwrapJob& job)
+{
+    uint8_t dek[cache::kDekSize];
+    CoreFailure failure;
+    TimestampTz started_at = GetCurrentTimestamp();
+    bool ok = run_core(failure, [&] {
+        SecureBytes plaintext = provider_named(job.request.provider)
+                                    .unwrap(job.request.kek_ref,
+                                            ByteView(job.request.wrapped, job.request.wrapped_size),
+                                            binding_of(job.request));
+        if (plaintext.size() != cache::kDekSize)
+            throw Error(ErrorCode::WrappedDekInvalid, "the key provider unwrapped a DEK of the wrong size");
+        std::memcpy(dek, plaintext.data(), cache::kDekSize);
+    });
+    state->stats.key_manager_calls.fetch_add(1, std::memory_order_relaxed);
+    state->stats.key_manager_micros.fetch_add(GetCurrentTimestamp() - started_at, std::memory_order_relaxed);
+    if (!ok) {
+        state->stats.key_manager_errors.fetch_add(1, std::memory_order_relaxed);
+        log_failure(job.refresh ? "re-validation" : "unwrap", job.request, failure);
+    }
+
+    bool drop_everywhere = false;
+    int64_t now = now_ms();
+    cache::Table table = state->table();
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    cache::Slot& slot = table.at(job.slot);
+    if (slot.generation == job.generation && slot.in_flight) { // not flushed meanwhile
+        slot.in_flight = false;
+        if (ok) {
+            table.make_ready(slot, dek, now, static_cast<int64_t>(cache_ttl_s) * 1000);
+            if (job.refresh)
+                state->stats.refreshes.fetch_add(1, std::memory_order_relaxed);
+        } else if (job.refresh && failure.code == ErrorCode::KeyManagerUnavailable) {
+            table.ride_out_outage(slot, now, static_cast<int64_t>(key_manager_grace_s) * 1000,
+                                  std::min<int64_t>(5000, static_cast<int64_t>(cache_ttl_s) * 250));
+        } else if (job.refresh) {
+            // The key manager said no: the key stops working everywhere now.
+            table.wipe(slot);
+            state->stats.expirations.fetch_add(1, std::memory_order_relaxed);
+            drop_everywhere = true;
+        } else {
+            cache::FailureRecord record;
+            record.set(static_cast<int32_t>(failure.code), failure.message, failure.detail, failure.hint);
+            table.make_failed(slot, record);
+        }
+    }
+    LWLockRelease(state->lock);
+    explicit_bzero(dek, sizeof(dek));
+    if (drop_everywhere)
+        state->invalidation_generation.fetch_add(1);
+}
+
+void run_generate(SharedState* state, int index)
+{
+    AdminRequest& shared = state->admin[index];
+    LWLockAcquire(state->lock, LW_SHARED);
+    cache::UnwrapRequest key = shared.key;
+    bool may_create = shared.may_create_local_kek;
+    uint64_t ticket = shared.ticket;
+    LWLockRelease(state->lock);
+
+    CoreFailure failure;
+    bool created = false;
+    uint8_t wrapped[cache::kMaxWrapped];
+    size_t wrapped_size = 0;
+    char kek_version[cache::kMaxKekRef] = "";
+    bool ok = run_core(failure, [&] {
+        KeyProvider& provider = provider_named(key.provider);
+        auto* local = dynamic_cast<LocalKeyProvider*>(&provider);
+        if (local && may_create)
+            created = local->ensure_kek_file();
+        GeneratedDek dek = provider.generate_dek(key.kek_ref, binding_of(key));
+        if (dek.wrapped.blob.size() > sizeof(wrapped) || dek.wrapped.kek_version.size() >= sizeof(kek_version))
+            throw Error(ErrorCode::ProviderError, "the key provider returned an oversized wrapped DEK");
+        std::memcpy(wrapped, dek.wrapped.blob.data(), dek.wrapped.blob.size());
+        wrapped_size = dek.wrapped.blob.size();
+        std::strcpy(kek_version, dek.wrapped.kek_version.c_str());
+    });
+    state->stats.key_manager_calls.fetch_add(1, std::memory_order_relaxed);
+    if (!ok) {
+        state->stats.key_manager_errors.fetch_add(1, std::memory_order_relaxed);
+        log_failure("creation", key, failure);
+    }
+
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    if (shared.ticket == ticket && shared.state == AdminRequest::State::InFlight) {
+        shared.ok = ok;
+        shared.created_local_kek_file = created;
+        if (ok) {
+            std::memcpy(shared.wrapped, wrapped, wrapped_size);
+            shared.wrapped_size = static_cast<uint16_t>(wrapped_size);
+            std::strcpy(shared.kek_version, kek_version);
+        } else {
+            shared.failure.set(static_cast<int32_t>(failure.code), failure.message, failure.detail, failure.hint);
+        }
+        shared.state = AdminRequest::State::Done;
+        shared.done_at_ms = now_ms();
+    }
+    LWLockRelease(state->lock);
+}
+
+void do_work(SharedState* state)
+{
+    int admin_jobs[kAdminRequests];
+    int admin_count = 0;
+    bool keys_dropped = false;
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    int jobs = collect_work(state, now_ms(), admin_jobs, &admin_count, &keys_dropped);
+    LWLockRelease(state->lock);
+    if (keys_dropped)
+        state->invalidation_generation.fetch_add(1);
+
+    for (int i = 0; i < admin_count; ++i) {
+        run_generate(state, admin_jobs[i]);
+        ConditionVariableBroadcast(&state->changed);
+        CHECK_FOR_INTERRUPTS();
+    }
+    for (int i = 0; i < jobs; ++i) {
+        run_unwrap(state, g_jobs[i]);
+        explicit_bzero(&g_jobs[i], sizeof(g_jobs[i]));
+        ConditionVariableBroadcast(&state->changed);
+        CHECK_FOR_INTERRUPTS();
+    }
+}
+
+} // namespace
+
+} // namespace pgphi::pg
+
+extern "C" PGDLLEXPORT void pgphi_broker_main(Datum);
+
+void pgphi_broker_main(Datum)
+{
+    using namespace pgphi::pg;
+    pqsignal(SIGHUP, SignalHandlerForConfigReload);
+    pqsignal(SIGTERM, die);
+    BackgroundWorkerUnblockSignals();
+
+    SharedState* state = shared_state();
+    announce_broker(state);
+    ereport(LOG, (errmsg("pgphi key broker started")));
+
+    for (;;) {
+        (void)WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1000, PG_WAIT_EXTENSION);
+        ResetLatch(MyLatch);
+        CHECK_FOR_INTERRUPTS();
+        if (ConfigReloadPending) {
+            ConfigReloadPending = false;
+            ProcessConfigFile(PGC_SIGHUP);
+            LWLockAcquire(state->lock, LW_EXCLUSIVE);
+            state->broker_reloads++;
+            LWLockRelease(state->lock);
+        }
+        do_work(state);
+    }
+}

@@ -1,0 +1,103 @@
+// Observability and control of the key broker and the shared DEK cache:
+// pgphi.cache_stats, pgphi.broker_status() and pgphi.flush_cache().
+#include "postgres.hpp"
+
+extern "C" {
+#include "access/htup_details.h"
+#include "utils/timestamp.h"
+}
+
+#include "shared_state.hpp"
+
+using namespace pgphi;
+using namespace pgphi::pg;
+
+namespace {
+
+Datum return_row(FunctionCallInfo fcinfo, Datum* values, bool* nulls)
+{
+    TupleDesc desc;
+    if (get_call_result_type(fcinfo, nullptr, &desc) != TYPEFUNC_COMPOSITE)
+        elog(ERROR, "return type must be a row type");
+    desc = BlessTupleDesc(desc);
+    return HeapTupleGetDatum(heap_form_tuple(desc, values, nulls));
+}
+
+Datum counter(const std::atomic<uint64_t>& value)
+{
+    return Int64GetDatum(static_cast<int64>(value.load(std::memory_order_relaxed)));
+}
+
+} // namespace
+
+PGPHI_FUNCTION(pgphi_cache_stats)
+{
+    SharedState* state = shared_state();
+    cache::Table table = state->table();
+    int64 ready = 0, pending = 0;
+    LWLockAcquire(state->lock, LW_SHARED);
+    for (uint32_t i = 0; i < table.capacity(); ++i) {
+        ready += table.at(i).state == cache::SlotState::Ready;
+        pending += table.at(i).state == cache::SlotState::Pending;
+    }
+    LWLockRelease(state->lock);
+
+    const cache::Stats& stats = state->stats;
+    uint64_t calls = stats.key_manager_calls.load();
+    double average_ms = calls ? static_cast<double>(stats.key_manager_micros.load()) / calls / 1000.0 : 0.0;
+    Datum values[12] = {
+        counter(stats.hits),        counter(stats.misses),      counter(stats.key_manager_calls),
+        counter(stats.key_manager_errors), Float8GetDatum(average_ms), counter(stats.refreshes),
+        counter(stats.evictions),   counter(stats.expirations), Int64GetDatum(ready),
+        Int64GetDatum(pending),     Int64GetDatum(table.capacity()), Int64GetDatum(sizeof(cache::Slot)),
+    };
+    bool nulls[12] = {};
+    PG_RETURN_DATUM(return_row(fcinfo, values, nulls));
+}
+
+PGPHI_FUNCTION(pgphi_broker_status)
+{
+    SharedState* state = shared_state();
+    cache::Table table = state->table();
+    LWLockAcquire(state->lock, LW_SHARED);
+    int pid = state->broker_pid;
+    int64_t started_ms = state->broker_started_ms;
+    uint32_t starts = state->broker_starts;
+    uint32_t reloads = state->broker_reloads;
+    int64 pending = 0, in_flight = 0, admin = 0;
+    for (uint32_t i = 0; i < table.capacity(); ++i) {
+        pending += table.at(i).state == cache::SlotState::Pending;
+        in_flight += table.at(i).in_flight;
+    }
+    for (const AdminRequest& request : state->admin)
+        admin += request.state == AdminRequest::State::Pending || request.state == AdminRequest::State::InFlight;
+    LWLockRelease(state->lock);
+
+    Datum values[7] = {BoolGetDatum(pid != 0), Int32GetDatum(pid),
+                       TimestampTzGetDatum(static_cast<TimestampTz>(started_ms) * 1000),
+                       Int32GetDatum(starts > 0 ? starts - 1 : 0), Int64GetDatum(pending + admin),
+                       Int64GetDatum(in_flight), Int64GetDatum(reloads)};
+    bool nulls[7] = {false, pid == 0, started_ms == 0, false, false, false, false};
+    PG_RETURN_DATUM(return_row(fcinfo, values, nulls));
+}
+
+// Drops every cached DEK in shared memory and in every session, so the next
+// use of each key asks the key manager again.
+PGPHI_FUNCTION(pgphi_flush_cache)
+{
+    SharedState* state = shared_state();
+    cache::Table table = state->table();
+    int64 flushed = 0;
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    for (uint32_t i = 0; i < table.capacity(); ++i) {
+        cache::Slot& slot = table.at(i);
+        if (slot.state == cache::SlotState::Ready || slot.state == cache::SlotState::Failed) {
+            flushed += slot.state == cache::SlotState::Ready;
+            table.wipe(slot); // an in-flight result for it is discarded (generation changed)
+        }
+    }
+    LWLockRelease(state->lock);
+    state->invalidation_generation.fetch_add(1);
+    state->stats.expirations.fetch_add(flushed, std::memory_order_relaxed);
+    PG_RETURN_INT64(flushed);
+}

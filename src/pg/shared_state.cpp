@@ -1,0 +1,231 @@
+#include "postgres.hpp"
+
+extern "C" {
+#include "pgstat.h"
+#include "storage/ipc.h"
+#include "storage/shmem.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+}
+
+#include <cstring>
+#include <new>
+
+#include "error_bridge.hpp"
+#include "settings.hpp"
+#include "shared_state.hpp"
+
+namespace pgphi::pg {
+
+namespace {
+
+SharedState* g_state = nullptr;
+shmem_request_hook_type g_prev_request_hook = nullptr;
+shmem_startup_hook_type g_prev_startup_hook = nullptr;
+
+Size shared_size()
+{
+    return add_size(offsetof(SharedState, slots), mul_size(sizeof(cache::Slot), cache_size));
+}
+
+void on_shmem_request()
+{
+    if (g_prev_request_hook)
+        g_prev_request_hook();
+    RequestAddinShmemSpace(shared_size());
+    RequestNamedLWLockTranche("pgphi", 1);
+}
+
+void on_shmem_startup()
+{
+    if (g_prev_startup_hook)
+        g_prev_startup_hook();
+    LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+    bool found = false;
+    void* memory = ShmemInitStruct("pgphi", shared_size(), &found);
+    if (!found) {
+        std::memset(memory, 0, shared_size());
+        auto* state = new (memory) SharedState;
+        state->lock = &(GetNamedLWLockTranche("pgphi"))->lock;
+        ConditionVariableInit(&state->changed);
+        state->invalidation_generation.store(1);
+        state->next_ticket.store(1);
+        state->capacity = static_cast<uint32_t>(cache_size);
+        state->table().initialize();
+    }
+    g_state = static_cast<SharedState*>(memory);
+    LWLockRelease(AddinShmemInitLock);
+}
+
+[[noreturn]] void raise_failure(const cache::FailureRecord& failure)
+{
+    CoreFailure core;
+    core.capture(static_cast<ErrorCode>(failure.code), failure.message, failure.detail, failure.hint);
+    raise_core_failure(core);
+}
+
+
+[[noreturn]] void raise_wait_timeout(const char* what)
+{
+    bool broker_running = g_state->broker_pid != 0;
+    ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_CONNECTION_FAILURE),
+                    errmsg("pgphi key broker did not %s within %d ms", what, key_wait_timeout_ms),
+                    broker_running ? errdetail("The key manager may be slow or unreachable.")
+                                   : errdetail("The key broker process is not running."),
+                    errhint("See pgphi.broker_status() and the server log.")));
+    pg_unreachable();
+}
+
+} // namespace
+
+SharedState* shared_state()
+{
+    if (!g_state)
+        ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pgphi shared memory is not initialised"),
+                        errhint("pgphi must be loaded via shared_preload_libraries.")));
+    return g_state;
+}
+
+void request_shared_memory()
+{
+    g_prev_request_hook = shmem_request_hook;
+    shmem_request_hook = on_shmem_request;
+    g_prev_startup_hook = shmem_startup_hook;
+    shmem_startup_hook = on_shmem_startup;
+}
+
+int64_t now_ms() { return GetCurrentTimestamp() / 1000; }
+
+void wake_broker()
+{
+    // The latch pointer is read under the lock by callers that just posted
+    // work; SetLatch on a latch whose owner exited is harmless.
+    Latch* latch = g_state->broker_latch;
+    if (latch)
+        SetLatch(latch);
+}
+
+void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_until_ms)
+{
+    SharedState* state = shared_state();
+    cache::Table table = state->table();
+    cache::Digest digest;
+    call_core([&] { digest = cache::digest_of(request); });
+    int64_t deadline = now_ms() + key_wait_timeout_ms;
+    bool asked = false;
+
+    ConditionVariablePrepareToSleep(&state->changed);
+    for (;;) {
+        LWLockAcquire(state->lock, LW_SHARED);
+        cache::Slot* slot = table.find(digest);
+        int64_t now = now_ms();
+        if (slot && table.usable(*slot, now)) {
+            std::memcpy(dek, slot->dek, cache::kDekSize);
+            *valid_until_ms = slot->serve_until_ms;
+            slot->last_used_ms.store(now, std::memory_order_relaxed);
+            LWLockRelease(state->lock);
+            if (!asked)
+                state->stats.hits.fetch_add(1, std::memory_order_relaxed);
+            break;
+        }
+        if (slot && slot->state == cache::SlotState::Failed && asked) {
+            cache::FailureRecord failure = slot->failure;
+            LWLockRelease(state->lock);
+            ConditionVariableCancelSleep();
+            raise_failure(failure);
+        }
+        bool must_ask = !asked || !slot;
+        LWLockRelease(state->lock);
+
+        if (must_ask) {
+            // Post (or re-post) the request; a slot already pending for this
+            // DEK is shared: one key-manager call serves every waiter.
+            LWLockAcquire(state->lock, LW_EXCLUSIVE);
+            slot = table.find(digest);
+            if (!slot) {
+                bool evicted = false;
+                slot = table.claim(digest, now, &evicted);
+                if (!slot) {
+                    LWLockRelease(state->lock);
+                    ConditionVariableCancelSleep();
+                    ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+                                    errmsg("pgphi key cache is full of pending requests"),
+                                    errhint("Increase pgphi.cache_size.")));
+                }
+                slot->request = request;
+                if (evicted)
+                    state->stats.evictions.fetch_add(1, std::memory_order_relaxed);
+            } else if (slot->state == cache::SlotState::Failed ||
+                       (slot->state == cache::SlotState::Ready && !table.usable(*slot, now))) {
+                table.retry(*slot);
+            }
+            LWLockRelease(state->lock);
+            if (!asked)
+                state->stats.misses.fetch_add(1, std::memory_order_relaxed);
+            asked = true;
+            wake_broker();
+            continue;
+        }
+        if (now >= deadline) {
+            ConditionVariableCancelSleep();
+            raise_wait_timeout("answer");
+        }
+        ConditionVariableTimedSleep(&state->changed, deadline - now, PG_WAIT_EXTENSION);
+    }
+    ConditionVariableCancelSleep();
+}
+
+void generate_wrapped_dek(const cache::UnwrapRequest& key, bool may_create_local_kek, AdminRequest* result)
+{
+    SharedState* state = shared_state();
+    int64_t deadline = now_ms() + key_wait_timeout_ms;
+    AdminRequest* request = nullptr;
+    uint64_t ticket = state->next_ticket.fetch_add(1);
+
+    ConditionVariablePrepareToSleep(&state->changed);
+    while (!request) {
+        LWLockAcquire(state->lock, LW_EXCLUSIVE);
+        for (AdminRequest& candidate : state->admin)
+            if (candidate.state == AdminRequest::State::Free) {
+                request = &candidate;
+                std::memset(request, 0, sizeof(*request));
+                request->key = key;
+                request->may_create_local_kek = may_create_local_kek;
+                request->ticket = ticket;
+                request->state = AdminRequest::State::Pending;
+                break;
+            }
+        LWLockRelease(state->lock);
+        if (request)
+            break;
+        if (now_ms() >= deadline) {
+            ConditionVariableCancelSleep();
+            raise_wait_timeout("take the key request");
+        }
+        ConditionVariableTimedSleep(&state->changed, deadline - now_ms(), PG_WAIT_EXTENSION);
+    }
+    wake_broker();
+
+    for (;;) {
+        LWLockAcquire(state->lock, LW_EXCLUSIVE);
+        if (request->ticket == ticket && request->state == AdminRequest::State::Done) {
+            *result = *request;
+            explicit_bzero(request, sizeof(*request));
+            request->state = AdminRequest::State::Free;
+            LWLockRelease(state->lock);
+            break;
+        }
+        LWLockRelease(state->lock);
+        if (now_ms() >= deadline) {
+            ConditionVariableCancelSleep();
+            raise_wait_timeout("create the key");
+        }
+        ConditionVariableTimedSleep(&state->changed, deadline - now_ms(), PG_WAIT_EXTENSION);
+    }
+    ConditionVariableCancelSleep();
+    if (!result->ok)
+        raise_failure(result->failure);
+}
+
+} // namespace pgphi::pg

@@ -1,0 +1,74 @@
+// pgphi's shared memory: the DEK cache table (src/core/dek_cache.hpp), the
+// admin requests that create keys through the broker, the broker's latch,
+// statistics, and the invalidation generation every backend checks before
+// using its own key cache. Reserved at server start (hence the preload).
+#pragma once
+
+#include "postgres.hpp"
+
+extern "C" {
+#include "storage/condition_variable.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+}
+
+#include <atomic>
+
+#include "../core/dek_cache.hpp"
+
+namespace pgphi::pg {
+
+// A request that is not an unwrap: generate a new DEK (create_key).
+struct AdminRequest {
+    enum class State : uint8_t { Free, Pending, InFlight, Done };
+    State state;
+    uint64_t ticket;              // identifies the requester's use of the slot
+    int64_t done_at_ms;
+    cache::UnwrapRequest key;     // provider, KEK, key identity (no wrapped DEK yet)
+    bool may_create_local_kek;
+    // Results
+    bool ok;
+    bool created_local_kek_file;
+    cache::FailureRecord failure;
+    uint16_t wrapped_size;
+    uint8_t wrapped[cache::kMaxWrapped];
+    char kek_version[cache::kMaxKekRef];
+};
+
+inline constexpr int kAdminRequests = 8;
+
+struct SharedState {
+    LWLock* lock;                       // guards the table and admin requests
+    ConditionVariable changed;          // broadcast by the broker after each batch
+    Latch* broker_latch;                // set while the broker runs (under lock)
+    int broker_pid;
+    int64_t broker_started_ms;
+    uint32_t broker_starts;
+    uint32_t broker_reloads;            // configuration reloads the broker has applied
+    std::atomic<uint64_t> invalidation_generation; // bumped when keys must be dropped everywhere
+    std::atomic<uint64_t> next_ticket;
+    cache::Stats stats;
+    uint32_t capacity;
+    AdminRequest admin[kAdminRequests];
+    cache::Slot slots[FLEXIBLE_ARRAY_MEMBER];
+
+    cache::Table table() { return cache::Table(slots, capacity); }
+};
+
+SharedState* shared_state();
+void request_shared_memory();      // from _PG_init
+int64_t now_ms();                  // PostgreSQL's clock, in ms since 2000
+
+// Wakes the broker, if it runs.
+void wake_broker();
+
+// The DEK for a wrapped DEK, from the shared cache or, on a miss, from the
+// broker (one key-manager call however many backends ask at once). Waits up
+// to pgphi.key_wait_timeout, honouring cancel. Raises the key manager's error.
+// `valid_until_ms` says how long the backend may keep using its own copy.
+void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_until_ms);
+
+// Asks the broker to generate and wrap a new DEK; raises on failure.
+void generate_wrapped_dek(const cache::UnwrapRequest& key, bool may_create_local_kek, AdminRequest* result);
+
+} // namespace pgphi::pg
