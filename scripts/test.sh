@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs pgphi's test suites and exits non-zero if any test fails:
 #   unit     GoogleTest on the core (CTest)
+#   emulator the Vault / KMS emulator, checked by real clients (awscli, boto3, hvac)
 #   regress  pg_regress on the SQL surface, in a temporary cluster
 #   tap      TAP tests (prove) with PostgreSQL::Test::Cluster
 # With no argument it installs what is missing, builds, installs and runs all.
@@ -9,7 +10,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 
 suites=("$@")
-[ ${#suites[@]} -eq 0 ] && suites=(unit regress tap)
+[ ${#suites[@]} -eq 0 ] && suites=(unit emulator regress tap)
 
 scripts/install-deps.sh || exit 1
 make -s -j2 PG_CONFIG="$PG_CONFIG" || exit 1
@@ -23,6 +24,11 @@ run_unit() {
     cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null &&
         cmake --build build -j2 >/dev/null &&
         (cd build && ctest --output-on-failure)
+}
+
+run_emulator() {
+    # Debian's python3 (not a pyenv one on PATH): it has boto3, hvac and cryptography.
+    /usr/bin/python3 test/emulator/check_emulator.py
 }
 
 run_regress() {

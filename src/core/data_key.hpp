@@ -27,6 +27,13 @@ public:
     int64_t valid_until_ms() const noexcept { return valid_until_ms_; }
     void set_valid_until_ms(int64_t ms) noexcept { valid_until_ms_ = ms; }
 
+    // Where this key sits in the shared cache, and when this process last
+    // told it the key is in use (so the broker keeps it fresh).
+    uint32_t cache_slot() const noexcept { return cache_slot_; }
+    void set_cache_slot(uint32_t slot) noexcept { cache_slot_ = slot; }
+    int64_t use_reported_ms() const noexcept { return use_reported_ms_; }
+    void set_use_reported_ms(int64_t ms) noexcept { use_reported_ms_ = ms; }
+
     // Writes format::sealed_size(plaintext.size) bytes to `out`.
     void seal(NonceSource& nonces, ByteView plaintext, ByteView context, uint8_t* out);
 
@@ -39,6 +46,8 @@ private:
     std::string name_;
     Aes256Gcm cipher_;
     int64_t valid_until_ms_ = INT64_MAX;
+    uint32_t cache_slot_ = UINT32_MAX;
+    int64_t use_reported_ms_ = 0;
 };
 
 } // namespace pgphi

@@ -15,6 +15,13 @@ namespace pgphi {
 
 namespace {
 
+bool (*g_abort_check)() = nullptr;
+
+int on_progress(void*, curl_off_t, curl_off_t, curl_off_t, curl_off_t)
+{
+    return transfer_abort_requested() ? 1 : 0;
+}
+
 void global_init_once()
 {
     static std::once_flag once;
@@ -64,6 +71,9 @@ struct CurlHeaders {
 };
 
 } // namespace
+
+void set_transfer_abort_check(bool (*check)()) { g_abort_check = check; }
+bool transfer_abort_requested() { return g_abort_check && g_abort_check(); }
 
 HttpRequest::~HttpRequest() { OPENSSL_cleanse(body.data(), body.size()); }
 HttpResponse::~HttpResponse() { OPENSSL_cleanse(body.data(), body.size()); }
@@ -146,9 +156,15 @@ HttpResponse HttpClient::send(const HttpRequest& request)
     curl_easy_setopt(curl_, CURLOPT_WRITEFUNCTION, append_body);
     curl_easy_setopt(curl_, CURLOPT_WRITEDATA, &response.body);
     curl_easy_setopt(curl_, CURLOPT_ERRORBUFFER, curl_error);
+    if (g_abort_check) {
+        curl_easy_setopt(curl_, CURLOPT_NOPROGRESS, 0L);
+        curl_easy_setopt(curl_, CURLOPT_XFERINFOFUNCTION, on_progress);
+    }
 
     CURLcode rc = curl_easy_perform(curl_);
     curl_easy_setopt(curl_, CURLOPT_HTTPHEADER, nullptr);
+    if (rc == CURLE_ABORTED_BY_CALLBACK)
+        throw Error(ErrorCode::KeyManagerUnavailable, service_ + " request abandoned: pgphi is shutting down");
     if (rc != CURLE_OK) {
         std::string reason = curl_error[0] ? curl_error : curl_easy_strerror(rc);
         throw Error(ErrorCode::KeyManagerUnavailable, service_ + " is unavailable: " + reason,
@@ -172,6 +188,8 @@ bool with_retries(const RetryPolicy& policy, const std::function<bool(int)>& att
                   const std::function<void(std::chrono::milliseconds)>& sleep)
 {
     for (int n = 1; n <= std::max(1, policy.max_attempts); ++n) {
+        if (n > 1 && transfer_abort_requested())
+            return false;
         if (n > 1) {
             auto delay = policy.delay_before_attempt(n);
             if (sleep)

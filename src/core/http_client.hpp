@@ -73,6 +73,12 @@ private:
     CURL* curl_ = nullptr; // reused so connections are kept alive
 };
 
+// A process-wide check that libcurl polls during transfers: when it returns
+// true the transfer is abandoned (KeyManagerUnavailable). The key broker sets
+// one so that a shutdown does not wait for a slow key manager.
+void set_transfer_abort_check(bool (*check)());
+bool transfer_abort_requested();
+
 // Bounded retries with full-jitter exponential backoff, for throttling and
 // transient failures. Denials are never retried: the caller decides.
 struct RetryPolicy {

@@ -24,6 +24,7 @@ extern "C" {
 
 #include <cstring>
 
+#include "../core/http_client.hpp"
 #include "../core/local_provider.hpp"
 #include "error_bridge.hpp"
 #include "providers.hpp"
@@ -136,6 +137,16 @@ void run_unwrap(SharedState* state, UnwrapJob& job)
     });
     state->stats.key_manager_calls.fetch_add(1, std::memory_order_relaxed);
     state->stats.key_manager_micros.fetch_add(GetCurrentTimestamp() - started_at, std::memory_order_relaxed);
+    if (!ok && ProcDiePending) {
+        // Abandoned because we are told to exit: leave the request to the
+        // next broker rather than failing the sessions waiting for it.
+        LWLockAcquire(state->lock, LW_EXCLUSIVE);
+        cache::Slot& slot = state->table().at(job.slot);
+        if (slot.generation == job.generation)
+            slot.in_flight = false;
+        LWLockRelease(state->lock);
+        return;
+    }
     if (!ok) {
         state->stats.key_manager_errors.fetch_add(1, std::memory_order_relaxed);
         log_failure(job.refresh ? "re-validation" : "unwrap", job.request, failure);
@@ -260,6 +271,7 @@ void pgphi_broker_main(Datum)
 
     SharedState* state = shared_state();
     announce_broker(state);
+    pgphi::set_transfer_abort_check([] { return ProcDiePending != 0; });
     ereport(LOG, (errmsg("pgphi key broker started")));
 
     for (;;) {

@@ -39,6 +39,8 @@ uint64_t g_ring_generation = 0;
 Oid g_keys_relid = InvalidOid;
 Oid g_versions_relid = InvalidOid;
 
+constexpr int64_t kUseReportIntervalMs = 500;
+
 SPIPlanPtr g_plan_by_name = nullptr;
 SPIPlanPtr g_plan_by_ref = nullptr;
 
@@ -80,9 +82,16 @@ void flush_if_stale()
 // generation check.
 DataKey* still_valid(DataKey* key)
 {
-    if (key && key->valid_until_ms() > GetCurrentStatementStartTimestamp() / 1000)
-        return key;
-    return nullptr;
+    int64_t now = GetCurrentStatementStartTimestamp() / 1000;
+    if (!key || key->valid_until_ms() <= now)
+        return nullptr;
+    // Tell the broker the key is in use, so it re-validates it before its
+    // TTL ends instead of letting it expire as idle.
+    if (now - key->use_reported_ms() >= kUseReportIntervalMs) {
+        report_key_use(key->cache_slot(), now);
+        key->set_use_reported_ms(now);
+    }
+    return key;
 }
 
 void copy_field(char* dst, size_t size, const char* src, const char* what)
@@ -214,15 +223,19 @@ DataKey* install_catalog_key(const CatalogKey& key)
 
     uint8_t dek[cache::kDekSize];
     int64_t valid_until_ms = 0;
-    get_dek(request, dek, &valid_until_ms);
+    uint32_t slot_index = UINT32_MAX;
+    get_dek(request, dek, &valid_until_ms, &slot_index);
 
     DataKey* installed = nullptr;
     bool active = strcmp(key.state, "active") == 0;
+    int64_t installed_at_ms = now_ms();
     CoreFailure failure;
     bool ok = run_core(failure, [&] {
         installed = &g_ring.install(format::KeyRef{key.key_id, key.version}, key.name, active,
                                     SecureBytes(dek, sizeof(dek)));
         installed->set_valid_until_ms(valid_until_ms);
+        installed->set_cache_slot(slot_index);
+        installed->set_use_reported_ms(installed_at_ms);
     });
     explicit_bzero(dek, sizeof(dek));
     explicit_bzero(&request, sizeof(request));

@@ -106,7 +106,16 @@ void wake_broker()
         SetLatch(latch);
 }
 
-void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_until_ms)
+void report_key_use(uint32_t slot_index, int64_t now)
+{
+    SharedState* state = shared_state();
+    // The slot may have been reused meanwhile; that only keeps another key
+    // alive a little longer.
+    if (slot_index < state->capacity)
+        state->slots[slot_index].last_used_ms.store(now, std::memory_order_relaxed);
+}
+
+void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_until_ms, uint32_t* slot_index)
 {
     SharedState* state = shared_state();
     cache::Table table = state->table();
@@ -123,6 +132,7 @@ void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_u
         if (slot && table.usable(*slot, now)) {
             std::memcpy(dek, slot->dek, cache::kDekSize);
             *valid_until_ms = slot->serve_until_ms;
+            *slot_index = table.index_of(*slot);
             slot->last_used_ms.store(now, std::memory_order_relaxed);
             LWLockRelease(state->lock);
             if (!asked)

@@ -66,7 +66,11 @@ void wake_broker();
 // broker (one key-manager call however many backends ask at once). Waits up
 // to pgphi.key_wait_timeout, honouring cancel. Raises the key manager's error.
 // `valid_until_ms` says how long the backend may keep using its own copy.
-void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_until_ms);
+void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_until_ms, uint32_t* slot_index);
+
+// Marks a cached key as in use (no lock): the broker refreshes keys in use
+// and lets idle ones expire.
+void report_key_use(uint32_t slot_index, int64_t now_ms);
 
 // Asks the broker to generate and wrap a new DEK; raises on failure.
 void generate_wrapped_dek(const cache::UnwrapRequest& key, bool may_create_local_kek, AdminRequest* result);

@@ -1,0 +1,1093 @@
+#!/usr/bin/python3
+"""Independent verification of keymanager_emulator.py.
+
+The emulator is driven only by real, independent clients: the AWS CLI
+(/usr/bin/aws), boto3/botocore and hvac, plus botocore's own SigV4 signer and
+urllib where a test needs to see the raw HTTP status and body. Each test
+asserts what the real AWS KMS or Vault would answer.
+
+Run with Debian's Python (it has boto3, hvac and cryptography):
+    /usr/bin/python3 -m unittest -v test/emulator/check_emulator.py
+    /usr/bin/python3 test/emulator/check_emulator.py
+
+Every emulator runs on 127.0.0.1 with a random port and is killed at the end;
+every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import types
+import unittest
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+from pathlib import Path
+from unittest import mock
+
+# The user's AWS settings (profiles, CA bundle overrides, credentials) must not leak
+# into the clients under test: each test states its own.
+for _name in [n for n in os.environ if n.startswith("AWS_")]:
+    del os.environ[_name]
+os.environ.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+                  AWS_EC2_METADATA_DISABLED="true", NO_PROXY="127.0.0.1,localhost")
+
+import boto3                                          # noqa: E402
+import botocore.auth                                  # noqa: E402
+import botocore.exceptions                            # noqa: E402
+import hvac                                           # noqa: E402
+import hvac.exceptions                                # noqa: E402
+import requests                                       # noqa: E402
+from botocore.auth import SigV4Auth                   # noqa: E402
+from botocore.awsrequest import AWSRequest            # noqa: E402
+from botocore.config import Config                    # noqa: E402
+from botocore.credentials import Credentials          # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+EMULATOR = HERE / "keymanager_emulator.py"
+PKI_SCRIPT = HERE / "make_test_pki.sh"
+PYTHON = "/usr/bin/python3"
+AWS_CLI = "/usr/bin/aws"
+CURL = "/usr/bin/curl"
+START_TIMEOUT = 20          # seconds for an emulator to write its port file
+STOP_TIMEOUT = 5
+CLI_TIMEOUT = 60
+
+REGION = "us-east-1"
+ACCOUNT = "111122223333"
+KMS_KEY = "6a1f0c2e-8f6d-4f7e-9a53-0c1d2e3f4a5b"
+KMS_KEY_2 = "0b7e9d41-2c3a-4e5f-8a6b-7c8d9e0f1a2b"
+AKID, SECRET = "AKIAEMULATORTEST0001", secrets.token_urlsafe(30)
+SESSION_AKID, SESSION_SECRET = "ASIAEMULATORTEST0002", secrets.token_urlsafe(30)
+SESSION_TOKEN = "FwoGZXIvYXdzE" + secrets.token_urlsafe(60)
+ROLE_ID, SECRET_ID = str(uuid.uuid4()), str(uuid.uuid4())
+APPROLE_TTL, APPROLE_MAX_TTL = 4, 10     # short, so expiry is testable in seconds
+
+WORK: Path          # temporary directory of this run (PKI, state dirs, CLI home)
+PKI: Path
+EMU: "Emulator"     # the shared emulator most tests use
+
+
+def pki(name: str) -> str:
+    return str(PKI / name)
+
+
+def arn(key_id: str) -> str:
+    return f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{key_id}"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+class Emulator:
+    """One emulator process on a random port. stop() terminates it (kills if need be)."""
+
+    def __init__(self, cert: str = "server", client_ca: str | None = None):
+        self.state_dir = WORK / unique("state")
+        self.state_dir.mkdir()
+        self.admin_token = secrets.token_hex(16)
+        self.root_token = "hvs.root-" + secrets.token_hex(12)
+        args = [PYTHON, str(EMULATOR), "--port", "0",
+                "--cert", pki(f"{cert}.pem"), "--key", pki(f"{cert}.key"),
+                "--state-dir", str(self.state_dir), "--admin-token", self.admin_token,
+                "--vault-root-token", self.root_token, "--approle", f"{ROLE_ID}:{SECRET_ID}",
+                "--approle-token-ttl", str(APPROLE_TTL),
+                "--approle-token-max-ttl", str(APPROLE_MAX_TTL),
+                "--aws-credential", f"{AKID}:{SECRET}",
+                "--aws-credential", f"{SESSION_AKID}:{SESSION_SECRET}:{SESSION_TOKEN}",
+                "--region", REGION, "--kms-key", KMS_KEY, "--kms-key", KMS_KEY_2,
+                "--vault-key", "precreated", "--vault-key", "ns1/in-ns1"]
+        if client_ca:
+            args += ["--client-ca", pki(client_ca)]
+        self._stdout = open(self.state_dir / "stdout.txt", "w")
+        self._stderr = open(self.state_dir / "stderr.txt", "w")
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._stdout,
+                                        stderr=self._stderr)
+        try:
+            self.port = self._wait_for_port()
+        except BaseException:
+            self.stop()
+            raise
+        self.url = f"https://127.0.0.1:{self.port}"
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + START_TIMEOUT
+        port_file = self.state_dir / "port"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("emulator exited at start-up:\n" + self.stderr())
+            try:
+                return int(port_file.read_text())
+            except (FileNotFoundError, ValueError):
+                time.sleep(0.05)
+        raise RuntimeError(f"emulator wrote no port file within {START_TIMEOUT}s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(STOP_TIMEOUT)
+        self._stdout.close()
+        self._stderr.close()
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return (self.state_dir / "stderr.txt").read_text()
+
+    def admin(self, method: str, path: str, body: dict | None = None,
+              token: str | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method,
+            headers={"X-Emulator-Admin": token or self.admin_token,
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, context=ca_context(), timeout=10) as response:
+            return json.loads(response.read())
+
+    def fault(self, **spec) -> dict:
+        return self.admin("POST", "/_emulator/fault", spec)
+
+    def clear_faults(self) -> None:
+        self.fault(mode="none", target="all")
+
+    def stats(self) -> dict:
+        return self.admin("GET", "/_emulator/stats")
+
+
+def ca_context() -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=pki("ca.pem"))
+
+
+_OPEN_CLIENTS: list = []     # closed after each test, so no connection outlives it
+
+
+def close_clients() -> None:
+    while _OPEN_CLIENTS:
+        _OPEN_CLIENTS.pop()()
+
+
+def kms_client(emulator: Emulator, akid: str = AKID, secret: str = SECRET,
+               token: str | None = None, retries: int = 0, region: str = REGION,
+               ca: str = "ca.pem", **config):
+    session = boto3.session.Session(aws_access_key_id=akid, aws_secret_access_key=secret,
+                                    aws_session_token=token, region_name=region)
+    client = session.client(
+        "kms", endpoint_url=emulator.url, verify=pki(ca),
+        config=Config(retries={"max_attempts": retries, "mode": "standard"},
+                      connect_timeout=5, read_timeout=config.pop("read_timeout", 10), **config))
+    _OPEN_CLIENTS.append(client.close)
+    return client
+
+
+def vault_client(emulator: Emulator, token: str | None = None, namespace: str | None = None,
+                 **kwargs) -> hvac.Client:
+    kwargs.setdefault("verify", pki("ca.pem"))
+    client = hvac.Client(url=emulator.url, token=token, namespace=namespace, timeout=10,
+                         **kwargs)
+    _OPEN_CLIENTS.append(client.adapter.close)
+    return client
+
+
+def error_code(exc: botocore.exceptions.ClientError) -> str:
+    return exc.response["Error"]["Code"]
+
+
+def signed_kms_call(emulator: Emulator, operation: str, params: dict,
+                    clock: type | None = None) -> tuple[int, dict, dict]:
+    """Signs a KMS request with botocore's SigV4 signer and sends it with urllib, so the
+    raw status, headers and body can be checked. Returns (status, headers, body)."""
+    body = json.dumps(params).encode()
+    request = AWSRequest(method="POST", url=emulator.url + "/", data=body,
+                         headers={"Content-Type": "application/x-amz-json-1.1",
+                                  "X-Amz-Target": f"TrentService.{operation}"})
+    signer = SigV4Auth(Credentials(AKID, SECRET), "kms", REGION)
+    if clock is None:
+        signer.add_auth(request)
+    else:
+        with mock.patch.object(botocore.auth, "datetime", types.SimpleNamespace(datetime=clock)):
+            signer.add_auth(request)
+    raw = urllib.request.Request(emulator.url + "/", data=body, method="POST",
+                                 headers=dict(request.headers.items()))
+    try:
+        with urllib.request.urlopen(raw, context=ca_context(), timeout=10) as response:
+            return response.status, dict(response.headers), json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read() or b"{}")
+
+
+def raw_vault_call(emulator: Emulator, method: str, path: str, token: str | None = None,
+                   body: dict | None = None) -> tuple[int, dict, dict]:
+    headers = {"X-Vault-Token": token} if token else {}
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(emulator.url + path, data=data, method=method,
+                                     headers=headers)
+    try:
+        with urllib.request.urlopen(request, context=ca_context(), timeout=10) as response:
+            return response.status, dict(response.headers), json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read() or b"{}")
+
+
+def run_aws_cli(emulator: Emulator, *args: str, akid: str = AKID, secret: str = SECRET,
+                token: str | None = None) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(WORK / "home"), "LANG": "C.UTF-8",
+           "AWS_ACCESS_KEY_ID": akid, "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_DEFAULT_REGION": REGION, "AWS_CONFIG_FILE": os.devnull,
+           "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_PAGER": "",
+           "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard",
+           "AWS_EC2_METADATA_DISABLED": "true", "NO_PROXY": "127.0.0.1,localhost"}
+    if token:
+        env["AWS_SESSION_TOKEN"] = token
+    command = [AWS_CLI, "kms", *args, "--endpoint-url", emulator.url,
+               "--ca-bundle", pki("ca.pem"), "--output", "json",
+               "--cli-connect-timeout", "5", "--cli-read-timeout", "10"]
+    return subprocess.run(command, env=env, capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT, stdin=subprocess.DEVNULL)
+
+
+def setUpModule():
+    global WORK, PKI, EMU
+    WORK = Path(tempfile.mkdtemp(prefix="keymanager-emulator-check-"))
+    unittest.addModuleCleanup(shutil.rmtree, WORK, ignore_errors=True)
+    PKI = WORK / "pki"
+    (WORK / "home").mkdir()
+    subprocess.run(["bash", str(PKI_SCRIPT), str(PKI)], check=True, timeout=60,
+                   capture_output=True)
+    EMU = Emulator()
+    unittest.addModuleCleanup(EMU.stop)
+
+
+class EmulatorTestCase(unittest.TestCase):
+    def setUp(self):
+        self.addCleanup(close_clients)
+        self.addCleanup(EMU.clear_faults)
+
+
+# --------------------------------------------------------------------------
+# AWS KMS through boto3/botocore
+# --------------------------------------------------------------------------
+
+class KmsTests(EmulatorTestCase):
+    def setUp(self):
+        super().setUp()
+        self.kms = kms_client(EMU)
+
+    def test_encrypt_decrypt_round_trip(self):
+        context = {"table": "patients", "column": "ssn"}
+        encrypted = self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"123-45-6789",
+                                     EncryptionContext=context)
+        self.assertEqual(encrypted["KeyId"], arn(KMS_KEY))
+        self.assertEqual(encrypted["EncryptionAlgorithm"], "SYMMETRIC_DEFAULT")
+        self.assertNotIn(b"123-45-6789", encrypted["CiphertextBlob"])
+        # Decrypt needs no KeyId: the blob names its key. Context order does not matter.
+        decrypted = self.kms.decrypt(CiphertextBlob=encrypted["CiphertextBlob"],
+                                     EncryptionContext=dict(reversed(list(context.items()))))
+        self.assertEqual(decrypted["Plaintext"], b"123-45-6789")
+        self.assertEqual(decrypted["KeyId"], arn(KMS_KEY))
+        by_arn = self.kms.decrypt(CiphertextBlob=encrypted["CiphertextBlob"],
+                                  EncryptionContext=context, KeyId=arn(KMS_KEY))
+        self.assertEqual(by_arn["Plaintext"], b"123-45-6789")
+
+    def test_wrong_encryption_context_is_invalid_ciphertext(self):
+        blob = self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"secret",
+                                EncryptionContext={"row": "1"})["CiphertextBlob"]
+        for context in ({"row": "2"}, {}, {"row": "1", "extra": "x"}):
+            with self.subTest(context=context):
+                with self.assertRaises(botocore.exceptions.ClientError) as caught:
+                    self.kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)
+                self.assertEqual(error_code(caught.exception), "InvalidCiphertextException")
+        tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+        with self.assertRaises(self.kms.exceptions.InvalidCiphertextException):
+            self.kms.decrypt(CiphertextBlob=tampered, EncryptionContext={"row": "1"})
+        with self.assertRaises(self.kms.exceptions.InvalidCiphertextException):
+            self.kms.decrypt(CiphertextBlob=b"not a kms blob at all, just some bytes" * 2)
+
+    def test_generate_data_key(self):
+        context = {"purpose": "dek"}
+        generated = self.kms.generate_data_key(KeyId=KMS_KEY, KeySpec="AES_256",
+                                               EncryptionContext=context)
+        self.assertEqual(len(generated["Plaintext"]), 32)
+        self.assertEqual(generated["KeyId"], arn(KMS_KEY))
+        unwrapped = self.kms.decrypt(CiphertextBlob=generated["CiphertextBlob"],
+                                     EncryptionContext=context)
+        self.assertEqual(unwrapped["Plaintext"], generated["Plaintext"])
+
+        sized = self.kms.generate_data_key(KeyId=KMS_KEY, NumberOfBytes=64)
+        self.assertEqual(len(sized["Plaintext"]), 64)
+
+        without = self.kms.generate_data_key_without_plaintext(KeyId=KMS_KEY, KeySpec="AES_128")
+        self.assertNotIn("Plaintext", without)
+        self.assertEqual(len(self.kms.decrypt(CiphertextBlob=without["CiphertextBlob"])
+                             ["Plaintext"]), 16)
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            self.kms.generate_data_key(KeyId=KMS_KEY, KeySpec="AES_256", NumberOfBytes=32)
+        self.assertEqual(error_code(caught.exception), "ValidationException")
+
+    def test_re_encrypt_to_other_key_and_context(self):
+        blob = self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"dek bytes",
+                                EncryptionContext={"v": "1"})["CiphertextBlob"]
+        moved = self.kms.re_encrypt(CiphertextBlob=blob, SourceEncryptionContext={"v": "1"},
+                                    DestinationKeyId=KMS_KEY_2,
+                                    DestinationEncryptionContext={"v": "2"})
+        self.assertEqual(moved["SourceKeyId"], arn(KMS_KEY))
+        self.assertEqual(moved["KeyId"], arn(KMS_KEY_2))
+        plain = self.kms.decrypt(CiphertextBlob=moved["CiphertextBlob"],
+                                 EncryptionContext={"v": "2"})
+        self.assertEqual(plain["Plaintext"], b"dek bytes")
+        self.assertEqual(plain["KeyId"], arn(KMS_KEY_2))
+        with self.assertRaises(self.kms.exceptions.InvalidCiphertextException):
+            self.kms.re_encrypt(CiphertextBlob=blob, SourceEncryptionContext={"v": "x"},
+                                DestinationKeyId=KMS_KEY_2)
+
+    def test_describe_key_by_id_arn_and_alias(self):
+        alias = "alias/" + unique("pgphi")
+        self.kms.create_alias(AliasName=alias, TargetKeyId=KMS_KEY)
+        for key_ref in (KMS_KEY, arn(KMS_KEY), alias, f"arn:aws:kms:{REGION}:{ACCOUNT}:{alias}"):
+            with self.subTest(key_ref=key_ref):
+                metadata = self.kms.describe_key(KeyId=key_ref)["KeyMetadata"]
+                self.assertEqual(metadata["KeyId"], KMS_KEY)
+                self.assertEqual(metadata["Arn"], arn(KMS_KEY))
+                self.assertTrue(metadata["Enabled"])
+                self.assertEqual(metadata["KeyState"], "Enabled")
+                self.assertEqual(metadata["KeyUsage"], "ENCRYPT_DECRYPT")
+                self.assertEqual(metadata["KeySpec"], "SYMMETRIC_DEFAULT")
+                self.assertIsInstance(metadata["CreationDate"], datetime.datetime)
+                self.assertIn("Description", metadata)
+        blob = self.kms.encrypt(KeyId=alias, Plaintext=b"via alias")["CiphertextBlob"]
+        self.assertEqual(self.kms.decrypt(CiphertextBlob=blob)["KeyId"], arn(KMS_KEY))
+        aliases = self.kms.list_aliases(KeyId=KMS_KEY)["Aliases"]
+        self.assertIn(alias, [a["AliasName"] for a in aliases])
+        with self.assertRaises(self.kms.exceptions.AlreadyExistsException):
+            self.kms.create_alias(AliasName=alias, TargetKeyId=KMS_KEY_2)
+
+    def test_create_list_and_use_new_key(self):
+        created = self.kms.create_key(Description="made by the check")["KeyMetadata"]
+        self.assertEqual(created["Description"], "made by the check")
+        listed = [k["KeyId"] for k in self.kms.list_keys()["Keys"]]
+        self.assertIn(created["KeyId"], listed)
+        self.assertIn(KMS_KEY, listed)
+        # Pagination, as the paginator drives it.
+        paged = [k["KeyId"] for page in self.kms.get_paginator("list_keys").paginate(
+            PaginationConfig={"PageSize": 1}) for k in page["Keys"]]
+        self.assertEqual(paged, listed)
+        blob = self.kms.encrypt(KeyId=created["Arn"], Plaintext=b"x")["CiphertextBlob"]
+        self.assertEqual(self.kms.decrypt(CiphertextBlob=blob)["Plaintext"], b"x")
+
+    def test_disabled_key(self):
+        key_id = self.kms.create_key()["KeyMetadata"]["KeyId"]
+        blob = self.kms.encrypt(KeyId=key_id, Plaintext=b"x")["CiphertextBlob"]
+        self.kms.disable_key(KeyId=key_id)
+        metadata = self.kms.describe_key(KeyId=key_id)["KeyMetadata"]
+        self.assertFalse(metadata["Enabled"])
+        self.assertEqual(metadata["KeyState"], "Disabled")
+        for call in (lambda: self.kms.encrypt(KeyId=key_id, Plaintext=b"x"),
+                     lambda: self.kms.decrypt(CiphertextBlob=blob),
+                     lambda: self.kms.generate_data_key(KeyId=key_id, KeySpec="AES_256")):
+            with self.assertRaises(self.kms.exceptions.DisabledException):
+                call()
+        self.kms.enable_key(KeyId=key_id)
+        self.assertEqual(self.kms.decrypt(CiphertextBlob=blob)["Plaintext"], b"x")
+
+    def test_incorrect_and_unknown_keys(self):
+        blob = self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x")["CiphertextBlob"]
+        with self.assertRaises(self.kms.exceptions.IncorrectKeyException):
+            self.kms.decrypt(CiphertextBlob=blob, KeyId=KMS_KEY_2)
+        for key_ref in (str(uuid.uuid4()), "alias/does-not-exist", "not-a-key-id",
+                        f"arn:aws:kms:eu-west-1:{ACCOUNT}:key/{KMS_KEY}"):
+            with self.subTest(key_ref=key_ref):
+                with self.assertRaises(self.kms.exceptions.NotFoundException):
+                    self.kms.describe_key(KeyId=key_ref)
+
+    def test_rotation_keeps_old_ciphertexts_readable(self):
+        key_id = self.kms.create_key()["KeyMetadata"]["KeyId"]
+        old = self.kms.encrypt(KeyId=key_id, Plaintext=b"before")["CiphertextBlob"]
+        rotated = EMU.admin("POST", "/_emulator/kms/rotate", {"key": key_id})
+        self.assertEqual(rotated["version"], 2)
+        new = self.kms.encrypt(KeyId=key_id, Plaintext=b"after")["CiphertextBlob"]
+        self.assertEqual(self.kms.decrypt(CiphertextBlob=old)["Plaintext"], b"before")
+        self.assertEqual(self.kms.decrypt(CiphertextBlob=new)["Plaintext"], b"after")
+        moved = self.kms.re_encrypt(CiphertextBlob=old, DestinationKeyId=key_id)
+        self.assertEqual(moved["SourceKeyId"], moved["KeyId"])
+        self.assertNotEqual(moved["CiphertextBlob"], old)
+        self.assertEqual(self.kms.decrypt(CiphertextBlob=moved["CiphertextBlob"])["Plaintext"],
+                         b"before")
+
+    def test_rotate_on_demand_and_alias_changes(self):
+        key_id = self.kms.create_key()["KeyMetadata"]["KeyId"]
+        old = self.kms.encrypt(KeyId=key_id, Plaintext=b"x")["CiphertextBlob"]
+        # RotateKeyOnDemand is newer than this botocore, so it is signed and sent raw.
+        status, _, body = signed_kms_call(EMU, "RotateKeyOnDemand", {"KeyId": key_id})
+        self.assertEqual((status, body["KeyId"]), (200, key_id))
+        self.assertEqual(self.kms.decrypt(CiphertextBlob=old)["Plaintext"], b"x")
+
+        alias = "alias/" + unique("moving")
+        self.kms.create_alias(AliasName=alias, TargetKeyId=KMS_KEY)
+        self.kms.update_alias(AliasName=alias, TargetKeyId=key_id)
+        self.assertEqual(self.kms.describe_key(KeyId=alias)["KeyMetadata"]["KeyId"], key_id)
+        self.kms.delete_alias(AliasName=alias)
+        with self.assertRaises(self.kms.exceptions.NotFoundException):
+            self.kms.describe_key(KeyId=alias)
+
+    def test_bad_credentials_are_rejected(self):
+        before = EMU.stats()["rejected_signatures"]
+        cases = [(dict(secret="wrong-secret"), "InvalidSignatureException"),
+                 (dict(akid="AKIAUNKNOWNUNKNOWN00"), "UnrecognizedClientException"),
+                 (dict(region="eu-west-1"), "InvalidSignatureException")]
+        for kwargs, expected in cases:
+            with self.subTest(**kwargs):
+                with self.assertRaises(botocore.exceptions.ClientError) as caught:
+                    kms_client(EMU, **kwargs).describe_key(KeyId=KMS_KEY)
+                self.assertEqual(error_code(caught.exception), expected)
+                self.assertEqual(caught.exception.response["ResponseMetadata"]["HTTPStatusCode"],
+                                 400)
+        self.assertEqual(EMU.stats()["rejected_signatures"], before + len(cases))
+
+    def test_session_token_is_required_and_checked(self):
+        with_token = kms_client(EMU, SESSION_AKID, SESSION_SECRET, SESSION_TOKEN)
+        self.assertEqual(with_token.describe_key(KeyId=KMS_KEY)["KeyMetadata"]["KeyId"], KMS_KEY)
+        for token in (None, SESSION_TOKEN + "x"):
+            with self.subTest(token=token and "wrong"):
+                with self.assertRaises(botocore.exceptions.ClientError) as caught:
+                    kms_client(EMU, SESSION_AKID, SESSION_SECRET, token).describe_key(
+                        KeyId=KMS_KEY)
+                self.assertEqual(error_code(caught.exception), "UnrecognizedClientException")
+        # A long-term key presenting a session token is refused too.
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            kms_client(EMU, token=SESSION_TOKEN).describe_key(KeyId=KMS_KEY)
+        self.assertEqual(error_code(caught.exception), "UnrecognizedClientException")
+
+    def test_stale_signature_is_rejected(self):
+        real_datetime = datetime.datetime
+
+        class TwentyMinutesAgo(real_datetime):
+            @classmethod
+            def utcnow(cls):
+                return real_datetime.utcnow() - datetime.timedelta(minutes=20)
+
+        status, _, body = signed_kms_call(EMU, "DescribeKey", {"KeyId": KMS_KEY},
+                                          clock=TwentyMinutesAgo)
+        self.assertEqual(status, 400)
+        self.assertEqual(body["__type"], "InvalidSignatureException")
+        self.assertIn("Signature expired", body["message"])
+        status, _, body = signed_kms_call(EMU, "DescribeKey", {"KeyId": KMS_KEY})
+        self.assertEqual(status, 200)
+
+    def test_error_wire_format(self):
+        # Status codes, content type and body shape as real KMS sends them.
+        EMU.fault(mode="throttle", target="kms", count=1)
+        status, headers, body = signed_kms_call(EMU, "DescribeKey", {"KeyId": KMS_KEY})
+        self.assertEqual(status, 400)
+        self.assertEqual(headers["Content-Type"], "application/x-amz-json-1.1")
+        self.assertEqual(body["__type"], "ThrottlingException")
+        self.assertIsInstance(body["message"], str)
+        self.assertTrue(headers.get("x-amzn-RequestId"))
+
+        EMU.fault(mode="internal_error", target="kms", count=1)
+        status, headers, body = signed_kms_call(EMU, "DescribeKey", {"KeyId": KMS_KEY})
+        self.assertEqual((status, body["__type"]), (500, "KMSInternalException"))
+
+        status, _, body = signed_kms_call(EMU, "NoSuchOperation", {})
+        self.assertEqual((status, body["__type"]), (400, "UnknownOperationException"))
+
+    def test_throttle_fault_and_client_retry(self):
+        EMU.fault(mode="throttle", target="kms", count=1)
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x")
+        self.assertEqual(error_code(caught.exception), "ThrottlingException")
+        self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x")        # count=1: cleared again
+
+        # botocore retries throttling: two throttled attempts, then success.
+        EMU.admin("POST", "/_emulator/stats/reset")
+        EMU.fault(mode="throttle", target="kms", count=2)
+        kms_client(EMU, retries=3).encrypt(KeyId=KMS_KEY, Plaintext=b"x")
+        stats = EMU.stats()
+        self.assertEqual(stats["kms"]["Encrypt"], 3)
+        self.assertEqual(stats["errors"]["kms"]["ThrottlingException"], 2)
+
+    def test_deny_internal_error_and_key_scoped_faults(self):
+        EMU.fault(mode="deny", target="kms")
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            self.kms.describe_key(KeyId=KMS_KEY)
+        self.assertEqual(error_code(caught.exception), "AccessDeniedException")
+        EMU.fault(mode="internal_error", target="kms")
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x")
+        self.assertEqual(error_code(caught.exception), "KMSInternalException")
+        self.assertEqual(caught.exception.response["ResponseMetadata"]["HTTPStatusCode"], 500)
+        EMU.clear_faults()
+
+        # A fault given by alias hits that key only, however the request names it.
+        alias = "alias/" + unique("faulty")
+        self.kms.create_alias(AliasName=alias, TargetKeyId=KMS_KEY_2)
+        blob = self.kms.encrypt(KeyId=KMS_KEY_2, Plaintext=b"x")["CiphertextBlob"]
+        EMU.fault(mode="disable_key", target="kms", key=alias)
+        with self.assertRaises(self.kms.exceptions.DisabledException):
+            self.kms.encrypt(KeyId=arn(KMS_KEY_2), Plaintext=b"x")
+        with self.assertRaises(self.kms.exceptions.DisabledException):
+            self.kms.decrypt(CiphertextBlob=blob)
+        self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"other key unaffected")
+        self.kms.describe_key(KeyId=KMS_KEY_2)                 # not a cryptographic use
+
+    def test_drop_and_slow_faults(self):
+        EMU.fault(mode="drop", target="kms", count=1)
+        with self.assertRaises(botocore.exceptions.BotoCoreError):
+            self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x")
+        self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x")
+
+        EMU.fault(mode="slow", target="kms", delay_ms=400, count=1)
+        started = time.monotonic()
+        self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x")
+        self.assertGreaterEqual(time.monotonic() - started, 0.4)
+
+        EMU.fault(mode="slow", target="kms", delay_ms=2000, count=1)
+        impatient = kms_client(EMU, read_timeout=0.5)
+        with self.assertRaises(botocore.exceptions.ReadTimeoutError):
+            impatient.encrypt(KeyId=KMS_KEY, Plaintext=b"x")
+
+    def test_concurrent_clients(self):
+        clients = [kms_client(EMU) for _ in range(6)]
+        failures: list[BaseException] = []
+
+        def work(client, worker):
+            try:
+                for i in range(10):
+                    plaintext = f"worker {worker} item {i}".encode()
+                    context = {"worker": str(worker)}
+                    blob = client.encrypt(KeyId=KMS_KEY, Plaintext=plaintext,
+                                          EncryptionContext=context)["CiphertextBlob"]
+                    got = client.decrypt(CiphertextBlob=blob, EncryptionContext=context)
+                    if got["Plaintext"] != plaintext:
+                        raise AssertionError(f"worker {worker}: wrong plaintext")
+            except BaseException as exc:       # reported by the main thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(c, n)) for n, c in enumerate(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertFalse(any(t.is_alive() for t in threads), "workers did not finish in 60s")
+        self.assertEqual(failures, [])
+
+
+# --------------------------------------------------------------------------
+# AWS KMS through the AWS CLI
+# --------------------------------------------------------------------------
+
+class AwsCliTests(EmulatorTestCase):
+    def cli_json(self, *args: str, **kwargs) -> dict:
+        result = run_aws_cli(EMU, *args, **kwargs)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return json.loads(result.stdout) if result.stdout.strip() else {}
+
+    def test_cli_encrypt_decrypt_round_trip(self):
+        plaintext_file = WORK / unique("plain")
+        plaintext_file.write_bytes(b"clinical note")
+        encrypted = self.cli_json("encrypt", "--key-id", KMS_KEY,
+                                  "--plaintext", f"fileb://{plaintext_file}",
+                                  "--encryption-context", "patient=42")
+        self.assertEqual(encrypted["KeyId"], arn(KMS_KEY))
+        blob_file = WORK / unique("blob")
+        blob_file.write_bytes(base64.b64decode(encrypted["CiphertextBlob"]))
+        decrypted = self.cli_json("decrypt", "--ciphertext-blob", f"fileb://{blob_file}",
+                                  "--encryption-context", "patient=42")
+        self.assertEqual(base64.b64decode(decrypted["Plaintext"]), b"clinical note")
+
+        wrong = run_aws_cli(EMU, "decrypt", "--ciphertext-blob", f"fileb://{blob_file}",
+                            "--encryption-context", "patient=43")
+        self.assertNotEqual(wrong.returncode, 0)
+        self.assertIn("InvalidCiphertextException", wrong.stderr)
+
+    def test_cli_generate_data_key_and_describe_key(self):
+        generated = self.cli_json("generate-data-key", "--key-id", KMS_KEY,
+                                  "--key-spec", "AES_256")
+        data_key = base64.b64decode(generated["Plaintext"])
+        self.assertEqual(len(data_key), 32)
+        unwrapped = kms_client(EMU).decrypt(
+            CiphertextBlob=base64.b64decode(generated["CiphertextBlob"]))
+        self.assertEqual(unwrapped["Plaintext"], data_key)
+        described = self.cli_json("describe-key", "--key-id", arn(KMS_KEY_2),
+                                  akid=SESSION_AKID, secret=SESSION_SECRET, token=SESSION_TOKEN)
+        self.assertEqual(described["KeyMetadata"]["KeyId"], KMS_KEY_2)
+        self.assertEqual(described["KeyMetadata"]["KeyState"], "Enabled")
+
+    def test_cli_rejected_credentials(self):
+        wrong_secret = run_aws_cli(EMU, "describe-key", "--key-id", KMS_KEY, secret="nope")
+        self.assertNotEqual(wrong_secret.returncode, 0)
+        self.assertIn("InvalidSignatureException", wrong_secret.stderr)
+        no_token = run_aws_cli(EMU, "describe-key", "--key-id", KMS_KEY,
+                               akid=SESSION_AKID, secret=SESSION_SECRET)
+        self.assertNotEqual(no_token.returncode, 0)
+        self.assertIn("UnrecognizedClientException", no_token.stderr)
+
+
+@unittest.skipUnless(os.access(CURL, os.X_OK), "curl is not installed")
+class CurlSigV4Tests(EmulatorTestCase):
+    """libcurl's own SigV4 signer (curl --aws-sigv4), as a C or C++ client may use it."""
+
+    def curl_kms(self, operation: str, params: dict, user: str = f"{AKID}:{SECRET}",
+                 *headers: str) -> tuple[int, dict]:
+        command = [CURL, "-sS", "--max-time", "10", "--noproxy", "*",
+                   "--cacert", pki("ca.pem"), "--aws-sigv4", f"aws:amz:{REGION}:kms",
+                   "--user", user, "-H", "Content-Type: application/x-amz-json-1.1",
+                   "-H", f"X-Amz-Target: TrentService.{operation}"]
+        for header in headers:
+            command += ["-H", header]
+        command += ["--data-binary", json.dumps(params), "-w", "\n%{http_code}",
+                    EMU.url + "/"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30,
+                                stdin=subprocess.DEVNULL)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        body, _, status = result.stdout.rpartition("\n")
+        return int(status), json.loads(body)
+
+    def test_curl_signed_requests(self):
+        status, generated = self.curl_kms("GenerateDataKey",
+                                          {"KeyId": KMS_KEY, "KeySpec": "AES_256",
+                                           "EncryptionContext": {"via": "curl"}})
+        self.assertEqual(status, 200, generated)
+        unwrapped = kms_client(EMU).decrypt(
+            CiphertextBlob=base64.b64decode(generated["CiphertextBlob"]),
+            EncryptionContext={"via": "curl"})
+        self.assertEqual(unwrapped["Plaintext"], base64.b64decode(generated["Plaintext"]))
+
+        status, body = self.curl_kms("DescribeKey", {"KeyId": KMS_KEY},
+                                     f"{SESSION_AKID}:{SESSION_SECRET}",
+                                     f"X-Amz-Security-Token: {SESSION_TOKEN}")
+        self.assertEqual((status, body["KeyMetadata"]["KeyId"]), (200, KMS_KEY))
+
+        status, body = self.curl_kms("DescribeKey", {"KeyId": KMS_KEY}, f"{AKID}:wrong")
+        self.assertEqual((status, body["__type"]), (400, "InvalidSignatureException"))
+
+
+# --------------------------------------------------------------------------
+# Vault through hvac
+# --------------------------------------------------------------------------
+
+class VaultTests(EmulatorTestCase):
+    def setUp(self):
+        super().setUp()
+        self.vault = vault_client(EMU, token=EMU.root_token)
+        self.transit = self.vault.secrets.transit
+
+    def approle_login(self, namespace: str | None = None) -> hvac.Client:
+        client = vault_client(EMU, namespace=namespace)
+        client.auth.approle.login(role_id=ROLE_ID, secret_id=SECRET_ID)
+        return client
+
+    def test_transit_round_trip(self):
+        name = unique("kek")
+        self.transit.create_key(name)
+        plaintext = base64.b64encode(b"data key bytes").decode()
+        encrypted = self.transit.encrypt_data(name, plaintext)
+        for field in ("request_id", "lease_id", "renewable", "lease_duration", "data",
+                      "wrap_info", "warnings", "auth"):
+            self.assertIn(field, encrypted)
+        self.assertTrue(encrypted["data"]["ciphertext"].startswith("vault:v1:"))
+        self.assertEqual(encrypted["data"]["key_version"], 1)
+        decrypted = self.transit.decrypt_data(name, encrypted["data"]["ciphertext"])
+        self.assertEqual(decrypted["data"]["plaintext"], plaintext)
+
+        key = self.transit.read_key(name)["data"]
+        self.assertEqual(key["name"], name)
+        self.assertEqual(key["type"], "aes256-gcm96")
+        self.assertEqual(key["latest_version"], 1)
+        self.assertEqual(key["min_decryption_version"], 1)
+        self.assertEqual(list(key["keys"]), ["1"])
+        self.assertFalse(key["derived"])
+        self.assertFalse(key["exportable"])
+        self.assertTrue(key["supports_encryption"])
+        self.assertIn(name, self.transit.list_keys()["data"]["keys"])
+        self.assertEqual(self.transit.read_key("precreated")["data"]["latest_version"], 1)
+
+    def test_associated_data_and_ciphertexts_are_bound(self):
+        name = unique("aad")
+        self.transit.create_key(name)
+        path = f"/v1/transit/encrypt/{name}"
+        aad = base64.b64encode(b"row 7").decode()
+        ciphertext = self.vault.adapter.post(path, json={
+            "plaintext": base64.b64encode(b"x").decode(), "associated_data": aad,
+        })["data"]["ciphertext"]
+        decrypted = self.vault.adapter.post(f"/v1/transit/decrypt/{name}", json={
+            "ciphertext": ciphertext, "associated_data": aad})
+        self.assertEqual(decrypted["data"]["plaintext"], base64.b64encode(b"x").decode())
+        with self.assertRaises(hvac.exceptions.InvalidRequest) as caught:
+            self.vault.adapter.post(f"/v1/transit/decrypt/{name}", json={
+                "ciphertext": ciphertext,
+                "associated_data": base64.b64encode(b"row 8").decode()})
+        self.assertIn("message authentication failed", str(caught.exception))
+        # A ciphertext of one key does not decrypt under another.
+        other = unique("other")
+        self.transit.create_key(other)
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            self.transit.decrypt_data(other, self.transit.encrypt_data(
+                name, "eA==")["data"]["ciphertext"])
+
+    def test_rotate_rewrap_and_min_decryption_version(self):
+        name = unique("rot")
+        self.transit.create_key(name)
+        v1 = self.transit.encrypt_data(name, "djE=")["data"]["ciphertext"]
+        rotated = self.transit.rotate_key(name)
+        self.assertEqual(rotated["data"]["latest_version"], 2)
+        key = self.transit.read_key(name)["data"]
+        self.assertEqual(key["latest_version"], 2)
+        self.assertEqual(sorted(key["keys"]), ["1", "2"])
+
+        v2 = self.transit.encrypt_data(name, "djI=")["data"]["ciphertext"]
+        self.assertTrue(v2.startswith("vault:v2:"))
+        rewrapped = self.transit.rewrap_data(name, v1)["data"]
+        self.assertTrue(rewrapped["ciphertext"].startswith("vault:v2:"))
+        self.assertEqual(rewrapped["key_version"], 2)
+        self.assertEqual(self.transit.decrypt_data(name, rewrapped["ciphertext"])
+                         ["data"]["plaintext"], "djE=")
+        self.assertEqual(self.transit.decrypt_data(name, v1)["data"]["plaintext"], "djE=")
+
+        self.transit.update_key_configuration(name, min_decryption_version=2)
+        self.assertEqual(self.transit.read_key(name)["data"]["min_decryption_version"], 2)
+        with self.assertRaises(hvac.exceptions.InvalidRequest) as caught:
+            self.transit.decrypt_data(name, v1)
+        self.assertIn("too old", str(caught.exception))
+        self.assertEqual(self.transit.decrypt_data(name, v2)["data"]["plaintext"], "djI=")
+
+    def test_datakey_wrapped_and_plaintext(self):
+        name = unique("dk")
+        self.transit.create_key(name)
+        wrapped = self.transit.generate_data_key(name, key_type="wrapped")["data"]
+        self.assertNotIn("plaintext", wrapped)
+        self.assertTrue(wrapped["ciphertext"].startswith("vault:v1:"))
+        self.assertEqual(wrapped["key_version"], 1)
+        unwrapped = self.transit.decrypt_data(name, wrapped["ciphertext"])["data"]["plaintext"]
+        self.assertEqual(len(base64.b64decode(unwrapped)), 32)
+
+        plain = self.transit.generate_data_key(name, key_type="plaintext", bits=512)["data"]
+        self.assertEqual(len(base64.b64decode(plain["plaintext"])), 64)
+        self.assertEqual(self.transit.decrypt_data(name, plain["ciphertext"])
+                         ["data"]["plaintext"], plain["plaintext"])
+        with self.assertRaises(hvac.exceptions.InvalidRequest):      # hvac checks bits itself
+            self.vault.adapter.post(f"/v1/transit/datakey/wrapped/{name}", json={"bits": 100})
+
+    def test_derived_keys_and_deletion(self):
+        name = unique("derived")
+        self.transit.create_key(name, derived=True)
+        self.assertTrue(self.transit.read_key(name)["data"]["derived"])
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            self.transit.encrypt_data(name, "eA==")                  # context is required
+        context = base64.b64encode(b"tenant 1").decode()
+        ciphertext = self.transit.encrypt_data(name, "eA==", context=context)["data"]["ciphertext"]
+        self.assertEqual(self.transit.decrypt_data(name, ciphertext, context=context)
+                         ["data"]["plaintext"], "eA==")
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            self.transit.decrypt_data(name, ciphertext,
+                                      context=base64.b64encode(b"tenant 2").decode())
+
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            self.transit.delete_key(name)                            # deletion_allowed unset
+        self.transit.update_key_configuration(name, deletion_allowed=True)
+        self.transit.delete_key(name)
+        with self.assertRaises(hvac.exceptions.InvalidPath):
+            self.transit.read_key(name)
+
+    def test_errors(self):
+        with self.assertRaises(hvac.exceptions.InvalidRequest) as caught:
+            self.transit.decrypt_data("precreated", "not-a-vault-ciphertext")
+        self.assertIn("invalid ciphertext", str(caught.exception))
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            self.transit.decrypt_data("precreated", "vault:v9:AAAA")   # version too new
+        with self.assertRaises(hvac.exceptions.InvalidRequest) as caught:
+            self.transit.decrypt_data(unique("missing"), "vault:v1:AAAA")
+        self.assertIn("encryption key not found", str(caught.exception))
+        with self.assertRaises(hvac.exceptions.InvalidPath):
+            self.transit.read_key(unique("missing"))
+        with self.assertRaises(hvac.exceptions.InvalidPath):
+            self.vault.adapter.get("/v1/no-such-engine/whatever")
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            self.transit.delete_key("precreated")                   # deletion not allowed
+
+    def test_error_wire_format(self):
+        status, headers, body = raw_vault_call(EMU, "GET", "/v1/auth/token/lookup-self",
+                                               token="hvs.unknown")
+        self.assertEqual(status, 403)
+        self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertEqual(body, {"errors": ["permission denied"]})
+        status, _, body = raw_vault_call(EMU, "GET", "/v1/sys/health")
+        self.assertEqual(status, 200)
+        self.assertEqual((body["initialized"], body["sealed"]), (True, False))
+        health = vault_client(EMU).sys.read_health_status()          # hvac uses HEAD
+        self.assertEqual(health.status_code, 200)
+
+    def test_approle_login_renew_and_lookup(self):
+        client = vault_client(EMU)
+        login = client.auth.approle.login(role_id=ROLE_ID, secret_id=SECRET_ID)
+        auth = login["auth"]
+        self.assertTrue(auth["client_token"])
+        self.assertTrue(auth["accessor"])
+        self.assertTrue(auth["renewable"])
+        self.assertEqual(auth["lease_duration"], APPROLE_TTL)
+        self.assertIn("default", auth["policies"])
+        self.assertTrue(client.is_authenticated())
+        self.assertTrue(client.secrets.transit.encrypt_data("precreated", "eA==")["data"]
+                        ["ciphertext"].startswith("vault:v"))
+
+        looked_up = client.auth.token.lookup_self()["data"]
+        self.assertEqual(looked_up["creation_ttl"], APPROLE_TTL)
+        self.assertTrue(0 < looked_up["ttl"] <= APPROLE_TTL)
+        self.assertTrue(looked_up["renewable"])
+
+        renewed = client.auth.token.renew_self(increment=2)
+        self.assertEqual(renewed["auth"]["client_token"], auth["client_token"])
+        self.assertTrue(0 < renewed["auth"]["lease_duration"] <= 2)
+        capped = client.auth.token.renew_self(increment="1h")
+        self.assertLessEqual(capped["auth"]["lease_duration"], APPROLE_MAX_TTL)
+        self.assertTrue(capped["warnings"])
+
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            vault_client(EMU).auth.approle.login(role_id=ROLE_ID, secret_id="wrong")
+
+    def test_token_expiry_and_unknown_tokens(self):
+        client = self.approle_login()
+        client.secrets.transit.read_key("precreated")
+        time.sleep(APPROLE_TTL + 0.5)
+        with self.assertRaises(hvac.exceptions.Forbidden):
+            client.secrets.transit.read_key("precreated")
+        self.assertFalse(client.is_authenticated())
+        with self.assertRaises(hvac.exceptions.Forbidden):
+            vault_client(EMU, token="hvs.made-up").secrets.transit.read_key("precreated")
+        with self.assertRaises(hvac.exceptions.Forbidden):
+            vault_client(EMU).secrets.transit.read_key("precreated")   # no token at all
+        # "Authorization: Bearer" is accepted like X-Vault-Token.
+        with requests.Session() as session:
+            bearer = session.get(f"{EMU.url}/v1/transit/keys/precreated", timeout=10,
+                                 verify=pki("ca.pem"),
+                                 headers={"Authorization": f"Bearer {EMU.root_token}"})
+        self.assertEqual(bearer.status_code, 200)
+
+    def test_expire_tokens_fault(self):
+        client = self.approle_login()
+        client.secrets.transit.read_key("precreated")
+        EMU.fault(mode="expire_tokens", target="vault")
+        with self.assertRaises(hvac.exceptions.Forbidden):
+            client.secrets.transit.read_key("precreated")
+        self.transit.read_key("precreated")            # the root token survives
+        self.approle_login().secrets.transit.read_key("precreated")   # and new logins work
+
+    def test_namespaces(self):
+        ns1 = vault_client(EMU, token=EMU.root_token, namespace="ns1")
+        name = unique("nskey")
+        ns1.secrets.transit.create_key(name)
+        self.assertEqual(ns1.secrets.transit.read_key(name)["data"]["name"], name)
+        with self.assertRaises(hvac.exceptions.InvalidPath):
+            self.transit.read_key(name)                 # root namespace does not see it
+        with self.assertRaises(hvac.exceptions.InvalidPath):
+            vault_client(EMU, token=EMU.root_token, namespace="ns2").secrets.transit.read_key(
+                name)
+        self.assertEqual(ns1.secrets.transit.read_key("in-ns1")["data"]["name"], "in-ns1")
+        with self.assertRaises(hvac.exceptions.InvalidPath):
+            self.transit.read_key("in-ns1")
+        # The namespace may also lead the path, as Vault Enterprise allows.
+        self.assertEqual(self.vault.adapter.get(f"/v1/ns1/transit/keys/{name}")
+                         ["data"]["name"], name)
+        # Same key name, different namespace: a different key.
+        ciphertext = ns1.secrets.transit.encrypt_data(name, "eA==")["data"]["ciphertext"]
+        self.transit.create_key(name)
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            self.transit.decrypt_data(name, ciphertext)
+
+        # A token from a login in ns1 works there and below, nowhere else.
+        token = self.approle_login(namespace="ns1").token
+        vault_client(EMU, token=token, namespace="ns1").secrets.transit.read_key(name)
+        with self.assertRaises(hvac.exceptions.InvalidPath):       # authorised, key absent
+            vault_client(EMU, token=token, namespace="ns1/child").secrets.transit.read_key(name)
+        for namespace in (None, "ns2"):
+            with self.subTest(namespace=namespace):
+                with self.assertRaises(hvac.exceptions.Forbidden):
+                    vault_client(EMU, token=token, namespace=namespace).secrets.transit \
+                        .read_key("precreated")
+        self.assertGreater(EMU.stats()["vault_namespaces"].get("ns1", 0), 0)
+
+    def test_faults(self):
+        name, other = unique("f"), unique("g")
+        self.transit.create_key(name)
+        self.transit.create_key(other)
+        expectations = [("throttle", hvac.exceptions.RateLimitExceeded),
+                        ("internal_error", hvac.exceptions.InternalServerError),
+                        ("deny", hvac.exceptions.Forbidden)]
+        for mode, exception in expectations:
+            with self.subTest(mode=mode):
+                EMU.fault(mode=mode, target="vault", count=1)
+                with self.assertRaises(exception):
+                    self.transit.encrypt_data(name, "eA==")
+                self.transit.encrypt_data(name, "eA==")   # count=1: cleared again
+
+        EMU.fault(mode="disable_key", target="vault", key=name)
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            self.transit.encrypt_data(name, "eA==")
+        self.transit.encrypt_data(other, "eA==")
+        self.transit.read_key(name)                       # not a cryptographic use
+
+        EMU.fault(mode="drop", target="vault", count=1)
+        with self.assertRaises(requests.exceptions.ConnectionError):
+            self.transit.encrypt_data(name + "x", "eA==")
+        # KMS faults do not touch Vault.
+        EMU.fault(mode="deny", target="kms")
+        self.transit.encrypt_data(other, "eA==")
+
+
+# --------------------------------------------------------------------------
+# Control API
+# --------------------------------------------------------------------------
+
+class ControlApiTests(EmulatorTestCase):
+    def test_stats_count_calls(self):
+        EMU.admin("POST", "/_emulator/stats/reset")
+        kms = kms_client(EMU)
+        blob = kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x")["CiphertextBlob"]
+        kms.encrypt(KeyId=KMS_KEY, Plaintext=b"y")
+        kms.decrypt(CiphertextBlob=blob)
+        transit = vault_client(EMU, token=EMU.root_token).secrets.transit
+        transit.decrypt_data("precreated",
+                             transit.encrypt_data("precreated", "eA==")["data"]["ciphertext"])
+        vault_client(EMU).auth.approle.login(role_id=ROLE_ID, secret_id=SECRET_ID)
+        with self.assertRaises(botocore.exceptions.ClientError):
+            kms_client(EMU, secret="wrong").decrypt(CiphertextBlob=blob)
+        stats = EMU.stats()
+        self.assertEqual(stats["kms"], {"Encrypt": 2, "Decrypt": 2})
+        self.assertEqual(stats["vault"], {"encrypt": 1, "decrypt": 1, "login": 1})
+        self.assertEqual(stats["total"], 7)
+        self.assertEqual(stats["rejected_signatures"], 1)
+
+    def test_control_api_needs_the_admin_token(self):
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            EMU.admin("GET", "/_emulator/stats", token="wrong")
+        self.assertEqual(caught.exception.code, 401)
+        faults = EMU.fault(mode="throttle", target="kms", count=3)
+        self.assertEqual(faults["fault"]["remaining"], 3)
+        self.assertEqual(len(EMU.admin("GET", "/_emulator/fault")["faults"]), 1)
+
+    def test_fixed_id_keys_via_control_api(self):
+        key_id = str(uuid.uuid4())
+        self.assertEqual(EMU.admin("POST", "/_emulator/kms/keys", {"key_id": key_id})["arn"],
+                         arn(key_id))
+        self.assertEqual(kms_client(EMU).describe_key(KeyId=key_id)["KeyMetadata"]["KeyId"],
+                         key_id)
+        name = unique("admin")
+        EMU.admin("POST", "/_emulator/vault/keys", {"name": name, "namespace": "ns9"})
+        ns9 = vault_client(EMU, token=EMU.root_token, namespace="ns9")
+        self.assertEqual(ns9.secrets.transit.read_key(name)["data"]["latest_version"], 1)
+
+    def test_startup_output_and_shutdown(self):
+        emulator = Emulator()
+        try:
+            stdout = (emulator.state_dir / "stdout.txt").read_text()
+            self.assertIn(f"listening on 127.0.0.1:{emulator.port}", stdout)
+            emulator.admin("POST", "/_emulator/shutdown")
+            self.assertEqual(emulator.process.wait(10), 0)
+            self.assertFalse((emulator.state_dir / "port").exists())
+            log = (emulator.state_dir / "emulator.log").read_text()
+            for secret in (emulator.admin_token, emulator.root_token, SECRET, SECRET_ID):
+                self.assertNotIn(secret, log)
+        finally:
+            emulator.stop()
+
+
+# --------------------------------------------------------------------------
+# TLS: server certificates, protocol versions, mutual TLS
+# --------------------------------------------------------------------------
+
+class ServerCertificateTests(unittest.TestCase):
+    def setUp(self):
+        self.addCleanup(close_clients)
+
+    def assert_refused_by_clients(self, emulator: Emulator, ca: str = "ca.pem"):
+        with self.assertRaises(requests.exceptions.SSLError):
+            vault_client(emulator, token="x", verify=pki(ca)).sys.read_health_status(
+                method="GET")
+        with self.assertRaises(botocore.exceptions.SSLError):
+            kms_client(emulator, ca=ca).describe_key(KeyId=KMS_KEY)
+
+    def test_self_signed_and_expired_server_certificates_are_refused(self):
+        for cert in ("selfsigned", "expired"):
+            with self.subTest(cert=cert):
+                emulator = Emulator(cert=cert)
+                try:
+                    self.assert_refused_by_clients(emulator)
+                finally:
+                    emulator.stop()
+
+    def test_certificate_from_another_ca_is_refused(self):
+        self.assert_refused_by_clients(EMU, ca="other-ca.pem")
+
+    def test_only_tls_1_2_and_later(self):
+        for version, accepted in ((ssl.TLSVersion.TLSv1_1, False),
+                                  (ssl.TLSVersion.TLSv1_2, True),
+                                  (ssl.TLSVersion.TLSv1_3, True)):
+            with self.subTest(version=version.name):
+                context = ca_context()
+                with warnings.catch_warnings():         # TLS 1.1 is deprecated: that's the point
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+                    context.maximum_version = version
+                if not accepted:
+                    context.set_ciphers("DEFAULT:@SECLEVEL=0")   # let the client offer it
+                negotiated = negotiated_tls_version(EMU, context)
+                self.assertEqual(negotiated is not None, accepted, negotiated)
+
+
+def negotiated_tls_version(emulator: Emulator, context: ssl.SSLContext) -> str | None:
+    """The protocol version a bare TLS handshake settles on, None if it fails."""
+    with socket.create_connection(("127.0.0.1", emulator.port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                return tls.version()
+        except ssl.SSLError:
+            return None
+
+
+class MutualTlsTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.emulator = Emulator(client_ca="ca.pem")
+        cls.addClassCleanup(cls.emulator.stop)
+
+    def setUp(self):
+        self.addCleanup(close_clients)
+
+    def test_client_without_certificate_is_refused(self):
+        with self.assertRaises(requests.exceptions.ConnectionError):
+            vault_client(self.emulator, token=self.emulator.root_token).secrets.transit \
+                .read_key("precreated")
+        with self.assertRaises(botocore.exceptions.BotoCoreError):
+            kms_client(self.emulator).describe_key(KeyId=KMS_KEY)
+
+    def test_client_certificate_from_another_ca_is_refused(self):
+        with self.assertRaises(requests.exceptions.ConnectionError):
+            vault_client(self.emulator, token=self.emulator.root_token,
+                         cert=(pki("other-client.pem"), pki("other-client.key"))) \
+                .secrets.transit.read_key("precreated")
+
+    def test_client_with_certificate_is_served(self):
+        vault = vault_client(self.emulator, token=self.emulator.root_token,
+                             cert=(pki("client.pem"), pki("client.key")))
+        self.assertEqual(vault.secrets.transit.read_key("precreated")["data"]["name"],
+                         "precreated")
+        kms = kms_client(self.emulator, client_cert=(pki("client.pem"), pki("client.key")))
+        self.assertEqual(kms.describe_key(KeyId=KMS_KEY)["KeyMetadata"]["KeyId"], KMS_KEY)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

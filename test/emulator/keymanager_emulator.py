@@ -1,0 +1,2116 @@
+#!/usr/bin/python3
+"""Test emulator of the two key managers pgphi talks to: AWS KMS and HashiCorp Vault.
+
+Neither service can be installed where pgphi's tests run, so this one process
+serves both HTTP APIs over HTTPS, on 127.0.0.1 only:
+
+* AWS KMS, JSON 1.1 protocol: ``POST /`` with ``X-Amz-Target: TrentService.<Op>``;
+  every request is verified with AWS Signature Version 4.
+* Vault: the Transit secrets engine under ``/v1/<mount>/``, token auth and
+  AppRole login, with ``X-Vault-Namespace`` scoping keys and tokens.
+* A control API under ``/_emulator/`` that neither real service has: fault
+  injection, statistics, KMS backing-key rotation, shutdown.
+
+The cryptography is real (AES-GCM with random keys), so a ciphertext is bound to
+its key, key version and context just as with the real services. All state is
+in memory; the state directory only receives the port file and the log.
+
+Only the Python standard library and ``cryptography`` are used. README.md next
+to this file documents the command line and the control API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+LOOPBACK = "127.0.0.1"          # the only address this emulator ever binds
+MAX_BODY_BYTES = 1 << 20        # far above anything either API needs for our operations
+HANDSHAKE_TIMEOUT = 10          # seconds a client gets to complete the TLS handshake
+IDLE_TIMEOUT = 60               # seconds a keep-alive connection may sit idle
+GCM_NONCE_BYTES = 12
+GCM_TAG_BYTES = 16
+
+LOG = logging.getLogger("keymanager_emulator")
+
+
+# --------------------------------------------------------------------------
+# Small shared helpers
+# --------------------------------------------------------------------------
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text) -> bytes:
+    """Strict, padded standard base64, as Go and the AWS SDKs produce it. Raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError("expected a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def aes_gcm_seal(key: bytes, plaintext: bytes, aad: bytes | None) -> bytes:
+    """Returns nonce || ciphertext || tag with a fresh random nonce."""
+    nonce = os.urandom(GCM_NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def aes_gcm_open(key: bytes, sealed: bytes, aad: bytes | None) -> bytes:
+    """Inverse of aes_gcm_seal. Raises InvalidTag on any mismatch or truncation."""
+    if len(sealed) < GCM_NONCE_BYTES + GCM_TAG_BYTES:
+        raise InvalidTag()
+    return AESGCM(key).decrypt(sealed[:GCM_NONCE_BYTES], sealed[GCM_NONCE_BYTES:], aad)
+
+
+def iso_time(unix_time: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_time, datetime.timezone.utc).isoformat(
+        timespec="seconds").replace("+00:00", "Z")
+
+
+def go_duration(seconds: float) -> str:
+    """Formats seconds the way Go prints a time.Duration ("1h0m0s"), as Vault's messages do."""
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def parse_duration(value) -> int:
+    """Seconds from an integer or a Vault duration string such as "90", "90s", "5m", "1h"."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(value))
+    if not match:
+        raise ValueError(f"invalid duration {value!r}")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return int(match.group(1)) * unit
+
+
+@dataclass
+class HttpResponse:
+    """What an API handler wants sent back; the HTTP layer does the sending."""
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: dict = field(default_factory=dict)
+    label: str = ""                                  # what the request log line says
+    after_send: Callable[[], None] | None = None     # e.g. stop the server once answered
+
+
+def json_response(status: int, payload, content_type: str = "application/json",
+                  label: str = "", headers: dict | None = None) -> HttpResponse:
+    body = b"" if payload is None else json.dumps(payload).encode()
+    return HttpResponse(status, body, content_type if payload is not None else None,
+                        headers or {}, label)
+
+
+class DropConnection(Exception):
+    """Raised by the "drop" fault: close the TCP connection without answering."""
+
+
+# --------------------------------------------------------------------------
+# Fault injection and statistics (driven by the control API)
+# --------------------------------------------------------------------------
+
+FAULT_MODES = ("none", "deny", "disable_key", "throttle", "internal_error", "slow", "drop",
+               "expire_tokens")
+FAULT_TARGETS = ("kms", "vault", "all")
+
+
+@dataclass
+class Fault:
+    mode: str
+    target: str                       # "kms", "vault" or "all"
+    key: str | None                   # as the test gave it; None = every request
+    key_names: frozenset              # every name under which a request may reach that key
+    remaining: int | None             # requests left to affect; None = until cleared
+    delay_ms: int = 0
+
+    def applies_to(self, api: str) -> bool:
+        return self.target in (api, "all")
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "target": self.target, "key": self.key,
+                "remaining": self.remaining, "delay_ms": self.delay_ms}
+
+
+class FaultBook:
+    """The faults in force. At most one per (target, key); the first match wins.
+
+    Faults without a key hit every request of their target as it arrives, except
+    "disable_key", which by nature only hits cryptographic use of a key. Faults
+    with a key hit only requests that use that key, once the key is known.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+
+    def set(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults = [f for f in self._faults
+                            if (f.target, f.key) != (fault.target, fault.key)]
+            self._faults.append(fault)
+
+    def clear(self, target: str, key: str | None = None) -> int:
+        """Removes the faults of target ("all": of every target), only those of key if given."""
+        with self._lock:
+            kept = [f for f in self._faults
+                    if not ((target == "all" or f.target == target)
+                            and (key is None or f.key == key))]
+            cleared = len(self._faults) - len(kept)
+            self._faults = kept
+            return cleared
+
+    def describe(self) -> list:
+        with self._lock:
+            return [f.describe() for f in self._faults]
+
+    def take_request_fault(self, api: str) -> Fault | None:
+        return self._take(lambda f: f.applies_to(api) and f.key is None
+                          and f.mode != "disable_key")
+
+    def take_key_fault(self, api: str, key_name: str, crypto: bool) -> Fault | None:
+        def matches(f: Fault) -> bool:
+            if not f.applies_to(api):
+                return False
+            if f.mode == "disable_key":
+                return crypto and (f.key is None or key_name in f.key_names)
+            return f.key is not None and key_name in f.key_names
+        return self._take(matches)
+
+    def _take(self, predicate) -> Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if predicate(fault):
+                    if fault.remaining is not None:
+                        fault.remaining -= 1
+                        if fault.remaining <= 0:
+                            self._faults.remove(fault)
+                    return fault
+        return None
+
+
+class Stats:
+    """Per-operation request counts and rejection counters, for tests to assert on."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._operations = {"kms": {}, "vault": {}}
+            self._errors = {"kms": {}, "vault": {}}
+            self._namespaces: dict[str, int] = {}
+            self._counters = {"total": 0, "rejected_signatures": 0, "rejected_tokens": 0,
+                              "faults_injected": 0}
+
+    def request(self, api: str, operation: str, namespace: str | None = None) -> None:
+        with self._lock:
+            ops = self._operations[api]
+            ops[operation] = ops.get(operation, 0) + 1
+            self._counters["total"] += 1
+            if namespace is not None:
+                self._namespaces[namespace] = self._namespaces.get(namespace, 0) + 1
+
+    def error(self, api: str, code) -> None:
+        with self._lock:
+            errors = self._errors[api]
+            errors[str(code)] = errors.get(str(code), 0) + 1
+
+    def bump(self, counter: str) -> None:
+        with self._lock:
+            self._counters[counter] += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"kms": dict(self._operations["kms"]),
+                    "vault": dict(self._operations["vault"]),
+                    **self._counters,
+                    "errors": {api: dict(codes) for api, codes in self._errors.items()},
+                    "vault_namespaces": dict(self._namespaces)}
+
+
+def inject_fault(fault: Fault, stats: Stats, make_error: Callable[[str], Exception]) -> None:
+    """Acts out a fault: waits delay_ms, then drops, passes ("slow") or raises the API's error."""
+    stats.bump("faults_injected")
+    LOG.info("injecting fault %s", fault.describe())
+    if fault.delay_ms:
+        time.sleep(fault.delay_ms / 1000)
+    if fault.mode == "slow":
+        return
+    if fault.mode == "drop":
+        raise DropConnection()
+    raise make_error(fault.mode)
+
+
+# --------------------------------------------------------------------------
+# AWS Signature Version 4 verification
+# --------------------------------------------------------------------------
+
+SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
+AMZ_DATE_FORMAT = "%Y%m%dT%H%M%SZ"
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+
+
+class KmsError(Exception):
+    """An error in the shape KMS returns: HTTP status plus {"__type", "message"}."""
+
+    def __init__(self, error_type: str, message: str = "", status: int = 400):
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.status = status
+
+
+class SignatureRejected(KmsError):
+    """A KmsError raised while authenticating the request (counted separately)."""
+
+
+@dataclass(frozen=True)
+class AwsCredential:
+    access_key_id: str
+    secret_access_key: str
+    session_token: str | None = None
+
+
+def parse_authorization(value: str) -> dict:
+    """Splits 'AWS4-HMAC-SHA256 Credential=..., SignedHeaders=..., Signature=...'."""
+    algorithm, _, rest = value.strip().partition(" ")
+    if algorithm != SIGV4_ALGORITHM:
+        raise SignatureRejected("IncompleteSignatureException",
+                                f"Unsupported AWS 'algorithm': '{algorithm}'")
+    fields = {}
+    for part in rest.split(","):
+        name, sep, field_value = part.strip().partition("=")
+        if sep:
+            fields[name] = field_value
+    for required in ("Credential", "SignedHeaders", "Signature"):
+        if not fields.get(required):
+            raise SignatureRejected(
+                "IncompleteSignatureException",
+                f"Authorization header requires '{required}' parameter.")
+    return fields
+
+
+def canonical_uri(raw_path: str) -> str:
+    """The path as SigV4 signs it for every service but S3: dot segments and empty
+    segments removed, then URI-encoded once more on top of the wire encoding."""
+    segments: list[str] = []
+    for segment in raw_path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    path = "/" + "/".join(segments)
+    if raw_path.endswith("/") and segments:
+        path += "/"
+    return urllib.parse.quote(path, safe="/~")
+
+
+def canonical_query(raw_query: str) -> str:
+    pairs = urllib.parse.parse_qsl(raw_query, keep_blank_values=True)
+    encoded = sorted((urllib.parse.quote(k, safe="-_.~"), urllib.parse.quote(v, safe="-_.~"))
+                     for k, v in pairs)
+    return "&".join(f"{k}={v}" for k, v in encoded)
+
+
+def canonical_headers(headers, signed_names: list[str]) -> str:
+    lines = []
+    for name in signed_names:
+        values = headers.get_all(name) or []
+        # SigV4 trims each value and folds inner runs of spaces into one.
+        value = ",".join(" ".join(v.split()) for v in values)
+        lines.append(f"{name}:{value}\n")
+    return "".join(lines)
+
+
+def sigv4_signing_key(secret: str, date: str, region: str, service: str) -> bytes:
+    key = ("AWS4" + secret).encode()
+    for part in (date, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+class SigV4Verifier:
+    """Checks the SigV4 signature of a request against the configured credentials."""
+
+    def __init__(self, credentials: dict[str, AwsCredential], region: str, service: str,
+                 max_skew_seconds: int):
+        self.credentials = credentials
+        self.region = region
+        self.service = service
+        self.max_skew = max_skew_seconds
+
+    def verify(self, method: str, raw_path: str, raw_query: str, headers, body: bytes
+               ) -> AwsCredential:
+        authorization = headers.get("Authorization")
+        if not authorization:
+            raise SignatureRejected("MissingAuthenticationTokenException",
+                                    "Missing Authentication Token")
+        fields = parse_authorization(authorization)
+        scope = fields["Credential"].split("/")
+        if len(scope) != 5:
+            raise SignatureRejected("IncompleteSignatureException",
+                                    "Credential should have exactly 5 slash-separated parts.")
+        access_key_id, scope_date, scope_region, scope_service, terminator = scope
+        credential = self._credential(access_key_id, headers.get("X-Amz-Security-Token"))
+        amz_date = self._check_date(headers.get("X-Amz-Date"))
+        self._check_scope(scope_date, scope_region, scope_service, terminator, amz_date)
+
+        signed_names = fields["SignedHeaders"].split(";")
+        if "host" not in signed_names:
+            raise SignatureRejected("InvalidSignatureException",
+                                    "'Host' must be a 'SignedHeader' in the AWS Authorization.")
+        payload_hash = headers.get("X-Amz-Content-SHA256")
+        if payload_hash != UNSIGNED_PAYLOAD:
+            payload_hash = hashlib.sha256(body).hexdigest()
+        canonical_request = "\n".join([
+            method, canonical_uri(raw_path), canonical_query(raw_query),
+            canonical_headers(headers, signed_names), fields["SignedHeaders"], payload_hash])
+        string_to_sign = "\n".join([
+            SIGV4_ALGORITHM, amz_date, "/".join(scope[1:]),
+            hashlib.sha256(canonical_request.encode()).hexdigest()])
+        key = sigv4_signing_key(credential.secret_access_key, scope_date, scope_region,
+                                scope_service)
+        expected = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, fields["Signature"]):
+            raise SignatureRejected(
+                "InvalidSignatureException",
+                "The request signature we calculated does not match the signature you "
+                "provided. Check your AWS Secret Access Key and signing method. Consult the "
+                "service documentation for details.")
+        return credential
+
+    def _credential(self, access_key_id: str, session_token: str | None) -> AwsCredential:
+        invalid = SignatureRejected("UnrecognizedClientException",
+                                    "The security token included in the request is invalid.")
+        credential = self.credentials.get(access_key_id)
+        if credential is None:
+            raise invalid
+        # Temporary credentials only work with their token; long-term keys take none.
+        if credential.session_token is None:
+            if session_token is not None:
+                raise invalid
+        elif session_token is None or not hmac.compare_digest(
+                session_token.encode(), credential.session_token.encode()):
+            raise invalid
+        return credential
+
+    def _check_date(self, amz_date: str | None) -> str:
+        if not amz_date:
+            raise SignatureRejected(
+                "IncompleteSignatureException",
+                "Authorization header requires existence of either a 'X-Amz-Date' or a "
+                "'Date' header.")
+        try:
+            signed_at = datetime.datetime.strptime(amz_date, AMZ_DATE_FORMAT).replace(
+                tzinfo=datetime.timezone.utc)
+        except ValueError:
+            raise SignatureRejected("IncompleteSignatureException",
+                                    f"Date must be in ISO-8601 'basic format'. Got '{amz_date}'.")
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if abs((now - signed_at).total_seconds()) > self.max_skew:
+            raise SignatureRejected(
+                "InvalidSignatureException",
+                f"Signature expired: {amz_date} is now earlier or later than "
+                f"{now.strftime(AMZ_DATE_FORMAT)} +/- {self.max_skew // 60} min.")
+        return amz_date
+
+    def _check_scope(self, date: str, region: str, service: str, terminator: str,
+                     amz_date: str) -> None:
+        if date != amz_date[:8]:
+            raise SignatureRejected(
+                "InvalidSignatureException",
+                f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of "
+                f"date from HTTP: '{date}' != '{amz_date[:8]}', from '{amz_date}'.")
+        if region != self.region:
+            raise SignatureRejected(
+                "InvalidSignatureException",
+                f"Credential should be scoped to a valid region, not '{region}'. ")
+        if service != self.service:
+            raise SignatureRejected(
+                "InvalidSignatureException",
+                f"Credential should be scoped to correct service: '{self.service}'. ")
+        if terminator != "aws4_request":
+            raise SignatureRejected(
+                "InvalidSignatureException",
+                f"Credential should be scoped with a valid terminator: 'aws4_request', "
+                f"not '{terminator}'. ")
+
+
+# --------------------------------------------------------------------------
+# AWS KMS
+# --------------------------------------------------------------------------
+
+KMS_CONTENT_TYPE = "application/x-amz-json-1.1"
+KMS_TARGET_PREFIX = "TrentService."
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+ALIAS_RE = re.compile(r"^alias/[a-zA-Z0-9/_-]{1,250}$")
+# Blob layout: header || nonce || ciphertext || tag. The header names the KMS key
+# and its backing-key version, so Decrypt needs no KeyId; it is authenticated as
+# part of the associated data, together with the encryption context.
+BLOB_MAGIC = b"EKMS\x01"
+BLOB_HEADER = struct.Struct(">5s16sI")
+
+
+def invalid_ciphertext() -> KmsError:
+    return KmsError("InvalidCiphertextException", "")    # real KMS says nothing more
+
+
+def canonical_encryption_context(context: dict) -> bytes:
+    """Sorted, length-prefixed key/value pairs: independent of the order the client sent
+    them in, and {"a": "bc"} can never encode like {"ab": "c"}."""
+    out = bytearray()
+    for name in sorted(context):
+        for text in (name, context[name]):
+            data = text.encode()
+            out += struct.pack(">I", len(data)) + data
+    return bytes(out)
+
+
+@dataclass
+class KmsKey:
+    key_id: str
+    arn: str
+    description: str
+    created: float
+    enabled: bool = True
+    versions: list = field(default_factory=list)   # backing keys; version n is versions[n-1]
+
+
+@dataclass
+class KmsAlias:
+    name: str
+    arn: str
+    target_key_id: str
+    created: float
+    updated: float
+
+
+class KmsStore:
+    """Keys and aliases of one emulated account and region. Thread-safe."""
+
+    def __init__(self, region: str, account_id: str):
+        self.region = region
+        self.account_id = account_id
+        self._lock = threading.RLock()
+        self._keys: dict[str, KmsKey] = {}
+        self._aliases: dict[str, KmsAlias] = {}
+
+    def arn(self, resource: str) -> str:
+        return f"arn:aws:kms:{self.region}:{self.account_id}:{resource}"
+
+    def create_key(self, key_id: str | None = None, description: str = "") -> KmsKey:
+        key_id = key_id or str(uuid.uuid4())
+        with self._lock:
+            if key_id in self._keys:
+                raise KmsError("AlreadyExistsException", f"Key {key_id} already exists")
+            key = KmsKey(key_id, self.arn(f"key/{key_id}"), description, time.time(),
+                         versions=[os.urandom(32)])
+            self._keys[key_id] = key
+            return key
+
+    def resolve(self, key_ref) -> KmsKey:
+        """The key named by a key id, key ARN, alias name or alias ARN (what KMS accepts)."""
+        if not isinstance(key_ref, str) or not key_ref:
+            raise KmsError("ValidationException", "KeyId must be a non-empty string")
+        resource = self._resource_of(key_ref)
+        with self._lock:
+            if resource.startswith("alias/"):
+                alias = self._aliases.get(resource)
+                if alias is None:
+                    raise KmsError("NotFoundException", f"Alias {self.arn(resource)} is not found.")
+                return self._keys[alias.target_key_id]
+            if not UUID_RE.match(resource):
+                raise KmsError("NotFoundException", f"Invalid keyId {key_ref}")
+            key = self._keys.get(resource)
+            if key is None:
+                raise KmsError("NotFoundException",
+                               f"Key '{self.arn('key/' + resource)}' does not exist")
+            return key
+
+    def _resource_of(self, key_ref: str) -> str:
+        """Strips an ARN down to the key id or "alias/name" it names, checking that it
+        names this account and region."""
+        if not key_ref.startswith("arn:"):
+            return key_ref
+        parts = key_ref.split(":", 5)
+        if len(parts) != 6 or parts[:3] != ["arn", "aws", "kms"]:
+            raise KmsError("NotFoundException", f"Invalid arn {key_ref}")
+        resource = parts[5]
+        if (parts[3], parts[4]) != (self.region, self.account_id):
+            raise KmsError("NotFoundException", f"Key '{key_ref}' does not exist")
+        if resource.startswith("key/"):
+            return resource[len("key/"):]
+        if resource.startswith("alias/"):
+            return resource
+        raise KmsError("NotFoundException", f"Invalid arn {key_ref}")
+
+    def list_keys(self) -> list[KmsKey]:
+        with self._lock:
+            return sorted(self._keys.values(), key=lambda k: (k.created, k.key_id))
+
+    def set_enabled(self, key: KmsKey, enabled: bool) -> None:
+        with self._lock:
+            key.enabled = enabled
+
+    def rotate(self, key: KmsKey) -> int:
+        """Adds a backing-key version (what KMS automatic rotation does behind the scenes)."""
+        with self._lock:
+            key.versions.append(os.urandom(32))
+            return len(key.versions)
+
+    def create_alias(self, name: str, key: KmsKey) -> None:
+        with self._lock:
+            if name in self._aliases:
+                raise KmsError("AlreadyExistsException",
+                               f"An alias with the name {self.arn(name)} already exists")
+            now = time.time()
+            self._aliases[name] = KmsAlias(name, self.arn(name), key.key_id, now, now)
+
+    def update_alias(self, name: str, key: KmsKey) -> None:
+        with self._lock:
+            alias = self._existing_alias(name)
+            alias.target_key_id = key.key_id
+            alias.updated = time.time()
+
+    def delete_alias(self, name: str) -> None:
+        with self._lock:
+            self._existing_alias(name)
+            del self._aliases[name]
+
+    def _existing_alias(self, name: str) -> KmsAlias:
+        alias = self._aliases.get(name)
+        if alias is None:
+            raise KmsError("NotFoundException", f"Alias {self.arn(name)} is not found.")
+        return alias
+
+    def list_aliases(self) -> list[KmsAlias]:
+        with self._lock:
+            return sorted(self._aliases.values(), key=lambda a: a.name)
+
+    def seal(self, key: KmsKey, plaintext: bytes, context: dict) -> bytes:
+        """Encrypts under the newest backing key, as KMS does after a rotation."""
+        with self._lock:
+            version = len(key.versions)
+            material = key.versions[-1]
+        header = BLOB_HEADER.pack(BLOB_MAGIC, uuid.UUID(key.key_id).bytes, version)
+        return header + aes_gcm_seal(material, plaintext,
+                                     header + canonical_encryption_context(context))
+
+    def blob_key(self, blob: bytes) -> tuple[KmsKey, int]:
+        """The key and backing-key version a ciphertext blob was made with."""
+        if len(blob) < BLOB_HEADER.size + GCM_NONCE_BYTES + GCM_TAG_BYTES:
+            raise invalid_ciphertext()
+        magic, key_bytes, version = BLOB_HEADER.unpack_from(blob)
+        if magic != BLOB_MAGIC:
+            raise invalid_ciphertext()
+        key_id = str(uuid.UUID(bytes=key_bytes))
+        with self._lock:
+            key = self._keys.get(key_id)
+        if key is None:
+            raise KmsError("NotFoundException", f"Key '{self.arn('key/' + key_id)}' does not exist")
+        return key, version
+
+    def open(self, key: KmsKey, version: int, blob: bytes, context: dict) -> bytes:
+        with self._lock:
+            material = key.versions[version - 1] if 1 <= version <= len(key.versions) else None
+        if material is None:
+            raise invalid_ciphertext()
+        header = blob[:BLOB_HEADER.size]
+        try:
+            return aes_gcm_open(material, blob[BLOB_HEADER.size:],
+                                header + canonical_encryption_context(context))
+        except InvalidTag:
+            raise invalid_ciphertext() from None
+
+
+# Request validation, with the messages KMS's own validation layer uses.
+
+def _field_label(name: str) -> str:
+    return name[0].lower() + name[1:]
+
+
+def kms_required(params: dict, name: str):
+    value = params.get(name)
+    if value is None:
+        raise KmsError("ValidationException",
+                       f"1 validation error detected: Value null at '{_field_label(name)}' "
+                       f"failed to satisfy constraint: Member must not be null")
+    return value
+
+
+def kms_string(params: dict, name: str, required: bool = False) -> str | None:
+    value = kms_required(params, name) if required else params.get(name)
+    if value is not None and not isinstance(value, str):
+        raise KmsError("SerializationException", f"'{name}' must be a string")
+    return value
+
+
+def kms_binary(params: dict, name: str, max_length: int) -> bytes:
+    try:
+        data = b64decode(kms_required(params, name))
+    except ValueError:
+        raise KmsError("SerializationException", f"'{name}' is not valid base64") from None
+    if not data:
+        raise KmsError("ValidationException",
+                       f"1 validation error detected: Value at '{_field_label(name)}' failed to "
+                       f"satisfy constraint: Member must have length greater than or equal to 1")
+    if len(data) > max_length:
+        raise KmsError("ValidationException",
+                       f"1 validation error detected: Value at '{_field_label(name)}' failed to "
+                       f"satisfy constraint: Member must have length less than or equal to "
+                       f"{max_length}")
+    return data
+
+
+def kms_context(params: dict, name: str) -> dict:
+    context = params.get(name) or {}
+    if not isinstance(context, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in context.items()):
+        raise KmsError("SerializationException", f"'{name}' must map strings to strings")
+    return context
+
+
+def kms_check_algorithm(params: dict, name: str) -> None:
+    algorithm = params.get(name)
+    if algorithm not in (None, "SYMMETRIC_DEFAULT"):
+        raise KmsError("InvalidKeyUsageException",
+                       f"Algorithm {algorithm} is incompatible with key spec SYMMETRIC_DEFAULT.")
+
+
+def kms_limit(params: dict) -> int:
+    limit = params.get("Limit", 100)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
+        raise KmsError("ValidationException",
+                       "1 validation error detected: Value at 'limit' failed to satisfy "
+                       "constraint: Member must have value between 1 and 1000")
+    return limit
+
+
+def kms_page(params: dict, items: list, marker_of: Callable) -> tuple[list, str | None]:
+    """One page of items after params["Marker"]; returns it and the next marker, if any."""
+    limit = kms_limit(params)
+    marker = params.get("Marker")
+    start = 0
+    if marker is not None:
+        markers = [marker_of(item) for item in items]
+        if marker not in markers:
+            raise KmsError("InvalidMarkerException",
+                           "The request was rejected because the marker that specifies where "
+                           "pagination should next begin is not valid.")
+        start = markers.index(marker) + 1
+    page = items[start:start + limit]
+    truncated = start + limit < len(items)
+    return page, (marker_of(page[-1]) if truncated else None)
+
+
+def kms_data_key_length(params: dict) -> int:
+    spec, count = params.get("KeySpec"), params.get("NumberOfBytes")
+    if (spec is None) == (count is None):
+        raise KmsError("ValidationException", "Please specify either number of bytes or key spec.")
+    if spec is not None:
+        lengths = {"AES_256": 32, "AES_128": 16}
+        if spec not in lengths:
+            raise KmsError("ValidationException",
+                           f"1 validation error detected: Value '{spec}' at 'keySpec' failed to "
+                           f"satisfy constraint: Member must satisfy enum value set: "
+                           f"[AES_256, AES_128]")
+        return lengths[spec]
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1024:
+        raise KmsError("ValidationException",
+                       "1 validation error detected: Value at 'numberOfBytes' failed to satisfy "
+                       "constraint: Member must have value between 1 and 1024")
+    return count
+
+
+@dataclass
+class KmsCall:
+    operation: str
+    params: dict
+
+
+class KmsApi:
+    """The TrentService operations pgphi and its tests use."""
+
+    def __init__(self, store: KmsStore, verifier: SigV4Verifier, faults: FaultBook,
+                 stats: Stats):
+        self.store = store
+        self.verifier = verifier
+        self.faults = faults
+        self.stats = stats
+        self._operations = {
+            "Encrypt": self._encrypt,
+            "Decrypt": self._decrypt,
+            "ReEncrypt": self._re_encrypt,
+            "GenerateDataKey": lambda call: self._generate_data_key(call, True),
+            "GenerateDataKeyWithoutPlaintext": lambda call: self._generate_data_key(call, False),
+            "DescribeKey": self._describe_key,
+            "CreateKey": self._create_key,
+            "EnableKey": lambda call: self._set_enabled(call, True),
+            "DisableKey": lambda call: self._set_enabled(call, False),
+            "ListKeys": self._list_keys,
+            "CreateAlias": self._create_alias,
+            "UpdateAlias": self._update_alias,
+            "DeleteAlias": self._delete_alias,
+            "ListAliases": self._list_aliases,
+            "RotateKeyOnDemand": self._rotate_key_on_demand,
+        }
+
+    def handle(self, target: str, method: str, raw_path: str, raw_query: str, headers,
+               body: bytes) -> HttpResponse:
+        operation = target[len(KMS_TARGET_PREFIX):] if target.startswith(KMS_TARGET_PREFIX) \
+            else target
+        self.stats.request("kms", operation)
+        label = f"kms {operation}"
+        try:
+            self.verifier.verify(method, raw_path, raw_query, headers, body)
+            params = self._parse_body(body)
+            fault = self.faults.take_request_fault("kms")
+            if fault:
+                inject_fault(fault, self.stats,
+                             lambda mode: self._fault_error(mode, operation, "*"))
+            handler = self._operations.get(operation) if target.startswith(KMS_TARGET_PREFIX) \
+                else None
+            if handler is None:
+                raise KmsError("UnknownOperationException", "")
+            result = handler(KmsCall(operation, params))
+            return self._response(200, result, label)
+        except SignatureRejected as exc:
+            self.stats.bump("rejected_signatures")
+            return self._error_response(exc, label)
+        except KmsError as exc:
+            return self._error_response(exc, label)
+
+    @staticmethod
+    def _parse_body(body: bytes) -> dict:
+        if not body.strip():
+            return {}
+        try:
+            params = json.loads(body)
+        except ValueError:
+            raise KmsError("SerializationException", "Malformed JSON request body") from None
+        if not isinstance(params, dict):
+            raise KmsError("SerializationException", "Request body must be a JSON object")
+        return params
+
+    @staticmethod
+    def _response(status: int, payload, label: str) -> HttpResponse:
+        response = json_response(status, payload, KMS_CONTENT_TYPE, label,
+                                 {"x-amzn-RequestId": str(uuid.uuid4())})
+        if payload is None:
+            # Operations without output still answer with the JSON content type.
+            response.content_type = KMS_CONTENT_TYPE
+        return response
+
+    def _error_response(self, exc: KmsError, label: str) -> HttpResponse:
+        self.stats.error("kms", exc.error_type)
+        LOG.info("%s failed: %s %s", label, exc.error_type, exc.message)
+        return self._response(exc.status, {"__type": exc.error_type, "message": exc.message},
+                              f"{label} {exc.error_type}")
+
+    def _fault_error(self, mode: str, operation: str, resource: str) -> KmsError:
+        if mode == "deny":
+            return KmsError(
+                "AccessDeniedException",
+                f"User: arn:aws:iam::{self.store.account_id}:user/emulator is not authorized "
+                f"to perform: kms:{operation} on resource: {resource} because no "
+                f"identity-based policy allows the kms:{operation} action")
+        if mode == "disable_key":
+            return KmsError("DisabledException", f"{resource} is disabled.")
+        if mode == "throttle":
+            return KmsError("ThrottlingException",
+                            "You have exceeded the rate at which you may call KMS. "
+                            "Reduce the frequency of your calls.")
+        return KmsError("KMSInternalException",
+                        "The request was rejected because an internal exception occurred. "
+                        "Please retry the request.", status=500)
+
+    # Key access: resolution, key-scoped faults and the key's own state.
+
+    def _usable_key(self, call: KmsCall, key_ref, crypto: bool = True) -> KmsKey:
+        key = self.store.resolve(key_ref)
+        self._check_usable(call, key, crypto)
+        return key
+
+    def _check_usable(self, call: KmsCall, key: KmsKey, crypto: bool) -> None:
+        fault = self.faults.take_key_fault("kms", key.key_id, crypto)
+        if fault:
+            inject_fault(fault, self.stats,
+                         lambda mode: self._fault_error(mode, call.operation, key.arn))
+        if crypto and not key.enabled:
+            raise KmsError("DisabledException", f"{key.arn} is disabled.")
+
+    def _open_blob(self, call: KmsCall, blob: bytes, context: dict, expected_ref
+                   ) -> tuple[KmsKey, bytes]:
+        key, version = self.store.blob_key(blob)
+        if expected_ref is not None and self.store.resolve(expected_ref).key_id != key.key_id:
+            raise KmsError("IncorrectKeyException",
+                           "The key ID in the request does not identify a CMK that can perform "
+                           "this operation.")
+        self._check_usable(call, key, crypto=True)
+        return key, self.store.open(key, version, blob, context)
+
+    def _metadata(self, key: KmsKey) -> dict:
+        return {
+            "AWSAccountId": self.store.account_id,
+            "KeyId": key.key_id,
+            "Arn": key.arn,
+            "CreationDate": key.created,
+            "Enabled": key.enabled,
+            "Description": key.description,
+            "KeyUsage": "ENCRYPT_DECRYPT",
+            "KeyState": "Enabled" if key.enabled else "Disabled",
+            "Origin": "AWS_KMS",
+            "KeyManager": "CUSTOMER",
+            "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT",
+            "KeySpec": "SYMMETRIC_DEFAULT",
+            "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+            "MultiRegion": False,
+        }
+
+    # Operations.
+
+    def _encrypt(self, call: KmsCall) -> dict:
+        params = call.params
+        key_ref = kms_required(params, "KeyId")
+        plaintext = kms_binary(params, "Plaintext", 4096)
+        context = kms_context(params, "EncryptionContext")
+        kms_check_algorithm(params, "EncryptionAlgorithm")
+        key = self._usable_key(call, key_ref)
+        return {"CiphertextBlob": b64encode(self.store.seal(key, plaintext, context)),
+                "KeyId": key.arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+
+    def _decrypt(self, call: KmsCall) -> dict:
+        params = call.params
+        blob = kms_binary(params, "CiphertextBlob", 6144)
+        context = kms_context(params, "EncryptionContext")
+        kms_check_algorithm(params, "EncryptionAlgorithm")
+        key, plaintext = self._open_blob(call, blob, context, params.get("KeyId"))
+        return {"KeyId": key.arn, "Plaintext": b64encode(plaintext),
+                "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+
+    def _re_encrypt(self, call: KmsCall) -> dict:
+        params = call.params
+        blob = kms_binary(params, "CiphertextBlob", 6144)
+        source_context = kms_context(params, "SourceEncryptionContext")
+        destination_context = kms_context(params, "DestinationEncryptionContext")
+        destination_ref = kms_required(params, "DestinationKeyId")
+        kms_check_algorithm(params, "SourceEncryptionAlgorithm")
+        kms_check_algorithm(params, "DestinationEncryptionAlgorithm")
+        source, plaintext = self._open_blob(call, blob, source_context,
+                                            params.get("SourceKeyId"))
+        destination = self._usable_key(call, destination_ref)
+        new_blob = self.store.seal(destination, plaintext, destination_context)
+        return {"CiphertextBlob": b64encode(new_blob), "SourceKeyId": source.arn,
+                "KeyId": destination.arn, "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+
+    def _generate_data_key(self, call: KmsCall, with_plaintext: bool) -> dict:
+        params = call.params
+        key_ref = kms_required(params, "KeyId")
+        length = kms_data_key_length(params)
+        context = kms_context(params, "EncryptionContext")
+        key = self._usable_key(call, key_ref)
+        data_key = os.urandom(length)
+        result = {"CiphertextBlob": b64encode(self.store.seal(key, data_key, context)),
+                  "KeyId": key.arn}
+        if with_plaintext:
+            result["Plaintext"] = b64encode(data_key)
+        return result
+
+    def _describe_key(self, call: KmsCall) -> dict:
+        key = self._usable_key(call, kms_required(call.params, "KeyId"), crypto=False)
+        return {"KeyMetadata": self._metadata(key)}
+
+    def _create_key(self, call: KmsCall) -> dict:
+        params = call.params
+        usage = params.get("KeyUsage", "ENCRYPT_DECRYPT")
+        spec = params.get("KeySpec") or params.get("CustomerMasterKeySpec") or "SYMMETRIC_DEFAULT"
+        origin = params.get("Origin", "AWS_KMS")
+        if (usage, spec, origin) != ("ENCRYPT_DECRYPT", "SYMMETRIC_DEFAULT", "AWS_KMS"):
+            raise KmsError("UnsupportedOperationException",
+                           "This emulator only creates SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys "
+                           "with origin AWS_KMS.")
+        description = kms_string(params, "Description") or ""
+        if len(description) > 8192:
+            raise KmsError("ValidationException",
+                           "1 validation error detected: Value at 'description' failed to "
+                           "satisfy constraint: Member must have length less than or equal to "
+                           "8192")
+        return {"KeyMetadata": self._metadata(self.store.create_key(description=description))}
+
+    def _set_enabled(self, call: KmsCall, enabled: bool) -> None:
+        key = self._usable_key(call, kms_required(call.params, "KeyId"), crypto=False)
+        self.store.set_enabled(key, enabled)
+
+    def _list_keys(self, call: KmsCall) -> dict:
+        page, next_marker = kms_page(call.params, self.store.list_keys(), lambda k: k.key_id)
+        result = {"Keys": [{"KeyId": k.key_id, "KeyArn": k.arn} for k in page],
+                  "Truncated": next_marker is not None}
+        if next_marker:
+            result["NextMarker"] = next_marker
+        return result
+
+    def _alias_target(self, call: KmsCall) -> tuple[str, KmsKey]:
+        name = kms_string(call.params, "AliasName", required=True)
+        target_ref = kms_string(call.params, "TargetKeyId", required=True)
+        if not ALIAS_RE.match(name) or name.startswith("alias/aws/"):
+            raise KmsError("ValidationException",
+                           f"Alias name {name} must begin with 'alias/', use only "
+                           f"[a-zA-Z0-9/_-] and not begin with 'alias/aws/'.")
+        if "alias/" in target_ref:
+            raise KmsError("ValidationException", "TargetKeyId must be a key ID or key ARN.")
+        return name, self._usable_key(call, target_ref, crypto=False)
+
+    def _create_alias(self, call: KmsCall) -> None:
+        self.store.create_alias(*self._alias_target(call))
+
+    def _update_alias(self, call: KmsCall) -> None:
+        self.store.update_alias(*self._alias_target(call))
+
+    def _delete_alias(self, call: KmsCall) -> None:
+        self.store.delete_alias(kms_string(call.params, "AliasName", required=True))
+
+    def _list_aliases(self, call: KmsCall) -> dict:
+        aliases = self.store.list_aliases()
+        key_ref = call.params.get("KeyId")
+        if key_ref is not None:
+            key_id = self.store.resolve(key_ref).key_id
+            aliases = [a for a in aliases if a.target_key_id == key_id]
+        page, next_marker = kms_page(call.params, aliases, lambda a: a.name)
+        result = {"Aliases": [{"AliasName": a.name, "AliasArn": a.arn,
+                               "TargetKeyId": a.target_key_id, "CreationDate": a.created,
+                               "LastUpdatedDate": a.updated} for a in page],
+                  "Truncated": next_marker is not None}
+        if next_marker:
+            result["NextMarker"] = next_marker
+        return result
+
+    def _rotate_key_on_demand(self, call: KmsCall) -> dict:
+        key = self._usable_key(call, kms_required(call.params, "KeyId"), crypto=False)
+        self.store.rotate(key)
+        return {"KeyId": key.key_id}
+
+
+# --------------------------------------------------------------------------
+# HashiCorp Vault: tokens, AppRole and the Transit engine
+# --------------------------------------------------------------------------
+
+VAULT_VERSION = "1.15.6+emulator"
+VAULT_KEY_TYPES = {"aes256-gcm96": 32, "aes128-gcm96": 16}
+VAULT_NAME_RE = re.compile(r"^\w(?:[\w.-]*\w)?$")   # Vault's GenericNameRegex
+VAULT_TOO_OLD = "ciphertext or signature version is disallowed by policy (too old)"
+PERMISSION_DENIED = "permission denied"
+
+
+class VaultError(Exception):
+    """An error in Vault's shape: HTTP status plus {"errors": [...]}."""
+
+    def __init__(self, status: int, *errors: str):
+        super().__init__(f"{status}: {'; '.join(errors)}")
+        self.status = status
+        self.errors = list(errors)
+
+
+def normalize_namespace(value: str | None) -> str:
+    return "/".join(part for part in (value or "").strip().split("/") if part)
+
+
+def namespace_covers(token_namespace: str, request_namespace: str) -> bool:
+    """A token works in the namespace it was issued in and in that namespace's children."""
+    return (not token_namespace or request_namespace == token_namespace
+            or request_namespace.startswith(token_namespace + "/"))
+
+
+@dataclass
+class VaultToken:
+    token_id: str
+    accessor: str
+    policies: list
+    display_name: str
+    path: str
+    namespace: str
+    issued: float
+    ttl: int                    # TTL granted on creation and on each plain renewal; 0 = none
+    max_ttl: int                # renewals never extend past issued + max_ttl
+    renewable: bool
+    expires: float | None       # None: never expires (the root token)
+    meta: dict | None = None
+    entity_id: str = ""
+
+    def remaining(self, now: float) -> int:
+        # Rounded, not truncated: a token issued with TTL 60 reports 60, as in Vault.
+        return 0 if self.expires is None else max(0, round(self.expires - now))
+
+
+@dataclass
+class AppRole:
+    name: str
+    role_id: str
+    secret_id: str
+
+
+class TokenStore:
+    """Issued tokens, the configured root token and AppRole credentials. Thread-safe."""
+
+    def __init__(self, root_token: str | None, approles: list[AppRole], token_ttl: int,
+                 token_max_ttl: int):
+        self._lock = threading.Lock()
+        self._tokens: dict[str, VaultToken] = {}
+        self._approles = {role.role_id: role for role in approles}
+        self.token_ttl = token_ttl
+        self.token_max_ttl = max(token_max_ttl, token_ttl)
+        if root_token:
+            self._tokens[root_token] = VaultToken(
+                root_token, secrets.token_urlsafe(18), ["root"], "root", "auth/token/root", "",
+                time.time(), 0, 0, False, None)
+
+    def login_approle(self, role_id: str, secret_id: str, namespace: str) -> VaultToken:
+        role = self._approles.get(role_id)
+        if role is None or not hmac.compare_digest(role.secret_id.encode(), secret_id.encode()):
+            raise VaultError(400, "invalid role or secret ID")
+        now = time.time()
+        token = VaultToken(
+            "hvs." + secrets.token_urlsafe(24), secrets.token_urlsafe(18), ["default"],
+            "approle", "auth/approle/login", namespace, now, self.token_ttl,
+            self.token_max_ttl, True, now + self.token_ttl, {"role_name": role.name},
+            str(uuid.uuid4()))
+        with self._lock:
+            self._tokens[token.token_id] = token
+        return token
+
+    def lookup(self, token_id: str, namespace: str) -> VaultToken | None:
+        """The live token with that id if it may be used in namespace, else None."""
+        with self._lock:
+            token = self._tokens.get(token_id)
+            if token is None:
+                return None
+            if token.expires is not None and token.expires <= time.time():
+                del self._tokens[token_id]     # Vault revokes tokens when they expire
+                return None
+        return token if namespace_covers(token.namespace, namespace) else None
+
+    def renew(self, token: VaultToken, increment: int | None) -> list[str] | None:
+        """Extends the token's TTL (by increment, else its own TTL) up to its max TTL.
+        Returns Vault's warning when the max TTL capped the request."""
+        if not token.renewable:
+            raise VaultError(400, "lease is not renewable")
+        with self._lock:
+            now = time.time()
+            requested = increment if increment else token.ttl
+            limit = token.issued + token.max_ttl
+            token.expires = min(now + requested, limit)
+            if now + requested > limit:
+                return [f'TTL of "{go_duration(requested)}" exceeded the effective max_ttl of '
+                        f'"{go_duration(limit - now)}"; TTL value is capped accordingly']
+        return None
+
+    def revoke(self, token: VaultToken) -> None:
+        with self._lock:
+            self._tokens.pop(token.token_id, None)
+
+    def expire_all(self, include_root: bool) -> int:
+        """The "expire_tokens" fault: every issued token (and the root token if asked)
+        stops working at once; new logins still succeed."""
+        with self._lock:
+            doomed = [token_id for token_id, token in self._tokens.items()
+                      if include_root or token.expires is not None]
+            for token_id in doomed:
+                del self._tokens[token_id]
+            return len(doomed)
+
+
+@dataclass
+class TransitKey:
+    name: str
+    key_type: str
+    derived: bool
+    exportable: bool
+    versions: list = field(default_factory=list)   # (material, unix time); version n is [n-1]
+    min_decryption_version: int = 1
+    min_encryption_version: int = 0
+    deletion_allowed: bool = False
+
+    @property
+    def latest_version(self) -> int:
+        return len(self.versions)
+
+    def add_version(self) -> None:
+        self.versions.append((os.urandom(VAULT_KEY_TYPES[self.key_type]), int(time.time())))
+
+
+def parse_vault_ciphertext(text) -> tuple[int, str]:
+    """Splits "vault:v<N>:<base64>" into N and the base64 part, with Vault's messages."""
+    prefix = "vault:v"
+    if not isinstance(text, str) or not text.startswith(prefix):
+        raise VaultError(400, "invalid ciphertext: no prefix")
+    version_text, sep, payload = text[len(prefix):].partition(":")
+    if not sep:
+        raise VaultError(400, "invalid ciphertext: wrong number of fields")
+    try:
+        version = int(version_text)
+    except ValueError:
+        raise VaultError(400, "invalid ciphertext: version number could not be decoded") from None
+    return (1 if version == 0 else version), payload   # v0 means v1 in Vault
+
+
+class TransitStore:
+    """Transit keys of every namespace and mount. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._keys: dict[tuple[str, str, str], TransitKey] = {}
+
+    def get(self, namespace: str, mount: str, name: str) -> TransitKey | None:
+        with self._lock:
+            return self._keys.get((namespace, mount, name))
+
+    def create(self, namespace: str, mount: str, name: str, key_type: str = "aes256-gcm96",
+               derived: bool = False, exportable: bool = False) -> tuple[TransitKey, bool]:
+        """Returns the key and whether it was created (False: it already existed)."""
+        with self._lock:
+            existing = self._keys.get((namespace, mount, name))
+            if existing is not None:
+                return existing, False
+            key = TransitKey(name, key_type, derived, exportable)
+            key.add_version()
+            self._keys[(namespace, mount, name)] = key
+            return key, True
+
+    def delete(self, namespace: str, mount: str, name: str) -> None:
+        with self._lock:
+            key = self._keys.get((namespace, mount, name))
+            if key is None:
+                raise VaultError(400, f"error deleting policy {name}: could not delete key; "
+                                      f"not found")
+            if not key.deletion_allowed:
+                raise VaultError(400, f"error deleting policy {name}: deletion is not allowed "
+                                      f"for this policy")
+            del self._keys[(namespace, mount, name)]
+
+    def names(self, namespace: str, mount: str) -> list[str]:
+        with self._lock:
+            return sorted(name for (ns, mnt, name) in self._keys if (ns, mnt) == (namespace, mount))
+
+    def rotate(self, key: TransitKey) -> None:
+        with self._lock:
+            key.add_version()
+
+    def configure(self, key: TransitKey, min_decryption: int | None, min_encryption: int | None,
+                  deletion_allowed: bool | None) -> None:
+        with self._lock:
+            decryption = key.min_decryption_version if min_decryption is None else min_decryption
+            encryption = key.min_encryption_version if min_encryption is None else min_encryption
+            decryption = decryption or 1
+            if decryption < 0 or encryption < 0:
+                raise VaultError(400, "key versions cannot be negative")
+            if decryption > key.latest_version:
+                raise VaultError(400, "cannot set min_decryption_version above the latest "
+                                      "version")
+            if encryption > key.latest_version:
+                raise VaultError(400, "cannot set min_encryption_version above the latest "
+                                      "version")
+            if encryption and encryption < decryption:
+                raise VaultError(400, "min encryption version should not be less than min "
+                                      "decryption version")
+            key.min_decryption_version = decryption
+            key.min_encryption_version = encryption
+            if deletion_allowed is not None:
+                key.deletion_allowed = deletion_allowed
+
+    def describe(self, key: TransitKey) -> dict:
+        with self._lock:
+            info = {
+                "name": key.name,
+                "type": key.key_type,
+                "derived": key.derived,
+                "deletion_allowed": key.deletion_allowed,
+                "exportable": key.exportable,
+                "allow_plaintext_backup": False,
+                "latest_version": key.latest_version,
+                "min_available_version": 0,
+                "min_decryption_version": key.min_decryption_version,
+                "min_encryption_version": key.min_encryption_version,
+                "keys": {str(n): created for n, (_, created) in enumerate(key.versions, 1)},
+                "supports_encryption": True,
+                "supports_decryption": True,
+                "supports_derivation": True,
+                "supports_signing": False,
+                "auto_rotate_period": 0,
+                "imported_key": False,
+                "soft_deleted": False,
+            }
+            if key.derived:
+                info.update(kdf="hkdf_sha256", convergent_encryption=False)
+            return info
+
+    def encrypt(self, key: TransitKey, plaintext: bytes, context: bytes | None,
+                aad: bytes | None, version: int = 0) -> tuple[str, int]:
+        with self._lock:
+            version = self._encryption_version(key, version)
+            material = self._material(key, version, context)
+        sealed = aes_gcm_seal(material, plaintext, aad)
+        return f"vault:v{version}:{b64encode(sealed)}", version
+
+    def decrypt(self, key: TransitKey, ciphertext, context: bytes | None, aad: bytes | None
+                ) -> bytes:
+        version, payload = parse_vault_ciphertext(ciphertext)
+        with self._lock:
+            if version > key.latest_version:
+                raise VaultError(400, "invalid ciphertext: version is too new")
+            if version < key.min_decryption_version:
+                raise VaultError(400, VAULT_TOO_OLD)
+            material = self._material(key, version, context)
+        try:
+            sealed = b64decode(payload)
+        except ValueError:
+            raise VaultError(400, "invalid ciphertext: could not decode base64") from None
+        if len(sealed) < GCM_NONCE_BYTES:
+            raise VaultError(400, "invalid ciphertext length")
+        try:
+            return aes_gcm_open(material, sealed, aad)
+        except InvalidTag:
+            raise VaultError(400, "cipher: message authentication failed") from None
+
+    @staticmethod
+    def _encryption_version(key: TransitKey, requested: int) -> int:
+        if requested == 0:
+            return key.latest_version
+        if requested > key.latest_version:
+            raise VaultError(400, "requested version for encryption is higher than the latest "
+                                  "key version")
+        if requested < max(key.min_encryption_version, 1):
+            raise VaultError(400, "requested version for encryption is less than the minimum "
+                                  "encryption key version")
+        return requested
+
+    @staticmethod
+    def _material(key: TransitKey, version: int, context: bytes | None) -> bytes:
+        material = key.versions[version - 1][0]
+        if not key.derived:
+            return material            # Vault ignores a context for non-derived keys
+        if not context:
+            raise VaultError(400, "missing 'context' for key derivation; the key was created "
+                                  "using a derived key, which means additional, per-request "
+                                  "information must be included in order to perform operations "
+                                  "with the key")
+        return HKDF(algorithm=hashes.SHA256(), length=len(material), salt=None,
+                    info=context).derive(material)
+
+
+# Request parameters, read leniently the way Vault's field parser does.
+
+def vault_bool(body: dict, name: str, default: bool | None = False) -> bool | None:
+    value = body.get(name)
+    if value is None:                # absent or JSON null (clients send nulls for unset fields)
+        return default
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "t"):
+        return True
+    if str(value).lower() in ("false", "0", "f", ""):
+        return False
+    raise VaultError(400, f"error converting input {value} for field \"{name}\"")
+
+
+def vault_int(body: dict, name: str, default: int | None = 0) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value))
+    except ValueError:
+        raise VaultError(400, f"error converting input {value} for field \"{name}\"") from None
+
+
+def vault_b64(body: dict, name: str) -> bytes | None:
+    value = body.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return b64decode(value)
+    except ValueError:
+        raise VaultError(400, f"failed to base64-decode {name}") from None
+
+
+@dataclass
+class VaultCall:
+    operation: str
+    namespace: str
+    captures: dict
+    body: dict
+    token: VaultToken | None = None
+
+    @property
+    def mount(self) -> str:
+        return self.captures.get("mount", "")
+
+    @property
+    def name(self) -> str | None:
+        return self.captures.get("name")
+
+
+# (path pattern, {HTTP method: operation}). "{mount}" matches a configured mount,
+# "{name}" a valid key name, "{kind}" anything. GET ...?list=true counts as LIST.
+VAULT_ROUTES = [
+    (("sys", "health"), {"GET": "health", "HEAD": "health"}),
+    (("auth", "approle", "login"), {"POST": "login", "PUT": "login"}),
+    (("auth", "token", "lookup-self"), {"GET": "lookup_self", "POST": "lookup_self"}),
+    (("auth", "token", "renew-self"), {"POST": "renew_self", "PUT": "renew_self"}),
+    (("auth", "token", "revoke-self"), {"POST": "revoke_self", "PUT": "revoke_self"}),
+    (("{mount}", "keys"), {"LIST": "list_keys"}),
+    (("{mount}", "keys", "{name}"),
+     {"POST": "create_key", "PUT": "create_key", "GET": "read_key", "DELETE": "delete_key"}),
+    (("{mount}", "keys", "{name}", "rotate"), {"POST": "rotate", "PUT": "rotate"}),
+    (("{mount}", "keys", "{name}", "config"), {"POST": "config", "PUT": "config"}),
+    (("{mount}", "encrypt", "{name}"), {"POST": "encrypt", "PUT": "encrypt"}),
+    (("{mount}", "decrypt", "{name}"), {"POST": "decrypt", "PUT": "decrypt"}),
+    (("{mount}", "rewrap", "{name}"), {"POST": "rewrap", "PUT": "rewrap"}),
+    (("{mount}", "datakey", "{kind}", "{name}"), {"POST": "datakey", "PUT": "datakey"}),
+]
+VAULT_UNAUTHENTICATED = {"health", "login"}
+VAULT_CRYPTO_OPERATIONS = {"encrypt", "decrypt", "rewrap", "datakey"}
+
+
+class VaultApi:
+    def __init__(self, transit: TransitStore, tokens: TokenStore, mounts: list[str],
+                 faults: FaultBook, stats: Stats):
+        self.transit = transit
+        self.tokens = tokens
+        self.mounts = set(mounts)
+        self.faults = faults
+        self.stats = stats
+        self.cluster_id = str(uuid.uuid4())
+
+    def handle(self, method: str, path: str, raw_query: str, headers, body: bytes
+               ) -> HttpResponse:
+        if method == "GET" and urllib.parse.parse_qs(raw_query).get("list") == ["true"]:
+            method = "LIST"
+        segments = [urllib.parse.unquote(s) for s in path[len("/v1/"):].split("/") if s]
+        namespace = normalize_namespace(headers.get("X-Vault-Namespace"))
+        label = f"vault {method} /v1/{'/'.join(segments)}"
+        try:
+            operation, captures, path_namespace = self._route(method, segments)
+        except VaultError as exc:
+            self.stats.request("vault", "unsupported_path")
+            return self._error_response(exc, label)
+        namespace = "/".join(part for part in (namespace, path_namespace) if part)
+        label = f"vault {operation} ns={namespace or '-'} key={captures.get('name', '-')}"
+        self.stats.request("vault", operation, namespace)
+        try:
+            fault = self.faults.take_request_fault("vault")
+            if fault:
+                inject_fault(fault, self.stats, lambda mode: self._fault_error(mode, None))
+            call = VaultCall(operation, namespace, captures, self._parse_body(body))
+            if operation not in VAULT_UNAUTHENTICATED:
+                call.token = self._authenticate(headers, namespace)
+            if call.name:
+                self._check_key_fault(call)
+            status, payload = getattr(self, f"_op_{operation}")(call)
+            return json_response(status, payload, label=label,
+                                 headers={"Cache-Control": "no-store"})
+        except VaultError as exc:
+            return self._error_response(exc, label)
+
+    def _route(self, method: str, segments: list[str]) -> tuple[str, dict, str]:
+        """Finds the route; segments before it name a namespace (Vault accepts the
+        namespace in the path as well as in X-Vault-Namespace)."""
+        for start in range(len(segments)):
+            for pattern, methods in VAULT_ROUTES:
+                captures = self._match(pattern, segments[start:])
+                if captures is None:
+                    continue
+                if method not in methods:
+                    raise VaultError(405, "unsupported operation")
+                return methods[method], captures, "/".join(segments[:start])
+        raise VaultError(404, "unsupported path")
+
+    def _match(self, pattern: tuple, segments: list[str]) -> dict | None:
+        if len(pattern) != len(segments):
+            return None
+        captures = {}
+        for want, got in zip(pattern, segments):
+            if want == "{mount}":
+                if got not in self.mounts:
+                    return None
+                captures["mount"] = got
+            elif want == "{name}":
+                if not VAULT_NAME_RE.match(got):
+                    return None
+                captures["name"] = got
+            elif want == "{kind}":
+                captures["kind"] = got
+            elif want != got:
+                return None
+        return captures
+
+    @staticmethod
+    def _parse_body(body: bytes) -> dict:
+        if not body.strip():
+            return {}
+        try:
+            parsed = json.loads(body)
+        except ValueError as exc:
+            raise VaultError(400, f"failed to parse JSON input: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise VaultError(400, "failed to parse JSON input: expected an object")
+        return parsed
+
+    def _authenticate(self, headers, namespace: str) -> VaultToken:
+        token_id = headers.get("X-Vault-Token")
+        bearer = headers.get("Authorization", "")
+        if not token_id and bearer.lower().startswith("bearer "):
+            token_id = bearer[len("bearer "):].strip()
+        token = self.tokens.lookup(token_id, namespace) if token_id else None
+        if token is None:
+            self.stats.bump("rejected_tokens")
+            raise VaultError(403, PERMISSION_DENIED)
+        return token
+
+    def _check_key_fault(self, call: VaultCall) -> None:
+        fault = self.faults.take_key_fault("vault", call.name,
+                                           call.operation in VAULT_CRYPTO_OPERATIONS)
+        if fault:
+            inject_fault(fault, self.stats, lambda mode: self._fault_error(mode, call.name))
+
+    @staticmethod
+    def _fault_error(mode: str, key_name: str | None) -> VaultError:
+        if mode == "deny":
+            return VaultError(403, PERMISSION_DENIED)
+        if mode == "disable_key":
+            return VaultError(400, f'key "{key_name}" is disabled (emulator fault)')
+        if mode == "throttle":
+            return VaultError(429, "rate limit quota exceeded")
+        return VaultError(500, "internal error")
+
+    def _error_response(self, exc: VaultError, label: str) -> HttpResponse:
+        self.stats.error("vault", exc.status)
+        LOG.info("%s failed: %d %s", label, exc.status, "; ".join(exc.errors))
+        return json_response(exc.status, {"errors": exc.errors}, label=f"{label} {exc.status}")
+
+    @staticmethod
+    def _envelope(data=None, auth=None, warnings=None, mount_type: str = "") -> dict:
+        return {"request_id": str(uuid.uuid4()), "lease_id": "", "renewable": False,
+                "lease_duration": 0, "data": data, "wrap_info": None, "warnings": warnings,
+                "auth": auth, "mount_type": mount_type}
+
+    def _existing_key(self, call: VaultCall) -> TransitKey:
+        key = self.transit.get(call.namespace, call.mount, call.name)
+        if key is None:
+            raise VaultError(400, "encryption key not found")
+        return key
+
+    def _transit_result(self, data=None, warnings=None) -> tuple[int, dict]:
+        return 200, self._envelope(data=data, warnings=warnings, mount_type="transit")
+
+    # System and auth endpoints.
+
+    def _op_health(self, call: VaultCall):
+        return 200, {"initialized": True, "sealed": False, "standby": False,
+                     "performance_standby": False, "replication_performance_mode": "disabled",
+                     "replication_dr_mode": "disabled", "server_time_utc": int(time.time()),
+                     "version": VAULT_VERSION, "cluster_name": "vault-cluster-emulator",
+                     "cluster_id": self.cluster_id}
+
+    def _op_login(self, call: VaultCall):
+        role_id, secret_id = call.body.get("role_id"), call.body.get("secret_id")
+        if not isinstance(role_id, str) or not role_id:
+            raise VaultError(400, "missing role_id")
+        if not isinstance(secret_id, str):
+            raise VaultError(400, "missing secret_id")
+        token = self.tokens.login_approle(role_id, secret_id, call.namespace)
+        return 200, self._envelope(auth=self._auth_block(token), mount_type="approle")
+
+    @staticmethod
+    def _auth_block(token: VaultToken) -> dict:
+        return {"client_token": token.token_id, "accessor": token.accessor,
+                "policies": token.policies, "token_policies": token.policies,
+                "metadata": token.meta, "lease_duration": token.remaining(time.time()),
+                "renewable": token.renewable, "entity_id": token.entity_id,
+                "token_type": "service", "orphan": True, "mfa_requirement": None,
+                "num_uses": 0}
+
+    def _op_lookup_self(self, call: VaultCall):
+        token, now = call.token, time.time()
+        data = {"accessor": token.accessor, "creation_time": int(token.issued),
+                "creation_ttl": token.ttl, "display_name": token.display_name,
+                "entity_id": token.entity_id,
+                "expire_time": None if token.expires is None else iso_time(token.expires),
+                "explicit_max_ttl": 0, "id": token.token_id, "issue_time": iso_time(token.issued),
+                "meta": token.meta, "num_uses": 0, "orphan": True, "path": token.path,
+                "policies": token.policies, "renewable": token.renewable,
+                "ttl": token.remaining(now), "type": "service",
+                "namespace_path": token.namespace + "/" if token.namespace else ""}
+        return 200, self._envelope(data=data, mount_type="token")
+
+    def _op_renew_self(self, call: VaultCall):
+        increment = call.body.get("increment")
+        try:
+            increment = parse_duration(increment) if increment not in (None, "") else None
+        except ValueError as exc:
+            raise VaultError(400, str(exc)) from None
+        warnings = self.tokens.renew(call.token, increment)
+        return 200, self._envelope(auth=self._auth_block(call.token), warnings=warnings,
+                                   mount_type="token")
+
+    def _op_revoke_self(self, call: VaultCall):
+        self.tokens.revoke(call.token)
+        return 204, None
+
+    # Transit key management.
+
+    def _op_list_keys(self, call: VaultCall):
+        names = self.transit.names(call.namespace, call.mount)
+        if not names:
+            return 404, {"errors": []}
+        return self._transit_result({"keys": names})
+
+    def _op_create_key(self, call: VaultCall):
+        body = call.body
+        key_type = body.get("type") or "aes256-gcm96"
+        if key_type not in VAULT_KEY_TYPES:
+            raise VaultError(400, f"unknown key type {key_type} (the emulator supports "
+                                  f"{', '.join(VAULT_KEY_TYPES)})")
+        derived = vault_bool(body, "derived")
+        if vault_bool(body, "convergent_encryption"):
+            raise VaultError(400, "convergent encryption is not supported by the emulator")
+        key, created = self.transit.create(call.namespace, call.mount, call.name, key_type,
+                                           derived, vault_bool(body, "exportable"))
+        warnings = None if created else [f"key {call.name} already existed"]
+        return self._transit_result(self.transit.describe(key), warnings)
+
+    def _op_read_key(self, call: VaultCall):
+        key = self.transit.get(call.namespace, call.mount, call.name)
+        if key is None:
+            return 404, {"errors": []}
+        return self._transit_result(self.transit.describe(key))
+
+    def _op_delete_key(self, call: VaultCall):
+        self.transit.delete(call.namespace, call.mount, call.name)
+        return 204, None
+
+    def _op_rotate(self, call: VaultCall):
+        key = self._existing_key(call)
+        self.transit.rotate(key)
+        return self._transit_result(self.transit.describe(key))
+
+    def _op_config(self, call: VaultCall):
+        key = self.transit.get(call.namespace, call.mount, call.name)
+        if key is None:
+            raise VaultError(400, f"no existing key named {call.name} could be found")
+        self.transit.configure(key, vault_int(call.body, "min_decryption_version", None),
+                               vault_int(call.body, "min_encryption_version", None),
+                               vault_bool(call.body, "deletion_allowed", None))
+        return self._transit_result(self.transit.describe(key))
+
+    # Transit cryptography.
+
+    def _op_encrypt(self, call: VaultCall):
+        body = call.body
+        if "batch_input" in body:
+            raise VaultError(400, "batch_input is not supported by the emulator")
+        if "plaintext" not in body:
+            raise VaultError(400, "missing plaintext to encrypt")
+        plaintext = vault_b64(body, "plaintext") or b""
+        context = vault_b64(body, "context")
+        key = self.transit.get(call.namespace, call.mount, call.name)
+        if key is None:
+            # Vault creates the key on first encrypt ("upsert"), derived if a context came.
+            key_type = body.get("type") or "aes256-gcm96"
+            if key_type not in VAULT_KEY_TYPES:
+                raise VaultError(400, f"unknown key type {key_type}")
+            key, _ = self.transit.create(call.namespace, call.mount, call.name, key_type,
+                                         derived=context is not None)
+        ciphertext, version = self.transit.encrypt(
+            key, plaintext, context, vault_b64(body, "associated_data"),
+            vault_int(body, "key_version"))
+        return self._transit_result({"ciphertext": ciphertext, "key_version": version})
+
+    def _op_decrypt(self, call: VaultCall):
+        body = call.body
+        if "batch_input" in body:
+            raise VaultError(400, "batch_input is not supported by the emulator")
+        if not body.get("ciphertext"):
+            raise VaultError(400, "missing ciphertext to decrypt")
+        key = self._existing_key(call)
+        plaintext = self.transit.decrypt(key, body["ciphertext"], vault_b64(body, "context"),
+                                         vault_b64(body, "associated_data"))
+        return self._transit_result({"plaintext": b64encode(plaintext)})
+
+    def _op_rewrap(self, call: VaultCall):
+        body = call.body
+        if not body.get("ciphertext"):
+            raise VaultError(400, "missing ciphertext to rewrap")
+        key = self._existing_key(call)
+        context, aad = vault_b64(body, "context"), vault_b64(body, "associated_data")
+        plaintext = self.transit.decrypt(key, body["ciphertext"], context, aad)
+        ciphertext, version = self.transit.encrypt(key, plaintext, context, aad,
+                                                   vault_int(body, "key_version"))
+        return self._transit_result({"ciphertext": ciphertext, "key_version": version})
+
+    def _op_datakey(self, call: VaultCall):
+        kind = call.captures["kind"]
+        if kind not in ("plaintext", "wrapped"):
+            raise VaultError(400, "invalid type")
+        bits = vault_int(call.body, "bits", 256)
+        if bits not in (128, 256, 512):
+            raise VaultError(400, "invalid bits length")
+        key = self._existing_key(call)
+        data_key = os.urandom(bits // 8)
+        ciphertext, version = self.transit.encrypt(key, data_key, vault_b64(call.body, "context"),
+                                                   None, vault_int(call.body, "key_version"))
+        data = {"ciphertext": ciphertext, "key_version": version}
+        if kind == "plaintext":
+            data["plaintext"] = b64encode(data_key)
+        return self._transit_result(data)
+
+
+# --------------------------------------------------------------------------
+# Control API (/_emulator/...)
+# --------------------------------------------------------------------------
+
+class AdminError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class AdminApi:
+    """Test-only control plane, guarded by its own token in X-Emulator-Admin."""
+
+    def __init__(self, admin_token: str, kms_store: KmsStore, transit: TransitStore,
+                 tokens: TokenStore, default_mount: str, faults: FaultBook, stats: Stats,
+                 request_shutdown: Callable[[], None]):
+        self.admin_token = admin_token
+        self.kms_store = kms_store
+        self.transit = transit
+        self.tokens = tokens
+        self.default_mount = default_mount
+        self.faults = faults
+        self.stats = stats
+        self.request_shutdown = request_shutdown
+        self._routes = {
+            ("GET", "/_emulator/health"): lambda body: {"status": "ok"},
+            ("GET", "/_emulator/fault"): lambda body: {"faults": self.faults.describe()},
+            ("POST", "/_emulator/fault"): self._set_fault,
+            ("GET", "/_emulator/stats"): lambda body: self.stats.snapshot(),
+            ("POST", "/_emulator/stats/reset"): self._reset_stats,
+            ("POST", "/_emulator/kms/rotate"): self._rotate_kms_key,
+            ("POST", "/_emulator/kms/keys"): self._create_kms_key,
+            ("POST", "/_emulator/vault/keys"): self._create_vault_key,
+            ("POST", "/_emulator/shutdown"): lambda body: {"status": "shutting down"},
+        }
+
+    def handle(self, method: str, path: str, headers, body: bytes) -> HttpResponse:
+        label = f"admin {method} {path}"
+        try:
+            given = headers.get("X-Emulator-Admin") or ""
+            if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
+                raise AdminError(401, "missing or wrong X-Emulator-Admin token")
+            handler = self._routes.get((method, path.rstrip("/")))
+            if handler is None:
+                raise AdminError(404, f"no control endpoint {method} {path}")
+            response = json_response(200, handler(self._parse(body)), label=label)
+            if path.rstrip("/") == "/_emulator/shutdown":
+                response.after_send = self.request_shutdown
+            return response
+        except (AdminError, KmsError) as exc:
+            status = exc.status if isinstance(exc, AdminError) else 400
+            message = exc.message if isinstance(exc, AdminError) else str(exc)
+            return json_response(status, {"error": message}, label=f"{label} {status}")
+
+    @staticmethod
+    def _parse(body: bytes) -> dict:
+        if not body.strip():
+            return {}
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            raise AdminError(400, "body must be JSON") from None
+        if not isinstance(parsed, dict):
+            raise AdminError(400, "body must be a JSON object")
+        return parsed
+
+    def _set_fault(self, body: dict) -> dict:
+        mode, target, key = body.get("mode"), body.get("target", "all"), body.get("key")
+        if mode not in FAULT_MODES:
+            raise AdminError(400, f"mode must be one of {', '.join(FAULT_MODES)}")
+        if target not in FAULT_TARGETS:
+            raise AdminError(400, f"target must be one of {', '.join(FAULT_TARGETS)}")
+        if key is not None and not isinstance(key, str):
+            raise AdminError(400, "key must be a string")
+        if mode == "none":
+            return {"cleared": self.faults.clear(target, key)}
+        if mode == "expire_tokens":
+            # An action, not a standing fault: tokens issued later work again.
+            return {"expired_tokens": self.tokens.expire_all(bool(body.get("include_root")))}
+        count, delay_ms = body.get("count"), body.get("delay_ms", 0)
+        if count is not None and (not isinstance(count, int) or count < 1):
+            raise AdminError(400, "count must be a positive integer")
+        if not isinstance(delay_ms, int) or delay_ms < 0:
+            raise AdminError(400, "delay_ms must be a non-negative integer")
+        if mode == "slow" and not delay_ms:
+            raise AdminError(400, "mode slow needs delay_ms")
+        fault = Fault(mode, target, key, self._key_names(key, target), count, delay_ms)
+        self.faults.set(fault)
+        return {"fault": fault.describe()}
+
+    def _key_names(self, key: str | None, target: str) -> frozenset:
+        """All names a request may use for the key: KMS requests are matched by key id, so
+        an alias or ARN given here is resolved to it."""
+        if key is None:
+            return frozenset()
+        names = {key}
+        if target in ("kms", "all"):
+            try:
+                names.add(self.kms_store.resolve(key).key_id)
+            except KmsError:
+                pass
+        return frozenset(names)
+
+    def _reset_stats(self, body: dict) -> dict:
+        self.stats.reset()
+        return {"status": "reset"}
+
+    def _rotate_kms_key(self, body: dict) -> dict:
+        key = self.kms_store.resolve(body.get("key"))
+        version = self.kms_store.rotate(key)
+        return {"key_id": key.key_id, "arn": key.arn, "version": version}
+
+    def _create_kms_key(self, body: dict) -> dict:
+        key_id = body.get("key_id")
+        if key_id is not None and not (isinstance(key_id, str) and UUID_RE.match(key_id)):
+            raise AdminError(400, "key_id must be a lowercase UUID")
+        key = self.kms_store.create_key(key_id, body.get("description", ""))
+        return {"key_id": key.key_id, "arn": key.arn}
+
+    def _create_vault_key(self, body: dict) -> dict:
+        name = body.get("name")
+        if not isinstance(name, str) or not VAULT_NAME_RE.match(name):
+            raise AdminError(400, "name must be a valid transit key name")
+        namespace = normalize_namespace(body.get("namespace"))
+        mount = body.get("mount") or self.default_mount
+        key, created = self.transit.create(namespace, mount, name)
+        return {"name": name, "namespace": namespace, "mount": mount, "created": created,
+                "latest_version": key.latest_version}
+
+
+# --------------------------------------------------------------------------
+# HTTPS server
+# --------------------------------------------------------------------------
+
+class EmulatorRequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"      # keep-alive, as the SDKs expect
+    server_version = "keymanager-emulator/1.0"
+    timeout = IDLE_TIMEOUT
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_LIST = do_GET
+
+    def _dispatch(self) -> None:
+        started = time.monotonic()
+        try:
+            body = self._read_body()
+            if body is None:
+                return
+            response = self._route(body)
+        except DropConnection:
+            LOG.info("%s dropped the connection (fault)", self.client_address[0])
+            self._drop_connection()
+            return
+        except Exception:                       # a bug here must not look like a network fault
+            LOG.exception("unhandled error serving %s %s", self.command, self.path)
+            response = json_response(500, {"errors": ["emulator internal error"]},
+                                     label=f"{self.command} {self.path} (crashed)")
+        self._send(response)
+        LOG.info("%s %s -> %d in %.1f ms", self.client_address[0], response.label,
+                 response.status, (time.monotonic() - started) * 1000)
+        if response.after_send:
+            response.after_send()
+
+    def _route(self, body: bytes) -> HttpResponse:
+        split = urllib.parse.urlsplit(self.path)
+        path, query = split.path, split.query
+        if path.startswith("/_emulator/"):
+            return self.server.admin.handle(self.command, path, self.headers, body)
+        if path.startswith("/v1/"):
+            return self.server.vault.handle(self.command, path, query, self.headers, body)
+        target = self.headers.get("X-Amz-Target")
+        if target:
+            return self.server.kms.handle(target, self.command, path, query, self.headers, body)
+        return json_response(404, {"errors": ["unsupported path"]},
+                             label=f"{self.command} {path} (unknown API)")
+
+    def _read_body(self) -> bytes | None:
+        """The request body, or None after answering a request we will not read."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self._refuse(411, "chunked request bodies are not supported; send Content-Length")
+            return None
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self._refuse(400, "invalid Content-Length")
+            return None
+        if length < 0 or length > MAX_BODY_BYTES:
+            self._refuse(413, "request body too large")
+            return None
+        return self.rfile.read(length)
+
+    def _refuse(self, status: int, message: str) -> None:
+        self.close_connection = True       # the unread body would corrupt the next request
+        self._send(json_response(status, {"errors": [message]}))
+
+    def _send(self, response: HttpResponse) -> None:
+        self.send_response(response.status)
+        if response.content_type:
+            self.send_header("Content-Type", response.content_type)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(response.body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if response.body and self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    def _drop_connection(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def log_message(self, format, *args):   # noqa: A002 - signature fixed by http.server
+        LOG.debug("%s %s", self.client_address[0], format % args)
+
+
+class EmulatorServer(ThreadingHTTPServer):
+    """Threaded HTTPS server on 127.0.0.1. The TLS handshake runs in the connection's own
+    thread, so a slow or broken client cannot stall the accept loop."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128      # listen backlog: many database backends may connect at once
+
+    def __init__(self, port: int, tls_context: ssl.SSLContext, kms: KmsApi, vault: VaultApi,
+                 admin: AdminApi):
+        self.tls_context = tls_context
+        self.kms = kms
+        self.vault = vault
+        self.admin = admin
+        super().__init__((LOOPBACK, port), EmulatorRequestHandler)
+
+    def finish_request(self, request, client_address):
+        request.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            tls_socket = self.tls_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            LOG.info("TLS handshake with %s failed: %s", client_address[0], exc)
+            return
+        try:
+            self.RequestHandlerClass(tls_socket, client_address, self)
+        finally:
+            tls_socket.close()
+
+    def handle_error(self, request, client_address):
+        # Clients hanging up mid-request are routine in fault tests; keep them out of stderr.
+        LOG.debug("connection from %s ended with an error", client_address[0], exc_info=True)
+
+
+def make_tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if client_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=client_ca)
+    return context
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+def parse_credential(text: str) -> AwsCredential:
+    parts = text.split(":", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise argparse.ArgumentTypeError("expected AKID:SECRET[:SESSION_TOKEN]")
+    return AwsCredential(parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None)
+
+
+def parse_approle(text: str) -> tuple[str, str]:
+    role_id, sep, secret_id = text.partition(":")
+    if not sep or not role_id or not secret_id:
+        raise argparse.ArgumentTypeError("expected ROLE_ID:SECRET_ID")
+    return role_id, secret_id
+
+
+def parse_kms_key_id(text: str) -> str:
+    if not UUID_RE.match(text):
+        raise argparse.ArgumentTypeError("KMS key ids are lowercase UUIDs")
+    return text
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="HTTPS emulator of AWS KMS and HashiCorp Vault Transit for pgphi's tests "
+                    "(binds 127.0.0.1 only).")
+    parser.add_argument("--port", type=int, default=0,
+                        help="TCP port; 0 picks a free one (written to STATE_DIR/port)")
+    parser.add_argument("--cert", required=True, help="server certificate chain (PEM)")
+    parser.add_argument("--key", required=True, help="server private key (PEM)")
+    parser.add_argument("--client-ca", help="require client certificates issued by this CA")
+    parser.add_argument("--state-dir", required=True, help="for the port file and the log")
+    parser.add_argument("--admin-token", required=True,
+                        help="token for the /_emulator/ control API (X-Emulator-Admin)")
+    parser.add_argument("--vault-root-token", help="a Vault token that never expires")
+    parser.add_argument("--vault-mount", action="append", default=[],
+                        help="Transit mount path (repeatable; default: transit)")
+    parser.add_argument("--vault-key", action="append", default=[],
+                        help="[NAMESPACE/]NAME of a Transit key to pre-create in the first mount")
+    parser.add_argument("--approle", action="append", default=[], type=parse_approle,
+                        help="ROLE_ID:SECRET_ID accepted by auth/approle/login (repeatable)")
+    parser.add_argument("--approle-token-ttl", type=int, default=3600,
+                        help="TTL in seconds of tokens issued by AppRole login")
+    parser.add_argument("--approle-token-max-ttl", type=int, default=86400,
+                        help="renewals never extend a token beyond this many seconds of age")
+    parser.add_argument("--aws-credential", action="append", default=[], type=parse_credential,
+                        help="AKID:SECRET[:SESSION_TOKEN] accepted by KMS (repeatable)")
+    parser.add_argument("--region", default="us-east-1")
+    parser.add_argument("--account-id", default="111122223333")
+    parser.add_argument("--kms-key", action="append", default=[], type=parse_kms_key_id,
+                        help="UUID of a KMS key to pre-create (repeatable)")
+    parser.add_argument("--max-clock-skew", type=int, default=900,
+                        help="seconds a SigV4 X-Amz-Date may differ from now")
+    return parser.parse_args(argv)
+
+
+def configure_logging(state_dir: str) -> None:
+    handler = logging.FileHandler(os.path.join(state_dir, "emulator.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+
+
+def write_port_file(state_dir: str, port: int) -> str:
+    """Written atomically so a test polling for it never reads half a number."""
+    path = os.path.join(state_dir, "port")
+    temporary = path + ".tmp"
+    with open(temporary, "w") as out:
+        out.write(f"{port}\n")
+    os.replace(temporary, path)
+    return path
+
+
+def build_server(args: argparse.Namespace) -> EmulatorServer:
+    faults, stats = FaultBook(), Stats()
+    mounts = args.vault_mount or ["transit"]
+
+    kms_store = KmsStore(args.region, args.account_id)
+    for key_id in args.kms_key:
+        kms_store.create_key(key_id, "pre-created by --kms-key")
+    verifier = SigV4Verifier({c.access_key_id: c for c in args.aws_credential}, args.region,
+                             "kms", args.max_clock_skew)
+
+    transit = TransitStore()
+    for spec in args.vault_key:
+        namespace, _, name = spec.rpartition("/")
+        transit.create(normalize_namespace(namespace), mounts[0], name)
+    approles = [AppRole(f"role{i}", role_id, secret_id)
+                for i, (role_id, secret_id) in enumerate(args.approle, 1)]
+    tokens = TokenStore(args.vault_root_token, approles, args.approle_token_ttl,
+                        args.approle_token_max_ttl)
+
+    server_box: list[EmulatorServer] = []
+
+    def request_shutdown() -> None:
+        # shutdown() waits for serve_forever() to return, so it must not run on a thread
+        # serve_forever() is waiting for.
+        threading.Thread(target=server_box[0].shutdown, daemon=True).start()
+
+    admin = AdminApi(args.admin_token, kms_store, transit, tokens, mounts[0], faults, stats,
+                     request_shutdown)
+    server = EmulatorServer(args.port, make_tls_context(args.cert, args.key, args.client_ca),
+                            KmsApi(kms_store, verifier, faults, stats),
+                            VaultApi(transit, tokens, mounts, faults, stats), admin)
+    server_box.append(server)
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.state_dir, exist_ok=True)
+    port_path = os.path.join(args.state_dir, "port")
+    if os.path.exists(port_path):
+        os.remove(port_path)          # never let a test read a previous run's port
+    configure_logging(args.state_dir)
+    server = build_server(args)
+    port = server.server_address[1]
+    write_port_file(args.state_dir, port)
+    LOG.info("listening on %s:%d (mTLS %s)", LOOPBACK, port,
+             "required" if args.client_ca else "off")
+    print(f"listening on {LOOPBACK}:{port}", flush=True)
+
+    def on_signal(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        if os.path.exists(port_path):
+            os.remove(port_path)
+        LOG.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

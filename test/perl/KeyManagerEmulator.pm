@@ -1,0 +1,127 @@
+# Starts the Vault / KMS emulator (test/emulator) for a TAP test, with a test
+# PKI generated on the spot, and drives its control API.
+package KeyManagerEmulator;
+
+use strict;
+use warnings;
+
+use File::Path qw(make_path);
+use IPC::Run;
+use JSON::PP;
+use PostgreSQL::Test::Utils;
+use Time::HiRes qw(usleep);
+
+my $python = '/usr/bin/python3';    # Debian's, which has python3-cryptography
+
+sub emulator_dir { return "$ENV{PGPHI_TEST_DIR}/emulator"; }
+
+# Creates the CA, server, client, expired and foreign certificates in $dir.
+sub make_pki
+{
+	my ($dir) = @_;
+	make_path($dir);
+	system('bash', emulator_dir() . '/make_test_pki.sh', $dir) == 0
+	  or die "could not create the test PKI";
+	return $dir;
+}
+
+# new(pki => DIR, name => NAME, cert => 'server', extra => [...])
+sub new
+{
+	my ($class, %params) = @_;
+	my $self = bless {}, $class;
+	my $name = $params{name} // 'emulator';
+	$self->{pki} = $params{pki};
+	$self->{state} = "$PostgreSQL::Test::Utils::tmp_check/$name";
+	$self->{admin_token} = 'admin-' . int(rand(1e9));
+	$self->{vault_root_token} = 'root-' . int(rand(1e9));
+	$self->{approle} = ['role-' . int(rand(1e9)), 'secret-' . int(rand(1e9))];
+	$self->{aws} = ['AKIDPGPHITEST' . int(rand(1e6)), 'secret/' . int(rand(1e9))];
+	$self->{kms_key} = $params{kms_key} // '1234abcd-12ab-34cd-56ef-1234567890ab';
+	$self->{vault_key} = $params{vault_key} // 'pgphi-kek';
+	make_path($self->{state});
+	unlink "$self->{state}/port";
+
+	my $cert = $params{cert} // 'server';
+	my @cmd = (
+		$python, emulator_dir() . '/keymanager_emulator.py',
+		'--port', '0',
+		'--cert', "$self->{pki}/$cert.pem", '--key', "$self->{pki}/$cert.key",
+		'--state-dir', $self->{state},
+		'--admin-token', $self->{admin_token},
+		'--vault-root-token', $self->{vault_root_token},
+		'--approle', join(':', @{ $self->{approle} }),
+		'--approle-token-ttl', $params{approle_ttl} // 60,
+		'--aws-credential', join(':', @{ $self->{aws} }),
+		'--region', 'us-east-1',
+		'--kms-key', $self->{kms_key},
+		'--vault-key', $self->{vault_key},
+		@{ $params{extra} // [] });
+	$self->{handle} = IPC::Run::start(\@cmd, '>', "$self->{state}/stdout", '2>', "$self->{state}/stderr");
+	for (1 .. 300)
+	{
+		last if -s "$self->{state}/port";
+		usleep(100_000);
+	}
+	die "emulator did not start: " . slurp_file("$self->{state}/stderr") unless -s "$self->{state}/port";
+	$self->{port} = slurp_file("$self->{state}/port");
+	$self->{port} =~ s/\s+//g;
+	return $self;
+}
+
+sub url { my ($self) = @_; return "https://127.0.0.1:$self->{port}"; }
+
+sub stop
+{
+	my ($self) = @_;
+	return unless $self->{handle};
+	$self->{handle}->kill_kill;
+	delete $self->{handle};
+}
+
+sub DESTROY { my ($self) = @_; $self->stop; }
+
+# Calls the control API; returns the decoded JSON answer.
+sub control
+{
+	my ($self, $method, $path, $body) = @_;
+	my @cmd = ('curl', '-sS', '--max-time', '10', '--cacert', "$self->{pki}/ca.pem",
+		'-H', "X-Emulator-Admin: $self->{admin_token}", '-X', $method);
+	push @cmd, ('-H', 'Content-Type: application/json', '-d', encode_json($body)) if $body;
+	my ($out, $err);
+	IPC::Run::run([ @cmd, $self->url . "/_emulator/$path" ], '>', \$out, '2>', \$err)
+	  or die "emulator control $path failed: $err";
+	return $out =~ /\S/ ? decode_json($out) : {};
+}
+
+sub fault { my ($self, %fault) = @_; return $self->control('POST', 'fault', \%fault); }
+sub clear_faults { my ($self) = @_; return $self->fault(mode => 'none', target => 'all'); }
+sub stats { my ($self) = @_; return $self->control('GET', 'stats'); }
+sub reset_stats { my ($self) = @_; return $self->control('POST', 'stats/reset', {}); }
+
+# A new Vault token, from an AppRole login through the real API.
+sub vault_login
+{
+	my ($self) = @_;
+	my ($out, $err);
+	IPC::Run::run(
+		[ 'curl', '-sS', '--max-time', '10', '--cacert', "$self->{pki}/ca.pem", '-X', 'POST',
+		  '-d', encode_json({ role_id => $self->{approle}[0], secret_id => $self->{approle}[1] }),
+		  $self->url . '/v1/auth/approle/login' ],
+		'>', \$out, '2>', \$err) or die "AppRole login failed: $err";
+	return decode_json($out)->{auth}{client_token};
+}
+
+# Writes a secret file (mode 0600) and returns its path.
+sub write_secret
+{
+	my ($self, $name, $content) = @_;
+	my $path = "$self->{state}/$name";
+	open my $fh, '>', $path or die;
+	print $fh $content;
+	close $fh;
+	chmod 0600, $path;
+	return $path;
+}
+
+1;
