@@ -95,7 +95,8 @@ def unique(prefix: str) -> str:
 class Emulator:
     """One emulator process on a random port. stop() terminates it (kills if need be)."""
 
-    def __init__(self, cert: str = "server", client_ca: str | None = None):
+    def __init__(self, cert: str = "server", client_ca: str | None = None,
+                 imds_role: str | None = None):
         self.state_dir = WORK / unique("state")
         self.state_dir.mkdir()
         self.admin_token = secrets.token_hex(16)
@@ -112,6 +113,8 @@ class Emulator:
                 "--vault-key", "precreated", "--vault-key", "ns1/in-ns1"]
         if client_ca:
             args += ["--client-ca", pki(client_ca)]
+        if imds_role:
+            args += ["--imds-role", imds_role]
         self._stdout = open(self.state_dir / "stdout.txt", "w")
         self._stderr = open(self.state_dir / "stderr.txt", "w")
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._stdout,
@@ -122,6 +125,9 @@ class Emulator:
             self.stop()
             raise
         self.url = f"https://127.0.0.1:{self.port}"
+        self.imds_url = None
+        if imds_role:
+            self.imds_url = f"http://127.0.0.1:{int((self.state_dir / 'imds_port').read_text())}"
 
     def _wait_for_port(self) -> int:
         deadline = time.monotonic() + START_TIMEOUT
@@ -1056,6 +1062,51 @@ def negotiated_tls_version(emulator: Emulator, context: ssl.SSLContext) -> str |
                 return tls.version()
         except ssl.SSLError:
             return None
+
+
+class InstanceMetadataTests(unittest.TestCase):
+    """The IMDSv2 credential flow, checked with botocore's own instance-metadata
+    credential provider: no keys anywhere but the metadata service."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.emulator = Emulator(imds_role="pgphi-db-role")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.emulator.stop()
+
+    def test_botocore_fetches_role_credentials_and_kms_accepts_them(self):
+        environment = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": self.emulator.imds_url + "/",
+                       "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                       "AWS_EC2_METADATA_DISABLED": "false"}
+        with mock.patch.dict(os.environ, environment):
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                         "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
+                os.environ.pop(name, None)
+            session = boto3.session.Session(region_name=REGION)
+            credentials = session.get_credentials()
+            self.assertIsNotNone(credentials, "botocore found no credentials in the emulated IMDS")
+            self.assertEqual(credentials.method, "iam-role")
+            frozen = credentials.get_frozen_credentials()
+            self.assertTrue(frozen.access_key.startswith("ASIA"))
+            self.assertTrue(frozen.token)
+            client = session.client("kms", endpoint_url=self.emulator.url, verify=pki("ca.pem"))
+            _OPEN_CLIENTS.append(client.close)
+            blob = client.encrypt(KeyId=KMS_KEY, Plaintext=b"via role")["CiphertextBlob"]
+            self.assertEqual(client.decrypt(CiphertextBlob=blob)["Plaintext"], b"via role")
+        imds = self.emulator.stats()["imds"]
+        self.assertGreaterEqual(imds.get("PUT token", 0), 1, imds)   # IMDSv2: a session token first
+
+    def test_imdsv2_refuses_requests_without_a_token(self):
+        request = urllib.request.Request(
+            self.emulator.imds_url + "/latest/meta-data/iam/security-credentials/")
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=5)
+        self.assertEqual(caught.exception.code, 401)
+
+    def tearDown(self):
+        close_clients()
 
 
 class MutualTlsTests(unittest.TestCase):

@@ -235,8 +235,8 @@ class Stats:
 
     def reset(self) -> None:
         with self._lock:
-            self._operations = {"kms": {}, "vault": {}}
-            self._errors = {"kms": {}, "vault": {}}
+            self._operations = {"kms": {}, "vault": {}, "imds": {}}
+            self._errors = {"kms": {}, "vault": {}, "imds": {}}
             self._namespaces: dict[str, int] = {}
             self._counters = {"total": 0, "rejected_signatures": 0, "rejected_tokens": 0,
                               "faults_injected": 0}
@@ -262,6 +262,7 @@ class Stats:
         with self._lock:
             return {"kms": dict(self._operations["kms"]),
                     "vault": dict(self._operations["vault"]),
+                    "imds": dict(self._operations["imds"]),
                     **self._counters,
                     "errors": {api: dict(codes) for api, codes in self._errors.items()},
                     "vault_namespaces": dict(self._namespaces)}
@@ -1997,6 +1998,81 @@ def parse_kms_key_id(text: str) -> str:
     return text
 
 
+class InstanceMetadataService:
+    """The EC2 instance metadata service's IMDSv2 credential flow, over plain HTTP as
+    the real one (on 127.0.0.1 here): PUT /latest/api/token for a session token, then
+    GET /latest/meta-data/iam/security-credentials/[ROLE] with it. Each credentials
+    fetch issues temporary keys with a session token, which the KMS side accepts."""
+
+    TOKEN_HEADER = "X-aws-ec2-metadata-token"
+    TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+    CREDENTIALS_PATH = "/latest/meta-data/iam/security-credentials/"
+
+    def __init__(self, role: str, verifier: "SigV4Verifier", stats: "Stats"):
+        self.role = role
+        self.verifier = verifier
+        self.stats = stats
+        self._tokens: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def handle(self, method: str, path: str, headers) -> tuple[int, str, str]:
+        """Returns (status, content type, body)."""
+        self.stats.request("imds", method + " " + path.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
+        if method == "PUT" and path == "/latest/api/token":
+            ttl = headers.get(self.TTL_HEADER)
+            if not ttl or not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
+                return 400, "text/plain", "Bad Request"
+            token = secrets.token_urlsafe(32)
+            with self._lock:
+                self._tokens[token] = time.time() + int(ttl)
+            return 200, "text/plain", token
+        if method != "GET" or not path.startswith(self.CREDENTIALS_PATH):
+            return 404, "text/plain", "Not Found"
+        with self._lock:
+            expiry = self._tokens.get(headers.get(self.TOKEN_HEADER, ""))
+        if expiry is None or expiry < time.time():
+            return 401, "text/plain", "Unauthorized"   # IMDSv2: no token, no answer
+        role = path[len(self.CREDENTIALS_PATH):]
+        if role == "":
+            return 200, "text/plain", self.role
+        if role != self.role:
+            return 404, "text/plain", "Not Found"
+        credential = AwsCredential("ASIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30),
+                                   secrets.token_urlsafe(48))
+        self.verifier.credentials[credential.access_key_id] = credential
+        expiration = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+        body = json.dumps({"Code": "Success", "Type": "AWS-HMAC",
+                           "LastUpdated": datetime.datetime.now(datetime.timezone.utc)
+                           .strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           "AccessKeyId": credential.access_key_id,
+                           "SecretAccessKey": credential.secret_access_key,
+                           "Token": credential.session_token,
+                           "Expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ")})
+        return 200, "application/json", body
+
+
+def start_imds_server(imds: InstanceMetadataService) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self):
+            status, content_type, body = imds.handle(self.command, self.path, self.headers)
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_PUT = _answer
+
+        def log_message(self, fmt, *args):   # never log tokens or keys
+            LOG.info("imds %s %s", self.command, self.path.split("?")[0])
+
+    server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    return server
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="HTTPS emulator of AWS KMS and HashiCorp Vault Transit for pgphi's tests "
@@ -2026,6 +2102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--account-id", default="111122223333")
     parser.add_argument("--kms-key", action="append", default=[], type=parse_kms_key_id,
                         help="UUID of a KMS key to pre-create (repeatable)")
+    parser.add_argument("--imds-role",
+                        help="also serve the EC2 instance metadata service (IMDSv2, plain HTTP "
+                             "on 127.0.0.1) with this IAM role; its port goes to STATE_DIR/imds_port")
     parser.add_argument("--max-clock-skew", type=int, default=900,
                         help="seconds a SigV4 X-Amz-Date may differ from now")
     return parser.parse_args(argv)
@@ -2080,6 +2159,9 @@ def build_server(args: argparse.Namespace) -> EmulatorServer:
                             KmsApi(kms_store, verifier, faults, stats),
                             VaultApi(transit, tokens, mounts, faults, stats), admin)
     server_box.append(server)
+    server.imds = None
+    if args.imds_role:
+        server.imds = start_imds_server(InstanceMetadataService(args.imds_role, verifier, stats))
     return server
 
 
@@ -2092,6 +2174,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.state_dir)
     server = build_server(args)
     port = server.server_address[1]
+    if server.imds:
+        imds_port = server.imds.server_address[1]
+        with open(os.path.join(args.state_dir, "imds_port.tmp"), "w") as out:
+            out.write(f"{imds_port}\n")
+        os.replace(os.path.join(args.state_dir, "imds_port.tmp"), os.path.join(args.state_dir, "imds_port"))
     write_port_file(args.state_dir, port)
     LOG.info("listening on %s:%d (mTLS %s)", LOOPBACK, port,
              "required" if args.client_ca else "off")

@@ -43,6 +43,7 @@ sub new
 	unlink "$self->{state}/port";
 
 	my $cert = $params{cert} // 'server';
+	$self->{mtls} = $params{client_ca} ? 1 : 0;
 	my @cmd = (
 		$python, emulator_dir() . '/keymanager_emulator.py',
 		'--port', '0',
@@ -56,6 +57,8 @@ sub new
 		'--region', 'us-east-1',
 		'--kms-key', $self->{kms_key},
 		'--vault-key', $self->{vault_key},
+		($params{imds_role} ? ('--imds-role', $params{imds_role}) : ()),
+		($params{client_ca} ? ('--client-ca', "$self->{pki}/$params{client_ca}.pem") : ()),
 		@{ $params{extra} // [] });
 	$self->{handle} = IPC::Run::start(\@cmd, '>', "$self->{state}/stdout", '2>', "$self->{state}/stderr");
 	for (1 .. 300)
@@ -66,6 +69,11 @@ sub new
 	die "emulator did not start: " . slurp_file("$self->{state}/stderr") unless -s "$self->{state}/port";
 	$self->{port} = slurp_file("$self->{state}/port");
 	$self->{port} =~ s/\s+//g;
+	if ($params{imds_role})
+	{
+		$self->{imds_port} = slurp_file("$self->{state}/imds_port");
+		$self->{imds_port} =~ s/\s+//g;
+	}
 	return $self;
 }
 
@@ -87,6 +95,8 @@ sub control
 	my ($self, $method, $path, $body) = @_;
 	my @cmd = ('curl', '-sS', '--max-time', '10', '--cacert', "$self->{pki}/ca.pem",
 		'-H', "X-Emulator-Admin: $self->{admin_token}", '-X', $method);
+	push @cmd, ('--cert', "$self->{pki}/client.pem", '--key', "$self->{pki}/client.key")
+	  if $self->{mtls};
 	push @cmd, ('-H', 'Content-Type: application/json', '-d', encode_json($body)) if $body;
 	my ($out, $err);
 	IPC::Run::run([ @cmd, $self->url . "/_emulator/$path" ], '>', \$out, '2>', \$err)

@@ -159,6 +159,51 @@ is($node->safe_psql('postgres', "SELECT pgphi.flush_cache() >= 0; $vault_decrypt
 is($emulator->stats->{vault}{login}, 2, '... exactly one more login');
 $emulator->clear_faults;
 
+# AWS credentials from the EC2 instance metadata service (IMDSv2), with no
+# credentials file: the role's temporary keys and session token sign KMS calls.
+my $ec2 = KeyManagerEmulator->new(pki => $pki, name => 'ec2', imds_role => 'pgphi-db-role',
+	kms_key => $kms_key);
+$node->safe_psql('postgres', qq{
+	ALTER SYSTEM SET pgphi.aws_credentials_file = '';
+	ALTER SYSTEM SET pgphi.aws_imds_endpoint = 'http://127.0.0.1:$ec2->{imds_port}';
+	ALTER SYSTEM SET pgphi.aws_kms_endpoint = '@{[ $ec2->url ]}';
+	ALTER SYSTEM SET pgphi.allow_insecure_http_loopback = on;
+});
+PgphiTest::reload_broker($node);
+$node->safe_psql('postgres', qq{SELECT pgphi.create_key('kms_via_role', provider => 'aws_kms', kek => '$kms_key')});
+is($node->safe_psql('postgres', q{SELECT pgphi.flush_cache() >= 0;
+	SELECT pgphi.decrypt_phi(pgphi.encrypt_phi('via role', 'kms_via_role'))}), "t\nvia role",
+	'AWS KMS with role credentials from the instance metadata service');
+ok($ec2->stats->{imds}{'PUT token'} >= 1, '... obtained with the IMDSv2 token flow');
+$node->safe_psql('postgres', q{
+	ALTER SYSTEM RESET pgphi.aws_imds_endpoint;
+	ALTER SYSTEM RESET pgphi.allow_insecure_http_loopback;
+});
+$node->safe_psql('postgres', "ALTER SYSTEM SET pgphi.aws_credentials_file = '$aws_credentials'");
+$node->safe_psql('postgres', "ALTER SYSTEM SET pgphi.aws_kms_endpoint = '$url'");
+PgphiTest::reload_broker($node);
+$ec2->stop;
+
+# Mutual TLS: a Vault that requires client certificates.
+my $mtls = KeyManagerEmulator->new(pki => $pki, name => 'mtls', client_ca => 'ca');
+$node->safe_psql('postgres', qq{
+	ALTER SYSTEM SET pgphi.vault_addr = '@{[ $mtls->url ]}';
+	ALTER SYSTEM SET pgphi.vault_approle_role_id_file = '';
+	ALTER SYSTEM SET pgphi.vault_token_file = '@{[ $mtls->write_secret('token', $mtls->{vault_root_token}) ]}';
+});
+PgphiTest::reload_broker($node);
+fails_with(q{SELECT pgphi.create_key('vault_mtls', provider => 'vault', kek => 'pgphi-kek')},
+	qr/08006: Vault is unavailable/, 'a Vault requiring mutual TLS refuses pgphi without a client certificate');
+$node->safe_psql('postgres', qq{
+	ALTER SYSTEM SET pgphi.vault_client_cert = '$pki/client.pem';
+	ALTER SYSTEM SET pgphi.vault_client_key = '$pki/client.key';
+});
+PgphiTest::reload_broker($node);
+$node->safe_psql('postgres', q{SELECT pgphi.create_key('vault_mtls', provider => 'vault', kek => 'pgphi-kek')});
+is($node->safe_psql('postgres', q{SELECT pgphi.decrypt_phi(pgphi.encrypt_phi('over mTLS', 'vault_mtls'))}),
+	'over mTLS', '... and serves it with one');
+$mtls->stop;
+
 # Nothing secret reached the server log.
 my $log = slurp_file($node->logfile);
 unlike($log, qr/\Q$emulator->{vault_root_token}\E/, 'no Vault token in the server log');
