@@ -5,7 +5,11 @@
 #include <string>
 #include <vector>
 
+#include <cstring>
+#include <memory>
+
 #include "ciphertext_format.hpp"
+#include "dek_cache.hpp"
 #include "data_key.hpp"
 #include "key_ring.hpp"
 
@@ -70,5 +74,64 @@ void BM_KeyRingHit(benchmark::State& state)
     }
 }
 BENCHMARK(BM_KeyRingHit);
+
+// The shared cache's hit path as a backend runs it on a miss in its own
+// cache: digest the request, find the slot, copy the DEK out. A full table of
+// 1024 entries, as with the default pgphi.cache_size.
+struct SharedTableFixture {
+    static constexpr uint32_t kCapacity = 1024;
+    std::unique_ptr<unsigned char[]> memory{new unsigned char[cache::Table::bytes_for(kCapacity)]};
+    cache::Table table{memory.get(), kCapacity};
+    std::vector<cache::UnwrapRequest> requests;
+
+    SharedTableFixture()
+    {
+        table.initialize();
+        uint8_t dek[cache::kDekSize] = {1};
+        for (uint32_t i = 0; i < kCapacity; ++i) {
+            cache::UnwrapRequest r{};
+            std::strcpy(r.provider, "aws_kms");
+            std::strcpy(r.kek_ref, "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab");
+            std::snprintf(r.key_name, sizeof(r.key_name), "key_%u", i);
+            r.key_id = i + 1;
+            r.key_version = 1;
+            r.wrapped_size = 184; // an AWS KMS ciphertext blob for a 32-byte key
+            std::memset(r.wrapped, static_cast<int>(i), r.wrapped_size);
+            requests.push_back(r);
+            bool evicted = false;
+            cache::Slot* slot = table.claim(cache::digest_of(r), 0, &evicted);
+            table.make_ready(*slot, dek, 0, 300'000);
+        }
+    }
+};
+
+void BM_SharedCacheFind(benchmark::State& state)
+{
+    SharedTableFixture f;
+    std::vector<cache::Digest> digests;
+    for (const auto& r : f.requests)
+        digests.push_back(cache::digest_of(r));
+    uint8_t dek[cache::kDekSize];
+    uint32_t i = 0;
+    for (auto _ : state) {
+        cache::Slot* slot = f.table.find(digests[i++ & 1023]);
+        std::memcpy(dek, slot->dek, sizeof(dek));
+        benchmark::DoNotOptimize(dek);
+    }
+}
+BENCHMARK(BM_SharedCacheFind);
+
+void BM_SharedCacheDigestAndFind(benchmark::State& state)
+{
+    SharedTableFixture f;
+    uint8_t dek[cache::kDekSize];
+    uint32_t i = 0;
+    for (auto _ : state) {
+        cache::Slot* slot = f.table.find(cache::digest_of(f.requests[i++ & 1023]));
+        std::memcpy(dek, slot->dek, sizeof(dek));
+        benchmark::DoNotOptimize(dek);
+    }
+}
+BENCHMARK(BM_SharedCacheDigestAndFind);
 
 } // namespace

@@ -52,19 +52,48 @@ Digest digest_of(const UnwrapRequest& request)
 
 void Table::initialize()
 {
+    for (uint32_t b = 0; b < bucket_count_; ++b)
+        buckets_[b] = kNone;
     for (uint32_t i = 0; i < capacity_; ++i) {
         Slot* slot = new (&slots_[i]) Slot;
         std::memset(slot->digest.bytes, 0, sizeof(slot->digest.bytes));
+        slot->next_in_bucket = kNone;
+        slot->state = SlotState::Free;
         slot->generation = 0;
         slot->last_used_ms.store(0, std::memory_order_relaxed);
         wipe(*slot);
     }
 }
 
+uint32_t Table::bucket_of(const Digest& digest) const
+{
+    uint64_t h;
+    std::memcpy(&h, digest.bytes, sizeof(h)); // a SHA-256 prefix is already uniform
+    return static_cast<uint32_t>(h % bucket_count_);
+}
+
+void Table::link(Slot& slot)
+{
+    uint32_t& head = buckets_[bucket_of(slot.digest)];
+    slot.next_in_bucket = head;
+    head = index_of(slot);
+}
+
+void Table::unlink(Slot& slot)
+{
+    uint32_t* link = &buckets_[bucket_of(slot.digest)];
+    uint32_t me = index_of(slot);
+    while (*link != kNone && *link != me)
+        link = &slots_[*link].next_in_bucket;
+    if (*link == me)
+        *link = slot.next_in_bucket;
+    slot.next_in_bucket = kNone;
+}
+
 Slot* Table::find(const Digest& digest)
 {
-    for (uint32_t i = 0; i < capacity_; ++i)
-        if (slots_[i].state != SlotState::Free && slots_[i].digest == digest)
+    for (uint32_t i = buckets_[bucket_of(digest)]; i != kNone; i = slots_[i].next_in_bucket)
+        if (slots_[i].digest == digest)
             return &slots_[i];
     return nullptr;
 }
@@ -90,6 +119,7 @@ Slot* Table::claim(const Digest& digest, int64_t now_ms, bool* evicted)
     *evicted = victim->state == SlotState::Ready;
     wipe(*victim);
     victim->digest = digest;
+    link(*victim);
     victim->state = SlotState::Pending;
     victim->last_used_ms.store(now_ms, std::memory_order_relaxed);
     return victim;
@@ -142,6 +172,8 @@ void Table::ride_out_outage(Slot& slot, int64_t now_ms, int64_t grace_ms, int64_
 
 void Table::wipe(Slot& slot)
 {
+    if (slot.state != SlotState::Free)
+        unlink(slot);
     OPENSSL_cleanse(slot.dek, sizeof(slot.dek));
     OPENSSL_cleanse(&slot.request, sizeof(slot.request));
     slot.state = SlotState::Free;

@@ -72,6 +72,7 @@ struct UnwrapRequest {
 
 struct Slot {
     Digest digest;
+    uint32_t next_in_bucket;      // hash chain of slots whose digests share a bucket
     SlotState state;
     bool in_flight;               // the broker is calling the key manager for it
     uint64_t generation;          // changes whenever the slot's content changes
@@ -98,13 +99,24 @@ struct Stats {
 
 static_assert(std::atomic<int64_t>::is_always_lock_free, "shared-memory atomics must be lock-free");
 
-// A view over `capacity` slots in memory the caller owns. Methods say which
-// lock mode the caller must hold: shared (S) or exclusive (X).
+// A view over `capacity` slots, followed by a hash index of bucket heads, in
+// memory the caller owns (bytes_for(capacity) of it). Methods say which lock
+// mode the caller must hold: shared (S) or exclusive (X).
 class Table {
 public:
-    Table(Slot* slots, uint32_t capacity) : slots_(slots), capacity_(capacity) {}
+    static constexpr uint32_t kNone = UINT32_MAX;
 
-    static size_t bytes_for(uint32_t capacity) { return sizeof(Slot) * capacity; }
+    Table(void* memory, uint32_t capacity)
+        : slots_(static_cast<Slot*>(memory)), buckets_(reinterpret_cast<uint32_t*>(slots_ + capacity)),
+          capacity_(capacity), bucket_count_(bucket_count_for(capacity))
+    {
+    }
+
+    static uint32_t bucket_count_for(uint32_t capacity) { return capacity * 2; }
+    static size_t bytes_for(uint32_t capacity)
+    {
+        return sizeof(Slot) * capacity + sizeof(uint32_t) * bucket_count_for(capacity);
+    }
 
     void initialize();                                   // before anyone else sees it
 
@@ -133,8 +145,14 @@ public:
     uint32_t index_of(const Slot& slot) const { return static_cast<uint32_t>(&slot - slots_); }
 
 private:
+    uint32_t bucket_of(const Digest& digest) const;
+    void link(Slot& slot);
+    void unlink(Slot& slot);
+
     Slot* slots_;
+    uint32_t* buckets_;
     uint32_t capacity_;
+    uint32_t bucket_count_;
 };
 
 } // namespace pgphi::cache

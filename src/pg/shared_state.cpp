@@ -25,7 +25,7 @@ shmem_startup_hook_type g_prev_startup_hook = nullptr;
 
 Size shared_size()
 {
-    return add_size(offsetof(SharedState, slots), mul_size(sizeof(cache::Slot), cache_size));
+    return add_size(offsetof(SharedState, table_memory), cache::Table::bytes_for(static_cast<uint32_t>(cache_size)));
 }
 
 void on_shmem_request()
@@ -112,7 +112,7 @@ void report_key_use(uint32_t slot_index, int64_t now)
     // The slot may have been reused meanwhile; that only keeps another key
     // alive a little longer.
     if (slot_index < state->capacity)
-        state->slots[slot_index].last_used_ms.store(now, std::memory_order_relaxed);
+        state->table().at(slot_index).last_used_ms.store(now, std::memory_order_relaxed);
 }
 
 void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_until_ms, uint32_t* slot_index)

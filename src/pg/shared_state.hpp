@@ -50,9 +50,9 @@ struct SharedState {
     cache::Stats stats;
     uint32_t capacity;
     AdminRequest admin[kAdminRequests];
-    cache::Slot slots[FLEXIBLE_ARRAY_MEMBER];
+    alignas(cache::Slot) unsigned char table_memory[FLEXIBLE_ARRAY_MEMBER]; // slots, then hash index
 
-    cache::Table table() { return cache::Table(slots, capacity); }
+    cache::Table table() { return cache::Table(table_memory, capacity); }
 };
 
 SharedState* shared_state();

@@ -20,7 +20,7 @@ protected:
     void SetUp() override
     {
         memory.reset(new unsigned char[Table::bytes_for(kCapacity)]);
-        table = std::make_unique<Table>(reinterpret_cast<Slot*>(memory.get()), kCapacity);
+        table = std::make_unique<Table>(memory.get(), kCapacity);
         table->initialize();
         std::memset(dek, 0x5A, sizeof(dek));
     }
@@ -165,6 +165,27 @@ TEST_F(DekCacheTest, IdleKeysLeaveAtExpiry)
     slot->last_used_ms.store(0);
     EXPECT_FALSE(table->is_dead(*slot, kTtl - 1, kTtl));
     EXPECT_TRUE(table->is_dead(*slot, kTtl, kTtl));
+}
+
+TEST_F(DekCacheTest, IndexFollowsEveryClaimEvictionAndWipe)
+{
+    // Fill, evict, wipe and refill many times; find() must always agree with
+    // a plain scan of the slots.
+    for (int round = 0; round < 200; ++round) {
+        bool evicted = false;
+        Slot* slot = table->claim(digest(round), round, &evicted);
+        ASSERT_NE(slot, nullptr);
+        table->make_ready(*slot, dek, round, kTtl);
+        if (round % 7 == 3)
+            table->wipe(*slot);
+        for (int probe = 0; probe <= round; ++probe) {
+            Slot* scanned = nullptr;
+            for (uint32_t i = 0; i < kCapacity; ++i)
+                if (table->at(i).state != SlotState::Free && table->at(i).digest == digest(probe))
+                    scanned = &table->at(i);
+            ASSERT_EQ(table->find(digest(probe)), scanned) << "round " << round << " probe " << probe;
+        }
+    }
 }
 
 TEST_F(DekCacheTest, WipeZeroesPlaintextAndRequest)
