@@ -23,7 +23,7 @@ DO $roles$
 DECLARE
     role_name text;
 BEGIN
-    FOREACH role_name IN ARRAY ARRAY['pgphi_encrypt', 'pgphi_decrypt'] LOOP
+    FOREACH role_name IN ARRAY ARRAY['pgphi_encrypt', 'pgphi_decrypt', 'pgphi_key_custodian'] LOOP
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) role_name) THEN
             EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', role_name);
         ELSIF (SELECT rolcanlogin OR rolsuper FROM pg_catalog.pg_roles
@@ -52,7 +52,8 @@ CREATE TABLE pgphi.keys (
     provider    text NOT NULL,
     kek_ref     text NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    created_by  name NOT NULL DEFAULT CURRENT_USER
+    created_by  name NOT NULL DEFAULT CURRENT_USER,
+    rotated_at  timestamptz
 );
 ALTER SEQUENCE pgphi.keys_key_id_seq OWNED BY pgphi.keys.key_id;
 
@@ -64,6 +65,8 @@ CREATE TABLE pgphi.key_versions (
     wrapped_dek bytea,
     kek_version text,
     created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    retired_at  timestamptz,
+    destroyed_at timestamptz,
     PRIMARY KEY (key_id, version),
     -- A destroyed version has no DEK left; every other state has one.
     CHECK ((state = 'destroyed') = (wrapped_dek IS NULL))
@@ -183,9 +186,12 @@ CREATE FUNCTION pgphi._generate_wrapped_dek(provider text, kek text, key_id inte
 
 -- Creates a named key: version 1 of its DEK, generated and wrapped by the
 -- provider's KEK. Returns the key id that ciphertexts carry.
+-- Key administration functions run as the extension's owner (SECURITY
+-- DEFINER), so key custodians need no rights on the catalog tables; each pins
+-- its search_path and qualifies every name.
 CREATE FUNCTION pgphi.create_key(name text, provider text DEFAULT 'local', kek text DEFAULT NULL)
     RETURNS integer
-    LANGUAGE plpgsql VOLATILE
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -222,6 +228,358 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION pgphi._rewrap_dek(provider text, kek text, key_id integer, version integer,
+        key_name text, wrapped bytea, OUT wrapped_dek bytea, OUT kek_version text)
+    AS 'MODULE_PATHNAME', 'pgphi_rewrap_dek' LANGUAGE C VOLATILE STRICT;
+
+CREATE FUNCTION pgphi._key_id(name text) RETURNS integer
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    AS $$ SELECT key_id FROM pgphi.keys WHERE keys.name = _key_id.name $$;
+
+-- A new DEK version becomes active; the previous one stays for decryption.
+-- Sessions encrypt under the new version from their next statement on.
+CREATE FUNCTION pgphi.rotate_key(name text) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key record;
+    new_version integer;
+    dek record;
+BEGIN
+    SELECT * INTO key FROM pgphi.keys k WHERE k.name = rotate_key.name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgphi key "%" does not exist', rotate_key.name USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT max(v.version) + 1 INTO new_version FROM pgphi.key_versions v WHERE v.key_id = key.key_id;
+    SELECT * INTO dek FROM pgphi._generate_wrapped_dek(key.provider, key.kek_ref, key.key_id, new_version,
+                                                        key.name, false);
+    UPDATE pgphi.key_versions v SET state = 'decrypt_only' WHERE v.key_id = key.key_id AND v.state = 'active';
+    INSERT INTO pgphi.key_versions (key_id, version, state, wrapped_dek, kek_version)
+        VALUES (key.key_id, new_version, 'active', dek.wrapped_dek, dek.kek_version);
+    UPDATE pgphi.keys k SET rotated_at = pg_catalog.now() WHERE k.key_id = key.key_id;
+    RETURN new_version;
+END
+$$;
+
+-- Rewraps every DEK (of one key, or of all keys) under its KEK's newest
+-- version, after the KEK was rotated in the key manager. Vault and KMS do it
+-- without the DEK leaving them. No table data is touched. Returns the number
+-- of DEK versions rewrapped.
+CREATE FUNCTION pgphi.rewrap_keys(name text DEFAULT NULL) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+    rewrapped record;
+    done integer := 0;
+BEGIN
+    FOR v IN SELECT k.key_id, k.name, k.provider, k.kek_ref, kv.version, kv.wrapped_dek
+               FROM pgphi.keys k JOIN pgphi.key_versions kv USING (key_id)
+              WHERE kv.wrapped_dek IS NOT NULL AND (rewrap_keys.name IS NULL OR k.name = rewrap_keys.name)
+              ORDER BY k.key_id, kv.version
+                FOR UPDATE OF kv
+    LOOP
+        SELECT * INTO rewrapped FROM pgphi._rewrap_dek(v.provider, v.kek_ref, v.key_id, v.version, v.name,
+                                                        v.wrapped_dek);
+        UPDATE pgphi.key_versions kv SET wrapped_dek = rewrapped.wrapped_dek, kek_version = rewrapped.kek_version
+         WHERE kv.key_id = v.key_id AND kv.version = v.version;
+        done := done + 1;
+    END LOOP;
+    IF rewrap_keys.name IS NOT NULL AND done = 0 AND pgphi._key_id(rewrap_keys.name) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%" does not exist', rewrap_keys.name USING ERRCODE = 'undefined_object';
+    END IF;
+    RETURN done;
+END
+$$;
+
+------------------------------------------------------------------------------
+-- Re-encryption, retirement and destruction.
+------------------------------------------------------------------------------
+
+CREATE FUNCTION pgphi.reencrypt_value(value pgphi.encrypted, key_name text, context text DEFAULT '')
+    RETURNS pgphi.encrypted
+    AS 'MODULE_PATHNAME', 'pgphi_reencrypt_value' LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+CREATE FUNCTION pgphi.reencrypt_value(value bytea, key_name text, context text DEFAULT '')
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'pgphi_reencrypt_value' LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+
+CREATE FUNCTION pgphi._key_version_of(value bytea, key_id integer) RETURNS integer
+    AS 'MODULE_PATHNAME', 'pgphi_key_version_of' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+-- Where each re-encryption stands; a CALL that was interrupted continues from
+-- next_page.
+CREATE TABLE pgphi.reencrypt_progress (
+    relation     regclass NOT NULL,
+    column_name  name NOT NULL,
+    key_id       integer NOT NULL,
+    target_version integer NOT NULL,
+    next_page    bigint NOT NULL DEFAULT 0,
+    total_pages  bigint NOT NULL,
+    rows_reencrypted bigint NOT NULL DEFAULT 0,
+    started_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    finished_at  timestamptz,
+    PRIMARY KEY (relation, column_name)
+);
+
+-- Moves every value of a column to its key's active version, online: batches
+-- of table pages, each its own transaction holding only row locks, then sweeps
+-- for values that concurrent writers copied from old rows. Concurrent updates
+-- are never lost (each UPDATE re-checks rows that changed under it). Call it
+-- again after a crash or cancel and it continues where it stopped.
+-- (It runs as its caller and commits between batches, which a procedure with
+-- a SET clause cannot: names are qualified instead of pinning search_path.)
+CREATE PROCEDURE pgphi.reencrypt(tbl regclass, col name, batch_size integer DEFAULT 10000,
+                                 context_column name DEFAULT NULL, key_name text DEFAULT NULL)
+    LANGUAGE plpgsql
+AS $$
+DECLARE
+    col_type regtype;
+    target_key text := reencrypt.key_name;
+    target_id integer;
+    active integer;
+    progress record;
+    pages_per_batch bigint;
+    relation_pages bigint;
+    page bigint;
+    moved bigint;
+    sweep_moved bigint;
+    context_sql text := CASE WHEN context_column IS NULL THEN ''
+                             ELSE pg_catalog.format(', %I::text', context_column) END;
+    update_sql text;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT a.atttypid::regtype INTO col_type FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF col_type IS NULL THEN
+        RAISE EXCEPTION 'column "%" of relation % does not exist', col, tbl USING ERRCODE = 'undefined_column';
+    END IF;
+    IF col_type NOT IN ('pgphi.encrypted'::regtype, 'bytea'::regtype) THEN
+        RAISE EXCEPTION 'column "%" of relation % is of type %, not pgphi.encrypted or bytea', col, tbl, col_type
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF target_key IS NULL THEN
+        -- The key of the column: the one its first encrypted value names.
+        EXECUTE pg_catalog.format('SELECT k.name FROM %s t, pgphi.ciphertext_info(t.%I::bytea) i
+                                     JOIN pgphi.keys k ON k.key_id = i.key_id
+                                    WHERE t.%I IS NOT NULL LIMIT 1', tbl, col, col)
+            INTO target_key;
+        IF target_key IS NULL THEN
+            RAISE NOTICE 'column "%" of % holds no encrypted values', col, tbl;
+            RETURN;
+        END IF;
+    END IF;
+    target_id := pgphi._key_id(target_key);
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%" does not exist', target_key USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT v.version INTO active FROM pgphi.key_versions v WHERE v.key_id = target_id AND v.state = 'active';
+    IF active IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%" has no active version', target_key USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+
+    relation_pages := pg_catalog.pg_relation_size(tbl) / pg_catalog.current_setting('block_size')::bigint;
+    SELECT * INTO progress FROM pgphi.reencrypt_progress p WHERE p.relation = tbl AND p.column_name = col;
+    IF NOT FOUND OR progress.finished_at IS NOT NULL OR progress.target_version <> active
+       OR progress.key_id <> target_id THEN
+        DELETE FROM pgphi.reencrypt_progress p WHERE p.relation = tbl AND p.column_name = col;
+        INSERT INTO pgphi.reencrypt_progress (relation, column_name, key_id, target_version, total_pages)
+            VALUES (tbl, col, target_id, active, relation_pages)
+            RETURNING * INTO progress;
+    ELSE
+        RAISE NOTICE 'resuming re-encryption of %.% at page % of %', tbl, col, progress.next_page, relation_pages;
+        UPDATE pgphi.reencrypt_progress p SET total_pages = relation_pages
+         WHERE p.relation = tbl AND p.column_name = col;
+    END IF;
+    COMMIT;
+
+    -- Rows per page from the planner's statistics sets the pages per batch.
+    SELECT greatest(1, (batch_size / greatest(1, c.reltuples / greatest(1, c.relpages)))::bigint)
+      INTO pages_per_batch FROM pg_catalog.pg_class c WHERE c.oid = tbl;
+
+    update_sql := pg_catalog.format(
+        'UPDATE %s SET %I = pgphi.reencrypt_value(%I, $1%s)
+          WHERE %%s AND pgphi._key_version_of(%I::bytea, $2) <> $3', tbl, col, col, context_sql, col);
+
+    page := progress.next_page;
+    WHILE page < relation_pages LOOP
+        EXECUTE pg_catalog.format(update_sql, 'ctid >= $4 AND ctid < $5')
+            USING target_key, target_id, active,
+                  pg_catalog.format('(%s,0)', page)::tid, pg_catalog.format('(%s,0)', page + pages_per_batch)::tid;
+        GET DIAGNOSTICS moved = ROW_COUNT;
+        page := page + pages_per_batch;
+        UPDATE pgphi.reencrypt_progress p
+           SET next_page = least(page, relation_pages), rows_reencrypted = rows_reencrypted + moved,
+               updated_at = pg_catalog.clock_timestamp()
+         WHERE p.relation = tbl AND p.column_name = col;
+        COMMIT;
+    END LOOP;
+
+    -- Rows that moved to pages already passed still carry old versions when a
+    -- writer copied the value (an update of another column). Sweep until none.
+    FOR pass IN 1..1000 LOOP
+        EXECUTE pg_catalog.format(update_sql, pg_catalog.format(
+            'ctid = ANY (ARRAY(SELECT ctid FROM %s WHERE pgphi._key_version_of(%I::bytea, $2) <> $3 LIMIT %s))',
+            tbl, col, batch_size))
+            USING target_key, target_id, active;
+        GET DIAGNOSTICS sweep_moved = ROW_COUNT;
+        UPDATE pgphi.reencrypt_progress p
+           SET rows_reencrypted = rows_reencrypted + sweep_moved, updated_at = pg_catalog.clock_timestamp()
+         WHERE p.relation = tbl AND p.column_name = col;
+        COMMIT;
+        EXIT WHEN sweep_moved = 0;
+    END LOOP;
+    UPDATE pgphi.reencrypt_progress p SET finished_at = pg_catalog.clock_timestamp()
+     WHERE p.relation = tbl AND p.column_name = col;
+    COMMIT;
+END
+$$;
+
+-- How many values of every encrypted or bytea column in this database use a
+-- key version. Scans every such column; returns counts only.
+CREATE FUNCTION pgphi.key_version_usage(name text, version integer)
+    RETURNS TABLE (relation regclass, column_name name, "values" bigint)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_version_usage.name);
+    c record;
+    n bigint;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%" does not exist', key_version_usage.name USING ERRCODE = 'undefined_object';
+    END IF;
+    FOR c IN SELECT a.attrelid::regclass AS rel, a.attname
+               FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid
+               JOIN pg_namespace s ON s.oid = r.relnamespace
+              WHERE r.relkind IN ('r', 'm') AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.atttypid IN ('pgphi.encrypted'::regtype, 'bytea'::regtype)
+                AND s.nspname NOT IN ('pg_catalog', 'information_schema', 'pgphi')
+                AND s.nspname NOT LIKE 'pg_toast%' AND s.nspname NOT LIKE 'pg_temp%'
+              ORDER BY 1, 2
+    LOOP
+        EXECUTE pg_catalog.format('SELECT count(*) FROM ONLY %s WHERE pgphi._key_version_of(%I::bytea, $1) = $2',
+                                  c.rel, c.attname)
+            INTO n USING target_id, key_version_usage.version;
+        IF n > 0 THEN
+            relation := c.rel; column_name := c.attname; "values" := n;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Marks a decrypt-only version retired once a scan of the whole database
+-- finds no value under it; refuses, naming where values remain, otherwise.
+CREATE FUNCTION pgphi.retire_key_version(name text, version integer) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(retire_key_version.name);
+    state text;
+    remaining bigint;
+    places text;
+BEGIN
+    SELECT v.state INTO state FROM pgphi.key_versions v
+     WHERE v.key_id = target_id AND v.version = retire_key_version.version FOR UPDATE;
+    IF state IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%" has no version %', retire_key_version.name, retire_key_version.version
+            USING ERRCODE = 'undefined_object';
+    ELSIF state = 'active' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is active', retire_key_version.name, retire_key_version.version
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Rotate the key first.';
+    ELSIF state <> 'decrypt_only' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is already %', retire_key_version.name,
+            retire_key_version.version, state USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    SELECT sum(u."values"), string_agg(pg_catalog.format('%s.%I: %s', u.relation, u.column_name, u."values"), ', ')
+      INTO remaining, places
+      FROM pgphi.key_version_usage(retire_key_version.name, retire_key_version.version) u;
+    IF remaining > 0 THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is still used by % values', retire_key_version.name,
+            retire_key_version.version, remaining
+            USING ERRCODE = 'object_in_use', DETAIL = places,
+                  HINT = 'Re-encrypt those columns with CALL pgphi.reencrypt(...) first.';
+    END IF;
+    UPDATE pgphi.key_versions v SET state = 'retired', retired_at = pg_catalog.now()
+     WHERE v.key_id = target_id AND v.version = retire_key_version.version;
+END
+$$;
+
+-- Dual control: destroying a key version needs the approval of two different
+-- key custodians, each given with approve_destroy, within the last day.
+CREATE TABLE pgphi.destroy_approvals (
+    key_id      integer NOT NULL,
+    version     integer NOT NULL,
+    approved_by name NOT NULL,
+    approved_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (key_id, version, approved_by)
+);
+
+CREATE FUNCTION pgphi.approve_destroy(name text, version integer) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(approve_destroy.name);
+    approver name := session_user;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pgphi.key_versions v WHERE v.key_id = target_id
+                      AND v.version = approve_destroy.version AND v.state <> 'destroyed') THEN
+        RAISE EXCEPTION 'pgphi key "%" has no version % to destroy', approve_destroy.name, approve_destroy.version
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    IF NOT pg_catalog.pg_has_role(approver, 'pgphi_key_custodian', 'MEMBER') THEN
+        RAISE EXCEPTION 'only key custodians can approve destroying a key'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the approving role.';
+    END IF;
+    INSERT INTO pgphi.destroy_approvals (key_id, version, approved_by)
+        VALUES (target_id, approve_destroy.version, approver)
+        ON CONFLICT ON CONSTRAINT destroy_approvals_pkey DO UPDATE SET approved_at = pg_catalog.now();
+END
+$$;
+
+-- Crypto-shredding: erases a key version's wrapped DEK and drops it from
+-- every cache. Values under it can never be decrypted again.
+CREATE FUNCTION pgphi.destroy_key(name text, version integer) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(destroy_key.name);
+    approvers name[];
+BEGIN
+    PERFORM FROM pgphi.key_versions v WHERE v.key_id = target_id AND v.version = destroy_key.version
+       AND v.state <> 'destroyed' FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgphi key "%" has no version % to destroy', destroy_key.name, destroy_key.version
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT array_agg(a.approved_by ORDER BY a.approved_by) INTO approvers
+      FROM pgphi.destroy_approvals a
+     WHERE a.key_id = target_id AND a.version = destroy_key.version
+       AND a.approved_at > pg_catalog.now() - interval '1 day'
+       AND pg_catalog.pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+    IF coalesce(pg_catalog.cardinality(approvers), 0) < 2 THEN
+        RAISE EXCEPTION 'destroying pgphi key "%" version % needs the approval of two key custodians',
+            destroy_key.name, destroy_key.version
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = pg_catalog.format('Approved by: %s.', coalesce(pg_catalog.array_to_string(approvers, ', '), 'nobody')),
+                  HINT = 'Two different members of pgphi_key_custodian must call pgphi.approve_destroy().';
+    END IF;
+    UPDATE pgphi.key_versions v SET state = 'destroyed', wrapped_dek = NULL, destroyed_at = pg_catalog.now()
+     WHERE v.key_id = target_id AND v.version = destroy_key.version;
+    DELETE FROM pgphi.destroy_approvals a WHERE a.key_id = target_id AND a.version = destroy_key.version;
+    PERFORM pgphi.flush_cache();   -- wipe the plaintext DEK from shared memory and every session
+END
+$$;
+
 ------------------------------------------------------------------------------
 -- The key broker and the shared DEK cache.
 ------------------------------------------------------------------------------
@@ -253,7 +611,17 @@ GRANT SELECT ON pgphi.cache_stats TO pg_monitor;
 ------------------------------------------------------------------------------
 
 REVOKE ALL ON FUNCTION pgphi._generate_wrapped_dek(text, text, integer, integer, text, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgphi.create_key(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgphi.create_key(text, text, text), pgphi.rotate_key(text), pgphi.rewrap_keys(text),
+    pgphi.retire_key_version(text, integer), pgphi.approve_destroy(text, integer),
+    pgphi.destroy_key(text, integer), pgphi.key_version_usage(text, integer),
+    pgphi._rewrap_dek(text, text, integer, integer, text, bytea), pgphi._key_id(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.create_key(text, text, text), pgphi.rotate_key(text), pgphi.rewrap_keys(text),
+    pgphi.retire_key_version(text, integer), pgphi.approve_destroy(text, integer),
+    pgphi.destroy_key(text, integer), pgphi.key_version_usage(text, integer) TO pgphi_key_custodian;
+-- Re-encryption returns ciphertext only; whoever may update a table's rows may run it.
+GRANT EXECUTE ON FUNCTION pgphi.reencrypt_value(pgphi.encrypted, text, text),
+    pgphi.reencrypt_value(bytea, text, text) TO pgphi_key_custodian, pgphi_encrypt;
+GRANT SELECT, INSERT, UPDATE, DELETE ON pgphi.reencrypt_progress TO pgphi_key_custodian, pgphi_encrypt;
 
 REVOKE ALL ON FUNCTION pgphi.encrypt_phi(text, text, text), pgphi.encrypt_phi(bytea, text, text),
     pgphi.encrypt_phi(jsonb, text, text) FROM PUBLIC;

@@ -183,12 +183,13 @@ void run_unwrap(SharedState* state, UnwrapJob& job)
         state->invalidation_generation.fetch_add(1);
 }
 
-void run_generate(SharedState* state, int index)
+void run_admin(SharedState* state, int index)
 {
     AdminRequest& shared = state->admin[index];
     LWLockAcquire(state->lock, LW_SHARED);
     cache::UnwrapRequest key = shared.key;
     bool may_create = shared.may_create_local_kek;
+    AdminRequest::Operation operation = shared.operation;
     uint64_t ticket = shared.ticket;
     LWLockRelease(state->lock);
 
@@ -199,20 +200,26 @@ void run_generate(SharedState* state, int index)
     char kek_version[cache::kMaxKekRef] = "";
     bool ok = run_core(failure, [&] {
         KeyProvider& provider = provider_named(key.provider);
-        auto* local = dynamic_cast<LocalKeyProvider*>(&provider);
-        if (local && may_create)
-            created = local->ensure_kek_file();
-        GeneratedDek dek = provider.generate_dek(key.kek_ref, binding_of(key));
-        if (dek.wrapped.blob.size() > sizeof(wrapped) || dek.wrapped.kek_version.size() >= sizeof(kek_version))
+        WrappedDek result;
+        if (operation == AdminRequest::Operation::Rewrap) {
+            // Inside the key manager where it can (Vault rewrap, KMS ReEncrypt).
+            result = provider.rewrap(key.kek_ref, ByteView(key.wrapped, key.wrapped_size), binding_of(key));
+        } else {
+            auto* local = dynamic_cast<LocalKeyProvider*>(&provider);
+            if (local && may_create)
+                created = local->ensure_kek_file();
+            result = provider.generate_dek(key.kek_ref, binding_of(key)).wrapped;
+        }
+        if (result.blob.size() > sizeof(wrapped) || result.kek_version.size() >= sizeof(kek_version))
             throw Error(ErrorCode::ProviderError, "the key provider returned an oversized wrapped DEK");
-        std::memcpy(wrapped, dek.wrapped.blob.data(), dek.wrapped.blob.size());
-        wrapped_size = dek.wrapped.blob.size();
-        std::strcpy(kek_version, dek.wrapped.kek_version.c_str());
+        std::memcpy(wrapped, result.blob.data(), result.blob.size());
+        wrapped_size = result.blob.size();
+        std::strcpy(kek_version, result.kek_version.c_str());
     });
     state->stats.key_manager_calls.fetch_add(1, std::memory_order_relaxed);
     if (!ok) {
         state->stats.key_manager_errors.fetch_add(1, std::memory_order_relaxed);
-        log_failure("creation", key, failure);
+        log_failure(operation == AdminRequest::Operation::Rewrap ? "rewrap" : "creation", key, failure);
     }
 
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
@@ -244,7 +251,7 @@ void do_work(SharedState* state)
         state->invalidation_generation.fetch_add(1);
 
     for (int i = 0; i < admin_count; ++i) {
-        run_generate(state, admin_jobs[i]);
+        run_admin(state, admin_jobs[i]);
         ConditionVariableBroadcast(&state->changed);
         CHECK_FOR_INTERRUPTS();
     }

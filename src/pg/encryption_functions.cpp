@@ -161,3 +161,68 @@ PGPHI_FUNCTION(pgphi_decrypt_jsonb)
     pfree(json);
     return document;
 }
+
+// pgphi.reencrypt_value(value, key_name [, context]): the value under its
+// key's active version, with the same context; unchanged when it already is.
+// Plaintext exists only in a wiped temporary buffer inside this call.
+PGPHI_FUNCTION(pgphi_reencrypt_value)
+{
+    bytea* value = PG_GETARG_BYTEA_PP(0);
+    text* key_name = PG_GETARG_TEXT_PP(1);
+    ByteView context = context_arg(fcinfo, 2);
+    format::ParsedValue parsed;
+    call_core([&] { parsed = format::parse(view_of(value)); });
+
+    // Both keys must come from one state of the key cache: a lookup may clear
+    // it, which would leave the other pointer dangling.
+    DataKey* source = nullptr;
+    DataKey* target = nullptr;
+    for (int attempt = 0;; ++attempt) {
+        source = key_for_decrypt(parsed.key);
+        uint64_t clears = key_cache_clears();
+        target = key_for_encrypt(key_name);
+        if (key_cache_clears() == clears)
+            break;
+        if (attempt == 3)
+            ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                            errmsg("pgphi keys keep changing; retry the re-encryption")));
+    }
+    if (source->name() != target->name())
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+                        errmsg("value was encrypted with pgphi key \"%s\", not \"%s\"", source->name().c_str(),
+                               target->name().c_str())));
+    if (source == target)
+        PG_RETURN_DATUM(PG_GETARG_DATUM(0));
+
+    size_t plaintext_size = parsed.ciphertext.size;
+    uint8_t* plaintext = static_cast<uint8_t*>(palloc(plaintext_size + 1));
+    size_t total = VARHDRSZ + format::sealed_size(plaintext_size);
+    bytea* result = static_cast<bytea*>(palloc(total));
+    SET_VARSIZE(result, total);
+    CoreFailure failure;
+    bool ok = run_core(failure, [&] {
+        source->open(parsed, context, plaintext);
+        target->seal(nonce_source(), ByteView(plaintext, plaintext_size), context,
+                     reinterpret_cast<uint8_t*>(VARDATA(result)));
+    });
+    explicit_bzero(plaintext, plaintext_size);
+    pfree(plaintext);
+    if (!ok)
+        raise_core_failure(failure);
+    PG_RETURN_BYTEA_P(result);
+}
+
+// pgphi._key_version_of(value, key_id): the key version a bytea value is
+// encrypted under, if it is a pgphi ciphertext of that key; NULL for anything
+// else (plaintext in a bytea column, another key, damaged values). For the
+// re-encryption and retirement scans, which must not stop on such values.
+PGPHI_FUNCTION(pgphi_key_version_of)
+{
+    bytea* value = PG_GETARG_BYTEA_PP(0);
+    format::ParsedValue parsed;
+    CoreFailure ignored;
+    if (!run_core(ignored, [&] { parsed = format::parse(view_of(value)); }) ||
+        parsed.key.key_id != static_cast<uint32>(PG_GETARG_INT32(1)))
+        PG_RETURN_NULL();
+    PG_RETURN_INT32(static_cast<int32>(parsed.key.version));
+}

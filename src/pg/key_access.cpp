@@ -36,6 +36,7 @@ bool g_ring_stale = false;
 // The shared invalidation generation the ring was filled under: the broker
 // bumps it when a key manager revokes a key or a key expires unrefreshed.
 uint64_t g_ring_generation = 0;
+uint64_t g_ring_clears = 0;
 Oid g_keys_relid = InvalidOid;
 Oid g_versions_relid = InvalidOid;
 
@@ -44,12 +45,15 @@ constexpr int64_t kUseReportIntervalMs = 500;
 SPIPlanPtr g_plan_by_name = nullptr;
 SPIPlanPtr g_plan_by_ref = nullptr;
 
-constexpr const char* kSelectKey =
+// By name: the key's active version; a key without one (all versions
+// rotated out or destroyed) still returns a row, with a NULL version.
+constexpr const char* kSelectByName =
     "SELECT k.key_id, v.version, k.name, k.provider, k.kek_ref, v.state, v.wrapped_dek, v.xmin "
-    "FROM pgphi.keys k JOIN pgphi.key_versions v ON v.key_id OPERATOR(pg_catalog.=) k.key_id ";
-constexpr const char* kWhereName =
-    "WHERE k.name OPERATOR(pg_catalog.=) $1 AND v.state OPERATOR(pg_catalog.=) 'active'";
-constexpr const char* kWhereRef =
+    "FROM pgphi.keys k LEFT JOIN pgphi.key_versions v ON v.key_id OPERATOR(pg_catalog.=) k.key_id "
+    "AND v.state OPERATOR(pg_catalog.=) 'active' WHERE k.name OPERATOR(pg_catalog.=) $1";
+constexpr const char* kSelectByRef =
+    "SELECT k.key_id, v.version, k.name, k.provider, k.kek_ref, v.state, v.wrapped_dek, v.xmin "
+    "FROM pgphi.keys k JOIN pgphi.key_versions v ON v.key_id OPERATOR(pg_catalog.=) k.key_id "
     "WHERE v.key_id OPERATOR(pg_catalog.=) $1 AND v.version OPERATOR(pg_catalog.=) $2";
 
 // One row of the key catalog, copied out of SPI into the caller's context.
@@ -71,6 +75,7 @@ void flush_if_stale()
     uint64_t generation = shared_state()->invalidation_generation.load(std::memory_order_acquire);
     if (g_ring_stale || generation != g_ring_generation) {
         g_ring.clear();
+        ++g_ring_clears;
         g_ring_stale = false;
         g_ring_generation = generation;
     }
@@ -136,7 +141,7 @@ char* copy_text_column(HeapTuple row, TupleDesc desc, int column)
 
 // Runs one of the two lookups and copies the row into `out`. Returns false
 // when no row matched.
-bool fetch_catalog_key(SPIPlanPtr* plan, const char* where, int nargs, Oid* argtypes, Datum* args,
+bool fetch_catalog_key(SPIPlanPtr* plan, const char* query, int nargs, Oid* argtypes, Datum* args,
                        CatalogKey* out)
 {
     MemoryContext caller_context = CurrentMemoryContext;
@@ -153,7 +158,6 @@ bool fetch_catalog_key(SPIPlanPtr* plan, const char* where, int nargs, Oid* argt
         if (SPI_connect() != SPI_OK_CONNECT)
             elog(ERROR, "pgphi: SPI_connect failed");
         if (*plan == nullptr) {
-            char* query = psprintf("%s%s", kSelectKey, where);
             SPIPlanPtr prepared = SPI_prepare(query, nargs, argtypes);
             if (prepared == nullptr || SPI_keepplan(prepared) != 0)
                 elog(ERROR, "pgphi: could not prepare key catalog lookup: %s",
@@ -172,14 +176,16 @@ bool fetch_catalog_key(SPIPlanPtr* plan, const char* where, int nargs, Oid* argt
             bool isnull;
             MemoryContext spi_context = MemoryContextSwitchTo(caller_context);
             out->key_id = DatumGetInt32(SPI_getbinval(row, desc, 1, &isnull));
-            out->version = DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull));
+            Datum version = SPI_getbinval(row, desc, 2, &isnull);
+            out->version = isnull ? 0 : DatumGetInt32(version); // 0: no active version
             out->name = copy_text_column(row, desc, 3);
             out->provider = copy_text_column(row, desc, 4);
             out->kek_ref = copy_text_column(row, desc, 5);
             out->state = copy_text_column(row, desc, 6);
             Datum wrapped = SPI_getbinval(row, desc, 7, &isnull);
             out->wrapped_dek = isnull ? nullptr : DatumGetByteaPCopy(wrapped);
-            out->created_by_xid = DatumGetTransactionId(SPI_getbinval(row, desc, 8, &isnull));
+            Datum xmin = SPI_getbinval(row, desc, 8, &isnull);
+            out->created_by_xid = isnull ? InvalidTransactionId : DatumGetTransactionId(xmin);
             MemoryContextSwitchTo(spi_context);
             found = true;
         }
@@ -256,10 +262,14 @@ DataKey* key_for_encrypt(const text* key_name)
     Oid argtypes[1] = {TEXTOID};
     Datum args[1] = {PointerGetDatum(key_name)};
     CatalogKey row;
-    if (!fetch_catalog_key(&g_plan_by_name, kWhereName, 1, argtypes, args, &row))
+    if (!fetch_catalog_key(&g_plan_by_name, kSelectByName, 1, argtypes, args, &row))
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT),
                         errmsg("pgphi key \"%s\" does not exist", text_to_cstring(key_name)),
                         errhint("Create it with pgphi.create_key().")));
+    if (row.version == 0)
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pgphi key \"%s\" has no active version", row.name),
+                        errhint("pgphi.rotate_key() creates a new active version.")));
     // Nothing may be written under a DEK whose wrapped form is not committed:
     // if this transaction rolled back, such values could never be decrypted.
     if (TransactionIdIsCurrentTransactionId(row.created_by_xid))
@@ -280,7 +290,7 @@ DataKey* key_for_decrypt(format::KeyRef ref)
     Oid argtypes[2] = {INT4OID, INT4OID};
     Datum args[2] = {Int32GetDatum(static_cast<int32>(ref.key_id)), Int32GetDatum(static_cast<int32>(ref.version))};
     CatalogKey row;
-    if (!fetch_catalog_key(&g_plan_by_ref, kWhereRef, 2, argtypes, args, &row))
+    if (!fetch_catalog_key(&g_plan_by_ref, kSelectByRef, 2, argtypes, args, &row))
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT),
                         errmsg("pgphi key id %u version %u does not exist in this database", ref.key_id,
                                ref.version),
@@ -290,6 +300,8 @@ DataKey* key_for_decrypt(format::KeyRef ref)
 }
 
 NonceSource& nonce_source() { return g_nonces; }
+
+uint64_t key_cache_clears() { return g_ring_clears; }
 
 void register_key_invalidation() { CacheRegisterRelcacheCallback(on_relcache_invalidation, 0); }
 

@@ -17,6 +17,11 @@ DataKey* key_for_encrypt(const text* key_name);
 // The key version a value's header refers to, for decrypting.
 DataKey* key_for_decrypt(format::KeyRef ref);
 
+// Counts how often this process's key cache was cleared. Pointers from the
+// functions above survive only while it stays the same; a caller that needs
+// two keys at once checks it (see reencrypt).
+uint64_t key_cache_clears();
+
 // The process's nonce source, shared by every encrypting call.
 NonceSource& nonce_source();
 

@@ -24,6 +24,34 @@ void copy_text_arg(const text* value, char* dst, size_t size, const char* what)
     text_to_cstring_buffer(value, dst, size);
 }
 
+// Arguments 0..4 of both functions below: provider, kek_ref, key_id,
+// version, key_name.
+void key_identity_from_args(FunctionCallInfo fcinfo, cache::UnwrapRequest* key)
+{
+    memset(key, 0, sizeof(*key));
+    copy_text_arg(PG_GETARG_TEXT_PP(0), key->provider, sizeof(key->provider), "provider name");
+    copy_text_arg(PG_GETARG_TEXT_PP(1), key->kek_ref, sizeof(key->kek_ref), "KEK reference");
+    copy_text_arg(PG_GETARG_TEXT_PP(4), key->key_name, sizeof(key->key_name), "key name");
+    key->key_id = static_cast<uint32>(PG_GETARG_INT32(2));
+    key->key_version = static_cast<uint32>(PG_GETARG_INT32(3));
+}
+
+// (wrapped_dek bytea, kek_version text) from a finished request.
+Datum wrapped_result(FunctionCallInfo fcinfo, const AdminRequest& result)
+{
+    bytea* wrapped = static_cast<bytea*>(palloc(VARHDRSZ + result.wrapped_size));
+    SET_VARSIZE(wrapped, VARHDRSZ + result.wrapped_size);
+    memcpy(VARDATA(wrapped), result.wrapped, result.wrapped_size);
+
+    TupleDesc desc;
+    if (get_call_result_type(fcinfo, nullptr, &desc) != TYPEFUNC_COMPOSITE)
+        elog(ERROR, "return type must be a row type");
+    desc = BlessTupleDesc(desc);
+    Datum values[2] = {PointerGetDatum(wrapped), CStringGetTextDatum(result.kek_version)};
+    bool nulls[2] = {false, false};
+    return HeapTupleGetDatum(heap_form_tuple(desc, values, nulls));
+}
+
 } // namespace
 
 // pgphi._generate_wrapped_dek(provider, kek_ref, key_id, version, key_name,
@@ -32,34 +60,35 @@ void copy_text_arg(const text* value, char* dst, size_t size, const char* what)
 PGPHI_FUNCTION(pgphi_generate_wrapped_dek)
 {
     cache::UnwrapRequest key;
-    memset(&key, 0, sizeof(key));
-    copy_text_arg(PG_GETARG_TEXT_PP(0), key.provider, sizeof(key.provider), "provider name");
-    copy_text_arg(PG_GETARG_TEXT_PP(1), key.kek_ref, sizeof(key.kek_ref), "KEK reference");
-    copy_text_arg(PG_GETARG_TEXT_PP(4), key.key_name, sizeof(key.key_name), "key name");
-    key.key_id = static_cast<uint32>(PG_GETARG_INT32(2));
-    key.key_version = static_cast<uint32>(PG_GETARG_INT32(3));
+    key_identity_from_args(fcinfo, &key);
     // Only the first local key may create the KEK file: once local keys
     // exist, a missing file means the KEK was lost or moved, and a new one
     // would silently split the keys between two KEKs.
     bool may_create_local_kek = PG_GETARG_BOOL(5);
 
     AdminRequest* result = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
-    generate_wrapped_dek(key, may_create_local_kek, result);
-
+    run_admin_request(AdminRequest::Operation::Generate, key, may_create_local_kek, result);
     if (result->created_local_kek_file)
         ereport(WARNING, (errmsg("pgphi created a new local KEK file"),
                           errdetail("Back it up: without it, no key of the local provider can be unwrapped."),
                           errhint("The local provider is for development; use a key manager in production.")));
+    PG_RETURN_DATUM(wrapped_result(fcinfo, *result));
+}
 
-    bytea* wrapped = static_cast<bytea*>(palloc(VARHDRSZ + result->wrapped_size));
-    SET_VARSIZE(wrapped, VARHDRSZ + result->wrapped_size);
-    memcpy(VARDATA(wrapped), result->wrapped, result->wrapped_size);
+// pgphi._rewrap_dek(provider, kek_ref, key_id, version, key_name, wrapped_dek)
+//   RETURNS (wrapped_dek bytea, kek_version text)
+// The broker rewraps under the KEK's newest version; the DEK stays the same.
+PGPHI_FUNCTION(pgphi_rewrap_dek)
+{
+    cache::UnwrapRequest key;
+    key_identity_from_args(fcinfo, &key);
+    bytea* wrapped = PG_GETARG_BYTEA_PP(5);
+    if (VARSIZE_ANY_EXHDR(wrapped) > sizeof(key.wrapped))
+        ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("wrapped DEK is too large")));
+    memcpy(key.wrapped, VARDATA_ANY(wrapped), VARSIZE_ANY_EXHDR(wrapped));
+    key.wrapped_size = static_cast<uint16_t>(VARSIZE_ANY_EXHDR(wrapped));
 
-    TupleDesc desc;
-    if (get_call_result_type(fcinfo, nullptr, &desc) != TYPEFUNC_COMPOSITE)
-        elog(ERROR, "pgphi_generate_wrapped_dek must return a record");
-    desc = BlessTupleDesc(desc);
-    Datum values[2] = {PointerGetDatum(wrapped), CStringGetTextDatum(result->kek_version)};
-    bool nulls[2] = {false, false};
-    PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
+    AdminRequest* result = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
+    run_admin_request(AdminRequest::Operation::Rewrap, key, false, result);
+    PG_RETURN_DATUM(wrapped_result(fcinfo, *result));
 }

@@ -186,7 +186,8 @@ void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_u
     ConditionVariableCancelSleep();
 }
 
-void generate_wrapped_dek(const cache::UnwrapRequest& key, bool may_create_local_kek, AdminRequest* result)
+void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapRequest& key,
+                       bool may_create_local_kek, AdminRequest* result)
 {
     SharedState* state = shared_state();
     int64_t deadline = now_ms() + key_wait_timeout_ms;
@@ -200,6 +201,7 @@ void generate_wrapped_dek(const cache::UnwrapRequest& key, bool may_create_local
             if (candidate.state == AdminRequest::State::Free) {
                 request = &candidate;
                 std::memset(request, 0, sizeof(*request));
+                request->operation = operation;
                 request->key = key;
                 request->may_create_local_kek = may_create_local_kek;
                 request->ticket = ticket;

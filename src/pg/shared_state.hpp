@@ -18,13 +18,16 @@ extern "C" {
 
 namespace pgphi::pg {
 
-// A request that is not an unwrap: generate a new DEK (create_key).
+// A request that is not an unwrap: generate a new DEK (create_key,
+// rotate_key), or rewrap one under the KEK's newest version (rewrap_keys).
 struct AdminRequest {
     enum class State : uint8_t { Free, Pending, InFlight, Done };
+    enum class Operation : uint8_t { Generate, Rewrap };
     State state;
+    Operation operation;
     uint64_t ticket;              // identifies the requester's use of the slot
     int64_t done_at_ms;
-    cache::UnwrapRequest key;     // provider, KEK, key identity (no wrapped DEK yet)
+    cache::UnwrapRequest key;     // provider, KEK, key identity; the wrapped DEK to rewrap
     bool may_create_local_kek;
     // Results
     bool ok;
@@ -72,7 +75,9 @@ void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_u
 // and lets idle ones expire.
 void report_key_use(uint32_t slot_index, int64_t now_ms);
 
-// Asks the broker to generate and wrap a new DEK; raises on failure.
-void generate_wrapped_dek(const cache::UnwrapRequest& key, bool may_create_local_kek, AdminRequest* result);
+// Asks the broker to generate and wrap a new DEK, or to rewrap key.wrapped;
+// raises on failure.
+void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapRequest& key,
+                       bool may_create_local_kek, AdminRequest* result);
 
 } // namespace pgphi::pg

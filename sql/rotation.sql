@@ -1,0 +1,92 @@
+-- Key lifecycle: rotation, re-encryption, rewrap, retirement, destruction.
+SELECT pgphi.create_key('mrn_key') AS mrn_key_id \gset
+CREATE TABLE charts (id int PRIMARY KEY, mrn text, note pgphi.encrypted, scan bytea);
+INSERT INTO charts SELECT i, 'MRN-' || i, encrypt_phi('note ' || i, 'mrn_key', 'MRN-' || i),
+                          encrypt_phi(('scan ' || i)::bytea, 'mrn_key')
+  FROM generate_series(1, 500) i;
+
+-- Rotation: a new active version; the old one keeps decrypting.
+SELECT pgphi.rotate_key('mrn_key') AS new_version;
+SELECT version, state FROM pgphi.key_versions WHERE key_id = :mrn_key_id ORDER BY version;
+SELECT key_version FROM pgphi.ciphertext_info(encrypt_phi('new write', 'mrn_key'));
+SELECT count(*) AS old_values_decrypt FROM charts WHERE decrypt_phi(note, 'mrn_key', mrn) = 'note ' || id;
+
+-- The old version cannot be retired while values use it; the refusal says where.
+SELECT * FROM pgphi.key_version_usage('mrn_key', 1) ORDER BY 1, 2;
+SELECT pgphi.retire_key_version('mrn_key', 1);
+\echo :LAST_ERROR_SQLSTATE
+SELECT pgphi.retire_key_version('mrn_key', 2);
+\echo :LAST_ERROR_SQLSTATE
+
+-- Re-encryption moves every value (with its context) to the active version.
+CALL pgphi.reencrypt('charts', 'note', batch_size => 100, context_column => 'mrn');
+CALL pgphi.reencrypt('charts', 'scan', batch_size => 100);
+SELECT key_version, count(*) FROM charts, pgphi.ciphertext_info(note) GROUP BY 1;
+SELECT count(*) AS all_decrypt FROM charts
+ WHERE decrypt_phi(note, 'mrn_key', mrn) = 'note ' || id
+   AND convert_from(decrypt_phi_bytea(scan, 'mrn_key'), 'UTF8') = 'scan ' || id;
+SELECT relation, column_name, target_version, rows_reencrypted, finished_at IS NOT NULL AS finished
+  FROM pgphi.reencrypt_progress ORDER BY column_name;
+-- Again: nothing left to do.
+CALL pgphi.reencrypt('charts', 'note', context_column => 'mrn');
+SELECT rows_reencrypted FROM pgphi.reencrypt_progress WHERE column_name = 'note';
+-- A wrong context fails authentication and changes nothing.
+SELECT pgphi.create_key('ctx_key') > 0 AS created;
+CREATE TABLE ctx_t AS
+SELECT i AS id, 'MRN-' || i AS mrn, encrypt_phi('v' || i, 'ctx_key', 'MRN-' || i) AS v
+  FROM generate_series(1, 10) i;
+SELECT pgphi.rotate_key('ctx_key') AS new_version;
+CALL pgphi.reencrypt('ctx_t', 'v', context_column => 'id');
+\echo :LAST_ERROR_SQLSTATE
+SELECT key_version, count(*) FROM ctx_t, pgphi.ciphertext_info(v) GROUP BY 1;
+CALL pgphi.reencrypt('ctx_t', 'v', context_column => 'mrn');
+SELECT key_version, count(*) FROM ctx_t, pgphi.ciphertext_info(v) GROUP BY 1;
+-- Only encrypted or bytea columns.
+CALL pgphi.reencrypt('charts', 'mrn');
+\echo :LAST_ERROR_SQLSTATE
+
+-- Now retirement succeeds; a retired version still decrypts nothing but is kept.
+SELECT pgphi.retire_key_version('mrn_key', 1);
+SELECT version, state, retired_at IS NOT NULL AS retired FROM pgphi.key_versions
+ WHERE key_id = :mrn_key_id ORDER BY version;
+
+-- KEK rewrap: new wrapped DEKs, same DEKs, no table data touched.
+CREATE TEMP TABLE before AS SELECT version, wrapped_dek FROM pgphi.key_versions WHERE key_id = :mrn_key_id;
+SELECT pgphi.rewrap_keys('mrn_key') AS rewrapped;
+SELECT count(*) AS changed FROM before b JOIN pgphi.key_versions v USING (version)
+ WHERE v.key_id = :mrn_key_id AND v.wrapped_dek <> b.wrapped_dek;
+SELECT pgphi.flush_cache() >= 0 AS flushed;
+SELECT count(*) AS still_decrypt FROM charts WHERE decrypt_phi(note, 'mrn_key', mrn) = 'note ' || id;
+
+-- Destruction needs two different custodians' approval.
+CREATE ROLE custodian_a LOGIN;
+CREATE ROLE custodian_b LOGIN;
+CREATE ROLE not_a_custodian LOGIN;
+GRANT pgphi_key_custodian TO custodian_a, custodian_b;
+GRANT USAGE ON SCHEMA pgphi TO not_a_custodian;
+CREATE TABLE shredded AS SELECT encrypt_phi('to be shredded', 'mrn_key') AS v;
+GRANT SELECT ON shredded TO custodian_a;
+SET SESSION AUTHORIZATION not_a_custodian;
+SELECT pgphi.approve_destroy('mrn_key', 2);
+\echo :LAST_ERROR_SQLSTATE
+RESET SESSION AUTHORIZATION;
+SET SESSION AUTHORIZATION custodian_a;
+SELECT pgphi.approve_destroy('mrn_key', 2);
+SELECT pgphi.destroy_key('mrn_key', 2);
+\echo :LAST_ERROR_SQLSTATE
+-- A custodian cannot decrypt.
+SELECT decrypt_phi(v) FROM shredded;
+\echo :LAST_ERROR_SQLSTATE
+RESET SESSION AUTHORIZATION;
+SET SESSION AUTHORIZATION custodian_b;
+SELECT pgphi.approve_destroy('mrn_key', 2);
+SELECT pgphi.destroy_key('mrn_key', 2);
+RESET SESSION AUTHORIZATION;
+SELECT version, state, wrapped_dek IS NULL AS dek_erased FROM pgphi.key_versions
+ WHERE key_id = :mrn_key_id ORDER BY version;
+SELECT decrypt_phi(v) FROM shredded;
+\echo :LAST_ERROR_SQLSTATE
+SELECT encrypt_phi('x', 'mrn_key');
+\echo :LAST_ERROR_SQLSTATE
+SELECT pgphi.rotate_key('mrn_key') AS new_version;
+SELECT decrypt_phi(encrypt_phi('after the shredding', 'mrn_key'));
