@@ -72,7 +72,9 @@ SELECT count(*) AS all_decrypt FROM patients
 UPDATE patients SET name = encrypt_phi('Renamed ' || id, 'name_key', mrn) WHERE id <= 10;
 SELECT decrypt_phi(name, 'name_key', mrn) FROM patients WHERE id = 3;
 
--- Parallel workers decrypt too, each with its own key cache.
+-- Parallel workers decrypt too, each with its own key cache. The leader does
+-- not take part, so the workers must do every decryption.
+SET parallel_leader_participation = off;
 SET parallel_setup_cost = 0;
 SET parallel_tuple_cost = 0;
 SET min_parallel_table_scan_size = 0;
@@ -89,6 +91,7 @@ BEGIN
 END $$;
 SELECT workers_launched($$SELECT count(*) FROM patients
                          WHERE decrypt_phi(ssn, 'ssn_key', mrn) LIKE '1%'$$) > 0 AS workers_decrypted;
+RESET parallel_leader_participation;
 RESET parallel_setup_cost;
 RESET parallel_tuple_cost;
 RESET min_parallel_table_scan_size;

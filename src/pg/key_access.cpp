@@ -14,6 +14,7 @@ extern "C" {
 #include "utils/syscache.h"
 }
 
+#include <algorithm>
 #include <cstring>
 #include <string_view>
 
@@ -66,6 +67,7 @@ struct CatalogKey {
     char* state;
     bytea* wrapped_dek; // NULL once the version is destroyed
     TransactionId created_by_xid;
+    bool from_latest_snapshot; // false in parallel mode: see fetch_catalog_key
 };
 
 void wipe_keys_at_exit(int, Datum) { g_ring.clear(); }
@@ -166,8 +168,13 @@ bool fetch_catalog_key(SPIPlanPtr* plan, const char* query, int nargs, Oid* argt
         }
         // A fresh snapshot, not the statement's: a change committed before we
         // look has already sent its invalidation, so an older snapshot could
-        // cache a stale row that no later invalidation would clear.
-        int rc = SPI_execute_snapshot(*plan, args, nullptr, GetLatestSnapshot(), InvalidSnapshot, true, false, 1);
+        // cache a stale row that no later invalidation would clear. Parallel
+        // mode forbids a new snapshot; the statement's is used, and the key
+        // is then kept for this statement only (install_catalog_key).
+        bool latest = !IsInParallelMode();
+        out->from_latest_snapshot = latest;
+        int rc = SPI_execute_snapshot(*plan, args, nullptr, latest ? GetLatestSnapshot() : GetActiveSnapshot(),
+                                      InvalidSnapshot, true, false, 1);
         if (rc != SPI_OK_SELECT)
             elog(ERROR, "pgphi: key catalog lookup failed: %s", SPI_result_code_string(rc));
         if (SPI_processed > 0) {
@@ -231,6 +238,8 @@ DataKey* install_catalog_key(const CatalogKey& key)
     int64_t valid_until_ms = 0;
     uint32_t slot_index = UINT32_MAX;
     get_dek(request, dek, &valid_until_ms, &slot_index);
+    if (!key.from_latest_snapshot)
+        valid_until_ms = std::min<int64_t>(valid_until_ms, GetCurrentStatementStartTimestamp() / 1000 + 1);
 
     DataKey* installed = nullptr;
     bool active = strcmp(key.state, "active") == 0;
