@@ -90,3 +90,41 @@ SELECT encrypt_phi('x', 'mrn_key');
 \echo :LAST_ERROR_SQLSTATE
 SELECT pgphi.rotate_key('mrn_key') AS new_version;
 SELECT decrypt_phi(encrypt_phi('after the shredding', 'mrn_key'));
+
+-- Protecting an existing plaintext column, online and resumable.
+CREATE TABLE intake (id int PRIMARY KEY, mrn text, ssn text, seen date);
+INSERT INTO intake SELECT i, 'MRN-' || i, lpad(i::text, 9, '0'), date '2026-01-01' + i % 300
+  FROM generate_series(1, 3000) i;
+INSERT INTO intake VALUES (3001, 'MRN-3001', NULL, NULL);
+CALL pgphi.protect_column('intake', 'ssn', 'ssn_key', batch_size => 500, context_column => 'mrn');
+SELECT attname, atttypid::regtype FROM pg_attribute
+ WHERE attrelid = 'intake'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum;
+SELECT count(*) AS protected FROM intake WHERE decrypt_phi(ssn, 'ssn_key', mrn) = lpad(id::text, 9, '0');
+SELECT ssn IS NULL AS null_stays_null FROM intake WHERE id = 3001;
+-- Writes after the conversion encrypt as usual; plaintext is refused.
+INSERT INTO intake (id, mrn, ssn) VALUES (3002, 'MRN-3002', encrypt_phi('999-99-9999', 'ssn_key', 'MRN-3002'));
+INSERT INTO intake (id, mrn, ssn) VALUES (3003, 'MRN-3003', '999-99-9999');
+\echo :LAST_ERROR_SQLSTATE
+CALL pgphi.protect_column('intake', 'ssn', 'ssn_key');
+\echo :LAST_ERROR_SQLSTATE
+
+-- Interrupted in the middle of the backfill: the shadow column and its trigger
+-- stay, writes made meanwhile are encrypted by the trigger, and a second CALL
+-- finishes the job.
+CREATE TABLE admissions (id int PRIMARY KEY, mrn text, ssn text);
+INSERT INTO admissions SELECT i, 'MRN-' || i, 'ssn-' || i FROM generate_series(1, 200000) i;
+VACUUM ANALYZE admissions;
+SET statement_timeout = '150ms';
+CALL pgphi.protect_column('admissions', 'ssn', 'ssn_key', batch_size => 1000, context_column => 'mrn');
+\echo :LAST_ERROR_SQLSTATE
+RESET statement_timeout;
+SELECT count(*) FILTER (WHERE pgphi_protecting_ssn IS NOT NULL) BETWEEN 1 AND 199999 AS partly_filled
+  FROM admissions;
+UPDATE admissions SET ssn = 'changed-' || id WHERE id % 1000 = 0;
+INSERT INTO admissions (id, mrn, ssn) VALUES (200001, 'MRN-200001', 'ssn-200001');
+SELECT count(*) AS kept_in_step FROM admissions
+ WHERE id % 1000 = 0 AND decrypt_phi(pgphi_protecting_ssn, 'ssn_key', mrn) = 'changed-' || id;
+CALL pgphi.protect_column('admissions', 'ssn', 'ssn_key', batch_size => 1000, context_column => 'mrn');
+SELECT count(*) AS all_protected FROM admissions
+ WHERE decrypt_phi(ssn, 'ssn_key', mrn) = CASE WHEN id % 1000 = 0 THEN 'changed-' || id ELSE 'ssn-' || id END;
+SELECT count(*) AS triggers_left FROM pg_trigger WHERE tgrelid = 'admissions'::regclass;

@@ -439,6 +439,105 @@ BEGIN
 END
 $$;
 
+-- Keeps the shadow column of a column being protected in step with writes
+-- (arguments: plaintext column, shadow column, key, context column or '').
+CREATE FUNCTION pgphi._protect_column_sync() RETURNS trigger
+    LANGUAGE plpgsql
+AS $$
+DECLARE
+    row_json jsonb := pg_catalog.to_jsonb(NEW);
+    plaintext text := row_json ->> TG_ARGV[0];
+    context text := CASE WHEN TG_ARGV[3] = '' THEN '' ELSE coalesce(row_json ->> TG_ARGV[3], '') END;
+BEGIN
+    NEW := pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1],
+        CASE WHEN plaintext IS NULL THEN NULL
+             ELSE pgphi.encrypt_phi(plaintext, TG_ARGV[2], context)::bytea::text END));
+    RETURN NEW;
+END
+$$;
+
+-- Converts a plaintext text column of a live table into a pgphi.encrypted
+-- column of the same name, online: a shadow column is added and kept in step
+-- with writes by a trigger, filled in committed batches of pages (resumable:
+-- CALL it again after an interruption), and finally swapped in with one
+-- short exclusive lock. The old column is dropped, but its bytes stay in the
+-- table's pages until they are rewritten (VACUUM FULL, pg_repack), and in WAL
+-- and backups: the procedure says so when it ends.
+CREATE PROCEDURE pgphi.protect_column(tbl regclass, col name, key_name text, batch_size integer DEFAULT 10000,
+                                      context_column name DEFAULT NULL)
+    LANGUAGE plpgsql
+AS $$
+DECLARE
+    col_type regtype;
+    shadow name := pg_catalog.left('pgphi_protecting_' || col, 63);
+    trigger_name name := pg_catalog.left('pgphi_protect_' || col, 63);
+    -- The generated SQL's context argument: an empty string literal, or the column.
+    context_sql text := CASE WHEN context_column IS NULL THEN pg_catalog.quote_literal('')
+                             ELSE pg_catalog.format('%I::text', context_column) END;
+    relation_pages bigint;
+    pages_per_batch bigint;
+    page bigint := 0;
+    filled bigint;
+    fill_sql text;
+BEGIN
+    SELECT a.atttypid::regtype INTO col_type FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF col_type IS NULL THEN
+        RAISE EXCEPTION 'column "%" of relation % does not exist', col, tbl USING ERRCODE = 'undefined_column';
+    ELSIF col_type NOT IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype) THEN
+        RAISE EXCEPTION 'column "%" of relation % is of type %; protect_column converts text columns', col, tbl, col_type
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF pgphi._key_id(key_name) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%" does not exist', key_name USING ERRCODE = 'undefined_object';
+    END IF;
+
+    -- 1. The shadow column and the trigger (kept if a previous call made them).
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attname = shadow
+                      AND NOT a.attisdropped) THEN
+        EXECUTE pg_catalog.format('ALTER TABLE %s ADD COLUMN %I pgphi.encrypted', tbl, shadow);
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER %I BEFORE INSERT OR UPDATE ON %s FOR EACH ROW
+             EXECUTE FUNCTION pgphi._protect_column_sync(%L, %L, %L, %L)',
+            trigger_name, tbl, col, shadow, key_name, coalesce(context_column, ''));
+    END IF;
+    COMMIT;
+
+    -- 2. Fill it, a batch of pages per transaction, then sweep what is left.
+    relation_pages := pg_catalog.pg_relation_size(tbl) / pg_catalog.current_setting('block_size')::bigint;
+    SELECT greatest(1, (batch_size / greatest(1, c.reltuples / greatest(1, c.relpages)))::bigint)
+      INTO pages_per_batch FROM pg_catalog.pg_class c WHERE c.oid = tbl;
+    fill_sql := pg_catalog.format('UPDATE %s SET %I = pgphi.encrypt_phi(%I::text, $1, %s) WHERE %%s AND %I IS NULL AND %I IS NOT NULL',
+                                  tbl, shadow, col, context_sql, shadow, col);
+    WHILE page < relation_pages LOOP
+        EXECUTE pg_catalog.format(fill_sql, 'ctid >= $2 AND ctid < $3')
+            USING key_name, pg_catalog.format('(%s,0)', page)::tid, pg_catalog.format('(%s,0)', page + pages_per_batch)::tid;
+        page := page + pages_per_batch;
+        COMMIT;
+    END LOOP;
+    LOOP
+        EXECUTE pg_catalog.format(fill_sql, pg_catalog.format(
+            'ctid = ANY (ARRAY(SELECT ctid FROM %s WHERE %I IS NULL AND %I IS NOT NULL LIMIT %s))',
+            tbl, shadow, col, batch_size)) USING key_name;
+        GET DIAGNOSTICS filled = ROW_COUNT;
+        COMMIT;
+        EXIT WHEN filled = 0;
+    END LOOP;
+
+    -- 3. The swap, under a short exclusive lock: last stragglers, then the
+    --    shadow column takes the plaintext column's place.
+    EXECUTE pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', tbl);
+    EXECUTE pg_catalog.format(fill_sql, 'true') USING key_name;
+    EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', trigger_name, tbl);
+    EXECUTE pg_catalog.format('ALTER TABLE %s DROP COLUMN %I', tbl, col);
+    EXECUTE pg_catalog.format('ALTER TABLE %s RENAME COLUMN %I TO %I', tbl, shadow, col);
+    COMMIT;
+    RAISE NOTICE 'column "%" of % is now encrypted with pgphi key "%"', col, tbl, key_name
+        USING DETAIL = 'The plaintext stays in the table''s pages until they are rewritten, and in WAL and backups.',
+              HINT = pg_catalog.format('Run VACUUM FULL %s (or pg_repack) to remove it from the table.', tbl);
+END
+$$;
+
 -- How many values of every encrypted or bytea column in this database use a
 -- key version. Scans every such column; returns counts only.
 CREATE FUNCTION pgphi.key_version_usage(name text, version integer)
@@ -619,6 +718,7 @@ GRANT EXECUTE ON FUNCTION pgphi.create_key(text, text, text), pgphi.rotate_key(t
     pgphi.retire_key_version(text, integer), pgphi.approve_destroy(text, integer),
     pgphi.destroy_key(text, integer), pgphi.key_version_usage(text, integer) TO pgphi_key_custodian;
 -- Re-encryption returns ciphertext only; whoever may update a table's rows may run it.
+GRANT EXECUTE ON FUNCTION pgphi._protect_column_sync() TO pgphi_key_custodian, pgphi_encrypt;
 GRANT EXECUTE ON FUNCTION pgphi.reencrypt_value(pgphi.encrypted, text, text),
     pgphi.reencrypt_value(bytea, text, text) TO pgphi_key_custodian, pgphi_encrypt;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgphi.reencrypt_progress TO pgphi_key_custodian, pgphi_encrypt;
