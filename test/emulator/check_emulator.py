@@ -69,7 +69,8 @@ REGION = "us-east-1"
 ACCOUNT = "111122223333"
 KMS_KEY = "6a1f0c2e-8f6d-4f7e-9a53-0c1d2e3f4a5b"
 KMS_KEY_2 = "0b7e9d41-2c3a-4e5f-8a6b-7c8d9e0f1a2b"
-AKID, SECRET = "AKIAEMULATORTEST0001", secrets.token_urlsafe(30)
+# Access key ids shaped like real ones, made up at run time (never committed).
+AKID, SECRET = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
 SESSION_AKID, SESSION_SECRET = "ASIAEMULATORTEST0002", secrets.token_urlsafe(30)
 SESSION_TOKEN = "FwoGZXIvYXdzE" + secrets.token_urlsafe(60)
 ROLE_ID, SECRET_ID = str(uuid.uuid4()), str(uuid.uuid4())
@@ -453,7 +454,7 @@ class KmsTests(EmulatorTestCase):
     def test_bad_credentials_are_rejected(self):
         before = EMU.stats()["rejected_signatures"]
         cases = [(dict(secret="wrong-secret"), "InvalidSignatureException"),
-                 (dict(akid="AKIAUNKNOWNUNKNOWN00"), "UnrecognizedClientException"),
+                 (dict(akid="AKIA" + secrets.token_hex(8).upper()), "UnrecognizedClientException"),
                  (dict(region="eu-west-1"), "InvalidSignatureException")]
         for kwargs, expected in cases:
             with self.subTest(**kwargs):
