@@ -308,6 +308,34 @@ CREATE FUNCTION pgphi.reencrypt_value(value bytea, key_name text, context text D
 CREATE FUNCTION pgphi._key_version_of(value bytea, key_id integer) RETURNS integer
     AS 'MODULE_PATHNAME', 'pgphi_key_version_of' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
+-- Helpers of the batch procedures below. A column's type, or an error
+-- naming what is missing.
+CREATE FUNCTION pgphi._column_type(tbl regclass, col name) RETURNS regtype
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    found regtype;
+BEGIN
+    SELECT a.atttypid::regtype INTO found FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF found IS NULL THEN
+        RAISE EXCEPTION 'column "%" of relation % does not exist', col, tbl USING ERRCODE = 'undefined_column';
+    END IF;
+    RETURN found;
+END
+$$;
+
+-- A table's size in pages, and how many pages hold about batch_size rows
+-- (from the planner's statistics).
+CREATE FUNCTION pgphi._page_batches(tbl regclass, batch_size integer,
+        OUT relation_pages bigint, OUT pages_per_batch bigint)
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_relation_size(tbl) / current_setting('block_size')::bigint,
+           greatest(1, (batch_size / greatest(1, c.reltuples / greatest(1, c.relpages)))::bigint)
+      FROM pg_class c WHERE c.oid = tbl
+$$;
+
 -- Where each re-encryption stands; a CALL that was interrupted continues from
 -- next_page.
 CREATE TABLE pgphi.reencrypt_progress (
@@ -353,11 +381,7 @@ BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT a.atttypid::regtype INTO col_type FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
-    IF col_type IS NULL THEN
-        RAISE EXCEPTION 'column "%" of relation % does not exist', col, tbl USING ERRCODE = 'undefined_column';
-    END IF;
+    col_type := pgphi._column_type(tbl, col);
     IF col_type NOT IN ('pgphi.encrypted'::regtype, 'bytea'::regtype) THEN
         RAISE EXCEPTION 'column "%" of relation % is of type %, not pgphi.encrypted or bytea', col, tbl, col_type
             USING ERRCODE = 'wrong_object_type';
@@ -382,7 +406,8 @@ BEGIN
         RAISE EXCEPTION 'pgphi key "%" has no active version', target_key USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
 
-    relation_pages := pg_catalog.pg_relation_size(tbl) / pg_catalog.current_setting('block_size')::bigint;
+    SELECT b.relation_pages, b.pages_per_batch INTO relation_pages, pages_per_batch
+      FROM pgphi._page_batches(tbl, batch_size) b;
     SELECT * INTO progress FROM pgphi.reencrypt_progress p WHERE p.relation = tbl AND p.column_name = col;
     IF NOT FOUND OR progress.finished_at IS NOT NULL OR progress.target_version <> active
        OR progress.key_id <> target_id THEN
@@ -396,10 +421,6 @@ BEGIN
          WHERE p.relation = tbl AND p.column_name = col;
     END IF;
     COMMIT;
-
-    -- Rows per page from the planner's statistics sets the pages per batch.
-    SELECT greatest(1, (batch_size / greatest(1, c.reltuples / greatest(1, c.relpages)))::bigint)
-      INTO pages_per_batch FROM pg_catalog.pg_class c WHERE c.oid = tbl;
 
     update_sql := pg_catalog.format(
         'UPDATE %s SET %I = pgphi.reencrypt_value(%I, $1%s)
@@ -480,11 +501,8 @@ DECLARE
     filled bigint;
     fill_sql text;
 BEGIN
-    SELECT a.atttypid::regtype INTO col_type FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
-    IF col_type IS NULL THEN
-        RAISE EXCEPTION 'column "%" of relation % does not exist', col, tbl USING ERRCODE = 'undefined_column';
-    ELSIF col_type NOT IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype) THEN
+    col_type := pgphi._column_type(tbl, col);
+    IF col_type NOT IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype) THEN
         RAISE EXCEPTION 'column "%" of relation % is of type %; protect_column converts text columns', col, tbl, col_type
             USING ERRCODE = 'wrong_object_type';
     END IF;
@@ -504,9 +522,8 @@ BEGIN
     COMMIT;
 
     -- 2. Fill it, a batch of pages per transaction, then sweep what is left.
-    relation_pages := pg_catalog.pg_relation_size(tbl) / pg_catalog.current_setting('block_size')::bigint;
-    SELECT greatest(1, (batch_size / greatest(1, c.reltuples / greatest(1, c.relpages)))::bigint)
-      INTO pages_per_batch FROM pg_catalog.pg_class c WHERE c.oid = tbl;
+    SELECT b.relation_pages, b.pages_per_batch INTO relation_pages, pages_per_batch
+      FROM pgphi._page_batches(tbl, batch_size) b;
     fill_sql := pg_catalog.format('UPDATE %s SET %I = pgphi.encrypt_phi(%I::text, $1, %s) WHERE %%s AND %I IS NULL AND %I IS NOT NULL',
                                   tbl, shadow, col, context_sql, shadow, col);
     WHILE page < relation_pages LOOP

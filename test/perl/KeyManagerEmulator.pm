@@ -122,6 +122,27 @@ sub vault_login
 	return decode_json($out)->{auth}{client_token};
 }
 
+# postgresql.conf lines that point pgphi's Vault and AWS KMS providers at
+# this emulator, with a token file and a credentials file written for them.
+sub postgres_settings
+{
+	my ($self) = @_;
+	my $token = $self->write_secret('vault-token', $self->{vault_root_token});
+	my $credentials = $self->write_secret('aws-credentials',
+		"[default]\naws_access_key_id = $self->{aws}[0]\naws_secret_access_key = $self->{aws}[1]\n");
+	my $url = $self->url;
+	return <<CONF;
+pgphi.vault_addr = '$url'
+pgphi.vault_token_file = '$token'
+pgphi.vault_ca_file = '$self->{pki}/ca.pem'
+pgphi.aws_region = 'us-east-1'
+pgphi.aws_kms_endpoint = '$url'
+pgphi.aws_credentials_file = '$credentials'
+pgphi.aws_use_environment = off
+pgphi.aws_ca_file = '$self->{pki}/ca.pem'
+CONF
+}
+
 # Writes a secret file (mode 0600) and returns its path.
 sub write_secret
 {

@@ -15,18 +15,8 @@ my $emulator = KeyManagerEmulator->new(pki => $pki);
 my $url = $emulator->url;
 
 my $node = PgphiTest::new_node('providers');
-my $vault_token = $emulator->write_secret('vault-token', $emulator->{vault_root_token});
-my $aws_credentials = $emulator->write_secret('aws-credentials',
-	"[default]\naws_access_key_id = $emulator->{aws}[0]\naws_secret_access_key = $emulator->{aws}[1]\n");
-$node->append_conf('postgresql.conf', <<CONF);
-pgphi.vault_addr = '$url'
-pgphi.vault_token_file = '$vault_token'
-pgphi.vault_ca_file = '$pki/ca.pem'
-pgphi.aws_region = 'us-east-1'
-pgphi.aws_kms_endpoint = '$url'
-pgphi.aws_credentials_file = '$aws_credentials'
-pgphi.aws_use_environment = off
-pgphi.aws_ca_file = '$pki/ca.pem'
+my $aws_credentials = "$emulator->{state}/aws-credentials";
+$node->append_conf('postgresql.conf', $emulator->postgres_settings . <<CONF);
 pgphi.provider_timeout = 2000
 pgphi.provider_max_retries = 2
 CONF

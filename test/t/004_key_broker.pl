@@ -15,18 +15,11 @@ use KeyManagerEmulator;
 my $pki = KeyManagerEmulator::make_pki("$PostgreSQL::Test::Utils::tmp_check/pki");
 my $emulator = KeyManagerEmulator->new(pki => $pki);
 my $url = $emulator->url;
-my $credentials = $emulator->write_secret('aws-credentials',
-	"[default]\naws_access_key_id = $emulator->{aws}[0]\naws_secret_access_key = $emulator->{aws}[1]\n");
 
 my $ttl = 4;      # seconds
 my $grace = 5;    # seconds
 my $node = PgphiTest::new_node('broker');
-$node->append_conf('postgresql.conf', <<CONF);
-pgphi.aws_region = 'us-east-1'
-pgphi.aws_kms_endpoint = '$url'
-pgphi.aws_credentials_file = '$credentials'
-pgphi.aws_use_environment = off
-pgphi.aws_ca_file = '$pki/ca.pem'
+$node->append_conf('postgresql.conf', $emulator->postgres_settings . <<CONF);
 pgphi.provider_timeout = 3000
 pgphi.provider_max_retries = 0
 pgphi.cache_ttl = $ttl

@@ -15,19 +15,7 @@ use KeyManagerEmulator;
 my $pki = KeyManagerEmulator::make_pki("$PostgreSQL::Test::Utils::tmp_check/pki");
 my $emulator = KeyManagerEmulator->new(pki => $pki);
 my $url = $emulator->url;
-my $aws_credentials = $emulator->write_secret('aws-credentials',
-	"[default]\naws_access_key_id = $emulator->{aws}[0]\naws_secret_access_key = $emulator->{aws}[1]\n");
-my $vault_token = $emulator->write_secret('vault-token', $emulator->{vault_root_token});
-my $provider_conf = <<CONF;
-pgphi.aws_region = 'us-east-1'
-pgphi.aws_kms_endpoint = '$url'
-pgphi.aws_credentials_file = '$aws_credentials'
-pgphi.aws_use_environment = off
-pgphi.aws_ca_file = '$pki/ca.pem'
-pgphi.vault_addr = '$url'
-pgphi.vault_token_file = '$vault_token'
-pgphi.vault_ca_file = '$pki/ca.pem'
-CONF
+my $provider_conf = $emulator->postgres_settings;
 
 my $node = PgphiTest::new_node('rotation');
 $node->append_conf('postgresql.conf', $provider_conf);
