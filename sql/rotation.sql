@@ -115,7 +115,9 @@ CREATE TABLE admissions (id int PRIMARY KEY, mrn text, ssn text);
 INSERT INTO admissions SELECT i, 'MRN-' || i, 'ssn-' || i FROM generate_series(1, 200000) i;
 VACUUM ANALYZE admissions;
 SET statement_timeout = '150ms';
+\set VERBOSITY terse
 CALL pgphi.protect_column('admissions', 'ssn', 'ssn_key', batch_size => 1000, context_column => 'mrn');
+\set VERBOSITY default
 \echo :LAST_ERROR_SQLSTATE
 RESET statement_timeout;
 SELECT count(*) FILTER (WHERE pgphi_protecting_ssn IS NOT NULL) BETWEEN 1 AND 199999 AS partly_filled

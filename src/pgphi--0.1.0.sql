@@ -515,9 +515,11 @@ BEGIN
                       AND NOT a.attisdropped) THEN
         EXECUTE pg_catalog.format('ALTER TABLE %s ADD COLUMN %I pgphi.encrypted', tbl, shadow);
         EXECUTE pg_catalog.format(
-            'CREATE TRIGGER %I BEFORE INSERT OR UPDATE ON %s FOR EACH ROW
+            -- UPDATE OF the plaintext column only: the backfill below, which
+            -- sets the shadow column, does not fire it.
+            'CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %I ON %s FOR EACH ROW
              EXECUTE FUNCTION pgphi._protect_column_sync(%L, %L, %L, %L)',
-            trigger_name, tbl, col, shadow, key_name, coalesce(context_column, ''));
+            trigger_name, col, tbl, col, shadow, key_name, coalesce(context_column, ''));
     END IF;
     COMMIT;
 
