@@ -294,6 +294,45 @@ BEGIN
 END
 $$;
 
+-- Called by pgphi's rotation worker once a version has encrypted
+-- pgphi.dek_rotation_threshold values: rotates the key unless that version is
+-- no longer the active one (someone rotated it meanwhile). NULL then.
+CREATE FUNCTION pgphi._rotate_if_active(key_id integer, version integer) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_name text;
+BEGIN
+    SELECT k.name INTO key_name FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id)
+     WHERE k.key_id = _rotate_if_active.key_id AND v.version = _rotate_if_active.version AND v.state = 'active'
+       FOR UPDATE OF k;
+    IF key_name IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN pgphi.rotate_key(key_name);
+END
+$$;
+
+CREATE FUNCTION pgphi._usage_counts(OUT key_id integer, OUT version integer, OUT encryptions bigint)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'pgphi_usage_counts' LANGUAGE C VOLATILE;
+
+-- How many values each key version of this database has encrypted, cluster
+-- wide, against the threshold at which pgphi rotates the key by itself.
+CREATE FUNCTION pgphi.key_usage(OUT key_name text, OUT version integer, OUT state text,
+        OUT encryptions bigint, OUT rotation_threshold bigint)
+    RETURNS SETOF record
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT k.name, v.version, v.state, coalesce(u.encryptions, 0),
+           current_setting('pgphi.dek_rotation_threshold')::bigint
+      FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id)
+      LEFT JOIN pgphi._usage_counts() u ON u.key_id = v.key_id AND u.version = v.version
+     ORDER BY k.name, v.version
+$$;
+
 ------------------------------------------------------------------------------
 -- Re-encryption, retirement and destruction.
 ------------------------------------------------------------------------------
@@ -732,7 +771,9 @@ REVOKE ALL ON FUNCTION pgphi._generate_wrapped_dek(text, text, integer, integer,
 REVOKE ALL ON FUNCTION pgphi.create_key(text, text, text), pgphi.rotate_key(text), pgphi.rewrap_keys(text),
     pgphi.retire_key_version(text, integer), pgphi.approve_destroy(text, integer),
     pgphi.destroy_key(text, integer), pgphi.key_version_usage(text, integer),
-    pgphi._rewrap_dek(text, text, integer, integer, text, bytea), pgphi._key_id(text) FROM PUBLIC;
+    pgphi._rewrap_dek(text, text, integer, integer, text, bytea), pgphi._key_id(text),
+    pgphi._rotate_if_active(integer, integer), pgphi._usage_counts(), pgphi.key_usage() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.key_usage() TO pgphi_key_custodian, pg_monitor;
 GRANT EXECUTE ON FUNCTION pgphi.create_key(text, text, text), pgphi.rotate_key(text), pgphi.rewrap_keys(text),
     pgphi.retire_key_version(text, integer), pgphi.approve_destroy(text, integer),
     pgphi.destroy_key(text, integer), pgphi.key_version_usage(text, integer) TO pgphi_key_custodian;

@@ -17,6 +17,7 @@ void DataKey::seal(NonceSource& nonces, ByteView plaintext, ByteView context, ui
     nonces.next(nonce);
     cipher_.seal(nonce, ByteView(out, format::kPrefixSize), context, plaintext, body,
                  body + plaintext.size);
+    ++unreported_seals_;
 }
 
 void DataKey::open(const format::ParsedValue& value, ByteView context, uint8_t* out)

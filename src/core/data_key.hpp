@@ -34,6 +34,13 @@ public:
     int64_t use_reported_ms() const noexcept { return use_reported_ms_; }
     void set_use_reported_ms(int64_t ms) noexcept { use_reported_ms_ = ms; }
 
+    // Values sealed by this process under this key and not yet added to the
+    // shared usage count (random nonces bound how many a DEK may seal).
+    uint64_t unreported_seals() const noexcept { return unreported_seals_; }
+    void take_unreported_seals() noexcept { unreported_seals_ = 0; }
+    uint32_t usage_slot() const noexcept { return usage_slot_; }
+    void set_usage_slot(uint32_t slot) noexcept { usage_slot_ = slot; }
+
     // Writes format::sealed_size(plaintext.size) bytes to `out`.
     void seal(NonceSource& nonces, ByteView plaintext, ByteView context, uint8_t* out);
 
@@ -48,6 +55,8 @@ private:
     int64_t valid_until_ms_ = INT64_MAX;
     uint32_t cache_slot_ = UINT32_MAX;
     int64_t use_reported_ms_ = 0;
+    uint64_t unreported_seals_ = 0;
+    uint32_t usage_slot_ = UINT32_MAX;
 };
 
 } // namespace pgphi

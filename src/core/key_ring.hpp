@@ -26,6 +26,14 @@ public:
     DataKey& install(format::KeyRef ref, std::string name, bool active, SecureBytes dek);
 
     void clear() noexcept;
+
+    // Calls fn on every key (before clear(), to report their usage).
+    template <typename Fn>
+    void for_each(Fn&& fn)
+    {
+        for (auto& entry : by_ref_)
+            fn(*entry.second);
+    }
     size_t size() const noexcept { return by_ref_.size(); }
 
 private:

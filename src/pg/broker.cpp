@@ -14,11 +14,16 @@ extern "C" {
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "storage/fd.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
 #include "utils/guc.h"
+#include "utils/snapmgr.h"
 #include "utils/wait_event.h"
 }
 
@@ -37,6 +42,11 @@ namespace {
 
 constexpr int kMaxJobs = 64;
 constexpr int64_t kAbandonedRequestMs = 60'000;
+constexpr int64_t kRotationRetryMs = 60'000;
+constexpr int64_t kUsageSaveIntervalMs = 5'000;
+constexpr const char* kUsageFile = "pgphi_dek_usage";   // in the data directory
+
+int64_t g_usage_saved_ms = 0;
 
 struct UnwrapJob {
     uint32_t slot;
@@ -239,6 +249,88 @@ void run_admin(SharedState* state, int index)
     LWLockRelease(state->lock);
 }
 
+// The seal counts survive restarts in a small text file in the data
+// directory ("database key_id version seals rotated" per line), replaced
+// atomically. A crash loses at most the last few seconds of counting; the
+// hard limit sits four times above the rotation threshold for that reason.
+void save_usage(SharedState* state)
+{
+    if (!state->usage_dirty.exchange(false))
+        return;
+    char temp[MAXPGPATH];
+    snprintf(temp, sizeof(temp), "%s.tmp", kUsageFile);
+    FILE* out = AllocateFile(temp, PG_BINARY_W);
+    if (!out) {
+        ereport(LOG, (errcode_for_file_access(), errmsg("pgphi could not write \"%s\": %m", temp)));
+        state->usage_dirty.store(true);
+        return;
+    }
+    for (UsageEntry& entry : state->usage)
+        if (entry.in_use)
+            fprintf(out, "%u %u %u %llu %d\n", entry.database, entry.key_id, entry.key_version,
+                    static_cast<unsigned long long>(entry.seals.load()), entry.rotated ? 1 : 0);
+    if (FreeFile(out) != 0 || durable_rename(temp, kUsageFile, LOG) != 0)
+        state->usage_dirty.store(true);
+}
+
+void load_usage(SharedState* state)
+{
+    FILE* in = AllocateFile(kUsageFile, PG_BINARY_R);
+    if (!in)
+        return;
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    bool loaded_before = false;
+    for (UsageEntry& entry : state->usage)
+        loaded_before |= entry.in_use;
+    unsigned database, key_id, version;
+    unsigned long long seals;
+    int rotated;
+    int next = 0;
+    while (!loaded_before && next < kUsageEntries &&
+           fscanf(in, "%u %u %u %llu %d", &database, &key_id, &version, &seals, &rotated) == 5) {
+        UsageEntry& entry = state->usage[next++];
+        entry.in_use = true;
+        entry.database = database;
+        entry.key_id = key_id;
+        entry.key_version = version;
+        entry.seals.store(seals);
+        entry.rotated = rotated != 0;
+        entry.rotation_requested = false;
+        entry.rotation_launched_ms = 0;
+    }
+    LWLockRelease(state->lock);
+    FreeFile(in);
+}
+
+// Starts a worker in the key's database that rotates it, for every version
+// past the threshold; again after a minute if the key was not rotated.
+void launch_rotations(SharedState* state)
+{
+    int64_t now = now_ms();
+    for (int i = 0; i < kUsageEntries; ++i) {
+        UsageEntry& entry = state->usage[i];
+        bool due = entry.in_use && !entry.rotated &&
+                   entry.seals.load() >= static_cast<uint64_t>(dek_rotation_threshold) &&
+                   (entry.rotation_launched_ms == 0 || now - entry.rotation_launched_ms > kRotationRetryMs);
+        if (!due)
+            continue;
+        BackgroundWorker worker;
+        memset(&worker, 0, sizeof(worker));
+        worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+        worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+        worker.bgw_restart_time = BGW_NEVER_RESTART;
+        worker.bgw_main_arg = Int32GetDatum(i);
+        strlcpy(worker.bgw_library_name, "pgphi", sizeof(worker.bgw_library_name));
+        strlcpy(worker.bgw_function_name, "pgphi_rotation_worker_main", sizeof(worker.bgw_function_name));
+        snprintf(worker.bgw_name, sizeof(worker.bgw_name), "pgphi key rotation (key %u version %u)",
+                 entry.key_id, entry.key_version);
+        strlcpy(worker.bgw_type, "pgphi key rotation", sizeof(worker.bgw_type));
+        BackgroundWorkerHandle* handle;
+        if (RegisterDynamicBackgroundWorker(&worker, &handle))
+            entry.rotation_launched_ms = now;
+    }
+}
+
 void do_work(SharedState* state)
 {
     int admin_jobs[kAdminRequests];
@@ -261,7 +353,14 @@ void do_work(SharedState* state)
         ConditionVariableBroadcast(&state->changed);
         CHECK_FOR_INTERRUPTS();
     }
+    launch_rotations(state);
+    if (now_ms() - g_usage_saved_ms >= kUsageSaveIntervalMs) {
+        save_usage(state);
+        g_usage_saved_ms = now_ms();
+    }
 }
+
+void save_usage_at_exit(int, Datum) { save_usage(shared_state()); }
 
 } // namespace
 
@@ -278,6 +377,8 @@ void pgphi_broker_main(Datum)
 
     SharedState* state = shared_state();
     announce_broker(state);
+    load_usage(state);
+    before_shmem_exit(save_usage_at_exit, 0);
     pgphi::set_transfer_abort_check([] { return ProcDiePending != 0; });
     ereport(LOG, (errmsg("pgphi key broker started")));
 
@@ -294,4 +395,45 @@ void pgphi_broker_main(Datum)
         }
         do_work(state);
     }
+}
+
+// A short-lived worker connected to one database: rotates the key whose
+// version passed pgphi.dek_rotation_threshold, in its own transaction, and
+// only if that version is still the active one.
+extern "C" PGDLLEXPORT void pgphi_rotation_worker_main(Datum);
+
+void pgphi_rotation_worker_main(Datum argument)
+{
+    using namespace pgphi::pg;
+    BackgroundWorkerUnblockSignals();
+    SharedState* state = shared_state();
+    UsageEntry& entry = state->usage[DatumGetInt32(argument)];
+    Oid database = entry.database;
+    uint32 key_id = entry.key_id;
+    uint32 version = entry.key_version;
+    BackgroundWorkerInitializeConnectionByOid(database, InvalidOid, 0);
+
+    SetCurrentStatementStartTimestamp();
+    StartTransactionCommand();
+    SPI_connect();
+    PushActiveSnapshot(GetTransactionSnapshot());
+    Oid types[2] = {INT4OID, INT4OID};
+    Datum values[2] = {Int32GetDatum(static_cast<int32>(key_id)), Int32GetDatum(static_cast<int32>(version))};
+    int rc = SPI_execute_with_args("SELECT pgphi._rotate_if_active($1, $2)", 2, types, values, nullptr, false, 1);
+    bool rotated = rc == SPI_OK_SELECT && SPI_processed == 1;
+    bool isnull = true;
+    int32 new_version = 0;
+    if (rotated) {
+        Datum result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+        new_version = isnull ? 0 : DatumGetInt32(result);
+    }
+    SPI_finish();
+    PopActiveSnapshot();
+    CommitTransactionCommand();
+
+    entry.rotated = rotated;
+    state->usage_dirty.store(true);
+    if (rotated && !isnull)
+        ereport(LOG, (errmsg("pgphi rotated key id %u to version %d: version %u had encrypted %llu values", key_id,
+                             new_version, version, static_cast<unsigned long long>(entry.seals.load()))));
 }

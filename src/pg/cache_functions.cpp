@@ -4,6 +4,7 @@
 
 extern "C" {
 #include "access/htup_details.h"
+#include "utils/tuplestore.h"
 #include "utils/timestamp.h"
 }
 
@@ -100,4 +101,23 @@ PGPHI_FUNCTION(pgphi_flush_cache)
     state->invalidation_generation.fetch_add(1);
     state->stats.expirations.fetch_add(flushed, std::memory_order_relaxed);
     PG_RETURN_INT64(flushed);
+}
+
+// pgphi._usage_counts(): (key_id, version, encryptions) of this database's
+// key versions, from shared memory.
+PGPHI_FUNCTION(pgphi_usage_counts)
+{
+    ReturnSetInfo* rsinfo = reinterpret_cast<ReturnSetInfo*>(fcinfo->resultinfo);
+    InitMaterializedSRF(fcinfo, 0);
+    SharedState* state = shared_state();
+    for (UsageEntry& entry : state->usage) {
+        if (!entry.in_use || entry.database != MyDatabaseId)
+            continue;
+        Datum values[3] = {Int32GetDatum(static_cast<int32>(entry.key_id)),
+                           Int32GetDatum(static_cast<int32>(entry.key_version)),
+                           Int64GetDatum(static_cast<int64>(entry.seals.load()))};
+        bool nulls[3] = {false, false, false};
+        tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+    }
+    return static_cast<Datum>(0);
 }

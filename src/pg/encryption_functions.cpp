@@ -13,13 +13,14 @@ extern "C" {
 #include "../core/ciphertext_format.hpp"
 #include "error_bridge.hpp"
 #include "key_access.hpp"
+#include "shared_state.hpp"
 
 using namespace pgphi;
 using namespace pgphi::pg;
 
 namespace {
 
-enum class PlaintextKind { Text, Bytea, Jsonb };
+constexpr uint64_t kSealReportBatch = 256;
 
 ByteView view_of(const struct varlena* v)
 {
@@ -44,7 +45,13 @@ Datum encrypt_bytes(FunctionCallInfo fcinfo, ByteView plaintext)
                         errdetail("Encrypted values are at most %zu bytes.", MaxAllocSize - VARHDRSZ)));
     bytea* result = static_cast<bytea*>(palloc(total));
     SET_VARSIZE(result, total);
+    // Usage is counted in batches of kSealReportBatch: a shared write per
+    // batch, not per value.
+    if (key->unreported_seals() == 0)
+        check_seal_budget(*key, MyDatabaseId);
     call_core([&] { key->seal(nonce_source(), plaintext, context, reinterpret_cast<uint8_t*>(VARDATA(result))); });
+    if (key->unreported_seals() >= kSealReportBatch)
+        report_seals(*key, MyDatabaseId);
     PG_RETURN_BYTEA_P(result);
 }
 
@@ -194,6 +201,8 @@ PGPHI_FUNCTION(pgphi_reencrypt_value)
     if (source == target)
         PG_RETURN_DATUM(PG_GETARG_DATUM(0));
 
+    if (target->unreported_seals() == 0)
+        check_seal_budget(*target, MyDatabaseId);
     size_t plaintext_size = parsed.ciphertext.size;
     uint8_t* plaintext = static_cast<uint8_t*>(palloc(plaintext_size + 1));
     size_t total = VARHDRSZ + format::sealed_size(plaintext_size);
@@ -209,6 +218,8 @@ PGPHI_FUNCTION(pgphi_reencrypt_value)
     pfree(plaintext);
     if (!ok)
         raise_core_failure(failure);
+    if (target->unreported_seals() >= kSealReportBatch)
+        report_seals(*target, MyDatabaseId);
     PG_RETURN_BYTEA_P(result);
 }
 

@@ -70,12 +70,23 @@ struct CatalogKey {
     bool from_latest_snapshot; // false in parallel mode: see fetch_catalog_key
 };
 
-void wipe_keys_at_exit(int, Datum) { g_ring.clear(); }
+// Before a key leaves the ring, its seals are added to the shared count.
+void report_all_seals()
+{
+    g_ring.for_each([](DataKey& key) { report_seals(key, MyDatabaseId); });
+}
+
+void wipe_keys_at_exit(int, Datum)
+{
+    report_all_seals();
+    g_ring.clear();
+}
 
 void flush_if_stale()
 {
     uint64_t generation = shared_state()->invalidation_generation.load(std::memory_order_acquire);
     if (g_ring_stale || generation != g_ring_generation) {
+        report_all_seals();
         g_ring.clear();
         ++g_ring_clears;
         g_ring_stale = false;
@@ -216,7 +227,8 @@ DataKey* install_catalog_key(const CatalogKey& key)
                         errmsg("pgphi key \"%s\" version %u has been destroyed", key.name, key.version),
                         errdetail("Values encrypted under a destroyed key version cannot be decrypted.")));
     if (!exit_hook_registered) {
-        on_proc_exit(wipe_keys_at_exit, 0);
+        // before_shmem_exit: the seal counts go to shared memory.
+        before_shmem_exit(wipe_keys_at_exit, 0);
         exit_hook_registered = true;
     }
 

@@ -36,6 +36,7 @@ int cache_size;
 int cache_ttl_s;
 int key_manager_grace_s;
 int key_wait_timeout_ms;
+int dek_rotation_threshold;
 
 namespace {
 
@@ -118,6 +119,13 @@ void define_settings()
                             PGC_SIGHUP, GUC_UNIT_S, nullptr, nullptr, nullptr);
     DefineCustomIntVariable("pgphi.key_wait_timeout", "How long a session waits for the key broker.", nullptr,
                             &key_wait_timeout_ms, 10000, 100, 600000, PGC_SUSET, GUC_UNIT_MS, nullptr, nullptr,
+                            nullptr);
+
+    DefineCustomIntVariable("pgphi.dek_rotation_threshold",
+                            "Values a DEK version encrypts before pgphi rotates the key by itself.",
+                            "Random 96-bit nonces make 2^32 values per DEK the limit; the default is a "
+                            "quarter of it, and encryption stops at four times this setting.",
+                            &dek_rotation_threshold, 1 << 30, 100, INT_MAX, PGC_SIGHUP, 0, nullptr, nullptr,
                             nullptr);
 
     MarkGUCPrefixReserved("pgphi");

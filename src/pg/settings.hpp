@@ -42,6 +42,7 @@ extern int cache_size;              // slots; fixed at server start
 extern int cache_ttl_s;             // a DEK is re-validated with the key manager this often
 extern int key_manager_grace_s;     // how long cached DEKs outlive an unreachable key manager
 extern int key_wait_timeout_ms;     // how long a session waits for the broker
+extern int dek_rotation_threshold;  // values a DEK version seals before it is rotated
 
 void define_settings();
 

@@ -8,6 +8,7 @@ extern "C" {
 #include "utils/wait_event.h"
 }
 
+#include <algorithm>
 #include <cstring>
 #include <new>
 
@@ -104,6 +105,84 @@ void wake_broker()
     Latch* latch = g_state->broker_latch;
     if (latch)
         SetLatch(latch);
+}
+
+namespace {
+
+// The entry counting a key version's seals, created on first use.
+UsageEntry* usage_entry(DataKey& key, Oid database)
+{
+    SharedState* state = shared_state();
+    if (key.usage_slot() < kUsageEntries)
+        return &state->usage[key.usage_slot()];
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    UsageEntry* found = nullptr;
+    UsageEntry* free_entry = nullptr;
+    for (UsageEntry& entry : state->usage) {
+        if (entry.in_use && entry.database == database && entry.key_id == key.ref().key_id &&
+            entry.key_version == key.ref().version) {
+            found = &entry;
+            break;
+        }
+        if (!entry.in_use && !free_entry)
+            free_entry = &entry;
+    }
+    if (!found && free_entry) {
+        found = free_entry;
+        found->database = database;
+        found->key_id = key.ref().key_id;
+        found->key_version = key.ref().version;
+        found->seals.store(0);
+        found->rotation_requested = found->rotated = false;
+        found->rotation_launched_ms = 0;
+        found->in_use = true;
+    }
+    LWLockRelease(state->lock);
+    if (!found) {
+        ereport(WARNING, (errmsg("pgphi cannot count the use of more than %d key versions", kUsageEntries)));
+        return nullptr;
+    }
+    key.set_usage_slot(static_cast<uint32_t>(found - state->usage));
+    return found;
+}
+
+uint64_t hard_seal_limit()
+{
+    // Four times the rotation threshold, and always under 2^32, NIST's bound
+    // for random 96-bit GCM nonces (SP 800-38D, 8.3).
+    return std::min<uint64_t>(4ULL * static_cast<uint64_t>(dek_rotation_threshold), (1ULL << 32) - (1ULL << 24));
+}
+
+} // namespace
+
+void report_seals(DataKey& key, Oid database)
+{
+    uint64_t seals = key.unreported_seals();
+    if (seals == 0)
+        return;
+    UsageEntry* entry = usage_entry(key, database);
+    key.take_unreported_seals();
+    if (!entry)
+        return;
+    uint64_t total = entry->seals.fetch_add(seals, std::memory_order_relaxed) + seals;
+    shared_state()->usage_dirty.store(true, std::memory_order_relaxed);
+    if (total >= static_cast<uint64_t>(dek_rotation_threshold) && !entry->rotation_requested) {
+        entry->rotation_requested = true; // a benign race: several may set it
+        wake_broker();
+    }
+}
+
+void check_seal_budget(DataKey& key, Oid database)
+{
+    UsageEntry* entry = usage_entry(key, database);
+    if (entry && entry->seals.load(std::memory_order_relaxed) >= hard_seal_limit())
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pgphi key \"%s\" version %u has encrypted as many values as is safe",
+                               key.name().c_str(), key.ref().version),
+                        errdetail("Random 96-bit nonces allow about %llu values per DEK.",
+                                  static_cast<unsigned long long>(hard_seal_limit())),
+                        errhint("Rotate the key with pgphi.rotate_key(); the automatic rotation has not "
+                                "happened (see the server log).")));
 }
 
 void report_key_use(uint32_t slot_index, int64_t now)

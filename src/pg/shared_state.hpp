@@ -14,6 +14,7 @@ extern "C" {
 
 #include <atomic>
 
+#include "../core/data_key.hpp"
 #include "../core/dek_cache.hpp"
 
 namespace pgphi::pg {
@@ -40,6 +41,22 @@ struct AdminRequest {
 
 inline constexpr int kAdminRequests = 8;
 
+// How many values each DEK version has sealed, cluster-wide: random 96-bit
+// nonces make a DEK safe for a bounded number of values. Backends add their
+// counts without a lock; the broker persists them and has keys rotated.
+struct UsageEntry {
+    bool in_use;
+    bool rotation_requested;      // the threshold was crossed
+    bool rotated;                 // a rotation worker rotated the key
+    int64_t rotation_launched_ms; // 0: no rotation worker started yet
+    Oid database;
+    uint32_t key_id;
+    uint32_t key_version;
+    std::atomic<uint64_t> seals;
+};
+
+inline constexpr int kUsageEntries = 1024;
+
 struct SharedState {
     LWLock* lock;                       // guards the table and admin requests
     ConditionVariable changed;          // broadcast by the broker after each batch
@@ -53,6 +70,8 @@ struct SharedState {
     cache::Stats stats;
     uint32_t capacity;
     AdminRequest admin[kAdminRequests];
+    UsageEntry usage[kUsageEntries];
+    std::atomic<bool> usage_dirty;      // counts changed since the broker last saved them
     alignas(cache::Slot) unsigned char table_memory[FLEXIBLE_ARRAY_MEMBER]; // slots, then hash index
 
     cache::Table table() { return cache::Table(table_memory, capacity); }
@@ -74,6 +93,14 @@ void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_u
 // Marks a cached key as in use (no lock): the broker refreshes keys in use
 // and lets idle ones expire.
 void report_key_use(uint32_t slot_index, int64_t now_ms);
+
+// Adds a key's unreported seals to the shared usage count, asking for a
+// rotation once pgphi.dek_rotation_threshold is passed.
+void report_seals(DataKey& key, Oid database);
+
+// Raises an error when the key's version has sealed as many values as random
+// nonces allow (a backstop: rotation normally happens long before).
+void check_seal_budget(DataKey& key, Oid database);
 
 // Asks the broker to generate and wrap a new DEK, or to rewrap key.wrapped;
 // raises on failure.
