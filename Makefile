@@ -6,6 +6,7 @@
 #   make install    install it into the PostgreSQL found by PG_CONFIG
 #   make demo       set up everything and run the clinical demo (scripts/demo.sh)
 #   make test       set up everything and run every test suite (scripts/test.sh)
+#   make benchmark  the SQL benchmark against pgcrypto (benchmark/sql_benchmark.sh)
 
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 
@@ -24,7 +25,7 @@ SHLIB_LINK = -lcrypto -lcurl -lstdc++
 override with_llvm = no
 
 .DEFAULT_GOAL := all
-.PHONY: demo demo-stop test deps
+.PHONY: demo demo-stop test deps benchmark
 
 demo:
 	scripts/demo.sh
@@ -37,6 +38,9 @@ test:
 
 deps:
 	scripts/install-deps.sh
+
+benchmark:
+	benchmark/sql_benchmark.sh
 
 # PGXS exists only once postgresql-server-dev-15 is installed; demo, test and
 # deps install it first, so they must work without it.

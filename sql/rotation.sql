@@ -124,9 +124,28 @@ SELECT count(*) FILTER (WHERE pgphi_protecting_ssn IS NOT NULL) BETWEEN 1 AND 19
   FROM admissions;
 UPDATE admissions SET ssn = 'changed-' || id WHERE id % 1000 = 0;
 INSERT INTO admissions (id, mrn, ssn) VALUES (200001, 'MRN-200001', 'ssn-200001');
+-- A change of the context column re-encrypts under the new context too.
+UPDATE admissions SET mrn = 'MRN-moved-' || id WHERE id % 997 = 0;
+-- Resuming with another key is refused.
+CALL pgphi.protect_column('admissions', 'ssn', 'name_key', context_column => 'mrn');
+\echo :LAST_ERROR_SQLSTATE
 SELECT count(*) AS kept_in_step FROM admissions
  WHERE id % 1000 = 0 AND decrypt_phi(pgphi_protecting_ssn, 'ssn_key', mrn) = 'changed-' || id;
 CALL pgphi.protect_column('admissions', 'ssn', 'ssn_key', batch_size => 1000, context_column => 'mrn');
 SELECT count(*) AS all_protected FROM admissions
  WHERE decrypt_phi(ssn, 'ssn_key', mrn) = CASE WHEN id % 1000 = 0 THEN 'changed-' || id ELSE 'ssn-' || id END;
 SELECT count(*) AS triggers_left FROM pg_trigger WHERE tgrelid = 'admissions'::regclass;
+
+-- A key custodian who owns a table re-encrypts it without any right on the
+-- key catalog.
+CREATE ROLE owner_custodian LOGIN;
+GRANT pgphi_key_custodian TO owner_custodian;
+CREATE TABLE custodian_t (id int, v pgphi.encrypted);
+INSERT INTO custodian_t SELECT i, encrypt_phi('c' || i, 'ssn_key') FROM generate_series(1, 50) i;
+ALTER TABLE custodian_t OWNER TO owner_custodian;
+SELECT pgphi.rotate_key('ssn_key') > 1 AS rotated;
+SET SESSION AUTHORIZATION owner_custodian;
+CALL pgphi.reencrypt('custodian_t', 'v');
+RESET SESSION AUTHORIZATION;
+SELECT count(DISTINCT (pgphi.ciphertext_info(v)).key_version) AS versions,
+       count(*) FILTER (WHERE decrypt_phi(v) = 'c' || id) AS decrypt FROM custodian_t;

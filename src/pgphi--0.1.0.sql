@@ -236,6 +236,15 @@ CREATE FUNCTION pgphi._key_id(name text) RETURNS integer
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     AS $$ SELECT key_id FROM pgphi.keys WHERE keys.name = _key_id.name $$;
 
+-- Catalog facts the batch procedures (which run as their caller) need,
+-- without giving callers read access to the key catalog.
+CREATE FUNCTION pgphi._key_name(key_id integer) RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    AS $$ SELECT name FROM pgphi.keys WHERE keys.key_id = _key_name.key_id $$;
+CREATE FUNCTION pgphi._active_version(key_id integer) RETURNS integer
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    AS $$ SELECT version FROM pgphi.key_versions v WHERE v.key_id = _active_version.key_id AND v.state = 'active' $$;
+
 -- A new DEK version becomes active; the previous one stays for decryption.
 -- Sessions encrypt under the new version from their next statement on.
 CREATE FUNCTION pgphi.rotate_key(name text) RETURNS integer
@@ -304,9 +313,11 @@ AS $$
 DECLARE
     key_name text;
 BEGIN
+    -- Both rows locked, so a rotation that committed while this waited is
+    -- seen: the version is then no longer active, and nothing is done.
     SELECT k.name INTO key_name FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id)
      WHERE k.key_id = _rotate_if_active.key_id AND v.version = _rotate_if_active.version AND v.state = 'active'
-       FOR UPDATE OF k;
+       FOR UPDATE OF k, v;
     IF key_name IS NULL THEN
         RETURN NULL;
     END IF;
@@ -427,8 +438,7 @@ BEGIN
     END IF;
     IF target_key IS NULL THEN
         -- The key of the column: the one its first encrypted value names.
-        EXECUTE pg_catalog.format('SELECT k.name FROM %s t, pgphi.ciphertext_info(t.%I::bytea) i
-                                     JOIN pgphi.keys k ON k.key_id = i.key_id
+        EXECUTE pg_catalog.format('SELECT pgphi._key_name(i.key_id) FROM %s t, pgphi.ciphertext_info(t.%I::bytea) i
                                     WHERE t.%I IS NOT NULL LIMIT 1', tbl, col, col)
             INTO target_key;
         IF target_key IS NULL THEN
@@ -440,7 +450,7 @@ BEGIN
     IF target_id IS NULL THEN
         RAISE EXCEPTION 'pgphi key "%" does not exist', target_key USING ERRCODE = 'undefined_object';
     END IF;
-    SELECT v.version INTO active FROM pgphi.key_versions v WHERE v.key_id = target_id AND v.state = 'active';
+    active := pgphi._active_version(target_id);
     IF active IS NULL THEN
         RAISE EXCEPTION 'pgphi key "%" has no active version', target_key USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
@@ -548,17 +558,30 @@ BEGIN
     IF pgphi._key_id(key_name) IS NULL THEN
         RAISE EXCEPTION 'pgphi key "%" does not exist', key_name USING ERRCODE = 'undefined_object';
     END IF;
+    IF pg_catalog.length(col) > 46 THEN
+        RAISE EXCEPTION 'protect_column needs a column name of at most 46 characters' USING ERRCODE = 'name_too_long';
+    END IF;
 
-    -- 1. The shadow column and the trigger (kept if a previous call made them).
+    -- 1. The shadow column and the trigger (kept if a previous call made them,
+    --    which must then have used the same key and context).
+    IF EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = trigger_name
+                  AND pg_catalog.string_to_array(pg_catalog.encode(t.tgargs, 'escape'), '\000')
+                      IS DISTINCT FROM ARRAY[col::text, shadow::text, key_name, coalesce(context_column::text, ''), '']) THEN
+        RAISE EXCEPTION 'a conversion of column "%" of % is under way with another key or context', col, tbl
+            USING ERRCODE = 'object_in_use', HINT = 'Call protect_column with the arguments of the first call.';
+    END IF;
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attname = shadow
                       AND NOT a.attisdropped) THEN
         EXECUTE pg_catalog.format('ALTER TABLE %s ADD COLUMN %I pgphi.encrypted', tbl, shadow);
         EXECUTE pg_catalog.format(
-            -- UPDATE OF the plaintext column only: the backfill below, which
-            -- sets the shadow column, does not fire it.
-            'CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %I ON %s FOR EACH ROW
+            -- UPDATE OF the plaintext and context columns only: the backfill
+            -- below, which sets the shadow column alone, does not fire it.
+            'CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %s ON %s FOR EACH ROW
              EXECUTE FUNCTION pgphi._protect_column_sync(%L, %L, %L, %L)',
-            trigger_name, col, tbl, col, shadow, key_name, coalesce(context_column, ''));
+            trigger_name,
+            CASE WHEN context_column IS NULL THEN pg_catalog.quote_ident(col)
+                 ELSE pg_catalog.format('%I, %I', col, context_column) END,
+            tbl, col, shadow, key_name, coalesce(context_column, ''));
     END IF;
     COMMIT;
 
@@ -733,7 +756,9 @@ BEGIN
     UPDATE pgphi.key_versions v SET state = 'destroyed', wrapped_dek = NULL, destroyed_at = pg_catalog.now()
      WHERE v.key_id = target_id AND v.version = destroy_key.version;
     DELETE FROM pgphi.destroy_approvals a WHERE a.key_id = target_id AND a.version = destroy_key.version;
-    PERFORM pgphi.flush_cache();   -- wipe the plaintext DEK from shared memory and every session
+    -- Wipe the plaintext DEK from shared memory and every session once this
+    -- commits (before, a concurrent decrypt could load it again).
+    PERFORM pgphi._flush_cache_at_commit();
 END
 $$;
 
@@ -757,8 +782,11 @@ CREATE FUNCTION pgphi.broker_status(
 
 CREATE FUNCTION pgphi.flush_cache() RETURNS bigint
     AS 'MODULE_PATHNAME', 'pgphi_flush_cache' LANGUAGE C VOLATILE;
+CREATE FUNCTION pgphi._flush_cache_at_commit() RETURNS void
+    AS 'MODULE_PATHNAME', 'pgphi_flush_cache_at_commit' LANGUAGE C VOLATILE;
 
-REVOKE ALL ON FUNCTION pgphi.cache_stats(), pgphi.broker_status(), pgphi.flush_cache() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgphi.cache_stats(), pgphi.broker_status(), pgphi.flush_cache(),
+    pgphi._flush_cache_at_commit() FROM PUBLIC;
 REVOKE ALL ON pgphi.cache_stats FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgphi.cache_stats(), pgphi.broker_status() TO pg_monitor;
 GRANT SELECT ON pgphi.cache_stats TO pg_monitor;
@@ -778,7 +806,8 @@ GRANT EXECUTE ON FUNCTION pgphi.create_key(text, text, text), pgphi.rotate_key(t
     pgphi.retire_key_version(text, integer), pgphi.approve_destroy(text, integer),
     pgphi.destroy_key(text, integer), pgphi.key_version_usage(text, integer) TO pgphi_key_custodian;
 -- Re-encryption returns ciphertext only; whoever may update a table's rows may run it.
-GRANT EXECUTE ON FUNCTION pgphi._protect_column_sync() TO pgphi_key_custodian, pgphi_encrypt;
+GRANT EXECUTE ON FUNCTION pgphi._protect_column_sync(), pgphi._key_id(text), pgphi._key_name(integer),
+    pgphi._active_version(integer) TO pgphi_key_custodian, pgphi_encrypt;
 GRANT EXECUTE ON FUNCTION pgphi.reencrypt_value(pgphi.encrypted, text, text),
     pgphi.reencrypt_value(bytea, text, text) TO pgphi_key_custodian, pgphi_encrypt;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgphi.reencrypt_progress TO pgphi_key_custodian, pgphi_encrypt;

@@ -5,6 +5,9 @@
 #include <mutex>
 #include <thread>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <curl/curl.h>
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
@@ -45,9 +48,14 @@ size_t append_body(char* data, size_t size, size_t count, void* user)
     return n;
 }
 
+// A numeric loopback address (127.0.0.0/8, ::1) or "localhost"; names that
+// merely start with "127." are not.
 bool is_loopback_host(const std::string& host)
 {
-    return host == "localhost" || host == "[::1]" || host == "::1" || host.rfind("127.", 0) == 0;
+    if (host == "localhost" || host == "[::1]" || host == "::1")
+        return true;
+    in_addr address{};
+    return inet_pton(AF_INET, host.c_str(), &address) == 1 && (ntohl(address.s_addr) >> 24) == 127;
 }
 
 bool is_metadata_service_host(const std::string& host)
@@ -135,6 +143,7 @@ HttpResponse HttpClient::send(const HttpRequest& request)
     curl_easy_setopt(curl_, CURLOPT_PROTOCOLS_STR,
                      plain_http_.loopback || plain_http_.metadata_service ? "http,https" : "https");
     curl_easy_setopt(curl_, CURLOPT_FOLLOWLOCATION, 0L);
+    curl_easy_setopt(curl_, CURLOPT_NOPROXY, "*"); // never through a proxy from the environment
     curl_easy_setopt(curl_, CURLOPT_NOSIGNAL, 1L); // never touch the backend's signal handlers
     curl_easy_setopt(curl_, CURLOPT_SSLVERSION, static_cast<long>(CURL_SSLVERSION_TLSv1_2));
     curl_easy_setopt(curl_, CURLOPT_SSL_VERIFYPEER, 1L);

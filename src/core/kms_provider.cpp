@@ -141,8 +141,10 @@ json KmsKeyProvider::call(const std::string& operation, const json& body)
         }
         bool retry = false;
         Error error = kms_error(type, message, response.status, retry);
-        // Temporary credentials may have just expired: fetch them again once.
-        if (type == "ExpiredTokenException" && !credentials_refreshed) {
+        // Credentials may have just expired or been rotated (a new credentials
+        // file, new role keys): fetch them again once before calling it a denial.
+        if ((type == "ExpiredTokenException" || type == "UnrecognizedClientException" ||
+             type == "InvalidSignatureException") && !credentials_refreshed) {
             credentials_.invalidate();
             credentials_refreshed = true;
             last_error = error;
@@ -161,12 +163,12 @@ json KmsKeyProvider::call(const std::string& operation, const json& body)
 
 GeneratedDek KmsKeyProvider::generate_dek(const std::string& kek_ref, const DekBinding& binding)
 {
-    json response = call("GenerateDataKey", {{"KeyId", kek_ref}, {"KeySpec", "AES_256"},
-                                             {"EncryptionContext", encryption_context(binding)}});
+    // Without plaintext: the new DEK is first unwrapped by the session that
+    // uses it, so it never needs to leave KMS here.
+    json response = call("GenerateDataKeyWithoutPlaintext",
+                         {{"KeyId", kek_ref}, {"KeySpec", "AES_256"},
+                          {"EncryptionContext", encryption_context(binding)}});
     GeneratedDek generated;
-    generated.plaintext = take_secret(response, "Plaintext");
-    if (generated.plaintext.size() != kDekSize)
-        throw Error(ErrorCode::ProviderError, "AWS KMS returned a data key of the wrong size");
     generated.wrapped.blob = blob_of(response);
     generated.wrapped.kek_version = response.value("KeyId", kek_ref);
     return generated;

@@ -37,6 +37,7 @@ public:
     SecureBytes unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
     WrappedDek rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
     KekDescription describe(const std::string& kek_ref) override;
+    // The plaintext of a generated DEK is left empty (GenerateDataKeyWithoutPlaintext).
     GeneratedDek generate_dek(const std::string& kek_ref, const DekBinding& binding) override;
 
 private:

@@ -124,10 +124,13 @@ void VaultKeyProvider::login(std::time_t now)
     json response;
     long status = exchange(Method::Post, "auth/" + settings_.approle_mount + "/login", &credentials, nullptr, response);
     wipe(credentials["secret_id"].get_ref<std::string&>());
-    if (status != 200 || !response.contains("auth") || !response["auth"].is_object())
-        throw Error(ErrorCode::KeyManagerDenied,
-                    "Vault AppRole login failed (HTTP " + std::to_string(status) + ")" +
-                        (first_error(response).empty() ? "" : ": " + first_error(response)));
+    if (status != 200 || !response.contains("auth") || !response["auth"].is_object()) {
+        std::string text = "Vault AppRole login failed (HTTP " + std::to_string(status) + ")" +
+                           (first_error(response).empty() ? "" : ": " + first_error(response));
+        // A sealed, overloaded or failing Vault is unavailable, not a denial.
+        throw Error(status == 429 || status >= 500 ? ErrorCode::KeyManagerUnavailable : ErrorCode::KeyManagerDenied,
+                    text);
+    }
     json& auth = response["auth"];
     token_ = auth.value("client_token", "");
     if (auth.contains("client_token") && auth["client_token"].is_string())

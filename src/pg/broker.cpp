@@ -20,6 +20,7 @@ extern "C" {
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "utils/guc.h"
@@ -47,6 +48,8 @@ constexpr int64_t kUsageSaveIntervalMs = 5'000;
 constexpr const char* kUsageFile = "pgphi_dek_usage";   // in the data directory
 
 int64_t g_usage_saved_ms = 0;
+// The rotation worker started for each usage entry, if any.
+BackgroundWorkerHandle* g_rotation_workers[kUsageEntries];
 
 struct UnwrapJob {
     uint32_t slot;
@@ -120,6 +123,14 @@ int collect_work(SharedState* state, int64_t now, int* admin_jobs, int* admin_co
     return jobs;
 }
 
+// An explicit "no" from the key manager about this key, as opposed to not
+// being able to ask: only these end a cached key before its grace period.
+bool is_refusal(ErrorCode code)
+{
+    return code == ErrorCode::KeyManagerDenied || code == ErrorCode::KeyManagerKeyDisabled ||
+           code == ErrorCode::KeyNotFound || code == ErrorCode::WrappedDekInvalid;
+}
+
 DekBinding binding_of(const cache::UnwrapRequest& request)
 {
     return DekBinding{request.key_id, request.key_version, request.key_name};
@@ -167,13 +178,18 @@ void run_unwrap(SharedState* state, UnwrapJob& job)
     cache::Table table = state->table();
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
     cache::Slot& slot = table.at(job.slot);
-    if (slot.generation == job.generation && slot.in_flight) { // not flushed meanwhile
+    cache::Digest job_digest = cache::digest_of(job.request);
+    // The call is over for this slot whatever happened to it meanwhile; its
+    // result applies only if the slot was not flushed or reused.
+    if (slot.state != cache::SlotState::Free && slot.digest == job_digest)
         slot.in_flight = false;
+    if (slot.generation == job.generation && slot.state != cache::SlotState::Free) {
         if (ok) {
             table.make_ready(slot, dek, now, static_cast<int64_t>(cache_ttl_s) * 1000);
             if (job.refresh)
                 state->stats.refreshes.fetch_add(1, std::memory_order_relaxed);
-        } else if (job.refresh && failure.code == ErrorCode::KeyManagerUnavailable) {
+        } else if (job.refresh && !is_refusal(failure.code)) {
+            // Unreachable, failing, misconfigured: ride it out for the grace period.
             table.ride_out_outage(slot, now, static_cast<int64_t>(key_manager_grace_s) * 1000,
                                   std::min<int64_t>(5000, static_cast<int64_t>(cache_ttl_s) * 250));
         } else if (job.refresh) {
@@ -306,14 +322,18 @@ void load_usage(SharedState* state)
 // past the threshold; again after a minute if the key was not rotated.
 void launch_rotations(SharedState* state)
 {
+    if (RecoveryInProgress())
+        return; // a standby cannot rotate; its primary does
     int64_t now = now_ms();
     for (int i = 0; i < kUsageEntries; ++i) {
         UsageEntry& entry = state->usage[i];
         bool due = entry.in_use && !entry.rotated &&
                    entry.seals.load() >= static_cast<uint64_t>(dek_rotation_threshold) &&
                    (entry.rotation_launched_ms == 0 || now - entry.rotation_launched_ms > kRotationRetryMs);
-        if (!due)
-            continue;
+        pid_t pid;
+        if (!due || (g_rotation_workers[i] &&
+                     GetBackgroundWorkerPid(g_rotation_workers[i], &pid) != BGWH_STOPPED))
+            continue; // not due, or the previous worker is still at it
         BackgroundWorker worker;
         memset(&worker, 0, sizeof(worker));
         worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -325,8 +345,7 @@ void launch_rotations(SharedState* state)
         snprintf(worker.bgw_name, sizeof(worker.bgw_name), "pgphi key rotation (key %u version %u)",
                  entry.key_id, entry.key_version);
         strlcpy(worker.bgw_type, "pgphi key rotation", sizeof(worker.bgw_type));
-        BackgroundWorkerHandle* handle;
-        if (RegisterDynamicBackgroundWorker(&worker, &handle))
+        if (RegisterDynamicBackgroundWorker(&worker, &g_rotation_workers[i]))
             entry.rotation_launched_ms = now;
     }
 }

@@ -4,6 +4,7 @@
 
 extern "C" {
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "utils/tuplestore.h"
 #include "utils/timestamp.h"
 }
@@ -82,9 +83,12 @@ PGPHI_FUNCTION(pgphi_broker_status)
     PG_RETURN_DATUM(return_row(fcinfo, values, nulls));
 }
 
+namespace {
+
 // Drops every cached DEK in shared memory and in every session, so the next
-// use of each key asks the key manager again.
-PGPHI_FUNCTION(pgphi_flush_cache)
+// use of each key asks the key manager again. Touches only shared memory
+// (no ERROR), so it may run from a commit callback.
+int64 flush_shared_cache()
 {
     SharedState* state = shared_state();
     cache::Table table = state->table();
@@ -100,7 +104,37 @@ PGPHI_FUNCTION(pgphi_flush_cache)
     LWLockRelease(state->lock);
     state->invalidation_generation.fetch_add(1);
     state->stats.expirations.fetch_add(flushed, std::memory_order_relaxed);
-    PG_RETURN_INT64(flushed);
+    return flushed;
+}
+
+bool g_flush_at_commit = false;
+
+void flush_after_commit(XactEvent event, void*)
+{
+    if (event == XACT_EVENT_COMMIT && g_flush_at_commit)
+        flush_shared_cache();
+    if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT)
+        g_flush_at_commit = false;
+}
+
+} // namespace
+
+PGPHI_FUNCTION(pgphi_flush_cache)
+{
+    PG_RETURN_INT64(flush_shared_cache());
+}
+
+// destroy_key: flush once the destruction is committed, so that no session
+// can load the DEK again from the catalog row in between.
+PGPHI_FUNCTION(pgphi_flush_cache_at_commit)
+{
+    static bool registered = false;
+    if (!registered) {
+        RegisterXactCallback(flush_after_commit, nullptr);
+        registered = true;
+    }
+    g_flush_at_commit = true;
+    PG_RETURN_VOID();
 }
 
 // pgphi._usage_counts(): (key_id, version, encryptions) of this database's

@@ -253,6 +253,10 @@ DataKey* install_catalog_key(const CatalogKey& key)
     if (!key.from_latest_snapshot)
         valid_until_ms = std::min<int64_t>(valid_until_ms, GetCurrentStatementStartTimestamp() / 1000 + 1);
 
+    // A key being replaced (its TTL here ran out) reports what it sealed first.
+    if (DataKey* previous = g_ring.find(format::KeyRef{key.key_id, key.version}))
+        report_seals(*previous, MyDatabaseId);
+
     DataKey* installed = nullptr;
     bool active = strcmp(key.state, "active") == 0;
     int64_t installed_at_ms = now_ms();

@@ -245,8 +245,11 @@ void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_u
                 slot->request = request;
                 if (evicted)
                     state->stats.evictions.fetch_add(1, std::memory_order_relaxed);
-            } else if (slot->state == cache::SlotState::Failed ||
-                       (slot->state == cache::SlotState::Ready && !table.usable(*slot, now))) {
+            } else if (!slot->in_flight &&
+                       (slot->state == cache::SlotState::Failed ||
+                        (slot->state == cache::SlotState::Ready && !table.usable(*slot, now)))) {
+                // (A slot the broker is already calling about is simply waited
+                // for: its answer wakes us.)
                 table.retry(*slot);
             }
             LWLockRelease(state->lock);
@@ -290,11 +293,12 @@ void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapReq
         LWLockRelease(state->lock);
         if (request)
             break;
-        if (now_ms() >= deadline) {
+        int64_t left = deadline - now_ms(); // read once: a negative timeout would mean no timeout
+        if (left <= 0) {
             ConditionVariableCancelSleep();
             raise_wait_timeout("take the key request");
         }
-        ConditionVariableTimedSleep(&state->changed, deadline - now_ms(), PG_WAIT_EXTENSION);
+        ConditionVariableTimedSleep(&state->changed, left, PG_WAIT_EXTENSION);
     }
     wake_broker();
 
@@ -305,14 +309,16 @@ void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapReq
             explicit_bzero(request, sizeof(*request));
             request->state = AdminRequest::State::Free;
             LWLockRelease(state->lock);
+            ConditionVariableBroadcast(&state->changed); // someone may wait for a free request
             break;
         }
         LWLockRelease(state->lock);
-        if (now_ms() >= deadline) {
+        int64_t left = deadline - now_ms();
+        if (left <= 0) {
             ConditionVariableCancelSleep();
             raise_wait_timeout("create the key");
         }
-        ConditionVariableTimedSleep(&state->changed, deadline - now_ms(), PG_WAIT_EXTENSION);
+        ConditionVariableTimedSleep(&state->changed, left, PG_WAIT_EXTENSION);
     }
     ConditionVariableCancelSleep();
     if (!result->ok)

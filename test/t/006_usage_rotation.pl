@@ -23,6 +23,9 @@ ok($node->poll_query_until('postgres',
 	'after 1500 values, version 1 of the key is rotated without anyone asking');
 ok($node->log_contains('pgphi rotated key id 1 to version 2: version 1 had encrypted \d+ values'),
 	'the server log says why');
+sleep 3;    # the broker checks every second: it must not rotate again
+is($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.key_versions WHERE key_id = 1}), '2',
+	'exactly one automatic rotation');
 is($node->safe_psql('postgres', q{SELECT encryptions FROM pgphi.key_usage() WHERE version = 1}), '1500',
 	'pgphi.key_usage counts every value encrypted under version 1');
 is($node->safe_psql('postgres', q{SELECT key_version FROM pgphi.ciphertext_info(pgphi.encrypt_phi('new', 'busy'))}),

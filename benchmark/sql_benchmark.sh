@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# pgphi's SQL benchmark: creates its own cluster and data, then times, in one
+# run, per-row costs of decrypting, encrypting and re-encrypting with pgphi
+# against a plaintext scan, the function-call floor, raw AES-256-GCM in C, and
+# pgcrypto (decrypt_iv with AES-CBC, and the seed's pgp_sym_*), plus pgbench
+# throughput on a warm cache. Prints a table of per-row costs and ratios and
+# writes it, with a chart, to benchmark/results/.
+#   ROWS=1000000 (default)  PGP_ROWS=2000 (pgp_sym_* is timed on a sample)
+#   RUNS=3 (the median is kept)  PGBENCH_SECONDS=10
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
+cd "$REPO_ROOT"
+
+ROWS=${ROWS:-1000000}
+PGP_ROWS=${PGP_ROWS:-2000}
+RUNS=${RUNS:-3}
+PGBENCH_SECONDS=${PGBENCH_SECONDS:-10}
+PORT=${PGPHI_BENCH_PORT:-5498}
+RESULTS=$REPO_ROOT/benchmark/results
+
+scripts/install-deps.sh
+command -v gnuplot >/dev/null || as_root apt-get install -y -qq gnuplot-nox >/dev/null || true
+make -s -j2 PG_CONFIG="$PG_CONFIG"
+as_root make -s install PG_CONFIG="$PG_CONFIG" >/dev/null
+make -s -C benchmark/floor PG_CONFIG="$PG_CONFIG"
+as_root make -s -C benchmark/floor install PG_CONFIG="$PG_CONFIG" >/dev/null
+
+WORK=$(make_pg_workdir bench)
+trap 'as_pg_user "$PG_BIN/pg_ctl" -D "$WORK/data" -m fast stop >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
+as_pg_user "$PG_BIN/initdb" -D "$WORK/data" -A trust -U postgres >/dev/null
+cat >> "$WORK/data/postgresql.conf" <<CONF
+port = $PORT
+listen_addresses = ''
+unix_socket_directories = '$WORK'
+shared_preload_libraries = 'pgphi'
+shared_buffers = '1GB'
+max_parallel_workers_per_gather = 0   # per-row costs, one process
+jit = off
+CONF
+as_pg_user "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w start >/dev/null
+
+psql_bench() { as_pg_user "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$WORK" -p "$PORT" -U postgres -d postgres "$@"; }
+
+echo "pgphi benchmark: $ROWS rows (pgp_sym_* on $PGP_ROWS), median of $RUNS runs"
+psql_bench <<SQL
+CREATE EXTENSION pgphi;
+CREATE EXTENSION pgcrypto;
+CREATE EXTENSION pgphi_floor;
+SELECT pgphi.create_key('bench') \gset
+CREATE TABLE data AS
+SELECT i AS id, lpad((i % 1000000000)::text, 9, '0') AS plain FROM generate_series(1, $ROWS) i;
+ALTER TABLE data ADD PRIMARY KEY (id);
+ALTER TABLE data
+  ADD COLUMN plain_bytes bytea, ADD COLUMN phi pgphi.encrypted, ADD COLUMN gcm bytea, ADD COLUMN cbc bytea;
+UPDATE data SET plain_bytes = convert_to(plain, 'UTF8'),
+                phi = pgphi.encrypt_phi(plain, 'bench'),
+                gcm = floor_gcm_encrypt(plain),
+                cbc = encrypt_iv(convert_to(plain, 'UTF8'), '\\x000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'::bytea,
+                                 '\\x0f0e0d0c0b0a09080706050403020100'::bytea, 'aes-cbc');
+CREATE TABLE pgp_sample AS
+SELECT id, plain, pgp_sym_encrypt(plain, 'benchmark passphrase', 'cipher-algo=aes256, compress-algo=0') AS pgp
+  FROM data WHERE id <= $PGP_ROWS;
+VACUUM FREEZE ANALYZE;
+SQL
+
+# Median milliseconds of a statement over RUNS runs; "prepare" SQL runs untimed first.
+time_ms() {
+    local sql=$1 prepare=${2:-} runs=${3:-$RUNS} times=()
+    for _ in $(seq "$runs"); do
+        # Through stdin, so each statement runs on its own (VACUUM cannot run
+        # in the transaction a multi-statement -c string gets).
+        [ -n "$prepare" ] && psql_bench <<< "$prepare" >/dev/null
+        times+=("$(psql_bench -c '\timing on' -c "$sql" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1)")
+    done
+    printf '%s\n' "${times[@]}" | sort -g | sed -n "$(( (runs + 1) / 2 ))p"
+}
+per_row_ns() { awk -v ms="$1" -v n="$2" 'BEGIN { printf "%.0f", ms * 1e6 / n }'; }
+
+declare -A NS
+measure() { # name rows sql [prepare] [runs]
+    local ms
+    ms=$(time_ms "$3" "${4:-}" "${5:-$RUNS}")
+    NS[$1]=$(per_row_ns "$ms" "$2")
+    printf '  %-34s %8s ns/row\n' "$1" "${NS[$1]}"
+}
+
+KEY="'\\x000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'::bytea"
+IV="'\\x0f0e0d0c0b0a09080706050403020100'::bytea"
+echo "decrypt (scan and decrypt every row):"
+measure plaintext_scan "$ROWS" "SELECT count(length(plain)) FROM data"
+measure floor_copy "$ROWS" "SELECT count(length(floor_copy(plain_bytes))) FROM data"
+measure floor_gcm_decrypt "$ROWS" "SELECT count(length(floor_gcm_decrypt(gcm))) FROM data"
+measure decrypt_phi "$ROWS" "SELECT count(length(pgphi.decrypt_phi(phi))) FROM data"
+measure pgcrypto_decrypt_iv "$ROWS" "SELECT count(length(decrypt_iv(cbc, $KEY, $IV, 'aes-cbc'))) FROM data"
+measure pgp_sym_decrypt "$PGP_ROWS" "SELECT count(length(pgp_sym_decrypt(pgp, 'benchmark passphrase'))) FROM pgp_sample"
+
+echo "encrypt (INSERT ... SELECT of every row):"
+measure insert_plaintext "$ROWS" "INSERT INTO sink SELECT plain::bytea FROM data" \
+    "DROP TABLE IF EXISTS sink; CREATE UNLOGGED TABLE sink (v bytea)"
+measure floor_gcm_encrypt "$ROWS" "INSERT INTO sink SELECT floor_gcm_encrypt(plain) FROM data" \
+    "DROP TABLE IF EXISTS sink; CREATE UNLOGGED TABLE sink (v bytea)"
+measure encrypt_phi "$ROWS" "INSERT INTO sink SELECT pgphi.encrypt_phi(plain, 'bench') FROM data" \
+    "DROP TABLE IF EXISTS sink; CREATE UNLOGGED TABLE sink (v bytea)"
+measure pgp_sym_encrypt "$PGP_ROWS" \
+    "INSERT INTO sink SELECT pgp_sym_encrypt(plain, 'benchmark passphrase', 'cipher-algo=aes256, compress-algo=0') FROM pgp_sample" \
+    "DROP TABLE IF EXISTS sink; CREATE UNLOGGED TABLE sink (v bytea)"
+
+echo "re-encrypt (every row of a fresh copy; one run each):"
+COPY_SQL="DROP TABLE IF EXISTS copy; CREATE TABLE copy AS SELECT id, phi FROM data; ALTER TABLE copy ADD PRIMARY KEY (id); VACUUM ANALYZE copy"
+measure update_set_col_eq_col "$ROWS" "UPDATE copy SET phi = phi" "$COPY_SQL" 1
+psql_bench -c "SELECT pgphi.rotate_key('bench')" >/dev/null
+measure pgphi_reencrypt "$ROWS" "CALL pgphi.reencrypt('copy', 'phi', batch_size => 50000)" "$COPY_SQL" 1
+measure pgcrypto_reencrypt "$PGP_ROWS" \
+    "UPDATE pgp_copy SET pgp = pgp_sym_encrypt(pgp_sym_decrypt(pgp, 'benchmark passphrase'), 'benchmark passphrase', 'cipher-algo=aes256, compress-algo=0')" \
+    "DROP TABLE IF EXISTS pgp_copy; CREATE TABLE pgp_copy AS SELECT * FROM pgp_sample" 1
+
+echo "concurrency (pgbench, warm cache, one random row per transaction):"
+cat > "$WORK/decrypt.sql" <<'PGB'
+\set id random(1, :rows)
+SELECT pgphi.decrypt_phi(phi) FROM data WHERE id = :id;
+PGB
+cat > "$WORK/plain.sql" <<'PGB'
+\set id random(1, :rows)
+SELECT plain FROM data WHERE id = :id;
+PGB
+declare -A TPS
+for clients in 1 2 8; do
+    for script in plain decrypt; do
+        TPS[$script$clients]=$(as_pg_user "$PG_BIN/pgbench" -n -h "$WORK" -p "$PORT" -U postgres -c "$clients" -j "$clients" \
+            -T "$PGBENCH_SECONDS" -D rows="$ROWS" -f "$WORK/$script.sql" postgres 2>/dev/null |
+            sed -n 's/^tps = \([0-9.]*\).*/\1/p' | cut -d. -f1)
+    done
+    printf '  %d client(s): %8s tps plaintext, %8s tps decrypt_phi\n' "$clients" "${TPS[plain$clients]}" "${TPS[decrypt$clients]}"
+done
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+cache=$(psql_bench -At -c "SELECT bytes_per_entry FROM pgphi.cache_stats")
+mkdir -p "$RESULTS"
+{
+    echo "# pgphi SQL benchmark"
+    echo
+    echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), $ROWS rows of 9-byte values ($PGP_ROWS for pgp_sym_*), median of $RUNS runs, $(date -u +%Y-%m-%d)."
+    echo
+    echo "| operation | ns/row | ratio | target | met |"
+    echo "|---|---:|---|---|---|"
+    row() { printf '| %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5"; }
+    met() { awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN { print ((op == "<=" ? v <= t : v >= t) ? "yes" : "no") }'; }
+    r=$(ratio "${NS[floor_gcm_decrypt]}" "${NS[plaintext_scan]}"); row "raw AES-256-GCM decrypt (C floor)" "${NS[floor_gcm_decrypt]}" "${r}x plaintext scan" "" ""
+    r=$(ratio "${NS[decrypt_phi]}" "${NS[floor_gcm_decrypt]}"); row "decrypt_phi" "${NS[decrypt_phi]}" "${r}x the floor" "<= 1.3x" "$(met "$r" "<=" 1.3)"
+    r=$(ratio "${NS[pgcrypto_decrypt_iv]}" "${NS[decrypt_phi]}"); row "pgcrypto decrypt_iv (AES-CBC)" "${NS[pgcrypto_decrypt_iv]}" "${r}x decrypt_phi" ">= 2x" "$(met "$r" ">=" 2)"
+    r=$(ratio "${NS[pgp_sym_decrypt]}" "${NS[decrypt_phi]}"); row "pgcrypto pgp_sym_decrypt" "${NS[pgp_sym_decrypt]}" "${r}x decrypt_phi" ">= 500x" "$(met "$r" ">=" 500)"
+    r=$(ratio "${NS[encrypt_phi]}" "${NS[floor_gcm_encrypt]}"); row "encrypt_phi (INSERT)" "${NS[encrypt_phi]}" "${r}x the floor's encrypt" "<= 1.5x" "$(met "$r" "<=" 1.5)"
+    r=$(ratio "${NS[pgp_sym_encrypt]}" "${NS[encrypt_phi]}"); row "pgcrypto pgp_sym_encrypt (INSERT)" "${NS[pgp_sym_encrypt]}" "${r}x encrypt_phi" ">= 500x" "$(met "$r" ">=" 500)"
+    r=$(ratio "${NS[pgphi_reencrypt]}" "${NS[update_set_col_eq_col]}"); row "CALL pgphi.reencrypt" "${NS[pgphi_reencrypt]}" "${r}x UPDATE SET col = col" "<= 2x" "$(met "$r" "<=" 2)"
+    r=$(ratio "${NS[pgcrypto_reencrypt]}" "${NS[pgphi_reencrypt]}"); row "pgcrypto re-encryption (UPDATE)" "${NS[pgcrypto_reencrypt]}" "${r}x pgphi.reencrypt" ">= 50x" "$(met "$r" ">=" 50)"
+    row "plaintext scan" "${NS[plaintext_scan]}" "" "" ""
+    row "function-call floor (copy)" "${NS[floor_copy]}" "" "" ""
+    row "INSERT of plaintext" "${NS[insert_plaintext]}" "" "" ""
+    row "UPDATE SET col = col" "${NS[update_set_col_eq_col]}" "" "" ""
+    echo
+    echo "| pgbench clients | plaintext tps | decrypt_phi tps | ratio |"
+    echo "|---:|---:|---:|---:|"
+    for c in 1 2 8; do printf '| %s | %s | %s | %s |\n' "$c" "${TPS[plain$c]}" "${TPS[decrypt$c]}" "$(ratio "${TPS[decrypt$c]}" "${TPS[plain$c]}")"; done
+    echo
+    echo "Shared DEK cache: $cache bytes of shared memory per entry."
+} > "$RESULTS/benchmark.md"
+
+if command -v gnuplot >/dev/null; then
+    {
+        for name in plaintext_scan floor_copy floor_gcm_decrypt decrypt_phi pgcrypto_decrypt_iv floor_gcm_encrypt encrypt_phi; do
+            echo "$name ${NS[$name]}"
+        done
+    } > "$RESULTS/per_row.dat"
+    gnuplot <<GP 2>/dev/null || true
+set terminal pngcairo size 900,480 noenhanced
+set output '$RESULTS/per_row.png'
+set title 'pgphi: per-row cost (ns), $ROWS rows'
+set style fill solid 0.8
+set boxwidth 0.6
+set ylabel 'ns per row'
+set xtics rotate by -30
+plot '$RESULTS/per_row.dat' using 0:2:xtic(1) with boxes notitle
+GP
+fi
+echo
+cat "$RESULTS/benchmark.md"
