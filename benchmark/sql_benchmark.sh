@@ -133,6 +133,45 @@ for clients in 1 2 8; do
     printf '  %d client(s): %8s tps plaintext, %8s tps decrypt_phi\n' "$clients" "${TPS[plain$clients]}" "${TPS[decrypt$clients]}"
 done
 
+echo "cold miss (one row after pgphi.flush_cache(), in a warm session and in a new one; median of 5):"
+cold=() warm=() km=() fresh=()
+for _ in 1 2 3 4 5; do
+    # One session: warm up, then time a hit, a flush, and the miss after it.
+    before=$(psql_bench -At -c "SELECT key_manager_calls || ' ' || avg_key_manager_ms FROM pgphi.cache_stats")
+    out=$(psql_bench -c "SELECT pgphi.decrypt_phi(phi) FROM data WHERE id = 3" -c '\timing on' \
+                     -c "SELECT pgphi.decrypt_phi(phi) FROM data WHERE id = 2" \
+                     -c "SELECT pgphi.flush_cache()" -c "SELECT pgphi.decrypt_phi(phi) FROM data WHERE id = 1")
+    after=$(psql_bench -At -c "SELECT key_manager_calls || ' ' || avg_key_manager_ms FROM pgphi.cache_stats")
+    warm+=("$(sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' <<< "$out" | sed -n 1p)")
+    cold+=("$(sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' <<< "$out" | sed -n 3p)")
+    # The key-manager time of the miss's one call, from the running average.
+    km+=("$(awk -v b="$before" -v a="$after" 'BEGIN { split(b, x, " "); split(a, y, " ");
+            printf "%.3f", (y[1] > x[1]) ? (y[1] * y[2] - x[1] * x[2]) / (y[1] - x[1]) : 0 }')")
+    psql_bench -c "SELECT pgphi.flush_cache()" >/dev/null
+    fresh+=("$(psql_bench -c '\timing on' -c "SELECT pgphi.decrypt_phi(phi) FROM data WHERE id = 1" |
+               sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | sed -n 1p)")
+done
+median() { printf '%s\n' "$@" | sort -g | sed -n 3p; }
+COLD_MS=$(median "${cold[@]}"); WARM_MS=$(median "${warm[@]}"); KM_MS=$(median "${km[@]}"); FRESH_MS=$(median "${fresh[@]}")
+OVERHEAD_MS=$(awk -v c="$COLD_MS" -v w="$WARM_MS" -v k="$KM_MS" 'BEGIN { printf "%.3f", c - w - k }')
+printf '  warm session: miss %s ms, hit %s ms, key-manager call %s ms: pgphi overhead %s ms; new session first row %s ms\n' \
+    "$COLD_MS" "$WARM_MS" "$KM_MS" "$OVERHEAD_MS" "$FRESH_MS"
+
+echo "memory (one session decrypting the table ten times: $((ROWS * 10)) values):"
+MEMORY=$(psql_bench -At <<'SQL'
+CREATE TEMP TABLE rss (pass int, kb bigint);
+CREATE FUNCTION pg_temp.rss_kb() RETURNS bigint LANGUAGE sql AS
+  $$ SELECT substring(pg_read_file('/proc/self/status') FROM 'VmRSS:\s+(\d+)')::bigint $$;
+SELECT count(length(pgphi.decrypt_phi(phi))) FROM data \g /dev/null
+INSERT INTO rss SELECT 1, pg_temp.rss_kb();
+SELECT count(length(pgphi.decrypt_phi(phi))) FROM data, generate_series(1, 9) \g /dev/null
+INSERT INTO rss SELECT 10, pg_temp.rss_kb();
+SELECT string_agg(kb::text, ' ' ORDER BY pass) FROM rss;
+SQL
+)
+RSS_AFTER_1=${MEMORY% *}; RSS_AFTER_10=${MEMORY#* }
+printf '  backend RSS after 1 scan %s kB, after 10 scans %s kB\n' "$RSS_AFTER_1" "$RSS_AFTER_10"
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 cache=$(psql_bench -At -c "SELECT bytes_per_entry FROM pgphi.cache_stats")
 mkdir -p "$RESULTS"
@@ -161,6 +200,10 @@ mkdir -p "$RESULTS"
     echo "| pgbench clients | plaintext tps | decrypt_phi tps | ratio |"
     echo "|---:|---:|---:|---:|"
     for c in 1 2 8; do printf '| %s | %s | %s | %s |\n' "$c" "${TPS[plain$c]}" "${TPS[decrypt$c]}" "$(ratio "${TPS[decrypt$c]}" "${TPS[plain$c]}")"; done
+    echo
+    echo "Cold miss: in a warm session a row whose DEK is in no cache takes $COLD_MS ms against $WARM_MS ms for a hit; the key-manager call (local provider) took $KM_MS ms, so pgphi's own overhead is $OVERHEAD_MS ms. A new session's first row takes $FRESH_MS ms (PostgreSQL's per-session catalog and plan warm-up included)."
+    echo
+    echo "Memory: one backend's RSS was $RSS_AFTER_1 kB after decrypting the table once and $RSS_AFTER_10 kB after $((ROWS * 10)) values."
     echo
     echo "Shared DEK cache: $cache bytes of shared memory per entry."
 } > "$RESULTS/benchmark.md"
