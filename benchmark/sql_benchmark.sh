@@ -27,17 +27,11 @@ as_root make -s -C benchmark/floor install PG_CONFIG="$PG_CONFIG" >/dev/null
 
 WORK=$(make_pg_workdir bench)
 trap 'as_pg_user "$PG_BIN/pg_ctl" -D "$WORK/data" -m fast stop >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
-as_pg_user "$PG_BIN/initdb" -D "$WORK/data" -A trust -U postgres >/dev/null
-cat >> "$WORK/data/postgresql.conf" <<CONF
-port = $PORT
-listen_addresses = ''
-unix_socket_directories = '$WORK'
-shared_preload_libraries = 'pgphi'
+start_throwaway_cluster "$WORK" "$PORT" <<CONF
 shared_buffers = '1GB'
 max_parallel_workers_per_gather = 0   # per-row costs, one process
 jit = off
 CONF
-as_pg_user "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w start >/dev/null
 
 psql_bench() { as_pg_user "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$WORK" -p "$PORT" -U postgres -d postgres "$@"; }
 

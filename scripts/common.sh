@@ -37,3 +37,19 @@ make_pg_workdir() {
     [ "$(id -u)" = 0 ] && chown "$PG_USER" "$dir"
     echo "$dir"
 }
+
+# Creates and starts a throwaway cluster in DIR/data, listening only on a
+# socket in DIR on PORT, with pgphi preloaded. Extra postgresql.conf lines
+# come on standard input. The server log is DIR/server.log.
+start_throwaway_cluster() {
+    local dir=$1 port=$2
+    as_pg_user "$PG_BIN/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
+    {
+        echo "port = $port"
+        echo "listen_addresses = ''"
+        echo "unix_socket_directories = '$dir'"
+        echo "shared_preload_libraries = 'pgphi'"
+        cat
+    } >> "$dir/data/postgresql.conf"
+    as_pg_user "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+}

@@ -31,16 +31,9 @@ as_root make -s install PG_CONFIG="$PG_CONFIG" >/dev/null
 stop_demo
 mkdir -p "$DEMO_DIR"
 [ "$(id -u)" = 0 ] && chown "$PG_USER" "$DEMO_DIR"
-as_pg_user "$PG_BIN/initdb" -D "$DEMO_DIR/data" -A trust -U postgres >/dev/null
-cat >> "$DEMO_DIR/data/postgresql.conf" <<CONF
-# pgphi demo
-port = $DEMO_PORT
-listen_addresses = ''
-unix_socket_directories = '$DEMO_DIR'
-shared_preload_libraries = 'pgphi'
+start_throwaway_cluster "$DEMO_DIR" "$DEMO_PORT" <<CONF
 pgphi.local_kek_file = 'pgphi_local.kek'
 CONF
-as_pg_user "$PG_BIN/pg_ctl" -D "$DEMO_DIR/data" -l "$DEMO_DIR/server.log" -w start >/dev/null
 
 psql_as() {
     local role=$1
