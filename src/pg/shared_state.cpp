@@ -1,6 +1,7 @@
 #include "postgres.hpp"
 
 extern "C" {
+#include "access/xlog.h"
 #include "pgstat.h"
 #include "storage/ipc.h"
 #include "storage/shmem.h"
@@ -174,6 +175,13 @@ void report_seals(DataKey& key, Oid database)
 
 void check_seal_budget(DataKey& key, Oid database)
 {
+    // A standby's encryptions would escape the primary's count of what each
+    // DEK has sealed (and could not be stored there anyway).
+    if (RecoveryInProgress())
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+                        errmsg("cannot encrypt with pgphi on a standby"),
+                        errdetail("Values are encrypted on the primary, which counts what each key seals."),
+                        errhint("Encrypt on the primary; standbys decrypt.")));
     UsageEntry* entry = usage_entry(key, database);
     if (entry && entry->seals.load(std::memory_order_relaxed) >= hard_seal_limit())
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),

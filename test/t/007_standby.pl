@@ -1,0 +1,65 @@
+# A streaming-replication standby decrypts everything the primary wrote,
+# follows rotations and destructions there, and refuses to create keys or
+# encrypt (the primary counts what each DEK seals).
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use PgphiTest;
+
+my $primary = PgphiTest::new_node('primary', allows_streaming => 1);
+$primary->safe_psql('postgres', q{
+	CREATE EXTENSION pgphi;
+	SELECT pgphi.create_key('ssn');
+	CREATE TABLE patients (id int PRIMARY KEY, ssn pgphi.encrypted);
+	INSERT INTO patients SELECT i, pgphi.encrypt_phi('ssn-' || i, 'ssn') FROM generate_series(1, 1000) i;
+});
+# The local KEK file lives in the data directory, so the base backup carries
+# it to the standby (a key manager would serve both instead).
+$primary->backup('base');
+my $standby = PostgreSQL::Test::Cluster->new('standby');
+$standby->init_from_backup($primary, 'base', has_streaming => 1);
+# The test framework copies the backup without file modes (pg_basebackup
+# keeps 0600); pgphi refuses a KEK file others can read, so restore the mode.
+chmod 0600, $standby->data_dir . '/pgphi_local.kek';
+$standby->start;
+$primary->wait_for_catchup($standby);
+
+my $all = q{SELECT count(*) FROM patients WHERE pgphi.decrypt_phi(ssn, 'ssn') = 'ssn-' || id};
+is($standby->safe_psql('postgres', $all), '1000', 'the standby decrypts every value');
+is($standby->safe_psql('postgres', 'SELECT running FROM pgphi.broker_status()'), 't',
+	'the key broker runs on the standby');
+
+like(PgphiTest::psql_error($standby, 'postgres', q{SELECT pgphi.create_key('other')}),
+	qr/25006: cannot execute INSERT in a read-only transaction/, 'creating a key on the standby fails: read-only');
+like(PgphiTest::psql_error($standby, 'postgres', q{SELECT pgphi.encrypt_phi('x', 'ssn')}),
+	qr/25006: cannot encrypt with pgphi on a standby/, 'encrypting on the standby fails: read-only');
+
+# A rotation on the primary reaches a standby session that holds the old key.
+my $reader = $standby->background_psql('postgres', on_error_stop => 0);
+is($reader->query_safe($all), '1000', 'a standby session with warm caches');
+$primary->safe_psql('postgres', q{
+	SELECT pgphi.rotate_key('ssn');
+	INSERT INTO patients VALUES (1001, pgphi.encrypt_phi('ssn-1001', 'ssn'));
+});
+$primary->wait_for_catchup($standby);
+is($reader->query_safe(q{SELECT (pgphi.ciphertext_info(ssn)).key_version || ':' || pgphi.decrypt_phi(ssn)
+	FROM patients WHERE id = 1001}), '2:ssn-1001', 'the standby decrypts values written after a rotation');
+
+# A destruction on the primary reaches it too.
+$primary->safe_psql('postgres', q{
+	CREATE ROLE c1 LOGIN; CREATE ROLE c2 LOGIN; GRANT pgphi_key_custodian TO c1, c2;
+	SET SESSION AUTHORIZATION c1; SELECT pgphi.approve_destroy('ssn', 1); RESET SESSION AUTHORIZATION;
+	SET SESSION AUTHORIZATION c2; SELECT pgphi.approve_destroy('ssn', 1); SELECT pgphi.destroy_key('ssn', 1);
+});
+$primary->wait_for_catchup($standby);
+$reader->query(q{SELECT pgphi.decrypt_phi(ssn) FROM patients WHERE id = 1});
+like($reader->{stderr}, qr/pgphi key "ssn" version 1 has been destroyed/,
+	'a key version destroyed on the primary is refused in a warm standby session');
+$reader->quit;
+
+$standby->stop;
+$primary->stop;
+done_testing();
