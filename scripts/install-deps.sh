@@ -12,6 +12,7 @@ PACKAGES=(
     postgresql-15 postgresql-server-dev-15  # server and PGXS, same version
     postgresql-contrib                  # pgcrypto, for the benchmarks against it
     libgtest-dev libbenchmark-dev       # GoogleTest and Google Benchmark
+    clang libclang-rt-dev               # libFuzzer and sanitizers for the fuzz suite
     libipc-run-perl                     # TAP tests (PostgreSQL::Test::Cluster)
     python3 python3-cryptography        # the Vault / KMS emulator in test/emulator
     awscli python3-boto3 python3-hvac   # independent clients that check the emulator

@@ -2,6 +2,7 @@
 # Runs pgphi's test suites and exits non-zero if any test fails:
 #   unit     GoogleTest on the core (CTest)
 #   emulator the Vault / KMS emulator, checked by real clients (awscli, boto3, hvac)
+#   fuzz     libFuzzer on the ciphertext parser and decrypt path, for FUZZ_SECONDS (30)
 #   regress  pg_regress on the SQL surface, in a temporary cluster
 #   tap      TAP tests (prove) with PostgreSQL::Test::Cluster
 # With no argument it installs what is missing, builds, installs and runs all.
@@ -10,7 +11,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 
 suites=("$@")
-[ ${#suites[@]} -eq 0 ] && suites=(unit emulator regress tap)
+[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap)
 
 scripts/install-deps.sh || exit 1
 make -s -j2 PG_CONFIG="$PG_CONFIG" || exit 1
@@ -24,6 +25,23 @@ run_unit() {
     cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null &&
         cmake --build build -j2 >/dev/null &&
         (cd build && ctest --output-on-failure)
+}
+
+run_fuzz() {
+    # Built with clang's libFuzzer, AddressSanitizer and UBSan; new inputs go
+    # to a scratch corpus, the committed seeds stay as they are.
+    local out=build-fuzz corpus
+    mkdir -p "$out"
+    clang++ -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Isrc/core \
+        test/fuzz/ciphertext_fuzz.cpp src/core/ciphertext_format.cpp src/core/data_key.cpp src/core/aead.cpp \
+        src/core/nonce.cpp src/core/secure_bytes.cpp -lcrypto -o "$out/ciphertext_fuzz" || return 1
+    corpus=$(mktemp -d)
+    # A crashing input is kept as build-fuzz/crash-*.
+    "$out/ciphertext_fuzz" -max_total_time="${FUZZ_SECONDS:-30}" -print_final_stats=1 -artifact_prefix="$out/" \
+        "$corpus" test/fuzz/corpus/ciphertext 2>&1 | grep -E "^(stat::number_of_executed_units|Done|==|SUMMARY)"
+    local status=${PIPESTATUS[0]}
+    rm -rf "$corpus"
+    return $status
 }
 
 run_emulator() {

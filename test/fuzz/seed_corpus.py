@@ -1,0 +1,22 @@
+#!/usr/bin/python3
+"""Writes the fuzzer's seed corpus: real pgphi v1 ciphertexts under the fuzz
+target's fixed DEK (bytes 0..31), plus damaged ones. Run once; the output is
+committed in corpus/ciphertext."""
+import os
+import sys
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "corpus", "ciphertext")
+os.makedirs(out, exist_ok=True)
+key = bytes(range(32))
+prefix = bytes([0xA7, 1, 1]) + (1).to_bytes(4, "big") + (1).to_bytes(4, "big")
+for i, plaintext in enumerate([b"", b"123-45-6789", b"John Smith", b'{"dx": "E11.9"}', bytes(range(256))]):
+    nonce = bytes([i]) * 12
+    value = prefix + nonce + AESGCM(key).encrypt(nonce, plaintext, prefix)
+    open(os.path.join(out, f"valid-{i}"), "wb").write(value)
+    open(os.path.join(out, f"truncated-{i}"), "wb").write(value[: len(value) // 2])
+    flipped = bytearray(value)
+    flipped[-1] ^= 1
+    open(os.path.join(out, f"flipped-{i}"), "wb").write(bytes(flipped))
+open(os.path.join(out, "not-ciphertext"), "wb").write(b"123-45-6789")
