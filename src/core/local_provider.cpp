@@ -13,6 +13,7 @@
 #include <openssl/rand.h>
 
 #include "aead.hpp"
+#include "encoding.hpp"
 #include "error.hpp"
 #include "secret_file.hpp"
 
@@ -24,15 +25,6 @@ constexpr uint8_t kLayoutVersion = 1;
 constexpr size_t kFingerprintSize = 8;
 constexpr char kFingerprintLabel[] = "pgphi local KEK fingerprint v1";
 constexpr char kWrapLabel[] = "pgphi local DEK wrap v1";
-
-struct FileCloser {
-    int fd;
-    ~FileCloser()
-    {
-        if (fd >= 0)
-            close(fd);
-    }
-};
 
 std::string errno_text(int err) { return std::strerror(err); }
 
@@ -46,18 +38,6 @@ void fingerprint(const SecureBytes& kek, uint8_t* out)
         mac_len < kFingerprintSize)
         throw Error(ErrorCode::Internal, "could not compute the local KEK fingerprint");
     std::memcpy(out, mac, kFingerprintSize);
-}
-
-std::string to_hex(const uint8_t* bytes, size_t n)
-{
-    static const char digits[] = "0123456789abcdef";
-    std::string hex;
-    hex.reserve(n * 2);
-    for (size_t i = 0; i < n; ++i) {
-        hex.push_back(digits[bytes[i] >> 4]);
-        hex.push_back(digits[bytes[i] & 0xF]);
-    }
-    return hex;
 }
 
 // Associated data of a wrap: the label, then key id and version big-endian.
@@ -92,7 +72,7 @@ std::string LocalKeyProvider::fingerprint_hex(const SecureBytes& kek)
 {
     uint8_t fp[kFingerprintSize];
     fingerprint(kek, fp);
-    return to_hex(fp, sizeof(fp));
+    return hex_lower(ByteView(fp, sizeof(fp)));
 }
 
 SecureBytes LocalKeyProvider::load_kek() const
@@ -171,7 +151,7 @@ WrappedDek LocalKeyProvider::wrap(const std::string& kek_ref, const SecureBytes&
     Aes256Gcm cipher(ByteView(kek.data(), kek.size()));
     cipher.seal(nonce, ByteView(wrap_aad(binding)), ByteView(), ByteView(dek.data(), dek.size()), body,
                 body + kDekSize);
-    wrapped.kek_version = to_hex(out + 1, kFingerprintSize);
+    wrapped.kek_version = hex_lower(ByteView(out + 1, kFingerprintSize));
     return wrapped;
 }
 
@@ -190,9 +170,9 @@ SecureBytes LocalKeyProvider::unwrap(const std::string& kek_ref, ByteView wrappe
     if (CRYPTO_memcmp(configured, wrapped.data + 1, kFingerprintSize) != 0)
         throw Error(ErrorCode::KekMismatch,
                     "the DEK of " + describe_key(binding) + " was wrapped by a different local KEK",
-                    "It needs the KEK with fingerprint " + to_hex(wrapped.data + 1, kFingerprintSize) +
+                    "It needs the KEK with fingerprint " + hex_lower(ByteView(wrapped.data + 1, kFingerprintSize)) +
                         "; pgphi.local_kek_file holds the KEK with fingerprint " +
-                        to_hex(configured, kFingerprintSize) + ".",
+                        hex_lower(ByteView(configured, kFingerprintSize)) + ".",
                     "Point pgphi.local_kek_file at the KEK file these keys were created with.");
 
     const uint8_t* nonce = wrapped.data + 1 + kFingerprintSize;

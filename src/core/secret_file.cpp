@@ -13,19 +13,6 @@
 
 namespace pgphi {
 
-namespace {
-
-struct FileCloser {
-    int fd;
-    ~FileCloser()
-    {
-        if (fd >= 0)
-            close(fd);
-    }
-};
-
-} // namespace
-
 SecureBytes read_secret_file(const std::string& path, const std::string& what, size_t max_size)
 {
     std::string named = what + " \"" + path + "\"";

@@ -5,9 +5,21 @@
 
 #include <string>
 
+#include <unistd.h>
+
 #include "secure_bytes.hpp"
 
 namespace pgphi {
+
+// Closes a file descriptor when it goes out of scope (negative: nothing open).
+struct FileCloser {
+    int fd;
+    ~FileCloser()
+    {
+        if (fd >= 0)
+            close(fd);
+    }
+};
 
 // `what` names the file in messages ("local KEK file", "Vault token file").
 // Throws SecretFileMissing when absent and SecretFileInvalid for every other

@@ -16,11 +16,6 @@ using namespace pgphi::pg;
 
 namespace {
 
-ByteView view_of(const bytea* v)
-{
-    return ByteView(reinterpret_cast<const uint8_t*>(VARDATA_ANY(v)), VARSIZE_ANY_EXHDR(v));
-}
-
 // Structural check only: the tag needs the key, and type I/O must not.
 void check_well_formed(const bytea* value, int sqlstate)
 {

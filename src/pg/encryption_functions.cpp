@@ -22,11 +22,6 @@ namespace {
 
 constexpr uint64_t kSealReportBatch = 256;
 
-ByteView view_of(const struct varlena* v)
-{
-    return ByteView(reinterpret_cast<const uint8_t*>(VARDATA_ANY(v)), VARSIZE_ANY_EXHDR(v));
-}
-
 // The optional context argument (AAD); absent means empty.
 ByteView context_arg(FunctionCallInfo fcinfo, int argno)
 {

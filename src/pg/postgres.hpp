@@ -11,6 +11,14 @@ extern "C" {
 #include "utils/builtins.h"
 }
 
+#include "../core/bytes.hpp"
+
+// The bytes of a (possibly short-header) varlena, for the core.
+inline pgphi::ByteView view_of(const struct varlena* v)
+{
+    return pgphi::ByteView(reinterpret_cast<const uint8_t*>(VARDATA_ANY(v)), VARSIZE_ANY_EXHDR(v));
+}
+
 // Declares a SQL-callable function: PG_FUNCTION_INFO_V1 plus an unmangled
 // definition. Use as `PGPHI_FUNCTION(name) { ... }`.
 #define PGPHI_FUNCTION(name)                                                                       \
