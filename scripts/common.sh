@@ -29,6 +29,27 @@ as_root() {
     fi
 }
 
+# A private copy of the PostgreSQL installation with this checkout's pgphi
+# installed into it, as PostgreSQL's own "make check" does: the tests never
+# touch (or depend on) the system's installed extension, and two checkouts
+# can test side by side. PostgreSQL finds its share and lib directories
+# relative to its binaries, so the copy works wherever it is. Sets PG_BIN.
+use_private_install() {
+    local dest
+    dest=/tmp/pgphi-install.$(echo -n "$REPO_ROOT" | sha256sum | cut -c1-12)
+    # Copied again whenever the PostgreSQL package has changed since.
+    if [ ! -e "$dest/.copied" ] || [ "$PG_BIN/postgres" -nt "$dest/.copied" ]; then
+        rm -rf "$dest"
+        mkdir -p "$dest/usr/lib/postgresql" "$dest/usr/share/postgresql" &&
+            cp -a /usr/lib/postgresql/15 "$dest/usr/lib/postgresql/" &&
+            cp -a /usr/share/postgresql/15 "$dest/usr/share/postgresql/" &&
+            touch "$dest/.copied" || return 1
+    fi
+    make -s install PG_CONFIG="$PG_CONFIG" DESTDIR="$dest" >/dev/null || return 1
+    chmod -R a+rX "$dest"
+    PG_BIN=$dest/usr/lib/postgresql/15/bin
+}
+
 # A scratch directory the PostgreSQL user owns.
 make_pg_workdir() {
     local dir

@@ -5,7 +5,8 @@
 #   fuzz     libFuzzer on the ciphertext parser and decrypt path, for FUZZ_SECONDS (30)
 #   regress  pg_regress on the SQL surface, in a temporary cluster
 #   tap      TAP tests (prove) with PostgreSQL::Test::Cluster
-# With no argument it installs what is missing, builds, installs and runs all.
+# With no argument it installs what is missing, builds, installs pgphi into a
+# private copy of PostgreSQL (see use_private_install) and runs all suites.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
@@ -15,7 +16,7 @@ suites=("$@")
 
 scripts/install-deps.sh || exit 1
 make -s -j2 PG_CONFIG="$PG_CONFIG" || exit 1
-as_root make -s install PG_CONFIG="$PG_CONFIG" >/dev/null || exit 1
+use_private_install || exit 1
 
 PGXS_DIR=$(dirname "$("$PG_CONFIG" --pgxs)")/../..
 PG_REGRESS=$PGXS_DIR/src/test/regress/pg_regress
