@@ -12,7 +12,9 @@ PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 
 EXTENSION = pgphi
 MODULE_big = pgphi
-DATA = src/pgphi--0.1.0.sql
+# Released install scripts never change; each release adds an update script
+# (pgphi--A--B.sql) and new installations run the chain.
+DATA = $(wildcard src/pgphi--*.sql)
 OBJS = $(patsubst %.cpp,%.o,$(wildcard src/core/*.cpp src/pg/*.cpp))
 
 # -MMD -MP: the compiler records which headers each object includes, so a
