@@ -53,6 +53,7 @@ if psql_as billing_clerk -v ON_ERROR_STOP=1 -c 'SELECT 1 FROM patients_decrypted
 fi
 psql_as billing_clerk -f scripts/demo/as_clerk.sql 2>&1
 psql_as postgres -f scripts/demo/tamper.sql 2>&1
+psql_as postgres -f scripts/demo/audit.sql
 
 cat <<MSG
 

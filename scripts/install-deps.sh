@@ -10,6 +10,7 @@ PACKAGES=(
     libcurl4-openssl-dev                # HTTPS to Vault and AWS KMS
     nlohmann-json3-dev                  # JSON for the key managers' APIs
     postgresql-15 postgresql-server-dev-15  # server and PGXS, same version
+    libkrb5-dev                         # GSSAPI headers that libpq/libpq-be.h includes
     postgresql-contrib                  # pgcrypto, for the benchmarks against it
     libgtest-dev libbenchmark-dev       # GoogleTest and Google Benchmark
     clang libclang-rt-dev               # libFuzzer and sanitizers for the fuzz suite

@@ -1,6 +1,6 @@
 \pset footer off
 \echo
-\echo '== 6. The billing clerk is refused, through the view and directly'
+\echo '== 6. The billing clerk is refused: no right on the view, no grant on the key'
 SELECT current_user, * FROM patients_decrypted;
 SELECT decrypt_phi(ssn) FROM patients;
 \echo

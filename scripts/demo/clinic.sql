@@ -40,7 +40,7 @@ SELECT mrn, substr(encode(ssn::bytea, 'hex'), 1, 40) || '...' AS ssn_as_stored,
   FROM patients ORDER BY id;
 
 \echo
-\echo '== 4. A view that decrypts, granted to one role'
+\echo '== 4. A view that decrypts, for the one role granted the keys'
 CREATE VIEW patients_decrypted AS
 SELECT id, mrn,
        decrypt_phi(ssn, 'ssn_key', mrn) AS ssn,
@@ -50,6 +50,9 @@ SELECT id, mrn,
   FROM patients;
 CREATE ROLE clinician LOGIN;
 CREATE ROLE billing_clerk LOGIN;
-GRANT pgphi_decrypt TO clinician;
+-- Both hold the decrypt role, but only the clinician is granted the keys.
+GRANT pgphi_decrypt TO clinician, billing_clerk;
+SELECT pgphi.grant_decrypt(key_name, 'clinician') AS granted
+  FROM unnest(ARRAY['ssn_key', 'name_key', 'diagnosis_key']) AS key_name;
 GRANT SELECT ON patients_decrypted TO clinician;
 GRANT SELECT (id, mrn, admitted_on, ssn) ON patients TO billing_clerk;

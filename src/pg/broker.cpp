@@ -32,6 +32,7 @@ extern "C" {
 
 #include "../core/http_client.hpp"
 #include "../core/local_provider.hpp"
+#include "audit.hpp"
 #include "error_bridge.hpp"
 #include "providers.hpp"
 #include "settings.hpp"
@@ -373,6 +374,7 @@ void do_work(SharedState* state)
         CHECK_FOR_INTERRUPTS();
     }
     launch_rotations(state);
+    launch_audit_writers();
     if (now_ms() - g_usage_saved_ms >= kUsageSaveIntervalMs) {
         save_usage(state);
         g_usage_saved_ms = now_ms();

@@ -11,6 +11,8 @@ extern "C" {
 #include <string_view>
 
 #include "../core/ciphertext_format.hpp"
+#include "access_control.hpp"
+#include "audit.hpp"
 #include "error_bridge.hpp"
 #include "key_access.hpp"
 #include "shared_state.hpp"
@@ -31,6 +33,7 @@ ByteView context_arg(FunctionCallInfo fcinfo, int argno)
 Datum encrypt_bytes(FunctionCallInfo fcinfo, ByteView plaintext)
 {
     DataKey* key = key_for_encrypt(PG_GETARG_TEXT_PP(1));
+    check_key_use(*key, KeyUse::Encrypt);
     ByteView context = context_arg(fcinfo, 2);
 
     size_t total = VARHDRSZ + format::sealed_size(plaintext.size);
@@ -47,6 +50,7 @@ Datum encrypt_bytes(FunctionCallInfo fcinfo, ByteView plaintext)
     call_core([&] { key->seal(nonce_source(), plaintext, context, reinterpret_cast<uint8_t*>(VARDATA(result))); });
     if (key->unreported_seals() >= kSealReportBatch)
         report_seals(*key, MyDatabaseId);
+    count_key_use(key->ref().key_id, KeyUse::Encrypt);
     PG_RETURN_BYTEA_P(result);
 }
 
@@ -59,6 +63,8 @@ struct varlena* decrypt_to_varlena(FunctionCallInfo fcinfo)
     call_core([&] { parsed = format::parse(view_of(value)); });
 
     DataKey* key = key_for_decrypt(parsed.key);
+    check_key_use(*key, KeyUse::Decrypt);
+    check_plaintext_transport(*key);
     if (PG_NARGS() > 1) {
         text* expected = PG_GETARG_TEXT_PP(1);
         std::string_view expected_name(VARDATA_ANY(expected), VARSIZE_ANY_EXHDR(expected));
@@ -72,6 +78,7 @@ struct varlena* decrypt_to_varlena(FunctionCallInfo fcinfo)
     struct varlena* plaintext = static_cast<struct varlena*>(palloc(VARHDRSZ + parsed.ciphertext.size));
     SET_VARSIZE(plaintext, VARHDRSZ + parsed.ciphertext.size);
     call_core([&] { key->open(parsed, context, reinterpret_cast<uint8_t*>(VARDATA(plaintext))); });
+    count_key_use(key->ref().key_id, KeyUse::Decrypt);
     return plaintext;
 }
 

@@ -152,69 +152,31 @@ char* copy_text_column(HeapTuple row, TupleDesc desc, int column)
     return value ? pstrdup(value) : nullptr;
 }
 
+// Copies the first row of a key lookup into a CatalogKey.
+void copy_catalog_key(HeapTuple row, TupleDesc desc, void* arg)
+{
+    auto* out = static_cast<CatalogKey*>(arg);
+    bool isnull;
+    out->key_id = DatumGetInt32(SPI_getbinval(row, desc, 1, &isnull));
+    Datum version = SPI_getbinval(row, desc, 2, &isnull);
+    out->version = isnull ? 0 : DatumGetInt32(version); // 0: no active version
+    out->name = copy_text_column(row, desc, 3);
+    out->provider = copy_text_column(row, desc, 4);
+    out->kek_ref = copy_text_column(row, desc, 5);
+    out->state = copy_text_column(row, desc, 6);
+    Datum wrapped = SPI_getbinval(row, desc, 7, &isnull);
+    out->wrapped_dek = isnull ? nullptr : DatumGetByteaPCopy(wrapped);
+    Datum xmin = SPI_getbinval(row, desc, 8, &isnull);
+    out->created_by_xid = isnull ? InvalidTransactionId : DatumGetTransactionId(xmin);
+}
+
 // Runs one of the two lookups and copies the row into `out`. Returns false
 // when no row matched.
 bool fetch_catalog_key(SPIPlanPtr* plan, const char* query, int nargs, Oid* argtypes, Datum* args,
                        CatalogKey* out)
 {
-    MemoryContext caller_context = CurrentMemoryContext;
-    Oid owner = catalog_owner();
-    Oid saved_user;
-    int saved_security;
-    volatile bool found = false;
-
-    GetUserIdAndSecContext(&saved_user, &saved_security);
-    SetUserIdAndSecContext(owner, saved_security | SECURITY_LOCAL_USERID_CHANGE |
-                                      SECURITY_RESTRICTED_OPERATION);
-    PG_TRY();
-    {
-        if (SPI_connect() != SPI_OK_CONNECT)
-            elog(ERROR, "pgphi: SPI_connect failed");
-        if (*plan == nullptr) {
-            SPIPlanPtr prepared = SPI_prepare(query, nargs, argtypes);
-            if (prepared == nullptr || SPI_keepplan(prepared) != 0)
-                elog(ERROR, "pgphi: could not prepare key catalog lookup: %s",
-                     SPI_result_code_string(SPI_result));
-            *plan = prepared;
-        }
-        // A fresh snapshot, not the statement's: a change committed before we
-        // look has already sent its invalidation, so an older snapshot could
-        // cache a stale row that no later invalidation would clear. Parallel
-        // mode forbids a new snapshot; the statement's is used, and the key
-        // is then kept for this statement only (install_catalog_key).
-        bool latest = !IsInParallelMode();
-        out->from_latest_snapshot = latest;
-        int rc = SPI_execute_snapshot(*plan, args, nullptr, latest ? GetLatestSnapshot() : GetActiveSnapshot(),
-                                      InvalidSnapshot, true, false, 1);
-        if (rc != SPI_OK_SELECT)
-            elog(ERROR, "pgphi: key catalog lookup failed: %s", SPI_result_code_string(rc));
-        if (SPI_processed > 0) {
-            HeapTuple row = SPI_tuptable->vals[0];
-            TupleDesc desc = SPI_tuptable->tupdesc;
-            bool isnull;
-            MemoryContext spi_context = MemoryContextSwitchTo(caller_context);
-            out->key_id = DatumGetInt32(SPI_getbinval(row, desc, 1, &isnull));
-            Datum version = SPI_getbinval(row, desc, 2, &isnull);
-            out->version = isnull ? 0 : DatumGetInt32(version); // 0: no active version
-            out->name = copy_text_column(row, desc, 3);
-            out->provider = copy_text_column(row, desc, 4);
-            out->kek_ref = copy_text_column(row, desc, 5);
-            out->state = copy_text_column(row, desc, 6);
-            Datum wrapped = SPI_getbinval(row, desc, 7, &isnull);
-            out->wrapped_dek = isnull ? nullptr : DatumGetByteaPCopy(wrapped);
-            Datum xmin = SPI_getbinval(row, desc, 8, &isnull);
-            out->created_by_xid = isnull ? InvalidTransactionId : DatumGetTransactionId(xmin);
-            MemoryContextSwitchTo(spi_context);
-            found = true;
-        }
-        SPI_finish();
-    }
-    PG_FINALLY();
-    {
-        SetUserIdAndSecContext(saved_user, saved_security);
-    }
-    PG_END_TRY();
-    return found;
+    return query_catalog(plan, query, nargs, argtypes, args, 1, copy_catalog_key, out,
+                         &out->from_latest_snapshot) > 0;
 }
 
 // Gets a catalog row's DEK from the shared cache (the broker unwraps it on a
@@ -276,6 +238,56 @@ DataKey* install_catalog_key(const CatalogKey& key)
 }
 
 } // namespace
+
+uint64 query_catalog(SPIPlanPtr* plan, const char* query, int nargs, Oid* argtypes, Datum* args, long max_rows,
+                     CatalogRowFn on_row, void* arg, bool* from_latest_snapshot)
+{
+    MemoryContext caller_context = CurrentMemoryContext;
+    Oid owner = catalog_owner();
+    Oid saved_user;
+    int saved_security;
+    volatile uint64 rows = 0;
+
+    GetUserIdAndSecContext(&saved_user, &saved_security);
+    SetUserIdAndSecContext(owner, saved_security | SECURITY_LOCAL_USERID_CHANGE |
+                                      SECURITY_RESTRICTED_OPERATION);
+    PG_TRY();
+    {
+        if (SPI_connect() != SPI_OK_CONNECT)
+            elog(ERROR, "pgphi: SPI_connect failed");
+        if (*plan == nullptr) {
+            SPIPlanPtr prepared = SPI_prepare(query, nargs, argtypes);
+            if (prepared == nullptr || SPI_keepplan(prepared) != 0)
+                elog(ERROR, "pgphi: could not prepare key catalog lookup: %s",
+                     SPI_result_code_string(SPI_result));
+            *plan = prepared;
+        }
+        // A fresh snapshot, not the statement's: a change committed before we
+        // look has already sent its invalidation, so an older snapshot could
+        // cache a stale row that no later invalidation would clear. Parallel
+        // mode forbids a new snapshot; the statement's is used, and callers
+        // keep what they read for this statement only.
+        bool latest = !IsInParallelMode();
+        if (from_latest_snapshot)
+            *from_latest_snapshot = latest;
+        int rc = SPI_execute_snapshot(*plan, args, nullptr, latest ? GetLatestSnapshot() : GetActiveSnapshot(),
+                                      InvalidSnapshot, true, false, max_rows);
+        if (rc != SPI_OK_SELECT)
+            elog(ERROR, "pgphi: key catalog lookup failed: %s", SPI_result_code_string(rc));
+        MemoryContext spi_context = MemoryContextSwitchTo(caller_context);
+        for (uint64 i = 0; i < SPI_processed; ++i)
+            on_row(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, arg);
+        MemoryContextSwitchTo(spi_context);
+        rows = SPI_processed;
+        SPI_finish();
+    }
+    PG_FINALLY();
+    {
+        SetUserIdAndSecContext(saved_user, saved_security);
+    }
+    PG_END_TRY();
+    return rows;
+}
 
 DataKey* key_for_encrypt(const text* key_name)
 {

@@ -6,6 +6,12 @@
 
 #include "postgres.hpp"
 
+extern "C" {
+#include "access/htup.h"
+#include "access/tupdesc.h"
+#include "executor/spi.h"
+}
+
 #include "../core/ciphertext_format.hpp"
 #include "../core/data_key.hpp"
 
@@ -21,6 +27,16 @@ DataKey* key_for_decrypt(format::KeyRef ref);
 // functions above survive only while it stays the same; a caller that needs
 // two keys at once checks it (see reencrypt).
 uint64_t key_cache_clears();
+
+// Runs a read-only query on pgphi's catalog as the catalog's owner (so
+// callers need no privilege on it), preparing it into *plan once. Calls
+// on_row for up to max_rows rows, in the caller's memory context, and returns
+// how many there were. *from_latest_snapshot (if given) says whether the
+// latest snapshot was used (not in parallel mode): only then may the result
+// be cached beyond the current statement.
+using CatalogRowFn = void (*)(HeapTuple row, TupleDesc desc, void* arg);
+uint64 query_catalog(SPIPlanPtr* plan, const char* query, int nargs, Oid* argtypes, Datum* args, long max_rows,
+                     CatalogRowFn on_row, void* arg, bool* from_latest_snapshot);
 
 // The process's nonce source, shared by every encrypting call.
 NonceSource& nonce_source();

@@ -10,6 +10,8 @@ extern "C" {
 
 #include <cstring>
 
+#include "access_control.hpp"
+#include "audit.hpp"
 #include "key_access.hpp"
 #include "settings.hpp"
 #include "shared_state.hpp"
@@ -48,6 +50,8 @@ void _PG_init(void)
                                 "server.")));
 
     pgphi::pg::define_settings();
+    pgphi::pg::define_audit_settings();
+    pgphi::pg::register_access_control();
     pgphi::pg::request_shared_memory();
     register_key_broker();
     pgphi::pg::register_key_invalidation();

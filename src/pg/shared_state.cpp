@@ -13,6 +13,7 @@ extern "C" {
 #include <cstring>
 #include <new>
 
+#include "audit.hpp"
 #include "error_bridge.hpp"
 #include "settings.hpp"
 #include "shared_state.hpp"
@@ -36,6 +37,8 @@ void on_shmem_request()
         g_prev_request_hook();
     RequestAddinShmemSpace(shared_size());
     RequestNamedLWLockTranche("pgphi", 1);
+    RequestAddinShmemSpace(audit_shared_size());
+    request_audit_lwlock();
 }
 
 void on_shmem_startup()
@@ -56,11 +59,17 @@ void on_shmem_startup()
         state->table().initialize();
     }
     g_state = static_cast<SharedState*>(memory);
+    void* audit_memory = ShmemInitStruct("pgphi_audit", audit_shared_size(), &found);
+    init_audit_shared_memory(audit_memory, found);
     LWLockRelease(AddinShmemInitLock);
 }
 
-[[noreturn]] void raise_failure(const cache::FailureRecord& failure)
+// Raises the key manager's error for a key, after queueing it for the
+// audit trail (the transaction that asked will abort).
+[[noreturn]] void raise_failure(const cache::FailureRecord& failure, const char* action,
+                                const cache::UnwrapRequest& key)
 {
+    queue_audit_event(action, AuditOutcome::Failed, key.key_id, key.key_version, key.key_name, failure.message);
     CoreFailure core;
     core.capture(static_cast<ErrorCode>(failure.code), failure.message, failure.detail, failure.hint);
     raise_core_failure(core);
@@ -230,7 +239,7 @@ void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_u
             cache::FailureRecord failure = slot->failure;
             LWLockRelease(state->lock);
             ConditionVariableCancelSleep();
-            raise_failure(failure);
+            raise_failure(failure, "unwrap", request);
         }
         bool must_ask = !asked || !slot;
         LWLockRelease(state->lock);
@@ -330,7 +339,7 @@ void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapReq
     }
     ConditionVariableCancelSleep();
     if (!result->ok)
-        raise_failure(result->failure);
+        raise_failure(result->failure, operation == AdminRequest::Operation::Generate ? "generate" : "rewrap", key);
 }
 
 } // namespace pgphi::pg
