@@ -13,7 +13,8 @@ DEMO_PORT=${PGPHI_DEMO_PORT:-5499}
 
 stop_demo() {
     if [ -f "$DEMO_DIR/data/postmaster.pid" ]; then
-        as_pg_user "$PG_BIN/pg_ctl" -D "$DEMO_DIR/data" -m fast stop >/dev/null
+        # A stale pid file (the machine was restarted) is not an error.
+        as_pg_user "$PG_BIN/pg_ctl" -D "$DEMO_DIR/data" -m fast stop >/dev/null 2>&1 || true
     fi
     rm -rf "$DEMO_DIR"
 }

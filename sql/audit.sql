@@ -55,6 +55,14 @@ SELECT role_name, key_name, sum(encryptions) AS encryptions, sum(decryptions) AS
 SELECT wait_for($$SELECT EXISTS (SELECT FROM pgphi.audit_log WHERE acting_role = 'audit_snoop')$$) AS refusal_recorded;
 SELECT action, key_name, key_version, outcome, acting_role, detail
   FROM pgphi.audit_log WHERE acting_role = 'audit_snoop';
+-- A value that fails authentication (tampered, or the wrong context) is
+-- evidence too.
+SELECT decrypt_phi(v, 'audited_key', 'another row') FROM audited WHERE id = 1;
+\echo :LAST_ERROR_SQLSTATE
+SELECT wait_for($$SELECT EXISTS (SELECT FROM pgphi.audit_log WHERE outcome = 'failed'
+                                   AND key_name = 'audited_key')$$) AS failure_recorded;
+SELECT action, key_name, key_version, outcome, acting_role, detail
+  FROM pgphi.audit_log WHERE outcome = 'failed' AND key_name = 'audited_key';
 SELECT queued_events, dropped_events, dropped_counts FROM pgphi.audit_queue_status();
 
 -- The auditor reads the log, the volumes and the inventory, and verifies.

@@ -77,7 +77,14 @@ struct varlena* decrypt_to_varlena(FunctionCallInfo fcinfo)
 
     struct varlena* plaintext = static_cast<struct varlena*>(palloc(VARHDRSZ + parsed.ciphertext.size));
     SET_VARSIZE(plaintext, VARHDRSZ + parsed.ciphertext.size);
-    call_core([&] { key->open(parsed, context, reinterpret_cast<uint8_t*>(VARDATA(plaintext))); });
+    CoreFailure failure;
+    if (!run_core(failure, [&] { key->open(parsed, context, reinterpret_cast<uint8_t*>(VARDATA(plaintext))); })) {
+        // A value that fails authentication was tampered with (or is read
+        // with the wrong context): evidence for the audit trail.
+        if (failure.code == ErrorCode::AuthenticationFailed)
+            queue_audit_event("decrypt", AuditOutcome::Failed, *key, "ciphertext failed authentication");
+        raise_core_failure(failure);
+    }
     count_key_use(key->ref().key_id, KeyUse::Decrypt);
     return plaintext;
 }
