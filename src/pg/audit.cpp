@@ -30,10 +30,14 @@ constexpr int kPendingUses = 16;
 constexpr int kWriterSlots = 32;
 constexpr int64_t kVolumeFlushMs = 10'000;   // counts reach the table within about this
 constexpr int64_t kMinRelaunchMs = 1'000;    // per database, also after a failed writer
+// A database whose writers keep failing (dropped meanwhile, say) must not
+// hold queue entries forever: after this many writers, they are dropped.
+constexpr uint8_t kMaxWriterAttempts = 20;
 
 struct AuditEvent {
     bool in_use;
     AuditOutcome outcome;
+    uint8_t writer_attempts;
     uint64_t id;
     Oid database;
     Oid login_role;
@@ -49,6 +53,7 @@ struct AuditEvent {
 // Encryptions and decryptions by one role under one key in one time window.
 struct VolumeEntry {
     bool in_use;
+    uint8_t writer_attempts;
     Oid database;
     Oid role;
     uint32_t key_id;
@@ -111,6 +116,7 @@ int find_volume_slot(const PendingUse& use, TimestampTz window)
     if (free_slot >= 0) {
         VolumeEntry& entry = g_audit->volume[free_slot];
         entry.in_use = true;
+        entry.writer_attempts = 0;
         entry.database = MyDatabaseId;
         entry.role = use.role;
         entry.key_id = use.key_id;
@@ -223,11 +229,42 @@ WriterSlot* writer_slot_for(Oid database, int64_t now)
     return nullptr; // more busy databases than slots: the next round
 }
 
+// Counts a writer started for the database against its entries, dropping
+// those that have seen too many writers come and go.
+void note_writer_launch(Oid database)
+{
+    uint64_t dropped_events = 0;
+    uint64_t dropped_counts = 0;
+    LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+    for (AuditEvent& event : g_audit->events)
+        if (event.in_use && event.database == database && ++event.writer_attempts > kMaxWriterAttempts) {
+            memset(&event, 0, sizeof(event));
+            g_audit->queued_events--;
+            ++dropped_events;
+        }
+    for (VolumeEntry& entry : g_audit->volume)
+        if (entry.in_use && entry.database == database && ++entry.writer_attempts > kMaxWriterAttempts) {
+            dropped_counts += entry.counts[0].load() + entry.counts[1].load();
+            entry.in_use = false;
+        }
+    LWLockRelease(g_audit->lock);
+    if (dropped_events || dropped_counts) {
+        g_audit->dropped_events.fetch_add(dropped_events);
+        g_audit->dropped_counts.fetch_add(dropped_counts);
+        ereport(LOG, (errmsg("pgphi dropped %llu audit events and %llu key use counts of database %u",
+                             static_cast<unsigned long long>(dropped_events),
+                             static_cast<unsigned long long>(dropped_counts), database),
+                      errdetail("%d audit writers in a row could not write them; see the earlier errors.",
+                                kMaxWriterAttempts)));
+    }
+}
+
 void launch_writer(Oid database, int64_t now)
 {
     WriterSlot* slot = writer_slot_for(database, now);
     if (!slot || now - slot->launched_ms < kMinRelaunchMs || writer_running(*slot))
         return;
+    note_writer_launch(database);
     if (slot->handle) {
         pfree(slot->handle);
         slot->handle = nullptr;
@@ -326,6 +363,7 @@ void queue_audit_event(const char* action, AuditOutcome outcome, uint32_t key_id
             continue;
         event.in_use = true;
         event.outcome = outcome;
+        event.writer_attempts = 0;
         event.id = ++g_audit->next_event_id;
         event.database = MyDatabaseId;
         event.login_role = GetSessionUserId();
@@ -517,6 +555,7 @@ void pgphi_audit_writer_main(Datum argument)
         VolumeEntry& entry = g_audit->volume[volumes[i].slot];
         for (int use = 0; use < 2; ++use)
             entry.counts[use].fetch_sub(volumes[i].counts[use]);
+        entry.writer_attempts = 0;
     }
     // Entries of past windows that nothing was added to since are done.
     for (VolumeEntry& entry : g_audit->volume)
