@@ -18,6 +18,7 @@ extern "C" {
 #include <cstring>
 
 #include "audit.hpp"
+#include "database_worker.hpp"
 #include "shared_state.hpp"
 
 namespace pgphi::pg {
@@ -269,17 +270,10 @@ void launch_writer(Oid database, int64_t now)
         pfree(slot->handle);
         slot->handle = nullptr;
     }
-    BackgroundWorker worker;
-    memset(&worker, 0, sizeof(worker));
-    worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-    worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-    worker.bgw_restart_time = BGW_NEVER_RESTART;
-    worker.bgw_main_arg = ObjectIdGetDatum(database);
-    strlcpy(worker.bgw_library_name, "pgphi", sizeof(worker.bgw_library_name));
-    strlcpy(worker.bgw_function_name, "pgphi_audit_writer_main", sizeof(worker.bgw_function_name));
-    snprintf(worker.bgw_name, sizeof(worker.bgw_name), "pgphi audit writer (database %u)", database);
-    strlcpy(worker.bgw_type, "pgphi audit writer", sizeof(worker.bgw_type));
-    if (RegisterDynamicBackgroundWorker(&worker, &slot->handle))
+    char name[BGW_MAXLEN];
+    snprintf(name, sizeof(name), "pgphi audit writer (database %u)", database);
+    if (start_database_worker("pgphi_audit_writer_main", ObjectIdGetDatum(database), name, "pgphi audit writer",
+                              &slot->handle))
         slot->launched_ms = now;
 }
 

@@ -33,6 +33,7 @@ extern "C" {
 #include "../core/http_client.hpp"
 #include "../core/local_provider.hpp"
 #include "audit.hpp"
+#include "database_worker.hpp"
 #include "error_bridge.hpp"
 #include "providers.hpp"
 #include "settings.hpp"
@@ -335,18 +336,10 @@ void launch_rotations(SharedState* state)
         if (!due || (g_rotation_workers[i] &&
                      GetBackgroundWorkerPid(g_rotation_workers[i], &pid) != BGWH_STOPPED))
             continue; // not due, or the previous worker is still at it
-        BackgroundWorker worker;
-        memset(&worker, 0, sizeof(worker));
-        worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-        worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-        worker.bgw_restart_time = BGW_NEVER_RESTART;
-        worker.bgw_main_arg = Int32GetDatum(i);
-        strlcpy(worker.bgw_library_name, "pgphi", sizeof(worker.bgw_library_name));
-        strlcpy(worker.bgw_function_name, "pgphi_rotation_worker_main", sizeof(worker.bgw_function_name));
-        snprintf(worker.bgw_name, sizeof(worker.bgw_name), "pgphi key rotation (key %u version %u)",
-                 entry.key_id, entry.key_version);
-        strlcpy(worker.bgw_type, "pgphi key rotation", sizeof(worker.bgw_type));
-        if (RegisterDynamicBackgroundWorker(&worker, &g_rotation_workers[i]))
+        char name[BGW_MAXLEN];
+        snprintf(name, sizeof(name), "pgphi key rotation (key %u version %u)", entry.key_id, entry.key_version);
+        if (start_database_worker("pgphi_rotation_worker_main", Int32GetDatum(i), name, "pgphi key rotation",
+                                  &g_rotation_workers[i]))
             entry.rotation_launched_ms = now;
     }
 }
