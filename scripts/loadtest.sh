@@ -170,7 +170,7 @@ grep -E '^(number of (transactions actually processed|failed transactions)|laten
 # did commit.
 read -r inserts selects <<< "$(cat "$WORK"/transactions.* |
     awk '$3 ~ /^[0-9]+$/ { n[$4]++ } END { print n[0] + 0, n[1] + 0 }')"
-echo "encrypt-inserts committed: ${inserts:-?}; decrypt-selects (10 rows each, every value checked): ${selects:-?}"
+echo "encrypt-inserts committed: ${inserts:-?}; decrypt-selects (up to 10 rows each, every value checked): ${selects:-?}"
 
 echo
 echo "== rotation and re-encryption (concurrent with the load)"
