@@ -7,6 +7,7 @@
 #   make demo       set up everything and run the clinical demo (scripts/demo.sh)
 #   make test       set up everything and run every test suite (scripts/test.sh)
 #   make benchmark  the SQL benchmark against pgcrypto (benchmark/sql_benchmark.sh)
+#   make loadtest   pgbench load with rotation and re-encryption, 5 minutes (scripts/loadtest.sh)
 
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 
@@ -27,7 +28,7 @@ SHLIB_LINK = -lcrypto -lcurl -lstdc++
 override with_llvm = no
 
 .DEFAULT_GOAL := all
-.PHONY: demo demo-stop test deps benchmark
+.PHONY: demo demo-stop test deps benchmark loadtest
 
 demo:
 	scripts/demo.sh
@@ -43,6 +44,9 @@ deps:
 
 benchmark:
 	benchmark/sql_benchmark.sh
+
+loadtest:
+	scripts/loadtest.sh
 
 # PGXS exists only once postgresql-server-dev-15 is installed; demo, test and
 # deps install it first, so they must work without it.

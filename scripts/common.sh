@@ -45,6 +45,9 @@ use_private_install() {
             cp -a /usr/share/postgresql/15 "$dest/usr/share/postgresql/" &&
             touch "$dest/.copied" || return 1
     fi
+    # Scripts this checkout no longer has (another branch's, a renamed one)
+    # must not linger: PostgreSQL would use them.
+    rm -f "$dest"/usr/share/postgresql/15/extension/pgphi--*.sql
     make -s install PG_CONFIG="$PG_CONFIG" DESTDIR="$dest" >/dev/null || return 1
     chmod -R a+rX "$dest"
     PG_BIN=$dest/usr/lib/postgresql/15/bin

@@ -3,6 +3,7 @@
 // src/pg/error_bridge.cpp), so every code here must mean one thing to a user.
 #pragma once
 
+#include <cerrno>
 #include <stdexcept>
 #include <string>
 
@@ -26,6 +27,8 @@ enum class ErrorCode {
     KeyManagerKeyDisabled,// the KEK is disabled or pending deletion
     KeyManagerUnavailable,// unreachable, timed out, TLS failure, throttled or failing
     ProviderError,        // the key provider failed for another reason
+    DiskFull,             // a file could not be written for lack of space (or a file-size limit)
+    FileAccessDenied,     // the server account may not create or write a file there
     Io,                   // operating-system I/O failure
     Internal,             // a bug or an OpenSSL failure that should not happen
 };
@@ -47,5 +50,23 @@ private:
     std::string detail_;
     std::string hint_;
 };
+
+// The code for a failed file operation's errno, as PostgreSQL classifies
+// its own file errors: no space, no permission, or another I/O failure.
+inline ErrorCode file_error_code(int err) noexcept
+{
+    switch (err) {
+    case ENOSPC:
+    case EDQUOT:
+    case EFBIG: // past RLIMIT_FSIZE (PostgreSQL ignores SIGXFSZ) or the filesystem's limit
+        return ErrorCode::DiskFull;
+    case EACCES:
+    case EPERM:
+    case EROFS:
+        return ErrorCode::FileAccessDenied;
+    default:
+        return ErrorCode::Io;
+    }
+}
 
 } // namespace pgphi

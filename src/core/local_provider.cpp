@@ -104,30 +104,60 @@ bool LocalKeyProvider::ensure_kek_file()
     // Written in full to a temporary file, made durable, then linked into
     // place: a crash or a concurrent first key never sees a partial KEK, and
     // link() never replaces a KEK that another session created meanwhile.
+    // Every failure removes the temporary file and leaves no KEK behind, so
+    // the key creation can simply be retried once the cause is fixed.
     size_t slash = kek_path_.rfind('/');
     std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : kek_path_.substr(0, slash);
     std::string temp = kek_path_ + ".tmp." + std::to_string(getpid());
+    auto fail = [&](const std::string& what, int err) {
+        ErrorCode code = file_error_code(err);
+        throw Error(code, "could not " + what + " local KEK file \"" + kek_path_ + "\": " + errno_text(err),
+                    "No key was created.",
+                    code == ErrorCode::DiskFull ? "Free space where pgphi.local_kek_file points, then retry."
+                    : code == ErrorCode::FileAccessDenied
+                        ? "pgphi.local_kek_file must be in a directory the server account can write."
+                        : "");
+    };
+
+    unlink(temp.c_str()); // only a crashed broker that had our pid can have left it
     FileCloser file{open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, S_IRUSR | S_IWUSR)};
     if (file.fd < 0)
-        throw Error(ErrorCode::Io, "could not create local KEK file \"" + temp + "\": " + errno_text(errno));
+        fail("create", errno);
     SecureBytes kek = SecureBytes::random(kKekSize);
-    ssize_t written = write(file.fd, kek.data(), kek.size());
-    int err = written < 0 ? errno : 0;
-    if (written != static_cast<ssize_t>(kek.size()) || fsync(file.fd) != 0) {
-        err = err ? err : (written >= 0 && written != static_cast<ssize_t>(kek.size()) ? ENOSPC : errno);
+    size_t done = 0;
+    while (done < kek.size()) {
+        ssize_t n = write(file.fd, kek.data() + done, kek.size() - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            // A write that stops short without an error means no space left.
+            int err = n < 0 ? errno : ENOSPC;
+            unlink(temp.c_str());
+            fail("write", err);
+        }
+        done += static_cast<size_t>(n);
+    }
+    if (fsync(file.fd) != 0) {
+        int err = errno;
         unlink(temp.c_str());
-        throw Error(ErrorCode::Io, "could not write local KEK file \"" + temp + "\": " + errno_text(err));
+        fail("write", err);
     }
     bool created = link(temp.c_str(), kek_path_.c_str()) == 0;
-    err = errno;
+    int err = errno;
     unlink(temp.c_str());
     if (!created && err != EEXIST)
-        throw Error(ErrorCode::Io, "could not create local KEK file \"" + kek_path_ + "\": " + errno_text(err));
+        fail("create", err);
 
     FileCloser dir_file{open(dir.c_str(), O_RDONLY | O_CLOEXEC)};
-    if (dir_file.fd < 0 || fsync(dir_file.fd) != 0)
-        throw Error(ErrorCode::Io, "could not make local KEK file \"" + kek_path_ + "\" durable: " +
-                                       errno_text(errno));
+    if (dir_file.fd < 0 || fsync(dir_file.fd) != 0) {
+        err = errno;
+        // Not durable means a crash could lose it after keys were wrapped
+        // by it: take it back while no key uses it yet (only the broker
+        // creates keys, one request at a time).
+        if (created)
+            unlink(kek_path_.c_str());
+        fail("sync the directory of", err);
+    }
     return created;
 }
 

@@ -30,6 +30,8 @@ extern "C" {
 
 #include <cstring>
 
+#include <unistd.h>
+
 #include "../core/http_client.hpp"
 #include "../core/local_provider.hpp"
 #include "audit.hpp"
@@ -271,24 +273,75 @@ void run_admin(SharedState* state, int index)
 // directory ("database key_id version seals rotated" per line), replaced
 // atomically. A crash loses at most the last few seconds of counting; the
 // hard limit sits four times above the rotation threshold for that reason.
-void save_usage(SharedState* state)
+//
+// When the file cannot be written (disk full, a file-size limit, no
+// permission), the counts stay in shared memory, the previous file stays
+// intact, and saving is retried every interval until it works: only a
+// shutdown before then loses the counts made since the last save. The
+// failure is logged once a minute, not at every retry, and its end is logged.
+constexpr int64_t kUsageFailureLogIntervalMs = 60'000;
+int64_t g_usage_failing_since_ms = 0;   // 0 while saving works
+int64_t g_usage_failure_logged_ms = 0;
+
+// Writes every entry to `path`; false with errno set when that failed.
+bool write_usage_file(SharedState* state, const char* path)
+{
+    FILE* out = AllocateFile(path, PG_BINARY_W);
+    if (!out)
+        return false;
+    for (UsageEntry& entry : state->usage)
+        if (entry.in_use)
+            fprintf(out, "%u %u %u %llu %d\n", entry.database, entry.key_id, entry.key_version,
+                    static_cast<unsigned long long>(entry.seals.load()), entry.rotated ? 1 : 0);
+    // fclose reports only the last flush: an earlier failed write shows in ferror.
+    bool ok = fflush(out) == 0 && !ferror(out);
+    int err = errno;
+    if (FreeFile(out) != 0 && ok) {
+        ok = false;
+        err = errno;
+    }
+    errno = err;
+    return ok;
+}
+
+void save_usage(SharedState* state, bool at_exit)
 {
     if (!state->usage_dirty.exchange(false))
         return;
     char temp[MAXPGPATH];
     snprintf(temp, sizeof(temp), "%s.tmp", kUsageFile);
-    FILE* out = AllocateFile(temp, PG_BINARY_W);
-    if (!out) {
-        ereport(LOG, (errcode_for_file_access(), errmsg("pgphi could not write \"%s\": %m", temp)));
+    int64_t now = now_ms();
+    bool report = at_exit || g_usage_failing_since_ms == 0 ||
+                  now - g_usage_failure_logged_ms >= kUsageFailureLogIntervalMs;
+    bool written = write_usage_file(state, temp);
+    if (!written) {
+        int err = errno;
+        unlink(temp); // a partial file must not linger
+        errno = err;
+        if (report)
+            ereport(LOG, (errcode_for_file_access(),
+                          errmsg("pgphi could not save the key usage counts to \"%s\": %m", kUsageFile),
+                          at_exit ? errdetail("The counts made since the last save are lost; \"%s\" keeps the "
+                                              "previous ones.", kUsageFile)
+                                  : errdetail("The counts are kept in shared memory and saved as soon as "
+                                              "writing works again; \"%s\" keeps the previous ones.",
+                                              kUsageFile),
+                          errhint("Free disk space in the data directory.")));
+    }
+    // durable_rename reports its own failure.
+    if (!written || durable_rename(temp, kUsageFile, report ? LOG : DEBUG1) != 0) {
         state->usage_dirty.store(true);
+        if (g_usage_failing_since_ms == 0)
+            g_usage_failing_since_ms = now;
+        if (report)
+            g_usage_failure_logged_ms = now;
         return;
     }
-    for (UsageEntry& entry : state->usage)
-        if (entry.in_use)
-            fprintf(out, "%u %u %u %llu %d\n", entry.database, entry.key_id, entry.key_version,
-                    static_cast<unsigned long long>(entry.seals.load()), entry.rotated ? 1 : 0);
-    if (FreeFile(out) != 0 || durable_rename(temp, kUsageFile, LOG) != 0)
-        state->usage_dirty.store(true);
+    if (g_usage_failing_since_ms != 0) {
+        ereport(LOG, (errmsg("pgphi saved the key usage counts to \"%s\" again, after %lld s of failures",
+                             kUsageFile, static_cast<long long>((now - g_usage_failing_since_ms) / 1000))));
+        g_usage_failing_since_ms = 0;
+    }
 }
 
 void load_usage(SharedState* state)
@@ -369,12 +422,12 @@ void do_work(SharedState* state)
     launch_rotations(state);
     launch_audit_writers();
     if (now_ms() - g_usage_saved_ms >= kUsageSaveIntervalMs) {
-        save_usage(state);
+        save_usage(state, false);
         g_usage_saved_ms = now_ms();
     }
 }
 
-void save_usage_at_exit(int, Datum) { save_usage(shared_state()); }
+void save_usage_at_exit(int, Datum) { save_usage(shared_state(), true); }
 
 } // namespace
 

@@ -49,6 +49,11 @@ int sqlstate_for(ErrorCode code)
         return ERRCODE_CONNECTION_FAILURE;                 // 08006
     case ErrorCode::ProviderError:
         return ERRCODE_SYSTEM_ERROR;                       // 58000
+    case ErrorCode::DiskFull:
+        return ERRCODE_DISK_FULL;                          // 53100
+    case ErrorCode::FileAccessDenied:
+        // As PostgreSQL reports a file it may not write.
+        return ERRCODE_INSUFFICIENT_PRIVILEGE;             // 42501
     case ErrorCode::Io:
         return ERRCODE_IO_ERROR;                           // 58030
     case ErrorCode::Internal:

@@ -7,7 +7,10 @@
 #include <fstream>
 #include <string>
 
+#include <dirent.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -72,6 +75,75 @@ TEST_F(LocalProviderTest, CreatesKekFileOwnerOnly)
     ASSERT_EQ(stat(path.c_str(), &st), 0);
     EXPECT_EQ(st.st_mode & 0777, 0600u);
     EXPECT_EQ(st.st_size, 32);
+}
+
+namespace {
+
+// Names in a directory, "." and ".." aside.
+std::string files_in(const std::string& dir)
+{
+    std::string names;
+    if (DIR* d = opendir(dir.c_str())) {
+        while (dirent* entry = readdir(d))
+            if (std::strcmp(entry->d_name, ".") != 0 && std::strcmp(entry->d_name, "..") != 0)
+                names += std::string(names.empty() ? "" : " ") + entry->d_name;
+        closedir(d);
+    }
+    return names;
+}
+
+// Creates the KEK file and returns the error code it fails with.
+ErrorCode error_of_create(LocalKeyProvider& provider, std::string* message)
+{
+    try {
+        provider.ensure_kek_file();
+    } catch (const Error& e) {
+        *message = e.what();
+        return e.code();
+    }
+    ADD_FAILURE() << "expected an error";
+    return ErrorCode::Internal;
+}
+
+} // namespace
+
+// A full disk, emulated by a file-size limit as in a server (which ignores
+// SIGXFSZ): the KEK file is refused as disk full, and nothing is left behind.
+TEST_F(LocalProviderTest, DiskFullLeavesNoKekFile)
+{
+    struct rlimit saved;
+    ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &saved), 0);
+    struct sigaction ignore {}, previous {};
+    ignore.sa_handler = SIG_IGN;
+    ASSERT_EQ(sigaction(SIGXFSZ, &ignore, &previous), 0);
+    for (rlim_t limit : {rlim_t{0}, rlim_t{16}}) { // nothing fits; half the KEK fits
+        struct rlimit small = saved;
+        small.rlim_cur = limit;
+        ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+        LocalKeyProvider provider(path);
+        std::string message;
+        ErrorCode code = error_of_create(provider, &message);
+        setrlimit(RLIMIT_FSIZE, &saved);
+        EXPECT_EQ(code, ErrorCode::DiskFull) << message;
+        EXPECT_NE(message.find("could not write local KEK file \"" + path + "\": File too large"), std::string::npos)
+            << message;
+        EXPECT_EQ(files_in(dir), "") << "limit " << limit;
+    }
+    sigaction(SIGXFSZ, &previous, nullptr);
+
+    LocalKeyProvider provider(path);
+    EXPECT_TRUE(provider.ensure_kek_file()); // space is back
+    EXPECT_EQ(files_in(dir), "kek");
+}
+
+TEST(FileErrorCode, ClassifiesErrnoAsPostgreSqlDoes)
+{
+    EXPECT_EQ(file_error_code(ENOSPC), ErrorCode::DiskFull);
+    EXPECT_EQ(file_error_code(EDQUOT), ErrorCode::DiskFull);
+    EXPECT_EQ(file_error_code(EFBIG), ErrorCode::DiskFull);
+    EXPECT_EQ(file_error_code(EACCES), ErrorCode::FileAccessDenied);
+    EXPECT_EQ(file_error_code(EROFS), ErrorCode::FileAccessDenied);
+    EXPECT_EQ(file_error_code(EIO), ErrorCode::Io);
 }
 
 TEST_F(LocalProviderTest, GeneratedDekUnwrapsToTheSameBytes)
