@@ -140,6 +140,9 @@ $node->safe_psql('fresh', 'CREATE EXTENSION pgphi');
 is($node->safe_psql('fresh', q{SELECT extversion FROM pg_extension WHERE extname = 'pgphi'}),
 	$default_version, "a fresh installation is at $default_version");
 
+# A reader who, under 0.1.0, could decrypt every key through its role alone.
+$node->safe_psql('postgres', 'CREATE ROLE legacy_reader; GRANT pgphi_decrypt TO legacy_reader;');
+
 for my $from (@install_versions)
 {
 	my $db = "from_$from";
@@ -162,6 +165,23 @@ for my $from (@install_versions)
 	# A new session: no key cached from before the update.
 	is($node->safe_psql($db, $plaintexts), $plain_before, "$from: after the update every value decrypts as before");
 	is($node->safe_psql($db, $catalog), $catalog_before, "$from: the key catalog is unchanged");
+
+	# 0.2.0 adds per-key grants: existing keys keep 0.1.0's behaviour as
+	# audited grants to the two roles; a key created now starts with none.
+	$node->safe_psql($db, 'GRANT USAGE ON SCHEMA app TO legacy_reader; GRANT SELECT ON app.patients TO legacy_reader');
+	is($node->safe_psql($db, q{SET ROLE legacy_reader; SELECT count(pgphi.decrypt_phi(ssn, 'ssn_key', mrn)) FROM app.patients}),
+		'1000', "$from: a pgphi_decrypt member still decrypts the existing keys");
+	like($node->safe_psql($db, q{SELECT string_agg(format('%s %s %s', action, key_name, detail), ',' ORDER BY key_name, action)
+	                               FROM pgphi.audit_log}),
+		qr/^grant_decrypt notes_key to pgphi_decrypt,grant_encrypt notes_key to pgphi_encrypt,grant_decrypt ssn_key to pgphi_decrypt,grant_encrypt ssn_key to pgphi_encrypt$/,
+		"$from: those grants are the audit log's first entries");
+	$node->safe_psql($db, q{
+		SELECT pgphi.create_key('new_key');
+		CREATE TABLE app.fresh AS SELECT pgphi.encrypt_phi('x', 'new_key') AS v;
+		GRANT SELECT ON app.fresh TO legacy_reader;
+	});
+	like(PgphiTest::psql_error($node, $db, q{SET ROLE legacy_reader; SELECT pgphi.decrypt_phi(v) FROM app.fresh}),
+		qr/42501: permission denied to decrypt with pgphi key "new_key"/, "$from: a key created after the update has no grants");
 
 	is($node->safe_psql($db, $members), $node->safe_psql('fresh', $members),
 		"$from: the updated extension has the members of a fresh $default_version");
@@ -190,7 +210,7 @@ for my $from (@install_versions)
 		CALL pgphi.reencrypt('app.patients', 'photo', 300);
 	});
 	is($node->safe_psql($db, $versions_in_use), '1 3,2 2', "$from: reencrypt moved every value to the new version");
-	is($node->safe_psql($db, 'SELECT pgphi.rewrap_keys()'), '5', "$from: rewrap_keys rewraps the five live versions");
+	is($node->safe_psql($db, 'SELECT pgphi.rewrap_keys()'), '6', "$from: rewrap_keys rewraps the six live versions");
 	$node->safe_psql($db, q{SELECT pgphi.retire_key_version('ssn_key', 1), pgphi.retire_key_version('ssn_key', 2)});
 	like($node->safe_psql($db, $plaintexts), qr/^1001\|/, "$from: all 1001 rows decrypt");
 	is($node->safe_psql($db, q{
@@ -202,7 +222,7 @@ for my $from (@install_versions)
 		"$from: every value decrypts to what was encrypted");
 	is($node->safe_psql($db, q{SELECT string_agg(format('%s %s %s', key_name, version, state), ',')
 	                             FROM pgphi.key_usage()}),
-		'notes_key 1 retired,notes_key 2 active,ssn_key 1 retired,ssn_key 2 retired,ssn_key 3 active',
+		'new_key 1 active,notes_key 1 retired,notes_key 2 active,ssn_key 1 retired,ssn_key 2 retired,ssn_key 3 active',
 		"$from: key_usage lists every version");
 }
 
