@@ -78,6 +78,15 @@ ParsedValue parse(ByteView value)
     return parsed;
 }
 
+bool is_deterministic_prefix(ByteView head, uint32_t* key_id) noexcept
+{
+    if (head.size < kPrefixSize || head.data[0] != kMagic || head.data[1] != kVersion1 ||
+        head.data[2] != static_cast<uint8_t>(Algorithm::Aes256Siv))
+        return false;
+    *key_id = read_be32(head.data + 3);
+    return true;
+}
+
 void write_prefix(uint8_t* out, KeyRef key, Algorithm algorithm)
 {
     out[0] = kMagic;

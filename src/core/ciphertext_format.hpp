@@ -86,6 +86,11 @@ constexpr size_t deterministic_sealed_size(size_t plaintext_size) { return kSivO
 // Writes the 11-byte prefix of a v1 value.
 void write_prefix(uint8_t* out, KeyRef key, Algorithm algorithm = Algorithm::Aes256Gcm);
 
+// For ANALYZE, which must not throw or read whole values: whether `head` (a
+// value's first kPrefixSize bytes or more) starts a v1 deterministic value,
+// and under which key id.
+bool is_deterministic_prefix(ByteView head, uint32_t* key_id) noexcept;
+
 // Big-endian helpers shared with the blind index layout.
 uint32_t read_be32(const uint8_t* p);
 void write_be32(uint8_t* p, uint32_t v);

@@ -90,9 +90,10 @@ public:
     size_t blind_index_size() const noexcept { return kBlindIndexPrefixSize + spec_.index_bytes; }
     void blind_index(ByteView plaintext, uint8_t* out);
 
-private:
+    // Throws WrongKeyPurpose unless this key is meant for `purpose`.
     void require(KeyPurpose purpose) const;
 
+private:
     format::KeyRef ref_;
     std::string name_;
     KeySpec spec_;
