@@ -2,7 +2,7 @@
 # Runs pgphi's test suites and exits non-zero if any test fails:
 #   unit     GoogleTest on the core (CTest)
 #   emulator the Vault / KMS emulator, checked by real clients (awscli, boto3, hvac)
-#   fuzz     libFuzzer on the ciphertext parser and decrypt path, for FUZZ_SECONDS (30)
+#   fuzz     libFuzzer on the ciphertext parser and decrypt path (both algorithms), for FUZZ_SECONDS (30)
 #   regress  pg_regress on the SQL surface, in a temporary cluster
 #   tap      TAP tests (prove) with PostgreSQL::Test::Cluster; TAP_TESTS picks
 #            files, e.g. TAP_TESTS=test/t/015_grants_and_audit.pl
@@ -36,7 +36,7 @@ run_fuzz() {
     mkdir -p "$out"
     clang++ -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Isrc/core \
         test/fuzz/ciphertext_fuzz.cpp src/core/ciphertext_format.cpp src/core/data_key.cpp src/core/aead.cpp \
-        src/core/nonce.cpp src/core/secure_bytes.cpp -lcrypto -o "$out/ciphertext_fuzz" || return 1
+        src/core/kdf.cpp src/core/blind_index.cpp src/core/nonce.cpp src/core/secure_bytes.cpp -lcrypto -o "$out/ciphertext_fuzz" || return 1
     corpus=$(mktemp -d)
     # A crashing input is kept as build-fuzz/crash-*.
     "$out/ciphertext_fuzz" -max_total_time="${FUZZ_SECONDS:-30}" -print_final_stats=1 -artifact_prefix="$out/" \

@@ -11,10 +11,12 @@ namespace pgphi {
 
 namespace {
 
-[[noreturn]] void openssl_failure(const char* what)
+[[noreturn]] void openssl_failure(const char* what, const char* cipher = "AES-256-GCM")
 {
-    throw Error(ErrorCode::Internal, std::string("OpenSSL AES-256-GCM failure in ") + what);
+    throw Error(ErrorCode::Internal, std::string("OpenSSL ") + cipher + " failure in " + what);
 }
+
+[[noreturn]] void siv_failure(const char* what) { openssl_failure(what, "AES-SIV"); }
 
 int checked_length(size_t n)
 {
@@ -92,6 +94,95 @@ bool Aes256Gcm::open(const uint8_t* nonce, ByteView aad_prefix, ByteView aad_suf
         throw;
     }
     if (EVP_DecryptFinal_ex(decrypt_ctx_, out + len, &len) != 1) {
+        OPENSSL_cleanse(out, ciphertext.size);
+        return false;
+    }
+    return true;
+}
+
+AesSiv::AesSiv(ByteView key)
+{
+    const char* name = key.size == 32   ? "AES-128-SIV"
+                       : key.size == 48 ? "AES-192-SIV"
+                       : key.size == 64 ? "AES-256-SIV"
+                                        : nullptr;
+    if (!name)
+        throw Error(ErrorCode::InvalidArgument, "AES-SIV needs a 32-, 48- or 64-byte key");
+    EVP_CIPHER* cipher = EVP_CIPHER_fetch(nullptr, name, nullptr);
+    encrypt_template_ = EVP_CIPHER_CTX_new();
+    decrypt_template_ = EVP_CIPHER_CTX_new();
+    work_ = EVP_CIPHER_CTX_new();
+    bool ok = cipher && encrypt_template_ && decrypt_template_ && work_ &&
+              EVP_EncryptInit_ex(encrypt_template_, cipher, nullptr, key.data, nullptr) == 1 &&
+              EVP_DecryptInit_ex(decrypt_template_, cipher, nullptr, key.data, nullptr) == 1;
+    EVP_CIPHER_free(cipher); // the contexts hold their own reference
+    if (!ok) {
+        EVP_CIPHER_CTX_free(encrypt_template_);
+        EVP_CIPHER_CTX_free(decrypt_template_);
+        EVP_CIPHER_CTX_free(work_);
+        siv_failure("key setup");
+    }
+}
+
+AesSiv::~AesSiv()
+{
+    EVP_CIPHER_CTX_free(encrypt_template_);
+    EVP_CIPHER_CTX_free(decrypt_template_);
+    EVP_CIPHER_CTX_free(work_);
+}
+
+namespace {
+
+void check_siv_input(const ByteView* ad, size_t ad_count, ByteView data)
+{
+    if (data.size == 0)
+        throw Error(ErrorCode::InvalidArgument, "AES-SIV input must not be empty");
+    for (size_t i = 0; i < ad_count; ++i)
+        if (ad[i].size == 0)
+            throw Error(ErrorCode::InvalidArgument, "AES-SIV associated data components must not be empty");
+}
+
+} // namespace
+
+void AesSiv::seal(const ByteView* ad, size_t ad_count, ByteView plaintext, uint8_t* tag, uint8_t* out)
+{
+    check_siv_input(ad, ad_count, plaintext);
+    int len = 0;
+    if (EVP_CIPHER_CTX_copy(work_, encrypt_template_) != 1)
+        siv_failure("context copy");
+    // Each update without an output buffer is one S2V component.
+    for (size_t i = 0; i < ad_count; ++i)
+        if (EVP_EncryptUpdate(work_, nullptr, &len, ad[i].data, checked_length(ad[i].size)) != 1)
+            siv_failure("AAD");
+    // SIV needs the whole plaintext in one call: S2V reads it before CTR
+    // writes, which is also why out may alias it.
+    if (EVP_EncryptUpdate(work_, out, &len, plaintext.data, checked_length(plaintext.size)) != 1 ||
+        EVP_EncryptFinal_ex(work_, out + len, &len) != 1 ||
+        EVP_CIPHER_CTX_ctrl(work_, EVP_CTRL_AEAD_GET_TAG, static_cast<int>(kTagSize), tag) != 1)
+        siv_failure("encrypt");
+}
+
+bool AesSiv::open(const ByteView* ad, size_t ad_count, ByteView ciphertext, const uint8_t* tag, uint8_t* out)
+{
+    int len = 0;
+    try {
+        check_siv_input(ad, ad_count, ciphertext);
+        if (EVP_CIPHER_CTX_copy(work_, decrypt_template_) != 1)
+            siv_failure("context copy");
+        // The tag is the CTR pass's IV, so it is needed before any data.
+        if (EVP_CIPHER_CTX_ctrl(work_, EVP_CTRL_AEAD_SET_TAG, static_cast<int>(kTagSize),
+                                const_cast<uint8_t*>(tag)) != 1)
+            siv_failure("tag setup");
+        for (size_t i = 0; i < ad_count; ++i)
+            if (EVP_DecryptUpdate(work_, nullptr, &len, ad[i].data, checked_length(ad[i].size)) != 1)
+                siv_failure("AAD");
+    } catch (...) {
+        OPENSSL_cleanse(out, ciphertext.size);
+        throw;
+    }
+    // The update decrypts and verifies at once; it fails on a bad tag.
+    if (EVP_DecryptUpdate(work_, out, &len, ciphertext.data, checked_length(ciphertext.size)) != 1 ||
+        EVP_DecryptFinal_ex(work_, out + len, &len) != 1) {
         OPENSSL_cleanse(out, ciphertext.size);
         return false;
     }

@@ -6,8 +6,6 @@
 
 namespace pgphi::format {
 
-namespace {
-
 uint32_t read_be32(const uint8_t* p)
 {
     return (static_cast<uint32_t>(p[0]) << 24) | (static_cast<uint32_t>(p[1]) << 16) |
@@ -21,6 +19,8 @@ void write_be32(uint8_t* p, uint32_t v)
     p[2] = static_cast<uint8_t>(v >> 8);
     p[3] = static_cast<uint8_t>(v);
 }
+
+namespace {
 
 [[noreturn]] void truncated(size_t have, size_t need)
 {
@@ -39,7 +39,7 @@ ParsedValue parse(ByteView value)
                     "pgphi ciphertexts start with byte 0xA7.",
                     "Encrypt values with encrypt_phi(); plaintext cannot be stored in an encrypted column.");
     if (value.size < 2)
-        truncated(value.size, kGcmOverhead);
+        truncated(value.size, kMinOverhead);
 
     ParsedValue parsed;
     parsed.format_version = value.data[1];
@@ -49,15 +49,17 @@ ParsedValue parse(ByteView value)
                     "This build of pgphi reads format version 1.",
                     "The value may come from a newer pgphi release, or be damaged.");
     if (value.size < 3)
-        truncated(value.size, kGcmOverhead);
-    if (value.data[2] != static_cast<uint8_t>(Algorithm::Aes256Gcm))
-        throw Error(ErrorCode::UnknownAlgorithm,
-                    "unknown pgphi encryption algorithm id " + std::to_string(value.data[2]),
-                    "This build of pgphi knows algorithm 1 (AES-256-GCM).");
-    if (value.size < kGcmOverhead)
-        truncated(value.size, kGcmOverhead);
+        truncated(value.size, kMinOverhead);
+    uint8_t algorithm = value.data[2];
+    if (algorithm != static_cast<uint8_t>(Algorithm::Aes256Gcm) &&
+        algorithm != static_cast<uint8_t>(Algorithm::Aes256Siv))
+        throw Error(ErrorCode::UnknownAlgorithm, "unknown pgphi encryption algorithm id " + std::to_string(algorithm),
+                    "This build of pgphi knows algorithms 1 (AES-256-GCM) and 2 (AES-256-SIV).");
+    parsed.algorithm = static_cast<Algorithm>(algorithm);
+    size_t overhead = parsed.deterministic() ? kSivOverhead : kGcmOverhead;
+    if (value.size < overhead)
+        truncated(value.size, overhead);
 
-    parsed.algorithm = Algorithm::Aes256Gcm;
     parsed.key.key_id = read_be32(value.data + 3);
     parsed.key.version = read_be32(value.data + 7);
     if (parsed.key.key_id == 0 || parsed.key.version == 0)
@@ -65,17 +67,31 @@ ParsedValue parse(ByteView value)
                     "Its key reference is zero, which pgphi never writes.");
 
     parsed.prefix = ByteView(value.data, kPrefixSize);
-    parsed.nonce = value.data + kPrefixSize;
-    parsed.ciphertext = ByteView(parsed.nonce + kGcmNonceSize, value.size - kGcmOverhead);
-    parsed.tag = value.data + value.size - kGcmTagSize;
+    if (parsed.deterministic()) {
+        parsed.tag = value.data + kPrefixSize;
+        parsed.ciphertext = ByteView(parsed.tag + kSivTagSize, value.size - kPrefixSize - kSivTagSize);
+    } else {
+        parsed.nonce = value.data + kPrefixSize;
+        parsed.ciphertext = ByteView(parsed.nonce + kGcmNonceSize, value.size - kGcmOverhead);
+        parsed.tag = value.data + value.size - kGcmTagSize;
+    }
     return parsed;
 }
 
-void write_prefix(uint8_t* out, KeyRef key)
+bool is_deterministic_prefix(ByteView head, uint32_t* key_id) noexcept
+{
+    if (head.size < kPrefixSize || head.data[0] != kMagic || head.data[1] != kVersion1 ||
+        head.data[2] != static_cast<uint8_t>(Algorithm::Aes256Siv))
+        return false;
+    *key_id = read_be32(head.data + 3);
+    return true;
+}
+
+void write_prefix(uint8_t* out, KeyRef key, Algorithm algorithm)
 {
     out[0] = kMagic;
     out[1] = kVersion1;
-    out[2] = static_cast<uint8_t>(Algorithm::Aes256Gcm);
+    out[2] = static_cast<uint8_t>(algorithm);
     write_be32(out + 3, key.key_id);
     write_be32(out + 7, key.version);
 }

@@ -17,6 +17,7 @@ enum class ErrorCode {
     AuthenticationFailed, // tag mismatch: tampered, wrong context or wrong DEK
     KeyNotFound,          // no such key name, or no such key id/version
     KeyMismatch,          // value was encrypted under another key than named
+    WrongKeyPurpose,      // an encryption key used for blind indexing, or the reverse
     InvalidArgument,      // bad argument from the caller
     ConfigError,          // a provider setting is missing or unusable
     SecretFileMissing,    // a KEK, token or credentials file is absent

@@ -28,9 +28,10 @@ DataKey* KeyRing::find_active(std::string_view name) noexcept
     }
 }
 
-DataKey& KeyRing::install(format::KeyRef ref, std::string name, bool active, SecureBytes dek)
+DataKey& KeyRing::install(format::KeyRef ref, std::string name, bool active, SecureBytes dek,
+                          const KeySpec& spec)
 {
-    auto key = std::make_unique<DataKey>(ref, std::move(name), dek);
+    auto key = std::make_unique<DataKey>(ref, std::move(name), dek, spec);
     dek.clear();
     auto& slot = by_ref_[ref.packed()];
     if (slot) {

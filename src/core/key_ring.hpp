@@ -23,7 +23,8 @@ public:
 
     // Adds a key made from `dek` (wiped before returning) and, when `active`,
     // makes it the version encrypt_phi uses for its name.
-    DataKey& install(format::KeyRef ref, std::string name, bool active, SecureBytes dek);
+    DataKey& install(format::KeyRef ref, std::string name, bool active, SecureBytes dek,
+                     const KeySpec& spec = {});
 
     void clear() noexcept;
 

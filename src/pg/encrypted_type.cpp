@@ -58,10 +58,10 @@ PGPHI_FUNCTION(pgphi_ciphertext_info)
     desc = BlessTupleDesc(desc);
     Datum values[5] = {
         Int32GetDatum(parsed.format_version),
-        CStringGetTextDatum("AES-256-GCM"),
+        CStringGetTextDatum(parsed.deterministic() ? "AES-256-SIV" : "AES-256-GCM"),
         Int32GetDatum(static_cast<int32>(parsed.key.key_id)),
         Int32GetDatum(static_cast<int32>(parsed.key.version)),
-        Int32GetDatum(static_cast<int32>(parsed.ciphertext.size)),
+        Int32GetDatum(static_cast<int32>(parsed.plaintext_size())),
     };
     bool nulls[5] = {false, false, false, false, false};
     PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));

@@ -30,19 +30,42 @@ ByteView context_arg(FunctionCallInfo fcinfo, int argno)
     return PG_NARGS() > argno ? view_of(PG_GETARG_TEXT_PP(argno)) : ByteView();
 }
 
-Datum encrypt_bytes(FunctionCallInfo fcinfo, ByteView plaintext)
+bytea* allocate_sealed(size_t sealed_size)
 {
-    DataKey* key = key_for_encrypt(PG_GETARG_TEXT_PP(1));
-    check_key_use(*key, KeyUse::Encrypt);
-    ByteView context = context_arg(fcinfo, 2);
-
-    size_t total = VARHDRSZ + format::sealed_size(plaintext.size);
+    size_t total = VARHDRSZ + sealed_size;
     if (total > MaxAllocSize)
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
                         errmsg("value is too large to encrypt"),
                         errdetail("Encrypted values are at most %zu bytes.", MaxAllocSize - VARHDRSZ)));
     bytea* result = static_cast<bytea*>(palloc(total));
     SET_VARSIZE(result, total);
+    return result;
+}
+
+// Deterministic values (AES-256-SIV) use no nonce, so they neither count
+// against the DEK's budget of random nonces nor need the primary's count:
+// standbys compute them too, for lookups.
+Datum seal_deterministic(DataKey* key, ByteView plaintext, ByteView context)
+{
+    bytea* result = allocate_sealed(format::deterministic_sealed_size(plaintext.size));
+    call_core([&] { key->seal_deterministic(plaintext, context, reinterpret_cast<uint8_t*>(VARDATA(result))); });
+    PG_RETURN_BYTEA_P(result);
+}
+
+// encrypt_phi(value, key_name [, context]) has the context at argument 2;
+// encrypt_phi(value, key_name, deterministic [, context]) at argument 3.
+Datum encrypt_bytes(FunctionCallInfo fcinfo, ByteView plaintext, bool deterministic, int context_argno)
+{
+    DataKey* key = key_for_encrypt(PG_GETARG_TEXT_PP(1));
+    require_purpose(*key, KeyPurpose::Encryption);
+    check_key_use(*key, KeyUse::Encrypt);
+    ByteView context = context_arg(fcinfo, context_argno);
+    if (deterministic) {
+        count_key_use(key->ref().key_id, KeyUse::Encrypt);
+        return seal_deterministic(key, plaintext, context);
+    }
+
+    bytea* result = allocate_sealed(format::sealed_size(plaintext.size));
     // Usage is counted in batches of kSealReportBatch: a shared write per
     // batch, not per value.
     if (key->unreported_seals() == 0)
@@ -52,6 +75,21 @@ Datum encrypt_bytes(FunctionCallInfo fcinfo, ByteView plaintext)
         report_seals(*key, MyDatabaseId);
     count_key_use(key->ref().key_id, KeyUse::Encrypt);
     PG_RETURN_BYTEA_P(result);
+}
+
+// jsonb is encrypted in its text form, which is stable across PostgreSQL
+// versions and decrypts as text too (and, being canonical, gives equal
+// deterministic values for equal documents).
+Datum encrypt_jsonb(FunctionCallInfo fcinfo, bool deterministic, int context_argno)
+{
+    Jsonb* document = PG_GETARG_JSONB_P(0);
+    char* json = JsonbToCString(nullptr, &document->root, VARSIZE(document));
+    size_t length = strlen(json);
+    Datum result =
+        encrypt_bytes(fcinfo, ByteView(reinterpret_cast<const uint8_t*>(json), length), deterministic, context_argno);
+    explicit_bzero(json, length);
+    pfree(json);
+    return result;
 }
 
 // Parses the value, checks the key name if one was given, and returns the
@@ -75,8 +113,8 @@ struct varlena* decrypt_to_varlena(FunctionCallInfo fcinfo)
     }
     ByteView context = context_arg(fcinfo, 2);
 
+    // Room for the whole body; the plaintext may be a byte shorter (SIV framing).
     struct varlena* plaintext = static_cast<struct varlena*>(palloc(VARHDRSZ + parsed.ciphertext.size));
-    SET_VARSIZE(plaintext, VARHDRSZ + parsed.ciphertext.size);
     CoreFailure failure;
     if (!run_core(failure, [&] { key->open(parsed, context, reinterpret_cast<uint8_t*>(VARDATA(plaintext))); })) {
         // A value that fails authentication was tampered with (or is read
@@ -85,6 +123,7 @@ struct varlena* decrypt_to_varlena(FunctionCallInfo fcinfo)
             queue_audit_event("decrypt", AuditOutcome::Failed, *key, "ciphertext failed authentication");
         raise_core_failure(failure);
     }
+    SET_VARSIZE(plaintext, VARHDRSZ + parsed.plaintext_size());
     count_key_use(key->ref().key_id, KeyUse::Decrypt);
     return plaintext;
 }
@@ -112,25 +151,51 @@ void check_text_encoding(struct varlena* plaintext)
 
 PGPHI_FUNCTION(pgphi_encrypt_text)
 {
-    return encrypt_bytes(fcinfo, view_of(PG_GETARG_TEXT_PP(0)));
+    return encrypt_bytes(fcinfo, view_of(PG_GETARG_TEXT_PP(0)), false, 2);
 }
 
 PGPHI_FUNCTION(pgphi_encrypt_bytea)
 {
-    return encrypt_bytes(fcinfo, view_of(PG_GETARG_BYTEA_PP(0)));
+    return encrypt_bytes(fcinfo, view_of(PG_GETARG_BYTEA_PP(0)), false, 2);
 }
 
-// jsonb is encrypted in its text form, which is stable across PostgreSQL
-// versions and decrypts as text too.
 PGPHI_FUNCTION(pgphi_encrypt_jsonb)
 {
-    Jsonb* document = PG_GETARG_JSONB_P(0);
-    char* json = JsonbToCString(nullptr, &document->root, VARSIZE(document));
-    size_t length = strlen(json);
-    Datum result = encrypt_bytes(fcinfo, ByteView(reinterpret_cast<const uint8_t*>(json), length));
-    explicit_bzero(json, length);
-    pfree(json);
-    return result;
+    return encrypt_jsonb(fcinfo, false, 2);
+}
+
+// encrypt_phi(value, key_name, deterministic boolean, context DEFAULT ''):
+// STABLE in SQL, so that a comparison with a deterministic value can use an
+// index. deterministic => false gives a randomized value, as encrypt_phi
+// without the argument does.
+PGPHI_FUNCTION(pgphi_encrypt_text_mode)
+{
+    return encrypt_bytes(fcinfo, view_of(PG_GETARG_TEXT_PP(0)), PG_GETARG_BOOL(2), 3);
+}
+
+PGPHI_FUNCTION(pgphi_encrypt_bytea_mode)
+{
+    return encrypt_bytes(fcinfo, view_of(PG_GETARG_BYTEA_PP(0)), PG_GETARG_BOOL(2), 3);
+}
+
+PGPHI_FUNCTION(pgphi_encrypt_jsonb_mode)
+{
+    return encrypt_jsonb(fcinfo, PG_GETARG_BOOL(2), 3);
+}
+
+// pgphi._encrypt_phi_version(value text|bytea, key_name, context, version):
+// the deterministic value under a given active or decrypt-only version, for
+// lookups that must also find values not yet re-encrypted.
+PGPHI_FUNCTION(pgphi_encrypt_version)
+{
+    int32 version = PG_GETARG_INT32(3);
+    if (version <= 0)
+        ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("pgphi key versions are positive")));
+    DataKey* key = key_for_version(PG_GETARG_TEXT_PP(1), static_cast<uint32>(version));
+    require_purpose(*key, KeyPurpose::Encryption);
+    check_key_use(*key, KeyUse::Encrypt);
+    count_key_use(key->ref().key_id, KeyUse::Encrypt);
+    return seal_deterministic(key, view_of(PG_GETARG_BYTEA_PP(0)), context_arg(fcinfo, 2));
 }
 
 PGPHI_FUNCTION(pgphi_decrypt_text)
@@ -207,23 +272,29 @@ PGPHI_FUNCTION(pgphi_reencrypt_value)
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INVALID_PARAMETER_VALUE),
                         errmsg("value was encrypted with pgphi key \"%s\", not \"%s\"", source->name().c_str(),
                                target->name().c_str())));
+    require_purpose(*target, KeyPurpose::Encryption);
     if (source == target)
         PG_RETURN_DATUM(PG_GETARG_DATUM(0));
 
-    if (target->unreported_seals() == 0)
+    // A deterministic value stays deterministic, so that the column's
+    // equality lookups and indexes keep working under the new version.
+    bool deterministic = parsed.deterministic();
+    if (!deterministic && target->unreported_seals() == 0)
         check_seal_budget(*target, MyDatabaseId);
-    size_t plaintext_size = parsed.ciphertext.size;
-    uint8_t* plaintext = static_cast<uint8_t*>(palloc(plaintext_size + 1));
-    size_t total = VARHDRSZ + format::sealed_size(plaintext_size);
-    bytea* result = static_cast<bytea*>(palloc(total));
-    SET_VARSIZE(result, total);
+    size_t plaintext_size = parsed.plaintext_size();
+    uint8_t* plaintext = static_cast<uint8_t*>(palloc(parsed.ciphertext.size + 1));
+    bytea* result = allocate_sealed(deterministic ? format::deterministic_sealed_size(plaintext_size)
+                                                  : format::sealed_size(plaintext_size));
     CoreFailure failure;
     bool ok = run_core(failure, [&] {
         source->open(parsed, context, plaintext);
-        target->seal(nonce_source(), ByteView(plaintext, plaintext_size), context,
-                     reinterpret_cast<uint8_t*>(VARDATA(result)));
+        uint8_t* out = reinterpret_cast<uint8_t*>(VARDATA(result));
+        if (deterministic)
+            target->seal_deterministic(ByteView(plaintext, plaintext_size), context, out);
+        else
+            target->seal(nonce_source(), ByteView(plaintext, plaintext_size), context, out);
     });
-    explicit_bzero(plaintext, plaintext_size);
+    explicit_bzero(plaintext, parsed.ciphertext.size);
     pfree(plaintext);
     if (!ok)
         raise_core_failure(failure);

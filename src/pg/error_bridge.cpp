@@ -31,6 +31,8 @@ int sqlstate_for(ErrorCode code)
     case ErrorCode::KeyMismatch:
     case ErrorCode::InvalidArgument:
         return ERRCODE_INVALID_PARAMETER_VALUE;            // 22023
+    case ErrorCode::WrongKeyPurpose:
+        return ERRCODE_WRONG_OBJECT_TYPE;                  // 42809
     case ErrorCode::ConfigError:
     case ErrorCode::SecretFileInvalid:
     case ErrorCode::KekMismatch:

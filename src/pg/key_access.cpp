@@ -45,17 +45,33 @@ constexpr int64_t kUseReportIntervalMs = 500;
 
 SPIPlanPtr g_plan_by_name = nullptr;
 SPIPlanPtr g_plan_by_ref = nullptr;
+SPIPlanPtr g_plan_by_name_version = nullptr;
+
+// Columns 9..11 are the key's purpose and blind-index settings (0.2.0). They
+// are read through to_jsonb, which gives NULL for a column that does not
+// exist, so this library also serves a 0.1.0 catalog (every key is then an
+// encryption key) until ALTER EXTENSION pgphi UPDATE has run.
+#define PGPHI_KEY_COLUMNS                                                                                        \
+    "SELECT k.key_id, v.version, k.name, k.provider, k.kek_ref, v.state, v.wrapped_dek, v.xmin, "                \
+    "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'purpose', "                                                \
+    "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'normalization', "                                          \
+    "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'index_bytes' "
 
 // By name: the key's active version; a key without one (all versions
 // rotated out or destroyed) still returns a row, with a NULL version.
 constexpr const char* kSelectByName =
-    "SELECT k.key_id, v.version, k.name, k.provider, k.kek_ref, v.state, v.wrapped_dek, v.xmin "
+    PGPHI_KEY_COLUMNS
     "FROM pgphi.keys k LEFT JOIN pgphi.key_versions v ON v.key_id OPERATOR(pg_catalog.=) k.key_id "
     "AND v.state OPERATOR(pg_catalog.=) 'active' WHERE k.name OPERATOR(pg_catalog.=) $1";
 constexpr const char* kSelectByRef =
-    "SELECT k.key_id, v.version, k.name, k.provider, k.kek_ref, v.state, v.wrapped_dek, v.xmin "
+    PGPHI_KEY_COLUMNS
     "FROM pgphi.keys k JOIN pgphi.key_versions v ON v.key_id OPERATOR(pg_catalog.=) k.key_id "
     "WHERE v.key_id OPERATOR(pg_catalog.=) $1 AND v.version OPERATOR(pg_catalog.=) $2";
+// By name and version; a NULL version when the key exists without it.
+constexpr const char* kSelectByNameVersion =
+    PGPHI_KEY_COLUMNS
+    "FROM pgphi.keys k LEFT JOIN pgphi.key_versions v ON v.key_id OPERATOR(pg_catalog.=) k.key_id "
+    "AND v.version OPERATOR(pg_catalog.=) $2 WHERE k.name OPERATOR(pg_catalog.=) $1";
 
 // One row of the key catalog, copied out of SPI into the caller's context.
 struct CatalogKey {
@@ -68,6 +84,9 @@ struct CatalogKey {
     bytea* wrapped_dek; // NULL once the version is destroyed
     TransactionId created_by_xid;
     bool from_latest_snapshot; // false in parallel mode: see fetch_catalog_key
+    char* purpose;       // NULL on a 0.1.0 catalog
+    char* normalization; // blind-index keys only
+    char* index_bytes;   // blind-index keys only
 };
 
 // Before a key leaves the ring, its seals are added to the shared count.
@@ -168,6 +187,9 @@ void copy_catalog_key(HeapTuple row, TupleDesc desc, void* arg)
     out->wrapped_dek = isnull ? nullptr : DatumGetByteaPCopy(wrapped);
     Datum xmin = SPI_getbinval(row, desc, 8, &isnull);
     out->created_by_xid = isnull ? InvalidTransactionId : DatumGetTransactionId(xmin);
+    out->purpose = copy_text_column(row, desc, 9);
+    out->normalization = copy_text_column(row, desc, 10);
+    out->index_bytes = copy_text_column(row, desc, 11);
 }
 
 // Runs one of the two lookups and copies the row into `out`. Returns false
@@ -177,6 +199,25 @@ bool fetch_catalog_key(SPIPlanPtr* plan, const char* query, int nargs, Oid* argt
 {
     return query_catalog(plan, query, nargs, argtypes, args, 1, copy_catalog_key, out,
                          &out->from_latest_snapshot) > 0;
+}
+
+// What the catalog row says the key is for. The catalog's CHECK constraints
+// allow only valid settings; anything else is a damaged catalog.
+KeySpec spec_of(const CatalogKey& key)
+{
+    KeySpec spec;
+    if (key.purpose == nullptr || strcmp(key.purpose, "encryption") == 0)
+        return spec;
+    int index_bytes = key.index_bytes ? atoi(key.index_bytes) : 0;
+    if (strcmp(key.purpose, "blind_index") != 0 || key.normalization == nullptr ||
+        !normalization_from_name(key.normalization, &spec.normalization) ||
+        index_bytes < static_cast<int>(kMinBlindIndexBytes) || index_bytes > static_cast<int>(kMaxBlindIndexBytes))
+        ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED),
+                        errmsg("pgphi key \"%s\" has an invalid purpose or blind-index setting in the key catalog",
+                               key.name)));
+    spec.purpose = KeyPurpose::BlindIndex;
+    spec.index_bytes = static_cast<uint8_t>(index_bytes);
+    return spec;
 }
 
 // Gets a catalog row's DEK from the shared cache (the broker unwraps it on a
@@ -221,11 +262,14 @@ DataKey* install_catalog_key(const CatalogKey& key)
 
     DataKey* installed = nullptr;
     bool active = strcmp(key.state, "active") == 0;
+    bool live = active || strcmp(key.state, "decrypt_only") == 0;
+    KeySpec spec = spec_of(key);
     int64_t installed_at_ms = now_ms();
     CoreFailure failure;
     bool ok = run_core(failure, [&] {
         installed = &g_ring.install(format::KeyRef{key.key_id, key.version}, key.name, active,
-                                    SecureBytes(dek, sizeof(dek)));
+                                    SecureBytes(dek, sizeof(dek)), spec);
+        installed->set_live(live);
         installed->set_valid_until_ms(valid_until_ms);
         installed->set_cache_slot(slot_index);
         installed->set_use_reported_ms(installed_at_ms);
@@ -334,6 +378,44 @@ DataKey* key_for_decrypt(format::KeyRef ref)
                         errhint("The value was encrypted in a database whose pgphi key catalog is not "
                                 "present here; restore the catalog with the data.")));
     return install_catalog_key(row);
+}
+
+DataKey* key_for_version(const text* key_name, uint32 version)
+{
+    flush_if_stale();
+    std::string_view name(VARDATA_ANY(key_name), VARSIZE_ANY_EXHDR(key_name));
+    // The key id comes from the active version, when that is in the ring.
+    if (DataKey* active = g_ring.find_active(name))
+        if (DataKey* key = still_valid(g_ring.find(format::KeyRef{active->ref().key_id, version})); key && key->live())
+            return key;
+
+    Oid argtypes[2] = {TEXTOID, INT4OID};
+    Datum args[2] = {PointerGetDatum(key_name), Int32GetDatum(static_cast<int32>(version))};
+    CatalogKey row;
+    if (!fetch_catalog_key(&g_plan_by_name_version, kSelectByNameVersion, 2, argtypes, args, &row))
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT),
+                        errmsg("pgphi key \"%s\" does not exist", text_to_cstring(key_name)),
+                        errhint("Create it with pgphi.create_key().")));
+    if (row.version == 0)
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT),
+                        errmsg("pgphi key \"%s\" has no version %u", row.name, version)));
+    if (strcmp(row.state, "active") != 0 && strcmp(row.state, "decrypt_only") != 0 &&
+        strcmp(row.state, "destroyed") != 0)
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pgphi key \"%s\" version %u is %s", row.name, version, row.state),
+                        errdetail("Only active and decrypt-only versions produce values.")));
+    if (TransactionIdIsCurrentTransactionId(row.created_by_xid))
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pgphi key \"%s\" version %u was created or changed in this transaction", row.name,
+                               version),
+                        errdetail("Values are computed only under key versions that are committed."),
+                        errhint("Commit the transaction that changes the key first.")));
+    return install_catalog_key(row);
+}
+
+void require_purpose(const DataKey& key, KeyPurpose purpose)
+{
+    call_core([&] { key.require(purpose); });
 }
 
 NonceSource& nonce_source() { return g_nonces; }

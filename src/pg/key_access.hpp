@@ -23,6 +23,15 @@ DataKey* key_for_encrypt(const text* key_name);
 // The key version a value's header refers to, for decrypting.
 DataKey* key_for_decrypt(format::KeyRef ref);
 
+// A given version of the key named `key_name`, for computing the values an
+// older version gave (lookups during rotation). Only active and decrypt-only
+// versions are returned.
+DataKey* key_for_version(const text* key_name, uint32 version);
+
+// Raises 42809 when `key` is not meant for `purpose` (a blind-index key
+// asked to encrypt, or the reverse).
+void require_purpose(const DataKey& key, KeyPurpose purpose);
+
 // Counts how often this process's key cache was cleared. Pointers from the
 // functions above survive only while it stays the same; a caller that needs
 // two keys at once checks it (see reencrypt).

@@ -1,8 +1,9 @@
-// libFuzzer target for the ciphertext parser and the decrypt path: whatever
-// the bytes, parsing and opening either refuse them with a pgphi::Error,
-// leaving the output buffer wiped, or the value is authentic. Never a crash,
-// never unauthenticated plaintext. The DEK is fixed (bytes 0..31) so that the
-// seed corpus can hold real ciphertexts (seed_corpus.py makes them).
+// libFuzzer target for the ciphertext parser and the decrypt path of both
+// algorithms (1: AES-256-GCM, 2: AES-256-SIV): whatever the bytes, parsing and
+// opening either refuse them with a pgphi::Error, leaving the output buffer
+// wiped, or the value is authentic. Never a crash, never unauthenticated
+// plaintext. The DEK is fixed (bytes 0..31) so that the seed corpus can hold
+// real ciphertexts of both kinds (seed_corpus.py makes them).
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
@@ -36,8 +37,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size)
     } catch (const Error&) {
         return 0; // refused cleanly
     }
-    if (parsed.ciphertext.size != size - format::kGcmOverhead)
-        std::abort(); // the parser's lengths must describe exactly the input
+    // The parser's lengths must describe exactly the input.
+    size_t overhead = parsed.deterministic() ? format::kSivOverhead : format::kGcmOverhead;
+    if (parsed.plaintext_size() != size - overhead)
+        std::abort();
+    if (parsed.deterministic() != (data[2] == static_cast<uint8_t>(format::Algorithm::Aes256Siv)))
+        std::abort();
     std::vector<uint8_t> out(parsed.ciphertext.size, 0xAA);
     try {
         fuzz_key().open(parsed, ByteView(), out.data());

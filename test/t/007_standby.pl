@@ -1,6 +1,8 @@
 # A streaming-replication standby decrypts everything the primary wrote,
 # follows rotations and destructions there, and refuses to create keys or
-# encrypt (the primary counts what each DEK seals).
+# encrypt randomized values (the primary counts what each DEK seals). It does
+# compute deterministic values and blind indexes, which use no nonce, so that
+# lookups run on standbys too.
 use strict;
 use warnings;
 
@@ -13,8 +15,13 @@ my $primary = PgphiTest::new_node('primary', allows_streaming => 1);
 $primary->safe_psql('postgres', q{
 	CREATE EXTENSION pgphi;
 	SELECT pgphi.create_key('ssn');
-	CREATE TABLE patients (id int PRIMARY KEY, ssn pgphi.encrypted);
-	INSERT INTO patients SELECT i, pgphi.encrypt_phi('ssn-' || i, 'ssn') FROM generate_series(1, 1000) i;
+	SELECT pgphi.create_blind_index_key('ssn_index');
+	CREATE TABLE patients (id int PRIMARY KEY, ssn pgphi.encrypted, ssn_det pgphi.encrypted, ssn_bidx bytea);
+	INSERT INTO patients SELECT i, pgphi.encrypt_phi('ssn-' || i, 'ssn'),
+	       pgphi.encrypt_phi('ssn-' || i, 'ssn', deterministic => true), pgphi.blind_index('ssn-' || i, 'ssn_index')
+	  FROM generate_series(1, 1000) i;
+	CREATE INDEX ON patients (ssn_det);
+	CREATE INDEX ON patients (ssn_bidx);
 });
 # The local KEK file lives in the data directory, so the base backup carries
 # it to the standby (a key manager would serve both instead).
@@ -36,6 +43,15 @@ like(PgphiTest::psql_error($standby, 'postgres', q{SELECT pgphi.create_key('othe
 	qr/25006: cannot execute INSERT in a read-only transaction/, 'creating a key on the standby fails: read-only');
 like(PgphiTest::psql_error($standby, 'postgres', q{SELECT pgphi.encrypt_phi('x', 'ssn')}),
 	qr/25006: cannot encrypt with pgphi on a standby/, 'encrypting on the standby fails: read-only');
+
+# Lookups by deterministic value and by blind index, through the indexes.
+my $by_det = q{SELECT id FROM patients
+	WHERE ssn_det OPERATOR(pgphi.=) pgphi.encrypt_phi('ssn-42', 'ssn', deterministic => true)};
+is($standby->safe_psql('postgres', $by_det), '42', 'the standby finds a row by its deterministic value');
+like($standby->safe_psql('postgres', "EXPLAIN (COSTS OFF) $by_det"), qr/Index Scan (using|on) patients_ssn_det_idx/,
+	'... through the index');
+is($standby->safe_psql('postgres', q{SELECT id FROM patients
+	WHERE ssn_bidx = pgphi.blind_index('ssn-43', 'ssn_index')}), '43', 'the standby finds a row by its blind index');
 
 # A rotation on the primary reaches a standby session that holds the old key.
 my $reader = $standby->background_psql('postgres', on_error_stop => 0);
