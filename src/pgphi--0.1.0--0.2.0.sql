@@ -354,19 +354,6 @@ BEGIN
 END
 $$;
 
--- Every key version, with what an auditor asks about it. Never the DEK.
-CREATE VIEW pgphi.key_inventory AS
-    SELECT k.name AS key_name, k.key_id, k.created_by AS owner, k.provider, k.kek_ref,
-           v.version, v.state, v.kek_version, v.created_at, k.rotated_at, v.retired_at, v.destroyed_at,
-           k.cryptoperiod,
-           CASE WHEN v.state = 'active' THEN v.created_at + k.cryptoperiod END AS rotate_by,
-           coalesce(v.state = 'active' AND v.created_at + k.cryptoperiod < pg_catalog.now(), false)
-               AS rotation_overdue,
-           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
-                  WHERE g.key_id = k.key_id AND g.privilege = 'encrypt' ORDER BY 1) AS encrypt_grantees,
-           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
-                  WHERE g.key_id = k.key_id AND g.privilege = 'decrypt' ORDER BY 1) AS decrypt_grantees
-      FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id);
 
 ------------------------------------------------------------------------------
 -- Views for authorized roles.
@@ -445,7 +432,7 @@ $$;
 -- Privileges of the new objects, and grants that keep 0.1.0's behaviour.
 ------------------------------------------------------------------------------
 
-REVOKE ALL ON pgphi.key_grants, pgphi.audit_log, pgphi.key_use_stats, pgphi.key_use, pgphi.key_inventory FROM PUBLIC;
+REVOKE ALL ON pgphi.key_grants, pgphi.audit_log, pgphi.key_use_stats, pgphi.key_use FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgphi._audit_row_hash(bytea, pgphi.audit_log), pgphi._audit_log_chain(),
     pgphi._audit_log_is_append_only(), pgphi._audit(text, integer, integer, text, text),
     pgphi._record_audit_event(timestamptz, text, text, text, integer, text, integer, text, text),
@@ -459,7 +446,6 @@ GRANT EXECUTE ON FUNCTION pgphi._change_key_grant(text, regrole, text, boolean),
     pgphi.grant_decrypt(text, regrole), pgphi.revoke_decrypt(text, regrole),
     pgphi.grant_encrypt(text, regrole), pgphi.revoke_encrypt(text, regrole),
     pgphi.set_cryptoperiod(text, interval) TO pgphi_key_custodian;
-GRANT SELECT ON pgphi.key_inventory TO pgphi_key_custodian, pgphi_key_auditor;
 GRANT SELECT ON pgphi.audit_log, pgphi.key_use_stats, pgphi.key_use TO pgphi_key_auditor;
 GRANT EXECUTE ON FUNCTION pgphi.verify_audit_log(text) TO pgphi_key_auditor;
 GRANT EXECUTE ON FUNCTION pgphi.audit_queue_status() TO pgphi_key_auditor, pg_monitor;
@@ -860,3 +846,23 @@ GRANT EXECUTE ON FUNCTION
     pgphi.encrypt_phi_all_versions(bytea, text, text),
     pgphi.blind_index(text, text), pgphi.blind_index(text, text, integer), pgphi.blind_index_all_versions(text, text)
     TO pgphi_encrypt;
+
+------------------------------------------------------------------------------
+-- The key inventory, over both kinds of key.
+------------------------------------------------------------------------------
+
+-- Every key version, with what an auditor asks about it. Never the DEK.
+CREATE VIEW pgphi.key_inventory AS
+    SELECT k.name AS key_name, k.key_id, k.purpose, k.created_by AS owner, k.provider, k.kek_ref,
+           v.version, v.state, v.kek_version, v.created_at, k.rotated_at, v.retired_at, v.destroyed_at,
+           k.cryptoperiod,
+           CASE WHEN v.state = 'active' THEN v.created_at + k.cryptoperiod END AS rotate_by,
+           coalesce(v.state = 'active' AND v.created_at + k.cryptoperiod < pg_catalog.now(), false)
+               AS rotation_overdue,
+           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
+                  WHERE g.key_id = k.key_id AND g.privilege = 'encrypt' ORDER BY 1) AS encrypt_grantees,
+           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
+                  WHERE g.key_id = k.key_id AND g.privilege = 'decrypt' ORDER BY 1) AS decrypt_grantees
+      FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id);
+REVOKE ALL ON pgphi.key_inventory FROM PUBLIC;
+GRANT SELECT ON pgphi.key_inventory TO pgphi_key_custodian, pgphi_key_auditor;
