@@ -2,7 +2,8 @@
 # Runs pgphi's test suites and exits non-zero if any test fails:
 #   unit     GoogleTest on the core (CTest)
 #   emulator the Vault / KMS emulator, checked by real clients (awscli, boto3, hvac)
-#   fuzz     libFuzzer on the ciphertext parser and decrypt path, for FUZZ_SECONDS (30)
+#   fuzz     libFuzzer on the ciphertext parser and the key managers' answers,
+#            FUZZ_SECONDS (15) per target
 #   regress  pg_regress on the SQL surface, in a temporary cluster
 #   tap      TAP tests (prove) with PostgreSQL::Test::Cluster
 # With no argument it installs what is missing, builds, installs pgphi into a
@@ -29,19 +30,33 @@ run_unit() {
 }
 
 run_fuzz() {
-    # Built with clang's libFuzzer, AddressSanitizer and UBSan; new inputs go
-    # to a scratch corpus, the committed seeds stay as they are.
-    local out=build-fuzz corpus
-    mkdir -p "$out"
-    clang++ -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Isrc/core \
-        test/fuzz/ciphertext_fuzz.cpp src/core/ciphertext_format.cpp src/core/data_key.cpp src/core/aead.cpp \
-        src/core/nonce.cpp src/core/secure_bytes.cpp -lcrypto -o "$out/ciphertext_fuzz" || return 1
-    corpus=$(mktemp -d)
-    # A crashing input is kept as build-fuzz/crash-*.
-    "$out/ciphertext_fuzz" -max_total_time="${FUZZ_SECONDS:-30}" -print_final_stats=1 -artifact_prefix="$out/" \
-        "$corpus" test/fuzz/corpus/ciphertext 2>&1 | grep -E "^(stat::number_of_executed_units|Done|==|SUMMARY)"
-    local status=${PIPESTATUS[0]}
-    rm -rf "$corpus"
+    # The targets in test/fuzz, built by CMake with clang's libFuzzer,
+    # AddressSanitizer and UBSan, each run for FUZZ_SECONDS (15) from its
+    # committed seed corpus (test/fuzz/corpus/<target>) and dictionary. New
+    # inputs go to a scratch corpus; a failing input is kept as
+    # build-fuzz/<target>-crash-*.
+    local seconds=${FUZZ_SECONDS:-15} status=0 target corpus dict log
+    CXX=clang++ cmake -S . -B build-fuzz -DPGPHI_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null &&
+        cmake --build build-fuzz -j2 >/dev/null || return 1
+    for target in ciphertext vault_response kms_response aws_credentials; do
+        corpus=$(mktemp -d)
+        dict=()
+        [ -f "test/fuzz/$target.dict" ] && dict=(-dict="test/fuzz/$target.dict")
+        log=$(mktemp)
+        "build-fuzz/${target}_fuzz" "${dict[@]}" -max_total_time="$seconds" -print_final_stats=1 \
+            -artifact_prefix="build-fuzz/$target-" "$corpus" "test/fuzz/corpus/$target" >"$log" 2>&1
+        local result=$?
+        # One line per target: inputs run and time, or the finding.
+        if [ $result -eq 0 ]; then
+            echo "$target: $(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}') inputs" \
+                "in $(grep -E '^Done ' "$log" | awk '{print $5}') s, no finding"
+        else
+            echo "$target: FINDING (exit $result)"
+            grep -E "^(fuzz finding|==|SUMMARY)|runtime error|Test unit written" "$log"
+            status=1
+        fi
+        rm -rf "$corpus" "$log"
+    done
     return $status
 }
 
