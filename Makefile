@@ -6,6 +6,7 @@
 #   make install    install it into the PostgreSQL found by PG_CONFIG
 #   make demo       set up everything and run the clinical demo (scripts/demo.sh)
 #   make test       set up everything and run every test suite (scripts/test.sh)
+#   make test-valgrind  the regression suite with the server under valgrind
 #   make benchmark  the SQL benchmark against pgcrypto (benchmark/sql_benchmark.sh)
 
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
@@ -27,7 +28,7 @@ SHLIB_LINK = -lcrypto -lcurl -lstdc++
 override with_llvm = no
 
 .DEFAULT_GOAL := all
-.PHONY: demo demo-stop test deps benchmark
+.PHONY: demo demo-stop test test-valgrind deps benchmark
 
 demo:
 	scripts/demo.sh
@@ -37,6 +38,9 @@ demo-stop:
 
 test:
 	scripts/test.sh
+
+test-valgrind:
+	scripts/test.sh valgrind
 
 deps:
 	scripts/install-deps.sh

@@ -6,6 +6,8 @@
 #            FUZZ_SECONDS (15) per target
 #   regress  pg_regress on the SQL surface, in a temporary cluster
 #   tap      TAP tests (prove) with PostgreSQL::Test::Cluster
+#   valgrind the regress suite with the server under valgrind memcheck; slow,
+#            so only on request (not in the default list)
 # With no argument it installs what is missing, builds, installs pgphi into a
 # private copy of PostgreSQL (see use_private_install) and runs all suites.
 set -uo pipefail
@@ -74,6 +76,62 @@ run_regress() {
         --schedule="$work/schedule")
     local status=$?
     [ $status -ne 0 ] && [ -f "$work/regression.diffs" ] && cat "$work/regression.diffs"
+    [ $status -eq 0 ] && rm -rf "$work"
+    return $status
+}
+
+run_valgrind() {
+    # The pg_regress suite against a server whose every process runs under
+    # valgrind memcheck. initdb runs natively (under valgrind it would take
+    # minutes); pg_ctl -p starts the server through a wrapper that execs
+    # valgrind on the real postgres, and pg_regress runs as installcheck.
+    # A memcheck error makes the process exit 128, which PostgreSQL treats
+    # as a crash; test/valgrind/check_logs.py then fails the run on any
+    # error, and on leaks pgphi allocated, in the per-process logs. (Leaks
+    # do not set the exit code: PostgreSQL leaves memory to process exit.)
+    # VALGRIND_OPTS adds options (for example --track-origins=yes).
+    local work status started
+    if ! command -v valgrind >/dev/null; then
+        echo "valgrind is not installed" >&2
+        return 1
+    fi
+    work=$(make_pg_workdir valgrind)
+    cp -r sql expected test/regress/* test/valgrind/* "$work"/
+    mkdir "$work/logs"
+    cat > "$work/postgres-valgrind" <<EOF
+#!/bin/sh
+exec valgrind --tool=memcheck --trace-children=yes --num-callers=40 --read-var-info=no \\
+    --suppressions="$work/pgphi.supp" --gen-suppressions=all \\
+    --error-markers=VALGRINDERROR-BEGIN,VALGRINDERROR-END --error-exitcode=128 \\
+    --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=none \\
+    --log-file="$work/logs/%p.log" "$PG_BIN/postgres" "\$@"
+EOF
+    chmod 755 "$work/postgres-valgrind"
+    [ "$(id -u)" = 0 ] && chown -R "$PG_USER" "$work"
+    as_pg_user "$PG_BIN/initdb" -D "$work/data" -A trust -U postgres --no-sync >/dev/null || return 1
+    {
+        cat "$work/pgphi.conf"
+        echo "listen_addresses = ''"
+        echo "unix_socket_directories = '$work'"
+        # A process that valgrind failed ends the run instead of a recovery.
+        echo "restart_after_crash = off"
+    } >> "$work/data/postgresql.conf"
+    started=$SECONDS
+    as_pg_user "$PG_BIN/pg_ctl" -D "$work/data" -p "$work/postgres-valgrind" -l "$work/server.log" \
+        -t 600 -w start >/dev/null || { cat "$work/server.log"; return 1; }
+    (cd "$work" && as_pg_user "$PG_REGRESS" --bindir="$PG_BIN" --inputdir="$work" --outputdir="$work" \
+        --host="$work" --port=5432 --schedule="$work/schedule")
+    status=$?
+    if ! as_pg_user "$PG_BIN/pg_ctl" -D "$work/data" -m fast -t 300 -w stop >/dev/null; then
+        as_pg_user "$PG_BIN/pg_ctl" -D "$work/data" -m immediate -t 60 -w stop >/dev/null
+        status=1
+    fi
+    echo "valgrind run: $((SECONDS - started)) s"
+    [ $status -ne 0 ] && [ -f "$work/regression.diffs" ] && cat "$work/regression.diffs"
+    # A process that valgrind made exit 128 shows up as a crash here.
+    grep -E "terminated by signal|exited with exit code 128" "$work/server.log" && status=1
+    /usr/bin/python3 "$work/check_logs.py" "$work/logs" || status=1
+    [ $status -ne 0 ] && echo "valgrind logs kept in $work/logs"
     [ $status -eq 0 ] && rm -rf "$work"
     return $status
 }
