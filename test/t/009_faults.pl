@@ -26,6 +26,8 @@ my $node = PgphiTest::new_node('faults');
 $node->append_conf('postgresql.conf', $emulator->postgres_settings . <<CONF);
 pgphi.provider_timeout = 3000
 pgphi.provider_max_retries = 1
+# The smallest shared cache, so that pending requests can fill it.
+pgphi.cache_size = 16
 # As in production (the test framework turns it off): a killed broker makes
 # the postmaster restart every process that shares memory with it.
 restart_after_crash = on
@@ -296,6 +298,61 @@ is(stuck_sessions(), '0', 'key manager faults: no backend is left running a stat
 $node->safe_psql('postgres', 'ALTER SYSTEM RESET pgphi.cache_ttl');
 $node->safe_psql('postgres', 'ALTER SYSTEM RESET pgphi.key_manager_grace');
 PgphiTest::reload_broker($node);
+
+# A session that cannot wait as long as the key manager takes gets a clear
+# error at pgphi.key_wait_timeout.
+$emulator->fault(mode => 'slow', target => 'kms', delay_ms => 1500);
+my $t0 = time;
+like(PgphiTest::psql_error($node, 'postgres',
+	q{SET pgphi.key_wait_timeout = 300; SELECT count(pgphi.decrypt_phi(v)) FROM broker_rows}, flush => 1),
+	qr/08006: pgphi key broker did not answer within 300 ms/, 'slow key manager: a session stops waiting at pgphi.key_wait_timeout');
+cmp_ok(time - $t0, '<', 1.4, '... without waiting for the key manager');
+sleep 2;    # the broker finishes the slow call
+$emulator->clear_faults;
+
+# More different DEKs requested at once than the shared cache has slots:
+# the request that finds every slot pending is refused (53000), the others
+# are served, and no session hangs.
+$node->safe_psql('postgres', 'CREATE TABLE many_keys (k int, v pgphi.encrypted)');
+for my $k (1 .. 18)
+{
+	$node->safe_psql('postgres', qq{SELECT pgphi.create_key('many_$k', provider => 'aws_kms', kek => '$kms_key');
+		INSERT INTO many_keys VALUES ($k, pgphi.encrypt_phi(format('phi-%s-0', $k), 'many_$k'))});
+}
+$node->safe_psql('postgres', 'SELECT pgphi.flush_cache()');
+$emulator->fault(mode => 'slow', target => 'kms', delay_ms => 800);
+my @many = map { start_script(qq{SET pgphi.key_wait_timeout = '60s';
+	SELECT pgphi.decrypt_phi(v) FROM many_keys WHERE k = $_;
+}, stop_on_error => 0) } 1 .. 18;
+finish_script($_) for @many;
+$emulator->clear_faults;
+my @many_errors = map { @{ errors_of($_) } } @many;
+ok(scalar(grep { /^53000: pgphi key cache is full of pending requests/ } @many_errors) >= 1,
+	'a cache full of pending requests refuses the next one (53000)');
+is(scalar(grep { !/^53000: / } @many_errors), 0, '... with no other error') or diag join("\n", @many_errors);
+ok(!grep({ $_->{timed_out} } @many), '... and no session hung');
+is($node->safe_psql('postgres', q{SELECT count(*) FILTER (WHERE pgphi.decrypt_phi(v) = format('phi-%s-0', k)) FROM many_keys}),
+	'18', '... and afterwards all eighteen keys decrypt');
+
+# A key manager answering nonsense (HTTP 200 with JSON of the wrong shape) is
+# a provider error (58000) naming what was wrong, never an internal error.
+$node->safe_psql('postgres', qq{SELECT pgphi.create_key('vault_key', provider => 'vault', kek => '$emulator->{vault_key}');
+	CREATE TABLE vault_rows AS SELECT pgphi.encrypt_phi(format('phi-%s-%s', 1, 1), 'vault_key') AS v});
+$emulator->fault(mode => 'malformed', target => 'kms');
+like(PgphiTest::psql_error($node, 'postgres', 'SELECT count(pgphi.decrypt_phi(v)) FROM broker_rows', flush => 1),
+	qr/58000: AWS KMS returned a response that is not a JSON object/, 'a malformed KMS answer: 58000');
+$emulator->fault(mode => 'malformed', target => 'vault');
+like(PgphiTest::psql_error($node, 'postgres', 'SELECT count(pgphi.decrypt_phi(v)) FROM vault_rows', flush => 1),
+	qr/58000: Vault decrypt response has no plaintext/, 'a malformed Vault answer: 58000');
+# And a disabled Transit key is said to be one (55000), as a disabled KMS key is.
+$emulator->clear_faults;
+$emulator->fault(mode => 'disable_key', target => 'vault', key => $emulator->{vault_key});
+like(PgphiTest::psql_error($node, 'postgres', 'SELECT count(pgphi.decrypt_phi(v)) FROM vault_rows', flush => 1),
+	qr/55000: the Transit key is not usable: .*disabled/, 'a disabled Transit key: 55000');
+$emulator->clear_faults;
+is($node->safe_psql('postgres', q{SELECT pgphi.flush_cache() >= 0;
+	SELECT count(*) = count(pgphi.decrypt_phi(v)) FROM broker_rows; SELECT pgphi.decrypt_phi(v) FROM vault_rows}),
+	"t\nt\nphi-1-1", '... and both decrypt again once the answers are right');
 
 ###########################################################################
 # 4. CALL pgphi.reencrypt stopped by statement_timeout, then by
