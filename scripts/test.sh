@@ -6,6 +6,8 @@
 #            FUZZ_SECONDS (15) per target
 #   regress  pg_regress on the SQL surface, in a temporary cluster
 #   tap      TAP tests (prove) with PostgreSQL::Test::Cluster
+#   catalogue the README's bad-input catalogue against the errors the regress
+#            and TAP runs logged, and against the SQLSTATEs the code can raise
 #   valgrind the regress suite with the server under valgrind memcheck; slow,
 #            so only on request (not in the default list)
 # With no argument it installs what is missing, builds, installs pgphi into a
@@ -15,7 +17,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 
 suites=("$@")
-[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap)
+[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap catalogue)
 
 scripts/install-deps.sh || exit 1
 make -s -j2 PG_CONFIG="$PG_CONFIG" || exit 1
@@ -62,6 +64,31 @@ run_fuzz() {
     return $status
 }
 
+# The server logs of a suite's run, kept in build/evidence/SUITE for the
+# bad-input catalogue check (they record each error with its SQLSTATE).
+keep_evidence() {
+    local suite=$1 logs=$2
+    rm -rf "build/evidence/$suite"
+    mkdir -p "build/evidence/$suite"
+    cp "$logs"/*.log "build/evidence/$suite"/ 2>/dev/null
+}
+
+run_catalogue() {
+    # Every row of the README's bad-input catalogue must have been produced
+    # by the regress or TAP suites (from their kept server logs), and every
+    # SQLSTATE pgphi can raise must be in the catalogue.
+    local src
+    for src in README.md src sql expected test; do
+        if [ -n "$(find "$src" -newer build/evidence/tap -type f -print -quit 2>/dev/null)" ] ||
+            [ -n "$(find "$src" -newer build/evidence/regress -type f -print -quit 2>/dev/null)" ]; then
+            echo "the kept server logs are older than $src: run scripts/test.sh regress tap catalogue" >&2
+            return 1
+        fi
+    done
+    /usr/bin/python3 test/catalogue/check_catalogue.py README.md build/evidence \
+        "$("$PG_CONFIG" --includedir-server)/utils/errcodes.h"
+}
+
 run_emulator() {
     # Debian's python3 (not a pyenv one on PATH): it has boto3, hvac and cryptography.
     /usr/bin/python3 test/emulator/check_emulator.py
@@ -75,6 +102,7 @@ run_regress() {
         --temp-instance="$work/tmp_check" --temp-config="$work/pgphi.conf" \
         --schedule="$work/schedule")
     local status=$?
+    keep_evidence regress "$work/log"
     [ $status -ne 0 ] && [ -f "$work/regression.diffs" ] && cat "$work/regression.diffs"
     [ $status -eq 0 ] && rm -rf "$work"
     return $status
@@ -147,6 +175,7 @@ run_tap() {
     (cd "$work" && as_pg_user env PATH="$PG_BIN:$PATH" PG_REGRESS="$PG_REGRESS" TESTDIR="$work" \
         PGPHI_TEST_DIR="$work/test" prove -I "$PERL_TEST_LIB" -I "$work/test/perl" test/t/*.pl)
     local status=$?
+    keep_evidence tap "$work/tmp_check/log"
     [ $status -ne 0 ] && echo "TAP logs kept in $work/tmp_check/log"
     [ $status -eq 0 ] && rm -rf "$work"
     return $status
