@@ -1,13 +1,13 @@
 # Faults while sessions work: an immediate shutdown during encryption-heavy
 # writes, the key broker terminated again and again and then killed, the key
-# manager flapping, slow and down, and a re-encryption stopped by a statement
-# timeout and by a cancel. After each: every committed value decrypts,
-# nothing is half-written, no session hangs, and the server log holds no
-# plaintext and no key bytes.
+# manager flapping, slow, down and answering nonsense, a shared cache full of
+# pending requests, and a re-encryption stopped by a statement timeout and by
+# a cancel. After each: every committed value decrypts, nothing is
+# half-written, no session hangs, and the server log holds no plaintext and
+# no key bytes.
 use strict;
 use warnings;
 
-use File::Temp qw(tempfile);
 use IPC::Run;
 use JSON::PP;
 use MIME::Base64;
@@ -40,7 +40,7 @@ $node->safe_psql('postgres', qq{
 });
 
 # Runs a psql script in the background. Each statement that should count as
-# acknowledged is followed by "\\echo acked N": psql prints it only once the
+# acknowledged is followed by \echo acked N: psql prints it only once the
 # server has answered, so an "acked" line means committed.
 my $script_no = 0;
 sub start_script
