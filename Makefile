@@ -6,6 +6,7 @@
 #   make install    install it into the PostgreSQL found by PG_CONFIG
 #   make demo       set up everything and run the clinical demo (scripts/demo.sh)
 #   make test       set up everything and run every test suite (scripts/test.sh)
+#   make test-valgrind  the regression suite with the server under valgrind
 #   make benchmark  the SQL benchmark against pgcrypto (benchmark/sql_benchmark.sh)
 #   make loadtest   pgbench load with rotation and re-encryption, 5 minutes (scripts/loadtest.sh)
 
@@ -28,7 +29,7 @@ SHLIB_LINK = -lcrypto -lcurl -lstdc++
 override with_llvm = no
 
 .DEFAULT_GOAL := all
-.PHONY: demo demo-stop test deps benchmark loadtest
+.PHONY: demo demo-stop test test-valgrind deps benchmark loadtest
 
 demo:
 	scripts/demo.sh
@@ -38,6 +39,9 @@ demo-stop:
 
 test:
 	scripts/test.sh
+
+test-valgrind:
+	scripts/test.sh valgrind
 
 deps:
 	scripts/install-deps.sh

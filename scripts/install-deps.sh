@@ -14,6 +14,7 @@ PACKAGES=(
     postgresql-contrib                  # pgcrypto, for the benchmarks against it
     libgtest-dev libbenchmark-dev       # GoogleTest and Google Benchmark
     clang libclang-rt-dev               # libFuzzer and sanitizers for the fuzz suite
+    valgrind                            # the regression suite under memcheck (on request)
     libipc-run-perl                     # TAP tests (PostgreSQL::Test::Cluster)
     python3 python3-cryptography        # the Vault / KMS emulator in test/emulator
     awscli python3-boto3 python3-hvac   # independent clients that check the emulator

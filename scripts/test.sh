@@ -2,10 +2,15 @@
 # Runs pgphi's test suites and exits non-zero if any test fails:
 #   unit     GoogleTest on the core (CTest)
 #   emulator the Vault / KMS emulator, checked by real clients (awscli, boto3, hvac)
-#   fuzz     libFuzzer on the ciphertext parser and decrypt path (both algorithms), for FUZZ_SECONDS (30)
+#   fuzz     libFuzzer on the ciphertext parser (both algorithms) and the key
+#            managers' answers, FUZZ_SECONDS (15) per target
 #   regress  pg_regress on the SQL surface, in a temporary cluster
 #   tap      TAP tests (prove) with PostgreSQL::Test::Cluster; TAP_TESTS picks
 #            files, e.g. TAP_TESTS=test/t/015_grants_and_audit.pl
+#   catalogue the README's bad-input catalogue against the errors the regress
+#            and TAP runs logged, and against the SQLSTATEs the code can raise
+#   valgrind the regress suite with the server under valgrind memcheck; slow,
+#            so only on request (not in the default list)
 # With no argument it installs what is missing, builds, installs pgphi into a
 # private copy of PostgreSQL (see use_private_install) and runs all suites.
 set -uo pipefail
@@ -13,7 +18,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 
 suites=("$@")
-[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap)
+[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap catalogue)
 
 scripts/install-deps.sh || exit 1
 make -s -j2 PG_CONFIG="$PG_CONFIG" || exit 1
@@ -30,20 +35,59 @@ run_unit() {
 }
 
 run_fuzz() {
-    # Built with clang's libFuzzer, AddressSanitizer and UBSan; new inputs go
-    # to a scratch corpus, the committed seeds stay as they are.
-    local out=build-fuzz corpus
-    mkdir -p "$out"
-    clang++ -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Isrc/core \
-        test/fuzz/ciphertext_fuzz.cpp src/core/ciphertext_format.cpp src/core/data_key.cpp src/core/aead.cpp \
-        src/core/kdf.cpp src/core/blind_index.cpp src/core/nonce.cpp src/core/secure_bytes.cpp -lcrypto -o "$out/ciphertext_fuzz" || return 1
-    corpus=$(mktemp -d)
-    # A crashing input is kept as build-fuzz/crash-*.
-    "$out/ciphertext_fuzz" -max_total_time="${FUZZ_SECONDS:-30}" -print_final_stats=1 -artifact_prefix="$out/" \
-        "$corpus" test/fuzz/corpus/ciphertext 2>&1 | grep -E "^(stat::number_of_executed_units|Done|==|SUMMARY)"
-    local status=${PIPESTATUS[0]}
-    rm -rf "$corpus"
+    # The targets in test/fuzz, built by CMake with clang's libFuzzer,
+    # AddressSanitizer and UBSan, each run for FUZZ_SECONDS (15) from its
+    # committed seed corpus (test/fuzz/corpus/<target>) and dictionary. New
+    # inputs go to a scratch corpus; a failing input is kept as
+    # build-fuzz/<target>-crash-*.
+    local seconds=${FUZZ_SECONDS:-15} status=0 target corpus dict log
+    CXX=clang++ cmake -S . -B build-fuzz -DPGPHI_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null &&
+        cmake --build build-fuzz -j2 >/dev/null || return 1
+    for target in ciphertext vault_response kms_response aws_credentials; do
+        corpus=$(mktemp -d)
+        dict=()
+        [ -f "test/fuzz/$target.dict" ] && dict=(-dict="test/fuzz/$target.dict")
+        log=$(mktemp)
+        "build-fuzz/${target}_fuzz" "${dict[@]}" -max_total_time="$seconds" -print_final_stats=1 \
+            -artifact_prefix="build-fuzz/$target-" "$corpus" "test/fuzz/corpus/$target" >"$log" 2>&1
+        local result=$?
+        # One line per target: inputs run and time, or the finding.
+        if [ $result -eq 0 ]; then
+            echo "$target: $(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}') inputs" \
+                "in $(grep -E '^Done ' "$log" | awk '{print $5}') s, no finding"
+        else
+            echo "$target: FINDING (exit $result)"
+            grep -E "^(fuzz finding|==|SUMMARY)|runtime error|Test unit written" "$log"
+            status=1
+        fi
+        rm -rf "$corpus" "$log"
+    done
     return $status
+}
+
+# The server logs of a suite's run, kept in build/evidence/SUITE for the
+# bad-input catalogue check (they record each error with its SQLSTATE).
+keep_evidence() {
+    local suite=$1 logs=$2
+    rm -rf "build/evidence/$suite"
+    mkdir -p "build/evidence/$suite"
+    cp "$logs"/*.log "build/evidence/$suite"/ 2>/dev/null
+}
+
+run_catalogue() {
+    # Every row of the README's bad-input catalogue must have been produced
+    # by the regress or TAP suites (from their kept server logs), and every
+    # SQLSTATE pgphi can raise must be in the catalogue.
+    local src
+    for src in README.md src sql expected test; do
+        if [ -n "$(find "$src" -newer build/evidence/tap -type f -print -quit 2>/dev/null)" ] ||
+            [ -n "$(find "$src" -newer build/evidence/regress -type f -print -quit 2>/dev/null)" ]; then
+            echo "the kept server logs are older than $src: run scripts/test.sh regress tap catalogue" >&2
+            return 1
+        fi
+    done
+    /usr/bin/python3 test/catalogue/check_catalogue.py README.md build/evidence \
+        "$("$PG_CONFIG" --includedir-server)/utils/errcodes.h"
 }
 
 run_emulator() {
@@ -59,7 +103,64 @@ run_regress() {
         --temp-instance="$work/tmp_check" --temp-config="$work/pgphi.conf" \
         --schedule="$work/schedule")
     local status=$?
+    keep_evidence regress "$work/log"
     [ $status -ne 0 ] && [ -f "$work/regression.diffs" ] && cat "$work/regression.diffs"
+    [ $status -eq 0 ] && rm -rf "$work"
+    return $status
+}
+
+run_valgrind() {
+    # The pg_regress suite against a server whose every process runs under
+    # valgrind memcheck. initdb runs natively (under valgrind it would take
+    # minutes); pg_ctl -p starts the server through a wrapper that execs
+    # valgrind on the real postgres, and pg_regress runs as installcheck.
+    # A memcheck error makes the process exit 128, which PostgreSQL treats
+    # as a crash; test/valgrind/check_logs.py then fails the run on any
+    # error, and on leaks pgphi allocated, in the per-process logs. (Leaks
+    # do not set the exit code: PostgreSQL leaves memory to process exit.)
+    # VALGRIND_OPTS adds options (for example --track-origins=yes).
+    local work status started
+    if ! command -v valgrind >/dev/null; then
+        echo "valgrind is not installed" >&2
+        return 1
+    fi
+    work=$(make_pg_workdir valgrind)
+    cp -r sql expected test/regress/* test/valgrind/* "$work"/
+    mkdir "$work/logs"
+    cat > "$work/postgres-valgrind" <<EOF
+#!/bin/sh
+exec valgrind --tool=memcheck --trace-children=yes --num-callers=40 --read-var-info=no \\
+    --suppressions="$work/pgphi.supp" --gen-suppressions=all \\
+    --error-markers=VALGRINDERROR-BEGIN,VALGRINDERROR-END --error-exitcode=128 \\
+    --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=none \\
+    --log-file="$work/logs/%p.log" "$PG_BIN/postgres" "\$@"
+EOF
+    chmod 755 "$work/postgres-valgrind"
+    [ "$(id -u)" = 0 ] && chown -R "$PG_USER" "$work"
+    as_pg_user "$PG_BIN/initdb" -D "$work/data" -A trust -U postgres --no-sync >/dev/null || return 1
+    {
+        cat "$work/pgphi.conf"
+        echo "listen_addresses = ''"
+        echo "unix_socket_directories = '$work'"
+        # A process that valgrind failed ends the run instead of a recovery.
+        echo "restart_after_crash = off"
+    } >> "$work/data/postgresql.conf"
+    started=$SECONDS
+    as_pg_user "$PG_BIN/pg_ctl" -D "$work/data" -p "$work/postgres-valgrind" -l "$work/server.log" \
+        -t 600 -w start >/dev/null || { cat "$work/server.log"; return 1; }
+    (cd "$work" && as_pg_user "$PG_REGRESS" --bindir="$PG_BIN" --inputdir="$work" --outputdir="$work" \
+        --host="$work" --port=5432 --schedule="$work/schedule")
+    status=$?
+    if ! as_pg_user "$PG_BIN/pg_ctl" -D "$work/data" -m fast -t 300 -w stop >/dev/null; then
+        as_pg_user "$PG_BIN/pg_ctl" -D "$work/data" -m immediate -t 60 -w stop >/dev/null
+        status=1
+    fi
+    echo "valgrind run: $((SECONDS - started)) s"
+    [ $status -ne 0 ] && [ -f "$work/regression.diffs" ] && cat "$work/regression.diffs"
+    # A process that valgrind made exit 128 shows up as a crash here.
+    grep -E "terminated by signal|exited with exit code 128" "$work/server.log" && status=1
+    /usr/bin/python3 "$work/check_logs.py" "$work/logs" || status=1
+    [ $status -ne 0 ] && echo "valgrind logs kept in $work/logs"
     [ $status -eq 0 ] && rm -rf "$work"
     return $status
 }
@@ -75,6 +176,7 @@ run_tap() {
     (cd "$work" && as_pg_user env PATH="$PG_BIN:$PATH" PG_REGRESS="$PG_REGRESS" TESTDIR="$work" \
         PGPHI_TEST_DIR="$work/test" prove -I "$PERL_TEST_LIB" -I "$work/test/perl" ${TAP_TESTS:-test/t/*.pl})
     local status=$?
+    keep_evidence tap "$work/tmp_check/log"
     [ $status -ne 0 ] && echo "TAP logs kept in $work/tmp_check/log"
     [ $status -eq 0 ] && rm -rf "$work"
     return $status

@@ -103,3 +103,38 @@ SELECT decrypt_phi(v) FROM doomed;
 \echo :LAST_ERROR_SQLSTATE
 ROLLBACK;
 SELECT decrypt_phi(v) FROM doomed;
+
+-- Overlong names: refused by create_key, and in a catalog row edited by hand.
+SELECT pgphi.create_key('long_kek_key', kek => repeat('k', 300));
+\echo :LAST_ERROR_SQLSTATE
+BEGIN;
+UPDATE pgphi.keys SET kek_ref = repeat('k', 300) WHERE key_id = 2;
+SELECT decrypt_phi(v) FROM names;
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
+
+-- Bad arguments to the batch procedures, each refused before any change.
+CREATE TABLE intake_forms (id int, notes text, card pgphi.encrypted,
+                           a_column_name_that_is_more_than_46_characters_long text);
+CALL pgphi.reencrypt('intake_forms', 'card', batch_size => 0);
+\echo :LAST_ERROR_SQLSTATE
+CALL pgphi.reencrypt('intake_forms', 'no_such_column');
+\echo :LAST_ERROR_SQLSTATE
+CALL pgphi.reencrypt('intake_forms', 'notes');
+\echo :LAST_ERROR_SQLSTATE
+CALL pgphi.protect_column('intake_forms', 'id', 'ssn_key');
+\echo :LAST_ERROR_SQLSTATE
+CALL pgphi.protect_column('intake_forms', 'a_column_name_that_is_more_than_46_characters_long', 'ssn_key');
+\echo :LAST_ERROR_SQLSTATE
+SELECT count(*) AS columns_after FROM pg_attribute WHERE attrelid = 'intake_forms'::regclass AND attnum > 0;
+
+-- Approving a destruction takes a key custodian, even for a role that was
+-- given EXECUTE on the function directly.
+CREATE ROLE not_a_custodian;
+GRANT EXECUTE ON FUNCTION pgphi.approve_destroy(text, integer) TO not_a_custodian;
+SET SESSION AUTHORIZATION not_a_custodian;
+SELECT pgphi.approve_destroy('ssn_key', 1);
+\echo :LAST_ERROR_SQLSTATE
+RESET SESSION AUTHORIZATION;
+REVOKE EXECUTE ON FUNCTION pgphi.approve_destroy(text, integer) FROM not_a_custodian;
+DROP ROLE not_a_custodian;

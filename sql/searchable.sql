@@ -252,3 +252,8 @@ SELECT extversion FROM pg_extension WHERE extname = 'pgphi';
 SELECT name, purpose FROM pgphi.keys;
 SELECT pgphi.decrypt_phi(v) FROM old_values;
 SELECT pgphi.decrypt_phi(pgphi.encrypt_phi('deterministic after the update', 'old_key', deterministic => true));
+
+-- A version that does not exist.
+SELECT pgphi.create_blind_index_key('late_index') > 0 AS created;
+SELECT pgphi.blind_index('1', 'late_index', 99);
+\echo :LAST_ERROR_SQLSTATE

@@ -23,6 +23,31 @@ struct AwsCredentialSettings {
     bool allow_http_loopback = false;
 };
 
+// The parsers behind the chain, callable without a file or a network (the
+// fuzz target test/fuzz/aws_credentials_fuzz.cpp uses them).
+namespace aws {
+
+// The named profile of a shared-credentials-style file; ConfigError naming
+// `path` when the profile lacks a key id or secret.
+sigv4::Credentials parse_credentials_file(const std::string& text, const std::string& profile,
+                                          const std::string& path);
+
+// The session token of an IMDSv2 PUT /latest/api/token answer, which goes
+// into a header of the next requests; ProviderError unless it is one word of
+// visible ASCII.
+std::string imds_session_token(const std::string& body);
+
+// The role name from the metadata service's security-credentials listing,
+// which goes into the next request's path: KeyManagerDenied when there is
+// none, ProviderError when it is not an IAM role name.
+std::string imds_role_name(const std::string& listing);
+
+// The role's credentials document; sets `expires_at` from its Expiration
+// (or a few minutes from `now` when it has none).
+sigv4::Credentials imds_credentials(const std::string& body, std::time_t now, std::time_t& expires_at);
+
+} // namespace aws
+
 class AwsCredentialChain {
 public:
     explicit AwsCredentialChain(AwsCredentialSettings settings);

@@ -1,6 +1,5 @@
 #include "http_client.hpp"
 
-#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -124,6 +123,11 @@ HttpResponse HttpClient::send(const HttpRequest& request)
 
     CurlHeaders headers;
     for (const auto& [name, value] : request.headers) {
+        // A line break in a value (a token file with two lines, a token from
+        // a key manager) would add headers of its own; the value is not shown.
+        if (value.find_first_of(std::string("\r\n\0", 3)) != std::string::npos)
+            throw Error(ErrorCode::ConfigError, "the " + name + " header for " + service_ + " contains a line break",
+                        {}, "Check the file the token or credentials come from.");
         std::string line = name + ": " + value;
         curl_slist* grown = curl_slist_append(headers.list, line.c_str());
         OPENSSL_cleanse(line.data(), line.size()); // may hold a token

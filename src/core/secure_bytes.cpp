@@ -52,4 +52,6 @@ SecureBytes SecureBytes::random(size_t size)
     return bytes;
 }
 
+WipeOnExit::~WipeOnExit() { OPENSSL_cleanse(text_.data(), text_.size()); }
+
 } // namespace pgphi

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 namespace pgphi {
 
@@ -35,6 +36,19 @@ public:
 private:
     std::unique_ptr<uint8_t[]> data_;
     size_t size_ = 0;
+};
+
+// Wipes a string that holds a secret (a token, a DEK's base64 text) when it
+// goes out of scope, also when an exception passes through.
+class WipeOnExit {
+public:
+    explicit WipeOnExit(std::string& text) : text_(text) {}
+    ~WipeOnExit();
+    WipeOnExit(const WipeOnExit&) = delete;
+    WipeOnExit& operator=(const WipeOnExit&) = delete;
+
+private:
+    std::string& text_;
 };
 
 } // namespace pgphi

@@ -6,6 +6,7 @@
 #include "encoding.hpp"
 #include "error.hpp"
 #include "secret_file.hpp"
+#include "vault_response.hpp"
 
 namespace pgphi {
 
@@ -15,23 +16,6 @@ namespace {
 
 void wipe(std::string& s) { OPENSSL_cleanse(s.data(), s.size()); }
 
-std::string first_error(const json& doc)
-{
-    if (doc.is_object() && doc.contains("errors") && doc["errors"].is_array() && !doc["errors"].empty() &&
-        doc["errors"][0].is_string())
-        return doc["errors"][0].get<std::string>();
-    return {};
-}
-
-// "vault:v3:..." -> "v3"
-std::string version_of(const std::string& ciphertext)
-{
-    if (ciphertext.rfind("vault:v", 0) != 0)
-        throw Error(ErrorCode::ProviderError, "Vault returned a ciphertext without a vault:vN: prefix");
-    size_t end = ciphertext.find(':', 6);
-    return ciphertext.substr(6, end == std::string::npos ? std::string::npos : end - 6);
-}
-
 std::string wrapped_text(ByteView wrapped)
 {
     std::string text(reinterpret_cast<const char*>(wrapped.data), wrapped.size);
@@ -39,15 +23,6 @@ std::string wrapped_text(ByteView wrapped)
         throw Error(ErrorCode::WrappedDekInvalid, "wrapped DEK is not a Vault Transit ciphertext",
                     "The key catalog entry may have been created by another provider or damaged.");
     return text;
-}
-
-WrappedDek wrapped_from(const json& response)
-{
-    const json& data = response.value("data", json::object());
-    if (!data.contains("ciphertext") || !data["ciphertext"].is_string())
-        throw Error(ErrorCode::ProviderError, "Vault response has no ciphertext");
-    std::string ciphertext = data["ciphertext"].get<std::string>();
-    return WrappedDek{std::vector<uint8_t>(ciphertext.begin(), ciphertext.end()), version_of(ciphertext)};
 }
 
 } // namespace
@@ -105,9 +80,7 @@ long VaultKeyProvider::exchange(Method method, const std::string& path, const js
         request.body = body->dump();
     }
     HttpResponse response = http_.send(request);
-    out = response.body.empty() ? json::object() : json::parse(response.body, nullptr, false);
-    if (out.is_discarded())
-        out = json::object();
+    out = vault::parse_body(response.body);
     return response.status;
 }
 
@@ -125,21 +98,17 @@ void VaultKeyProvider::login(std::time_t now)
     long status = exchange(Method::Post, "auth/" + settings_.approle_mount + "/login", &credentials, nullptr, response);
     wipe(credentials["secret_id"].get_ref<std::string&>());
     if (status != 200 || !response.contains("auth") || !response["auth"].is_object()) {
+        std::string reason = vault::first_error(response);
         std::string text = "Vault AppRole login failed (HTTP " + std::to_string(status) + ")" +
-                           (first_error(response).empty() ? "" : ": " + first_error(response));
+                           (reason.empty() ? "" : ": " + reason);
         // A sealed, overloaded or failing Vault is unavailable, not a denial.
         throw Error(status == 429 || status >= 500 ? ErrorCode::KeyManagerUnavailable : ErrorCode::KeyManagerDenied,
                     text);
     }
-    json& auth = response["auth"];
-    token_ = auth.value("client_token", "");
-    if (auth.contains("client_token") && auth["client_token"].is_string())
-        wipe(auth["client_token"].get_ref<std::string&>());
-    token_ttl_ = auth.value("lease_duration", 0L);
-    token_renewable_ = auth.value("renewable", false);
+    vault::TokenLease lease = vault::login_lease(response, token_);
+    token_ttl_ = lease.ttl_seconds;
+    token_renewable_ = lease.renewable;
     token_obtained_ = now;
-    if (token_.empty())
-        throw Error(ErrorCode::KeyManagerDenied, "Vault AppRole login returned no token");
 }
 
 bool VaultKeyProvider::renew(std::time_t now)
@@ -147,10 +116,11 @@ bool VaultKeyProvider::renew(std::time_t now)
     json response;
     json body = json::object();
     long status = exchange(Method::Post, "auth/token/renew-self", &body, &token_, response);
-    if (status != 200 || !response.contains("auth"))
+    vault::TokenLease lease{token_ttl_, token_renewable_};
+    if (status != 200 || !vault::renewed_lease(response, lease))
         return false;
-    token_ttl_ = response["auth"].value("lease_duration", token_ttl_);
-    token_renewable_ = response["auth"].value("renewable", false);
+    token_ttl_ = lease.ttl_seconds;
+    token_renewable_ = lease.renewable;
     token_obtained_ = now;
     return true;
 }
@@ -189,7 +159,7 @@ json VaultKeyProvider::call(Method method, const std::string& path, const json& 
         if (status >= 200 && status < 300)
             return true;
 
-        std::string reason = first_error(result);
+        std::string reason = vault::first_error(result);
         std::string text = "Vault " + path + " returned HTTP " + std::to_string(status) +
                            (reason.empty() ? "" : ": " + reason);
         if (status == 403) {
@@ -227,7 +197,7 @@ GeneratedDek VaultKeyProvider::generate_dek(const std::string& kek_ref, const De
     check_key_name(kek_ref);
     json response = call(Method::Post, settings_.mount + "/datakey/wrapped/" + kek_ref, {{"bits", 256}});
     GeneratedDek generated;
-    generated.wrapped = wrapped_from(response);
+    generated.wrapped = vault::wrapped_dek(response);
     return generated;
 }
 
@@ -237,37 +207,28 @@ WrappedDek VaultKeyProvider::wrap(const std::string& kek_ref, const SecureBytes&
     json request = {{"plaintext", base64_encode(ByteView(dek.data(), dek.size()))}};
     json response = call(Method::Post, settings_.mount + "/encrypt/" + kek_ref, request);
     wipe(request["plaintext"].get_ref<std::string&>());
-    return wrapped_from(response);
+    return vault::wrapped_dek(response);
 }
 
 SecureBytes VaultKeyProvider::unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding&)
 {
     check_key_name(kek_ref);
     json response = call(Method::Post, settings_.mount + "/decrypt/" + kek_ref, {{"ciphertext", wrapped_text(wrapped)}});
-    json& data = response["data"];
-    if (!data.is_object() || !data.contains("plaintext") || !data["plaintext"].is_string())
-        throw Error(ErrorCode::ProviderError, "Vault decrypt response has no plaintext");
-    auto& plaintext = data["plaintext"].get_ref<std::string&>();
-    SecureBytes dek = base64_decode(plaintext);
-    wipe(plaintext);
-    if (dek.size() != kDekSize)
-        throw Error(ErrorCode::WrappedDekInvalid, "Vault unwrapped a DEK of the wrong size");
-    return dek;
+    return vault::unwrapped_dek(response);
 }
 
 WrappedDek VaultKeyProvider::rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding&)
 {
     check_key_name(kek_ref);
     json response = call(Method::Post, settings_.mount + "/rewrap/" + kek_ref, {{"ciphertext", wrapped_text(wrapped)}});
-    return wrapped_from(response);
+    return vault::wrapped_dek(response);
 }
 
 KekDescription VaultKeyProvider::describe(const std::string& kek_ref)
 {
     check_key_name(kek_ref);
     json response = call(Method::Get, settings_.mount + "/keys/" + kek_ref, json::object());
-    const json& data = response.value("data", json::object());
-    return KekDescription{name(), kek_ref, "v" + std::to_string(data.value("latest_version", 0))};
+    return KekDescription{name(), kek_ref, vault::latest_version(response)};
 }
 
 } // namespace pgphi

@@ -450,7 +450,11 @@ void pgphi_broker_main(Datum)
     ereport(LOG, (errmsg("pgphi key broker started")));
 
     for (;;) {
-        (void)WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1000, PG_WAIT_EXTENSION);
+        // Keys in use are refreshed in the last quarter of their TTL: wake at
+        // least twice within it, or a short TTL (under 4 s) lets them expire
+        // unrefreshed, and an outage then fails sessions inside the grace period.
+        long wake_ms = std::min<long>(1000, std::max<long>(50, cache_ttl_s * 1000L / 8));
+        (void)WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, wake_ms, PG_WAIT_EXTENSION);
         ResetLatch(MyLatch);
         CHECK_FOR_INTERRUPTS();
         if (ConfigReloadPending) {

@@ -143,12 +143,16 @@ class DropConnection(Exception):
     """Raised by the "drop" fault: close the TCP connection without answering."""
 
 
+class MalformedAnswer(Exception):
+    """Raised by the "malformed" fault: answer 200 with JSON of the wrong shape."""
+
+
 # --------------------------------------------------------------------------
 # Fault injection and statistics (driven by the control API)
 # --------------------------------------------------------------------------
 
 FAULT_MODES = ("none", "deny", "disable_key", "throttle", "internal_error", "slow", "drop",
-               "expire_tokens")
+               "malformed", "expire_tokens")
 FAULT_TARGETS = ("kms", "vault", "all")
 
 
@@ -278,6 +282,8 @@ def inject_fault(fault: Fault, stats: Stats, make_error: Callable[[str], Excepti
         return
     if fault.mode == "drop":
         raise DropConnection()
+    if fault.mode == "malformed":
+        raise MalformedAnswer()
     raise make_error(fault.mode)
 
 
@@ -1865,6 +1871,10 @@ class EmulatorRequestHandler(BaseHTTPRequestHandler):
             LOG.info("%s dropped the connection (fault)", self.client_address[0])
             self._drop_connection()
             return
+        except MalformedAnswer:
+            # A key manager (or a proxy in front of it) answering nonsense.
+            response = json_response(200, ["not", "an", "answer"],
+                                     label=f"{self.command} {self.path} (malformed)")
         except Exception:                       # a bug here must not look like a network fault
             LOG.exception("unhandled error serving %s %s", self.command, self.path)
             response = json_response(500, {"errors": ["emulator internal error"]},

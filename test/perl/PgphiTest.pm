@@ -7,6 +7,13 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 
+# Logs the SQLSTATE of every error (%e), where the bad-input catalogue check
+# (test/catalogue) finds what the tests produced. Every test node uses it.
+sub log_settings
+{
+	return "log_line_prefix = '%m [%p] %e %q%a '\n";
+}
+
 # A started cluster with pgphi preloaded. Statement logging is off, as in
 # production, so tests can check that pgphi itself writes no secret to the log.
 sub new_node
@@ -14,7 +21,7 @@ sub new_node
 	my ($name, %params) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
 	$node->init(%params);
-	$node->append_conf('postgresql.conf', <<'CONF');
+	$node->append_conf('postgresql.conf', log_settings() . <<'CONF');
 shared_preload_libraries = 'pgphi'
 log_statement = none
 CONF

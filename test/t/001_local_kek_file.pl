@@ -12,6 +12,7 @@ use PgphiTest;
 # pgphi refuses to work unless preloaded.
 my $plain = PostgreSQL::Test::Cluster->new('not_preloaded');
 $plain->init;
+$plain->append_conf('postgresql.conf', PgphiTest::log_settings());
 $plain->start;
 my $err = PgphiTest::psql_error($plain, 'postgres', 'CREATE EXTENSION pgphi');
 like($err, qr/55000: pgphi must be loaded via shared_preload_libraries/,
@@ -31,6 +32,13 @@ $node->safe_psql('squatted', 'SET ROLE schema_squatter; CREATE SCHEMA pgphi;');
 like(PgphiTest::psql_error($node, 'squatted', 'CREATE EXTENSION pgphi'),
 	qr/42501: schema pgphi exists and is not owned by a superuser/,
 	'CREATE EXTENSION refuses a pgphi schema owned by an ordinary user');
+
+# Nor is a role of pgphi's that someone made able to log in.
+$node->safe_psql('postgres', 'CREATE ROLE pgphi_decrypt LOGIN; CREATE DATABASE role_squatted');
+like(PgphiTest::psql_error($node, 'role_squatted', 'CREATE EXTENSION pgphi'),
+	qr/42710: role pgphi_decrypt exists and can log in/,
+	'CREATE EXTENSION refuses a pgphi role that can log in');
+$node->safe_psql('postgres', 'DROP ROLE pgphi_decrypt; DROP DATABASE role_squatted');
 
 $node->safe_psql('postgres', q{
 	CREATE EXTENSION pgphi;
@@ -111,6 +119,16 @@ unlink $bad;
 $err = PgphiTest::psql_error($node, 'postgres', "SELECT pgphi.create_key('second_key')");
 like($err, qr/58P01: local KEK file "bad.kek" does not exist/, 'create_key does not replace a lost KEK');
 ok(!-e $bad, '... and creates no KEK file');
+
+# A KEK file that cannot be created (its directory is missing): the first
+# local key of a database fails with 58030 and nothing is half-created.
+$node->safe_psql('postgres', 'CREATE DATABASE fresh');
+$node->safe_psql('fresh', 'CREATE EXTENSION pgphi');
+use_kek_file('no_such_dir/new.kek');
+$err = PgphiTest::psql_error($node, 'fresh', "SELECT pgphi.create_key('first_key')");
+like($err, qr/58030: could not create local KEK file "no_such_dir\/new.kek[^"]*": No such file or directory/,
+	'a KEK file that cannot be created: 58030');
+is($node->safe_psql('fresh', 'SELECT count(*) FROM pgphi.keys'), '0', '... and no key is half-created');
 
 # Back to the real KEK: nothing was lost, also across a restart.
 $node->safe_psql('postgres', 'ALTER SYSTEM RESET pgphi.local_kek_file');

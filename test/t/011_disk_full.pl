@@ -24,18 +24,20 @@ my $kek_dir = $node->basedir . '/kek';
 mkdir $kek_dir, 0700 or die "mkdir $kek_dir: $!";
 my $kek = "$kek_dir/pgphi.kek";
 # The log goes through the logging collector's pipe: a process under a
-# file-size limit could not append to a log file it writes itself.
+# file-size limit could not append to a log file it writes itself. It is
+# written beside the other TAP logs, where the catalogue check reads them.
+my $log_dir = $PostgreSQL::Test::Utils::log_path;
 $node->append_conf('postgresql.conf', <<CONF);
 logging_collector = on
-log_directory = 'log'
-log_filename = 'server.log'
+log_directory = '$log_dir'
+log_filename = '011_disk_full_collected.log'
 log_rotation_age = 0
 log_rotation_size = 0
 shared_buffers = '64MB'
 pgphi.local_kek_file = '$kek'
 CONF
 $node->restart;
-my $log_file = $node->data_dir . '/log/server.log';
+my $log_file = "$log_dir/011_disk_full_collected.log";
 
 sub server_log { return -e $log_file ? slurp_file($log_file) : ''; }
 
