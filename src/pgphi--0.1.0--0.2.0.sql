@@ -339,17 +339,19 @@ $$;
 CREATE FUNCTION pgphi.has_key_privilege(role regrole, key_name text, privilege text) RETURNS boolean
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
 BEGIN
     IF privilege NOT IN ('encrypt', 'decrypt') THEN
         RAISE EXCEPTION 'unknown pgphi key privilege "%"', privilege
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
     END IF;
-    IF pgphi._key_id(key_name) IS NULL THEN
+    IF target_id IS NULL THEN
         RAISE EXCEPTION 'pgphi key "%" does not exist', key_name USING ERRCODE = 'undefined_object';
     END IF;
     RETURN (SELECT rolsuper FROM pg_roles WHERE oid = role)
         OR EXISTS (SELECT FROM pgphi.key_grants g
-                    WHERE g.key_id = pgphi._key_id(key_name) AND g.privilege = has_key_privilege.privilege
+                    WHERE g.key_id = target_id AND g.privilege = has_key_privilege.privilege
                       AND pg_has_role(role, g.grantee::oid, 'USAGE'));
 END
 $$;

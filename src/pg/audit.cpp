@@ -135,18 +135,29 @@ void add_counts(VolumeEntry& entry, const PendingUse& use)
             entry.counts[i].fetch_add(use.counts[i], std::memory_order_relaxed);
 }
 
+bool has_counts(const PendingUse& use) { return use.counts[0] != 0 || use.counts[1] != 0; }
+
 // Adds this backend's counts to shared memory. Runs at the end of every
-// transaction that counted something, also while aborting, so it must not
-// raise an error.
+// transaction, also while aborting, so it must not raise an error; one that
+// counted nothing takes no lock. Entries are kept (with their slots) for the
+// next transaction and forgotten only when the table of pending uses is full.
 void flush_pending_uses()
 {
-    if (g_pending_count == 0 || !g_audit || !OidIsValid(MyDatabaseId))
+    if (!g_audit || !OidIsValid(MyDatabaseId))
         return;
+    bool any = false;
+    for (int i = 0; i < g_pending_count && !any; ++i)
+        any = has_counts(g_pending[i]);
+    if (!any)
+        return;
+
     TimestampTz window = current_window(GetCurrentTimestamp());
     bool need_search = false;
     LWLockAcquire(g_audit->lock, LW_SHARED);
     for (int i = 0; i < g_pending_count; ++i) {
         PendingUse& use = g_pending[i];
+        if (!has_counts(use))
+            continue;
         if (use.slot >= 0 && use.slot_window == window && entry_matches(g_audit->volume[use.slot], use, window)) {
             add_counts(g_audit->volume[use.slot], use);
             use.counts[0] = use.counts[1] = 0;
@@ -155,32 +166,28 @@ void flush_pending_uses()
         }
     }
     LWLockRelease(g_audit->lock);
+    if (!need_search)
+        return;
 
-    if (need_search) {
-        uint64_t dropped = 0;
-        LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
-        for (int i = 0; i < g_pending_count; ++i) {
-            PendingUse& use = g_pending[i];
-            if (use.counts[0] == 0 && use.counts[1] == 0)
-                continue;
-            int slot = find_volume_slot(use, window);
-            if (slot >= 0)
-                add_counts(g_audit->volume[slot], use);
-            else
-                dropped += use.counts[0] + use.counts[1];
-            use.slot = slot;
-            use.slot_window = window;
-        }
-        LWLockRelease(g_audit->lock);
-        if (dropped) {
-            // Only if writers cannot keep up (or no database takes them).
-            g_audit->dropped_counts.fetch_add(dropped);
-        }
+    uint64_t dropped = 0;
+    LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+    for (int i = 0; i < g_pending_count; ++i) {
+        PendingUse& use = g_pending[i];
+        if (!has_counts(use))
+            continue;
+        int slot = find_volume_slot(use, window);
+        if (slot >= 0)
+            add_counts(g_audit->volume[slot], use);
+        else
+            dropped += use.counts[0] + use.counts[1];
+        use.counts[0] = use.counts[1] = 0;
+        use.slot = slot;
+        use.slot_window = window;
     }
-    // Entries are kept (with their slots) for the next transaction; they are
-    // only forgotten when the table of pending uses is full.
-    for (int i = 0; i < g_pending_count; ++i)
-        g_pending[i].counts[0] = g_pending[i].counts[1] = 0;
+    LWLockRelease(g_audit->lock);
+    // Only if writers cannot keep up (or no database takes them).
+    if (dropped)
+        g_audit->dropped_counts.fetch_add(dropped);
 }
 
 void flush_at_xact_end(XactEvent event, void*)
