@@ -45,7 +45,8 @@ for my $file (glob "$extension_dir/pgphi--*.sql")
 
 my $default_version = $node->safe_psql('postgres',
 	q{SELECT default_version FROM pg_available_extensions WHERE name = 'pgphi'});
-is($default_version, '0.2.0', 'the version in progress is 0.2.0');
+ok(!exists $released_versions{$default_version} && !exists $released{"pgphi--$default_version.sql"},
+	"the version in progress, $default_version, is not a released one");
 
 # Every released version installs (its install script is listed) and updates.
 my @install_versions = sort map { /^pgphi--([0-9.]+)\.sql$/ ? $1 : () } keys %released;
@@ -169,12 +170,15 @@ for my $from (@install_versions)
 	# 0.2.0 adds per-key grants: existing keys keep 0.1.0's behaviour as
 	# audited grants to the two roles; a key created now starts with none.
 	$node->safe_psql($db, 'GRANT USAGE ON SCHEMA app TO legacy_reader; GRANT SELECT ON app.patients TO legacy_reader');
-	is($node->safe_psql($db, q{SET ROLE legacy_reader; SELECT count(pgphi.decrypt_phi(ssn, 'ssn_key', mrn)) FROM app.patients}),
-		'1000', "$from: a pgphi_decrypt member still decrypts the existing keys");
-	like($node->safe_psql($db, q{SELECT string_agg(format('%s %s %s', action, key_name, detail), ',' ORDER BY key_name, action)
-	                               FROM pgphi.audit_log}),
-		qr/^grant_decrypt notes_key to pgphi_decrypt,grant_encrypt notes_key to pgphi_encrypt,grant_decrypt ssn_key to pgphi_decrypt,grant_encrypt ssn_key to pgphi_encrypt$/,
-		"$from: those grants are the audit log's first entries");
+	if ($from eq '0.1.0')
+	{
+		is($node->safe_psql($db, q{SET ROLE legacy_reader; SELECT count(pgphi.decrypt_phi(ssn, 'ssn_key', mrn)) FROM app.patients}),
+			'1000', "$from: a pgphi_decrypt member still decrypts the existing keys");
+		like($node->safe_psql($db, q{SELECT string_agg(format('%s %s %s', action, key_name, detail), ',' ORDER BY key_name, action)
+		                               FROM pgphi.audit_log}),
+			qr/^grant_decrypt notes_key to pgphi_decrypt,grant_encrypt notes_key to pgphi_encrypt,grant_decrypt ssn_key to pgphi_decrypt,grant_encrypt ssn_key to pgphi_encrypt$/,
+			"$from: those grants are the audit log's first entries");
+	}
 	$node->safe_psql($db, q{
 		SELECT pgphi.create_key('new_key');
 		CREATE TABLE app.fresh AS SELECT pgphi.encrypt_phi('x', 'new_key') AS v;
