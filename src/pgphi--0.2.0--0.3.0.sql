@@ -60,3 +60,12 @@
 ------------------------------------------------------------------------------
 
 -- (end of section: broker)
+
+
+
+------------------------------------------------------------------------------
+-- Last: every table of pgphi's catalog gets the audit triggers, including the
+-- tables the sections above add.
+------------------------------------------------------------------------------
+
+-- (end of section: audit triggers on every table)
