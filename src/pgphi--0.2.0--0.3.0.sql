@@ -175,10 +175,13 @@ BEGIN
     END IF;
     SELECT g INTO via FROM unnest(ARRAY['pgphi_key_custodian', 'pgphi_key_auditor']) g
      WHERE pg_has_role(g, grantee::oid, 'MEMBER');
-    IF via IS NOT NULL THEN
+    IF via = grantee::text THEN
         RAISE EXCEPTION 'pgphi keys cannot be granted to %', grantee
             USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = CASE WHEN grantee::text <> via THEN format('%s is a member of %s.', via, grantee) END,
+                  HINT = 'Grant keys to the roles of the people or applications that use them.';
+    ELSIF via IS NOT NULL THEN
+        RAISE EXCEPTION 'pgphi keys cannot be granted to %', grantee
+            USING ERRCODE = 'insufficient_privilege', DETAIL = format('%s is a member of %s.', via, grantee),
                   HINT = 'Grant keys to the roles of the people or applications that use them.';
     END IF;
 END
