@@ -144,13 +144,19 @@ SELECT count(*) AS all_protected FROM admissions
 SELECT count(*) AS triggers_left FROM pg_trigger WHERE tgrelid = 'admissions'::regclass;
 
 -- A key custodian who owns a table re-encrypts it without any right on the
--- key catalog.
+-- key catalog, once another custodian (here a superuser) granted it both
+-- decrypt and encrypt on the key: re-encrypting opens every value.
 CREATE ROLE owner_custodian LOGIN;
 GRANT pgphi_key_custodian TO owner_custodian;
 CREATE TABLE custodian_t (id int, v pgphi.encrypted);
 INSERT INTO custodian_t SELECT i, encrypt_phi('c' || i, 'ssn_key') FROM generate_series(1, 50) i;
 ALTER TABLE custodian_t OWNER TO owner_custodian;
 SELECT pgphi.rotate_key('ssn_key') > 1 AS rotated;
+SET SESSION AUTHORIZATION owner_custodian;
+CALL pgphi.reencrypt('custodian_t', 'v');
+\echo :LAST_ERROR_SQLSTATE
+RESET SESSION AUTHORIZATION;
+SELECT pgphi.grant_decrypt('ssn_key', 'owner_custodian'), pgphi.grant_encrypt('ssn_key', 'owner_custodian');
 SET SESSION AUTHORIZATION owner_custodian;
 CALL pgphi.reencrypt('custodian_t', 'v');
 RESET SESSION AUTHORIZATION;

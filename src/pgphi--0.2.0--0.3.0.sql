@@ -43,6 +43,458 @@
 -- Least privilege, and retirement that nobody can block.
 ------------------------------------------------------------------------------
 
+-- What each kind of role may do is in README.md ("Access control"); the
+-- generated matrix in test/t/020_privileges_matrix.pl holds every routine
+-- and relation of the extension to it.
+
+-- 1. PUBLIC gets nothing that touches keys. Routines created without an
+--    explicit REVOKE (reencrypt_value, the batch procedures, the catalog
+--    helpers, and any a section above adds) were executable by PUBLIC: take
+--    every routine away from PUBLIC, then give back only what reads neither a
+--    key nor the key catalog (the type's support functions, and the header
+--    reader ciphertext_info).
+REVOKE ALL ON ALL ROUTINES IN SCHEMA pgphi FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    pgphi.encrypted_in(cstring), pgphi.encrypted_out(pgphi.encrypted), pgphi.encrypted_recv(internal),
+    pgphi.encrypted_send(pgphi.encrypted), pgphi.encrypted(bytea), pgphi.encrypted_analyze(internal),
+    pgphi.encrypted_eq(pgphi.encrypted, pgphi.encrypted), pgphi.encrypted_ne(pgphi.encrypted, pgphi.encrypted),
+    pgphi.encrypted_lt(pgphi.encrypted, pgphi.encrypted), pgphi.encrypted_le(pgphi.encrypted, pgphi.encrypted),
+    pgphi.encrypted_gt(pgphi.encrypted, pgphi.encrypted), pgphi.encrypted_ge(pgphi.encrypted, pgphi.encrypted),
+    pgphi.encrypted_cmp(pgphi.encrypted, pgphi.encrypted), pgphi.encrypted_hash(pgphi.encrypted),
+    pgphi.encrypted_hash_extended(pgphi.encrypted, bigint),
+    pgphi.ciphertext_info(bytea), pgphi.ciphertext_info(pgphi.encrypted)
+    TO PUBLIC;
+-- create_decrypted_view tells whether the view's reader holds the key (it
+-- calls has_key_privilege), so it is for the roles that may ask.
+GRANT EXECUTE ON FUNCTION pgphi.create_decrypted_view(regclass, text, regrole, name[], text, name)
+    TO pgphi_key_custodian, pgphi_encrypt, pgphi_decrypt;
+
+-- The batch procedures and their helpers: for the roles that run them. Each
+-- value they touch still passes the key grants (reencrypt_value checks
+-- decrypt and encrypt on the key, encrypt_phi and blind_index encrypt,
+-- decrypt_phi decrypt).
+GRANT EXECUTE ON PROCEDURE pgphi.reencrypt(regclass, name, integer, name, text)
+    TO pgphi_key_custodian, pgphi_encrypt;
+GRANT EXECUTE ON PROCEDURE pgphi.protect_column(regclass, name, text, integer, name),
+    pgphi.rebuild_blind_index(regclass, name, name, text, integer, name) TO pgphi_encrypt;
+GRANT EXECUTE ON FUNCTION pgphi._column_type(regclass, name), pgphi._page_batches(regclass, integer),
+    pgphi._key_version_of(bytea, integer), pgphi._blind_index_version_of(bytea, integer)
+    TO pgphi_key_custodian, pgphi_encrypt;
+
+-- 2. Who may ask whether a role holds a key: key custodians, auditors and
+--    superusers about any role; other members of pgphi's roles only about
+--    roles whose privileges they have (themselves, their groups). Nobody
+--    else, so a key's grantees cannot be enumerated.
+CREATE OR REPLACE FUNCTION pgphi.has_key_privilege(role regrole, key_name text, privilege text) RETURNS boolean
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer;
+    asker text := pgphi._acting_role();
+BEGIN
+    IF NOT (pg_has_role(session_user, 'pgphi_key_custodian', 'MEMBER')
+            OR pg_has_role(session_user, 'pgphi_key_auditor', 'MEMBER')
+            OR (has_key_privilege.role IS NOT NULL
+                AND EXISTS (SELECT FROM pg_roles r WHERE r.oid = has_key_privilege.role::oid)
+                AND pg_has_role(asker, has_key_privilege.role::oid, 'USAGE'))) THEN
+        RAISE EXCEPTION 'only key custodians and auditors can ask about the pgphi key grants of other roles'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Other roles may ask about themselves and the roles whose privileges they have.';
+    END IF;
+    IF privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege "%"', privilege
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    target_id := pgphi._key_id(key_name);
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    RETURN (SELECT rolsuper FROM pg_roles WHERE oid = role)
+        OR EXISTS (SELECT FROM pgphi.key_grants g
+                    WHERE g.key_id = target_id AND g.privilege = has_key_privilege.privilege
+                      AND pg_has_role(role, g.grantee::oid, 'USAGE'));
+END
+$$;
+REVOKE ALL ON FUNCTION pgphi.has_key_privilege(regrole, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.has_key_privilege(regrole, text, text)
+    TO pgphi_encrypt, pgphi_decrypt, pgphi_key_custodian, pgphi_key_auditor;
+
+-- 3. Group-wide grants need a second custodian. A grant reaches a group
+--    when it goes to pgphi_encrypt or pgphi_decrypt, to a role one of them is
+--    a member of, or to a role with more than ten member roles (direct or
+--    indirect, superusers not counted): one custodian records an approval,
+--    another makes the grant within a day. PUBLIC (OID 0) and OIDs that are
+--    no role are refused outright.
+CREATE TABLE pgphi.grant_approvals (
+    key_id      integer NOT NULL REFERENCES pgphi.keys,
+    privilege   text NOT NULL CHECK (privilege IN ('encrypt', 'decrypt')),
+    grantee     regrole NOT NULL,
+    approved_by name NOT NULL,
+    approved_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (key_id, privilege, grantee, approved_by)
+);
+
+-- Why a grant to `grantee` would reach a group, or NULL if it would not.
+CREATE FUNCTION pgphi._group_grant_reason(grantee regrole) RETURNS text
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN grantee::oid IN ('pgphi_encrypt'::regrole::oid, 'pgphi_decrypt'::regrole::oid)
+            THEN format('%s is one of pgphi''s group roles', grantee)
+        WHEN pg_has_role('pgphi_encrypt', grantee::oid, 'MEMBER')
+            THEN format('pgphi_encrypt is a member of %s', grantee)
+        WHEN pg_has_role('pgphi_decrypt', grantee::oid, 'MEMBER')
+            THEN format('pgphi_decrypt is a member of %s', grantee)
+        WHEN m.members > 10
+            THEN format('%s has %s member roles (more than 10)', grantee, m.members)
+        END
+      FROM (SELECT count(*) AS members FROM pg_roles r
+             WHERE r.oid <> grantee::oid AND NOT r.rolsuper AND pg_has_role(r.oid, grantee::oid, 'MEMBER')) m
+$$;
+
+-- Refuses grantees no key may go to: PUBLIC, OIDs that are no role, and
+-- (separation of duties) the custodian and auditor groups and roles they
+-- are members of.
+CREATE FUNCTION pgphi._check_grantee(grantee regrole) RETURNS void
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    via text;
+BEGIN
+    IF grantee IS NULL THEN
+        RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF grantee::oid = 0 THEN
+        RAISE EXCEPTION 'pgphi keys cannot be granted to PUBLIC'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Grant keys to the roles of the people or applications that use them.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles r WHERE r.oid = grantee::oid) THEN
+        RAISE EXCEPTION 'role with OID % does not exist', grantee::oid USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT g INTO via FROM unnest(ARRAY['pgphi_key_custodian', 'pgphi_key_auditor']) g
+     WHERE pg_has_role(g, grantee::oid, 'MEMBER');
+    IF via = grantee::text THEN
+        RAISE EXCEPTION 'pgphi keys cannot be granted to %', grantee
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Grant keys to the roles of the people or applications that use them.';
+    ELSIF via IS NOT NULL THEN
+        RAISE EXCEPTION 'pgphi keys cannot be granted to %', grantee
+            USING ERRCODE = 'insufficient_privilege', DETAIL = format('%s is a member of %s.', via, grantee),
+                  HINT = 'Grant keys to the roles of the people or applications that use them.';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi._change_key_grant(key_name text, grantee regrole, privilege text, granting boolean)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    granter name := session_user;
+    group_reason text;
+    changed integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege "%"', privilege
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF NOT granting THEN
+        -- Revoking always works, also for a role dropped since (its OID).
+        IF grantee IS NULL THEN
+            RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        DELETE FROM pgphi.key_grants g
+         WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+           AND g.grantee::oid = _change_key_grant.grantee::oid;
+        GET DIAGNOSTICS changed = ROW_COUNT;
+        RETURN changed > 0;
+    END IF;
+
+    PERFORM pgphi._check_grantee(grantee);
+    -- Nobody grants a key to themselves.
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = granter)
+       AND pg_has_role(granter, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role "%" cannot grant pgphi key "%" to itself or to a role it belongs to', granter, key_name
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must make this grant.';
+    END IF;
+    IF EXISTS (SELECT FROM pgphi.key_grants g WHERE g.key_id = target_id
+                  AND g.privilege = _change_key_grant.privilege AND g.grantee::oid = _change_key_grant.grantee::oid) THEN
+        RETURN false;
+    END IF;
+    -- A grant that reaches a group takes a second custodian's approval.
+    group_reason := pgphi._group_grant_reason(grantee);
+    IF group_reason IS NOT NULL THEN
+        PERFORM FROM pgphi.grant_approvals a
+          WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+            AND a.grantee::oid = _change_key_grant.grantee::oid
+            AND a.approved_by <> granter AND a.approved_at > now() - interval '1 day'
+            AND pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'granting pgphi key "%" to % needs the approval of a second key custodian', key_name, grantee
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('The grant reaches a group: %s.', group_reason),
+                      HINT = format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_grant(%L, %L, %L); then grant again within a day.',
+                                    key_name, grantee::text, privilege);
+        END IF;
+        -- An approval serves one grant.
+        DELETE FROM pgphi.grant_approvals a
+         WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+           AND a.grantee::oid = _change_key_grant.grantee::oid;
+    END IF;
+    INSERT INTO pgphi.key_grants (key_id, privilege, grantee) VALUES (target_id, privilege, grantee)
+        ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS changed = ROW_COUNT;
+    RETURN changed > 0;
+END
+$$;
+
+-- One custodian's approval of a group-wide grant, valid for a day; another
+-- custodian then makes the grant. Audited as approve_grant.
+CREATE FUNCTION pgphi.approve_grant(key_name text, grantee regrole, privilege text) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    approver name := session_user;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege "%"', privilege
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF NOT pg_has_role(approver, 'pgphi_key_custodian', 'MEMBER') THEN
+        RAISE EXCEPTION 'only key custodians can approve a grant of a pgphi key'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the approving role.';
+    END IF;
+    PERFORM pgphi._check_grantee(grantee);
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = approver)
+       AND pg_has_role(approver, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role "%" cannot approve granting pgphi key "%" to itself or to a role it belongs to',
+                        approver, key_name
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must approve this grant.';
+    END IF;
+    INSERT INTO pgphi.grant_approvals (key_id, privilege, grantee, approved_by)
+        VALUES (target_id, approve_grant.privilege, approve_grant.grantee, approver)
+        ON CONFLICT ON CONSTRAINT grant_approvals_pkey DO UPDATE SET approved_at = now();
+    PERFORM pgphi._audit('approve_grant', target_id, NULL, 'ok',
+                         format('%s to %s%s', approve_grant.privilege, approve_grant.grantee,
+                                coalesce('; ' || pgphi._group_grant_reason(approve_grant.grantee), '')));
+END
+$$;
+
+REVOKE ALL ON pgphi.grant_approvals FROM PUBLIC;
+GRANT SELECT ON pgphi.grant_approvals TO pgphi_key_custodian, pgphi_key_auditor;
+REVOKE ALL ON FUNCTION pgphi._group_grant_reason(regrole), pgphi._check_grantee(regrole),
+    pgphi.approve_grant(text, regrole, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.approve_grant(text, regrole, text) TO pgphi_key_custodian;
+
+-- 4. reencrypt_progress: each conversion belongs to the role that started
+--    it (started_by). Row-level security lets only that role see and change
+--    its rows; key custodians see every row and may discard one (DELETE), for
+--    instance a conversion its role abandoned. Rows from before 0.3.0 have
+--    no owner: only custodians and superusers see them.
+ALTER TABLE pgphi.reencrypt_progress ADD COLUMN started_by regrole;
+ALTER TABLE pgphi.reencrypt_progress
+    ALTER COLUMN started_by SET DEFAULT pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER::pg_catalog.text));
+ALTER TABLE pgphi.reencrypt_progress ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_conversions ON pgphi.reencrypt_progress
+    USING (started_by::pg_catalog.oid OPERATOR(pg_catalog.=)
+           pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER::pg_catalog.text))::pg_catalog.oid)
+    WITH CHECK (started_by::pg_catalog.oid OPERATOR(pg_catalog.=)
+                pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER::pg_catalog.text))::pg_catalog.oid);
+CREATE POLICY custodians_read ON pgphi.reencrypt_progress FOR SELECT
+    USING (pg_catalog.pg_has_role('pgphi_key_custodian'::pg_catalog.name, 'USAGE'::pg_catalog.text));
+CREATE POLICY custodians_discard ON pgphi.reencrypt_progress FOR DELETE
+    USING (pg_catalog.pg_has_role('pgphi_key_custodian'::pg_catalog.name, 'USAGE'::pg_catalog.text));
+
+-- A conversion another role started, and has not finished, is not taken
+-- over silently; a finished one is replaced. (Runs as the catalog's owner,
+-- so it sees rows the policies hide from the caller.)
+CREATE FUNCTION pgphi._reencrypt_progress_claim() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    other record;
+BEGIN
+    SELECT p.started_by, p.finished_at INTO other FROM pgphi.reencrypt_progress p
+     WHERE p.relation::oid = NEW.relation::oid AND p.column_name = NEW.column_name FOR UPDATE;
+    IF FOUND THEN
+        IF other.finished_at IS NULL AND other.started_by IS DISTINCT FROM NEW.started_by THEN
+            RAISE EXCEPTION 'a conversion of column "%" of % is under way by role %', NEW.column_name, NEW.relation,
+                coalesce(other.started_by::text, '(unknown)')
+                USING ERRCODE = 'object_in_use',
+                      HINT = 'That role resumes it by calling the procedure again; a key custodian can discard it by deleting its row of pgphi.reencrypt_progress.';
+        END IF;
+        DELETE FROM pgphi.reencrypt_progress p
+         WHERE p.relation::oid = NEW.relation::oid AND p.column_name = NEW.column_name;
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION pgphi._reencrypt_progress_claim() FROM PUBLIC;
+CREATE TRIGGER reencrypt_progress_claim BEFORE INSERT ON pgphi.reencrypt_progress
+    FOR EACH ROW EXECUTE FUNCTION pgphi._reencrypt_progress_claim();
+
+-- 5. Retirement that nobody can block. The usage scan waits at most
+--    lock_wait for each relation's lock and reports the relations it could
+--    not scan (never skipping one silently), with every relation's owner;
+--    retire_key_version names relation and owner when it refuses, and a
+--    custodian can retire anyway by naming relations to ignore, with a
+--    reason: that decision is audited (action retire_ignoring).
+DROP FUNCTION pgphi.retire_key_version(text, integer);
+DROP FUNCTION pgphi.key_version_usage(text, integer);
+
+CREATE FUNCTION pgphi.key_version_usage(name text, version integer, lock_wait interval DEFAULT interval '2s')
+    RETURNS TABLE (relation regclass, column_name name, "values" bigint, owner name, not_scanned text)
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET lock_timeout = '2s'
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_version_usage.name);
+    blind_index boolean;
+    version_of text;
+    c record;
+    n bigint;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF lock_wait IS NULL OR lock_wait <= interval '0' THEN
+        RAISE EXCEPTION 'lock_wait must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Until this function returns (its SET clause restores the setting).
+    PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM lock_wait) * 1000))::bigint::text, true);
+    blind_index := pgphi._key_purpose(target_id) = 'blind_index';
+    version_of := CASE WHEN blind_index THEN 'pgphi._blind_index_version_of' ELSE 'pgphi._key_version_of' END;
+    FOR c IN SELECT a.attrelid::regclass AS rel, a.attname, pg_get_userbyid(r.relowner) AS relowner
+               FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid
+               JOIN pg_namespace s ON s.oid = r.relnamespace
+              WHERE r.relkind IN ('r', 'm') AND a.attnum > 0 AND NOT a.attisdropped
+                AND (a.atttypid = 'bytea'::regtype OR (NOT blind_index AND a.atttypid = 'pgphi.encrypted'::regtype))
+                AND s.nspname NOT IN ('pg_catalog', 'information_schema', 'pgphi')
+                AND s.nspname NOT LIKE 'pg_toast%' AND s.nspname NOT LIKE 'pg_temp%'
+              ORDER BY 1, 2
+    LOOP
+        relation := c.rel; column_name := c.attname; owner := c.relowner;
+        "values" := NULL; not_scanned := NULL;
+        BEGIN
+            EXECUTE format('SELECT count(*) FROM ONLY %s WHERE %s(%I::bytea, $1) = $2', c.rel, version_of, c.attname)
+                INTO n USING target_id, key_version_usage.version;
+        EXCEPTION
+            WHEN lock_not_available THEN
+                not_scanned := format('lock not available within %s', lock_wait);
+            WHEN OTHERS THEN
+                -- Only the SQLSTATE: the message might quote data.
+                IF NOT EXISTS (SELECT FROM pg_class x WHERE x.oid = c.rel::oid) THEN
+                    CONTINUE;   -- dropped since the list was read: it holds nothing
+                END IF;
+                not_scanned := format('scan failed with SQLSTATE %s', SQLSTATE);
+        END;
+        IF not_scanned IS NOT NULL THEN
+            RETURN NEXT;
+        ELSIF n > 0 THEN
+            "values" := n;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION pgphi.retire_key_version(name text, version integer, ignore_relations regclass[] DEFAULT NULL,
+                                         reason text DEFAULT NULL, lock_wait interval DEFAULT interval '2s')
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(retire_key_version.name);
+    ignoring oid[] := coalesce(retire_key_version.ignore_relations::oid[], '{}');
+    state text;
+    u record;
+    remaining bigint := 0;
+    places text[] := '{}';
+    unscanned text[] := '{}';
+    ignored text[] := '{}';
+    ignored_seen oid[] := '{}';
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    SELECT v.state INTO state FROM pgphi.key_versions v
+     WHERE v.key_id = target_id AND v.version = retire_key_version.version FOR UPDATE;
+    IF state IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%" has no version %', retire_key_version.name, retire_key_version.version
+            USING ERRCODE = 'undefined_object';
+    ELSIF state = 'active' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is active', retire_key_version.name, retire_key_version.version
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Rotate the key first.';
+    ELSIF state <> 'decrypt_only' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is already %', retire_key_version.name,
+            retire_key_version.version, state USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF cardinality(ignoring) > 0 AND coalesce(btrim(retire_key_version.reason), '') = '' THEN
+        RAISE EXCEPTION 'retiring a pgphi key version while ignoring relations needs a reason'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass reason => why the values in those relations need not be re-encrypted; it is audited.';
+    END IF;
+
+    FOR u IN SELECT * FROM pgphi.key_version_usage(retire_key_version.name, retire_key_version.version,
+                                                   retire_key_version.lock_wait) LOOP
+        IF u.relation::oid = ANY (ignoring) THEN
+            ignored_seen := ignored_seen || u.relation::oid;
+            ignored := ignored || format('%s.%I (owner %s): %s', u.relation, u.column_name, u.owner,
+                                         coalesce(u."values"::text || ' values', u.not_scanned));
+        ELSIF u.not_scanned IS NOT NULL THEN
+            unscanned := unscanned || format('%s.%I (owner %s): %s', u.relation, u.column_name, u.owner, u.not_scanned);
+        ELSE
+            remaining := remaining + u."values";
+            places := places || format('%s.%I (owner %s): %s', u.relation, u.column_name, u.owner, u."values");
+        END IF;
+    END LOOP;
+    IF remaining > 0 THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is still used by % values', retire_key_version.name,
+            retire_key_version.version, remaining
+            USING ERRCODE = 'object_in_use', DETAIL = array_to_string(places, ', '),
+                  HINT = 'Re-encrypt those columns with CALL pgphi.reencrypt(...) first. Values that are not to be kept (a table of someone else''s making, forged values) can be left behind: retire_key_version(..., ignore_relations => ARRAY[...]::regclass[], reason => ...), which is audited.';
+    END IF;
+    IF cardinality(unscanned) > 0 THEN
+        RAISE EXCEPTION 'pgphi key "%" version % could not be checked in % columns', retire_key_version.name,
+            retire_key_version.version, cardinality(unscanned)
+            USING ERRCODE = 'lock_not_available', DETAIL = array_to_string(unscanned, ', '),
+                  HINT = 'Retry once the locks are released (or with a longer lock_wait), or name the relations in ignore_relations with a reason, which is audited.';
+    END IF;
+    UPDATE pgphi.key_versions v SET state = 'retired', retired_at = now()
+     WHERE v.key_id = target_id AND v.version = retire_key_version.version;
+    IF cardinality(ignoring) > 0 THEN
+        PERFORM pgphi._audit('retire_ignoring', target_id, retire_key_version.version, 'ok',
+            format('ignored %s; reason: %s',
+                   array_to_string(ignored || ARRAY(
+                       SELECT format('%s: no values found', i::regclass) FROM unnest(ignoring) i
+                        WHERE i <> ALL (ignored_seen))
+                   , ', '),
+                   retire_key_version.reason));
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgphi.key_version_usage(text, integer, interval),
+    pgphi.retire_key_version(text, integer, regclass[], text, interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.key_version_usage(text, integer, interval),
+    pgphi.retire_key_version(text, integer, regclass[], text, interval) TO pgphi_key_custodian;
+
 -- (end of section: privileges)
 
 

@@ -268,6 +268,12 @@ PGPHI_FUNCTION(pgphi_reencrypt_value)
             ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                             errmsg("pgphi keys keep changing; retry the re-encryption")));
     }
+    // Re-encrypting opens the value and seals it again: the caller needs both
+    // key grants, as decrypt_phi and encrypt_phi would check them, before
+    // anything about the value is revealed (not even whose key it is). The
+    // checks look up no key, so both pointers stay valid.
+    check_key_use(*target, KeyUse::Encrypt);
+    check_key_use(*source, KeyUse::Decrypt);
     if (source->name() != target->name())
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INVALID_PARAMETER_VALUE),
                         errmsg("value was encrypted with pgphi key \"%s\", not \"%s\"", source->name().c_str(),
