@@ -77,7 +77,13 @@ my $files_query = q{
 sub search_files
 {
 	my ($node, @needles) = @_;
-	my $list = $node->safe_psql('postgres', $files_query);
+	return search_db_files($node, 'postgres', @needles);
+}
+
+sub search_db_files
+{
+	my ($node, $db, @needles) = @_;
+	my $list = $node->safe_psql($db, $files_query);
 	my (@found, $searched);
 	for my $entry (split / /, $list)
 	{
@@ -148,6 +154,46 @@ $primary->safe_psql('postgres', q{UPDATE pgphi.key_versions v SET state = 'destr
 $primary->safe_psql('postgres', 'CHECKPOINT');
 ($found) = search_files($primary, $bystander);
 is_deeply($found, [], 'a version destroyed by direct DML leaves no wrapped DEK on disk either');
+
+# A database that destroyed versions under 0.2.0 (which left their wrapped
+# DEKs in dead tuples, and let ANALYZE put them into pg_statistic): the update
+# to 0.3.0 erases them from the key catalog's files when it commits;
+# pg_statistic's dead tuples go with VACUUM FULL, as the README says.
+$primary->safe_psql('postgres', 'CREATE DATABASE old_release');
+$primary->safe_psql('old_release', q{
+	CREATE EXTENSION pgphi VERSION '0.2.0';
+	CREATE ROLE c3 LOGIN; CREATE ROLE c4 LOGIN; GRANT pgphi_key_custodian TO c3, c4;
+	SELECT pgphi.create_key('old');
+	SELECT pgphi.rotate_key('old');
+	SELECT pgphi.rewrap_keys('old');
+	SELECT pgphi.rotate_key('old');
+	ANALYZE pgphi.key_versions;
+});
+my %old_deks;
+for my $version (1, 2)
+{
+	my $hex = $primary->safe_psql('old_release', qq{SELECT encode(v.wrapped_dek, 'hex') FROM pgphi.key_versions v
+		JOIN pgphi.keys k USING (key_id) WHERE k.name = 'old' AND v.version = $version});
+	$old_deks{$hex} = pack('H*', $hex);
+}
+$primary->safe_psql('old_release', q{
+	SET SESSION AUTHORIZATION c3; SELECT pgphi.approve_destroy('old', 1), pgphi.approve_destroy('old', 2);
+	RESET SESSION AUTHORIZATION; SET SESSION AUTHORIZATION c4;
+	SELECT pgphi.approve_destroy('old', 1), pgphi.approve_destroy('old', 2);
+	SELECT pgphi.destroy_key('old', 1), pgphi.destroy_key('old', 2);
+});
+$primary->safe_psql('old_release', 'CHECKPOINT');
+($found) = search_db_files($primary, 'old_release', values %old_deks);
+ok(scalar(grep { /^key_versions:/ } @$found) >= 1, '0.2.0 left destroyed wrapped DEKs in the key catalog\'s files');
+ok(scalar(grep { /^pg_statistic/ } @$found) >= 1, '... and ANALYZE put them into pg_statistic');
+$primary->safe_psql('old_release', 'ALTER EXTENSION pgphi UPDATE');
+$primary->safe_psql('old_release', 'CHECKPOINT');
+($found) = search_db_files($primary, 'old_release', values %old_deks);
+is_deeply([ grep { !/^pg_statistic/ } @$found ], [], 'after ALTER EXTENSION pgphi UPDATE the key catalog\'s files hold none');
+$primary->safe_psql('old_release', 'VACUUM FULL pg_catalog.pg_statistic');
+$primary->safe_psql('old_release', 'CHECKPOINT');
+($found) = search_db_files($primary, 'old_release', values %old_deks);
+is_deeply($found, [], 'after VACUUM FULL pg_catalog.pg_statistic neither does pg_statistic');
 
 $standby->stop;
 $primary->stop;
