@@ -6,7 +6,8 @@
 # CHECKPOINT, the files of pgphi.key_versions (every fork and segment), of its
 # TOAST table and indexes, and of pg_statistic (and its TOAST table and
 # indexes) are searched for every wrapped DEK the version ever had, on the
-# primary and on a streaming standby: none is found. The same search finds
+# primary, on a streaming standby, on a logical replication subscriber of the
+# key catalog and after crash recovery: none is found. The same search finds
 # them before the destruction (so it would have caught the finding) and finds
 # the live version's DEK afterwards (so it can find what is there). Values
 # under the destroyed version fail with 55000 on both.
@@ -18,7 +19,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use PgphiTest;
 
-my $primary = PgphiTest::new_node('primary', allows_streaming => 1);
+my $primary = PgphiTest::new_node('primary', allows_streaming => 'logical');
 $primary->safe_psql('postgres', q{
 	CREATE EXTENSION pgphi;
 	CREATE ROLE c1 LOGIN; CREATE ROLE c2 LOGIN; GRANT pgphi_key_custodian TO c1, c2;
@@ -33,6 +34,15 @@ $standby->init_from_backup($primary, 'base', has_streaming => 1);
 $standby->append_conf('postgresql.conf', PgphiTest::log_settings());
 chmod 0600, $standby->data_dir . '/pgphi_local.kek';
 $standby->start;
+# A logical replication subscriber of the key catalog: it applies every
+# change of the version's row, and the destruction, under
+# session_replication_role = replica.
+$primary->safe_psql('postgres', 'CREATE PUBLICATION keys FOR TABLE pgphi.keys, pgphi.key_versions');
+my $subscriber = PgphiTest::new_node('subscriber');
+$subscriber->safe_psql('postgres', 'CREATE EXTENSION pgphi');
+(my $connstr = $primary->connstr('postgres')) =~ s/'/''/g;
+$subscriber->safe_psql('postgres', "CREATE SUBSCRIPTION keys CONNECTION '$connstr' PUBLICATION keys");
+$subscriber->wait_for_subscription_sync($primary, 'keys');
 
 # Every wrapped DEK version 1 of "shred" ever had, as raw bytes.
 my %historic;
@@ -138,6 +148,24 @@ like(PgphiTest::psql_error($standby, 'postgres', "SELECT pgphi.decrypt_phi('$old
 	qr/55000: pgphi key "shred" version 1 has been destroyed/, 'the standby refuses it too');
 is($standby->safe_psql('postgres', q{SELECT count(*) FROM patients WHERE pgphi.decrypt_phi(ssn) = 'ssn-' || id}),
 	'200', 'and decrypts the live version');
+
+# The subscriber erased its copies when it applied the destruction.
+$primary->wait_for_catchup('keys');
+is($subscriber->safe_psql('postgres', q{SELECT v.state FROM pgphi.key_versions v JOIN pgphi.keys k USING (key_id)
+	WHERE k.name = 'shred' AND v.version = 1}), 'destroyed', 'the subscriber applied the destruction');
+$subscriber->safe_psql('postgres', 'CHECKPOINT');
+($found, $searched) = search_files($subscriber, values %historic);
+is_deeply($found, [], "on the logical subscriber no wrapped DEK of the version is in $searched files");
+($found) = search_files($subscriber, $live);
+ok(scalar(@$found) >= 1, 'the subscriber search finds the live version\'s wrapped DEK');
+like(PgphiTest::psql_error($subscriber, 'postgres', q{SET session_replication_role = replica;
+	UPDATE pgphi.key_versions v SET state = 'retired', wrapped_dek = '\x00' FROM pgphi.keys k
+	 WHERE k.key_id = v.key_id AND k.name = 'shred' AND v.version = 1}),
+	qr/55000: pgphi key "shred" version 1 has been destroyed/, 'the subscriber keeps it destroyed');
+# Its replication slot would hold back the removal of dead catalog rows
+# (pg_statistic's, below) in every database of the publisher.
+$subscriber->safe_psql('postgres', 'DROP SUBSCRIPTION keys');
+$subscriber->stop;
 
 # A crash after the destruction: recovery replays the same zeroed pages.
 $primary->stop('immediate');
