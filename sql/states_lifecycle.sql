@@ -187,8 +187,31 @@ SELECT version, state, wrapped_dek IS NULL AS dek_erased FROM pgphi.key_versions
 SELECT decrypt_phi(:'old_value'::pgphi.encrypted, 'states_key', 'ctx 1');
 \echo :LAST_ERROR_SQLSTATE
 
--- Another column of a destroyed row may change (it holds no key material).
-UPDATE pgphi.key_versions SET kek_version = kek_version WHERE key_id = :states_key_id AND version = 1;
+-- Generated from the catalog: every column of the destroyed version's row,
+-- changed by a superuser (each change rolled back). The row's identity,
+-- state, DEK and time of destruction are refused; the other columns hold no
+-- key material. A column added to pgphi.key_versions shows up here.
+CREATE FUNCTION states_try_rolled_back(statement text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    BEGIN
+        EXECUTE statement;
+        RAISE EXCEPTION 'states: allowed';
+    EXCEPTION WHEN OTHERS THEN
+        RETURN CASE SQLERRM WHEN 'states: allowed' THEN 'allowed' ELSE SQLSTATE || ': ' || SQLERRM END;
+    END;
+END $$;
+SELECT a.attname, a.atttypid::regtype AS type,
+       states_try_rolled_back(format('UPDATE pgphi.key_versions SET %I = %s WHERE key_id = %s AND version = 1',
+           a.attname,
+           CASE a.atttypid
+               WHEN 'integer'::regtype THEN format('%I + 1000', a.attname)
+               WHEN 'text'::regtype THEN format($f$coalesce(%I, '') || 'x'$f$, a.attname)
+               WHEN 'bytea'::regtype THEN quote_literal(:'live_dek')
+               WHEN 'timestamptz'::regtype THEN format($f$coalesce(%I, now()) - interval '1 day'$f$, a.attname)
+           END, :states_key_id)) AS outcome
+  FROM pg_attribute a
+ WHERE a.attrelid = 'pgphi.key_versions'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY a.attnum;
 
 -- The statistics of the key catalog never sample wrapped DEKs, and every
 -- copy of a DEK is stored inside the row (never compressed or in TOAST).
