@@ -45,7 +45,8 @@ SELECT key_version, count(*) FROM ctx_t, pgphi.ciphertext_info(v) GROUP BY 1;
 CALL pgphi.reencrypt('charts', 'mrn');
 \echo :LAST_ERROR_SQLSTATE
 
--- Now retirement succeeds; a retired version still decrypts nothing but is kept.
+-- Now retirement succeeds; a retired version decrypts nothing, but its DEK is kept
+-- (a custodian can un-retire it).
 SELECT pgphi.retire_key_version('mrn_key', 1);
 SELECT version, state, retired_at IS NOT NULL AS retired FROM pgphi.key_versions
  WHERE key_id = :mrn_key_id ORDER BY version;
