@@ -115,6 +115,12 @@ SAVEPOINT s;
 SELECT pgphi.destroy_key('states_key', 1);
 ROLLBACK TO SAVEPOINT s;
 COMMIT;
+-- So is a destruction in a SERIALIZABLE transaction, whose commit could
+-- still fail after the erasure.
+BEGIN ISOLATION LEVEL SERIALIZABLE;
+SELECT pgphi.destroy_key('states_key', 1);
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;
 -- PREPARE TRANSACTION of a destruction is refused (the erasure happens at
 -- commit, in the destroying session).
 BEGIN;

@@ -74,6 +74,14 @@ BEGIN
                                'version, state, DEK and time of destruction cannot change.';
         END IF;
     ELSIF TG_OP = 'UPDATE' AND NEW.state = 'destroyed' THEN
+        -- The erasure at commit cannot be undone, and under SERIALIZABLE the
+        -- commit can still fail after it (PostgreSQL checks for
+        -- serialization failures after the pre-commit callbacks).
+        IF pg_catalog.current_setting('transaction_isolation') = 'serializable' THEN
+            RAISE EXCEPTION 'cannot destroy a pgphi key version in a SERIALIZABLE transaction'
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Destroy it in a READ COMMITTED or REPEATABLE READ transaction.';
+        END IF;
         PERFORM pgphi._shred_at_commit(NEW.key_id, NEW.version);
     END IF;
     IF TG_OP = 'DELETE' THEN

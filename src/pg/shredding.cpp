@@ -39,9 +39,10 @@
 // subtransaction that destroyed it may have rolled back); if not, it touches
 // nothing. Later (after the commit record) no error may happen at all, and
 // reading buffers can fail. What can still abort the transaction after this
-// callback is small (a serialization failure under SERIALIZABLE, NOTIFY's
-// queue being full, another extension's pre-commit callback); the abort
-// callback then warns that the version's DEK is gone while its row says it
+// callback is small (NOTIFY's queue being full, another extension's
+// pre-commit callback; SERIALIZABLE transactions, whose serialization check
+// comes after this callback, are refused to destroy by the guard trigger);
+// the abort callback then warns that the version's DEK is gone while its row says it
 // is not destroyed, so a custodian finishes with destroy_key. PREPARE
 // TRANSACTION of a destruction is refused: the overwrite cannot wait for a
 // COMMIT PREPARED that may come from another session, or never.
