@@ -76,8 +76,12 @@ BEGIN
     ELSIF TG_OP = 'UPDATE' AND NEW.state = 'destroyed' THEN
         -- The erasure at commit cannot be undone, and under SERIALIZABLE the
         -- commit can still fail after it (PostgreSQL checks for
-        -- serialization failures after the pre-commit callbacks).
-        IF pg_catalog.current_setting('transaction_isolation') = 'serializable' THEN
+        -- serialization failures after the pre-commit callbacks). Not when
+        -- a logical replication worker applies a destruction already made
+        -- (under default_transaction_isolation = serializable it would
+        -- retry for ever).
+        IF pg_catalog.current_setting('transaction_isolation') = 'serializable'
+           AND pg_catalog.current_setting('session_replication_role') <> 'replica' THEN
             RAISE EXCEPTION 'cannot destroy a pgphi key version in a SERIALIZABLE transaction'
                 USING ERRCODE = 'feature_not_supported',
                       HINT = 'Destroy it in a READ COMMITTED or REPEATABLE READ transaction.';
