@@ -116,6 +116,13 @@ my ($found, $searched) = search_files($primary, values %historic);
 ok(scalar(@$found) >= 2, "before destruction the old wrapped DEKs are on disk") or diag("found: @$found");
 note("before destruction: @$found");
 
+# A snapshot taken before the destruction keeps the row's old version
+# visible (so VACUUM could not remove it, even if it ran).
+my $old_snapshot = $primary->background_psql('postgres');
+$old_snapshot->query_safe('BEGIN ISOLATION LEVEL REPEATABLE READ');
+my $seen_before = $old_snapshot->query_safe($v1_dek);
+ok(exists $historic{$seen_before}, 'an open snapshot reads the wrapped DEK before the destruction');
+
 # Destruction by two custodians.
 $primary->safe_psql('postgres', q{
 	SET SESSION AUTHORIZATION c1; SELECT pgphi.approve_destroy('shred', 1); RESET SESSION AUTHORIZATION;
@@ -124,6 +131,10 @@ $primary->safe_psql('postgres', q{
 $primary->safe_psql('postgres', 'CHECKPOINT');
 ($found, $searched) = search_files($primary, values %historic);
 is_deeply($found, [], "after destroy_key and a CHECKPOINT no wrapped DEK of the version is in $searched files");
+is($old_snapshot->query_safe($v1_dek), '00' x length($historic{$seen_before}),
+	'the snapshot taken before the destruction now reads zeros of the same length');
+$old_snapshot->query_safe('COMMIT');
+$old_snapshot->quit;
 my $live = pack('H*', $primary->safe_psql('postgres', q{SELECT encode(v.wrapped_dek, 'hex')
 	FROM pgphi.key_versions v JOIN pgphi.keys k USING (key_id) WHERE k.name = 'shred' AND v.version = 2}));
 ($found) = search_files($primary, $live);
