@@ -45,7 +45,8 @@ SELECT key_version, count(*) FROM ctx_t, pgphi.ciphertext_info(v) GROUP BY 1;
 CALL pgphi.reencrypt('charts', 'mrn');
 \echo :LAST_ERROR_SQLSTATE
 
--- Now retirement succeeds; a retired version still decrypts nothing but is kept.
+-- Now retirement succeeds; a retired version decrypts nothing, but its DEK is kept
+-- (a custodian can un-retire it).
 SELECT pgphi.retire_key_version('mrn_key', 1);
 SELECT version, state, retired_at IS NOT NULL AS retired FROM pgphi.key_versions
  WHERE key_id = :mrn_key_id ORDER BY version;
@@ -58,13 +59,21 @@ SELECT count(*) AS changed FROM before b JOIN pgphi.key_versions v USING (versio
 SELECT pgphi.flush_cache() >= 0 AS flushed;
 SELECT count(*) AS still_decrypt FROM charts WHERE decrypt_phi(note, 'mrn_key', mrn) = 'note ' || id;
 
--- Destruction needs two different custodians' approval.
+-- Destruction needs two different custodians' approval, of a retired
+-- version: version 2 is rotated out, its values re-encrypted and the version
+-- retired first. A copy of one of its values is kept outside the tables (as
+-- in a backup) to show what destruction does to it.
 CREATE ROLE custodian_a LOGIN;
 CREATE ROLE custodian_b LOGIN;
 CREATE ROLE not_a_custodian LOGIN;
 GRANT pgphi_key_custodian TO custodian_a, custodian_b;
 GRANT USAGE ON SCHEMA pgphi TO not_a_custodian;
-CREATE TABLE shredded AS SELECT encrypt_phi('to be shredded', 'mrn_key') AS v;
+SELECT encrypt_phi('to be shredded', 'mrn_key') AS shredded_value \gset
+SELECT pgphi.rotate_key('mrn_key') AS new_version;
+CALL pgphi.reencrypt('charts', 'note', context_column => 'mrn');
+CALL pgphi.reencrypt('charts', 'scan');
+SELECT pgphi.retire_key_version('mrn_key', 2);
+CREATE TABLE shredded AS SELECT encrypt_phi('custodians cannot read this', 'mrn_key') AS v;
 GRANT SELECT ON shredded TO custodian_a;
 SET SESSION AUTHORIZATION not_a_custodian;
 SELECT pgphi.approve_destroy('mrn_key', 2);
@@ -84,8 +93,12 @@ SELECT pgphi.destroy_key('mrn_key', 2);
 RESET SESSION AUTHORIZATION;
 SELECT version, state, wrapped_dek IS NULL AS dek_erased FROM pgphi.key_versions
  WHERE key_id = :mrn_key_id ORDER BY version;
-SELECT decrypt_phi(v) FROM shredded;
+SELECT decrypt_phi(:'shredded_value'::pgphi.encrypted);
 \echo :LAST_ERROR_SQLSTATE
+-- destroy_key never destroys the active version; a superuser's direct DML
+-- can, and the key then has no version to encrypt with until it is rotated.
+UPDATE pgphi.key_versions SET state = 'destroyed', wrapped_dek = NULL, destroyed_at = now()
+ WHERE key_id = :mrn_key_id AND state = 'active';
 SELECT encrypt_phi('x', 'mrn_key');
 \echo :LAST_ERROR_SQLSTATE
 SELECT pgphi.rotate_key('mrn_key') AS new_version;

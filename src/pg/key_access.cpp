@@ -19,6 +19,7 @@ extern "C" {
 #include <string_view>
 
 #include "../core/key_ring.hpp"
+#include "audit.hpp"
 #include "error_bridge.hpp"
 #include "key_access.hpp"
 #include "shared_state.hpp"
@@ -377,6 +378,22 @@ DataKey* key_for_decrypt(format::KeyRef ref)
                                ref.version),
                         errhint("The value was encrypted in a database whose pgphi key catalog is not "
                                 "present here; restore the catalog with the data.")));
+    // Retired means that no value uses the version (retire_key_version
+    // checked it): one that still turns up was replayed or restored from
+    // elsewhere, and is refused, as Vault's min_decryption_version refuses
+    // old ciphertexts. Such a version is never put into the ring, and a
+    // change of its state clears the ring, so the fast path above cannot
+    // return one either.
+    if (row.state != nullptr && strcmp(row.state, "retired") == 0) {
+        queue_audit_event("decrypt", AuditOutcome::Refused, row.key_id, row.version, row.name,
+                          "key version is retired");
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pgphi key \"%s\" version %u is retired", row.name, row.version),
+                        errdetail("Values under a retired key version are not decrypted."),
+                        errhint("A key custodian can run pgphi.unretire_key_version('%s', %u) to re-encrypt "
+                                "values still under it.",
+                                row.name, row.version)));
+    }
     return install_catalog_key(row);
 }
 

@@ -1,5 +1,7 @@
-# Key catalog changes reach other sessions at once, cancel leaves a session
-# usable, and pg_dump / pg_restore keep every value decryptable.
+# Key catalog changes (here a version retired and brought back by direct
+# DML; a destroyed one could not come back) reach other sessions at once,
+# cancel leaves a session usable, and pg_dump / pg_restore keep every value
+# decryptable.
 use strict;
 use warnings;
 
@@ -32,12 +34,12 @@ is($reader->query_safe($count_ok), '1000', 'reader decrypts with warm caches');
 
 $node->safe_psql('postgres', q{
 	CREATE TABLE saved_versions AS SELECT * FROM pgphi.key_versions;
-	UPDATE pgphi.key_versions SET state = 'destroyed', wrapped_dek = NULL
+	UPDATE pgphi.key_versions SET state = 'retired'
 	 WHERE key_id = (SELECT key_id FROM pgphi.keys WHERE name = 'ssn_key');
 });
 $reader->query($count_ok);
-like($reader->{stderr}, qr/pgphi key "ssn_key" version 1 has been destroyed/,
-	'the warm session sees the destroyed version at its next query');
+like($reader->{stderr}, qr/pgphi key "ssn_key" version 1 is retired/,
+	'the warm session sees the retired version at its next query');
 $reader->{stderr} = '';    # BackgroundPsql keeps stderr across queries
 
 $node->safe_psql('postgres', q{
@@ -46,7 +48,7 @@ $node->safe_psql('postgres', q{
 });
 is($reader->query_safe($count_ok), '1000', 'and decrypts again once it is back');
 
-# A key destroyed while a statement is already running: the statement's first
+# A key retired while a statement is already running: the statement's first
 # catalog lookup must see the committed change, and the session must not
 # cache the key from the statement's older snapshot for later statements.
 my $slow_session = IPC::Run::start(
@@ -57,13 +59,13 @@ my $slow_session = IPC::Run::start(
 	'>', \my $slow_out, '2>', \my $slow_err);
 sleep 1;
 $node->safe_psql('postgres', q{
-	UPDATE pgphi.key_versions SET state = 'destroyed', wrapped_dek = NULL
+	UPDATE pgphi.key_versions SET state = 'retired'
 	 WHERE key_id = (SELECT key_id FROM pgphi.keys WHERE name = 'ssn_key');
 });
 $slow_session->finish;
-my @destroyed = ($slow_err =~ /has been destroyed/g);
-is(scalar @destroyed, 2, 'a key destroyed during a running statement is refused there and afterwards');
-is($slow_out, '', '... and no value was decrypted after the destruction committed');
+my @retired = ($slow_err =~ /is retired/g);
+is(scalar @retired, 2, 'a key retired during a running statement is refused there and afterwards');
+is($slow_out, '', '... and no value was decrypted after the retirement committed');
 
 # Catalog changes made with session_replication_role = replica (as logical
 # replication applies them) invalidate too.
@@ -75,11 +77,11 @@ my $warm = $node->background_psql('postgres', on_error_stop => 0);
 is($warm->query_safe($count_ok), '1000', 'a warm session before a replica-mode change');
 $node->safe_psql('postgres', q{
 	SET session_replication_role = replica;
-	UPDATE pgphi.key_versions SET state = 'destroyed', wrapped_dek = NULL
+	UPDATE pgphi.key_versions SET state = 'retired'
 	 WHERE key_id = (SELECT key_id FROM pgphi.keys WHERE name = 'ssn_key');
 });
 $warm->query($count_ok);
-like($warm->{stderr}, qr/has been destroyed/, 'a change made in replica mode reaches the warm session');
+like($warm->{stderr}, qr/is retired/, 'a change made in replica mode reaches the warm session');
 $warm->quit;
 $node->safe_psql('postgres', q{
 	UPDATE pgphi.key_versions v SET state = s.state, wrapped_dek = s.wrapped_dek

@@ -1,5 +1,5 @@
 # A streaming-replication standby decrypts everything the primary wrote,
-# follows rotations and destructions there, and refuses to create keys or
+# follows rotations, retirements and destructions there, and refuses to create keys or
 # encrypt randomized values (the primary counts what each DEK seals). It does
 # compute deterministic values and blind indexes, which use no nonce, so that
 # lookups run on standbys too.
@@ -64,16 +64,33 @@ $primary->wait_for_catchup($standby);
 is($reader->query_safe(q{SELECT (pgphi.ciphertext_info(ssn)).key_version || ':' || pgphi.decrypt_phi(ssn)
 	FROM patients WHERE id = 1001}), '2:ssn-1001', 'the standby decrypts values written after a rotation');
 
-# A destruction on the primary reaches it too.
+# A retirement, then a destruction, on the primary reach it too. A copy of a
+# version-1 value is kept outside the tables (as in a backup): the warm
+# session has version 1 in its cache.
+my $old_value = $primary->safe_psql('postgres', 'SELECT ssn FROM patients WHERE id = 1');
+my $old = "SELECT pgphi.decrypt_phi('$old_value'::pgphi.encrypted)";
+is($reader->query_safe($old), 'ssn-1', 'the warm standby session decrypts version 1');
+$primary->safe_psql('postgres', q{
+	CALL pgphi.reencrypt('patients', 'ssn');
+	CALL pgphi.reencrypt('patients', 'ssn_det');
+	SELECT pgphi.retire_key_version('ssn', 1);
+});
+$primary->wait_for_catchup($standby);
+$reader->query($old);
+like($reader->{stderr}, qr/pgphi key "ssn" version 1 is retired/,
+	'a key version retired on the primary is refused in a warm standby session');
 $primary->safe_psql('postgres', q{
 	CREATE ROLE c1 LOGIN; CREATE ROLE c2 LOGIN; GRANT pgphi_key_custodian TO c1, c2;
 	SET SESSION AUTHORIZATION c1; SELECT pgphi.approve_destroy('ssn', 1); RESET SESSION AUTHORIZATION;
 	SET SESSION AUTHORIZATION c2; SELECT pgphi.approve_destroy('ssn', 1); SELECT pgphi.destroy_key('ssn', 1);
 });
 $primary->wait_for_catchup($standby);
-$reader->query(q{SELECT pgphi.decrypt_phi(ssn) FROM patients WHERE id = 1});
+$reader->{stderr} = '';
+$reader->query($old);
 like($reader->{stderr}, qr/pgphi key "ssn" version 1 has been destroyed/,
 	'a key version destroyed on the primary is refused in a warm standby session');
+$reader->{stderr} = '';
+is($reader->query_safe($all), '1001', 'the values re-encrypted on the primary decrypt on the standby');
 $reader->quit;
 
 $standby->stop;
