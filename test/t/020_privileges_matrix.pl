@@ -51,6 +51,7 @@ pgphi._key_catalog_changed()                                                 key
 pgphi._key_id(text)                                                          key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._key_name(integer)                                                     key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._key_purpose(integer)                                                  key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._key_version_guard()                                                   key     -      -     -     -     -     -     -     -     x
 pgphi._key_version_of(bytea,integer)                                         key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._live_versions(text)                                                   key     42501  ok    ok    42501 42501 ok    42501 42501 ok
 pgphi._page_batches(regclass,integer)                                        key     42501  ok    ok    42501 42501 ok    ok    42501 ok
@@ -58,10 +59,12 @@ pgphi._protect_column_sync()                                                 key
 pgphi._record_audit_event(timestamp with time zone,text,text,text,integer,text,integer,text,text) key 42501 42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._record_key_use(timestamp with time zone,text,integer,bigint,bigint)   key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._reencrypt_progress_claim()                                            key     -      -     -     -     -     -     -     -     x
+pgphi._require_retired(text,integer,integer,boolean)                         key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._rewrap_dek(text,text,integer,integer,text,bytea)                      key     42501  42501 42501 42501 42501 42501 42501 42501 XX001
 pgphi._rotate_if_active(integer,integer)                                     key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._shred_at_commit(integer,integer)                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._usage_counts()                                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
-pgphi.approve_destroy(text,integer)                                          key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.approve_destroy(text,integer)                                          key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.approve_grant(text,regrole,text)                                       key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.audit_queue_status()                                                   key     42501  42501 42501 42501 42501 42501 42501 ok    ok
 pgphi.blind_index(text,text)                                                 key     42501  42501 ok    42501 42501 ok    42501 42501 ok
@@ -86,7 +89,7 @@ pgphi.decrypt_phi_jsonb(bytea)                                               key
 pgphi.decrypt_phi_jsonb(bytea,text,text)                                     key     42501  42501 42501 42501 22P02 22P02 42501 42501 22P02
 pgphi.decrypt_phi_jsonb(pgphi.encrypted)                                     key     42501  42501 42501 42501 22P02 22P02 42501 42501 22P02
 pgphi.decrypt_phi_jsonb(pgphi.encrypted,text,text)                           key     42501  42501 42501 42501 22P02 22P02 42501 42501 22P02
-pgphi.destroy_key(text,integer)                                              key     42501  42501 42501 42501 42501 42501 42501 42501 42501
+pgphi.destroy_key(text,integer)                                              key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.encrypt_phi(bytea,text,boolean,text)                                   key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi.encrypt_phi(bytea,text,text)                                           key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi.encrypt_phi(jsonb,text,boolean,text)                                   key     42501  42501 ok    42501 42501 ok    42501 42501 ok
@@ -127,6 +130,7 @@ pgphi.revoke_encrypt(text,regrole)                                           key
 pgphi.rewrap_keys(text)                                                      key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.rotate_key(text)                                                       key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.set_cryptoperiod(text,interval)                                        key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.unretire_key_version(text,integer)                                     key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.verify_audit_log(text)                                                 key     42501  42501 42501 42501 42501 42501 42501 ok    ok
 TABLE
 
