@@ -108,8 +108,10 @@ ROLLBACK;
 -- Nor can the superuser just switch the guards off: DDL on pgphi's tables
 -- is refused (42501) outside the extension's scripts, and each attempt is
 -- recorded (through the audit writer, since the refused transaction aborts).
+\set SHOW_CONTEXT never
 ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_no_change;
 \echo :LAST_ERROR_SQLSTATE
+\set SHOW_CONTEXT errors
 SELECT wait_for($$SELECT EXISTS (SELECT FROM pgphi.audit_log WHERE action = 'catalog_ddl')$$) AS refusal_recorded;
 SELECT login_role, action, outcome, detail FROM pgphi.audit_log WHERE action = 'catalog_ddl';
 

@@ -73,10 +73,12 @@ FunctionKind lookup_kind(Oid function)
     bool trigger = proc->prorettype == TRIGGEROID || proc->prorettype == EVENT_TRIGGEROID;
     ReleaseSysCache(tuple);
 
+    // The schema first (a syscache lookup): most functions are not in it.
     Oid pgphi_ns = get_namespace_oid("pgphi", true);
+    if (!OidIsValid(pgphi_ns) || ns != pgphi_ns)
+        return FunctionKind::Foreign;
     Oid extension = get_extension_oid("pgphi", true);
-    if (!OidIsValid(pgphi_ns) || ns != pgphi_ns || !OidIsValid(extension) ||
-        getExtensionOfObject(ProcedureRelationId, function) != extension)
+    if (!OidIsValid(extension) || getExtensionOfObject(ProcedureRelationId, function) != extension)
         return FunctionKind::Foreign;
     if (trigger)
         return FunctionKind::Transparent;
