@@ -72,26 +72,30 @@ DECLARE
     frames text[] := string_to_array(stack, E'\n');
     fn_name name;
     fn_source text;
-    frame_name text;
+    fn_language name;
+    frame_signature text;
     statement text;
 BEGIN
-    SELECT p.proname, p.prosrc INTO fn_name, fn_source FROM pg_proc p WHERE p.oid = writer;
+    SELECT p.proname, p.prosrc, l.lanname INTO fn_name, fn_source, fn_language
+      FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang WHERE p.oid = writer;
     IF fn_name IS NULL THEN
         RETURN false;
     END IF;
     FOR i IN 2 .. coalesce(array_length(frames, 1), 0) LOOP
         IF frames[i] LIKE 'PL/pgSQL function %' THEN
-            frame_name := substring(frames[i] FROM '^PL/pgSQL function ([^(]*)\(');
+            -- The signature, qualified unless it was visible when compiled.
+            frame_signature := substring(frames[i] FROM '^PL/pgSQL function (.*) line [0-9]+ ');
             statement := array_to_string(frames[2:i - 1], E'\n');
-            IF frame_name IS DISTINCT FROM fn_name AND frame_name IS DISTINCT FROM 'pgphi.' || fn_name
-               OR statement NOT LIKE 'SQL statement "%"' THEN
+            IF fn_language <> 'plpgsql' OR statement NOT LIKE 'SQL statement "%"'
+               OR (frame_signature IS DISTINCT FROM writer::text
+                   AND 'pgphi.' || frame_signature IS DISTINCT FROM writer::text) THEN
                 RETURN false;
             END IF;
             statement := rtrim(substr(statement, 16, length(statement) - 16));
             RETURN length(statement) > 0 AND strpos(fn_source, statement) > 0;
         ELSIF frames[i] LIKE 'SQL function "%' THEN
             -- A SQL function's statements have no frame of their own.
-            RETURN i = 2 AND frames[i] LIKE 'SQL function "' || fn_name || '" %';
+            RETURN i = 2 AND fn_language = 'sql' AND frames[i] LIKE 'SQL function "' || fn_name || '" %';
         END IF;
     END LOOP;
     RETURN false;
@@ -212,6 +216,7 @@ DECLARE
     target text;
     writer regprocedure;
     stack text;
+    recorded boolean := false;
 BEGIN
     -- (A renamed schema pgphi leaves no name below to call.)
     IF NOT EXISTS (SELECT FROM pg_namespace n WHERE n.nspname = 'pgphi') THEN
@@ -259,20 +264,28 @@ BEGIN
     IF target IS NULL THEN
         RETURN;
     END IF;
-    IF pgphi._in_extension_script() THEN
-        RETURN;
-    END IF;
-    writer := pgphi._catalog_writer();
-    IF writer IS NOT NULL THEN
-        GET DIAGNOSTICS stack = PG_CONTEXT;
-        IF pgphi._writer_ran_statement(writer, stack) THEN
+    BEGIN
+        IF pgphi._in_extension_script() THEN
             RETURN;
         END IF;
-    END IF;
-    PERFORM pgphi._queue_catalog_refusal('catalog_ddl', left(format('%s: %s', TG_TAG, target), 120));
+        writer := pgphi._catalog_writer();
+        IF writer IS NOT NULL THEN
+            GET DIAGNOSTICS stack = PG_CONTEXT;
+            IF pgphi._writer_ran_statement(writer, stack) THEN
+                RETURN;
+            END IF;
+        END IF;
+        PERFORM pgphi._queue_catalog_refusal('catalog_ddl', left(format('%s: %s', TG_TAG, target), 120));
+        recorded := true;
+    EXCEPTION WHEN undefined_function THEN
+        -- The command moved one of the helpers above out of schema pgphi:
+        -- refused all the same, but there is nothing left to record it with.
+        NULL;
+    END;
     RAISE EXCEPTION '% on pgphi''s catalog is not allowed', TG_TAG
         USING ERRCODE = 'insufficient_privilege',
-              DETAIL = format('%s belongs to pgphi; changing it outside pgphi''s functions and scripts could keep changes out of the audit log. The attempt was recorded.', target),
+              DETAIL = format('%s belongs to pgphi; changing it outside pgphi''s functions and scripts could keep changes out of the audit log.%s',
+                              target, CASE WHEN recorded THEN ' The attempt was recorded.' ELSE '' END),
               HINT = 'Use pgphi''s functions, or ALTER EXTENSION pgphi UPDATE.';
 END
 $$;
