@@ -96,12 +96,33 @@ DELETE FROM pgphi.audit_log WHERE seq = 1;
 TRUNCATE pgphi.audit_log;
 \echo :LAST_ERROR_SQLSTATE
 
--- Tampering by a superuser who disables the guards is detected: an edited
--- row, a deleted row, two rows swapped, and rows cut from the end (which
--- needs a head hash recorded earlier).
+-- A superuser's direct DML on the key catalog is audited too, under actions
+-- of its own that name every changed column (here rolled back).
+BEGIN;
+UPDATE pgphi.key_grants SET grantee = 'audit_snoop'
+ WHERE grantee = 'audit_clerk'::regrole AND privilege = 'decrypt';
+UPDATE pgphi.keys SET name = 'renamed_key' WHERE name = 'audited_key';
+SELECT action, key_name, outcome, detail FROM pgphi.audit_log WHERE action LIKE 'catalog%' ORDER BY seq;
+ROLLBACK;
+
+-- Nor can the superuser just switch the guards off: DDL on pgphi's tables
+-- is refused (42501) outside the extension's scripts, and each attempt is
+-- recorded (through the audit writer, since the refused transaction aborts).
+\set SHOW_CONTEXT never
+ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_no_change;
+\echo :LAST_ERROR_SQLSTATE
+\set SHOW_CONTEXT errors
+SELECT wait_for($$SELECT EXISTS (SELECT FROM pgphi.audit_log WHERE action = 'catalog_ddl')$$) AS refusal_recorded;
+SELECT login_role, action, outcome, detail FROM pgphi.audit_log WHERE action = 'catalog_ddl';
+
+-- Tampering by a superuser who disables the guards (pgphi's event trigger
+-- first, which no trigger sees) is detected: an edited row, a deleted row,
+-- two rows swapped, and rows cut from the end (which needs a head hash
+-- recorded earlier).
 SELECT wait_for($$SELECT queued_events = 0 FROM pgphi.audit_queue_status()$$) AS queue_empty;
 SELECT head_hash AS recorded_head FROM pgphi.verify_audit_log() \gset
 CREATE TEMP TABLE saved AS SELECT * FROM pgphi.audit_log;
+ALTER EVENT TRIGGER pgphi_guard_catalog_ddl DISABLE;
 ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_no_change;
 ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_chain;
 
@@ -130,4 +151,5 @@ INSERT INTO pgphi.audit_log SELECT * FROM saved WHERE seq = (SELECT max(seq) FRO
 
 ALTER TABLE pgphi.audit_log ENABLE ALWAYS TRIGGER audit_log_no_change;
 ALTER TABLE pgphi.audit_log ENABLE ALWAYS TRIGGER audit_log_chain;
+ALTER EVENT TRIGGER pgphi_guard_catalog_ddl ENABLE ALWAYS;
 SELECT intact, problem FROM pgphi.verify_audit_log(:'recorded_head');

@@ -12,6 +12,7 @@ extern "C" {
 
 #include "access_control.hpp"
 #include "audit.hpp"
+#include "catalog_audit.hpp"
 #include "key_access.hpp"
 #include "settings.hpp"
 #include "shared_state.hpp"
@@ -55,6 +56,7 @@ void _PG_init(void)
     pgphi::pg::request_shared_memory();
     register_key_broker();
     pgphi::pg::register_key_invalidation();
+    pgphi::pg::register_catalog_writer_tracking();
 
     ereport(LOG, (errmsg("pgphi: the local key provider keeps its KEK in a file beside the database; "
                          "it is for development only"),
