@@ -44,12 +44,16 @@ $node->safe_psql($db, q{
 $node->safe_psql($db, q{CALL pgphi.reencrypt('catalog_audit_data', 'v', 10)});
 $node->safe_psql($db, q{
 	SELECT pgphi.retire_key_version('beta', 1);
+	SELECT pgphi.retire_key_version('beta', 2);
+	SELECT pgphi.retire_key_version('alpha', 1);
 	SET SESSION AUTHORIZATION catalog_audit_cust_a; SELECT pgphi.approve_destroy('beta', 2);
 	SET SESSION AUTHORIZATION catalog_audit_cust_b; SELECT pgphi.approve_destroy('beta', 2);
 	RESET SESSION AUTHORIZATION;
 	SELECT pgphi.destroy_key('beta', 2);
 	SET SESSION AUTHORIZATION catalog_audit_cust_a; SELECT pgphi.approve_destroy('alpha', 1);
 	SELECT pgphi.approve_destroy('alpha', 1);
+	-- A pending approval of a group-wide grant (pgphi_decrypt), not yet used.
+	SELECT pgphi.approve_grant('alpha', 'pgphi_decrypt', 'decrypt');
 	RESET SESSION AUTHORIZATION;
 });
 $node->safe_psql($db, q{SELECT count(pgphi.decrypt_phi(v)) FROM catalog_audit_data});
@@ -60,7 +64,7 @@ is($node->safe_psql($db, q{SELECT count(*) FROM pgphi.audit_log WHERE action LIK
 	"pgphi's own functions (create, rotate, grant, retire, approve, destroy, reencrypt, the audit writer) "
 	  . 'leave no catalog_* record');
 is($node->safe_psql($db, q{SELECT string_agg(action, ',' ORDER BY seq) FROM pgphi.audit_log WHERE key_name = 'beta'}),
-	'create,set_cryptoperiod,grant_decrypt,rotate,rotate,retire,approve_destroy,approve_destroy,destroy',
+	'create,set_cryptoperiod,grant_decrypt,rotate,rotate,retire,retire,approve_destroy,approve_destroy,destroy',
 	'and keep their semantic records');
 is($node->safe_psql($db, q{SELECT string_agg(coalesce(detail, ''), ',' ORDER BY seq) FROM pgphi.audit_log
 	WHERE key_name = 'alpha' AND action = 'approve_destroy'}),

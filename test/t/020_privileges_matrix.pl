@@ -34,12 +34,19 @@ my $routines = <<'TABLE';
 pgphi._acting_role()                                                         key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._active_version(integer)                                               key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._audit(text,integer,integer,text,text)                                 key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._audit_catalog_change()                                                key     -      -     -     -     -     -     -     -     x
 pgphi._audit_key_change()                                                    key     -      -     -     -     -     -     -     -     x
 pgphi._audit_log_chain()                                                     key     -      -     -     -     -     -     -     -     x
 pgphi._audit_log_is_append_only()                                            key     -      -     -     -     -     -     -     -     x
 pgphi._audit_row_hash(bytea,pgphi.audit_log)                                 key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._audit_value(jsonb,boolean)                                            key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._blind_index_version_of(bytea,integer)                                 key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._catalog_writer()                                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._change_key_grant(text,regrole,text,boolean)                           key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+# A strict function given the only value SQL can make of pg_ddl_command, NULL,
+# is folded to NULL by the planner before EXECUTE is checked (aclexplode below
+# shows PUBLIC does not hold it).
+pgphi._changes_pgphi_members(pg_ddl_command)                                 key     ok     ok    ok    ok    ok    ok    ok    ok    ok
 pgphi._check_grantee(regrole)                                                key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._column_type(regclass,name)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._encrypt_phi_version(bytea,text,text,integer)                          key     42501  42501 ok    42501 42501 ok    42501 42501 ok
@@ -47,6 +54,8 @@ pgphi._encrypt_phi_version(text,text,text,integer)                           key
 pgphi._flush_cache_at_commit()                                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._generate_wrapped_dek(text,text,integer,integer,text,boolean)          key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._group_grant_reason(regrole)                                           key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._guard_catalog_ddl()                                                   key     42501  42501 42501 42501 42501 42501 42501 42501 0A000
+pgphi._in_extension_script()                                                 key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._key_catalog_changed()                                                 key     -      -     -     -     -     -     -     -     x
 pgphi._key_id(text)                                                          key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._key_name(integer)                                                     key     42501  ok    ok    42501 42501 ok    ok    42501 ok
@@ -56,6 +65,7 @@ pgphi._key_version_of(bytea,integer)                                         key
 pgphi._live_versions(text)                                                   key     42501  ok    ok    42501 42501 ok    42501 42501 ok
 pgphi._page_batches(regclass,integer)                                        key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._protect_column_sync()                                                 key     -      x     x     -     -     x     x     -     x
+pgphi._queue_catalog_refusal(text,text)                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._record_audit_event(timestamp with time zone,text,text,text,integer,text,integer,text,text) key 42501 42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._record_key_use(timestamp with time zone,text,integer,bigint,bigint)   key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._reencrypt_progress_claim()                                            key     -      -     -     -     -     -     -     -     x
@@ -64,6 +74,7 @@ pgphi._rewrap_dek(text,text,integer,integer,text,bytea)                      key
 pgphi._rotate_if_active(integer,integer)                                     key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._shred_at_commit(integer,integer)                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._usage_counts()                                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._writer_ran_statement(regprocedure,text)                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi.approve_destroy(text,integer)                                          key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.approve_grant(text,regrole,text)                                       key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.audit_queue_status()                                                   key     42501  42501 42501 42501 42501 42501 42501 ok    ok
