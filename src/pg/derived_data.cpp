@@ -4,6 +4,7 @@
 
 extern "C" {
 #include "access/htup_details.h"
+#include "access/transam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_language.h"
@@ -40,6 +41,9 @@ Oid g_outermost_immutable = InvalidOid;
 // the extension's own.
 bool is_guarded(Oid fn_oid)
 {
+    // PostgreSQL's own SQL-language functions call nothing a user defines.
+    if (fn_oid < FirstNormalObjectId)
+        return false;
     HeapTuple tuple = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn_oid));
     if (!HeapTupleIsValid(tuple))
         return false;

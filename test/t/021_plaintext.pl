@@ -7,7 +7,9 @@
 #     each text argument in turn, as three kinds of role (finding 12);
 #  3. with the settings the README recommends, PostgreSQL's own errors (a
 #     unique violation's DETAIL, a failed cast) leave no plaintext in the
-#     server log, which they do with the defaults.
+#     server log, which they do with the defaults;
+#  4. a background worker without a client (logical replication's apply
+#     worker, firing a trigger) never decrypts.
 use strict;
 use warnings;
 
@@ -329,5 +331,50 @@ $node->safe_psql('postgres', q{
 my $with_guidance = run_postgres_errors();
 unlike($with_guidance, qr/zz-ssn-/, 'with the README\'s settings, none of them leaves plaintext in the server log');
 unlike($with_guidance, qr/ERROR:/, 'errors go to the client only');
+
+# --- 4. A background worker without a client does not decrypt ----------------
+
+# The logical replication apply worker runs for no client. A trigger that
+# the subscriber fires on replicated rows (ENABLE ALWAYS) and that decrypts
+# into a table would store plaintext nobody asked for: refused, and audited.
+$node->stop;
+my $publisher = PgphiTest::new_node('publisher', allows_streaming => 'logical');
+$publisher->safe_psql('postgres', q{
+	CREATE EXTENSION pgphi;
+	SELECT pgphi.create_key('ssn');
+	CREATE TABLE patients (id int PRIMARY KEY, ssn pgphi.encrypted);
+	CREATE PUBLICATION clinic FOR TABLE patients, pgphi.keys, pgphi.key_versions;
+});
+my $subscriber = PgphiTest::new_node('subscriber');
+copy($publisher->data_dir . '/pgphi_local.kek', $subscriber->data_dir . '/pgphi_local.kek') or die;
+chmod 0600, $subscriber->data_dir . '/pgphi_local.kek';
+$subscriber->safe_psql('postgres', q{
+	CREATE EXTENSION pgphi;
+	CREATE TABLE patients (id int PRIMARY KEY, ssn pgphi.encrypted);
+	CREATE TABLE plain_copy (id int, ssn text);
+	CREATE FUNCTION copy_plain() RETURNS trigger LANGUAGE plpgsql AS $$
+	BEGIN
+		INSERT INTO public.plain_copy VALUES (NEW.id, pgphi.decrypt_phi(NEW.ssn));
+		RETURN NEW;
+	END $$;
+	CREATE TRIGGER copy_plain AFTER INSERT ON patients FOR EACH ROW EXECUTE FUNCTION copy_plain();
+	ALTER TABLE patients ENABLE ALWAYS TRIGGER copy_plain;
+});
+(my $connstr = $publisher->connstr('postgres')) =~ s/'/''/g;
+$subscriber->safe_psql('postgres', "CREATE SUBSCRIPTION clinic CONNECTION '$connstr' PUBLICATION clinic");
+$subscriber->wait_for_subscription_sync($publisher, 'clinic');
+$publisher->safe_psql('postgres', q{INSERT INTO patients VALUES (1, pgphi.encrypt_phi('zz-ssn-0001', 'ssn'))});
+ok($subscriber->poll_query_until('postgres', q{SELECT EXISTS (SELECT FROM pgphi.audit_log
+	WHERE detail = 'derived data: in a process without a client' AND key_name = 'ssn')}),
+	'the apply worker is refused, and the refusal is audited');
+like(slurp_file($subscriber->logfile), qr/ERROR:  pgphi does not decrypt in a process without a client connection/,
+	'with its own message');
+is($subscriber->safe_psql('postgres', 'SELECT count(*) FROM plain_copy'), '0', 'no plaintext was stored');
+$subscriber->safe_psql('postgres', q{ALTER TABLE patients DISABLE TRIGGER copy_plain});
+$subscriber->poll_query_until('postgres', 'SELECT count(*) = 1 FROM patients') or die 'the row did not replicate';
+is($subscriber->safe_psql('postgres', q{SELECT pgphi.decrypt_phi(ssn) FROM patients}), 'zz-ssn-0001',
+	'without the trigger the row replicates, and a client decrypts it');
+$subscriber->stop;
+$publisher->stop;
 
 done_testing();
