@@ -103,7 +103,33 @@ EXPLAIN (COSTS OFF) SELECT count(*) FROM plaintext_patients WHERE plaintext_swap
 SELECT count(*) AS plaintext_matches FROM plaintext_patients WHERE plaintext_swapped(ssn) = 'zz-ssn-0007';
 RESET enable_seqscan;
 RESET enable_bitmapscan;
+-- Nor can the function leave IMMUTABLE while an index, extended statistics or
+-- a generated column uses it (directly or through an operator): pgphi
+-- watches IMMUTABLE functions only.
+CREATE OR REPLACE FUNCTION plaintext_swapped(v pgphi.encrypted) RETURNS text STABLE LANGUAGE sql
+    AS $$ SELECT pgphi.decrypt_phi(v) $$;
+\echo :LAST_ERROR_SQLSTATE
+ALTER FUNCTION plaintext_swapped(pgphi.encrypted) STABLE;
+\echo :LAST_ERROR_SQLSTATE
 DROP INDEX plaintext_swapped_idx;
+ALTER FUNCTION plaintext_swapped(pgphi.encrypted) STABLE;
+CREATE FUNCTION plaintext_op_fn(v pgphi.encrypted, k text) RETURNS text IMMUTABLE LANGUAGE sql
+    AS $$ SELECT md5(v::bytea) || k $$;
+CREATE OPERATOR ## (LEFTARG = pgphi.encrypted, RIGHTARG = text, FUNCTION = plaintext_op_fn);
+CREATE TABLE plaintext_op_t (ssn pgphi.encrypted);
+CREATE INDEX plaintext_op_idx ON plaintext_op_t ((ssn ## 'x'));
+ALTER FUNCTION plaintext_op_fn(pgphi.encrypted, text) VOLATILE;
+\echo :LAST_ERROR_SQLSTATE
+DROP INDEX plaintext_op_idx;
+CREATE STATISTICS plaintext_op_stats ON ((ssn ## 'y')) FROM plaintext_op_t;
+ALTER FUNCTION plaintext_op_fn(pgphi.encrypted, text) VOLATILE;
+\echo :LAST_ERROR_SQLSTATE
+DROP STATISTICS plaintext_op_stats;
+ALTER TABLE plaintext_op_t ADD COLUMN h text GENERATED ALWAYS AS (plaintext_op_fn(ssn, 'z')) STORED;
+ALTER FUNCTION plaintext_op_fn(pgphi.encrypted, text) VOLATILE;
+\echo :LAST_ERROR_SQLSTATE
+ALTER TABLE plaintext_op_t DROP COLUMN h;
+ALTER FUNCTION plaintext_op_fn(pgphi.encrypted, text) VOLATILE;
 
 -- A stored generated column computed by the wrapper.
 ALTER TABLE plaintext_patients ADD COLUMN ssn_plain text GENERATED ALWAYS AS (plaintext_immutable(ssn)) STORED;

@@ -3,18 +3,29 @@
 #include "postgres.hpp"
 
 extern "C" {
+#include "access/genam.h"
 #include "access/htup_details.h"
+#include "access/table.h"
 #include "access/transam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "catalog/objectaccess.h"
+#include "catalog/pg_attrdef.h"
+#include "catalog/pg_cast.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_operator.h"
+#include "catalog/pg_statistic_ext.h"
+#include "executor/spi.h"
 #include "catalog/pg_language.h"
 #include "catalog/pg_proc.h"
 #include "postmaster/autovacuum.h"
 #include "tcop/cmdtag.h"
 #include "tcop/pquery.h"
+#include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/portal.h"
 #include "utils/regproc.h"
+#include "utils/snapmgr.h"
 #include "utils/syscache.h"
 }
 
@@ -88,6 +99,94 @@ void on_function_call(FmgrHookEventType event, FmgrInfo* flinfo, Datum* private_
     } else if (g_immutable_depth > 0) {
         --g_immutable_depth;
     }
+}
+
+// An index, extended statistics or stored generated column keeps using a
+// function after it is replaced. Only an IMMUTABLE function is watched at
+// run time, so one they depend on (directly, or through an operator or a
+// cast) must stay IMMUTABLE: else a body that decrypts would fill them.
+object_access_hook_type g_prev_object_access_hook = nullptr;
+
+// The function's row as this command left it (the catalog update is not yet
+// visible to other scans: no CommandCounterIncrement has happened).
+bool leaves_immutable(Oid fn_oid)
+{
+    Relation rel = table_open(ProcedureRelationId, AccessShareLock);
+    ScanKeyData key;
+    ScanKeyInit(&key, Anum_pg_proc_oid, BTEqualStrategyNumber, F_OIDEQ, ObjectIdGetDatum(fn_oid));
+    SysScanDesc scan = systable_beginscan(rel, ProcedureOidIndexId, true, SnapshotSelf, 1, &key);
+    HeapTuple tuple = systable_getnext(scan);
+    bool leaves = false;
+    if (HeapTupleIsValid(tuple)) {
+        Form_pg_proc proc = (Form_pg_proc)GETSTRUCT(tuple);
+        leaves = proc->provolatile != PROVOLATILE_IMMUTABLE && proc->prolang != ClanguageId &&
+                 proc->prolang != INTERNALlanguageId;
+    }
+    systable_endscan(scan);
+    table_close(rel, AccessShareLock);
+    return leaves;
+}
+
+// What stores the function's results, if anything: its description.
+char* stored_dependent(Oid fn_oid)
+{
+    char query[2048];
+    snprintf(query, sizeof(query),
+             "WITH RECURSIVE dependents(classid, objid) AS ("
+             " SELECT d.classid, d.objid FROM pg_catalog.pg_depend d"
+             "  WHERE d.refclassid OPERATOR(pg_catalog.=) %u::pg_catalog.oid AND d.refobjid OPERATOR(pg_catalog.=) $1"
+             " UNION"
+             " SELECT d.classid, d.objid FROM pg_catalog.pg_depend d JOIN dependents x"
+             "   ON d.refclassid OPERATOR(pg_catalog.=) x.classid AND d.refobjid OPERATOR(pg_catalog.=) x.objid"
+             "  WHERE x.classid OPERATOR(pg_catalog.=) %u::pg_catalog.oid OR x.classid OPERATOR(pg_catalog.=) %u::pg_catalog.oid)"
+             " SELECT pg_catalog.pg_describe_object(x.classid, x.objid, 0) FROM dependents x"
+             "  WHERE x.classid OPERATOR(pg_catalog.=) %u::pg_catalog.oid"
+             "     OR (x.classid OPERATOR(pg_catalog.=) %u::pg_catalog.oid AND EXISTS (SELECT FROM pg_catalog.pg_class c"
+             "         WHERE c.oid OPERATOR(pg_catalog.=) x.objid"
+             "           AND c.relkind OPERATOR(pg_catalog.=) ANY ('{i,I}'::pg_catalog.\"char\"[])))"
+             "     OR (x.classid OPERATOR(pg_catalog.=) %u::pg_catalog.oid AND EXISTS (SELECT FROM pg_catalog.pg_attrdef ad"
+             "         JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) ad.adrelid"
+             "          AND a.attnum OPERATOR(pg_catalog.=) ad.adnum"
+             "         WHERE ad.oid OPERATOR(pg_catalog.=) x.objid"
+             "           AND a.attgenerated OPERATOR(pg_catalog.<>) ''::pg_catalog.\"char\"))"
+             "  LIMIT 1",
+             ProcedureRelationId, OperatorRelationId, CastRelationId, StatisticExtRelationId, RelationRelationId,
+             AttrDefaultRelationId);
+    MemoryContext caller_context = CurrentMemoryContext;
+    char* found = nullptr;
+    if (SPI_connect() != SPI_OK_CONNECT)
+        elog(ERROR, "pgphi: SPI_connect failed");
+    Oid argtypes[1] = {OIDOID};
+    Datum args[1] = {ObjectIdGetDatum(fn_oid)};
+    int rc = SPI_execute_with_args(query, 1, argtypes, args, nullptr, true, 1);
+    if (rc != SPI_OK_SELECT)
+        elog(ERROR, "pgphi: dependency lookup failed: %s", SPI_result_code_string(rc));
+    if (SPI_processed > 0) {
+        char* description = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+        if (description) {
+            MemoryContext spi_context = MemoryContextSwitchTo(caller_context);
+            found = pstrdup(description);
+            MemoryContextSwitchTo(spi_context);
+        }
+    }
+    SPI_finish();
+    return found;
+}
+
+void on_object_access(ObjectAccessType access, Oid class_id, Oid object_id, int sub_id, void* arg)
+{
+    if (g_prev_object_access_hook)
+        g_prev_object_access_hook(access, class_id, object_id, sub_id, arg);
+    if ((access != OAT_POST_CREATE && access != OAT_POST_ALTER) || class_id != ProcedureRelationId ||
+        object_id < FirstNormalObjectId || !leaves_immutable(object_id))
+        return;
+    if (char* dependent = stored_dependent(object_id))
+        ereport(ERROR, (errcode(ERRCODE_INVALID_FUNCTION_DEFINITION),
+                        errmsg("function %s must stay IMMUTABLE", format_procedure_qualified(object_id)),
+                        errdetail("PostgreSQL stores what it computes for %s; pgphi refuses to decrypt there only "
+                                  "while the function is IMMUTABLE.",
+                                  dependent),
+                        errhint("Change or drop %s first, or keep the function IMMUTABLE.", dependent)));
 }
 
 void reset_at_abort(XactEvent event, void*)
@@ -193,6 +292,8 @@ void register_derived_data_guard()
     g_prev_fmgr_hook = fmgr_hook;
     fmgr_hook = on_function_call;
     RegisterXactCallback(reset_at_abort, nullptr);
+    g_prev_object_access_hook = object_access_hook;
+    object_access_hook = on_object_access;
 }
 
 } // namespace pgphi::pg
