@@ -63,7 +63,7 @@ void LocalKeyProvider::check_kek_ref(const std::string& kek_ref)
 {
     if (!kek_ref.empty() && kek_ref != kDefaultKekRef)
         throw Error(ErrorCode::InvalidArgument,
-                    "the local key provider has no KEK named \"" + kek_ref + "\"",
+                    "the local key provider has no KEK of that name",
                     "The local provider holds a single KEK, in the file named by pgphi.local_kek_file.",
                     "Omit kek, or pass 'default'.");
 }

@@ -46,7 +46,7 @@ VaultKeyProvider::~VaultKeyProvider() { forget_token(); }
 void VaultKeyProvider::check_key_name(const std::string& kek_ref)
 {
     if (kek_ref.empty() || kek_ref.find_first_of("/?#% ") != std::string::npos)
-        throw Error(ErrorCode::InvalidArgument, "\"" + kek_ref + "\" is not a Vault Transit key name",
+        throw Error(ErrorCode::InvalidArgument, "the KEK reference is not a Vault Transit key name",
                     {}, "Pass the Transit key's name as kek, for example kek => 'pgphi-kek'.");
 }
 

@@ -129,11 +129,12 @@ bool needs_hook(Oid function)
 void track_call(FmgrHookEventType event, FmgrInfo* flinfo, Datum* arg)
 {
     if (event == FHET_START) {
+        // The lookup may raise; it comes before the earlier hook runs and the
+        // frame is pushed only after both, so a START that raised has nothing
+        // to pop (END and ABORT do not follow).
+        FunctionKind kind = kind_of(flinfo->fn_oid);
         if (g_prev_fmgr_hook)
             g_prev_fmgr_hook(event, flinfo, arg);
-        // The lookup may raise; the frame is pushed only after it, so a
-        // START that raised has nothing to pop (END and ABORT do not follow).
-        FunctionKind kind = kind_of(flinfo->fn_oid);
         if (g_depth < max_frames)
             g_frames[g_depth] = Frame{flinfo->fn_oid, kind};
         g_depth++;
@@ -152,8 +153,18 @@ void track_call(FmgrHookEventType event, FmgrInfo* flinfo, Datum* arg)
 
 namespace pgphi::pg {
 
+// A frame left by a hook that raised after this one pushed (another
+// extension's) would credit later direct DML to a pgphi function; an aborted
+// transaction ends every call, so nothing survives it.
+void forget_frames_at_abort(XactEvent event, void*)
+{
+    if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+        g_depth = 0;
+}
+
 void register_catalog_writer_tracking()
 {
+    RegisterXactCallback(forget_frames_at_abort, nullptr);
     g_prev_needs_hook = needs_fmgr_hook;
     needs_fmgr_hook = needs_hook;
     g_prev_fmgr_hook = fmgr_hook;

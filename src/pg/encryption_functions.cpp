@@ -13,6 +13,7 @@ extern "C" {
 #include "../core/ciphertext_format.hpp"
 #include "access_control.hpp"
 #include "audit.hpp"
+#include "derived_data.hpp"
 #include "error_bridge.hpp"
 #include "key_access.hpp"
 #include "shared_state.hpp"
@@ -101,6 +102,7 @@ struct varlena* decrypt_to_varlena(FunctionCallInfo fcinfo)
     call_core([&] { parsed = format::parse(view_of(value)); });
 
     DataKey* key = key_for_decrypt(parsed.key);
+    check_plaintext_derivation(*key);
     check_key_use(*key, KeyUse::Decrypt);
     check_plaintext_transport(*key);
     if (PG_NARGS() > 1) {
@@ -108,8 +110,8 @@ struct varlena* decrypt_to_varlena(FunctionCallInfo fcinfo)
         std::string_view expected_name(VARDATA_ANY(expected), VARSIZE_ANY_EXHDR(expected));
         if (key->name() != expected_name)
             ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-                            errmsg("value was encrypted with pgphi key \"%s\", not \"%s\"", key->name().c_str(),
-                                   text_to_cstring(expected))));
+                            errmsg("value was encrypted with pgphi key \"%s\", not with the key named in the call",
+                                   key->name().c_str())));
     }
     ByteView context = context_arg(fcinfo, 2);
 

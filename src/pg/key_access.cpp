@@ -282,6 +282,16 @@ DataKey* install_catalog_key(const CatalogKey& key)
     return installed;
 }
 
+// A name that names no key is not repeated: a misplaced argument (the value
+// where the key name belongs) could be PHI, and errors reach the server log.
+[[noreturn]] void raise_unknown_key_name()
+{
+    ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT), errmsg("pgphi key does not exist"),
+                    errdetail("pgphi does not repeat a name that names no key: a misplaced argument could be PHI."),
+                    errhint("Check the key name argument; pgphi.create_key() creates a key.")));
+    pg_unreachable();
+}
+
 } // namespace
 
 uint64 query_catalog(SPIPlanPtr* plan, const char* query, int nargs, Oid* argtypes, Datum* args, long max_rows,
@@ -345,9 +355,7 @@ DataKey* key_for_encrypt(const text* key_name)
     Datum args[1] = {PointerGetDatum(key_name)};
     CatalogKey row;
     if (!fetch_catalog_key(&g_plan_by_name, kSelectByName, 1, argtypes, args, &row))
-        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT),
-                        errmsg("pgphi key \"%s\" does not exist", text_to_cstring(key_name)),
-                        errhint("Create it with pgphi.create_key().")));
+        raise_unknown_key_name();
     if (row.version == 0)
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                         errmsg("pgphi key \"%s\" has no active version", row.name),
@@ -410,9 +418,7 @@ DataKey* key_for_version(const text* key_name, uint32 version)
     Datum args[2] = {PointerGetDatum(key_name), Int32GetDatum(static_cast<int32>(version))};
     CatalogKey row;
     if (!fetch_catalog_key(&g_plan_by_name_version, kSelectByNameVersion, 2, argtypes, args, &row))
-        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT),
-                        errmsg("pgphi key \"%s\" does not exist", text_to_cstring(key_name)),
-                        errhint("Create it with pgphi.create_key().")));
+        raise_unknown_key_name();
     if (row.version == 0)
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT),
                         errmsg("pgphi key \"%s\" has no version %u", row.name, version)));

@@ -8,6 +8,7 @@ extern "C" {
 
 #include <cstring>
 
+#include "key_access.hpp"
 #include "shared_state.hpp"
 
 using namespace pgphi;
@@ -24,10 +25,33 @@ void copy_text_arg(const text* value, char* dst, size_t size, const char* what)
     text_to_cstring_buffer(value, dst, size);
 }
 
+SPIPlanPtr g_plan_key_row = nullptr;
+
+void note_row(HeapTuple, TupleDesc, void*) {}
+
+// The broker logs what it fails to do with a key's name and provider, so
+// they must be those of a catalog row (the one create_key has just inserted,
+// or rotate_key and rewrap_keys read): an argument that is not, which could
+// be PHI passed by mistake, is refused here without being repeated.
+void require_catalog_key(FunctionCallInfo fcinfo)
+{
+    Oid argtypes[4] = {INT4OID, TEXTOID, TEXTOID, TEXTOID};
+    Datum args[4] = {PG_GETARG_DATUM(2), PG_GETARG_DATUM(4), PG_GETARG_DATUM(0), PG_GETARG_DATUM(1)};
+    if (query_catalog(&g_plan_key_row,
+                      "SELECT FROM pgphi.keys WHERE key_id OPERATOR(pg_catalog.=) $1 AND name OPERATOR(pg_catalog.=) $2 "
+                      "AND provider OPERATOR(pg_catalog.=) $3 AND kek_ref OPERATOR(pg_catalog.=) $4",
+                      4, argtypes, args, 1, note_row, nullptr, nullptr) == 0)
+        ereport(ERROR, (errcode(ERRCODE_UNDEFINED_OBJECT), errmsg("pgphi key does not exist"),
+                        errdetail("pgphi does not repeat a name that names no key: a misplaced argument could be PHI."),
+                        errhint("DEKs are generated and rewrapped for keys of the key catalog, by pgphi.create_key(), "
+                                "pgphi.rotate_key() and pgphi.rewrap_keys().")));
+}
+
 // Arguments 0..4 of both functions below: provider, kek_ref, key_id,
 // version, key_name.
 void key_identity_from_args(FunctionCallInfo fcinfo, cache::UnwrapRequest* key)
 {
+    require_catalog_key(fcinfo);
     memset(key, 0, sizeof(*key));
     copy_text_arg(PG_GETARG_TEXT_PP(0), key->provider, sizeof(key->provider), "provider name");
     copy_text_arg(PG_GETARG_TEXT_PP(1), key->kek_ref, sizeof(key->kek_ref), "KEK reference");

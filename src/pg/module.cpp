@@ -13,6 +13,7 @@ extern "C" {
 #include "access_control.hpp"
 #include "audit.hpp"
 #include "catalog_audit.hpp"
+#include "derived_data.hpp"
 #include "key_access.hpp"
 #include "settings.hpp"
 #include "shared_state.hpp"
@@ -53,6 +54,7 @@ void _PG_init(void)
     pgphi::pg::define_settings();
     pgphi::pg::define_audit_settings();
     pgphi::pg::register_access_control();
+    pgphi::pg::register_derived_data_guard();
     pgphi::pg::request_shared_memory();
     register_key_broker();
     pgphi::pg::register_key_invalidation();

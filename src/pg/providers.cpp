@@ -81,7 +81,7 @@ std::unique_ptr<KeyProvider> build(std::string_view name)
         settings.credentials.allow_http_loopback = allow_insecure_http_loopback;
         return std::make_unique<KmsKeyProvider>(std::move(settings));
     }
-    throw Error(ErrorCode::InvalidArgument, "unknown pgphi key provider \"" + std::string(name) + "\"", {},
+    throw Error(ErrorCode::InvalidArgument, "unknown pgphi key provider", {},
                 "Available providers: local, vault, aws_kms.");
 }
 

@@ -150,7 +150,7 @@ binmode $fh;
 read($fh, my $kek_bytes, 32);
 close $fh;
 my $log = slurp_file($node->logfile);
-like($log, qr/pgphi key "no_such_key" does not exist/, 'the failures above were logged');
+like($log, qr/pgphi key does not exist/, 'the failures above were logged');
 unlike($log, qr/123-45-6789/, 'server log holds no plaintext');
 ok(index($log, $kek_bytes) < 0, 'server log holds no raw KEK bytes');
 ok(index(lc $log, unpack('H*', $kek_bytes)) < 0, 'server log holds no hex KEK');
