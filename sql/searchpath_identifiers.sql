@@ -176,6 +176,15 @@ SET ROLE hostile_reader;
 SELECT count(*) AS cases, sum(hostile_view_check(h)) AS wrong_in_views FROM hostile_cases h;
 RESET ROLE;
 
+-- A column that has the shadow's name but no conversion trigger is not the
+-- user's to lose: refused, and left as it was.
+CREATE TABLE hostile_clash (id int, "ÜberName" text, "pgphi_protecting_ÜberName" text);
+INSERT INTO hostile_clash VALUES (1, 'plain', 'mine');
+CALL pgphi.protect_column('hostile_clash', 'ÜberName', 'hostile_key');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM hostile_clash;
+DROP TABLE hostile_clash;
+
 -- Clean up.
 DELETE FROM pgphi.reencrypt_progress p USING hostile_cases h WHERE p.relation = h.tbl;
 \set ECHO errors
