@@ -48,7 +48,7 @@ Oid g_grants_relid = InvalidOid;
 SPIPlanPtr g_plan_grantees = nullptr;
 
 constexpr const char* kSelectGrantees =
-    "SELECT grantee::oid FROM pgphi.key_grants "
+    "SELECT grantee::pg_catalog.oid FROM pgphi.key_grants "
     "WHERE key_id OPERATOR(pg_catalog.=) $1 AND privilege OPERATOR(pg_catalog.=) $2";
 
 void on_relcache_invalidation(Datum, Oid relid)

@@ -300,8 +300,9 @@ char* role_name_or_oid(Oid role)
 
 bool audit_functions_installed()
 {
-    int rc = SPI_execute("SELECT pg_catalog.to_regprocedure('pgphi._record_key_use(timestamptz,text,integer,"
-                         "bigint,bigint)') IS NOT NULL",
+    // (Type names qualified: a worker runs with the database's search_path.)
+    int rc = SPI_execute("SELECT pg_catalog.to_regprocedure('pgphi._record_key_use(pg_catalog.timestamptz,"
+                         "pg_catalog.text,pg_catalog.int4,pg_catalog.int8,pg_catalog.int8)') IS NOT NULL",
                          true, 1);
     bool isnull = true;
     return rc == SPI_OK_SELECT && SPI_processed == 1 &&

@@ -107,7 +107,7 @@ my ($ret, $resume_out, $resume_err) = $node->psql('postgres',
 	q{CALL pgphi.reencrypt('charts', 'note', batch_size => 20000)});
 $updater2->finish;
 is($ret, 0, 'CALL reencrypt again finishes the job');
-like($resume_err, qr/resuming re-encryption of charts.note at page [1-9]\d*/, '... resuming where it stopped');
+like($resume_err, qr/resuming re-encryption of public.charts.note at page [1-9]\d*/, '... resuming where it stopped');
 is($node->safe_psql('postgres', q{
 	SELECT count(*) FILTER (WHERE i.key_version = 4), count(*)
 	  FROM charts, pgphi.ciphertext_info(note) i}), '1000000|1000000', 'every row is under the active version');

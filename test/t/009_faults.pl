@@ -381,14 +381,14 @@ is($node->safe_psql('postgres', q{SELECT count(pg_cancel_backend(pid)) FROM pg_s
 	WHERE query LIKE 'CALL pgphi.reencrypt%' AND pid <> pg_backend_pid()}), '1', 'reencrypt: cancelled with pg_cancel_backend');
 finish_script($call);
 like($call->{err}, qr/canceling statement due to user request/, '... which stopped it');
-like($call->{err}, qr/resuming re-encryption of re_rows.v at page $after_timeout\b/, '... after it had resumed where the timeout left it');
+like($call->{err}, qr/resuming re-encryption of public.re_rows.v at page $after_timeout\b/, '... after it had resumed where the timeout left it');
 my $after_cancel = $node->safe_psql('postgres', $progress);
 cmp_ok($after_cancel, '>', $after_timeout, "reencrypt: it went further before the cancel (page $after_cancel)");
 is($node->safe_psql('postgres', $all_decrypt), '300000', '... and every value still decrypts');
 
 ($ret, $out, $err) = $node->psql('postgres', q{CALL pgphi.reencrypt('re_rows', 'v', batch_size => 2000)});
 is($ret, 0, 'reencrypt: the third CALL finishes');
-like($err, qr/resuming re-encryption of re_rows.v at page $after_cancel\b/, '... resuming where the cancel left it');
+like($err, qr/resuming re-encryption of public.re_rows.v at page $after_cancel\b/, '... resuming where the cancel left it');
 is($node->safe_psql('postgres', q{SELECT count(*) FILTER (WHERE i.key_version = 2) FROM re_rows, pgphi.ciphertext_info(v) i}),
 	'300000', 'reencrypt: every value is under the new version');
 is($node->safe_psql('postgres', $all_decrypt), '300000', '... and decrypts to what was written');
