@@ -603,7 +603,9 @@ CREATE FUNCTION pgphi._protect_column_done(tbl regclass, col name, key_name text
     LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    RAISE NOTICE 'column "%" of % is now encrypted with pgphi key "%"', col, tbl, key_name
+    -- The key as the catalog names it (the argument is not repeated).
+    RAISE NOTICE 'column "%" of % is now encrypted with pgphi key "%"', col, tbl,
+        coalesce(pgphi._key_name(pgphi._key_id(key_name)), '(unknown)')
         USING DETAIL = 'The plaintext stays in the table''s pages until they are rewritten, and in WAL and backups.',
               HINT = format('Run VACUUM FULL %s (or pg_repack) to remove it from the table.', tbl);
 END
@@ -856,6 +858,9 @@ CREATE FUNCTION pgphi._require_retired(key_name text, key_id integer, version in
 AS $$
 DECLARE
     state text;
+    -- The catalog's name of the key, not the argument: nothing a caller
+    -- passes is repeated in a message.
+    key_name text := pgphi._key_name(_require_retired.key_id);
 BEGIN
     IF for_update THEN
         SELECT v.state INTO state FROM pgphi.key_versions v
@@ -864,7 +869,9 @@ BEGIN
         SELECT v.state INTO state FROM pgphi.key_versions v
          WHERE v.key_id = _require_retired.key_id AND v.version = _require_retired.version;
     END IF;
-    IF state IS NULL OR state = 'destroyed' THEN
+    IF key_name IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    ELSIF state IS NULL OR state = 'destroyed' THEN
         RAISE EXCEPTION 'pgphi key "%" has no version % to destroy', key_name, _require_retired.version
             USING ERRCODE = 'undefined_object';
     ELSIF state = 'active' THEN
@@ -1442,7 +1449,7 @@ BEGIN
             USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
     END IF;
     IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
-        RAISE EXCEPTION 'unknown pgphi key privilege "%"', privilege
+        RAISE EXCEPTION 'unknown pgphi key privilege'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
     END IF;
     IF NOT granting THEN
@@ -1509,7 +1516,7 @@ BEGIN
             USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
     END IF;
     IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
-        RAISE EXCEPTION 'unknown pgphi key privilege "%"', privilege
+        RAISE EXCEPTION 'unknown pgphi key privilege'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
     END IF;
     IF NOT pg_has_role(approver, 'pgphi_key_custodian', 'MEMBER') THEN

@@ -219,6 +219,8 @@ for my $run (@runs)
 		SELECT pgphi.create_blind_index_key('bk_$id');
 		SELECT pgphi.create_key('dk_$id');
 		SELECT pgphi.rotate_key('dk_$id');
+		SELECT pgphi.rotate_key('dk_$id');
+		SELECT pgphi.retire_key_version('dk_$id', 1);
 		SELECT pgphi.grant_encrypt('k_$id', 'app'), pgphi.grant_decrypt('k_$id', 'app'),
 		       pgphi.grant_encrypt('bk_$id', 'app');
 		CREATE TABLE t_$id (id int PRIMARY KEY, enc pgphi.encrypted, det pgphi.encrypted, raw bytea,
@@ -245,7 +247,8 @@ for my $run (@runs)
 
 # Sample values by parameter, as "routine.parameter" or "parameter" or type.
 # {T} is the run's table, {K} its encryption key, {BK} its blind-index key,
-# {DK} a key whose version 1 is retired and destroyed, {ID} the run.
+# {DK} a key whose version 1 is retired (then destroyed) and whose version 2
+# is retired (then un-retired) by the calls, {ID} the run.
 my $ct = "(SELECT x.det FROM {T} x LIMIT 1)";
 my %sample = (
 	'tbl' => "'{T}'", 'col' => "'enc'", 'key_name' => "'{K}'",
@@ -257,6 +260,8 @@ my %sample = (
 	'create_key.name' => "'new_{ID}'", 'create_blind_index_key.name' => "'newbi_{ID}'",
 	'rotate_key.name' => "'{K}'", 'rewrap_keys.name' => "'{K}'",
 	'retire_key_version.name' => "'{DK}'", 'approve_destroy.name' => "'{DK}'", 'destroy_key.name' => "'{DK}'",
+	'unretire_key_version.name' => "'{DK}'", 'retire_key_version.version' => '2',
+	'unretire_key_version.version' => '2',
 	'key_version_usage.name' => "'{K}'", 'version' => '1',
 	'value:text' => "'v'", 'value:jsonb' => q{'{"a": 1}'}, 'value:pgphi.encrypted' => $ct,
 	'value:bytea' => "$ct\::pg_catalog.bytea",
@@ -287,10 +292,17 @@ my %mechanism = (
 	'pgphi._rotate_if_active(integer,integer)' => "SELECT pgphi._rotate_if_active(pgphi._key_id('{K}'), 0)",
 	'pgphi._record_audit_event(timestamp with time zone,text,text,text,integer,text,integer,text,text)' =>
 	  "SELECT pgphi._record_audit_event(pg_catalog.now(), 'shadows', 'shadows', 'test', 0, NULL, 0, 'ok', 'test')",
+	# The catalog audit: a direct change of a key's row, and refused DDL.
+	'pgphi._audit_value(jsonb,boolean)' =>
+	  "UPDATE pgphi.keys SET cryptoperiod = cryptoperiod OPERATOR(pg_catalog.+) '1 day'::pg_catalog.interval"
+	  . " WHERE name OPERATOR(pg_catalog.=) '{K}'",
+	'pgphi._queue_catalog_refusal(text,text)' => "ALTER TABLE pgphi.keys DISABLE TRIGGER ALL",
+	'pgphi._changes_pgphi_members(pg_ddl_command)' => "ALTER EXTENSION pgphi DROP FUNCTION pgphi.flush_cache()",
 );
 # Those that end in their own error, so that the statistics do not count them:
 # the SQLSTATE a superuser gets shows they ran.
-my %runs_by_error = ('pgphi._audit_log_is_append_only()' => '42501');
+my %runs_by_error = ('pgphi._audit_log_is_append_only()' => '42501', 'pgphi._queue_catalog_refusal(text,text)' => '42501',
+	'pgphi._changes_pgphi_members(pg_ddl_command)' => '42501');
 
 my $routines = $node->safe_psql($db, qq{
 	SET search_path = pg_catalog;
@@ -314,7 +326,8 @@ for my $line (split /\n/, $routines)
 }
 # Lifecycle calls last, in this order; internal helpers after the public API
 # (they also run inside it; called directly too, so each is run by itself).
-my %order = (retire_key_version => 4, approve_destroy => 5, destroy_key => 6, protect_column => 2,
+my %order = (retire_key_version => 4, approve_destroy => 5, destroy_key => 6, unretire_key_version => 7,
+	protect_column => 2,
 	create_decrypted_view => 3,
 	rewrap_keys => 1, rotate_key => 1);
 @routines = sort {

@@ -40,6 +40,7 @@ pgphi._audit_log_chain()                                                     key
 pgphi._audit_log_is_append_only()                                            key     -      -     -     -     -     -     -     -     x
 pgphi._audit_row_hash(bytea,pgphi.audit_log)                                 key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._audit_value(jsonb,boolean)                                            key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._batch_key(text)                                                       key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._blind_index_version_of(bytea,integer)                                 key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._catalog_writer()                                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._change_key_grant(text,regrole,text,boolean)                           key     42501  42501 42501 42501 42501 42501 ok    42501 ok
@@ -47,7 +48,9 @@ pgphi._change_key_grant(text,regrole,text,boolean)                           key
 # is folded to NULL by the planner before EXECUTE is checked (aclexplode below
 # shows PUBLIC does not hold it).
 pgphi._changes_pgphi_members(pg_ddl_command)                                 key     ok     ok    ok    ok    ok    ok    ok    ok    ok
+pgphi._check_column_type(regclass,name,regtype[],text)                       key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._check_grantee(regrole)                                                key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._column_key(regclass,name)                                             key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._column_type(regclass,name)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._encrypt_phi_version(bytea,text,text,integer)                          key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi._encrypt_phi_version(text,text,text,integer)                           key     42501  42501 ok    42501 42501 ok    42501 42501 ok
@@ -64,15 +67,40 @@ pgphi._key_version_guard()                                                   key
 pgphi._key_version_of(bytea,integer)                                         key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._live_versions(text)                                                   key     42501  ok    ok    42501 42501 ok    42501 42501 ok
 pgphi._page_batches(regclass,integer)                                        key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._progress_advance(regclass,name,bigint,bigint)                         key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._progress_begin(regclass,name,integer,integer,bigint,text)             key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._progress_check(regclass,name)                                         key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._progress_finish(regclass,name)                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._progress_get(regclass,name)                                           key     42501  42501 42501 42501 42501 42501 42501 42501 55000
+pgphi._progress_pages(regclass,name,text,text,text,integer)                  key     42501  42501 42501 42501 42501 42501 42501 42501 55000
+pgphi._progress_sweep(regclass,name,text,text,text,integer)                  key     42501  42501 42501 42501 42501 42501 42501 42501 55000
+pgphi._protect_column_done(regclass,name,text)                               key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._protect_column_fill(regclass,name,text,integer,name,bigint,bigint)    key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._protect_column_names(name)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._protect_column_sql(regclass,name,name)                                key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._protect_column_start(regclass,name,text,integer,name)                 key     42501  42809 42809 42501 42501 42809 42809 42501 42809
+pgphi._protect_column_swap(regclass,name,text,name)                          key     42501  42501 42501 42501 42501 42501 42501 42501 42703
+pgphi._protect_column_sweep(regclass,name,text,integer,name)                 key     42501  42703 42703 42501 42501 42703 42703 42501 42703
 pgphi._protect_column_sync()                                                 key     -      x     x     -     -     x     x     -     x
+pgphi._protect_column_trigger_args(name,text,name)                           key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._queue_catalog_refusal(text,text)                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._rebuild_blind_index_pages(regclass,name,name,text,integer,name,text)  key     42501  42703 42703 42501 42501 42703 42703 42501 42703
+pgphi._rebuild_blind_index_sql(regclass,name,name,name,text)                 key     42501  42703 42703 42501 42501 42703 42703 42501 42703
+pgphi._rebuild_blind_index_start(regclass,name,name,text,integer,name)       key     42501  42703 42703 42501 42501 42703 42703 42501 42703
+pgphi._rebuild_blind_index_sweep(regclass,name,name,text,integer,name,text)  key     42501  42703 42703 42501 42501 42703 42703 42501 42703
 pgphi._record_audit_event(timestamp with time zone,text,text,text,integer,text,integer,text,text) key 42501 42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._record_key_use(timestamp with time zone,text,integer,bigint,bigint)   key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._reencrypt_pages(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._reencrypt_progress_claim()                                            key     -      -     -     -     -     -     -     -     x
+pgphi._reencrypt_sql(regclass,name,name)                                     key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._reencrypt_start(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._reencrypt_sweep(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._require_retired(text,integer,integer,boolean)                         key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._rewrap_dek(text,text,integer,integer,text,bytea)                      key     42501  42501 42501 42501 42501 42501 42501 42501 XX001
 pgphi._rotate_if_active(integer,integer)                                     key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._shred_at_commit(integer,integer)                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._update_pages(text,text,text,integer,integer,bigint,bigint)            key     42501  42601 42601 42501 42501 42601 42601 42501 42601
+pgphi._update_sweep(regclass,text,text,text,integer,integer,integer)         key     42501  42601 42601 42501 42501 42601 42601 42501 42601
 pgphi._usage_counts()                                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._writer_ran_statement(regprocedure,text)                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi.approve_destroy(text,integer)                                          key     42501  42501 42501 42501 42501 42501 55000 42501 55000

@@ -162,8 +162,22 @@ my %value_of = (
 	'integer[]'                => q{'{}'},
 	'name[]'                   => q{'{}'},
 	'pgphi.audit_log'          => 'NULL',
+	'regtype[]'                => q{'{text}'},
+	'regclass[]'               => q{'{}'},
+	'regprocedure'             => q{'pgphi.create_key(text,text,text)'},
+	'pg_ddl_command'           => 'NULL',
 );
-my %text_like = map { $_ => 1 } ('text', 'name', 'character varying');
+# Arguments of type name are SQL identifiers (a table's columns), which
+# PostgreSQL's own errors name as they do everywhere: the marker goes into
+# the text arguments, where key names, contexts and values are passed.
+my %text_like = map { $_ => 1 } ('text', 'character varying');
+# Text arguments that are not a user's input by design, and so may appear
+# in what they produce: the batch procedures' internal helpers that run one
+# generated statement (an error quotes its SQL) or word a message, and the
+# audit trail's writers (superuser only), whose arguments are the row.
+my %sql_fragment_args = ('_update_pages' => [ 1, 2 ], '_update_sweep' => [ 2, 3 ],
+	'_progress_pages' => [ 3, 4 ], '_progress_sweep' => [ 3, 4 ], '_check_column_type' => [4],
+	'_audit' => [ 1, 4, 5 ], '_record_audit_event' => [ 2, 3, 4, 6, 8, 9 ]);
 
 # Every function and procedure of the extension. Those taking or returning
 # PostgreSQL-internal types (type I/O, ANALYZE support, triggers) cannot be
@@ -194,7 +208,9 @@ for my $line (split /\n/, $functions)
 		push @untyped, "$signature (@missing)";
 		next;
 	}
-	my @text_positions = grep { $text_like{ $types[$_] } } 0 .. $#types;
+	my ($short_name) = $signature =~ /^pgphi\.(\w+)\(/;
+	my %fragment = map { ($_ - 1) => 1 } @{ $sql_fragment_args{$short_name} // [] };
+	my @text_positions = grep { $text_like{ $types[$_] } && !$fragment{$_} } 0 .. $#types;
 	if (!@text_positions)
 	{
 		push @no_text, $signature;
@@ -218,9 +234,7 @@ note(scalar(keys %functions_tested) . ' functions with text arguments, ' . scala
 # Messages of functions whose SQL other sections of the 0.3.0 script own
 # (search_path, version states, privileges, audit events) are fixed there; until those
 # land, their cases run apart and a leak in them is a TODO, not hidden.
-my %fixed_elsewhere = map { $_ => 1 } qw(reencrypt protect_column key_version_usage retire_key_version
-	approve_destroy destroy_key grant_decrypt revoke_decrypt grant_encrypt revoke_encrypt _change_key_grant
-	rebuild_blind_index create_decrypted_view _column_type _audit _record_audit_event);
+my %fixed_elsewhere = ();
 my (@own_cases, @other_cases);
 for my $case (@cases)
 {
