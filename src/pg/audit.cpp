@@ -25,25 +25,38 @@ namespace pgphi::pg {
 
 namespace {
 
-constexpr int kAuditEvents = 256;
+constexpr int kAuditEvents = 256;     // distinct events (identical ones coalesce)
+constexpr int kOverflowEvents = 64;   // when those are full: counts per role and action
+constexpr int kEventSlots = kAuditEvents + kOverflowEvents;
 constexpr int kVolumeEntries = 2048;
 constexpr int kPendingUses = 16;
 constexpr int kWriterSlots = 32;
 constexpr int64_t kVolumeFlushMs = 10'000;   // counts reach the table within about this
 constexpr int64_t kMinRelaunchMs = 1'000;    // per database, also after a failed writer
+constexpr int64_t kReportIntervalMs = 60'000; // the log's summaries of a full queue or worker pool
 // A database whose writers keep failing (dropped meanwhile, say) must not
-// hold queue entries forever: after this many writers, they are dropped.
-constexpr uint8_t kMaxWriterAttempts = 20;
+// hold queue entries forever: after this many writers that started and
+// failed, its entries are dropped (counted, and logged once). A writer that
+// could not even start (no free worker slot) is no attempt.
+constexpr uint8_t kMaxFailedWriters = 20;
+constexpr const char* kOverflowDetail = "the audit queue was full: key and detail not recorded";
 
+// Identical events (same database, roles, action, outcome, key and detail)
+// coalesce into one entry that counts them, with the first and last time.
+// An entry a writer has claimed (`claim` is its ticket) takes no more
+// occurrences: the next identical event starts a new entry.
 struct AuditEvent {
     bool in_use;
     AuditOutcome outcome;
-    uint8_t writer_attempts;
+    uint8_t failed_writers;
+    uint64_t claim;
     uint64_t id;
+    uint64_t occurrences;
     Oid database;
     Oid login_role;
     Oid acting_role;
-    TimestampTz at;
+    TimestampTz first_at;
+    TimestampTz last_at;
     uint32_t key_id;
     uint32_t key_version;
     char action[16];
@@ -54,7 +67,8 @@ struct AuditEvent {
 // Encryptions and decryptions by one role under one key in one time window.
 struct VolumeEntry {
     bool in_use;
-    uint8_t writer_attempts;
+    uint8_t failed_writers;
+    uint64_t claim;
     Oid database;
     Oid role;
     uint32_t key_id;
@@ -65,10 +79,12 @@ struct VolumeEntry {
 struct AuditShared {
     LWLock* lock; // allocating and freeing entries; counts are atomics
     uint64_t next_event_id;
+    uint64_t next_claim;
     uint32_t queued_events;
-    std::atomic<uint64_t> dropped_events;
+    std::atomic<uint64_t> dropped_events;   // not recorded at all (overflow full, or writers failing)
+    std::atomic<uint64_t> overflow_events;  // recorded only in an overflow entry
     std::atomic<uint64_t> dropped_counts;
-    AuditEvent events[kAuditEvents];
+    AuditEvent events[kEventSlots];
     VolumeEntry volume[kVolumeEntries];
 };
 
@@ -117,7 +133,8 @@ int find_volume_slot(const PendingUse& use, TimestampTz window)
     if (free_slot >= 0) {
         VolumeEntry& entry = g_audit->volume[free_slot];
         entry.in_use = true;
-        entry.writer_attempts = 0;
+        entry.failed_writers = 0;
+        entry.claim = 0;
         entry.database = MyDatabaseId;
         entry.role = use.role;
         entry.key_id = use.key_id;
@@ -202,8 +219,10 @@ void flush_at_exit(int, Datum) { flush_pending_uses(); }
 void copy_string(char* dst, size_t size, const char* src) { strlcpy(dst, src ? src : "", size); }
 
 // ---------------------------------------------------------------------------
-// Audit writer: runs in one database, moves that database's queued events and
-// counts into its tables in one transaction, then removes what it wrote.
+// Audit writer: runs in one database, claims that database's queued events
+// and counts, moves them into its tables in one transaction, then removes
+// what it wrote. A writer that fails (error, FATAL, a dropped database)
+// gives back what it claimed at exit, counting one failed attempt on it.
 // ---------------------------------------------------------------------------
 
 struct WriterSlot {
@@ -213,6 +232,14 @@ struct WriterSlot {
 };
 
 WriterSlot g_writers[kWriterSlots]; // the broker's own
+
+// The broker's rate limits for its log lines (it is the only process that
+// writes these summaries, so a flood of events never floods the log).
+int64_t g_no_slot_reported_ms = 0;
+uint64_t g_no_slot_failures = 0;      // launches refused since the last report
+int64_t g_queue_reported_ms = 0;
+uint64_t g_reported_overflow = 0;
+uint64_t g_reported_dropped = 0;
 
 bool writer_running(const WriterSlot& slot)
 {
@@ -237,34 +264,47 @@ WriterSlot* writer_slot_for(Oid database, int64_t now)
     return nullptr; // more busy databases than slots: the next round
 }
 
-// Counts a writer started for the database against its entries, dropping
-// those that have seen too many writers come and go.
-void note_writer_launch(Oid database)
+// Registering a worker fails when every max_worker_processes slot is taken
+// (parallel queries alone can do that). Nothing is lost: the events stay
+// queued, and the next loop tries again. The log says so once a minute.
+void report_no_worker_slot(Oid database, int64_t now)
 {
-    uint64_t dropped_events = 0;
-    uint64_t dropped_counts = 0;
-    LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
-    for (AuditEvent& event : g_audit->events)
-        if (event.in_use && event.database == database && ++event.writer_attempts > kMaxWriterAttempts) {
-            memset(&event, 0, sizeof(event));
-            g_audit->queued_events--;
-            ++dropped_events;
-        }
-    for (VolumeEntry& entry : g_audit->volume)
-        if (entry.in_use && entry.database == database && ++entry.writer_attempts > kMaxWriterAttempts) {
-            dropped_counts += entry.counts[0].load() + entry.counts[1].load();
-            entry.in_use = false;
-        }
+    ++g_no_slot_failures;
+    if (g_no_slot_reported_ms != 0 && now - g_no_slot_reported_ms < kReportIntervalMs)
+        return;
+    uint32_t queued = 0;
+    LWLockAcquire(g_audit->lock, LW_SHARED);
+    queued = g_audit->queued_events;
     LWLockRelease(g_audit->lock);
-    if (dropped_events || dropped_counts) {
-        g_audit->dropped_events.fetch_add(dropped_events);
-        g_audit->dropped_counts.fetch_add(dropped_counts);
-        ereport(LOG, (errmsg("pgphi dropped %llu audit events and %llu key use counts of database %u",
-                             static_cast<unsigned long long>(dropped_events),
-                             static_cast<unsigned long long>(dropped_counts), database),
-                      errdetail("%d audit writers in a row could not write them; see the earlier errors.",
-                                kMaxWriterAttempts)));
-    }
+    ereport(WARNING, (errmsg("pgphi could not start an audit writer for database %u: no background worker slot "
+                             "is free",
+                             database),
+                      errdetail("%u audit events are waiting in shared memory; %llu writer launches were "
+                                "refused since the last report. They are retried every second and nothing is "
+                                "lost while they wait.",
+                                queued, static_cast<unsigned long long>(g_no_slot_failures)),
+                      errhint("Raise max_worker_processes (and keep max_parallel_workers below it).")));
+    g_no_slot_reported_ms = now;
+    g_no_slot_failures = 0;
+}
+
+// Events that found the queue full are not logged one by one by the
+// sessions: the broker sums them up here, at most once a minute.
+void report_queue_overflow(int64_t now)
+{
+    uint64_t overflow = g_audit->overflow_events.load();
+    uint64_t dropped = g_audit->dropped_events.load();
+    if ((overflow == g_reported_overflow && dropped == g_reported_dropped) ||
+        (g_queue_reported_ms != 0 && now - g_queue_reported_ms < kReportIntervalMs))
+        return;
+    ereport(LOG, (errmsg("pgphi audit queue was full: %llu events were recorded only as counts per role and "
+                         "action, %llu were not recorded",
+                         static_cast<unsigned long long>(overflow - g_reported_overflow),
+                         static_cast<unsigned long long>(dropped - g_reported_dropped)),
+                  errdetail("Counted since the last report; pgphi.audit_queue_status() has the totals.")));
+    g_reported_overflow = overflow;
+    g_reported_dropped = dropped;
+    g_queue_reported_ms = now;
 }
 
 void launch_writer(Oid database, int64_t now)
@@ -272,16 +312,19 @@ void launch_writer(Oid database, int64_t now)
     WriterSlot* slot = writer_slot_for(database, now);
     if (!slot || now - slot->launched_ms < kMinRelaunchMs || writer_running(*slot))
         return;
-    note_writer_launch(database);
     if (slot->handle) {
         pfree(slot->handle);
         slot->handle = nullptr;
     }
     char name[BGW_MAXLEN];
     snprintf(name, sizeof(name), "pgphi audit writer (database %u)", database);
-    if (start_database_worker("pgphi_audit_writer_main", ObjectIdGetDatum(database), name, "pgphi audit writer",
-                              &slot->handle))
-        slot->launched_ms = now;
+    // Whether or not a slot was free, the next try is a second away.
+    slot->launched_ms = now;
+    if (!start_database_worker("pgphi_audit_writer_main", ObjectIdGetDatum(database), name, "pgphi audit writer",
+                               &slot->handle)) {
+        slot->handle = nullptr;
+        report_no_worker_slot(database, now);
+    }
 }
 
 int64_t volume_flush_due_ms(Oid database)
@@ -298,21 +341,40 @@ char* role_name_or_oid(Oid role)
     return name ? name : psprintf("(dropped role %u)", role);
 }
 
-bool audit_functions_installed()
+bool query_bool(const char* sql)
 {
-    int rc = SPI_execute("SELECT pg_catalog.to_regprocedure('pgphi._record_key_use(timestamptz,text,integer,"
-                         "bigint,bigint)') IS NOT NULL",
-                         true, 1);
+    int rc = SPI_execute(sql, true, 1);
     bool isnull = true;
     return rc == SPI_OK_SELECT && SPI_processed == 1 &&
            DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) && !isnull;
 }
 
-void write_event(const AuditEvent& event)
+// What the database's pgphi can take: 0.3.0 records coalesced events with
+// their count and times; 0.2.0 one row per event (a count goes into its
+// detail); before that, nothing.
+enum class AuditSchema { None, OneRowPerEvent, Coalesced };
+
+AuditSchema installed_audit_schema()
 {
-    Oid types[9] = {TIMESTAMPTZOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, TEXTOID, INT4OID, TEXTOID, TEXTOID};
-    Datum values[9] = {
-        TimestampTzGetDatum(event.at),
+    if (query_bool("SELECT pg_catalog.to_regprocedure('pgphi._record_audit_event(timestamptz,text,text,text,"
+                   "integer,text,integer,text,text,bigint,timestamptz,timestamptz)') IS NOT NULL"))
+        return AuditSchema::Coalesced;
+    if (query_bool("SELECT pg_catalog.to_regprocedure('pgphi._record_key_use(timestamptz,text,integer,"
+                   "bigint,bigint)') IS NOT NULL"))
+        return AuditSchema::OneRowPerEvent;
+    return AuditSchema::None;
+}
+
+void write_event(const AuditEvent& event, AuditSchema schema)
+{
+    Oid types[12] = {TIMESTAMPTZOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, TEXTOID,
+                     INT4OID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+    const char* detail = event.detail;
+    if (schema == AuditSchema::OneRowPerEvent && event.occurrences > 1)
+        detail = psprintf("%s (%llu times, the last at %s)", event.detail,
+                          static_cast<unsigned long long>(event.occurrences), timestamptz_to_str(event.last_at));
+    Datum values[12] = {
+        TimestampTzGetDatum(event.first_at),
         CStringGetTextDatum(role_name_or_oid(event.login_role)),
         CStringGetTextDatum(role_name_or_oid(event.acting_role)),
         CStringGetTextDatum(event.action),
@@ -320,10 +382,16 @@ void write_event(const AuditEvent& event)
         CStringGetTextDatum(event.key_name),
         Int32GetDatum(static_cast<int32>(event.key_version)),
         CStringGetTextDatum(event.outcome == AuditOutcome::Refused ? "refused" : "failed"),
-        CStringGetTextDatum(event.detail),
+        CStringGetTextDatum(detail),
+        Int64GetDatum(static_cast<int64>(event.occurrences)),
+        TimestampTzGetDatum(event.first_at),
+        TimestampTzGetDatum(event.last_at),
     };
-    if (SPI_execute_with_args("SELECT pgphi._record_audit_event($1, $2, $3, $4, $5, $6, $7, $8, $9)", 9, types,
-                              values, nullptr, false, 1) != SPI_OK_SELECT)
+    const char* sql = schema == AuditSchema::Coalesced
+                          ? "SELECT pgphi._record_audit_event($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                          : "SELECT pgphi._record_audit_event($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+    if (SPI_execute_with_args(sql, schema == AuditSchema::Coalesced ? 12 : 9, types, values, nullptr, false, 1) !=
+        SPI_OK_SELECT)
         elog(ERROR, "pgphi: could not write an audit event");
 }
 
@@ -352,42 +420,84 @@ void write_volume(const VolumeSnapshot& volume)
 
 } // namespace
 
+namespace {
+
+bool same_event(const AuditEvent& event, const AuditEvent& wanted)
+{
+    return event.in_use && event.claim == 0 && event.database == wanted.database &&
+           event.key_id == wanted.key_id && event.key_version == wanted.key_version &&
+           event.outcome == wanted.outcome && event.acting_role == wanted.acting_role &&
+           event.login_role == wanted.login_role && strcmp(event.action, wanted.action) == 0 &&
+           strcmp(event.key_name, wanted.key_name) == 0 && strcmp(event.detail, wanted.detail) == 0;
+}
+
+// Under the exclusive lock: adds one occurrence to the entry identical to
+// `wanted` among slots [from, to), or takes a free one. False when full.
+bool coalesce_into(const AuditEvent& wanted, int from, int to)
+{
+    int free_slot = -1;
+    for (int i = from; i < to; ++i) {
+        AuditEvent& event = g_audit->events[i];
+        if (same_event(event, wanted)) {
+            event.occurrences++;
+            event.last_at = wanted.last_at;
+            return true;
+        }
+        if (!event.in_use && free_slot < 0)
+            free_slot = i;
+    }
+    if (free_slot < 0)
+        return false;
+    AuditEvent& event = g_audit->events[free_slot];
+    event = wanted;
+    event.id = ++g_audit->next_event_id;
+    g_audit->queued_events++;
+    return true;
+}
+
+} // namespace
+
 void queue_audit_event(const char* action, AuditOutcome outcome, uint32_t key_id, uint32_t key_version,
                        const char* key_name, const char* detail)
 {
     if (!g_audit || !OidIsValid(MyDatabaseId))
         return;
+    AuditEvent wanted;
+    memset(&wanted, 0, sizeof(wanted));
+    wanted.in_use = true;
+    wanted.outcome = outcome;
+    wanted.occurrences = 1;
+    wanted.database = MyDatabaseId;
+    wanted.login_role = GetSessionUserId();
+    wanted.acting_role = GetUserId();
+    wanted.first_at = wanted.last_at = GetCurrentTimestamp();
+    wanted.key_id = key_id;
+    wanted.key_version = key_version;
+    copy_string(wanted.action, sizeof(wanted.action), action);
+    copy_string(wanted.key_name, sizeof(wanted.key_name), key_name);
+    copy_string(wanted.detail, sizeof(wanted.detail), detail);
+
     bool queued = false;
+    bool overflowed = false;
     LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
-    for (AuditEvent& event : g_audit->events) {
-        if (event.in_use)
-            continue;
-        event.in_use = true;
-        event.outcome = outcome;
-        event.writer_attempts = 0;
-        event.id = ++g_audit->next_event_id;
-        event.database = MyDatabaseId;
-        event.login_role = GetSessionUserId();
-        event.acting_role = GetUserId();
-        event.at = GetCurrentTimestamp();
-        event.key_id = key_id;
-        event.key_version = key_version;
-        copy_string(event.action, sizeof(event.action), action);
-        copy_string(event.key_name, sizeof(event.key_name), key_name);
-        copy_string(event.detail, sizeof(event.detail), detail);
-        g_audit->queued_events++;
+    if (coalesce_into(wanted, 0, kAuditEvents)) {
         queued = true;
-        break;
+    } else {
+        // Too many distinct events: keep at least who did what, and how often.
+        wanted.key_id = wanted.key_version = 0;
+        wanted.key_name[0] = '\0';
+        copy_string(wanted.detail, sizeof(wanted.detail), kOverflowDetail);
+        queued = overflowed = coalesce_into(wanted, kAuditEvents, kEventSlots);
     }
     LWLockRelease(g_audit->lock);
-    if (queued) {
+    // No log line here: a flood must not cost one per event. The broker
+    // reports these counters, at most once a minute.
+    if (overflowed)
+        g_audit->overflow_events.fetch_add(1);
+    if (queued)
         wake_broker();
-    } else {
+    else
         g_audit->dropped_events.fetch_add(1);
-        ereport(LOG, (errmsg("pgphi audit queue is full: a \"%s\" event on key \"%s\" was not recorded in "
-                             "pgphi.audit_log",
-                             action, key_name)));
-    }
 }
 
 void queue_audit_event(const char* action, AuditOutcome outcome, const DataKey& key, const char* detail)
@@ -452,12 +562,13 @@ void launch_audit_writers()
         if (due_count < kWriterSlots)
             due[due_count++] = database;
     };
+    report_queue_overflow(now);
     LWLockAcquire(g_audit->lock, LW_SHARED);
     for (const AuditEvent& event : g_audit->events)
-        if (event.in_use)
+        if (event.in_use && event.claim == 0) // claimed ones have a writer at work
             add_due(event.database);
     for (const VolumeEntry& entry : g_audit->volume)
-        if (entry.in_use && (entry.counts[0].load() || entry.counts[1].load()) &&
+        if (entry.in_use && entry.claim == 0 && (entry.counts[0].load() || entry.counts[1].load()) &&
             now >= volume_flush_due_ms(entry.database))
             add_due(entry.database);
     LWLockRelease(g_audit->lock);
@@ -467,7 +578,7 @@ void launch_audit_writers()
 
 AuditCounters audit_counters()
 {
-    AuditCounters counters{0, 0, 0};
+    AuditCounters counters{0, 0, 0, 0};
     if (!g_audit)
         return counters;
     LWLockAcquire(g_audit->lock, LW_SHARED);
@@ -475,6 +586,7 @@ AuditCounters audit_counters()
     LWLockRelease(g_audit->lock);
     counters.dropped_events = g_audit->dropped_events.load();
     counters.dropped_counts = g_audit->dropped_counts.load();
+    counters.overflow_events = g_audit->overflow_events.load();
     return counters;
 }
 
@@ -490,6 +602,63 @@ void define_audit_settings()
 
 } // namespace pgphi::pg
 
+namespace pgphi::pg {
+namespace {
+
+// This writer's claim on queued entries, and whether it wrote them.
+uint64_t g_writer_claim = 0;
+Oid g_writer_database = InvalidOid;
+bool g_writer_done = false;
+
+// At the exit of a writer that did not commit (an error, FATAL, a database
+// dropped under it): gives back what it claimed, one failed attempt more.
+// Registered before the database connection, so it runs after PostgreSQL's
+// own exit callbacks have aborted the transaction and released its locks.
+void release_writer_claim(int, Datum)
+{
+    if (g_writer_done || g_writer_claim == 0 || !g_audit)
+        return;
+    if (LWLockHeldByMe(g_audit->lock))
+        LWLockRelease(g_audit->lock);
+    uint64_t dropped_events = 0;
+    uint64_t dropped_counts = 0;
+    LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+    for (AuditEvent& event : g_audit->events) {
+        if (!event.in_use || event.claim != g_writer_claim)
+            continue;
+        event.claim = 0;
+        if (++event.failed_writers > kMaxFailedWriters) {
+            dropped_events += event.occurrences;
+            memset(&event, 0, sizeof(event));
+            g_audit->queued_events--;
+        }
+    }
+    for (VolumeEntry& entry : g_audit->volume) {
+        if (!entry.in_use || entry.claim != g_writer_claim)
+            continue;
+        entry.claim = 0;
+        if (++entry.failed_writers > kMaxFailedWriters) {
+            dropped_counts += entry.counts[0].load() + entry.counts[1].load();
+            entry.in_use = false;
+        }
+    }
+    LWLockRelease(g_audit->lock);
+    g_writer_claim = 0;
+    if (dropped_events || dropped_counts) {
+        g_audit->dropped_events.fetch_add(dropped_events);
+        g_audit->dropped_counts.fetch_add(dropped_counts);
+        ereport(LOG, (errmsg("pgphi dropped %llu audit events and %llu key use counts of database %u",
+                             static_cast<unsigned long long>(dropped_events),
+                             static_cast<unsigned long long>(dropped_counts), g_writer_database),
+                      errdetail("%d audit writers in a row started and failed to write them; see the earlier "
+                                "errors.",
+                                kMaxFailedWriters)));
+    }
+}
+
+} // namespace
+} // namespace pgphi::pg
+
 extern "C" PGDLLEXPORT void pgphi_audit_writer_main(Datum);
 
 void pgphi_audit_writer_main(Datum argument)
@@ -497,39 +666,48 @@ void pgphi_audit_writer_main(Datum argument)
     using namespace pgphi::pg;
     Oid database = DatumGetObjectId(argument);
     BackgroundWorkerUnblockSignals();
-    BackgroundWorkerInitializeConnectionByOid(database, InvalidOid, 0);
-    pgstat_report_activity(STATE_RUNNING, "writing pgphi audit events and key use counts");
+    g_writer_database = database;
+    before_shmem_exit(release_writer_claim, 0);
 
-    // What to write: copied out under the lock, removed only once committed,
-    // so a writer that fails leaves everything for the next one.
-    AuditEvent* events = static_cast<AuditEvent*>(palloc(sizeof(AuditEvent) * kAuditEvents));
+    // What to write: claimed and copied out under the lock (before the
+    // connection, so a database that cannot be connected to counts as a
+    // failed attempt too), removed only once committed.
+    AuditEvent* events = static_cast<AuditEvent*>(palloc(sizeof(AuditEvent) * kEventSlots));
     VolumeSnapshot* volumes = static_cast<VolumeSnapshot*>(palloc(sizeof(VolumeSnapshot) * kVolumeEntries));
     int event_count = 0;
     int volume_count = 0;
-    LWLockAcquire(g_audit->lock, LW_SHARED);
-    for (const AuditEvent& event : g_audit->events)
-        if (event.in_use && event.database == database)
+    LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+    g_writer_claim = ++g_audit->next_claim;
+    for (AuditEvent& event : g_audit->events)
+        if (event.in_use && event.claim == 0 && event.database == database) {
+            event.claim = g_writer_claim;
             events[event_count++] = event;
+        }
     for (int i = 0; i < kVolumeEntries; ++i) {
-        const VolumeEntry& entry = g_audit->volume[i];
-        if (!entry.in_use || entry.database != database)
+        VolumeEntry& entry = g_audit->volume[i];
+        if (!entry.in_use || entry.claim != 0 || entry.database != database)
             continue;
         VolumeSnapshot& snapshot = volumes[volume_count];
         snapshot = VolumeSnapshot{i, entry.role, entry.key_id, entry.window_start,
                                   {entry.counts[0].load(), entry.counts[1].load()}};
-        if (snapshot.counts[0] || snapshot.counts[1])
+        if (snapshot.counts[0] || snapshot.counts[1]) {
+            entry.claim = g_writer_claim;
             ++volume_count;
+        }
     }
     LWLockRelease(g_audit->lock);
+
+    BackgroundWorkerInitializeConnectionByOid(database, InvalidOid, 0);
+    pgstat_report_activity(STATE_RUNNING, "writing pgphi audit events and key use counts");
 
     SetCurrentStatementStartTimestamp();
     StartTransactionCommand();
     SPI_connect();
     PushActiveSnapshot(GetTransactionSnapshot());
-    bool installed = audit_functions_installed();
-    if (installed) {
+    AuditSchema schema = installed_audit_schema();
+    if (schema != AuditSchema::None) {
         for (int i = 0; i < event_count; ++i)
-            write_event(events[i]);
+            write_event(events[i], schema);
         for (int i = 0; i < volume_count; ++i)
             write_volume(volumes[i]);
     }
@@ -537,7 +715,7 @@ void pgphi_audit_writer_main(Datum argument)
     PopActiveSnapshot();
     CommitTransactionCommand();
 
-    if (!installed && (event_count || volume_count))
+    if (schema == AuditSchema::None && (event_count || volume_count))
         ereport(LOG, (errmsg("pgphi discarded %d audit events and the key use counts of database %u", event_count,
                              database),
                       errdetail("pgphi 0.2.0 or later is not installed in that database."),
@@ -545,24 +723,24 @@ void pgphi_audit_writer_main(Datum argument)
 
     TimestampTz current = current_window(GetCurrentTimestamp());
     LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
-    for (int i = 0; i < event_count; ++i)
-        for (AuditEvent& event : g_audit->events)
-            if (event.in_use && event.id == events[i].id) {
-                memset(&event, 0, sizeof(event));
-                g_audit->queued_events--;
-                break;
-            }
+    for (AuditEvent& event : g_audit->events)
+        if (event.in_use && event.claim == g_writer_claim) {
+            memset(&event, 0, sizeof(event));
+            g_audit->queued_events--;
+        }
     for (int i = 0; i < volume_count; ++i) {
         VolumeEntry& entry = g_audit->volume[volumes[i].slot];
         for (int use = 0; use < 2; ++use)
             entry.counts[use].fetch_sub(volumes[i].counts[use]);
-        entry.writer_attempts = 0;
+        entry.failed_writers = 0;
+        entry.claim = 0;
     }
     // Entries of past windows that nothing was added to since are done.
     for (VolumeEntry& entry : g_audit->volume)
-        if (entry.in_use && entry.database == database && entry.window_start < current &&
+        if (entry.in_use && entry.claim == 0 && entry.database == database && entry.window_start < current &&
             entry.counts[0].load() == 0 && entry.counts[1].load() == 0)
             entry.in_use = false;
+    g_writer_done = true;
     LWLockRelease(g_audit->lock);
 }
 
@@ -575,9 +753,13 @@ PGPHI_FUNCTION(pgphi_audit_queue_status)
     if (get_call_result_type(fcinfo, nullptr, &desc) != TYPEFUNC_COMPOSITE)
         elog(ERROR, "pgphi_audit_queue_status must return a composite type");
     AuditCounters counters = audit_counters();
-    Datum values[3] = {Int32GetDatum(static_cast<int32>(counters.queued_events)),
+    // 0.2.0 declared the first three columns; 0.3.0 adds overflow_events.
+    Datum values[4] = {Int32GetDatum(static_cast<int32>(counters.queued_events)),
                        Int64GetDatum(static_cast<int64>(counters.dropped_events)),
-                       Int64GetDatum(static_cast<int64>(counters.dropped_counts))};
-    bool nulls[3] = {false, false, false};
+                       Int64GetDatum(static_cast<int64>(counters.dropped_counts)),
+                       Int64GetDatum(static_cast<int64>(counters.overflow_events))};
+    bool nulls[4] = {false, false, false, false};
+    if (desc->natts != 3 && desc->natts != 4)
+        elog(ERROR, "pgphi_audit_queue_status: unexpected result type");
     PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
 }

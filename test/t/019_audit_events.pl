@@ -1,0 +1,166 @@
+# Audit events under a flood and under a full worker pool, and the chain's
+# anchors outside the database.
+#
+# - Two sessions make tens of thousands of refused decrypts, and a third as
+#   many tamper failures, at once: every one is counted in audit_log (the sum
+#   of occurrences equals what the sessions counted), in a few coalesced
+#   rows, and the server log grows by a small, bounded amount.
+# - With every background worker slot taken (max_worker_processes = 3: the
+#   key broker and two sleeping parallel workers), refusals keep waiting in
+#   shared memory instead of being dropped after some broker loops; more
+#   distinct events than the queue holds are kept as overflow counts; once
+#   the slots are free, every refusal is in audit_log.
+use strict;
+use warnings;
+
+use IPC::Run;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use PgphiTest;
+
+my $node = PgphiTest::new_node('audit_events');
+$node->append_conf('postgresql.conf', <<'CONF');
+max_worker_processes = 3
+max_parallel_workers = 2
+max_logical_replication_workers = 0
+CONF
+$node->restart;
+
+$node->safe_psql('postgres', q{
+	CREATE EXTENSION pgphi;
+	CREATE ROLE snoop1 LOGIN;
+	CREATE ROLE snoop2 LOGIN;
+	CREATE ROLE tamperer LOGIN;
+	GRANT pgphi_decrypt, pgphi_encrypt TO snoop1, snoop2, tamperer;
+	SELECT pgphi.create_key('k');
+	SELECT pgphi.grant_decrypt('k', 'tamperer');
+	CREATE TABLE vals AS SELECT pgphi.encrypt_phi('secret value', 'k') AS v;
+	-- The same value with its last tag bit flipped: fails authentication.
+	CREATE TABLE tampered AS SELECT set_byte(v::bytea, length(v::bytea) - 1,
+	    get_byte(v::bytea, length(v::bytea) - 1) # 1)::pgphi.encrypted AS v FROM vals;
+	GRANT SELECT ON vals, tampered TO PUBLIC;
+	-- 1 for a refusal, 2 for a failed authentication; caught, so PostgreSQL
+	-- logs none of them (only pgphi's own log lines are measured).
+	CREATE FUNCTION public.attempt_decrypt(v pgphi.encrypted) RETURNS int LANGUAGE plpgsql AS $$
+	BEGIN
+	    PERFORM pgphi.decrypt_phi(v);
+	    RETURN 0;
+	EXCEPTION WHEN insufficient_privilege THEN RETURN 1;
+	          WHEN data_corrupted THEN RETURN 2;
+	END $$;
+	CREATE FUNCTION public.attempt_encrypt(key_name text) RETURNS int LANGUAGE plpgsql AS $$
+	BEGIN
+	    PERFORM pgphi.encrypt_phi('x', key_name);
+	    RETURN 0;
+	EXCEPTION WHEN insufficient_privilege THEN RETURN 1;
+	END $$;
+});
+
+sub queue_empty
+{
+	return $node->poll_query_until('postgres', q{SELECT queued_events = 0 FROM pgphi.audit_queue_status()});
+}
+
+# The sum of occurrences of the refusals and failures recorded for a role.
+sub recorded
+{
+	my ($role, $outcome, $extra) = @_;
+	$extra //= '';
+	return $node->safe_psql('postgres', qq{SELECT coalesce(sum(occurrences), 0) FROM pgphi.audit_log
+		WHERE acting_role = '$role' AND outcome = '$outcome' $extra});
+}
+
+# --- A flood from two sessions, and tamper failures ---------------------------
+
+my $per_session = 25_000;
+my $log_before = -s $node->logfile;
+my @runs;
+for my $job ([ 'snoop1', "SELECT sum(attempt_decrypt(v)) FROM vals, generate_series(1, $per_session)" ],
+	[ 'snoop2', "SELECT sum(attempt_decrypt(v)) FROM vals, generate_series(1, $per_session)" ],
+	[ 'tamperer', "SELECT sum(attempt_decrypt(v)) / 2 FROM tampered, generate_series(1, $per_session)" ])
+{
+	my ($role, $sql) = @$job;
+	my %run = (role => $role, out => '', err => '');
+	$run{h} = IPC::Run::start([ 'psql', '-XAtq', '-d', $node->connstr('postgres') . " user=$role", '-c', $sql ],
+		'>', \$run{out}, '2>', \$run{err});
+	push @runs, \%run;
+}
+my %made;
+for my $run (@runs)
+{
+	$run->{h}->finish;
+	chomp(my $n = $run->{out});
+	$made{ $run->{role} } = $n;
+	is($n, $per_session, "$run->{role}: $per_session attempts, each refused or failed")
+	  or diag($run->{err});
+}
+ok(queue_empty(), 'the audit queue drains');
+is(recorded('snoop1', 'refused'), $made{snoop1}, 'every refused decrypt of session 1 is counted in audit_log');
+is(recorded('snoop2', 'refused'), $made{snoop2}, 'every refused decrypt of session 2 is counted in audit_log');
+is(recorded('tamperer', 'failed', q{AND detail = 'ciphertext failed authentication'}), $made{tamperer},
+	'every tamper failure is counted in audit_log');
+my $rows = $node->safe_psql('postgres',
+	q{SELECT count(*) FROM pgphi.audit_log WHERE acting_role IN ('snoop1', 'snoop2', 'tamperer')});
+cmp_ok($rows, '<', 500, "identical events coalesce: @{[ 3 * $per_session ]} events in $rows rows");
+is($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.audit_log
+	WHERE acting_role IN ('snoop1', 'snoop2', 'tamperer')
+	  AND NOT (first_at <= last_at AND logged_at = first_at AND occurrences >= 1)}), '0',
+	'each coalesced row has its count and its first and last time');
+is($node->safe_psql('postgres', q{SELECT dropped_events, overflow_events FROM pgphi.audit_queue_status()}), '0|0',
+	'nothing dropped, nothing overflowed');
+my $log_growth = (-s $node->logfile) - $log_before;
+cmp_ok($log_growth, '<', 16_384, "the server log grew by $log_growth bytes for @{[ 3 * $per_session ]} events");
+is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}), 't', 'the chain verifies');
+
+# --- No free worker slot: refusals wait, and none is lost -----------------------
+
+$node->safe_psql('postgres', q{
+	SELECT pgphi.create_key('many_' || g) FROM generate_series(1, 300) g;
+	CREATE TABLE filler (id int, pad text) WITH (fillfactor = 10);
+	INSERT INTO filler SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 400) g;
+	ANALYZE filler;
+	CREATE FUNCTION public.slow(int) RETURNS boolean LANGUAGE plpgsql PARALLEL SAFE AS $$
+	BEGIN PERFORM pg_sleep(0.5); RETURN true; END $$;
+});
+my ($fill_out, $fill_err) = ('', '');
+my $filler = IPC::Run::start([ 'psql', '-XAtq', '-d', $node->connstr('postgres'), '-c', q{
+	SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;
+	SET max_parallel_workers_per_gather = 2; SET parallel_leader_participation = off;
+	SET application_name = 'filler';
+	SELECT count(*) FROM filler WHERE slow(id);} ], '>', \$fill_out, '2>', \$fill_err);
+ok($node->poll_query_until('postgres',
+	q{SELECT count(*) = 2 FROM pg_stat_activity WHERE backend_type = 'parallel worker'}),
+	'two sleeping parallel workers take the last worker slots');
+
+my $seq_before = $node->safe_psql('postgres', q{SELECT max(seq) FROM pgphi.audit_log});
+$log_before = -s $node->logfile;
+my $identical = $node->safe_psql('postgres', q{SELECT sum(attempt_decrypt(v)) FROM vals, generate_series(1, 100)},
+	extra_params => [ '-U', 'snoop1' ]);
+my $distinct = $node->safe_psql('postgres', q{SELECT sum(attempt_encrypt('many_' || g))
+	FROM generate_series(1, 300) g, generate_series(1, 2)}, extra_params => [ '-U', 'snoop1' ]);
+is("$identical/$distinct", '100/600', '700 refusals made while no worker slot is free');
+my $warned = $node->wait_for_log(qr/could not start an audit writer for database \d+: no background worker slot/,
+	$log_before);
+ok($warned, 'the broker warns that no worker slot is free');
+ok($node->safe_psql('postgres', q{SELECT queued_events > 0 AND overflow_events > 0 FROM pgphi.audit_queue_status()})
+	  eq 't', 'the events wait in shared memory, the distinct ones beyond the queue as overflow counts');
+# Longer than 20 broker loops (the old code dropped the events after those).
+sleep 25;
+is($node->safe_psql('postgres', q{SELECT dropped_events FROM pgphi.audit_queue_status()}), '0',
+	'nothing was dropped while the pool was full');
+$node->safe_psql('postgres', q{SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'filler'});
+$filler->finish;
+ok(queue_empty(), 'once the slots are free, the queue drains');
+is(recorded('snoop1', 'refused', qq{AND action = 'decrypt' AND seq > $seq_before}), 100, 'all 100 refused decrypts made while the pool was full are in audit_log');
+is(recorded('snoop1', 'refused', qq{AND action = 'encrypt' AND seq > $seq_before}), 600,
+	'all 600 refused encrypts under 300 keys are counted, the queue\'s overflow included');
+cmp_ok($node->safe_psql('postgres', q{SELECT sum(occurrences) FROM pgphi.audit_log
+	WHERE action = 'encrypt' AND key_id IS NULL AND detail LIKE 'the audit queue was full%'}), '>', 0,
+	'beyond the queue, events are kept as counts per role and action');
+my $log = slurp_file($node->logfile, $log_before);
+my $warnings = () = $log =~ /no background worker slot is free/g;
+cmp_ok($warnings, '<=', 2, "the full pool was reported $warnings time(s), not at every retry");
+is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}), 't', 'the chain verifies');
+
+done_testing();
