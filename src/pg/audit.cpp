@@ -3,12 +3,15 @@
 extern "C" {
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "commands/dbcommands.h"
 #include "executor/spi.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
+#include "storage/condition_variable.h"
 #include "storage/shmem.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -19,6 +22,9 @@ extern "C" {
 
 #include "audit.hpp"
 #include "database_worker.hpp"
+#include "error_bridge.hpp"
+#include "providers.hpp"
+#include "settings.hpp"
 #include "shared_state.hpp"
 
 namespace pgphi::pg {
@@ -76,6 +82,46 @@ struct VolumeEntry {
     std::atomic<uint64_t> counts[2]; // indexed by KeyUse
 };
 
+// A MAC over an audit anchor's message, or the check of one, asked of the
+// key broker: the only process that holds key-manager credentials (and the
+// local provider's KEK).
+constexpr int kAnchorRequests = 8;
+constexpr size_t kAnchorMessageSize = 512;
+constexpr size_t kAnchorMacSize = 256;
+struct AnchorRequest {
+    enum class State : uint8_t { Free, Pending, InFlight, Done };
+    State state;
+    bool verify;
+    uint64_t ticket;
+    int64_t done_at_ms;
+    Oid database;
+    int64_t anchor_seq;
+    int64_t audit_seq;
+    char provider[16];              // in for a check; out for a MAC (the broker's setting)
+    char key_ref[256];
+    uint16_t message_size;
+    char message[kAnchorMessageSize];
+    char mac[kAnchorMacSize];       // in for a check, out for a MAC
+    // Results
+    bool ok;
+    bool valid;                     // a check: the MAC is authentic
+    bool regressed;                 // a MAC refused: the anchor would go back
+    int64_t last_anchor_seq;        // ... behind this one
+    CoreFailure failure;
+};
+
+// Per database: what the broker last anchored (it refuses to anchor an
+// older or equal sequence number: anchors removed and redone), and when the
+// chain changed and was last anchored (the schedule).
+constexpr int kAnchorDatabases = 64;
+struct AnchorDatabase {
+    Oid database;
+    bool chain_changed;
+    int64_t anchored_ms;            // last scheduled anchoring
+    int64_t anchor_seq;             // the broker's last MAC for it (0: none)
+    int64_t audit_seq;
+};
+
 struct AuditShared {
     LWLock* lock; // allocating and freeing entries; counts are atomics
     uint64_t next_event_id;
@@ -86,10 +132,19 @@ struct AuditShared {
     std::atomic<uint64_t> dropped_counts;
     AuditEvent events[kEventSlots];
     VolumeEntry volume[kVolumeEntries];
+    uint64_t next_anchor_ticket;
+    ConditionVariable anchor_done;  // broadcast by the broker after each answer
+    AnchorRequest anchors[kAnchorRequests];
+    AnchorDatabase anchor_databases[kAnchorDatabases];
 };
 
 AuditShared* g_audit = nullptr;
 int g_key_use_window_s = 3600;
+int g_anchor_interval_s = 300;
+int g_anchor_provider = 0;
+char* g_anchor_key = nullptr;
+const struct config_enum_entry kAnchorProviders[] = {
+    {"local", 0, false}, {"vault", 1, false}, {"aws_kms", 2, false}, {nullptr, 0, false}};
 
 // This backend's counts not yet added to shared memory. `slot` remembers the
 // shared entry they went to last time, so the usual flush needs no search.
@@ -418,6 +473,313 @@ void write_volume(const VolumeSnapshot& volume)
         elog(ERROR, "pgphi: could not write key use counts");
 }
 
+
+// ---------------------------------------------------------------------------
+// Audit anchors: the chain head (seq, row_hash) with a MAC by the key
+// manager, in pgphi.audit_anchors and in the server log. Each anchor's MAC
+// covers its number, time, the anchored row and hash, and the previous
+// anchor's MAC, so anchors form a chain of their own.
+// ---------------------------------------------------------------------------
+
+constexpr int64_t kAbandonedAnchorMs = 60'000;
+
+// Under the lock (exclusive when `create`).
+AnchorDatabase* anchor_database(Oid database, bool create)
+{
+    AnchorDatabase* free_entry = nullptr;
+    for (AnchorDatabase& entry : g_audit->anchor_databases) {
+        if (entry.database == database)
+            return &entry;
+        if (!OidIsValid(entry.database) && !free_entry)
+            free_entry = &entry;
+    }
+    if (!create || !free_entry)
+        return nullptr;
+    memset(free_entry, 0, sizeof(*free_entry));
+    free_entry->database = database;
+    return free_entry;
+}
+
+bool anchor_due(const AnchorDatabase& entry, int64_t now)
+{
+    return OidIsValid(entry.database) && entry.chain_changed && g_anchor_interval_s > 0 &&
+           (entry.anchored_ms == 0 || now - entry.anchored_ms >= static_cast<int64_t>(g_anchor_interval_s) * 1000);
+}
+
+const char* anchor_provider_name() { return kAnchorProviders[g_anchor_provider].name; }
+
+bool known_provider(const char* name)
+{
+    for (const config_enum_entry* entry = kAnchorProviders; entry->name; ++entry)
+        if (strcmp(entry->name, name) == 0)
+            return true;
+    return false;
+}
+
+// The text an anchor's MAC covers. False when it does not fit.
+bool build_anchor_message(AnchorRequest& request, int64_t anchor_seq, TimestampTz anchored_at, int64_t audit_seq,
+                          const uint8_t* hash, size_t hash_size, const char* prev_mac)
+{
+    char hash_hex[2 * 64 + 1];
+    if (hash_size > 64)
+        return false;
+    for (size_t i = 0; i < hash_size; ++i)
+        snprintf(hash_hex + 2 * i, 3, "%02x", hash[i]);
+    hash_hex[2 * hash_size] = '\0';
+    int n = snprintf(request.message, sizeof(request.message), "pgphi audit anchor v1\n%lld\n%lld\n%lld\n%s\n%s",
+                     static_cast<long long>(anchor_seq), static_cast<long long>(anchored_at),
+                     static_cast<long long>(audit_seq), hash_hex, prev_mac);
+    if (n < 0 || static_cast<size_t>(n) >= sizeof(request.message))
+        return false;
+    request.message_size = static_cast<uint16_t>(n);
+    request.anchor_seq = anchor_seq;
+    request.audit_seq = audit_seq;
+    return true;
+}
+
+[[noreturn]] void raise_anchor_timeout()
+{
+    ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE),
+                    errmsg("pgphi key broker did not answer within %d ms", key_wait_timeout_ms),
+                    errdetail("It was asked for an audit anchor's MAC."),
+                    errhint("Check that the key broker runs (pgphi.broker_status()).")));
+}
+
+// Posts the request to the broker and waits for its answer (at most
+// pgphi.key_wait_timeout; cancel works). `request` comes back answered.
+void ask_broker(AnchorRequest& request)
+{
+    int64_t deadline = now_ms() + key_wait_timeout_ms;
+    int index = -1;
+    uint64_t ticket = 0;
+    ConditionVariablePrepareToSleep(&g_audit->anchor_done);
+    for (;;) {
+        int64_t now = now_ms();
+        LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+        for (int i = 0; i < kAnchorRequests && index < 0; ++i) {
+            AnchorRequest& slot = g_audit->anchors[i];
+            // A Done slot nobody collected belonged to a cancelled session.
+            if (slot.state == AnchorRequest::State::Free ||
+                (slot.state == AnchorRequest::State::Done && now - slot.done_at_ms > kAbandonedAnchorMs))
+                index = i;
+        }
+        if (index >= 0) {
+            ticket = ++g_audit->next_anchor_ticket;
+            request.ticket = ticket;
+            request.state = AnchorRequest::State::Pending;
+            g_audit->anchors[index] = request;
+        }
+        LWLockRelease(g_audit->lock);
+        if (index >= 0)
+            break;
+        if (now >= deadline) {
+            ConditionVariableCancelSleep();
+            raise_anchor_timeout();
+        }
+        ConditionVariableTimedSleep(&g_audit->anchor_done, std::min<int64_t>(deadline - now, 100), PG_WAIT_EXTENSION);
+    }
+    wake_broker();
+    for (;;) {
+        int64_t now = now_ms();
+        LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+        AnchorRequest& slot = g_audit->anchors[index];
+        if (slot.ticket == ticket && slot.state == AnchorRequest::State::Done) {
+            request = slot;
+            memset(&slot, 0, sizeof(slot));
+            LWLockRelease(g_audit->lock);
+            break;
+        }
+        if (now >= deadline) {
+            if (slot.ticket == ticket)
+                memset(&slot, 0, sizeof(slot)); // a late answer finds another ticket and is dropped
+            LWLockRelease(g_audit->lock);
+            ConditionVariableCancelSleep();
+            raise_anchor_timeout();
+        }
+        LWLockRelease(g_audit->lock);
+        ConditionVariableTimedSleep(&g_audit->anchor_done, deadline - now, PG_WAIT_EXTENSION);
+    }
+    ConditionVariableCancelSleep();
+}
+
+// In the broker: answers one request.
+void serve_anchor_request(int index)
+{
+    AnchorRequest& shared = g_audit->anchors[index];
+    AnchorRequest job;
+    LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+    if (shared.state != AnchorRequest::State::Pending) {
+        LWLockRelease(g_audit->lock);
+        return;
+    }
+    shared.state = AnchorRequest::State::InFlight;
+    job = shared;
+    // An anchor must come after the last one this server made for the
+    // database: a lower number means anchors were removed and are being
+    // redone over a rewritten chain.
+    if (!job.verify) {
+        AnchorDatabase* known = anchor_database(job.database, false);
+        if (known && known->anchor_seq != 0 &&
+            (job.anchor_seq <= known->anchor_seq || job.audit_seq < known->audit_seq)) {
+            job.regressed = true;
+            job.last_anchor_seq = known->anchor_seq;
+        }
+    }
+    LWLockRelease(g_audit->lock);
+
+    ByteView message(reinterpret_cast<const uint8_t*>(job.message), job.message_size);
+    if (job.verify) {
+        job.ok = run_core(job.failure, [&] {
+            job.valid = provider_named(job.provider).verify_audit_mac(job.key_ref, message, std::string(job.mac));
+        });
+    } else if (!job.regressed) {
+        strlcpy(job.provider, anchor_provider_name(), sizeof(job.provider));
+        const char* key = g_anchor_key && g_anchor_key[0] ? g_anchor_key
+                          : g_anchor_provider == 0       ? "default"
+                                                         : "";
+        strlcpy(job.key_ref, key, sizeof(job.key_ref));
+        job.ok = run_core(job.failure, [&] {
+            if (job.key_ref[0] == '\0')
+                throw Error(ErrorCode::ConfigError, "pgphi.audit_anchor_key is not set",
+                            "The Vault and AWS KMS providers anchor with a key named by that setting.");
+            std::string mac = provider_named(job.provider).audit_mac(job.key_ref, message);
+            if (mac.size() >= sizeof(job.mac))
+                throw Error(ErrorCode::ProviderError, "the key provider returned an oversized MAC");
+            memcpy(job.mac, mac.c_str(), mac.size() + 1);
+        });
+    }
+    LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+    if (job.ok && !job.verify) {
+        AnchorDatabase* known = anchor_database(job.database, true);
+        if (known) {
+            known->anchor_seq = job.anchor_seq;
+            known->audit_seq = job.audit_seq;
+        }
+    }
+    if (shared.ticket == job.ticket && shared.state == AnchorRequest::State::InFlight) {
+        shared = job;
+        shared.state = AnchorRequest::State::Done;
+        shared.done_at_ms = now_ms();
+    }
+    LWLockRelease(g_audit->lock);
+    ConditionVariableBroadcast(&g_audit->anchor_done);
+}
+
+struct AnchorResult {
+    bool exists;         // false: the chain is empty
+    int64_t anchor_seq;
+    int64_t audit_seq;
+    char audit_hash[2 * 64 + 1];
+    char mac[kAnchorMacSize];
+};
+
+int64_t spi_int8(int row, int column, bool* isnull)
+{
+    Datum d = SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, column, isnull);
+    return *isnull ? 0 : DatumGetInt64(d);
+}
+
+// Anchors the chain's head, unless the last anchor already covers it. Runs
+// inside a transaction with SPI connected, as the extension's owner.
+void anchor_chain(AnchorResult* result)
+{
+    memset(result, 0, sizeof(*result));
+    if (SPI_execute("SELECT pg_catalog.pg_advisory_xact_lock("
+                    "'pgphi.audit_anchors'::pg_catalog.regclass::pg_catalog.oid::pg_catalog.int4, 0)",
+                    false, 0) != SPI_OK_SELECT)
+        elog(ERROR, "pgphi: could not lock pgphi.audit_anchors");
+    bool isnull = true;
+    int64_t last_anchor = 0;
+    int64_t last_audit_seq = -1;
+    char prev_mac[kAnchorMacSize] = "";
+    if (SPI_execute("SELECT anchor_seq, audit_seq, mac FROM pgphi.audit_anchors ORDER BY anchor_seq DESC LIMIT 1",
+                    true, 1) != SPI_OK_SELECT)
+        elog(ERROR, "pgphi: could not read pgphi.audit_anchors");
+    if (SPI_processed == 1) {
+        last_anchor = spi_int8(0, 1, &isnull);
+        last_audit_seq = spi_int8(0, 2, &isnull);
+        char* mac = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
+        strlcpy(prev_mac, mac ? mac : "", sizeof(prev_mac));
+    }
+    if (SPI_execute("SELECT seq, row_hash FROM pgphi.audit_log ORDER BY seq DESC LIMIT 1", true, 1) !=
+        SPI_OK_SELECT)
+        elog(ERROR, "pgphi: could not read pgphi.audit_log");
+    if (SPI_processed != 1)
+        return; // nothing to anchor yet
+    int64_t head_seq = spi_int8(0, 1, &isnull);
+    Datum hash_datum = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+    bytea* hash = DatumGetByteaPP(hash_datum);
+    const uint8_t* hash_bytes = reinterpret_cast<const uint8_t*>(VARDATA_ANY(hash));
+    size_t hash_size = VARSIZE_ANY_EXHDR(hash);
+    if (hash_size > 64)
+        elog(ERROR, "pgphi: the audit log's head hash is oversized");
+    result->exists = true;
+    result->audit_seq = head_seq;
+    for (size_t i = 0; i < hash_size; ++i)
+        snprintf(result->audit_hash + 2 * i, 3, "%02x", hash_bytes[i]);
+    if (last_audit_seq == head_seq) {
+        result->anchor_seq = last_anchor; // already anchored
+        strlcpy(result->mac, prev_mac, sizeof(result->mac));
+        return;
+    }
+
+    AnchorRequest request;
+    memset(&request, 0, sizeof(request));
+    request.verify = false;
+    request.database = MyDatabaseId;
+    TimestampTz anchored_at = GetCurrentTimestamp();
+    if (!build_anchor_message(request, last_anchor + 1, anchored_at, head_seq, hash_bytes, hash_size, prev_mac))
+        elog(ERROR, "pgphi: the audit anchor's message is too long");
+    ask_broker(request);
+    if (request.regressed)
+        ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED),
+                        errmsg("pgphi refuses to make audit anchor %lld: this server already anchored up to anchor "
+                               "%lld",
+                               static_cast<long long>(request.anchor_seq),
+                               static_cast<long long>(request.last_anchor_seq)),
+                        errdetail("Anchors were removed from pgphi.audit_anchors, or rows from pgphi.audit_log."),
+                        errhint("The server log holds every anchor made (\"pgphi audit anchor\" lines).")));
+    if (!request.ok)
+        raise_core_failure(request.failure);
+
+    Oid types[8] = {INT8OID, TIMESTAMPTZOID, INT8OID, BYTEAOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+    Datum values[8] = {Int64GetDatum(request.anchor_seq),    TimestampTzGetDatum(anchored_at),
+                       Int64GetDatum(head_seq),              PointerGetDatum(hash),
+                       CStringGetTextDatum(request.provider), CStringGetTextDatum(request.key_ref),
+                       CStringGetTextDatum(prev_mac),         CStringGetTextDatum(request.mac)};
+    if (SPI_execute_with_args("INSERT INTO pgphi.audit_anchors (anchor_seq, anchored_at, audit_seq, audit_hash, "
+                              "provider, key_ref, prev_mac, mac) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                              8, types, values, nullptr, false, 0) != SPI_OK_INSERT)
+        elog(ERROR, "pgphi: could not store an audit anchor");
+    result->anchor_seq = request.anchor_seq;
+    strlcpy(result->mac, request.mac, sizeof(result->mac));
+    // For a SIEM: the anchored head, outside the database.
+    char* database = get_database_name(MyDatabaseId);
+    ereport(LOG, (errhidestmt(true),
+                  errmsg("pgphi audit anchor: database \"%s\" anchor %lld at %s: row %lld, head %s, mac %s "
+                         "(provider %s, key %s)",
+                         database ? database : "?", static_cast<long long>(request.anchor_seq),
+                         timestamptz_to_str(anchored_at), static_cast<long long>(head_seq), result->audit_hash,
+                         request.mac, request.provider, request.key_ref)));
+}
+
+// Whether the database's chain is due for a scheduled anchor; if so, it is
+// marked as anchored now (a failing anchor is retried an interval later).
+bool take_due_anchor(Oid database)
+{
+    bool due = false;
+    int64_t now = now_ms();
+    LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+    AnchorDatabase* entry = anchor_database(database, false);
+    if (entry && anchor_due(*entry, now)) {
+        due = true;
+        entry->chain_changed = false;
+        entry->anchored_ms = now;
+    }
+    LWLockRelease(g_audit->lock);
+    return due;
+}
+
 } // namespace
 
 namespace {
@@ -544,6 +906,7 @@ void init_audit_shared_memory(void* memory, bool found)
         memset(memory, 0, sizeof(AuditShared));
         auto* audit = new (memory) AuditShared;
         audit->lock = &(GetNamedLWLockTranche("pgphi_audit"))->lock;
+        ConditionVariableInit(&audit->anchor_done);
     }
     g_audit = static_cast<AuditShared*>(memory);
 }
@@ -571,9 +934,22 @@ void launch_audit_writers()
         if (entry.in_use && entry.claim == 0 && (entry.counts[0].load() || entry.counts[1].load()) &&
             now >= volume_flush_due_ms(entry.database))
             add_due(entry.database);
+    for (const AnchorDatabase& entry : g_audit->anchor_databases)
+        if (anchor_due(entry, now))
+            add_due(entry.database); // its writer anchors the chain
     LWLockRelease(g_audit->lock);
     for (int i = 0; i < due_count; ++i)
         launch_writer(due[i], now);
+}
+
+void serve_audit_anchors()
+{
+    if (!g_audit)
+        return;
+    for (int i = 0; i < kAnchorRequests; ++i) {
+        serve_anchor_request(i);
+        CHECK_FOR_INTERRUPTS();
+    }
 }
 
 AuditCounters audit_counters()
@@ -597,6 +973,19 @@ void define_audit_settings()
                             "decryptions per role and key.",
                             nullptr, &g_key_use_window_s, 3600, 60, 86400 * 7, PGC_SIGHUP, GUC_UNIT_S, nullptr,
                             nullptr, nullptr);
+    DefineCustomIntVariable("pgphi.audit_anchor_interval",
+                            "How often at most pgphi anchors a changed audit chain's head with a MAC by the key "
+                            "manager; 0 turns scheduled anchors off.",
+                            nullptr, &g_anchor_interval_s, 300, 0, 86400 * 7, PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY, nullptr,
+                            nullptr, nullptr);
+    DefineCustomEnumVariable("pgphi.audit_anchor_provider",
+                             "Key provider whose key authenticates audit anchors: local, vault or aws_kms.", nullptr,
+                             &g_anchor_provider, 0, kAnchorProviders, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr,
+                             nullptr, nullptr);
+    DefineCustomStringVariable("pgphi.audit_anchor_key",
+                               "Key that authenticates audit anchors: a Vault Transit key or an AWS KMS HMAC key; "
+                               "empty for the local provider.",
+                               nullptr, &g_anchor_key, "", PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);
     RegisterXactCallback(flush_at_xact_end, nullptr);
 }
 
@@ -742,6 +1131,24 @@ void pgphi_audit_writer_main(Datum argument)
             entry.in_use = false;
     g_writer_done = true;
     LWLockRelease(g_audit->lock);
+
+    // The chain's head, anchored when it changed and the interval passed:
+    // in a transaction of its own, so that a failing key manager never
+    // holds back the events.
+    if (schema == AuditSchema::Coalesced && take_due_anchor(database)) {
+        SetCurrentStatementStartTimestamp();
+        StartTransactionCommand();
+        SPI_connect();
+        PushActiveSnapshot(GetTransactionSnapshot());
+        pgstat_report_activity(STATE_RUNNING, "anchoring the pgphi audit log");
+        if (query_bool("SELECT pg_catalog.to_regclass('pgphi.audit_anchors') IS NOT NULL")) {
+            AnchorResult anchored;
+            anchor_chain(&anchored);
+        }
+        SPI_finish();
+        PopActiveSnapshot();
+        CommitTransactionCommand();
+    }
 }
 
 // pgphi.audit_queue_status(): events waiting for the audit writer, and what
@@ -762,4 +1169,87 @@ PGPHI_FUNCTION(pgphi_audit_queue_status)
     if (desc->natts != 3 && desc->natts != 4)
         elog(ERROR, "pgphi_audit_queue_status: unexpected result type");
     PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
+}
+
+// pgphi.anchor_audit_log(): anchors the chain's head now (custodians and
+// auditors), unless the last anchor covers it; returns that anchor.
+PGPHI_FUNCTION(pgphi_anchor_audit_log)
+{
+    using namespace pgphi::pg;
+    TupleDesc desc;
+    if (get_call_result_type(fcinfo, nullptr, &desc) != TYPEFUNC_COMPOSITE)
+        elog(ERROR, "pgphi_anchor_audit_log must return a composite type");
+    AnchorResult anchored;
+    SPI_connect();
+    anchor_chain(&anchored);
+    SPI_finish();
+    Datum values[4] = {Int64GetDatum(anchored.anchor_seq), Int64GetDatum(anchored.audit_seq),
+                       CStringGetTextDatum(anchored.audit_hash), CStringGetTextDatum(anchored.mac)};
+    bool nulls[4] = {!anchored.exists, !anchored.exists, !anchored.exists, !anchored.exists};
+    PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
+}
+
+// pgphi._verify_audit_anchor(anchor_seq, anchored_at, audit_seq, audit_hash,
+// prev_mac, provider, key_ref, mac): whether the key manager vouches for
+// the anchor. Raises the key manager's error when it cannot be asked.
+PGPHI_FUNCTION(pgphi_verify_audit_anchor)
+{
+    using namespace pgphi::pg;
+    int64 anchor_seq = PG_GETARG_INT64(0);
+    TimestampTz anchored_at = PG_GETARG_TIMESTAMPTZ(1);
+    int64 audit_seq = PG_GETARG_INT64(2);
+    bytea* hash = PG_GETARG_BYTEA_PP(3);
+    char* prev_mac = text_to_cstring(PG_GETARG_TEXT_PP(4));
+    char* provider = text_to_cstring(PG_GETARG_TEXT_PP(5));
+    char* key_ref = text_to_cstring(PG_GETARG_TEXT_PP(6));
+    char* mac = text_to_cstring(PG_GETARG_TEXT_PP(7));
+    AnchorRequest request;
+    memset(&request, 0, sizeof(request));
+    request.verify = true;
+    request.database = MyDatabaseId;
+    // Anything that does not fit what pgphi makes is simply not authentic.
+    if (!known_provider(provider) || strlen(key_ref) >= sizeof(request.key_ref) ||
+        strlen(mac) >= sizeof(request.mac) || strlen(prev_mac) >= kAnchorMacSize ||
+        !build_anchor_message(request, anchor_seq, anchored_at, audit_seq,
+                              reinterpret_cast<const uint8_t*>(VARDATA_ANY(hash)), VARSIZE_ANY_EXHDR(hash),
+                              prev_mac))
+        PG_RETURN_BOOL(false);
+    strlcpy(request.provider, provider, sizeof(request.provider));
+    strlcpy(request.key_ref, key_ref, sizeof(request.key_ref));
+    strlcpy(request.mac, mac, sizeof(request.mac));
+    ask_broker(request);
+    if (!request.ok)
+        raise_core_failure(request.failure);
+    PG_RETURN_BOOL(request.valid);
+}
+
+// pgphi._audit_anchor_last_known(): the last anchor number the broker made
+// for this database since the server started, or NULL.
+PGPHI_FUNCTION(pgphi_audit_anchor_last_known)
+{
+    using namespace pgphi::pg;
+    int64_t last = 0;
+    LWLockAcquire(g_audit->lock, LW_SHARED);
+    AnchorDatabase* entry = anchor_database(MyDatabaseId, false);
+    if (entry)
+        last = entry->anchor_seq;
+    LWLockRelease(g_audit->lock);
+    if (last == 0)
+        PG_RETURN_NULL();
+    PG_RETURN_INT64(last);
+}
+
+// pgphi._audit_chain_changed(): from the chain trigger, so the scheduled
+// anchoring knows which databases' chains moved.
+PGPHI_FUNCTION(pgphi_audit_chain_changed)
+{
+    using namespace pgphi::pg;
+    if (g_audit && OidIsValid(MyDatabaseId)) {
+        LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+        AnchorDatabase* entry = anchor_database(MyDatabaseId, true);
+        if (entry)
+            entry->chain_changed = true;
+        LWLockRelease(g_audit->lock);
+    }
+    PG_RETURN_VOID();
 }

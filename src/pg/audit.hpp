@@ -43,6 +43,11 @@ void init_audit_shared_memory(void* memory, bool found);
 // count against the events.
 void launch_audit_writers();
 
+// From the key broker's loop: computes or checks the MACs of audit anchors
+// that sessions and audit writers asked for (the broker alone holds the
+// key-manager credentials and the local KEK). See pgphi.audit_anchors.
+void serve_audit_anchors();
+
 // What broker_status() reports.
 struct AuditCounters {
     uint32_t queued_events;

@@ -163,4 +163,163 @@ my $warnings = () = $log =~ /no background worker slot is free/g;
 cmp_ok($warnings, '<=', 2, "the full pool was reported $warnings time(s), not at every retry");
 is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}), 't', 'the chain verifies');
 
+# --- Anchors: the chain's head authenticated outside the database ---------------
+
+# Scheduled: a changed chain is anchored within the interval, and the anchor
+# is in the server log for a SIEM.
+$node->safe_psql('postgres', q{ALTER SYSTEM SET pgphi.audit_anchor_interval = '2s'});
+PgphiTest::reload_broker($node);
+$node->safe_psql('postgres', q{SELECT pgphi.create_key('anchored_key')});
+ok($node->poll_query_until('postgres', q{SELECT EXISTS (SELECT FROM pgphi.audit_anchors
+	WHERE audit_seq = (SELECT max(seq) FROM pgphi.audit_log))}),
+	'a changed chain is anchored on schedule');
+$node->safe_psql('postgres', q{ALTER SYSTEM SET pgphi.audit_anchor_interval = 0});
+PgphiTest::reload_broker($node);
+
+$node->safe_psql('postgres', q{
+	CREATE ROLE auditor LOGIN IN ROLE pgphi_key_auditor;
+	SELECT pgphi.create_key('on_demand_key');
+});
+my $anchor = $node->safe_psql('postgres', q{SELECT anchor_seq || ' ' || audit_seq || ' ' || mac
+	FROM pgphi.anchor_audit_log()}, extra_params => [ '-U', 'auditor' ]);
+like($anchor, qr/^\d+ \d+ local:v1:[0-9a-f]{64}$/, "an auditor anchors the head on demand: $anchor");
+is($node->safe_psql('postgres', q{SELECT audit_seq = (SELECT max(seq) FROM pgphi.audit_log)
+	FROM pgphi.audit_anchors ORDER BY anchor_seq DESC LIMIT 1}), 't', 'the anchor covers the head');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.anchor_audit_log() a
+	JOIN pgphi.audit_anchors s USING (anchor_seq)}, extra_params => [ '-U', 'auditor' ]), '1',
+	'anchoring an anchored head again makes no new anchor');
+
+my $log_text = slurp_file($node->logfile);
+my $anchors = $node->safe_psql('postgres', q{SELECT anchor_seq, audit_seq, encode(audit_hash, 'hex'), mac
+	FROM pgphi.audit_anchors ORDER BY anchor_seq});
+my $in_log = 0;
+my @anchor_rows = split /\n/, $anchors;
+for my $row (@anchor_rows)
+{
+	my ($n, $seq, $hash, $mac) = split /\|/, $row;
+	$in_log++ if $log_text =~ /LOG:  pgphi audit anchor: database "postgres" anchor $n at [^:]+:[^:]+:[^:]+: row $seq, head $hash, mac \Q$mac\E \(provider local, key default\)/;
+}
+is($in_log, scalar(@anchor_rows), "each of the @{[ scalar @anchor_rows ]} anchors is in the server log");
+is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}, extra_params => [ '-U', 'auditor' ]),
+	't', 'the auditor verifies chain and anchors');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.audit_anchors WHERE mac NOT LIKE 'local:v1:%'}), '0',
+	'every anchor carries a MAC of the local provider');
+unlike($log_text, qr/secret value/, 'no plaintext in the server log');
+
+# A superuser who turns the guards off: every change to what an anchor covers
+# is found by verify_audit_log(), with no head hash recorded by hand.
+$node->safe_psql('postgres', q{
+	CREATE TABLE saved_log AS SELECT * FROM pgphi.audit_log;
+	CREATE TABLE saved_anchors AS SELECT * FROM pgphi.audit_anchors;
+});
+my $guards_off = q{
+	ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_chain;
+	ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_no_change;
+	ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_no_truncate;
+	ALTER TABLE pgphi.audit_anchors DISABLE TRIGGER audit_anchors_no_change;
+	ALTER TABLE pgphi.audit_anchors DISABLE TRIGGER audit_anchors_no_truncate;
+};
+my $guards_on = q{
+	ALTER TABLE pgphi.audit_log ENABLE ALWAYS TRIGGER audit_log_chain;
+	ALTER TABLE pgphi.audit_log ENABLE ALWAYS TRIGGER audit_log_no_change;
+	ALTER TABLE pgphi.audit_log ENABLE ALWAYS TRIGGER audit_log_no_truncate;
+	ALTER TABLE pgphi.audit_anchors ENABLE ALWAYS TRIGGER audit_anchors_no_change;
+	ALTER TABLE pgphi.audit_anchors ENABLE ALWAYS TRIGGER audit_anchors_no_truncate;
+};
+my $restore = q{
+	DELETE FROM pgphi.audit_log;
+	INSERT INTO pgphi.audit_log SELECT * FROM saved_log;
+	DELETE FROM pgphi.audit_anchors;
+	INSERT INTO pgphi.audit_anchors SELECT * FROM saved_anchors;
+};
+# Recomputes every row's hashes, as a forger would after changing rows.
+my $rehash = q{
+	DO $$
+	DECLARE r pgphi.audit_log; prev bytea := '\x';
+	BEGIN
+	    FOR r IN SELECT * FROM pgphi.audit_log ORDER BY seq LOOP
+	        r.prev_hash := prev;
+	        r.row_hash := pgphi._audit_row_hash(prev, r);
+	        UPDATE pgphi.audit_log SET prev_hash = r.prev_hash, row_hash = r.row_hash WHERE seq = r.seq;
+	        prev := r.row_hash;
+	    END LOOP;
+	END $$;
+};
+my $anchored_seq = $node->safe_psql('postgres', q{SELECT max(audit_seq) FROM pgphi.audit_anchors});
+my $first_anchored = $node->safe_psql('postgres', q{SELECT min(audit_seq) FROM pgphi.audit_anchors});
+my $last_anchor = $node->safe_psql('postgres', q{SELECT max(anchor_seq) FROM pgphi.audit_anchors});
+
+sub after_tampering
+{
+	my ($what, $sql, $expected) = @_;
+	my $result = $node->safe_psql('postgres', "$guards_off $sql;
+		SELECT CASE WHEN intact THEN 't' ELSE 'f' END || ' ' || coalesce(first_bad_seq::text, '-') || ' ' || problem FROM pgphi.verify_audit_log();");
+	$node->safe_psql('postgres', "$restore $guards_on");
+	like($result, $expected, "$what: $result");
+	is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}), 't', "$what: restored, intact");
+}
+
+after_tampering('the last anchored rows cut off',
+	"DELETE FROM pgphi.audit_log WHERE seq > $anchored_seq - 3",
+	qr/^f @{[ $anchored_seq - 2 ]} row \d+ was anchored \(anchor \d+\) but the chain ends at row @{[ $anchored_seq - 3 ]}: rows were removed from its end$/);
+after_tampering('TRUNCATE', 'TRUNCATE pgphi.audit_log',
+	qr/^f 1 row $first_anchored was anchored \(anchor 1\) but the chain ends at row 0: rows were removed/);
+after_tampering('an anchored row edited and the whole chain re-hashed',
+	"UPDATE pgphi.audit_log SET acting_role = 'someone_else' WHERE seq = 2; $rehash",
+	qr/^f $first_anchored row $first_anchored does not match anchor 1: the chain up to it was rewritten$/);
+after_tampering('a forged row inserted among anchored ones, renumbered and re-hashed',
+	"UPDATE pgphi.audit_log SET seq = -(seq + 1) WHERE seq >= 3;
+	 UPDATE pgphi.audit_log SET seq = -seq WHERE seq < 0;
+	 INSERT INTO pgphi.audit_log (seq, logged_at, login_role, acting_role, action, outcome, prev_hash, row_hash)
+	     VALUES (3, now(), 'postgres', 'postgres', 'grant_decrypt', 'ok', '', '');
+	 $rehash",
+	qr/^f \d+ row \d+ does not match anchor \d+: the chain up to it was rewritten$/);
+after_tampering('a row removed among anchored ones and the chain re-hashed',
+	"DELETE FROM pgphi.audit_log WHERE seq = 2;
+	 UPDATE pgphi.audit_log SET seq = seq - 1 WHERE seq > 2;
+	 $rehash",
+	qr/^f \d+ row \d+ does not match anchor 1: the chain up to it was rewritten$/);
+after_tampering('re-hashed and re-anchored with a made-up MAC',
+	"UPDATE pgphi.audit_log SET acting_role = 'someone_else' WHERE seq = 2; $rehash;
+	 UPDATE pgphi.audit_anchors a SET audit_hash = l.row_hash FROM pgphi.audit_log l WHERE l.seq = a.audit_seq;",
+	qr/^f - audit anchor 1 is not authentic: the key manager does not vouch for its MAC$/);
+after_tampering('the last anchor removed', "DELETE FROM pgphi.audit_anchors WHERE anchor_seq = $last_anchor",
+	qr/^f - audit anchors $last_anchor to $last_anchor were made by this server and are missing: anchors were removed$/);
+after_tampering('the first anchor removed', 'DELETE FROM pgphi.audit_anchors WHERE anchor_seq = 1',
+	qr/^f - audit anchor 1 is missing: anchors were removed$/);
+
+# Anchors removed and remade over a rewritten chain: the broker refuses.
+my $stderr = PgphiTest::psql_error($node, 'postgres', "$guards_off
+	DELETE FROM pgphi.audit_anchors;
+	SELECT pgphi.anchor_audit_log();");
+$node->safe_psql('postgres', "$restore $guards_on");
+like($stderr, qr/XX001: pgphi refuses to make audit anchor 1: this server already anchored up to anchor $last_anchor/,
+	'anchors cannot be remade from the start (XX001)');
+like(PgphiTest::psql_error($node, 'postgres', q{DELETE FROM pgphi.audit_anchors}),
+	qr/42501: pgphi.audit_anchors is append-only/, 'the anchors are append-only (42501)');
+like(PgphiTest::psql_error($node, 'postgres', q{TRUNCATE pgphi.audit_anchors}),
+	qr/42501: pgphi.audit_anchors is append-only/, 'also for TRUNCATE');
+is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}), 't', 'all restored: intact');
+
+# Rows from before 0.3.0 keep verifying: a database made at 0.2.0, with
+# events written one row each, then updated.
+$node->safe_psql('postgres', q{CREATE DATABASE old_chain});
+$node->safe_psql('old_chain', q{
+	CREATE EXTENSION pgphi VERSION '0.2.0';
+	SELECT pgphi.create_key('old_key');
+	SELECT pgphi.rotate_key('old_key');
+});
+$node->psql('old_chain', q{SET ROLE snoop1; SELECT pgphi.encrypt_phi('x', 'old_key');});
+ok($node->poll_query_until('old_chain', q{SELECT EXISTS (SELECT FROM pgphi.audit_log WHERE outcome = 'refused')}),
+	'a 0.2.0 database gets its refusal');
+$node->safe_psql('old_chain', q{ALTER EXTENSION pgphi UPDATE});
+is($node->safe_psql('old_chain', q{SELECT intact || ' ' || (rows_checked >= 3) FROM pgphi.verify_audit_log()}), 'true true',
+	'after the update its old rows verify');
+$node->safe_psql('old_chain', q{SELECT pgphi.anchor_audit_log()});
+$node->psql('old_chain', q{SET ROLE snoop1; SELECT pgphi.encrypt_phi('x', 'old_key');});
+ok($node->poll_query_until('old_chain', q{SELECT count(*) = 2 FROM pgphi.audit_log WHERE outcome = 'refused'}),
+	'a new refusal arrives');
+is($node->safe_psql('old_chain', q{SELECT intact FROM pgphi.verify_audit_log()}), 't',
+	'old and new rows, and the anchor, verify together');
+
 done_testing();
