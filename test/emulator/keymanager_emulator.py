@@ -1417,9 +1417,16 @@ VAULT_ROUTES = [
     (("{mount}", "decrypt", "{name}"), {"POST": "decrypt", "PUT": "decrypt"}),
     (("{mount}", "rewrap", "{name}"), {"POST": "rewrap", "PUT": "rewrap"}),
     (("{mount}", "datakey", "{kind}", "{name}"), {"POST": "datakey", "PUT": "datakey"}),
+    (("{mount}", "hmac", "{name}"), {"POST": "hmac", "PUT": "hmac"}),
+    (("{mount}", "hmac", "{name}", "{kind}"), {"POST": "hmac", "PUT": "hmac"}),
+    (("{mount}", "verify", "{name}"), {"POST": "verify", "PUT": "verify"}),
+    (("{mount}", "verify", "{name}", "{kind}"), {"POST": "verify", "PUT": "verify"}),
 ]
 VAULT_UNAUTHENTICATED = {"health", "login"}
-VAULT_CRYPTO_OPERATIONS = {"encrypt", "decrypt", "rewrap", "datakey"}
+VAULT_CRYPTO_OPERATIONS = {"encrypt", "decrypt", "rewrap", "datakey", "hmac", "verify"}
+# Transit's HMAC algorithms (path suffix or "algorithm"), and their hashes.
+VAULT_HMAC_ALGORITHMS = {"sha2-224": hashlib.sha224, "sha2-256": hashlib.sha256,
+                         "sha2-384": hashlib.sha384, "sha2-512": hashlib.sha512}
 
 
 class VaultApi:
@@ -1713,6 +1720,75 @@ class VaultApi:
         if kind == "plaintext":
             data["plaintext"] = b64encode(data_key)
         return self._transit_result(data)
+
+
+    # Transit HMAC: each key version has an HMAC key of its own (here derived
+    # from the version's material), and "vault:v<N>:<base64>" names the version.
+
+    @staticmethod
+    def _hmac_algorithm(call: VaultCall) -> Callable:
+        name = call.captures.get("kind") or call.body.get("algorithm") or "sha2-256"
+        if name not in VAULT_HMAC_ALGORITHMS:
+            raise VaultError(400, f"unsupported algorithm {name}")
+        return VAULT_HMAC_ALGORITHMS[name]
+
+    @staticmethod
+    def _hmac_input(call: VaultCall) -> bytes:
+        if "batch_input" in call.body:
+            raise VaultError(400, "batch_input is not supported by the emulator")
+        if "input" not in call.body:
+            raise VaultError(400, "missing input for HMAC")
+        value = call.body["input"]
+        if not isinstance(value, str):
+            raise VaultError(400, "unable to decode input as base64")
+        try:
+            return base64.b64decode(value, validate=True)
+        except (ValueError, binascii.Error):
+            raise VaultError(400, "unable to decode input as base64") from None
+
+    @staticmethod
+    def _hmac_key(key: TransitKey, version: int) -> bytes:
+        material = key.versions[version - 1][0]
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"emulator transit hmac key").derive(material)
+
+    def _op_hmac(self, call: VaultCall):
+        digest = self._hmac_algorithm(call)
+        message = self._hmac_input(call)
+        key = self._existing_key(call)
+        version = vault_int(call.body, "key_version") or key.latest_version
+        if version > key.latest_version:
+            raise VaultError(400, "cannot generate HMAC: version is too new")
+        if version < key.min_encryption_version:
+            raise VaultError(400, "cannot generate HMAC: version is too old (disallowed by policy)")
+        mac = hmac.new(self._hmac_key(key, version), message, digest).digest()
+        return self._transit_result({"hmac": f"vault:v{version}:{b64encode(mac)}"})
+
+    def _op_verify(self, call: VaultCall):
+        digest = self._hmac_algorithm(call)
+        message = self._hmac_input(call)
+        key = self._existing_key(call)
+        given = call.body.get("hmac")
+        if given is None:
+            if "signature" in call.body:
+                raise VaultError(400, "key type does not support signing")
+            raise VaultError(400, "missing signature or hmac to verify")
+        if not isinstance(given, str) or not given.startswith("vault:"):
+            raise VaultError(400, "invalid value")
+        parts = given.split(":")
+        if len(parts) != 3 or not parts[1].startswith("v"):
+            raise VaultError(400, "invalid value")
+        try:
+            version = int(parts[1][1:])
+            mac = base64.b64decode(parts[2], validate=True)
+        except (ValueError, binascii.Error):
+            raise VaultError(400, "invalid value") from None
+        if version <= 0 or version > key.latest_version:
+            raise VaultError(400, "invalid value")
+        if version < key.min_decryption_version:
+            raise VaultError(400, "cannot verify HMAC: version is too old (disallowed by policy)")
+        expected = hmac.new(self._hmac_key(key, version), message, digest).digest()
+        return self._transit_result({"valid": hmac.compare_digest(expected, mac)})
 
 
 # --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use PgphiTest;
+use KeyManagerEmulator;
 
 my $node = PgphiTest::new_node('audit_events');
 $node->append_conf('postgresql.conf', <<'CONF');
@@ -300,6 +301,44 @@ like(PgphiTest::psql_error($node, 'postgres', q{DELETE FROM pgphi.audit_anchors}
 like(PgphiTest::psql_error($node, 'postgres', q{TRUNCATE pgphi.audit_anchors}),
 	qr/42501: pgphi.audit_anchors is append-only/, 'also for TRUNCATE');
 is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}), 't', 'all restored: intact');
+
+# Vault Transit anchors (hmac and verify), at the emulator; anchors of both
+# providers verify side by side, each with the key manager that made it.
+my $pki = KeyManagerEmulator::make_pki("$PostgreSQL::Test::Utils::tmp_check/pki");
+my $emulator = KeyManagerEmulator->new(pki => $pki);
+$node->append_conf('postgresql.conf', $emulator->postgres_settings . <<CONF);
+pgphi.audit_anchor_provider = 'vault'
+pgphi.audit_anchor_key = '$emulator->{vault_key}'
+CONF
+PgphiTest::reload_broker($node);
+$node->safe_psql('postgres', q{SELECT pgphi.create_key('vault_anchored')});
+my $vault_anchor = $node->safe_psql('postgres', q{SELECT mac FROM pgphi.anchor_audit_log()});
+like($vault_anchor, qr/^vault:v1:[A-Za-z0-9+\/=]+$/, "a Vault Transit HMAC anchors the head: $vault_anchor");
+is($node->safe_psql('postgres', q{SELECT string_agg(DISTINCT provider, ',' ORDER BY provider) FROM pgphi.audit_anchors}),
+	'local,vault', 'anchors of both providers');
+$emulator->reset_stats;
+is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}), 't',
+	'verify_audit_log checks the Vault anchor at Vault');
+like(join(',', sort keys %{ $emulator->stats->{vault} // {} }), qr/verify/, 'Vault was asked to verify');
+$node->safe_psql('postgres', q{
+	DROP TABLE saved_log, saved_anchors;
+	CREATE TABLE saved_log AS SELECT * FROM pgphi.audit_log;
+	CREATE TABLE saved_anchors AS SELECT * FROM pgphi.audit_anchors;
+});
+after_tampering('a Vault anchor\'s MAC replaced by another well-formed one',
+	"UPDATE pgphi.audit_anchors SET mac = 'vault:v1:' || encode(sha256(mac::bytea), 'base64')
+	  WHERE provider = 'vault'",
+	qr/^f - audit anchor \d+ is not authentic: the key manager does not vouch for its MAC$/);
+after_tampering('a local anchor relabelled as a Vault one',
+	"UPDATE pgphi.audit_anchors SET provider = 'vault', key_ref = '$emulator->{vault_key}' WHERE anchor_seq = 1",
+	qr/^f - audit anchor 1 is not authentic/);
+$node->safe_psql('postgres', q{DROP TABLE saved_log, saved_anchors});
+$emulator->fault(mode => 'internal_error', target => 'vault');
+like(PgphiTest::psql_error($node, 'postgres', q{SELECT intact FROM pgphi.verify_audit_log()}),
+	qr/08006: .*Vault/, 'with Vault down, verification fails with its error instead of guessing');
+$emulator->clear_faults;
+$node->safe_psql('postgres', q{ALTER SYSTEM SET pgphi.audit_anchor_provider = 'local'; ALTER SYSTEM SET pgphi.audit_anchor_key = ''});
+PgphiTest::reload_broker($node);
 
 # Rows from before 0.3.0 keep verifying: a database made at 0.2.0, with
 # events written one row each, then updated.
