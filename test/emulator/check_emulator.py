@@ -698,6 +698,31 @@ class VaultTests(EmulatorTestCase):
         client.auth.approle.login(role_id=ROLE_ID, secret_id=SECRET_ID)
         return client
 
+    def test_transit_hmac_and_verify(self):
+        # What pgphi's audit anchors use: hmac/<key>/sha2-256, verify/<key>/sha2-256.
+        name = unique("anchor")
+        self.transit.create_key(name)
+        message = base64.b64encode(b"pgphi audit anchor v1\n1\n2\n3\nabcd\n").decode()
+        made = self.transit.generate_hmac(name, message, algorithm="sha2-256")["data"]["hmac"]
+        self.assertRegex(made, r"^vault:v1:[A-Za-z0-9+/]+={0,2}$")
+        self.assertEqual(self.transit.generate_hmac(name, message, algorithm="sha2-256")["data"]["hmac"],
+                         made, "an HMAC is deterministic")
+        self.assertTrue(self.transit.verify_signed_data(name, message, hmac=made,
+                                                        hash_algorithm="sha2-256")["data"]["valid"])
+        other = base64.b64encode(b"another message").decode()
+        self.assertFalse(self.transit.verify_signed_data(name, other, hmac=made,
+                                                         hash_algorithm="sha2-256")["data"]["valid"])
+        self.transit.rotate_key(name)
+        self.assertTrue(self.transit.verify_signed_data(name, message, hmac=made,
+                                                        hash_algorithm="sha2-256")["data"]["valid"],
+                        "an HMAC of an older version still verifies")
+        self.assertTrue(self.transit.generate_hmac(name, message)["data"]["hmac"].startswith("vault:v2:"))
+        for bad in ("local:v1:abcd", "vault:vX:abcd", "vault:v9:abcd"):
+            with self.assertRaises(hvac.exceptions.InvalidRequest):
+                self.transit.verify_signed_data(name, message, hmac=bad)
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            self.vault.adapter.post(f"/v1/transit/hmac/{name}", json={"input": "not base64!"})
+
     def test_transit_round_trip(self):
         name = unique("kek")
         self.transit.create_key(name)
