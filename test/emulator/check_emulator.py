@@ -295,6 +295,37 @@ class KmsTests(EmulatorTestCase):
         super().setUp()
         self.kms = kms_client(EMU)
 
+    def test_hmac_key_generate_and_verify_mac(self):
+        # What pgphi's audit anchors use: an HMAC_256 key, GenerateMac, VerifyMac.
+        key = self.kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]
+        self.assertEqual((key["KeySpec"], key["KeyUsage"], key["MacAlgorithms"]),
+                         ("HMAC_256", "GENERATE_VERIFY_MAC", ["HMAC_SHA_256"]))
+        self.assertNotIn("EncryptionAlgorithms", key)
+        message = b"pgphi audit anchor v1\n1\n2\n3\nabcd\n"
+        made = self.kms.generate_mac(KeyId=key["Arn"], Message=message, MacAlgorithm="HMAC_SHA_256")
+        self.assertEqual((made["KeyId"], made["MacAlgorithm"], len(made["Mac"])),
+                         (key["Arn"], "HMAC_SHA_256", 32))
+        again = self.kms.generate_mac(KeyId=key["KeyId"], Message=message, MacAlgorithm="HMAC_SHA_256")
+        self.assertEqual(again["Mac"], made["Mac"], "a MAC is deterministic")
+        verified = self.kms.verify_mac(KeyId=key["KeyId"], Message=message, Mac=made["Mac"],
+                                       MacAlgorithm="HMAC_SHA_256")
+        self.assertTrue(verified["MacValid"])
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            self.kms.verify_mac(KeyId=key["KeyId"], Message=b"other", Mac=made["Mac"],
+                                MacAlgorithm="HMAC_SHA_256")
+        self.assertEqual(caught.exception.response["Error"]["Code"], "KMSInvalidMacException")
+        for kwargs, code in (
+                (dict(KeyId=key["KeyId"], Message=message, MacAlgorithm="HMAC_SHA_512"),
+                 "InvalidKeyUsageException"),
+                (dict(KeyId=KMS_KEY, Message=message, MacAlgorithm="HMAC_SHA_256"),
+                 "InvalidKeyUsageException")):
+            with self.assertRaises(botocore.exceptions.ClientError) as caught:
+                self.kms.generate_mac(**kwargs)
+            self.assertEqual(caught.exception.response["Error"]["Code"], code)
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            self.kms.encrypt(KeyId=key["KeyId"], Plaintext=b"x")
+        self.assertEqual(caught.exception.response["Error"]["Code"], "InvalidKeyUsageException")
+
     def test_encrypt_decrypt_round_trip(self):
         context = {"table": "patients", "column": "ssn"}
         encrypted = self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"123-45-6789",

@@ -332,11 +332,39 @@ after_tampering('a Vault anchor\'s MAC replaced by another well-formed one',
 after_tampering('a local anchor relabelled as a Vault one',
 	"UPDATE pgphi.audit_anchors SET provider = 'vault', key_ref = '$emulator->{vault_key}' WHERE anchor_seq = 1",
 	qr/^f - audit anchor 1 is not authentic/);
-$node->safe_psql('postgres', q{DROP TABLE saved_log, saved_anchors});
 $emulator->fault(mode => 'internal_error', target => 'vault');
 like(PgphiTest::psql_error($node, 'postgres', q{SELECT intact FROM pgphi.verify_audit_log()}),
 	qr/08006: .*Vault/, 'with Vault down, verification fails with its error instead of guessing');
 $emulator->clear_faults;
+
+# AWS KMS anchors (GenerateMac and VerifyMac with an HMAC_256 key).
+my $hmac_key = $emulator->control('POST', 'kms/keys', { key_spec => 'HMAC_256' })->{arn};
+$node->safe_psql('postgres', qq{ALTER SYSTEM SET pgphi.audit_anchor_provider = 'aws_kms';
+	ALTER SYSTEM SET pgphi.audit_anchor_key = '$hmac_key'});
+PgphiTest::reload_broker($node);
+$node->safe_psql('postgres', q{SELECT pgphi.create_key('kms_anchored')});
+my $kms_anchor = $node->safe_psql('postgres', q{SELECT mac FROM pgphi.anchor_audit_log()});
+like($kms_anchor, qr/^kms:HMAC_SHA_256:[A-Za-z0-9+\/=]+$/, "an AWS KMS HMAC key anchors the head: $kms_anchor");
+$emulator->reset_stats;
+is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}), 't',
+	'verify_audit_log checks local, Vault and KMS anchors, each with its key manager');
+ok($emulator->stats->{kms}{VerifyMac}, 'KMS was asked to VerifyMac');
+$node->safe_psql('postgres', q{
+	DROP TABLE saved_log, saved_anchors;
+	CREATE TABLE saved_log AS SELECT * FROM pgphi.audit_log;
+	CREATE TABLE saved_anchors AS SELECT * FROM pgphi.audit_anchors;
+});
+after_tampering('a KMS anchor\'s MAC replaced by another well-formed one',
+	"UPDATE pgphi.audit_anchors SET mac = 'kms:HMAC_SHA_256:' || encode(sha256(mac::bytea), 'base64')
+	  WHERE provider = 'aws_kms'",
+	qr/^f - audit anchor \d+ is not authentic: the key manager does not vouch for its MAC$/);
+$node->safe_psql('postgres', q{DROP TABLE saved_log, saved_anchors});
+$node->safe_psql('postgres', q{ALTER SYSTEM SET pgphi.audit_anchor_key = '1234abcd-12ab-34cd-56ef-1234567890ab'});
+PgphiTest::reload_broker($node);
+$node->safe_psql('postgres', q{SELECT pgphi.create_key('kms_wrong_key')});
+like(PgphiTest::psql_error($node, 'postgres', q{SELECT pgphi.anchor_audit_log()}),
+	qr/InvalidKeyUsageException/, 'an encryption KMS key cannot anchor: KMS says so');
+
 $node->safe_psql('postgres', q{ALTER SYSTEM SET pgphi.audit_anchor_provider = 'local'; ALTER SYSTEM SET pgphi.audit_anchor_key = ''});
 PgphiTest::reload_broker($node);
 
