@@ -10,6 +10,7 @@ extern "C" {
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/condition_variable.h"
+#include "storage/fd.h"
 #include "storage/shmem.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
@@ -110,16 +111,19 @@ struct AnchorRequest {
     CoreFailure failure;
 };
 
-// Per database: what the broker last anchored (it refuses to anchor an
-// older or equal sequence number: anchors removed and redone), and when the
-// chain changed and was last anchored (the schedule).
+// Per database: the last anchor known to be committed (the broker refuses
+// to MAC that number or a lower one again: anchors removed and redone; an
+// anchor whose transaction rolled back may be made again), and when the
+// chain changed and was last anchored (the schedule). The committed state
+// is saved by the broker in kAnchorStateFile and survives restarts.
 constexpr int kAnchorDatabases = 64;
+constexpr const char* kAnchorStateFile = "pgphi_audit_anchors"; // in the data directory
 struct AnchorDatabase {
     Oid database;
     bool chain_changed;
     int64_t anchored_ms;            // last scheduled anchoring
-    int64_t anchor_seq;             // the broker's last MAC for it (0: none)
-    int64_t audit_seq;
+    int64_t committed_seq;          // the last committed anchor (0: none known)
+    int64_t committed_audit_seq;    // ... and the row it anchored
 };
 
 struct AuditShared {
@@ -136,9 +140,16 @@ struct AuditShared {
     ConditionVariable anchor_done;  // broadcast by the broker after each answer
     AnchorRequest anchors[kAnchorRequests];
     AnchorDatabase anchor_databases[kAnchorDatabases];
+    std::atomic<bool> anchor_state_dirty; // committed anchors not yet saved to the file
+    bool anchor_state_loaded;
 };
 
 AuditShared* g_audit = nullptr;
+// The anchor this transaction stored, to be known as committed at commit.
+int64_t g_pending_anchor_seq = 0;
+int64_t g_pending_anchor_audit_seq = 0;
+int g_pending_anchor_level = 0;
+
 int g_key_use_window_s = 3600;
 int g_anchor_interval_s = 300;
 int g_anchor_provider = 0;
@@ -262,14 +273,32 @@ void flush_pending_uses()
         g_audit->dropped_counts.fetch_add(dropped);
 }
 
+void note_anchor_committed();
+
 void flush_at_xact_end(XactEvent event, void*)
 {
+    if (event == XACT_EVENT_COMMIT)
+        note_anchor_committed();
+    else if (event == XACT_EVENT_ABORT)
+        g_pending_anchor_seq = 0;
     if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_COMMIT ||
         event == XACT_EVENT_PARALLEL_ABORT)
         flush_pending_uses();
 }
 
 void flush_at_exit(int, Datum) { flush_pending_uses(); }
+
+// An anchor stored in a subtransaction that rolls back never committed.
+void forget_anchor_at_subxact_abort(SubXactEvent event, SubTransactionId, SubTransactionId, void*)
+{
+    if (g_pending_anchor_seq == 0)
+        return;
+    int level = GetCurrentTransactionNestLevel();
+    if (event == SUBXACT_EVENT_ABORT_SUB && g_pending_anchor_level >= level)
+        g_pending_anchor_seq = 0;
+    else if (event == SUBXACT_EVENT_COMMIT_SUB && g_pending_anchor_level >= level)
+        g_pending_anchor_level = level - 1;
+}
 
 void copy_string(char* dst, size_t size, const char* src) { strlcpy(dst, src ? src : "", size); }
 
@@ -619,10 +648,10 @@ void serve_anchor_request(int index)
     // redone over a rewritten chain.
     if (!job.verify) {
         AnchorDatabase* known = anchor_database(job.database, false);
-        if (known && known->anchor_seq != 0 &&
-            (job.anchor_seq <= known->anchor_seq || job.audit_seq < known->audit_seq)) {
+        if (known && known->committed_seq != 0 &&
+            (job.anchor_seq <= known->committed_seq || job.audit_seq < known->committed_audit_seq)) {
             job.regressed = true;
-            job.last_anchor_seq = known->anchor_seq;
+            job.last_anchor_seq = known->committed_seq;
         }
     }
     LWLockRelease(g_audit->lock);
@@ -649,13 +678,6 @@ void serve_anchor_request(int index)
         });
     }
     LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
-    if (job.ok && !job.verify) {
-        AnchorDatabase* known = anchor_database(job.database, true);
-        if (known) {
-            known->anchor_seq = job.anchor_seq;
-            known->audit_seq = job.audit_seq;
-        }
-    }
     if (shared.ticket == job.ticket && shared.state == AnchorRequest::State::InFlight) {
         shared = job;
         shared.state = AnchorRequest::State::Done;
@@ -753,6 +775,9 @@ void anchor_chain(AnchorResult* result)
         elog(ERROR, "pgphi: could not store an audit anchor");
     result->anchor_seq = request.anchor_seq;
     strlcpy(result->mac, request.mac, sizeof(result->mac));
+    g_pending_anchor_seq = request.anchor_seq;
+    g_pending_anchor_audit_seq = head_seq;
+    g_pending_anchor_level = GetCurrentTransactionNestLevel();
     // For a SIEM: the anchored head, outside the database.
     char* database = get_database_name(MyDatabaseId);
     ereport(LOG, (errhidestmt(true),
@@ -778,6 +803,77 @@ bool take_due_anchor(Oid database)
     }
     LWLockRelease(g_audit->lock);
     return due;
+}
+
+// At commit: the anchor this transaction stored is now a fact the broker
+// holds on to (it must not be made again).
+void note_anchor_committed()
+{
+    if (g_pending_anchor_seq == 0 || !g_audit)
+        return;
+    LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+    AnchorDatabase* entry = anchor_database(MyDatabaseId, true);
+    if (entry && g_pending_anchor_seq > entry->committed_seq) {
+        entry->committed_seq = g_pending_anchor_seq;
+        entry->committed_audit_seq = g_pending_anchor_audit_seq;
+    }
+    LWLockRelease(g_audit->lock);
+    g_audit->anchor_state_dirty.store(true);
+    g_pending_anchor_seq = 0;
+    wake_broker(); // to save it
+}
+
+// In the broker: the committed anchors from the file ("database anchor_seq
+// audit_seq" per line), once after server start.
+void load_anchor_state()
+{
+    FILE* in = AllocateFile(kAnchorStateFile, PG_BINARY_R);
+    if (!in)
+        return;
+    unsigned database;
+    long long anchor_seq, audit_seq;
+    LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+    while (fscanf(in, "%u %lld %lld", &database, &anchor_seq, &audit_seq) == 3) {
+        AnchorDatabase* entry = anchor_database(database, true);
+        if (entry && anchor_seq > entry->committed_seq) {
+            entry->committed_seq = anchor_seq;
+            entry->committed_audit_seq = audit_seq;
+        }
+    }
+    LWLockRelease(g_audit->lock);
+    FreeFile(in);
+}
+
+// In the broker: replaces the file atomically with the committed anchors.
+// A failure is logged and retried at the next loop.
+void save_anchor_state()
+{
+    if (!g_audit->anchor_state_dirty.exchange(false))
+        return;
+    AnchorDatabase entries[kAnchorDatabases];
+    LWLockAcquire(g_audit->lock, LW_SHARED);
+    memcpy(entries, g_audit->anchor_databases, sizeof(entries));
+    LWLockRelease(g_audit->lock);
+    char temp[MAXPGPATH];
+    snprintf(temp, sizeof(temp), "%s.tmp", kAnchorStateFile);
+    FILE* out = AllocateFile(temp, PG_BINARY_W);
+    bool ok = out != nullptr;
+    for (int i = 0; ok && i < kAnchorDatabases; ++i)
+        if (OidIsValid(entries[i].database) && entries[i].committed_seq > 0)
+            fprintf(out, "%u %lld %lld\n", entries[i].database, static_cast<long long>(entries[i].committed_seq),
+                    static_cast<long long>(entries[i].committed_audit_seq));
+    if (out) {
+        ok = fflush(out) == 0 && !ferror(out);
+        if (FreeFile(out) != 0)
+            ok = false;
+    }
+    if (!ok || durable_rename(temp, kAnchorStateFile, LOG) != 0) {
+        if (!ok)
+            ereport(LOG, (errcode_for_file_access(),
+                          errmsg("pgphi could not save the audit anchors it made to \"%s\": %m", kAnchorStateFile)));
+        unlink(temp);
+        g_audit->anchor_state_dirty.store(true);
+    }
 }
 
 } // namespace
@@ -946,6 +1042,22 @@ void serve_audit_anchors()
 {
     if (!g_audit)
         return;
+    if (!g_audit->anchor_state_loaded) {
+        load_anchor_state();
+        g_audit->anchor_state_loaded = true;
+    }
+    static bool save_at_exit_registered = false;
+    if (!save_at_exit_registered) {
+        before_shmem_exit(
+            [](int, Datum) {
+                if (LWLockHeldByMe(g_audit->lock)) // an error while the broker held it
+                    LWLockRelease(g_audit->lock);
+                save_anchor_state();
+            },
+            0);
+        save_at_exit_registered = true;
+    }
+    save_anchor_state();
     for (int i = 0; i < kAnchorRequests; ++i) {
         serve_anchor_request(i);
         CHECK_FOR_INTERRUPTS();
@@ -987,6 +1099,7 @@ void define_audit_settings()
                                "empty for the local provider.",
                                nullptr, &g_anchor_key, "", PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);
     RegisterXactCallback(flush_at_xact_end, nullptr);
+    RegisterSubXactCallback(forget_anchor_at_subxact_abort, nullptr);
 }
 
 } // namespace pgphi::pg
@@ -1223,8 +1336,8 @@ PGPHI_FUNCTION(pgphi_verify_audit_anchor)
     PG_RETURN_BOOL(request.valid);
 }
 
-// pgphi._audit_anchor_last_known(): the last anchor number the broker made
-// for this database since the server started, or NULL.
+// pgphi._audit_anchor_last_known(): the last anchor of this database known
+// to have committed (kept across restarts in the data directory), or NULL.
 PGPHI_FUNCTION(pgphi_audit_anchor_last_known)
 {
     using namespace pgphi::pg;
@@ -1232,7 +1345,7 @@ PGPHI_FUNCTION(pgphi_audit_anchor_last_known)
     LWLockAcquire(g_audit->lock, LW_SHARED);
     AnchorDatabase* entry = anchor_database(MyDatabaseId, false);
     if (entry)
-        last = entry->anchor_seq;
+        last = entry->committed_seq;
     LWLockRelease(g_audit->lock);
     if (last == 0)
         PG_RETURN_NULL();

@@ -302,6 +302,35 @@ like(PgphiTest::psql_error($node, 'postgres', q{TRUNCATE pgphi.audit_anchors}),
 	qr/42501: pgphi.audit_anchors is append-only/, 'also for TRUNCATE');
 is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}), 't', 'all restored: intact');
 
+# An anchor whose transaction rolls back never counts: it is made again, and
+# nothing is reported missing. What committed survives a restart.
+$node->safe_psql('postgres', q{SELECT pgphi.create_key('rolled_back_anchor')});
+my $before_rollback = $node->safe_psql('postgres', q{SELECT max(anchor_seq) FROM pgphi.audit_anchors});
+$node->safe_psql('postgres', q{BEGIN; SELECT pgphi.anchor_audit_log(); ROLLBACK;
+	BEGIN; SAVEPOINT s; SELECT pgphi.anchor_audit_log(); ROLLBACK TO s; COMMIT;});
+is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}), 't',
+	'anchors rolled back (a transaction, a savepoint) are not reported missing');
+is($node->safe_psql('postgres', q{SELECT anchor_seq FROM pgphi.anchor_audit_log()}), $before_rollback + 1,
+	'and the next anchor takes their number');
+$node->restart;
+$last_anchor = $node->safe_psql('postgres', q{SELECT max(anchor_seq) FROM pgphi.audit_anchors});
+$node->safe_psql('postgres', q{
+	DROP TABLE saved_log, saved_anchors;
+	CREATE TABLE saved_log AS SELECT * FROM pgphi.audit_log;
+	CREATE TABLE saved_anchors AS SELECT * FROM pgphi.audit_anchors;
+});
+ok($node->poll_query_until('postgres', q{SELECT pgphi._audit_anchor_last_known() IS NOT NULL}),
+	'after a restart the broker has read back the last committed anchor');
+after_tampering('the last anchor removed, after a restart',
+	"DELETE FROM pgphi.audit_anchors WHERE anchor_seq = $last_anchor",
+	qr/^f - audit anchors $last_anchor to $last_anchor were made by this server and are missing/);
+like(PgphiTest::psql_error($node, 'postgres', "$guards_off
+	DELETE FROM pgphi.audit_anchors WHERE anchor_seq = $last_anchor;
+	SELECT pgphi.anchor_audit_log();"),
+	qr/XX001: pgphi refuses to make audit anchor $last_anchor: this server already anchored up to anchor $last_anchor/,
+	'and the last anchor cannot be redone after a restart either');
+$node->safe_psql('postgres', "$restore $guards_on");
+
 # Vault Transit anchors (hmac and verify), at the emulator; anchors of both
 # providers verify side by side, each with the key manager that made it.
 my $pki = KeyManagerEmulator::make_pki("$PostgreSQL::Test::Utils::tmp_check/pki");
