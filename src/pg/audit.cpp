@@ -124,6 +124,7 @@ struct AnchorDatabase {
     int64_t anchored_ms;            // last scheduled anchoring
     int64_t committed_seq;          // the last committed anchor (0: none known)
     int64_t committed_audit_seq;    // ... and the row it anchored
+    int64_t failure_logged_ms;      // a failing scheduled anchor is logged once an hour
 };
 
 struct AuditShared {
@@ -1248,19 +1249,51 @@ void pgphi_audit_writer_main(Datum argument)
     // The chain's head, anchored when it changed and the interval passed:
     // in a transaction of its own, so that a failing key manager never
     // holds back the events.
+    // A failure (no local KEK file where only Vault is used, a key manager
+    // down) is retried every interval and logged at most once an hour.
     if (schema == AuditSchema::Coalesced && take_due_anchor(database)) {
-        SetCurrentStatementStartTimestamp();
-        StartTransactionCommand();
-        SPI_connect();
-        PushActiveSnapshot(GetTransactionSnapshot());
-        pgstat_report_activity(STATE_RUNNING, "anchoring the pgphi audit log");
-        if (query_bool("SELECT pg_catalog.to_regclass('pgphi.audit_anchors') IS NOT NULL")) {
-            AnchorResult anchored;
-            anchor_chain(&anchored);
+        MemoryContext context = CurrentMemoryContext;
+        PG_TRY();
+        {
+            SetCurrentStatementStartTimestamp();
+            StartTransactionCommand();
+            SPI_connect();
+            PushActiveSnapshot(GetTransactionSnapshot());
+            pgstat_report_activity(STATE_RUNNING, "anchoring the pgphi audit log");
+            if (query_bool("SELECT pg_catalog.to_regclass('pgphi.audit_anchors') IS NOT NULL")) {
+                AnchorResult anchored;
+                anchor_chain(&anchored);
+            }
+            SPI_finish();
+            PopActiveSnapshot();
+            CommitTransactionCommand();
         }
-        SPI_finish();
-        PopActiveSnapshot();
-        CommitTransactionCommand();
+        PG_CATCH();
+        {
+            MemoryContextSwitchTo(context);
+            ErrorData* error = CopyErrorData();
+            FlushErrorState();
+            AbortCurrentTransaction();
+            bool report = false;
+            int64_t now = now_ms();
+            LWLockAcquire(g_audit->lock, LW_EXCLUSIVE);
+            AnchorDatabase* entry = anchor_database(database, false);
+            if (entry && (entry->failure_logged_ms == 0 || now - entry->failure_logged_ms >= 3'600'000)) {
+                entry->failure_logged_ms = now;
+                report = true;
+            }
+            if (entry)
+                entry->chain_changed = true; // still to be anchored
+            LWLockRelease(g_audit->lock);
+            if (report)
+                ereport(LOG, (errmsg("pgphi could not anchor the audit log of database %u: %s", database,
+                                     error->message),
+                              errdetail("It is tried again every pgphi.audit_anchor_interval; this is logged at "
+                                        "most once an hour."),
+                              errhint("Check pgphi.audit_anchor_provider and pgphi.audit_anchor_key.")));
+            FreeErrorData(error);
+        }
+        PG_END_TRY();
     }
 }
 

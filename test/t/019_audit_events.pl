@@ -394,6 +394,25 @@ $node->safe_psql('postgres', q{SELECT pgphi.create_key('kms_wrong_key')});
 like(PgphiTest::psql_error($node, 'postgres', q{SELECT pgphi.anchor_audit_log()}),
 	qr/InvalidKeyUsageException/, 'an encryption KMS key cannot anchor: KMS says so');
 
+# A failing scheduled anchor holds back no event, and is logged once an hour.
+$log_before = -s $node->logfile;
+$node->safe_psql('postgres', q{ALTER SYSTEM SET pgphi.audit_anchor_interval = '1s'});
+PgphiTest::reload_broker($node);
+my $refused_before = recorded('snoop2', 'refused');
+for my $i (1 .. 3)
+{
+	$node->safe_psql('postgres', qq{SELECT pgphi.create_key('scheduled_$i')});
+	$node->psql('postgres', q{SELECT attempt_decrypt(v) FROM vals}, extra_params => [ '-U', 'snoop2' ]);
+	sleep 2;
+}
+ok(queue_empty(), 'events keep being written while anchoring fails');
+is(recorded('snoop2', 'refused'), $refused_before + 3, 'the refusals made meanwhile are in audit_log');
+my $failures = () = slurp_file($node->logfile, $log_before) =~
+  /LOG:  pgphi could not anchor the audit log of database \d+: AWS KMS InvalidKeyUsageException/g;
+is($failures, 1, 'the failing scheduled anchor was logged once');
+$node->safe_psql('postgres', q{ALTER SYSTEM SET pgphi.audit_anchor_interval = 0});
+PgphiTest::reload_broker($node);
+
 $node->safe_psql('postgres', q{ALTER SYSTEM SET pgphi.audit_anchor_provider = 'local'; ALTER SYSTEM SET pgphi.audit_anchor_key = ''});
 PgphiTest::reload_broker($node);
 
