@@ -12,6 +12,7 @@ extern "C" {
 #include "storage/condition_variable.h"
 #include "storage/fd.h"
 #include "storage/shmem.h"
+#include "tcop/tcopprot.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/snapmgr.h"
@@ -715,8 +716,10 @@ void anchor_chain(AnchorResult* result)
     int64_t last_anchor = 0;
     int64_t last_audit_seq = -1;
     char prev_mac[kAnchorMacSize] = "";
+    // Not read-only: in READ COMMITTED each read then sees what committed
+    // before the lock was granted (an anchor made meanwhile, say).
     if (SPI_execute("SELECT anchor_seq, audit_seq, mac FROM pgphi.audit_anchors ORDER BY anchor_seq DESC LIMIT 1",
-                    true, 1) != SPI_OK_SELECT)
+                    false, 1) != SPI_OK_SELECT)
         elog(ERROR, "pgphi: could not read pgphi.audit_anchors");
     if (SPI_processed == 1) {
         last_anchor = spi_int8(0, 1, &isnull);
@@ -724,7 +727,7 @@ void anchor_chain(AnchorResult* result)
         char* mac = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
         strlcpy(prev_mac, mac ? mac : "", sizeof(prev_mac));
     }
-    if (SPI_execute("SELECT seq, row_hash FROM pgphi.audit_log ORDER BY seq DESC LIMIT 1", true, 1) !=
+    if (SPI_execute("SELECT seq, row_hash FROM pgphi.audit_log ORDER BY seq DESC LIMIT 1", false, 1) !=
         SPI_OK_SELECT)
         elog(ERROR, "pgphi: could not read pgphi.audit_log");
     if (SPI_processed != 1)
@@ -1168,6 +1171,9 @@ void pgphi_audit_writer_main(Datum argument)
 {
     using namespace pgphi::pg;
     Oid database = DatumGetObjectId(argument);
+    // SIGTERM sets a flag that CHECK_FOR_INTERRUPTS acts on (bgworker_die
+    // would raise FATAL inside the signal handler, amid SPI).
+    pqsignal(SIGTERM, die);
     BackgroundWorkerUnblockSignals();
     g_writer_database = database;
     before_shmem_exit(release_writer_claim, 0);
