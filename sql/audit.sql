@@ -155,3 +155,29 @@ ALTER TABLE pgphi.audit_log ENABLE ALWAYS TRIGGER audit_log_no_change;
 ALTER TABLE pgphi.audit_log ENABLE ALWAYS TRIGGER audit_log_chain;
 ALTER EVENT TRIGGER pgphi_guard_catalog_ddl ENABLE ALWAYS;
 SELECT intact, problem FROM pgphi.verify_audit_log(:'recorded_head');
+
+-- Anchored by the key manager, a cut end is found without a head hash
+-- recorded by hand. The anchors are append-only too.
+SELECT audit_seq = (SELECT max(seq) FROM pgphi.audit_log) AS head_anchored,
+       mac LIKE 'local:v1:%' AS local_mac FROM pgphi.anchor_audit_log();
+SELECT intact, problem FROM pgphi.verify_audit_log();
+CREATE TEMP TABLE saved_again AS SELECT * FROM pgphi.audit_log;
+ALTER EVENT TRIGGER pgphi_guard_catalog_ddl DISABLE;
+ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_no_change;
+ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_chain;
+-- (From the anchored row on: events still on their way may land after it.)
+DELETE FROM pgphi.audit_log WHERE seq >= (SELECT max(audit_seq) FROM pgphi.audit_anchors);
+SELECT intact, problem ~ '^row \d+ was anchored \(anchor \d+\) but the chain ends at row \d+: rows were removed from its end$'
+       AS cut_end_found FROM pgphi.verify_audit_log();
+INSERT INTO pgphi.audit_log SELECT * FROM saved_again s
+ WHERE NOT EXISTS (SELECT FROM pgphi.audit_log l WHERE l.seq = s.seq) ORDER BY s.seq;
+ALTER TABLE pgphi.audit_log ENABLE ALWAYS TRIGGER audit_log_no_change;
+ALTER TABLE pgphi.audit_log ENABLE ALWAYS TRIGGER audit_log_chain;
+ALTER EVENT TRIGGER pgphi_guard_catalog_ddl ENABLE ALWAYS;
+SELECT intact FROM pgphi.verify_audit_log();
+DELETE FROM pgphi.audit_anchors;
+\echo :LAST_ERROR_SQLSTATE
+SET ROLE audit_reader;
+SELECT count(*) > 0 AS reads_anchors FROM pgphi.audit_anchors;
+SELECT anchor_seq > 0 AS anchors FROM pgphi.anchor_audit_log();
+RESET ROLE;

@@ -19,5 +19,8 @@ SecureBytes hkdf_sha256(ByteView key, ByteView salt, ByteView info, size_t lengt
 // every value under it unreadable: they are part of the ciphertext format.
 inline constexpr std::string_view kSivKeyLabel = "pgphi v1 AES-256-SIV key";
 inline constexpr std::string_view kBlindIndexKeyLabel = "pgphi v1 blind index HMAC-SHA-256 key";
+// The local provider's audit anchor key, derived from its KEK: changing it
+// would make every anchor made before fail verification.
+inline constexpr std::string_view kAuditAnchorKeyLabel = "pgphi v1 audit anchor HMAC-SHA-256 key";
 
 } // namespace pgphi

@@ -1,5 +1,7 @@
 #include "key_provider.hpp"
 
+#include "error.hpp"
+
 namespace pgphi {
 
 GeneratedDek KeyProvider::generate_dek(const std::string& kek_ref, const DekBinding& binding)
@@ -8,6 +10,16 @@ GeneratedDek KeyProvider::generate_dek(const std::string& kek_ref, const DekBind
     generated.plaintext = SecureBytes::random(kDekSize);
     generated.wrapped = wrap(kek_ref, generated.plaintext, binding);
     return generated;
+}
+
+std::string KeyProvider::audit_mac(const std::string&, ByteView)
+{
+    throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot anchor the audit log");
+}
+
+bool KeyProvider::verify_audit_mac(const std::string&, ByteView, const std::string&)
+{
+    throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot anchor the audit log");
 }
 
 } // namespace pgphi

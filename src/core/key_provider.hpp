@@ -63,6 +63,15 @@ public:
     // A fresh DEK. By default drawn locally and wrapped; key managers that
     // generate data keys themselves override it.
     virtual GeneratedDek generate_dek(const std::string& kek_ref, const DekBinding& binding);
+
+    // Audit anchors: a MAC over `message` under a key that stays in the key
+    // manager (the local provider: HMAC-SHA-256 under a key derived from its
+    // KEK with its own HKDF label). The MAC is printable text, stored as is.
+    // By default a provider cannot anchor: both throw ConfigError.
+    virtual std::string audit_mac(const std::string& key_ref, ByteView message);
+    // Whether `mac` is audit_mac's answer for `message`; false for any other
+    // MAC, including one in another provider's format.
+    virtual bool verify_audit_mac(const std::string& key_ref, ByteView message, const std::string& mac);
 };
 
 } // namespace pgphi

@@ -156,4 +156,45 @@ KekDescription KmsKeyProvider::describe(const std::string& kek_ref)
     return KekDescription{name(), kek_ref, kms::described_arn(response, kek_ref)};
 }
 
+namespace {
+constexpr const char* kKmsMacPrefix = "kms:HMAC_SHA_256:";
+}
+
+std::string KmsKeyProvider::audit_mac(const std::string& key_ref, ByteView message)
+{
+    json response = call("GenerateMac", {{"KeyId", key_ref},
+                                         {"Message", base64_encode(message)},
+                                         {"MacAlgorithm", "HMAC_SHA_256"}});
+    if (!response.is_object() || !response.contains("Mac") || !response["Mac"].is_string() ||
+        response["Mac"].get_ref<const std::string&>().empty())
+        throw Error(ErrorCode::ProviderError, "AWS KMS GenerateMac response has no Mac");
+    return kKmsMacPrefix + response["Mac"].get<std::string>();
+}
+
+bool KmsKeyProvider::verify_audit_mac(const std::string& key_ref, ByteView message, const std::string& mac)
+{
+    std::string prefix = kKmsMacPrefix;
+    if (mac.compare(0, prefix.size(), prefix) != 0 || mac.size() == prefix.size())
+        return false; // not a KMS HMAC at all
+    json response;
+    try {
+        response = call("VerifyMac", {{"KeyId", key_ref},
+                                      {"Message", base64_encode(message)},
+                                      {"Mac", mac.substr(prefix.size())},
+                                      {"MacAlgorithm", "HMAC_SHA_256"}});
+    } catch (const Error& e) {
+        // KMS says KMSInvalidMacException for a MAC that does not verify, and
+        // rejects one that is not base64 or has the wrong length.
+        std::string what = e.what();
+        if (e.code() == ErrorCode::ProviderError &&
+            (what.find("KMSInvalidMacException") != std::string::npos ||
+             what.find("ValidationException") != std::string::npos ||
+             what.find("SerializationException") != std::string::npos))
+            return false;
+        throw;
+    }
+    return response.is_object() && response.contains("MacValid") && response["MacValid"].is_boolean() &&
+           response["MacValid"].get<bool>();
+}
+
 } // namespace pgphi

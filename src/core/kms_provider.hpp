@@ -37,6 +37,11 @@ public:
     SecureBytes unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
     WrappedDek rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
     KekDescription describe(const std::string& kek_ref) override;
+
+    // GenerateMac / VerifyMac with an HMAC_256 KMS key (HMAC_SHA_256); the MAC
+    // is "kms:HMAC_SHA_256:" and KMS's base64.
+    std::string audit_mac(const std::string& key_ref, ByteView message) override;
+    bool verify_audit_mac(const std::string& key_ref, ByteView message, const std::string& mac) override;
     // The plaintext of a generated DEK is left empty (GenerateDataKeyWithoutPlaintext).
     GeneratedDek generate_dek(const std::string& kek_ref, const DekBinding& binding) override;
 

@@ -15,6 +15,7 @@
 #include "aead.hpp"
 #include "encoding.hpp"
 #include "error.hpp"
+#include "kdf.hpp"
 #include "secret_file.hpp"
 
 namespace pgphi {
@@ -230,6 +231,37 @@ KekDescription LocalKeyProvider::describe(const std::string& kek_ref)
 {
     check_kek_ref(kek_ref);
     return KekDescription{name(), kDefaultKekRef, fingerprint_hex(load_kek())};
+}
+
+namespace {
+
+constexpr char kAnchorMacPrefix[] = "local:v1:";
+
+std::string anchor_hmac_hex(const SecureBytes& kek, ByteView message)
+{
+    SecureBytes key = hkdf_sha256(ByteView(kek.data(), kek.size()), ByteView(), ByteView(kAuditAnchorKeyLabel), 32);
+    uint8_t mac[EVP_MAX_MD_SIZE];
+    size_t mac_len = 0;
+    if (!EVP_Q_mac(nullptr, "HMAC", nullptr, "SHA256", nullptr, key.data(), key.size(), message.data,
+                   message.size, mac, sizeof(mac), &mac_len) ||
+        mac_len != 32)
+        throw Error(ErrorCode::Internal, "could not compute the audit anchor's HMAC");
+    return kAnchorMacPrefix + hex_lower(ByteView(mac, mac_len));
+}
+
+} // namespace
+
+std::string LocalKeyProvider::audit_mac(const std::string& key_ref, ByteView message)
+{
+    check_kek_ref(key_ref);
+    return anchor_hmac_hex(load_kek(), message);
+}
+
+bool LocalKeyProvider::verify_audit_mac(const std::string& key_ref, ByteView message, const std::string& mac)
+{
+    check_kek_ref(key_ref);
+    std::string expected = anchor_hmac_hex(load_kek(), message);
+    return mac.size() == expected.size() && CRYPTO_memcmp(mac.data(), expected.data(), mac.size()) == 0;
 }
 
 } // namespace pgphi

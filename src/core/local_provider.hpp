@@ -37,6 +37,10 @@ public:
                       const DekBinding& binding) override;
     KekDescription describe(const std::string& kek_ref) override;
 
+    // "local:v1:" and the hex of HMAC-SHA-256(HKDF(KEK, kAuditAnchorKeyLabel), message).
+    std::string audit_mac(const std::string& key_ref, ByteView message) override;
+    bool verify_audit_mac(const std::string& key_ref, ByteView message, const std::string& mac) override;
+
     // Creates the KEK file (mode 0600) if it does not exist yet. Returns true
     // when it created one. Only key creation calls this: an unwrap must never
     // invent a new KEK in place of a lost one.

@@ -231,4 +231,37 @@ KekDescription VaultKeyProvider::describe(const std::string& kek_ref)
     return KekDescription{name(), kek_ref, vault::latest_version(response)};
 }
 
+std::string VaultKeyProvider::audit_mac(const std::string& key_ref, ByteView message)
+{
+    check_key_name(key_ref);
+    json response = call(Method::Post, settings_.mount + "/hmac/" + key_ref + "/sha2-256",
+                         {{"input", base64_encode(message)}});
+    const json* data = response.is_object() && response.contains("data") ? &response["data"] : nullptr;
+    if (!data || !data->is_object() || !data->contains("hmac") || !(*data)["hmac"].is_string() ||
+        (*data)["hmac"].get_ref<const std::string&>().rfind("vault:v", 0) != 0)
+        throw Error(ErrorCode::ProviderError, "Vault hmac response has no HMAC");
+    return (*data)["hmac"].get<std::string>();
+}
+
+bool VaultKeyProvider::verify_audit_mac(const std::string& key_ref, ByteView message, const std::string& mac)
+{
+    check_key_name(key_ref);
+    if (mac.rfind("vault:v", 0) != 0)
+        return false; // not a Transit HMAC at all
+    json response;
+    try {
+        response = call(Method::Post, settings_.mount + "/verify/" + key_ref + "/sha2-256",
+                        {{"input", base64_encode(message)}, {"hmac", mac}});
+    } catch (const Error& e) {
+        // Vault answers 400 to an HMAC it cannot parse: that is no valid HMAC.
+        if (e.code() == ErrorCode::ProviderError)
+            return false;
+        throw;
+    }
+    const json* data = response.is_object() && response.contains("data") ? &response["data"] : nullptr;
+    if (!data || !data->is_object() || !data->contains("valid") || !(*data)["valid"].is_boolean())
+        throw Error(ErrorCode::ProviderError, "Vault verify response has no validity");
+    return (*data)["valid"].get<bool>();
+}
+
 } // namespace pgphi

@@ -44,6 +44,11 @@ public:
     SecureBytes unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
     WrappedDek rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
     KekDescription describe(const std::string& kek_ref) override;
+
+    // Transit hmac/<key>/sha2-256 and verify/<key>/sha2-256; the MAC is
+    // Vault's "vault:v<N>:<base64>".
+    std::string audit_mac(const std::string& key_ref, ByteView message) override;
+    bool verify_audit_mac(const std::string& key_ref, ByteView message, const std::string& mac) override;
     // The plaintext of a generated DEK is left empty: Vault returns only the
     // wrapped form, and the DEK is unwrapped on first use.
     GeneratedDek generate_dek(const std::string& kek_ref, const DekBinding& binding) override;

@@ -17,8 +17,12 @@ namespace pgphi::pg {
 
 enum class AuditOutcome : uint8_t { Refused, Failed };
 
-// Queues an event for pgphi.audit_log in this database. Never raises: an
-// event that finds the queue full is counted as dropped and logged.
+// Queues an event for pgphi.audit_log in this database. Never raises and
+// never logs. Identical events coalesce into one entry with a count and the
+// first and last time; when too many distinct events wait, the rest are
+// counted per role, action and outcome in overflow entries (their key and
+// detail are not kept); only when those are full too is an event dropped,
+// and then counted. The broker logs a summary of both at most once a minute.
 void queue_audit_event(const char* action, AuditOutcome outcome, const DataKey& key, const char* detail);
 void queue_audit_event(const char* action, AuditOutcome outcome, uint32_t key_id, uint32_t key_version,
                        const char* key_name, const char* detail);
@@ -33,14 +37,23 @@ void request_audit_lwlock();
 void init_audit_shared_memory(void* memory, bool found);
 
 // From the key broker's loop: starts an audit writer for each database with
-// queued events, or with counts older than the flush interval.
+// queued events, or with counts older than the flush interval. When no
+// worker slot is free, the events stay queued and the next loop retries (a
+// WARNING at most once a minute); only writers that started and failed
+// count against the events.
 void launch_audit_writers();
+
+// From the key broker's loop: computes or checks the MACs of audit anchors
+// that sessions and audit writers asked for (the broker alone holds the
+// key-manager credentials and the local KEK). See pgphi.audit_anchors.
+void serve_audit_anchors();
 
 // What broker_status() reports.
 struct AuditCounters {
     uint32_t queued_events;
     uint64_t dropped_events;
     uint64_t dropped_counts;
+    uint64_t overflow_events;
 };
 AuditCounters audit_counters();
 

@@ -421,6 +421,7 @@ void do_work(SharedState* state)
     }
     launch_rotations(state);
     launch_audit_writers();
+    serve_audit_anchors();
     if (now_ms() - g_usage_saved_ms >= kUsageSaveIntervalMs) {
         save_usage(state, false);
         g_usage_saved_ms = now_ms();

@@ -295,6 +295,37 @@ class KmsTests(EmulatorTestCase):
         super().setUp()
         self.kms = kms_client(EMU)
 
+    def test_hmac_key_generate_and_verify_mac(self):
+        # What pgphi's audit anchors use: an HMAC_256 key, GenerateMac, VerifyMac.
+        key = self.kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]
+        self.assertEqual((key["KeySpec"], key["KeyUsage"], key["MacAlgorithms"]),
+                         ("HMAC_256", "GENERATE_VERIFY_MAC", ["HMAC_SHA_256"]))
+        self.assertNotIn("EncryptionAlgorithms", key)
+        message = b"pgphi audit anchor v1\n1\n2\n3\nabcd\n"
+        made = self.kms.generate_mac(KeyId=key["Arn"], Message=message, MacAlgorithm="HMAC_SHA_256")
+        self.assertEqual((made["KeyId"], made["MacAlgorithm"], len(made["Mac"])),
+                         (key["Arn"], "HMAC_SHA_256", 32))
+        again = self.kms.generate_mac(KeyId=key["KeyId"], Message=message, MacAlgorithm="HMAC_SHA_256")
+        self.assertEqual(again["Mac"], made["Mac"], "a MAC is deterministic")
+        verified = self.kms.verify_mac(KeyId=key["KeyId"], Message=message, Mac=made["Mac"],
+                                       MacAlgorithm="HMAC_SHA_256")
+        self.assertTrue(verified["MacValid"])
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            self.kms.verify_mac(KeyId=key["KeyId"], Message=b"other", Mac=made["Mac"],
+                                MacAlgorithm="HMAC_SHA_256")
+        self.assertEqual(caught.exception.response["Error"]["Code"], "KMSInvalidMacException")
+        for kwargs, code in (
+                (dict(KeyId=key["KeyId"], Message=message, MacAlgorithm="HMAC_SHA_512"),
+                 "InvalidKeyUsageException"),
+                (dict(KeyId=KMS_KEY, Message=message, MacAlgorithm="HMAC_SHA_256"),
+                 "InvalidKeyUsageException")):
+            with self.assertRaises(botocore.exceptions.ClientError) as caught:
+                self.kms.generate_mac(**kwargs)
+            self.assertEqual(caught.exception.response["Error"]["Code"], code)
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            self.kms.encrypt(KeyId=key["KeyId"], Plaintext=b"x")
+        self.assertEqual(caught.exception.response["Error"]["Code"], "InvalidKeyUsageException")
+
     def test_encrypt_decrypt_round_trip(self):
         context = {"table": "patients", "column": "ssn"}
         encrypted = self.kms.encrypt(KeyId=KMS_KEY, Plaintext=b"123-45-6789",
@@ -697,6 +728,31 @@ class VaultTests(EmulatorTestCase):
         client = vault_client(EMU, namespace=namespace)
         client.auth.approle.login(role_id=ROLE_ID, secret_id=SECRET_ID)
         return client
+
+    def test_transit_hmac_and_verify(self):
+        # What pgphi's audit anchors use: hmac/<key>/sha2-256, verify/<key>/sha2-256.
+        name = unique("anchor")
+        self.transit.create_key(name)
+        message = base64.b64encode(b"pgphi audit anchor v1\n1\n2\n3\nabcd\n").decode()
+        made = self.transit.generate_hmac(name, message, algorithm="sha2-256")["data"]["hmac"]
+        self.assertRegex(made, r"^vault:v1:[A-Za-z0-9+/]+={0,2}$")
+        self.assertEqual(self.transit.generate_hmac(name, message, algorithm="sha2-256")["data"]["hmac"],
+                         made, "an HMAC is deterministic")
+        self.assertTrue(self.transit.verify_signed_data(name, message, hmac=made,
+                                                        hash_algorithm="sha2-256")["data"]["valid"])
+        other = base64.b64encode(b"another message").decode()
+        self.assertFalse(self.transit.verify_signed_data(name, other, hmac=made,
+                                                         hash_algorithm="sha2-256")["data"]["valid"])
+        self.transit.rotate_key(name)
+        self.assertTrue(self.transit.verify_signed_data(name, message, hmac=made,
+                                                        hash_algorithm="sha2-256")["data"]["valid"],
+                        "an HMAC of an older version still verifies")
+        self.assertTrue(self.transit.generate_hmac(name, message)["data"]["hmac"].startswith("vault:v2:"))
+        for bad in ("local:v1:abcd", "vault:vX:abcd", "vault:v9:abcd"):
+            with self.assertRaises(hvac.exceptions.InvalidRequest):
+                self.transit.verify_signed_data(name, message, hmac=bad)
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            self.vault.adapter.post(f"/v1/transit/hmac/{name}", json={"input": "not base64!"})
 
     def test_transit_round_trip(self):
         name = unique("kek")

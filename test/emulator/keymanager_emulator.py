@@ -523,6 +523,16 @@ class KmsKey:
     created: float
     enabled: bool = True
     versions: list = field(default_factory=list)   # backing keys; version n is versions[n-1]
+    key_spec: str = "SYMMETRIC_DEFAULT"
+    key_usage: str = "ENCRYPT_DECRYPT"
+
+
+# HMAC KMS keys: key spec -> (key bytes, the one MAC algorithm it supports, hash).
+KMS_HMAC_SPECS = {"HMAC_224": (28, "HMAC_SHA_224", hashlib.sha224),
+                  "HMAC_256": (32, "HMAC_SHA_256", hashlib.sha256),
+                  "HMAC_384": (48, "HMAC_SHA_384", hashlib.sha384),
+                  "HMAC_512": (64, "HMAC_SHA_512", hashlib.sha512)}
+KMS_MAC_ALGORITHMS = [algorithm for _, algorithm, _ in KMS_HMAC_SPECS.values()]
 
 
 @dataclass
@@ -547,13 +557,17 @@ class KmsStore:
     def arn(self, resource: str) -> str:
         return f"arn:aws:kms:{self.region}:{self.account_id}:{resource}"
 
-    def create_key(self, key_id: str | None = None, description: str = "") -> KmsKey:
+    def create_key(self, key_id: str | None = None, description: str = "",
+                   key_spec: str = "SYMMETRIC_DEFAULT") -> KmsKey:
         key_id = key_id or str(uuid.uuid4())
+        hmac_spec = KMS_HMAC_SPECS.get(key_spec)
         with self._lock:
             if key_id in self._keys:
                 raise KmsError("AlreadyExistsException", f"Key {key_id} already exists")
             key = KmsKey(key_id, self.arn(f"key/{key_id}"), description, time.time(),
-                         versions=[os.urandom(32)])
+                         versions=[os.urandom(hmac_spec[0] if hmac_spec else 32)],
+                         key_spec=key_spec,
+                         key_usage="GENERATE_VERIFY_MAC" if hmac_spec else "ENCRYPT_DECRYPT")
             self._keys[key_id] = key
             return key
 
@@ -792,6 +806,8 @@ class KmsApi:
             "ReEncrypt": self._re_encrypt,
             "GenerateDataKey": lambda call: self._generate_data_key(call, True),
             "GenerateDataKeyWithoutPlaintext": lambda call: self._generate_data_key(call, False),
+            "GenerateMac": self._generate_mac,
+            "VerifyMac": self._verify_mac,
             "DescribeKey": self._describe_key,
             "CreateKey": self._create_key,
             "EnableKey": lambda call: self._set_enabled(call, True),
@@ -875,9 +891,14 @@ class KmsApi:
 
     # Key access: resolution, key-scoped faults and the key's own state.
 
-    def _usable_key(self, call: KmsCall, key_ref, crypto: bool = True) -> KmsKey:
+    def _usable_key(self, call: KmsCall, key_ref, crypto: bool = True,
+                    usage: str = "ENCRYPT_DECRYPT") -> KmsKey:
         key = self.store.resolve(key_ref)
         self._check_usable(call, key, crypto)
+        if crypto and key.key_usage != usage:
+            raise KmsError("InvalidKeyUsageException",
+                           f"{key.arn} key usage is {key.key_usage} which is not valid for "
+                           f"{call.operation}.")
         return key
 
     def _check_usable(self, call: KmsCall, key: KmsKey, crypto: bool) -> None:
@@ -896,6 +917,10 @@ class KmsApi:
                            "The key ID in the request does not identify a CMK that can perform "
                            "this operation.")
         self._check_usable(call, key, crypto=True)
+        if key.key_usage != "ENCRYPT_DECRYPT":
+            raise KmsError("InvalidKeyUsageException",
+                           f"{key.arn} key usage is {key.key_usage} which is not valid for "
+                           f"{call.operation}.")
         return key, self.store.open(key, version, blob, context)
 
     def _metadata(self, key: KmsKey) -> dict:
@@ -906,14 +931,15 @@ class KmsApi:
             "CreationDate": key.created,
             "Enabled": key.enabled,
             "Description": key.description,
-            "KeyUsage": "ENCRYPT_DECRYPT",
+            "KeyUsage": key.key_usage,
             "KeyState": "Enabled" if key.enabled else "Disabled",
             "Origin": "AWS_KMS",
             "KeyManager": "CUSTOMER",
-            "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT",
-            "KeySpec": "SYMMETRIC_DEFAULT",
-            "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+            "CustomerMasterKeySpec": key.key_spec,
+            "KeySpec": key.key_spec,
             "MultiRegion": False,
+            **({"MacAlgorithms": [KMS_HMAC_SPECS[key.key_spec][1]]} if key.key_spec in KMS_HMAC_SPECS
+               else {"EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"]}),
         }
 
     # Operations.
@@ -975,17 +1001,55 @@ class KmsApi:
         usage = params.get("KeyUsage", "ENCRYPT_DECRYPT")
         spec = params.get("KeySpec") or params.get("CustomerMasterKeySpec") or "SYMMETRIC_DEFAULT"
         origin = params.get("Origin", "AWS_KMS")
-        if (usage, spec, origin) != ("ENCRYPT_DECRYPT", "SYMMETRIC_DEFAULT", "AWS_KMS"):
+        if spec in KMS_HMAC_SPECS and "KeyUsage" in params and usage != "GENERATE_VERIFY_MAC":
+            raise KmsError("ValidationException",
+                           f"KeyUsage {usage} is not compatible with KeySpec {spec}")
+        if spec in KMS_HMAC_SPECS:
+            usage = "GENERATE_VERIFY_MAC"
+        if (usage, origin) not in (("ENCRYPT_DECRYPT", "AWS_KMS"), ("GENERATE_VERIFY_MAC", "AWS_KMS")) or \
+                (usage == "ENCRYPT_DECRYPT") != (spec == "SYMMETRIC_DEFAULT"):
             raise KmsError("UnsupportedOperationException",
-                           "This emulator only creates SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys "
-                           "with origin AWS_KMS.")
+                           "This emulator only creates SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys and "
+                           "HMAC GENERATE_VERIFY_MAC keys, with origin AWS_KMS.")
         description = kms_string(params, "Description") or ""
         if len(description) > 8192:
             raise KmsError("ValidationException",
                            "1 validation error detected: Value at 'description' failed to "
                            "satisfy constraint: Member must have length less than or equal to "
                            "8192")
-        return {"KeyMetadata": self._metadata(self.store.create_key(description=description))}
+        return {"KeyMetadata": self._metadata(self.store.create_key(description=description,
+                                                                    key_spec=spec))}
+
+    def _mac_request(self, call: KmsCall) -> tuple[KmsKey, bytes, str]:
+        params = call.params
+        key_ref = kms_required(params, "KeyId")
+        message = kms_binary(params, "Message", 4096)
+        algorithm = kms_required(params, "MacAlgorithm")
+        if algorithm not in KMS_MAC_ALGORITHMS:
+            raise KmsError("ValidationException",
+                           f"1 validation error detected: Value '{algorithm}' at 'macAlgorithm' "
+                           f"failed to satisfy constraint: Member must satisfy enum value set: "
+                           f"[{', '.join(KMS_MAC_ALGORITHMS)}]")
+        key = self._usable_key(call, key_ref, usage="GENERATE_VERIFY_MAC")
+        if KMS_HMAC_SPECS[key.key_spec][1] != algorithm:
+            raise KmsError("InvalidKeyUsageException",
+                           f"{algorithm} is not supported by {key.arn}, whose key spec is "
+                           f"{key.key_spec}.")
+        return key, message, algorithm
+
+    def _mac(self, key: KmsKey, message: bytes) -> bytes:
+        return hmac.new(key.versions[0], message, KMS_HMAC_SPECS[key.key_spec][2]).digest()
+
+    def _generate_mac(self, call: KmsCall) -> dict:
+        key, message, algorithm = self._mac_request(call)
+        return {"Mac": b64encode(self._mac(key, message)), "MacAlgorithm": algorithm, "KeyId": key.arn}
+
+    def _verify_mac(self, call: KmsCall) -> dict:
+        key, message, algorithm = self._mac_request(call)
+        given = kms_binary(call.params, "Mac", 6144)
+        if not hmac.compare_digest(self._mac(key, message), given):
+            raise KmsError("KMSInvalidMacException", "")
+        return {"KeyId": key.arn, "MacValid": True, "MacAlgorithm": algorithm}
 
     def _set_enabled(self, call: KmsCall, enabled: bool) -> None:
         key = self._usable_key(call, kms_required(call.params, "KeyId"), crypto=False)
@@ -1036,6 +1100,9 @@ class KmsApi:
 
     def _rotate_key_on_demand(self, call: KmsCall) -> dict:
         key = self._usable_key(call, kms_required(call.params, "KeyId"), crypto=False)
+        if key.key_spec != "SYMMETRIC_DEFAULT":
+            raise KmsError("UnsupportedOperationException",
+                           f"{key.arn} key spec {key.key_spec} does not support rotation.")
         self.store.rotate(key)
         return {"KeyId": key.key_id}
 
@@ -1417,9 +1484,16 @@ VAULT_ROUTES = [
     (("{mount}", "decrypt", "{name}"), {"POST": "decrypt", "PUT": "decrypt"}),
     (("{mount}", "rewrap", "{name}"), {"POST": "rewrap", "PUT": "rewrap"}),
     (("{mount}", "datakey", "{kind}", "{name}"), {"POST": "datakey", "PUT": "datakey"}),
+    (("{mount}", "hmac", "{name}"), {"POST": "hmac", "PUT": "hmac"}),
+    (("{mount}", "hmac", "{name}", "{kind}"), {"POST": "hmac", "PUT": "hmac"}),
+    (("{mount}", "verify", "{name}"), {"POST": "verify", "PUT": "verify"}),
+    (("{mount}", "verify", "{name}", "{kind}"), {"POST": "verify", "PUT": "verify"}),
 ]
 VAULT_UNAUTHENTICATED = {"health", "login"}
-VAULT_CRYPTO_OPERATIONS = {"encrypt", "decrypt", "rewrap", "datakey"}
+VAULT_CRYPTO_OPERATIONS = {"encrypt", "decrypt", "rewrap", "datakey", "hmac", "verify"}
+# Transit's HMAC algorithms (path suffix or "algorithm"), and their hashes.
+VAULT_HMAC_ALGORITHMS = {"sha2-224": hashlib.sha224, "sha2-256": hashlib.sha256,
+                         "sha2-384": hashlib.sha384, "sha2-512": hashlib.sha512}
 
 
 class VaultApi:
@@ -1715,6 +1789,75 @@ class VaultApi:
         return self._transit_result(data)
 
 
+    # Transit HMAC: each key version has an HMAC key of its own (here derived
+    # from the version's material), and "vault:v<N>:<base64>" names the version.
+
+    @staticmethod
+    def _hmac_algorithm(call: VaultCall) -> Callable:
+        name = call.captures.get("kind") or call.body.get("algorithm") or "sha2-256"
+        if name not in VAULT_HMAC_ALGORITHMS:
+            raise VaultError(400, f"unsupported algorithm {name}")
+        return VAULT_HMAC_ALGORITHMS[name]
+
+    @staticmethod
+    def _hmac_input(call: VaultCall) -> bytes:
+        if "batch_input" in call.body:
+            raise VaultError(400, "batch_input is not supported by the emulator")
+        if "input" not in call.body:
+            raise VaultError(400, "missing input for HMAC")
+        value = call.body["input"]
+        if not isinstance(value, str):
+            raise VaultError(400, "unable to decode input as base64")
+        try:
+            return base64.b64decode(value, validate=True)
+        except (ValueError, binascii.Error):
+            raise VaultError(400, "unable to decode input as base64") from None
+
+    @staticmethod
+    def _hmac_key(key: TransitKey, version: int) -> bytes:
+        material = key.versions[version - 1][0]
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"emulator transit hmac key").derive(material)
+
+    def _op_hmac(self, call: VaultCall):
+        digest = self._hmac_algorithm(call)
+        message = self._hmac_input(call)
+        key = self._existing_key(call)
+        version = vault_int(call.body, "key_version") or key.latest_version
+        if version > key.latest_version:
+            raise VaultError(400, "cannot generate HMAC: version is too new")
+        if version < key.min_encryption_version:
+            raise VaultError(400, "cannot generate HMAC: version is too old (disallowed by policy)")
+        mac = hmac.new(self._hmac_key(key, version), message, digest).digest()
+        return self._transit_result({"hmac": f"vault:v{version}:{b64encode(mac)}"})
+
+    def _op_verify(self, call: VaultCall):
+        digest = self._hmac_algorithm(call)
+        message = self._hmac_input(call)
+        key = self._existing_key(call)
+        given = call.body.get("hmac")
+        if given is None:
+            if "signature" in call.body:
+                raise VaultError(400, "key type does not support signing")
+            raise VaultError(400, "missing signature or hmac to verify")
+        if not isinstance(given, str) or not given.startswith("vault:"):
+            raise VaultError(400, "invalid value")
+        parts = given.split(":")
+        if len(parts) != 3 or not parts[1].startswith("v"):
+            raise VaultError(400, "invalid value")
+        try:
+            version = int(parts[1][1:])
+            mac = base64.b64decode(parts[2], validate=True)
+        except (ValueError, binascii.Error):
+            raise VaultError(400, "invalid value") from None
+        if version <= 0 or version > key.latest_version:
+            raise VaultError(400, "invalid value")
+        if version < key.min_decryption_version:
+            raise VaultError(400, "cannot verify HMAC: version is too old (disallowed by policy)")
+        expected = hmac.new(self._hmac_key(key, version), message, digest).digest()
+        return self._transit_result({"valid": hmac.compare_digest(expected, mac)})
+
+
 # --------------------------------------------------------------------------
 # Control API (/_emulator/...)
 # --------------------------------------------------------------------------
@@ -1832,7 +1975,10 @@ class AdminApi:
         key_id = body.get("key_id")
         if key_id is not None and not (isinstance(key_id, str) and UUID_RE.match(key_id)):
             raise AdminError(400, "key_id must be a lowercase UUID")
-        key = self.kms_store.create_key(key_id, body.get("description", ""))
+        key_spec = body.get("key_spec", "SYMMETRIC_DEFAULT")
+        if key_spec != "SYMMETRIC_DEFAULT" and key_spec not in KMS_HMAC_SPECS:
+            raise AdminError(400, "key_spec must be SYMMETRIC_DEFAULT or HMAC_224/256/384/512")
+        key = self.kms_store.create_key(key_id, body.get("description", ""), key_spec)
         return {"key_id": key.key_id, "arn": key.arn}
 
     def _create_vault_key(self, body: dict) -> dict:

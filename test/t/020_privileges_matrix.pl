@@ -34,7 +34,10 @@ my $routines = <<'TABLE';
 pgphi._acting_role()                                                         key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._active_version(integer)                                               key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._audit(text,integer,integer,text,text)                                 key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._audit_anchor_last_known()                                             key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._audit_anchors_are_append_only()                                       key     -      -     -     -     -     -     -     -     x
 pgphi._audit_catalog_change()                                                key     -      -     -     -     -     -     -     -     x
+pgphi._audit_chain_changed()                                                 key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._audit_key_change()                                                    key     -      -     -     -     -     -     -     -     x
 pgphi._audit_log_chain()                                                     key     -      -     -     -     -     -     -     -     x
 pgphi._audit_log_is_append_only()                                            key     -      -     -     -     -     -     -     -     x
@@ -89,6 +92,7 @@ pgphi._rebuild_blind_index_sql(regclass,name,name,name,text)                 key
 pgphi._rebuild_blind_index_start(regclass,name,name,text,integer,name)       key     42501  42703 42703 42501 42501 42703 42703 42501 42703
 pgphi._rebuild_blind_index_sweep(regclass,name,name,text,integer,name,text)  key     42501  42703 42703 42501 42501 42703 42703 42501 42703
 pgphi._record_audit_event(timestamp with time zone,text,text,text,integer,text,integer,text,text) key 42501 42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._record_audit_event(timestamp with time zone,text,text,text,integer,text,integer,text,text,bigint,timestamp with time zone,timestamp with time zone) key     42501  42501 42501 42501 42501 42501 42501 42501 23514
 pgphi._record_key_use(timestamp with time zone,text,integer,bigint,bigint)   key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._reencrypt_pages(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._reencrypt_progress_claim()                                            key     -      -     -     -     -     -     -     -     x
@@ -102,7 +106,9 @@ pgphi._shred_at_commit(integer,integer)                                      key
 pgphi._update_pages(text,text,text,integer,integer,bigint,bigint)            key     42501  42601 42601 42501 42501 42601 42601 42501 42601
 pgphi._update_sweep(regclass,text,text,text,integer,integer,integer)         key     42501  42601 42601 42501 42501 42601 42601 42501 42601
 pgphi._usage_counts()                                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._verify_audit_anchor(bigint,timestamp with time zone,bigint,bytea,text,text,text,text) key     42501  42501 42501 42501 42501 42501 42501 42501 22023
 pgphi._writer_ran_statement(regprocedure,text)                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi.anchor_audit_log()                                                     key     42501  42501 42501 42501 42501 42501 ok    ok    ok
 pgphi.approve_destroy(text,integer)                                          key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.approve_grant(text,regrole,text)                                       key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.audit_queue_status()                                                   key     42501  42501 42501 42501 42501 42501 42501 ok    ok
@@ -180,6 +186,7 @@ TABLE
 my $relations = <<'TABLE';
 # relation                      public enc   enc_g dec   dec_g app   cust  aud   super
 pgphi.audit_log                 -      -     -     -     -     -     -     r     rawdD
+pgphi.audit_anchors             -      -     -     -     -     -     -     r     rawdD
 pgphi.cache_stats               -      -     -     -     -     -     -     -     rawdD
 pgphi.destroy_approvals         -      -     -     -     -     -     -     -     rawdD
 pgphi.grant_approvals           -      -     -     -     -     -     r     r     rawdD

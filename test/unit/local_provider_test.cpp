@@ -14,6 +14,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/kdf.h>
+
 #include "error.hpp"
 #include "local_provider.hpp"
 
@@ -300,3 +304,85 @@ TEST_F(LocalProviderTest, DamagedWrappedDekIsRefused)
     flipped.blob[30] ^= 1;
     EXPECT_EQ(error_of_unwrap(provider, flipped, binding), ErrorCode::WrappedDekInvalid);
 }
+
+namespace {
+
+// Audit anchors: HMAC-SHA-256 under a key derived from the KEK with its own
+// label. Checked against an independent computation (OpenSSL's HKDF and
+// HMAC called directly), so the label and layout are pinned.
+class LocalAnchorTest : public LocalProviderTest {};
+
+std::string independent_anchor_mac(const std::string& kek, const std::string& message)
+{
+    unsigned char key[32];
+    EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_id(EVP_PKEY_HKDF, nullptr);
+    const char label[] = "pgphi v1 audit anchor HMAC-SHA-256 key";
+    size_t key_len = sizeof(key);
+    bool ok = ctx && EVP_PKEY_derive_init(ctx) > 0 && EVP_PKEY_CTX_set_hkdf_md(ctx, EVP_sha256()) > 0 &&
+              EVP_PKEY_CTX_set1_hkdf_key(ctx, reinterpret_cast<const unsigned char*>(kek.data()),
+                                         static_cast<int>(kek.size())) > 0 &&
+              EVP_PKEY_CTX_add1_hkdf_info(ctx, reinterpret_cast<const unsigned char*>(label),
+                                          sizeof(label) - 1) > 0 &&
+              EVP_PKEY_derive(ctx, key, &key_len) > 0;
+    EVP_PKEY_CTX_free(ctx);
+    if (!ok)
+        return "";
+    unsigned char mac[32];
+    unsigned int mac_len = 0;
+    HMAC(EVP_sha256(), key, sizeof(key), reinterpret_cast<const unsigned char*>(message.data()), message.size(),
+         mac, &mac_len);
+    std::string hex = "local:v1:";
+    char byte[3];
+    for (unsigned i = 0; i < mac_len; ++i) {
+        snprintf(byte, sizeof(byte), "%02x", mac[i]);
+        hex += byte;
+    }
+    return hex;
+}
+
+TEST_F(LocalAnchorTest, MacIsHmacUnderTheDerivedKeyAndVerifies)
+{
+    std::string kek(32, '\0');
+    for (size_t i = 0; i < kek.size(); ++i)
+        kek[i] = static_cast<char>(i * 7 + 1);
+    write_file(kek, 0600);
+    LocalKeyProvider provider(path);
+    std::string message = "pgphi audit anchor v1\n1\n2\n3\nabcd\n";
+    std::string mac = provider.audit_mac("", ByteView(message));
+    EXPECT_EQ(mac, independent_anchor_mac(kek, message));
+    EXPECT_EQ(provider.audit_mac("default", ByteView(message)), mac);
+    EXPECT_TRUE(provider.verify_audit_mac("", ByteView(message), mac));
+    EXPECT_FALSE(provider.verify_audit_mac("", ByteView(message + "x"), mac));
+    std::string flipped = mac;
+    flipped.back() = flipped.back() == '0' ? '1' : '0';
+    EXPECT_FALSE(provider.verify_audit_mac("", ByteView(message), flipped));
+    EXPECT_FALSE(provider.verify_audit_mac("", ByteView(message), mac.substr(0, mac.size() - 2)));
+    EXPECT_FALSE(provider.verify_audit_mac("", ByteView(message), "vault:v1:" + mac.substr(9)));
+
+    // Another KEK: another MAC, and the first one no longer verifies.
+    kek[0] ^= 1;
+    write_file(kek, 0600);
+    EXPECT_NE(provider.audit_mac("", ByteView(message)), mac);
+    EXPECT_FALSE(provider.verify_audit_mac("", ByteView(message), mac));
+}
+
+TEST_F(LocalAnchorTest, RefusesOtherKeysAndAMissingKek)
+{
+    LocalKeyProvider provider(path);
+    std::string message = "m";
+    try {
+        provider.audit_mac("", ByteView(message));
+        ADD_FAILURE() << "expected an error";
+    } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::SecretFileMissing);
+    }
+    write_file(std::string(32, 'k'), 0600);
+    try {
+        provider.audit_mac("other", ByteView(message));
+        ADD_FAILURE() << "expected an error";
+    } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::InvalidArgument);
+    }
+}
+
+} // namespace
