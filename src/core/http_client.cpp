@@ -18,6 +18,7 @@ namespace pgphi {
 namespace {
 
 bool (*g_abort_check)() = nullptr;
+void (*g_retry_sleep)(std::chrono::milliseconds) = nullptr;
 
 int on_progress(void*, curl_off_t, curl_off_t, curl_off_t, curl_off_t)
 {
@@ -80,6 +81,7 @@ struct CurlHeaders {
 } // namespace
 
 void set_transfer_abort_check(bool (*check)()) { g_abort_check = check; }
+void set_retry_sleep(void (*sleep)(std::chrono::milliseconds)) { g_retry_sleep = sleep; }
 bool transfer_abort_requested() { return g_abort_check && g_abort_check(); }
 
 HttpRequest::~HttpRequest() { OPENSSL_cleanse(body.data(), body.size()); }
@@ -207,9 +209,13 @@ bool with_retries(const RetryPolicy& policy, const std::function<bool(int)>& att
             auto delay = policy.delay_before_attempt(n);
             if (sleep)
                 sleep(delay);
+            else if (g_retry_sleep)
+                g_retry_sleep(delay);
             else
                 std::this_thread::sleep_for(delay);
         }
+        if (n > 1 && transfer_abort_requested())
+            return false; // told to stop during the backoff
         if (attempt(n))
             return true;
     }

@@ -9,6 +9,7 @@ extern "C" {
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
+#include "tcop/tcopprot.h"
 #include "utils/guc.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -496,6 +497,7 @@ void pgphi_audit_writer_main(Datum argument)
 {
     using namespace pgphi::pg;
     Oid database = DatumGetObjectId(argument);
+    pqsignal(SIGTERM, die); // not bgworker_die, which raises FATAL in the handler, inside SPI
     BackgroundWorkerUnblockSignals();
     BackgroundWorkerInitializeConnectionByOid(database, InvalidOid, 0);
     pgstat_report_activity(STATE_RUNNING, "writing pgphi audit events and key use counts");

@@ -56,6 +56,10 @@ void on_shmem_startup()
         state->invalidation_generation.store(1);
         state->next_ticket.store(1);
         state->capacity = static_cast<uint32_t>(cache_size);
+        for (UsageEntry& entry : state->usage) {
+            pg_atomic_init_u32(&entry.rotation_requested, 0);
+            pg_atomic_init_u32(&entry.rotated, 0);
+        }
         state->table().initialize();
     }
     g_state = static_cast<SharedState*>(memory);
@@ -78,7 +82,9 @@ void on_shmem_startup()
 
 [[noreturn]] void raise_wait_timeout(const char* what)
 {
+    LWLockAcquire(g_state->lock, LW_SHARED);
     bool broker_running = g_state->broker_pid != 0;
+    LWLockRelease(g_state->lock);
     ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_CONNECTION_FAILURE),
                     errmsg("pgphi key broker did not %s within %d ms", what, key_wait_timeout_ms),
                     broker_running ? errdetail("The key manager may be slow or unreachable.")
@@ -104,15 +110,17 @@ void request_shared_memory()
     shmem_request_hook = on_shmem_request;
     g_prev_startup_hook = shmem_startup_hook;
     shmem_startup_hook = on_shmem_startup;
+    define_broker_settings();
 }
 
 int64_t now_ms() { return GetCurrentTimestamp() / 1000; }
 
 void wake_broker()
 {
-    // The latch pointer is read under the lock by callers that just posted
-    // work; SetLatch on a latch whose owner exited is harmless.
+    // SetLatch on a latch whose owner exited since is harmless.
+    LWLockAcquire(g_state->lock, LW_SHARED);
     Latch* latch = g_state->broker_latch;
+    LWLockRelease(g_state->lock);
     if (latch)
         SetLatch(latch);
 }
@@ -143,7 +151,8 @@ UsageEntry* usage_entry(DataKey& key, Oid database)
         found->key_id = key.ref().key_id;
         found->key_version = key.ref().version;
         found->seals.store(0);
-        found->rotation_requested = found->rotated = false;
+        pg_atomic_write_u32(&found->rotation_requested, 0);
+        pg_atomic_write_u32(&found->rotated, 0);
         found->rotation_launched_ms = 0;
         found->in_use = true;
     }
@@ -176,10 +185,9 @@ void report_seals(DataKey& key, Oid database)
         return;
     uint64_t total = entry->seals.fetch_add(seals, std::memory_order_relaxed) + seals;
     shared_state()->usage_dirty.store(true, std::memory_order_relaxed);
-    if (total >= static_cast<uint64_t>(dek_rotation_threshold) && !entry->rotation_requested) {
-        entry->rotation_requested = true; // a benign race: several may set it
+    if (total >= static_cast<uint64_t>(dek_rotation_threshold) &&
+        pg_atomic_exchange_u32(&entry->rotation_requested, 1) == 0)
         wake_broker();
-    }
 }
 
 void check_seal_budget(DataKey& key, Oid database)

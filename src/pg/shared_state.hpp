@@ -9,6 +9,7 @@
 extern "C" {
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
+#include "port/atomics.h"
 #include "storage/lwlock.h"
 }
 
@@ -44,10 +45,12 @@ inline constexpr int kAdminRequests = 8;
 // How many values each DEK version has sealed, cluster-wide: random 96-bit
 // nonces make a DEK safe for a bounded number of values. Backends add their
 // counts without a lock; the broker persists them and has keys rotated.
+// The two flags are written by backends and rotation workers without the
+// lock, hence atomics (0 or 1).
 struct UsageEntry {
     bool in_use;
-    bool rotation_requested;      // the threshold was crossed
-    bool rotated;                 // a rotation worker rotated the key
+    pg_atomic_uint32 rotation_requested; // the threshold was crossed
+    pg_atomic_uint32 rotated;            // a rotation worker rotated the key
     int64_t rotation_launched_ms; // 0: no rotation worker started yet
     Oid database;
     uint32_t key_id;
@@ -60,8 +63,8 @@ inline constexpr int kUsageEntries = 1024;
 struct SharedState {
     LWLock* lock;                       // guards the table and admin requests
     ConditionVariable changed;          // broadcast by the broker after each batch
-    Latch* broker_latch;                // set while the broker runs (under lock)
-    int broker_pid;
+    Latch* broker_latch;                // set while the broker runs (under lock, read and written)
+    int broker_pid;                     // (under lock)
     int64_t broker_started_ms;
     uint32_t broker_starts;
     uint32_t broker_reloads;            // configuration reloads the broker has applied
@@ -72,6 +75,7 @@ struct SharedState {
     AdminRequest admin[kAdminRequests];
     UsageEntry usage[kUsageEntries];
     std::atomic<bool> usage_dirty;      // counts changed since the broker last saved them
+    char test_fault_fired[32];          // the pgphi.test_fault that fired (broker only; test-only)
     alignas(cache::Slot) unsigned char table_memory[FLEXIBLE_ARRAY_MEMBER]; // slots, then hash index
 
     cache::Table table() { return cache::Table(table_memory, capacity); }
@@ -81,8 +85,11 @@ SharedState* shared_state();
 void request_shared_memory();      // from _PG_init
 int64_t now_ms();                  // PostgreSQL's clock, in ms since 2000
 
-// Wakes the broker, if it runs.
+// Wakes the broker, if it runs. Takes the lock: the caller must not hold it.
 void wake_broker();
+
+// Defines pgphi.test_fault (test-only fault injection in the key broker).
+void define_broker_settings();
 
 // The DEK for a wrapped DEK, from the shared cache or, on a miss, from the
 // broker (one key-manager call however many backends ask at once). Waits up
