@@ -109,11 +109,21 @@ int64 flush_shared_cache()
 
 bool g_flush_at_commit = false;
 
+// A prepared transaction's COMMIT PREPARED runs in another session (or
+// after a restart), where no callback of this one runs: the flush would
+// never happen, and the flag left behind would flush some later, unrelated
+// commit. So a transaction that destroyed a key cannot be prepared, as
+// PostgreSQL refuses to prepare one that touched temporary objects.
 void flush_after_commit(XactEvent event, void*)
 {
+    if (event == XACT_EVENT_PRE_PREPARE && g_flush_at_commit)
+        ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+                        errmsg("cannot PREPARE a transaction that has destroyed a pgphi key version"),
+                        errhint("Destroy key versions in a transaction that commits directly.")));
     if (event == XACT_EVENT_COMMIT && g_flush_at_commit)
         flush_shared_cache();
-    if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT)
+    if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE ||
+        event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT)
         g_flush_at_commit = false;
 }
 
