@@ -101,6 +101,17 @@ GRANT EXECUTE ON FUNCTION pgphi._encrypt_phi_deterministic(text, text, boolean, 
     pgphi._encrypt_phi_deterministic(bytea, text, boolean, text),
     pgphi._encrypt_phi_deterministic(jsonb, text, boolean, text) TO pgphi_encrypt;
 
+-- One key broker process per remote key manager (a hung one delays only its
+-- own keys): their pids, starts and reloads. pgphi.broker_status() shows the
+-- first, which serves the local provider and does the housekeeping.
+CREATE FUNCTION pgphi.broker_processes(
+        OUT provider text, OUT pid integer, OUT started_at timestamptz,
+        OUT restarts integer, OUT config_reloads bigint)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'pgphi_broker_processes' LANGUAGE C VOLATILE PARALLEL SAFE;
+REVOKE ALL ON FUNCTION pgphi.broker_processes() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.broker_processes() TO pg_monitor;
+
 -- (end of section: broker)
 
 

@@ -13,6 +13,17 @@
 // broker never hashes a request itself, it keeps the digest the backend
 // computed when it claimed the slot.
 //
+// One broker process per remote key manager (Vault, AWS KMS), and broker 0
+// for the local provider and the housekeeping (seal counts, rotation and
+// audit workers): a key manager that hangs delays its own keys only. The
+// alternative, libcurl's multi interface in a single process, would need
+// every provider's request sequences (Vault login and token renewal, AWS
+// credential refresh from the metadata service, retries) rewritten as state
+// machines; separate processes keep the providers' code synchronous and
+// simple, cost one idle process per provider, and need no threads. Every
+// broker takes only the slots and admin requests of its own provider from
+// the one shared table; backends wake them all.
+//
 // An ERROR in the broker does not end it: like the checkpointer it has its
 // own sigsetjmp handler, which releases its LWLocks and condition-variable
 // sleep, gives the slots it had in hand back to the queue, and carries on.
@@ -90,6 +101,7 @@ uint8_t g_unwrapped[cache::kDekSize];
 // fired is kept in shared memory, so that a broker restarted after the fault
 // does not inject it again.
 char* g_test_fault = nullptr;
+bool g_fault_armed_here = false;
 
 bool test_fault(const char* name)
 {
@@ -100,6 +112,40 @@ bool test_fault(const char* name)
     return true;
 }
 
+} // namespace
+
+bool test_fault_is(const char* name) { return g_test_fault && strcmp(g_test_fault, name) == 0; }
+
+namespace {
+
+// A fault armed once in every broker process (whichever gets the job).
+bool test_fault_in_each_broker(const char* name)
+{
+    if (g_fault_armed_here || !g_test_fault || strcmp(g_test_fault, name) != 0)
+        return false;
+    g_fault_armed_here = true;
+    return true;
+}
+
+// This process's broker number (0 .. kBrokers - 1) and what it serves.
+int g_broker = 0;
+
+bool mine(const cache::UnwrapRequest& request) { return broker_serves(g_broker, request.provider); }
+
+// Under the exclusive lock: after an ERROR in this broker, or when it starts,
+// the work of its provider that was in hand goes back to the queue (the next
+// loop takes it again).
+void requeue_in_flight(SharedState* state)
+{
+    cache::Table table = state->table();
+    for (uint32_t i = 0; i < table.capacity(); ++i)
+        if (table.at(i).in_flight && mine(table.at(i).request))
+            table.at(i).in_flight = false;
+    for (AdminRequest& request : state->admin)
+        if (request.state == AdminRequest::State::InFlight && mine(request.key))
+            request.state = AdminRequest::State::Pending;
+}
+
 void forget_broker(int, Datum)
 {
     SharedState* state = shared_state();
@@ -108,39 +154,23 @@ void forget_broker(int, Datum)
     // on itself.
     LWLockReleaseAll();
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
-    state->broker_latch = nullptr;
-    state->broker_pid = 0;
+    state->brokers[g_broker].latch = nullptr;
+    state->brokers[g_broker].pid = 0;
     LWLockRelease(state->lock);
 }
 
 void announce_broker(SharedState* state)
 {
-    cache::Table table = state->table();
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
-    state->broker_latch = MyLatch;
-    state->broker_pid = MyProcPid;
-    state->broker_started_ms = now_ms();
-    state->broker_starts++;
+    BrokerProcess& me = state->brokers[g_broker];
+    me.latch = MyLatch;
+    me.pid = MyProcPid;
+    me.started_ms = now_ms();
+    me.starts++;
     // Work the previous broker had in hand when it died is simply redone.
-    for (uint32_t i = 0; i < table.capacity(); ++i)
-        table.at(i).in_flight = false;
-    for (AdminRequest& request : state->admin)
-        if (request.state == AdminRequest::State::InFlight)
-            request.state = AdminRequest::State::Pending;
+    requeue_in_flight(state);
     LWLockRelease(state->lock);
     before_shmem_exit(forget_broker, 0);
-}
-
-// Under the exclusive lock: after an ERROR in the broker, the work it had in
-// hand goes back to the queue (the next loop takes it again).
-void requeue_in_flight(SharedState* state)
-{
-    cache::Table table = state->table();
-    for (uint32_t i = 0; i < table.capacity(); ++i)
-        table.at(i).in_flight = false;
-    for (AdminRequest& request : state->admin)
-        if (request.state == AdminRequest::State::InFlight)
-            request.state = AdminRequest::State::Pending;
 }
 
 // Under the exclusive lock: expire dead keys and pick up the work to do.
@@ -157,6 +187,8 @@ int collect_work(SharedState* state, int64_t now, int* admin_jobs, int* admin_co
     for (int pass = 0; pass < 2; ++pass)
         for (uint32_t i = 0; i < table.capacity() && jobs < kMaxJobs; ++i) {
             cache::Slot& slot = table.at(i);
+            if (slot.state == cache::SlotState::Free || !mine(slot.request))
+                continue;
             bool take = pass == 0 ? slot.state == cache::SlotState::Pending && !slot.in_flight
                                   : table.wants_refresh(slot, now, ttl);
             if (pass == 1 && table.is_dead(slot, now, ttl)) {
@@ -172,7 +204,7 @@ int collect_work(SharedState* state, int64_t now, int* admin_jobs, int* admin_co
     *admin_count = 0;
     for (int i = 0; i < kAdminRequests; ++i) {
         AdminRequest& request = state->admin[i];
-        if (request.state == AdminRequest::State::Pending) {
+        if (request.state == AdminRequest::State::Pending && mine(request.key)) {
             request.state = AdminRequest::State::InFlight;
             admin_jobs[(*admin_count)++] = i;
         } else if (request.state == AdminRequest::State::Done && now - request.done_at_ms > kAbandonedRequestMs) {
@@ -466,8 +498,8 @@ void do_work(SharedState* state)
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
     int jobs = collect_work(state, now_ms(), admin_jobs, &admin_count);
     LWLockRelease(state->lock);
-    if (test_fault("broker_digest"))
-        cache::fail_next_digest_for_testing(); // any digest_of() in this process now throws
+    if (test_fault_in_each_broker("broker_digest"))
+        cache::fail_next_digest_for_testing(); // the next digest_of() in this process throws
 
     for (int i = 0; i < admin_count; ++i) {
         run_admin(state, admin_jobs[i]);
@@ -480,6 +512,8 @@ void do_work(SharedState* state)
         ConditionVariableBroadcast(&state->changed);
         CHECK_FOR_INTERRUPTS();
     }
+    if (g_broker != 0)
+        return; // the housekeeping is broker 0's
     launch_rotations(state);
     launch_audit_writers();
     if (now_ms() - g_usage_saved_ms >= kUsageSaveIntervalMs) {
@@ -544,13 +578,16 @@ void recover_from_error(SharedState* state, MemoryContext loop_context)
 
 void define_broker_settings()
 {
-    // Test-only: faults the test suite injects into the key broker (TAP 022).
+    // Test-only: faults the test suite injects into the key brokers and
+    // sessions (TAP 022).
     // Off ('') by default, hidden from SHOW ALL and the sample file, and
     // settable only by a superuser in the server's configuration. Each fault
     // fires once, and again only after the setting was cleared:
     //   broker_digest     the next SHA-256 of a request in the broker throws,
     //                     as it does when OpenSSL cannot allocate
     //   error_under_lock  an ERROR while the broker holds its lock
+    //   usage_full        (in sessions) every key version not yet counted
+    //                     finds the table of seal counts full
     DefineCustomStringVariable("pgphi.test_fault", "Test-only: a fault to inject into the pgphi key broker.",
                                nullptr, &g_test_fault, "", PGC_SIGHUP,
                                GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE, nullptr, nullptr,
@@ -561,20 +598,28 @@ void define_broker_settings()
 
 extern "C" PGDLLEXPORT void pgphi_broker_main(Datum);
 
-void pgphi_broker_main(Datum)
+void pgphi_broker_main(Datum argument)
 {
     using namespace pgphi::pg;
     pqsignal(SIGHUP, SignalHandlerForConfigReload);
     pqsignal(SIGTERM, die);
     BackgroundWorkerUnblockSignals();
 
+    g_broker = DatumGetInt32(argument);
+    if (g_broker < 0 || g_broker >= kBrokers)
+        elog(FATAL, "pgphi key broker: invalid broker number %d", g_broker);
     SharedState* state = shared_state();
     announce_broker(state);
-    load_usage(state);
-    before_shmem_exit(save_usage_at_exit, 0);
+    if (g_broker == 0) {
+        load_usage(state);
+        before_shmem_exit(save_usage_at_exit, 0);
+    }
     pgphi::set_transfer_abort_check([] { return ProcDiePending != 0; });
     pgphi::set_retry_sleep(sleep_on_latch);
-    ereport(LOG, (errmsg("pgphi key broker started")));
+    if (g_broker == 0)
+        ereport(LOG, (errmsg("pgphi key broker started")));
+    else
+        ereport(LOG, (errmsg("pgphi key broker for provider %s started", kBrokerProviders[g_broker])));
 
     // Everything the loop allocates goes here, and is reset after an ERROR.
     // No C++ object with a destructor lives in this frame or its callees
@@ -598,10 +643,12 @@ void pgphi_broker_main(Datum)
         if (ConfigReloadPending) {
             ConfigReloadPending = false;
             ProcessConfigFile(PGC_SIGHUP);
-            if (!g_test_fault || g_test_fault[0] == '\0')
+            if (!g_test_fault || g_test_fault[0] == '\0') {
                 state->test_fault_fired[0] = '\0';
+                g_fault_armed_here = false;
+            }
             LWLockAcquire(state->lock, LW_EXCLUSIVE);
-            state->broker_reloads++;
+            state->brokers[g_broker].reloads++;
             LWLockRelease(state->lock);
         }
         do_work(state);

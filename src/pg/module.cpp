@@ -18,19 +18,28 @@ extern "C" {
 
 namespace {
 
+// The key brokers, one per remote key manager and broker 0 for the local
+// provider and housekeeping (see src/pg/broker.cpp).
 void register_key_broker()
 {
-    BackgroundWorker worker;
-    std::memset(&worker, 0, sizeof(worker));
-    worker.bgw_flags = BGWORKER_SHMEM_ACCESS;
-    // Needs no database, so it also serves standbys during recovery.
-    worker.bgw_start_time = BgWorkerStart_PostmasterStart;
-    worker.bgw_restart_time = 1;
-    strlcpy(worker.bgw_library_name, "pgphi", sizeof(worker.bgw_library_name));
-    strlcpy(worker.bgw_function_name, "pgphi_broker_main", sizeof(worker.bgw_function_name));
-    strlcpy(worker.bgw_name, "pgphi key broker", sizeof(worker.bgw_name));
-    strlcpy(worker.bgw_type, "pgphi key broker", sizeof(worker.bgw_type));
-    RegisterBackgroundWorker(&worker);
+    for (int i = 0; i < pgphi::pg::kBrokers; ++i) {
+        BackgroundWorker worker;
+        std::memset(&worker, 0, sizeof(worker));
+        worker.bgw_flags = BGWORKER_SHMEM_ACCESS;
+        // Needs no database, so it also serves standbys during recovery.
+        worker.bgw_start_time = BgWorkerStart_PostmasterStart;
+        worker.bgw_restart_time = 1;
+        worker.bgw_main_arg = Int32GetDatum(i);
+        strlcpy(worker.bgw_library_name, "pgphi", sizeof(worker.bgw_library_name));
+        strlcpy(worker.bgw_function_name, "pgphi_broker_main", sizeof(worker.bgw_function_name));
+        if (i == 0)
+            strlcpy(worker.bgw_name, "pgphi key broker", sizeof(worker.bgw_name));
+        else
+            snprintf(worker.bgw_name, sizeof(worker.bgw_name), "pgphi key broker for %s",
+                     pgphi::pg::kBrokerProviders[i]);
+        strlcpy(worker.bgw_type, worker.bgw_name, sizeof(worker.bgw_type)); // pg_stat_activity.backend_type
+        RegisterBackgroundWorker(&worker);
+    }
 }
 
 } // namespace

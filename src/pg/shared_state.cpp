@@ -83,12 +83,14 @@ void on_shmem_startup()
 [[noreturn]] void raise_wait_timeout(const char* what)
 {
     LWLockAcquire(g_state->lock, LW_SHARED);
-    bool broker_running = g_state->broker_pid != 0;
+    bool broker_running = true;
+    for (const BrokerProcess& broker : g_state->brokers)
+        broker_running &= broker.pid != 0;
     LWLockRelease(g_state->lock);
     ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_CONNECTION_FAILURE),
                     errmsg("pgphi key broker did not %s within %d ms", what, key_wait_timeout_ms),
                     broker_running ? errdetail("The key manager may be slow or unreachable.")
-                                   : errdetail("The key broker process is not running."),
+                                   : errdetail("A key broker process is not running."),
                     errhint("See pgphi.broker_status() and the server log.")));
     pg_unreachable();
 }
@@ -115,14 +117,26 @@ void request_shared_memory()
 
 int64_t now_ms() { return GetCurrentTimestamp() / 1000; }
 
+bool broker_serves(int index, const char* provider)
+{
+    for (int i = 1; i < kBrokers; ++i)
+        if (strcmp(provider, kBrokerProviders[i]) == 0)
+            return index == i;
+    return index == 0;
+}
+
 void wake_broker()
 {
-    // SetLatch on a latch whose owner exited since is harmless.
+    // SetLatch on a latch whose owner exited since is harmless. All are
+    // woken: each takes only its own provider's work.
+    Latch* latches[kBrokers];
     LWLockAcquire(g_state->lock, LW_SHARED);
-    Latch* latch = g_state->broker_latch;
+    for (int i = 0; i < kBrokers; ++i)
+        latches[i] = g_state->brokers[i].latch;
     LWLockRelease(g_state->lock);
-    if (latch)
-        SetLatch(latch);
+    for (Latch* latch : latches)
+        if (latch)
+            SetLatch(latch);
 }
 
 namespace {
@@ -133,6 +147,10 @@ UsageEntry* usage_entry(DataKey& key, Oid database)
     SharedState* state = shared_state();
     if (key.usage_slot() < kUsageEntries)
         return &state->usage[key.usage_slot()];
+    if (test_fault_is("usage_full")) {
+        ereport(WARNING, (errmsg("pgphi cannot count the use of more than %d key versions", kUsageEntries)));
+        return nullptr;
+    }
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
     UsageEntry* found = nullptr;
     UsageEntry* free_entry = nullptr;
@@ -200,7 +218,15 @@ void check_seal_budget(DataKey& key, Oid database)
                         errdetail("Values are encrypted on the primary, which counts what each key seals."),
                         errhint("Encrypt on the primary; standbys decrypt.")));
     UsageEntry* entry = usage_entry(key, database);
-    if (entry && entry->seals.load(std::memory_order_relaxed) >= hard_seal_limit())
+    if (!entry)
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+                        errmsg("pgphi cannot count the values key \"%s\" version %u encrypts", key.name().c_str(),
+                               key.ref().version),
+                        errdetail("The shared table of seal counts holds %d key versions, and it is full; an "
+                                  "uncounted version would escape its limit of values.",
+                                  kUsageEntries),
+                        errhint("Deterministic encryption still works; see \"Seal counts\" in the README.")));
+    if (entry->seals.load(std::memory_order_relaxed) >= hard_seal_limit())
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                         errmsg("pgphi key \"%s\" version %u has encrypted as many values as is safe",
                                key.name().c_str(), key.ref().version),

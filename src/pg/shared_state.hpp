@@ -60,14 +60,29 @@ struct UsageEntry {
 
 inline constexpr int kUsageEntries = 1024;
 
+// The key brokers: one process per remote key manager, so that one that
+// hangs delays only its own keys (src/pg/broker.cpp explains the choice).
+// Broker 0, "the" broker of pgphi.broker_status(), serves the local provider
+// (and any other name, to report it unknown) and does the housekeeping: seal
+// counts, rotation workers, audit writers.
+inline constexpr int kBrokers = 3;
+inline constexpr const char* kBrokerProviders[kBrokers] = {nullptr, "vault", "aws_kms"};
+
+// Whether broker `index` serves keys of `provider`.
+bool broker_serves(int index, const char* provider);
+
+struct BrokerProcess {                  // all under lock
+    Latch* latch;                       // set while the broker runs
+    int pid;
+    int64_t started_ms;
+    uint32_t starts;
+    uint32_t reloads;                   // configuration reloads it has applied
+};
+
 struct SharedState {
-    LWLock* lock;                       // guards the table and admin requests
-    ConditionVariable changed;          // broadcast by the broker after each batch
-    Latch* broker_latch;                // set while the broker runs (under lock, read and written)
-    int broker_pid;                     // (under lock)
-    int64_t broker_started_ms;
-    uint32_t broker_starts;
-    uint32_t broker_reloads;            // configuration reloads the broker has applied
+    LWLock* lock;                       // guards the table, admin requests and brokers
+    ConditionVariable changed;          // broadcast by the brokers after each batch
+    BrokerProcess brokers[kBrokers];
     std::atomic<uint64_t> invalidation_generation; // bumped when keys must be dropped everywhere
     std::atomic<uint64_t> next_ticket;
     cache::Stats stats;
@@ -85,11 +100,13 @@ SharedState* shared_state();
 void request_shared_memory();      // from _PG_init
 int64_t now_ms();                  // PostgreSQL's clock, in ms since 2000
 
-// Wakes the broker, if it runs. Takes the lock: the caller must not hold it.
+// Wakes the brokers that run. Takes the lock: the caller must not hold it.
 void wake_broker();
 
 // Defines pgphi.test_fault (test-only fault injection in the key broker).
 void define_broker_settings();
+// Whether pgphi.test_fault is `name` (test-only).
+bool test_fault_is(const char* name);
 
 // The DEK for a wrapped DEK, from the shared cache or, on a miss, from the
 // broker (one key-manager call however many backends ask at once). Waits up
@@ -106,7 +123,9 @@ void report_key_use(uint32_t slot_index, int64_t now_ms);
 void report_seals(DataKey& key, Oid database);
 
 // Raises an error when the key's version has sealed as many values as random
-// nonces allow (a backstop: rotation normally happens long before).
+// nonces allow (a backstop: rotation normally happens long before), and when
+// its seals cannot be counted at all (the table of counts is full): an
+// uncounted version would escape the limit and automatic rotation.
 void check_seal_budget(DataKey& key, Oid database);
 
 // Asks the broker to generate and wrap a new DEK, or to rewrap key.wrapped;

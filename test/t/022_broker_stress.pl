@@ -9,7 +9,11 @@
 #    the statement completes, its key ridden through the outage;
 #  - a destroy_key in a transaction that is then prepared (finding 7): refused;
 #  - planning a randomized encrypt_phi (finding 8): EXPLAIN seals nothing,
-#    while the deterministic form stays an index condition.
+#    while the deterministic form stays an index condition;
+#  - a key version whose seals cannot be counted (finding 2, in part):
+#    randomized encryption under it is refused, not left uncounted;
+#  - Vault hanging (finding 6): KMS-backed keys are still served within their
+#    normal latency, by a broker process of their own.
 use strict;
 use warnings;
 
@@ -43,8 +47,11 @@ $node->safe_psql('postgres', qq{
 	CREATE EXTENSION pgphi;
 	SELECT pgphi.create_key('ssn', provider => 'aws_kms', kek => '$emulator->{kms_key}');
 	SELECT pgphi.create_key('victim');
+	SELECT pgphi.create_key('vault_ssn', provider => 'vault', kek => '$emulator->{vault_key}');
 	CREATE TABLE patients (id int, ssn pgphi.encrypted);
 	INSERT INTO patients SELECT i, pgphi.encrypt_phi('ssn-' || i, 'ssn') FROM generate_series(1, 40) i;
+	CREATE TABLE vault_patients (id int, ssn pgphi.encrypted);
+	INSERT INTO vault_patients SELECT i, pgphi.encrypt_phi('ssn-' || i, 'vault_ssn') FROM generate_series(1, 5) i;
 });
 my $decrypt = q{SELECT count(*) FROM patients WHERE pgphi.decrypt_phi(ssn) = 'ssn-' || id};
 
@@ -179,6 +186,51 @@ is($node->safe_psql('postgres', q{
 	 WHERE p.pronamespace = 'pgphi'::regnamespace AND p.proname = 'encrypt_phi'}), 'v',
 	'every encrypt_phi overload is VOLATILE');
 # (That the deterministic form stays an index condition is checked by sql/searchable.sql.)
+
+# Finding 2 (in part): when the shared table of seal counts is full (the
+# fault makes every version not yet counted find it so), randomized
+# encryption is refused instead of going uncounted past the nonce limit.
+$node->safe_psql('postgres', q{SELECT pgphi.create_key('uncounted')});
+set_fault('usage_full');
+like(PgphiTest::psql_error($node, 'postgres', q{SELECT pgphi.encrypt_phi('x', 'uncounted')}),
+	qr/53000: pgphi cannot count the values key "uncounted" version 1 encrypts/,
+	'seal counts full: randomized encryption under an uncounted version is refused (53000)');
+like($node->safe_psql('postgres', q{SELECT pgphi.decrypt_phi(pgphi.encrypt_phi('x', 'uncounted', deterministic => true))}),
+	qr/^x$/, '... deterministic encryption still works');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM patients WHERE pgphi.decrypt_phi(ssn) = 'ssn-' || id}), '40',
+	'... and decryption');
+set_fault('');
+like($node->safe_psql('postgres', q{SELECT pgphi.decrypt_phi(pgphi.encrypt_phi('x', 'uncounted'))}), qr/^x$/,
+	'... and once it can be counted, randomized encryption works again');
+
+# Finding 6: one hung key manager must not stall the others. Vault answers
+# nothing for 20 s (each call times out after pgphi.provider_timeout, 3 s)
+# while sessions that miss the cache on KMS-backed keys keep coming; they are
+# served as fast as without the fault. With one serial broker they waited
+# behind the Vault call.
+my @normal = map { (cold_decrypt())[3] } 1 .. 3;
+my $normal = (sort { $b <=> $a } @normal)[0];
+$emulator->fault(mode => 'slow', target => 'vault', delay_ms => 20_000);
+my %vault_io = (out => '', err => '');
+my $vault_session = IPC::Run::start([ 'psql', '-XAt', '-d', $node->connstr('postgres'), '-c',
+		'SELECT pgphi.flush_cache(); SELECT count(pgphi.decrypt_phi(ssn)) FROM vault_patients' ],
+	'>', \$vault_io{out}, '2>', \$vault_io{err}, IPC::Run::timeout(60));
+usleep(300_000);
+my ($slowest, $served) = (0, 0);
+for (1 .. 5)
+{
+	my ($r, $o, $e, $t) = cold_decrypt();
+	$served++ if $r == 0 && $o =~ /^40$/m;
+	$slowest = $t if $t > $slowest;
+}
+my $status = $node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.cache_stats});
+$vault_session->finish;
+$emulator->clear_faults;
+is($served, 5, 'Vault hanging: five sessions missing the cache on a KMS key are all served');
+cmp_ok($slowest, '<', $normal + 0.5, "... each as fast as without the fault (slowest ${slowest}s, normal ${normal}s)");
+like($vault_io{err}, qr/Vault is unavailable|did not answer/, '... while the session on the Vault key fails');
+is($node->safe_psql('postgres', q{SELECT string_agg(provider, ',' ORDER BY provider) FROM pgphi.broker_processes()
+	WHERE pid IS NOT NULL}), 'aws_kms,local,vault', 'one broker process per provider runs');
 
 $node->stop;
 done_testing();
