@@ -11,7 +11,8 @@
 #  - planning a randomized encrypt_phi (finding 8): EXPLAIN seals nothing,
 #    while the deterministic form stays an index condition;
 #  - a key version whose seals cannot be counted (finding 2, in part):
-#    randomized encryption under it is refused, not left uncounted;
+#    randomized encryption under it is refused, not left uncounted; entries of
+#    versions that can no longer encrypt are reclaimed when the table is full;
 #  - Vault hanging (finding 6): KMS-backed keys are still served within their
 #    normal latency, by a broker process of their own.
 use strict;
@@ -231,6 +232,31 @@ cmp_ok($slowest, '<', $normal + 0.5, "... each as fast as without the fault (slo
 like($vault_io{err}, qr/Vault is unavailable|did not answer/, '... while the session on the Vault key fails');
 is($node->safe_psql('postgres', q{SELECT string_agg(provider, ',' ORDER BY provider) FROM pgphi.broker_processes()
 	WHERE pid IS NOT NULL}), 'aws_kms,local,vault', 'one broker process per provider runs');
+
+# Finding 2 (in part): the table of seal counts holds 1024 key versions over
+# the cluster's life. More versions than that, one after another: when it is
+# full, the entries of versions that can no longer encrypt are reclaimed, and
+# the active version is still counted (it used to go uncounted, with only a
+# WARNING, from then on).
+$node->safe_psql('postgres', q{SELECT pgphi.create_key('many')});
+my $t_many = time;
+my ($many_ret, $many_out, $many_err) = $node->psql('postgres', q{
+	DO $$ BEGIN
+		FOR i IN 1 .. 1040 LOOP
+			PERFORM pgphi.rotate_key('many');
+			COMMIT;
+			PERFORM pgphi.encrypt_phi('x', 'many');
+			COMMIT;
+		END LOOP;
+	END $$;}, timeout => 600);
+is($many_ret, 0, sprintf('1040 versions of one key, each encrypting (%.0f s)', time - $t_many)) or diag($many_err);
+unlike($many_err, qr/cannot count/, '... every one of them counted');
+my $active_counted = q{SELECT count(*) FROM pgphi._usage_counts() u
+	JOIN pgphi.key_versions v ON v.key_id = u.key_id AND v.version = u.version
+	JOIN pgphi.keys k ON k.key_id = v.key_id WHERE k.name = 'many' AND v.state = 'active' AND u.encryptions > 0};
+ok($node->poll_query_until('postgres', $active_counted, '1'), '... the active version has its count');
+cmp_ok($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi._usage_counts()}), '<=', 1024,
+	'... in a table of at most 1024 entries');
 
 $node->stop;
 done_testing();
