@@ -107,6 +107,8 @@ PGPHI_FUNCTION(pgphi_broker_processes)
         brokers[i] = state->brokers[i];
     LWLockRelease(state->lock);
     for (int i = 0; i < kBrokers; ++i) {
+        if (!broker_registered(i))
+            continue; // its provider is served by broker 0
         const BrokerProcess& broker = brokers[i];
         Datum values[5] = {CStringGetTextDatum(kBrokerProviders[i] ? kBrokerProviders[i] : "local"),
                            Int32GetDatum(broker.pid),

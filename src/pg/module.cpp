@@ -22,7 +22,16 @@ namespace {
 // provider and housekeeping (see src/pg/broker.cpp).
 void register_key_broker()
 {
-    for (int i = 0; i < pgphi::pg::kBrokers; ++i) {
+    using namespace pgphi::pg;
+    // A remote provider gets its own broker when it is configured; if it is
+    // configured only later (by a reload), broker 0 serves it until the next
+    // restart. Each broker takes a slot of max_worker_processes.
+    auto set = [](const char* value) { return value && value[0] != '\0'; };
+    bool configured[kBrokers] = {true, set(vault_addr), set(aws_region) || set(aws_kms_endpoint)};
+    for (int i = 0; i < kBrokers; ++i) {
+        if (!configured[i])
+            continue;
+        set_broker_registered(i);
         BackgroundWorker worker;
         std::memset(&worker, 0, sizeof(worker));
         worker.bgw_flags = BGWORKER_SHMEM_ACCESS;
@@ -36,7 +45,7 @@ void register_key_broker()
             strlcpy(worker.bgw_name, "pgphi key broker", sizeof(worker.bgw_name));
         else
             snprintf(worker.bgw_name, sizeof(worker.bgw_name), "pgphi key broker for %s",
-                     pgphi::pg::kBrokerProviders[i]);
+                     kBrokerProviders[i]);
         strlcpy(worker.bgw_type, worker.bgw_name, sizeof(worker.bgw_type)); // pg_stat_activity.backend_type
         RegisterBackgroundWorker(&worker);
     }

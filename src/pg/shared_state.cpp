@@ -87,8 +87,8 @@ void on_shmem_startup()
 {
     LWLockAcquire(g_state->lock, LW_SHARED);
     bool broker_running = true;
-    for (const BrokerProcess& broker : g_state->brokers)
-        broker_running &= broker.pid != 0;
+    for (int i = 0; i < kBrokers; ++i)
+        broker_running &= !broker_registered(i) || g_state->brokers[i].pid != 0;
     LWLockRelease(g_state->lock);
     ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_CONNECTION_FAILURE),
                     errmsg("pgphi key broker did not %s within %d ms", what, key_wait_timeout_ms),
@@ -120,11 +120,18 @@ void request_shared_memory()
 
 int64_t now_ms() { return GetCurrentTimestamp() / 1000; }
 
+namespace {
+bool g_broker_registered[kBrokers] = {true}; // inherited by every forked process
+} // namespace
+
+void set_broker_registered(int index) { g_broker_registered[index] = true; }
+bool broker_registered(int index) { return g_broker_registered[index]; }
+
 bool broker_serves(int index, const char* provider)
 {
     for (int i = 1; i < kBrokers; ++i)
         if (strcmp(provider, kBrokerProviders[i]) == 0)
-            return index == i;
+            return index == (g_broker_registered[i] ? i : 0);
     return index == 0;
 }
 

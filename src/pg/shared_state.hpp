@@ -68,8 +68,13 @@ inline constexpr int kUsageEntries = 1024;
 inline constexpr int kBrokers = 3;
 inline constexpr const char* kBrokerProviders[kBrokers] = {nullptr, "vault", "aws_kms"};
 
-// Whether broker `index` serves keys of `provider`.
+// Whether broker `index` serves keys of `provider`. A remote provider's
+// broker is registered only when that provider is configured at server start
+// (pgphi.vault_addr, pgphi.aws_region or pgphi.aws_kms_endpoint); otherwise
+// broker 0 serves its keys (one configured later, by a reload).
 bool broker_serves(int index, const char* provider);
+bool broker_registered(int index);
+void set_broker_registered(int index); // from _PG_init, in the postmaster
 
 struct BrokerProcess {                  // all under lock
     Latch* latch;                       // set while the broker runs
