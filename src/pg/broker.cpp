@@ -27,9 +27,12 @@
 // An ERROR in the broker does not end it: like the checkpointer it has its
 // own sigsetjmp handler, which releases its LWLocks and condition-variable
 // sleep, gives the slots it had in hand back to the queue, and carries on.
-// Without it the bgworker default turns the ERROR into FATAL, and the exit
-// callback that clears the broker's latch would wait forever on the lock the
-// broker itself still held, with every backend then waiting for it.
+// Without it the bgworker default exits (proc_exit) with the lock still
+// held: the broker restarts a second later, and on minor releases whose
+// shmem_exit does not release LWLocks before the exit callbacks, the callback
+// that clears the broker's latch would wait forever on the lock the broker
+// itself holds, with every backend then waiting for it. (15.20 releases
+// them first; forget_broker releases them too, for the others.)
 #include "postgres.hpp"
 
 extern "C" {
@@ -149,9 +152,9 @@ void requeue_in_flight(SharedState* state)
 void forget_broker(int, Datum)
 {
     SharedState* state = shared_state();
-    // before_shmem_exit callbacks run before ProcKill releases LWLocks: a
-    // FATAL raised while the broker held the lock would otherwise wait here
-    // on itself.
+    // before_shmem_exit callbacks run before ProcKill releases LWLocks (and,
+    // on older minor releases, before shmem_exit does): an exit while the
+    // broker held the lock would otherwise wait here on itself.
     LWLockReleaseAll();
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
     state->brokers[g_broker].latch = nullptr;
@@ -582,7 +585,8 @@ void define_broker_settings()
     // sessions (TAP 022).
     // Off ('') by default, hidden from SHOW ALL and the sample file, and
     // settable only by a superuser in the server's configuration. Each fault
-    // fires once, and again only after the setting was cleared:
+    // fires once (broker_digest: once in each broker), and again only after
+    // the setting was cleared:
     //   broker_digest     the next SHA-256 of a request in the broker throws,
     //                     as it does when OpenSSL cannot allocate
     //   error_under_lock  an ERROR while the broker holds its lock
