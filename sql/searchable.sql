@@ -28,10 +28,13 @@ SELECT i.algorithm, i.key_version, i.plaintext_bytes, length(v) - i.plaintext_by
   FROM (SELECT encrypt_phi('123-45-6789', 'det_key', deterministic => true)::bytea AS v) s,
        pgphi.ciphertext_info(s.v) i;
 SELECT (pgphi.ciphertext_info(encrypt_phi('x', 'det_key', deterministic => false))).algorithm AS deterministic_false;
--- The deterministic forms are STABLE, so the planner can use them in index
--- conditions; the randomized ones stay VOLATILE.
+-- Every encrypt_phi is VOLATILE (planning must not run a randomized one);
+-- with deterministic => true given as a constant, the planner's support
+-- function turns the call into the STABLE _encrypt_phi_deterministic, which
+-- index conditions can use.
 SELECT p.oid::regprocedure AS function, p.provolatile
-  FROM pg_proc p WHERE p.proname IN ('encrypt_phi', 'blind_index', 'encrypt_phi_all_versions')
+  FROM pg_proc p WHERE p.proname IN ('encrypt_phi', 'blind_index', 'encrypt_phi_all_versions',
+                                     '_encrypt_phi_deterministic')
    AND p.pronamespace = 'pgphi'::regnamespace ORDER BY p.oid::regprocedure::text;
 
 -- Blind indexes: the key id and version, then the truncated HMAC; each key's

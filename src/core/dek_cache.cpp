@@ -21,12 +21,20 @@ void add_field(EVP_MD_CTX* ctx, const void* data, size_t size)
         throw Error(ErrorCode::Internal, "SHA-256 failed");
 }
 
+bool g_fail_next_digest = false;
+
 } // namespace
+
+void fail_next_digest_for_testing() { g_fail_next_digest = true; }
 
 bool Digest::operator==(const Digest& o) const { return CRYPTO_memcmp(bytes, o.bytes, sizeof(bytes)) == 0; }
 
 Digest digest_of(const UnwrapRequest& request)
 {
+    if (g_fail_next_digest) {
+        g_fail_next_digest = false;
+        throw std::bad_alloc();
+    }
     Digest digest;
     EVP_MD_CTX* ctx = EVP_MD_CTX_new();
     unsigned int size = 0;

@@ -55,7 +55,13 @@ struct UnwrapRequest;
 // (id, version, name: what the key manager binds the DEK to) and wrapped DEK.
 // A wrapped DEK copied to another key's catalog row is thus a different
 // entry, and the key manager's binding check still runs for it.
+// Throws (Internal, or std::bad_alloc) when OpenSSL fails, e.g. out of memory.
 Digest digest_of(const UnwrapRequest& request);
+
+// Test-only fault injection: the next digest_of() in this process throws
+// std::bad_alloc, as it does when EVP_MD_CTX_new cannot allocate. Armed by
+// the key broker when pgphi.test_fault = 'broker_digest'.
+void fail_next_digest_for_testing();
 
 enum class SlotState : uint8_t { Free, Pending, Ready, Failed };
 

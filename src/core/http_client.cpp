@@ -5,6 +5,8 @@
 #include <thread>
 
 #include <arpa/inet.h>
+#include <csignal>
+#include <pthread.h>
 #include <netinet/in.h>
 
 #include <curl/curl.h>
@@ -18,10 +20,51 @@ namespace pgphi {
 namespace {
 
 bool (*g_abort_check)() = nullptr;
+void (*g_retry_sleep)(std::chrono::milliseconds) = nullptr;
+
+// libcurl's threaded resolver. Debian's libcurl (AsynchDNS without c-ares)
+// resolves each host name in a short-lived thread of the calling process.
+// Decision: accepted, with every signal blocked while a transfer runs. The
+// thread runs getaddrinfo and calls nothing of PostgreSQL's; the one danger
+// is a signal the kernel delivers to it, which would run PostgreSQL's handler
+// (die, the latch's) on the wrong thread. A thread inherits the signal mask
+// of the thread that creates it, so blocking every signal around
+// curl_easy_perform makes the resolver thread start with all of them blocked.
+// The shutdown signals still end a transfer at once: the progress callback
+// looks at the pending set, and they are delivered, to the process's own
+// thread, when the mask is restored. The synchronous resolver would start no
+// thread, but with CURLOPT_NOSIGNAL (required: its timeout uses SIGALRM) it
+// cannot time out, so a dead DNS server would hang the key broker.
+class BlockAllSignals {
+public:
+    BlockAllSignals()
+    {
+        sigset_t all;
+        sigfillset(&all);
+        blocked_ = pthread_sigmask(SIG_BLOCK, &all, &previous_) == 0;
+    }
+    ~BlockAllSignals()
+    {
+        if (blocked_)
+            pthread_sigmask(SIG_SETMASK, &previous_, nullptr);
+    }
+    BlockAllSignals(const BlockAllSignals&) = delete;
+    BlockAllSignals& operator=(const BlockAllSignals&) = delete;
+
+private:
+    sigset_t previous_;
+    bool blocked_ = false;
+};
+
+bool shutdown_signal_pending()
+{
+    sigset_t pending;
+    return sigpending(&pending) == 0 && (sigismember(&pending, SIGTERM) == 1 || sigismember(&pending, SIGQUIT) == 1);
+}
 
 int on_progress(void*, curl_off_t, curl_off_t, curl_off_t, curl_off_t)
 {
-    return transfer_abort_requested() ? 1 : 0;
+    return transfer_abort_requested() || shutdown_signal_pending() ? 1 : 0;
 }
 
 void global_init_once()
@@ -80,6 +123,7 @@ struct CurlHeaders {
 } // namespace
 
 void set_transfer_abort_check(bool (*check)()) { g_abort_check = check; }
+void set_retry_sleep(void (*sleep)(std::chrono::milliseconds)) { g_retry_sleep = sleep; }
 bool transfer_abort_requested() { return g_abort_check && g_abort_check(); }
 
 HttpRequest::~HttpRequest() { OPENSSL_cleanse(body.data(), body.size()); }
@@ -174,7 +218,11 @@ HttpResponse HttpClient::send(const HttpRequest& request)
         curl_easy_setopt(curl_, CURLOPT_XFERINFOFUNCTION, on_progress);
     }
 
-    CURLcode rc = curl_easy_perform(curl_);
+    CURLcode rc;
+    {
+        BlockAllSignals during_transfer; // see BlockAllSignals
+        rc = curl_easy_perform(curl_);
+    }
     curl_easy_setopt(curl_, CURLOPT_HTTPHEADER, nullptr);
     if (rc == CURLE_ABORTED_BY_CALLBACK)
         throw Error(ErrorCode::KeyManagerUnavailable, service_ + " request abandoned: pgphi is shutting down");
@@ -207,9 +255,13 @@ bool with_retries(const RetryPolicy& policy, const std::function<bool(int)>& att
             auto delay = policy.delay_before_attempt(n);
             if (sleep)
                 sleep(delay);
+            else if (g_retry_sleep)
+                g_retry_sleep(delay);
             else
                 std::this_thread::sleep_for(delay);
         }
+        if (n > 1 && transfer_abort_requested())
+            return false; // told to stop during the backoff
         if (attempt(n))
             return true;
     }

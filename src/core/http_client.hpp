@@ -89,6 +89,12 @@ struct RetryPolicy {
     std::chrono::milliseconds delay_before_attempt(int attempt) const; // attempt >= 2
 };
 
+// A process-wide sleep for the backoff between retries when the caller of
+// with_retries passes none. The key broker sets one that waits on its latch
+// (so a shutdown or the postmaster's death ends the wait); without one,
+// std::this_thread::sleep_for.
+void set_retry_sleep(void (*sleep)(std::chrono::milliseconds));
+
 // Runs `attempt` until it returns true (done) or the policy's attempts are
 // used up; `attempt` gets the attempt number and returns false to ask for a
 // retry. Returns false when every attempt asked for a retry.

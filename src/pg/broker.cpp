@@ -8,6 +8,31 @@
 //
 // The main loop is C-style glue: key-manager calls run through run_core(),
 // and no C++ object lives in a frame that CHECK_FOR_INTERRUPTS could leave.
+// Nothing that can throw runs outside run_core() either (a C++ exception
+// there would reach std::terminate and restart the whole cluster): the
+// broker never hashes a request itself, it keeps the digest the backend
+// computed when it claimed the slot.
+//
+// One broker process per remote key manager (Vault, AWS KMS), and broker 0
+// for the local provider and the housekeeping (seal counts, rotation and
+// audit workers): a key manager that hangs delays its own keys only. The
+// alternative, libcurl's multi interface in a single process, would need
+// every provider's request sequences (Vault login and token renewal, AWS
+// credential refresh from the metadata service, retries) rewritten as state
+// machines; separate processes keep the providers' code synchronous and
+// simple, cost one idle process per provider, and need no threads. Every
+// broker takes only the slots and admin requests of its own provider from
+// the one shared table; backends wake them all.
+//
+// An ERROR in the broker does not end it: like the checkpointer it has its
+// own sigsetjmp handler, which releases its LWLocks and condition-variable
+// sleep, gives the slots it had in hand back to the queue, and carries on.
+// Without it the bgworker default exits (proc_exit) with the lock still
+// held: the broker restarts a second later, and on minor releases whose
+// shmem_exit does not release LWLocks before the exit callbacks, the callback
+// that clears the broker's latch would wait forever on the lock the broker
+// itself holds, with every backend then waiting for it. (15.20 releases
+// them first; forget_broker releases them too, for the others.)
 #include "postgres.hpp"
 
 extern "C" {
@@ -18,20 +43,26 @@ extern "C" {
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
+#include "storage/condition_variable.h"
+#include "storage/lwlock.h"
 #include "tcop/tcopprot.h"
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "utils/guc.h"
+#include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/wait_event.h"
 }
 
+#include <chrono>
+#include <csetjmp>
 #include <cstring>
 
 #include <unistd.h>
 
+#include "../core/dek_cache.hpp"
 #include "../core/http_client.hpp"
 #include "../core/local_provider.hpp"
 #include "audit.hpp"
@@ -59,40 +90,98 @@ struct UnwrapJob {
     uint32_t slot;
     uint64_t generation;
     bool refresh;
+    cache::Digest digest;     // the slot's, when the job was taken
     cache::UnwrapRequest request;
 };
 
 UnwrapJob g_jobs[kMaxJobs]; // static: about 100 kB, too much for the stack
+// The DEK a key manager just unwrapped, on its way into the shared table.
+// Static rather than on the stack so the error handler can wipe it.
+uint8_t g_unwrapped[cache::kDekSize];
+
+// pgphi.test_fault (test-only, see define_broker_settings): a fault the
+// broker injects into itself once, until the setting is cleared. Which fault
+// fired is kept in shared memory, so that a broker restarted after the fault
+// does not inject it again.
+char* g_test_fault = nullptr;
+bool g_fault_armed_here = false;
+
+bool test_fault(const char* name)
+{
+    SharedState* state = shared_state();
+    if (!g_test_fault || strcmp(g_test_fault, name) != 0 || strcmp(state->test_fault_fired, name) == 0)
+        return false;
+    strlcpy(state->test_fault_fired, name, sizeof(state->test_fault_fired));
+    return true;
+}
+
+} // namespace
+
+bool test_fault_is(const char* name) { return g_test_fault && strcmp(g_test_fault, name) == 0; }
+
+namespace {
+
+// A fault armed once in every broker process (whichever gets the job).
+bool test_fault_in_each_broker(const char* name)
+{
+    if (g_fault_armed_here || !g_test_fault || strcmp(g_test_fault, name) != 0)
+        return false;
+    g_fault_armed_here = true;
+    return true;
+}
+
+// This process's broker number (0 .. kBrokers - 1) and what it serves.
+int g_broker = 0;
+
+bool mine(const cache::UnwrapRequest& request) { return broker_serves(g_broker, request.provider); }
+
+// Under the exclusive lock: after an ERROR in this broker, or when it starts,
+// the work of its provider that was in hand goes back to the queue (the next
+// loop takes it again).
+void requeue_in_flight(SharedState* state)
+{
+    cache::Table table = state->table();
+    for (uint32_t i = 0; i < table.capacity(); ++i)
+        if (table.at(i).in_flight && mine(table.at(i).request))
+            table.at(i).in_flight = false;
+    for (AdminRequest& request : state->admin)
+        if (request.state == AdminRequest::State::InFlight && mine(request.key))
+            request.state = AdminRequest::State::Pending;
+}
 
 void forget_broker(int, Datum)
 {
     SharedState* state = shared_state();
+    // before_shmem_exit callbacks run before ProcKill releases LWLocks (and,
+    // on older minor releases, before shmem_exit does): an exit while the
+    // broker held the lock would otherwise wait here on itself.
+    LWLockReleaseAll();
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
-    state->broker_latch = nullptr;
-    state->broker_pid = 0;
+    state->brokers[g_broker].latch = nullptr;
+    state->brokers[g_broker].pid = 0;
     LWLockRelease(state->lock);
 }
 
 void announce_broker(SharedState* state)
 {
-    cache::Table table = state->table();
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
-    state->broker_latch = MyLatch;
-    state->broker_pid = MyProcPid;
-    state->broker_started_ms = now_ms();
-    state->broker_starts++;
+    BrokerProcess& me = state->brokers[g_broker];
+    me.latch = MyLatch;
+    me.pid = MyProcPid;
+    me.started_ms = now_ms();
+    me.starts++;
     // Work the previous broker had in hand when it died is simply redone.
-    for (uint32_t i = 0; i < table.capacity(); ++i)
-        table.at(i).in_flight = false;
-    for (AdminRequest& request : state->admin)
-        if (request.state == AdminRequest::State::InFlight)
-            request.state = AdminRequest::State::Pending;
+    requeue_in_flight(state);
     LWLockRelease(state->lock);
     before_shmem_exit(forget_broker, 0);
 }
 
 // Under the exclusive lock: expire dead keys and pick up the work to do.
-int collect_work(SharedState* state, int64_t now, int* admin_jobs, int* admin_count, bool* keys_dropped)
+// An expiry (past its grace period, or idle past its TTL) needs no word to
+// the backends: their own copies end no later than the shared one. Only a
+// denial or a destruction bumps the invalidation generation, which makes
+// every backend drop every key it holds.
+int collect_work(SharedState* state, int64_t now, int* admin_jobs, int* admin_count)
 {
     cache::Table table = state->table();
     int64_t ttl = static_cast<int64_t>(cache_ttl_s) * 1000;
@@ -101,23 +190,24 @@ int collect_work(SharedState* state, int64_t now, int* admin_jobs, int* admin_co
     for (int pass = 0; pass < 2; ++pass)
         for (uint32_t i = 0; i < table.capacity() && jobs < kMaxJobs; ++i) {
             cache::Slot& slot = table.at(i);
+            if (slot.state == cache::SlotState::Free || !mine(slot.request))
+                continue;
             bool take = pass == 0 ? slot.state == cache::SlotState::Pending && !slot.in_flight
                                   : table.wants_refresh(slot, now, ttl);
             if (pass == 1 && table.is_dead(slot, now, ttl)) {
                 table.wipe(slot);
                 state->stats.expirations.fetch_add(1, std::memory_order_relaxed);
-                *keys_dropped = true;
                 continue;
             }
             if (!take)
                 continue;
             slot.in_flight = true;
-            g_jobs[jobs++] = UnwrapJob{i, slot.generation, pass == 1, slot.request};
+            g_jobs[jobs++] = UnwrapJob{i, slot.generation, pass == 1, slot.digest, slot.request};
         }
     *admin_count = 0;
     for (int i = 0; i < kAdminRequests; ++i) {
         AdminRequest& request = state->admin[i];
-        if (request.state == AdminRequest::State::Pending) {
+        if (request.state == AdminRequest::State::Pending && mine(request.key)) {
             request.state = AdminRequest::State::InFlight;
             admin_jobs[(*admin_count)++] = i;
         } else if (request.state == AdminRequest::State::Done && now - request.done_at_ms > kAbandonedRequestMs) {
@@ -148,7 +238,7 @@ void log_failure(const char* operation, const cache::UnwrapRequest& request, con
 
 void run_unwrap(SharedState* state, UnwrapJob& job)
 {
-    uint8_t dek[cache::kDekSize];
+    uint8_t* dek = g_unwrapped;
     CoreFailure failure;
     TimestampTz started_at = GetCurrentTimestamp();
     bool ok = run_core(failure, [&] {
@@ -181,11 +271,12 @@ void run_unwrap(SharedState* state, UnwrapJob& job)
     int64_t now = now_ms();
     cache::Table table = state->table();
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    if (test_fault("error_under_lock"))
+        elog(ERROR, "pgphi test fault: an error in the key broker while it holds its lock");
     cache::Slot& slot = table.at(job.slot);
-    cache::Digest job_digest = cache::digest_of(job.request);
     // The call is over for this slot whatever happened to it meanwhile; its
     // result applies only if the slot was not flushed or reused.
-    if (slot.state != cache::SlotState::Free && slot.digest == job_digest)
+    if (slot.state != cache::SlotState::Free && slot.digest == job.digest)
         slot.in_flight = false;
     if (slot.generation == job.generation && slot.state != cache::SlotState::Free) {
         if (ok) {
@@ -208,7 +299,7 @@ void run_unwrap(SharedState* state, UnwrapJob& job)
         }
     }
     LWLockRelease(state->lock);
-    explicit_bzero(dek, sizeof(dek));
+    explicit_bzero(g_unwrapped, sizeof(g_unwrapped));
     if (drop_everywhere)
         state->invalidation_generation.fetch_add(1);
 }
@@ -292,7 +383,7 @@ bool write_usage_file(SharedState* state, const char* path)
     for (UsageEntry& entry : state->usage)
         if (entry.in_use)
             fprintf(out, "%u %u %u %llu %d\n", entry.database, entry.key_id, entry.key_version,
-                    static_cast<unsigned long long>(entry.seals.load()), entry.rotated ? 1 : 0);
+                    static_cast<unsigned long long>(entry.seals.load()), pg_atomic_read_u32(&entry.rotated) ? 1 : 0);
     // fclose reports only the last flush: an earlier failed write shows in ferror.
     bool ok = fflush(out) == 0 && !ferror(out);
     int err = errno;
@@ -365,8 +456,8 @@ void load_usage(SharedState* state)
         entry.key_id = key_id;
         entry.key_version = version;
         entry.seals.store(seals);
-        entry.rotated = rotated != 0;
-        entry.rotation_requested = false;
+        pg_atomic_write_u32(&entry.rotated, rotated != 0 ? 1 : 0);
+        pg_atomic_write_u32(&entry.rotation_requested, 0);
         entry.rotation_launched_ms = 0;
     }
     LWLockRelease(state->lock);
@@ -382,13 +473,19 @@ void launch_rotations(SharedState* state)
     int64_t now = now_ms();
     for (int i = 0; i < kUsageEntries; ++i) {
         UsageEntry& entry = state->usage[i];
-        bool due = entry.in_use && !entry.rotated &&
+        bool due = entry.in_use && pg_atomic_read_u32(&entry.rotated) == 0 &&
                    entry.seals.load() >= static_cast<uint64_t>(dek_rotation_threshold) &&
                    (entry.rotation_launched_ms == 0 || now - entry.rotation_launched_ms > kRotationRetryMs);
         pid_t pid;
         if (!due || (g_rotation_workers[i] &&
                      GetBackgroundWorkerPid(g_rotation_workers[i], &pid) != BGWH_STOPPED))
             continue; // not due, or the previous worker is still at it
+        if (g_rotation_workers[i]) {
+            // The previous worker has stopped: its handle (palloc'd by
+            // RegisterDynamicBackgroundWorker) is done with.
+            pfree(g_rotation_workers[i]);
+            g_rotation_workers[i] = nullptr;
+        }
         char name[BGW_MAXLEN];
         snprintf(name, sizeof(name), "pgphi key rotation (key %u version %u)", entry.key_id, entry.key_version);
         if (start_database_worker("pgphi_rotation_worker_main", Int32GetDatum(i), name, "pgphi key rotation",
@@ -401,12 +498,11 @@ void do_work(SharedState* state)
 {
     int admin_jobs[kAdminRequests];
     int admin_count = 0;
-    bool keys_dropped = false;
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
-    int jobs = collect_work(state, now_ms(), admin_jobs, &admin_count, &keys_dropped);
+    int jobs = collect_work(state, now_ms(), admin_jobs, &admin_count);
     LWLockRelease(state->lock);
-    if (keys_dropped)
-        state->invalidation_generation.fetch_add(1);
+    if (test_fault_in_each_broker("broker_digest"))
+        cache::fail_next_digest_for_testing(); // the next digest_of() in this process throws
 
     for (int i = 0; i < admin_count; ++i) {
         run_admin(state, admin_jobs[i]);
@@ -419,6 +515,8 @@ void do_work(SharedState* state)
         ConditionVariableBroadcast(&state->changed);
         CHECK_FOR_INTERRUPTS();
     }
+    if (g_broker != 0)
+        return; // the housekeeping is broker 0's
     launch_rotations(state);
     launch_audit_writers();
     serve_audit_anchors();
@@ -430,25 +528,114 @@ void do_work(SharedState* state)
 
 void save_usage_at_exit(int, Datum) { save_usage(shared_state(), true); }
 
+// The backoff between a key manager's retries (src/core/http_client.cpp):
+// a latch wait, so that a shutdown or the postmaster's death ends it at once
+// (WL_EXIT_ON_PM_DEATH exits from here, inside run_core's C++ frames: the
+// process is gone, with its memory, and the exit callbacks touch no C++
+// object). A wakeup meant for the main loop is not lost: the latch is set
+// again before returning. Runs inside run_core, so it must not raise:
+// WaitLatch raises only when epoll itself fails.
+void sleep_on_latch(std::chrono::milliseconds delay)
+{
+    bool woken = false;
+    TimestampTz end = GetCurrentTimestamp() + static_cast<TimestampTz>(delay.count()) * 1000;
+    for (;;) {
+        long left_ms = static_cast<long>((end - GetCurrentTimestamp()) / 1000);
+        if (left_ms <= 0 || ProcDiePending)
+            break;
+        int rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, left_ms, PG_WAIT_EXTENSION);
+        if (rc & WL_LATCH_SET) {
+            ResetLatch(MyLatch);
+            woken = true;
+        }
+    }
+    if (woken)
+        SetLatch(MyLatch);
+}
+
+// The broker's error handler, as the checkpointer's: what an ERROR left
+// behind is released and the loop goes on. Returns after a second's pause, so
+// that a persistent error does not spin.
+void recover_from_error(SharedState* state, MemoryContext loop_context)
+{
+    error_context_stack = nullptr;
+    HOLD_INTERRUPTS();
+    EmitErrorReport();
+    LWLockReleaseAll();
+    ConditionVariableCancelSleep();
+    pgstat_report_wait_end();
+    AtEOXact_Files(false);
+    explicit_bzero(g_unwrapped, sizeof(g_unwrapped));
+    explicit_bzero(g_jobs, sizeof(g_jobs));
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    requeue_in_flight(state);
+    LWLockRelease(state->lock);
+    ConditionVariableBroadcast(&state->changed);
+    MemoryContextSwitchTo(loop_context);
+    FlushErrorState();
+    MemoryContextReset(loop_context);
+    RESUME_INTERRUPTS();
+    (void)WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1000, PG_WAIT_EXTENSION);
+}
+
 } // namespace
+
+void define_broker_settings()
+{
+    // Test-only: faults the test suite injects into the key brokers and
+    // sessions (TAP 022).
+    // Off ('') by default, hidden from SHOW ALL and the sample file, and
+    // settable only by a superuser in the server's configuration. Each fault
+    // fires once (broker_digest: once in each broker), and again only after
+    // the setting was cleared:
+    //   broker_digest     the next SHA-256 of a request in the broker throws,
+    //                     as it does when OpenSSL cannot allocate
+    //   error_under_lock  an ERROR while the broker holds its lock
+    //   usage_full        (in sessions) every key version not yet counted
+    //                     finds the table of seal counts full
+    DefineCustomStringVariable("pgphi.test_fault", "Test-only: a fault to inject into the pgphi key broker.",
+                               nullptr, &g_test_fault, "", PGC_SIGHUP,
+                               GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE, nullptr, nullptr,
+                               nullptr);
+}
 
 } // namespace pgphi::pg
 
 extern "C" PGDLLEXPORT void pgphi_broker_main(Datum);
 
-void pgphi_broker_main(Datum)
+void pgphi_broker_main(Datum argument)
 {
     using namespace pgphi::pg;
     pqsignal(SIGHUP, SignalHandlerForConfigReload);
     pqsignal(SIGTERM, die);
     BackgroundWorkerUnblockSignals();
 
+    g_broker = DatumGetInt32(argument);
+    if (g_broker < 0 || g_broker >= kBrokers)
+        elog(FATAL, "pgphi key broker: invalid broker number %d", g_broker);
     SharedState* state = shared_state();
     announce_broker(state);
-    load_usage(state);
-    before_shmem_exit(save_usage_at_exit, 0);
+    if (g_broker == 0) {
+        load_usage(state);
+        before_shmem_exit(save_usage_at_exit, 0);
+    }
     pgphi::set_transfer_abort_check([] { return ProcDiePending != 0; });
-    ereport(LOG, (errmsg("pgphi key broker started")));
+    pgphi::set_retry_sleep(sleep_on_latch);
+    if (g_broker == 0)
+        ereport(LOG, (errmsg("pgphi key broker started")));
+    else
+        ereport(LOG, (errmsg("pgphi key broker for provider %s started", kBrokerProviders[g_broker])));
+
+    // Everything the loop allocates goes here, and is reset after an ERROR.
+    // No C++ object with a destructor lives in this frame or its callees
+    // across a call that can raise, so the longjmp skips no destructor.
+    static MemoryContext loop_context =
+        AllocSetContextCreate(TopMemoryContext, "pgphi key broker", ALLOCSET_DEFAULT_SIZES);
+    MemoryContextSwitchTo(loop_context);
+    sigjmp_buf local_sigjmp_buf;
+    if (sigsetjmp(local_sigjmp_buf, 1) != 0)
+        recover_from_error(state, loop_context);
+    PG_exception_stack = &local_sigjmp_buf;
 
     for (;;) {
         // Keys in use are refreshed in the last quarter of their TTL: wake at
@@ -461,8 +648,12 @@ void pgphi_broker_main(Datum)
         if (ConfigReloadPending) {
             ConfigReloadPending = false;
             ProcessConfigFile(PGC_SIGHUP);
+            if (!g_test_fault || g_test_fault[0] == '\0') {
+                state->test_fault_fired[0] = '\0';
+                g_fault_armed_here = false;
+            }
             LWLockAcquire(state->lock, LW_EXCLUSIVE);
-            state->broker_reloads++;
+            state->brokers[g_broker].reloads++;
             LWLockRelease(state->lock);
         }
         do_work(state);
@@ -477,6 +668,10 @@ extern "C" PGDLLEXPORT void pgphi_rotation_worker_main(Datum);
 void pgphi_rotation_worker_main(Datum argument)
 {
     using namespace pgphi::pg;
+    // die, not the bgworker default (bgworker_die raises FATAL inside the
+    // signal handler, wherever SPI happens to be): a shutdown request is then
+    // acted on at the next CHECK_FOR_INTERRUPTS, as in worker_spi.
+    pqsignal(SIGTERM, die);
     BackgroundWorkerUnblockSignals();
     SharedState* state = shared_state();
     UsageEntry& entry = state->usage[DatumGetInt32(argument)];
@@ -503,7 +698,7 @@ void pgphi_rotation_worker_main(Datum argument)
     PopActiveSnapshot();
     CommitTransactionCommand();
 
-    entry.rotated = rotated;
+    pg_atomic_write_u32(&entry.rotated, rotated ? 1 : 0);
     state->usage_dirty.store(true);
     if (rotated && !isnull)
         ereport(LOG, (errmsg("pgphi rotated key id %u to version %d: version %u had encrypted %llu values", key_id,

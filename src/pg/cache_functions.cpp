@@ -5,9 +5,13 @@
 extern "C" {
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "funcapi.h"
+#include "utils/builtins.h"
 #include "utils/tuplestore.h"
 #include "utils/timestamp.h"
 }
+
+#include <algorithm>
 
 #include "shared_state.hpp"
 
@@ -62,10 +66,15 @@ PGPHI_FUNCTION(pgphi_broker_status)
     SharedState* state = shared_state();
     cache::Table table = state->table();
     LWLockAcquire(state->lock, LW_SHARED);
-    int pid = state->broker_pid;
-    int64_t started_ms = state->broker_started_ms;
-    uint32_t starts = state->broker_starts;
-    uint32_t reloads = state->broker_reloads;
+    // Broker 0's process; config_reloads is the fewest any running broker applied,
+    // so that waiting for it to grow waits for every broker.
+    int pid = state->brokers[0].pid;
+    int64_t started_ms = state->brokers[0].started_ms;
+    uint32_t starts = state->brokers[0].starts;
+    uint32_t reloads = state->brokers[0].reloads;
+    for (const BrokerProcess& broker : state->brokers)
+        if (broker.pid != 0)
+            reloads = std::min(reloads, broker.reloads);
     int64 pending = 0, in_flight = 0, admin = 0;
     for (uint32_t i = 0; i < table.capacity(); ++i) {
         pending += table.at(i).state == cache::SlotState::Pending;
@@ -81,6 +90,35 @@ PGPHI_FUNCTION(pgphi_broker_status)
                        Int64GetDatum(in_flight), Int64GetDatum(reloads)};
     bool nulls[7] = {false, pid == 0, started_ms == 0, false, false, false, false};
     PG_RETURN_DATUM(return_row(fcinfo, values, nulls));
+}
+
+// pgphi.broker_processes(): one row per key broker process: the provider it
+// serves ('local' for broker 0, which also serves any other name and does the
+// housekeeping), its pid (NULL when not running), start time, restarts, and
+// configuration reloads applied.
+PGPHI_FUNCTION(pgphi_broker_processes)
+{
+    ReturnSetInfo* rsinfo = reinterpret_cast<ReturnSetInfo*>(fcinfo->resultinfo);
+    InitMaterializedSRF(fcinfo, 0);
+    SharedState* state = shared_state();
+    BrokerProcess brokers[kBrokers];
+    LWLockAcquire(state->lock, LW_SHARED);
+    for (int i = 0; i < kBrokers; ++i)
+        brokers[i] = state->brokers[i];
+    LWLockRelease(state->lock);
+    for (int i = 0; i < kBrokers; ++i) {
+        if (!broker_registered(i))
+            continue; // its provider is served by broker 0
+        const BrokerProcess& broker = brokers[i];
+        Datum values[5] = {CStringGetTextDatum(kBrokerProviders[i] ? kBrokerProviders[i] : "local"),
+                           Int32GetDatum(broker.pid),
+                           TimestampTzGetDatum(static_cast<TimestampTz>(broker.started_ms) * 1000),
+                           Int32GetDatum(broker.starts > 0 ? static_cast<int32>(broker.starts - 1) : 0),
+                           Int64GetDatum(broker.reloads)};
+        bool nulls[5] = {false, broker.pid == 0, broker.started_ms == 0, false, false};
+        tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+    }
+    return static_cast<Datum>(0);
 }
 
 namespace {
@@ -109,11 +147,22 @@ int64 flush_shared_cache()
 
 bool g_flush_at_commit = false;
 
+// A prepared transaction's COMMIT PREPARED runs in another session (or
+// after a restart), where no callback of this one runs: the flush would
+// never happen, and the flag left behind would flush some later, unrelated
+// commit. So a transaction that destroyed a key cannot be prepared, as
+// PostgreSQL refuses to prepare one that touched temporary objects.
 void flush_after_commit(XactEvent event, void*)
 {
+    if (event == XACT_EVENT_PRE_PREPARE && g_flush_at_commit)
+        ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+                        errmsg("cannot PREPARE a transaction that destroys a pgphi key version"),
+                        errdetail("The wrapped DEK is erased when the destroying transaction commits."),
+                        errhint("Destroy key versions in an ordinary transaction.")));
     if (event == XACT_EVENT_COMMIT && g_flush_at_commit)
         flush_shared_cache();
-    if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT)
+    if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE ||
+        event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT)
         g_flush_at_commit = false;
 }
 

@@ -124,10 +124,13 @@ DataKey* still_valid(DataKey* key)
     if (!key || key->valid_until_ms() <= now)
         return nullptr;
     // Tell the broker the key is in use, so it re-validates it before its
-    // TTL ends instead of letting it expire as idle.
-    if (now - key->use_reported_ms() >= kUseReportIntervalMs) {
-        report_key_use(key->cache_slot(), now);
-        key->set_use_reported_ms(now);
+    // TTL ends instead of letting it expire as idle. By the real clock (a
+    // vDSO read): with the statement's start, a statement longer than the
+    // TTL would never report its key, and the broker would let it expire.
+    int64_t real_now = now_ms();
+    if (real_now - key->use_reported_ms() >= kUseReportIntervalMs) {
+        report_key_use(key->cache_slot(), real_now);
+        key->set_use_reported_ms(real_now);
     }
     return key;
 }
@@ -166,11 +169,8 @@ Oid catalog_owner()
     return owner;
 }
 
-char* copy_text_column(HeapTuple row, TupleDesc desc, int column)
-{
-    char* value = SPI_getvalue(row, desc, column);
-    return value ? pstrdup(value) : nullptr;
-}
+// SPI_getvalue allocates in the current context, the caller's here.
+char* copy_text_column(HeapTuple row, TupleDesc desc, int column) { return SPI_getvalue(row, desc, column); }
 
 // Copies the first row of a key lookup into a CatalogKey.
 void copy_catalog_key(HeapTuple row, TupleDesc desc, void* arg)
@@ -250,6 +250,8 @@ DataKey* install_catalog_key(const CatalogKey& key)
     memcpy(request.wrapped, VARDATA(key.wrapped_dek), wrapped_size);
     request.wrapped_size = static_cast<uint16_t>(wrapped_size);
 
+    // Everything that can raise comes before the plaintext DEK is on the stack.
+    KeySpec spec = spec_of(key);
     uint8_t dek[cache::kDekSize];
     int64_t valid_until_ms = 0;
     uint32_t slot_index = UINT32_MAX;
@@ -264,7 +266,6 @@ DataKey* install_catalog_key(const CatalogKey& key)
     DataKey* installed = nullptr;
     bool active = strcmp(key.state, "active") == 0;
     bool live = active || strcmp(key.state, "decrypt_only") == 0;
-    KeySpec spec = spec_of(key);
     int64_t installed_at_ms = now_ms();
     CoreFailure failure;
     bool ok = run_core(failure, [&] {

@@ -20,19 +20,37 @@ extern "C" {
 
 namespace {
 
+// The key brokers, one per remote key manager and broker 0 for the local
+// provider and housekeeping (see src/pg/broker.cpp).
 void register_key_broker()
 {
-    BackgroundWorker worker;
-    std::memset(&worker, 0, sizeof(worker));
-    worker.bgw_flags = BGWORKER_SHMEM_ACCESS;
-    // Needs no database, so it also serves standbys during recovery.
-    worker.bgw_start_time = BgWorkerStart_PostmasterStart;
-    worker.bgw_restart_time = 1;
-    strlcpy(worker.bgw_library_name, "pgphi", sizeof(worker.bgw_library_name));
-    strlcpy(worker.bgw_function_name, "pgphi_broker_main", sizeof(worker.bgw_function_name));
-    strlcpy(worker.bgw_name, "pgphi key broker", sizeof(worker.bgw_name));
-    strlcpy(worker.bgw_type, "pgphi key broker", sizeof(worker.bgw_type));
-    RegisterBackgroundWorker(&worker);
+    using namespace pgphi::pg;
+    // A remote provider gets its own broker when it is configured; if it is
+    // configured only later (by a reload), broker 0 serves it until the next
+    // restart. Each broker takes a slot of max_worker_processes.
+    auto set = [](const char* value) { return value && value[0] != '\0'; };
+    bool configured[kBrokers] = {true, set(vault_addr), set(aws_region) || set(aws_kms_endpoint)};
+    for (int i = 0; i < kBrokers; ++i) {
+        if (!configured[i])
+            continue;
+        set_broker_registered(i);
+        BackgroundWorker worker;
+        std::memset(&worker, 0, sizeof(worker));
+        worker.bgw_flags = BGWORKER_SHMEM_ACCESS;
+        // Needs no database, so it also serves standbys during recovery.
+        worker.bgw_start_time = BgWorkerStart_PostmasterStart;
+        worker.bgw_restart_time = 1;
+        worker.bgw_main_arg = Int32GetDatum(i);
+        strlcpy(worker.bgw_library_name, "pgphi", sizeof(worker.bgw_library_name));
+        strlcpy(worker.bgw_function_name, "pgphi_broker_main", sizeof(worker.bgw_function_name));
+        if (i == 0)
+            strlcpy(worker.bgw_name, "pgphi key broker", sizeof(worker.bgw_name));
+        else
+            snprintf(worker.bgw_name, sizeof(worker.bgw_name), "pgphi key broker for %s",
+                     kBrokerProviders[i]);
+        strlcpy(worker.bgw_type, worker.bgw_name, sizeof(worker.bgw_type)); // pg_stat_activity.backend_type
+        RegisterBackgroundWorker(&worker);
+    }
 }
 
 } // namespace

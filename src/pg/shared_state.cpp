@@ -7,6 +7,8 @@ extern "C" {
 #include "storage/shmem.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
+#include "utils/syscache.h"
+#include "executor/spi.h"
 }
 
 #include <algorithm>
@@ -14,6 +16,7 @@ extern "C" {
 #include <new>
 
 #include "audit.hpp"
+#include "key_access.hpp"
 #include "error_bridge.hpp"
 #include "settings.hpp"
 #include "shared_state.hpp"
@@ -56,6 +59,10 @@ void on_shmem_startup()
         state->invalidation_generation.store(1);
         state->next_ticket.store(1);
         state->capacity = static_cast<uint32_t>(cache_size);
+        for (UsageEntry& entry : state->usage) {
+            pg_atomic_init_u32(&entry.rotation_requested, 0);
+            pg_atomic_init_u32(&entry.rotated, 0);
+        }
         state->table().initialize();
     }
     g_state = static_cast<SharedState*>(memory);
@@ -78,11 +85,15 @@ void on_shmem_startup()
 
 [[noreturn]] void raise_wait_timeout(const char* what)
 {
-    bool broker_running = g_state->broker_pid != 0;
+    LWLockAcquire(g_state->lock, LW_SHARED);
+    bool broker_running = true;
+    for (int i = 0; i < kBrokers; ++i)
+        broker_running &= !broker_registered(i) || g_state->brokers[i].pid != 0;
+    LWLockRelease(g_state->lock);
     ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_CONNECTION_FAILURE),
                     errmsg("pgphi key broker did not %s within %d ms", what, key_wait_timeout_ms),
                     broker_running ? errdetail("The key manager may be slow or unreachable.")
-                                   : errdetail("The key broker process is not running."),
+                                   : errdetail("A key broker process is not running."),
                     errhint("See pgphi.broker_status() and the server log.")));
     pg_unreachable();
 }
@@ -104,27 +115,47 @@ void request_shared_memory()
     shmem_request_hook = on_shmem_request;
     g_prev_startup_hook = shmem_startup_hook;
     shmem_startup_hook = on_shmem_startup;
+    define_broker_settings();
 }
 
 int64_t now_ms() { return GetCurrentTimestamp() / 1000; }
 
+namespace {
+bool g_broker_registered[kBrokers] = {true}; // inherited by every forked process
+} // namespace
+
+void set_broker_registered(int index) { g_broker_registered[index] = true; }
+bool broker_registered(int index) { return g_broker_registered[index]; }
+
+bool broker_serves(int index, const char* provider)
+{
+    for (int i = 1; i < kBrokers; ++i)
+        if (strcmp(provider, kBrokerProviders[i]) == 0)
+            return index == (g_broker_registered[i] ? i : 0);
+    return index == 0;
+}
+
 void wake_broker()
 {
-    // The latch pointer is read under the lock by callers that just posted
-    // work; SetLatch on a latch whose owner exited is harmless.
-    Latch* latch = g_state->broker_latch;
-    if (latch)
-        SetLatch(latch);
+    // SetLatch on a latch whose owner exited since is harmless. All are
+    // woken: each takes only its own provider's work.
+    Latch* latches[kBrokers];
+    LWLockAcquire(g_state->lock, LW_SHARED);
+    for (int i = 0; i < kBrokers; ++i)
+        latches[i] = g_state->brokers[i].latch;
+    LWLockRelease(g_state->lock);
+    for (Latch* latch : latches)
+        if (latch)
+            SetLatch(latch);
 }
 
 namespace {
 
-// The entry counting a key version's seals, created on first use.
-UsageEntry* usage_entry(DataKey& key, Oid database)
+// The entry counting a key version's seals, created on first use; nullptr
+// when the table is full.
+UsageEntry* claim_usage_entry(DataKey& key, Oid database)
 {
     SharedState* state = shared_state();
-    if (key.usage_slot() < kUsageEntries)
-        return &state->usage[key.usage_slot()];
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
     UsageEntry* found = nullptr;
     UsageEntry* free_entry = nullptr;
@@ -143,11 +174,94 @@ UsageEntry* usage_entry(DataKey& key, Oid database)
         found->key_id = key.ref().key_id;
         found->key_version = key.ref().version;
         found->seals.store(0);
-        found->rotation_requested = found->rotated = false;
+        pg_atomic_write_u32(&found->rotation_requested, 0);
+        pg_atomic_write_u32(&found->rotated, 0);
         found->rotation_launched_ms = 0;
         found->in_use = true;
     }
     LWLockRelease(state->lock);
+    return found;
+}
+
+// Frees the entries of this database's versions that can no longer encrypt
+// (decrypt-only, retired, destroyed, or gone from the catalog) and of
+// databases that no longer exist: their counts no longer matter, since only
+// an active version's count decides its rotation and its limit. Runs SPI, so
+// only from a transaction (check_seal_budget), never from an exit callback.
+SPIPlanPtr g_plan_active_versions = nullptr;
+
+struct ActiveVersions {
+    int count;
+    uint64_t refs[kUsageEntries]; // key_id << 32 | version
+};
+
+void collect_active_version(HeapTuple row, TupleDesc desc, void* arg)
+{
+    auto* active = static_cast<ActiveVersions*>(arg);
+    bool isnull;
+    uint32 key_id = static_cast<uint32>(DatumGetInt32(SPI_getbinval(row, desc, 1, &isnull)));
+    uint32 version = static_cast<uint32>(DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull)));
+    if (active->count < kUsageEntries)
+        active->refs[active->count++] = (static_cast<uint64_t>(key_id) << 32) | version;
+}
+
+int reclaim_usage_entries()
+{
+    SharedState* state = shared_state();
+    auto* active = static_cast<ActiveVersions*>(palloc0(sizeof(ActiveVersions)));
+    (void)query_catalog(&g_plan_active_versions,
+                        "SELECT v.key_id, v.version FROM pgphi.key_versions v "
+                        "WHERE v.state OPERATOR(pg_catalog.=) 'active'",
+                        0, nullptr, nullptr, kUsageEntries, collect_active_version, active, nullptr);
+    // Which databases still exist, looked up outside the lock.
+    Oid databases[kUsageEntries];
+    bool exists[kUsageEntries];
+    LWLockAcquire(state->lock, LW_SHARED);
+    for (int i = 0; i < kUsageEntries; ++i)
+        databases[i] = state->usage[i].in_use ? state->usage[i].database : InvalidOid;
+    LWLockRelease(state->lock);
+    for (int i = 0; i < kUsageEntries; ++i)
+        exists[i] = !OidIsValid(databases[i]) || databases[i] == MyDatabaseId ||
+                    SearchSysCacheExists1(DATABASEOID, ObjectIdGetDatum(databases[i]));
+
+    int freed = 0;
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    for (int i = 0; i < kUsageEntries; ++i) {
+        UsageEntry& entry = state->usage[i];
+        if (!entry.in_use || entry.database != databases[i])
+            continue;
+        bool reclaim = !exists[i];
+        if (entry.database == MyDatabaseId) {
+            uint64_t ref = (static_cast<uint64_t>(entry.key_id) << 32) | entry.key_version;
+            reclaim = std::find(active->refs, active->refs + active->count, ref) == active->refs + active->count;
+        }
+        if (reclaim) {
+            entry.in_use = false;
+            ++freed;
+        }
+    }
+    LWLockRelease(state->lock);
+    pfree(active);
+    if (freed > 0)
+        state->usage_dirty.store(true);
+    return freed;
+}
+
+// The entry of a key version, from the key's cached slot when that still
+// counts this version (an entry can be reclaimed and reused meanwhile).
+// When the table is full and `may_reclaim`, reclaims entries and tries again.
+UsageEntry* usage_entry(DataKey& key, Oid database, bool may_reclaim)
+{
+    SharedState* state = shared_state();
+    if (key.usage_slot() < kUsageEntries) {
+        UsageEntry& cached = state->usage[key.usage_slot()];
+        if (cached.in_use && cached.database == database && cached.key_id == key.ref().key_id &&
+            cached.key_version == key.ref().version)
+            return &cached;
+    }
+    UsageEntry* found = test_fault_is("usage_full") ? nullptr : claim_usage_entry(key, database);
+    if (!found && may_reclaim && !test_fault_is("usage_full") && reclaim_usage_entries() > 0)
+        found = claim_usage_entry(key, database);
     if (!found) {
         ereport(WARNING, (errmsg("pgphi cannot count the use of more than %d key versions", kUsageEntries)));
         return nullptr;
@@ -170,16 +284,15 @@ void report_seals(DataKey& key, Oid database)
     uint64_t seals = key.unreported_seals();
     if (seals == 0)
         return;
-    UsageEntry* entry = usage_entry(key, database);
+    UsageEntry* entry = usage_entry(key, database, false);
     key.take_unreported_seals();
     if (!entry)
         return;
     uint64_t total = entry->seals.fetch_add(seals, std::memory_order_relaxed) + seals;
     shared_state()->usage_dirty.store(true, std::memory_order_relaxed);
-    if (total >= static_cast<uint64_t>(dek_rotation_threshold) && !entry->rotation_requested) {
-        entry->rotation_requested = true; // a benign race: several may set it
+    if (total >= static_cast<uint64_t>(dek_rotation_threshold) &&
+        pg_atomic_exchange_u32(&entry->rotation_requested, 1) == 0)
         wake_broker();
-    }
 }
 
 void check_seal_budget(DataKey& key, Oid database)
@@ -191,8 +304,16 @@ void check_seal_budget(DataKey& key, Oid database)
                         errmsg("cannot encrypt with pgphi on a standby"),
                         errdetail("Values are encrypted on the primary, which counts what each key seals."),
                         errhint("Encrypt on the primary; standbys decrypt.")));
-    UsageEntry* entry = usage_entry(key, database);
-    if (entry && entry->seals.load(std::memory_order_relaxed) >= hard_seal_limit())
+    UsageEntry* entry = usage_entry(key, database, true);
+    if (!entry)
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+                        errmsg("pgphi cannot count the values key \"%s\" version %u encrypts", key.name().c_str(),
+                               key.ref().version),
+                        errdetail("The shared table of seal counts holds %d key versions, and it is full; an "
+                                  "uncounted version would escape its limit of values.",
+                                  kUsageEntries),
+                        errhint("Deterministic encryption still works; see \"Seal counts\" in the README.")));
+    if (entry->seals.load(std::memory_order_relaxed) >= hard_seal_limit())
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                         errmsg("pgphi key \"%s\" version %u has encrypted as many values as is safe",
                                key.name().c_str(), key.ref().version),

@@ -9,6 +9,7 @@
 extern "C" {
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
+#include "port/atomics.h"
 #include "storage/lwlock.h"
 }
 
@@ -44,10 +45,12 @@ inline constexpr int kAdminRequests = 8;
 // How many values each DEK version has sealed, cluster-wide: random 96-bit
 // nonces make a DEK safe for a bounded number of values. Backends add their
 // counts without a lock; the broker persists them and has keys rotated.
+// The two flags are written by backends and rotation workers without the
+// lock, hence atomics (0 or 1).
 struct UsageEntry {
     bool in_use;
-    bool rotation_requested;      // the threshold was crossed
-    bool rotated;                 // a rotation worker rotated the key
+    pg_atomic_uint32 rotation_requested; // the threshold was crossed
+    pg_atomic_uint32 rotated;            // a rotation worker rotated the key
     int64_t rotation_launched_ms; // 0: no rotation worker started yet
     Oid database;
     uint32_t key_id;
@@ -57,14 +60,34 @@ struct UsageEntry {
 
 inline constexpr int kUsageEntries = 1024;
 
+// The key brokers: one process per remote key manager, so that one that
+// hangs delays only its own keys (src/pg/broker.cpp explains the choice).
+// Broker 0, "the" broker of pgphi.broker_status(), serves the local provider
+// (and any other name, to report it unknown) and does the housekeeping: seal
+// counts, rotation workers, audit writers.
+inline constexpr int kBrokers = 3;
+inline constexpr const char* kBrokerProviders[kBrokers] = {nullptr, "vault", "aws_kms"};
+
+// Whether broker `index` serves keys of `provider`. A remote provider's
+// broker is registered only when that provider is configured at server start
+// (pgphi.vault_addr, pgphi.aws_region or pgphi.aws_kms_endpoint); otherwise
+// broker 0 serves its keys (one configured later, by a reload).
+bool broker_serves(int index, const char* provider);
+bool broker_registered(int index);
+void set_broker_registered(int index); // from _PG_init, in the postmaster
+
+struct BrokerProcess {                  // all under lock
+    Latch* latch;                       // set while the broker runs
+    int pid;
+    int64_t started_ms;
+    uint32_t starts;
+    uint32_t reloads;                   // configuration reloads it has applied
+};
+
 struct SharedState {
-    LWLock* lock;                       // guards the table and admin requests
-    ConditionVariable changed;          // broadcast by the broker after each batch
-    Latch* broker_latch;                // set while the broker runs (under lock)
-    int broker_pid;
-    int64_t broker_started_ms;
-    uint32_t broker_starts;
-    uint32_t broker_reloads;            // configuration reloads the broker has applied
+    LWLock* lock;                       // guards the table, admin requests and brokers
+    ConditionVariable changed;          // broadcast by the brokers after each batch
+    BrokerProcess brokers[kBrokers];
     std::atomic<uint64_t> invalidation_generation; // bumped when keys must be dropped everywhere
     std::atomic<uint64_t> next_ticket;
     cache::Stats stats;
@@ -72,6 +95,7 @@ struct SharedState {
     AdminRequest admin[kAdminRequests];
     UsageEntry usage[kUsageEntries];
     std::atomic<bool> usage_dirty;      // counts changed since the broker last saved them
+    char test_fault_fired[32];          // the pgphi.test_fault that fired (broker only; test-only)
     alignas(cache::Slot) unsigned char table_memory[FLEXIBLE_ARRAY_MEMBER]; // slots, then hash index
 
     cache::Table table() { return cache::Table(table_memory, capacity); }
@@ -81,8 +105,13 @@ SharedState* shared_state();
 void request_shared_memory();      // from _PG_init
 int64_t now_ms();                  // PostgreSQL's clock, in ms since 2000
 
-// Wakes the broker, if it runs.
+// Wakes the brokers that run. Takes the lock: the caller must not hold it.
 void wake_broker();
+
+// Defines pgphi.test_fault (test-only fault injection in the key broker).
+void define_broker_settings();
+// Whether pgphi.test_fault is `name` (test-only).
+bool test_fault_is(const char* name);
 
 // The DEK for a wrapped DEK, from the shared cache or, on a miss, from the
 // broker (one key-manager call however many backends ask at once). Waits up
@@ -99,7 +128,9 @@ void report_key_use(uint32_t slot_index, int64_t now_ms);
 void report_seals(DataKey& key, Oid database);
 
 // Raises an error when the key's version has sealed as many values as random
-// nonces allow (a backstop: rotation normally happens long before).
+// nonces allow (a backstop: rotation normally happens long before), and when
+// its seals cannot be counted at all (the table of counts is full): an
+// uncounted version would escape the limit and automatic rotation.
 void check_seal_budget(DataKey& key, Oid database);
 
 // Asks the broker to generate and wrap a new DEK, or to rewrap key.wrapped;
