@@ -120,7 +120,8 @@ run_catalogue() {
             return 1
         fi
     done
-    /usr/bin/python3 test/catalogue/check_catalogue.py README.md build/evidence \
+    PGPHI_PG_MAJOR=$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/') \
+        /usr/bin/python3 test/catalogue/check_catalogue.py README.md build/evidence \
         "$("$PG_CONFIG" --includedir-server)/utils/errcodes.h"
 }
 
@@ -207,7 +208,10 @@ run_tap() {
     fi
     work=$(make_pg_workdir tap)
     cp -r test "$work"/
+    # TESTDIR places tmp_check on 15; 17 and later take TESTDATADIR and
+    # TESTLOGDIR instead (both absolute, as the tests' settings expect).
     (cd "$work" && as_pg_user env PATH="$PG_BIN:$PATH" PG_REGRESS="$PG_REGRESS" TESTDIR="$work" \
+        TESTDATADIR="$work/tmp_check" TESTLOGDIR="$work/tmp_check/log" \
         PGPHI_TEST_DIR="$work/test" prove -I "$PERL_TEST_LIB" -I "$work/test/perl" ${TAP_TESTS:-test/t/*.pl})
     local status=$?
     keep_evidence tap "$work/tmp_check/log"
