@@ -5,6 +5,7 @@
 #pragma once
 
 extern "C" {
+#include "commands/vacuum.h"
 #include "utils/wait_event.h"
 }
 
@@ -14,5 +15,17 @@ namespace pgphi::compat {
 // key broker. PostgreSQL 17 lets an extension name its own wait events
 // ("PgphiKeyBroker"); before that, only the generic "Extension" exists.
 uint32 key_broker_wait_event();
+
+// Lets ANALYZE's cost-based delay (and interrupts) in while a custom
+// statistics function loops over the sample. PostgreSQL 18 asks whether the
+// caller is ANALYZE, which has its own delay setting there.
+inline void analyze_delay_point()
+{
+#if PG_VERSION_NUM >= 180000
+    vacuum_delay_point(true);
+#else
+    vacuum_delay_point();
+#endif
+}
 
 } // namespace pgphi::compat
