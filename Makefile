@@ -60,4 +60,12 @@ include $(PGXS)
 endif
 
 -include $(OBJS:.o=.d)
-EXTRA_CLEAN = $(OBJS:.o=.d)
+EXTRA_CLEAN = $(OBJS:.o=.d) .pg-build-stamp
+
+# Objects built against another PostgreSQL (PG_CONFIG) are rebuilt: they
+# depend on a stamp that is rewritten whenever the pg_config in use changes.
+PG_BUILD_ID := $(PG_CONFIG) $(shell $(PG_CONFIG) --version 2>/dev/null)
+ifneq ($(PG_BUILD_ID),$(shell cat .pg-build-stamp 2>/dev/null))
+$(shell echo '$(PG_BUILD_ID)' > .pg-build-stamp)
+endif
+$(OBJS): .pg-build-stamp

@@ -1,8 +1,10 @@
 # Shared by the scripts in this folder: paths, and running a command as the
 # unprivileged account PostgreSQL needs when we are root.
 
-PG_BIN=/usr/lib/postgresql/15/bin
-PG_CONFIG=$PG_BIN/pg_config
+# The PostgreSQL to build against and test with: Debian's 15 unless PG_CONFIG
+# names another (scripts/build-postgres.sh builds 17 and 18).
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+PG_BIN=$("$PG_CONFIG" --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # PostgreSQL refuses to run as root, so as root the servers run as "postgres".
@@ -35,22 +37,28 @@ as_root() {
 # can test side by side. PostgreSQL finds its share and lib directories
 # relative to its binaries, so the copy works wherever it is. Sets PG_BIN.
 use_private_install() {
-    local dest
-    dest=/tmp/pgphi-install.$(echo -n "$REPO_ROOT" | sha256sum | cut -c1-12)
-    # Copied again whenever the PostgreSQL package has changed since.
-    if [ ! -e "$dest/.copied" ] || [ "$PG_BIN/postgres" -nt "$dest/.copied" ]; then
+    local dest bindir sharedir root dirs
+    bindir=$("$PG_CONFIG" --bindir) sharedir=$("$PG_CONFIG" --sharedir)
+    root=$(dirname "$bindir") dirs=("$root")
+    # Debian keeps the share folder apart; a source build has it in its root.
+    case $sharedir/ in "$root"/*) ;; *) dirs+=("$sharedir") ;; esac
+    dest=/tmp/pgphi-install.$(echo -n "$REPO_ROOT $PG_CONFIG" | sha256sum | cut -c1-12)
+    # Copied again whenever that PostgreSQL has changed since. The copy holds
+    # the installation's root (binaries and libraries) and its share folder.
+    if [ ! -e "$dest/.copied" ] || [ "$bindir/postgres" -nt "$dest/.copied" ]; then
         rm -rf "$dest"
-        mkdir -p "$dest/usr/lib/postgresql" "$dest/usr/share/postgresql" &&
-            cp -a /usr/lib/postgresql/15 "$dest/usr/lib/postgresql/" &&
-            cp -a /usr/share/postgresql/15 "$dest/usr/share/postgresql/" &&
-            touch "$dest/.copied" || return 1
+        local dir
+        for dir in "${dirs[@]}"; do
+            mkdir -p "$dest$(dirname "$dir")" && cp -a "$dir" "$dest$(dirname "$dir")/" || return 1
+        done
+        touch "$dest/.copied"
     fi
     # Scripts this checkout no longer has (another branch's, a renamed one)
     # must not linger: PostgreSQL would use them.
-    rm -f "$dest"/usr/share/postgresql/15/extension/pgphi--*.sql
+    rm -f "$dest$sharedir"/extension/pgphi--*.sql
     make -s install PG_CONFIG="$PG_CONFIG" DESTDIR="$dest" >/dev/null || return 1
     chmod -R a+rX "$dest"
-    PG_BIN=$dest/usr/lib/postgresql/15/bin
+    PG_BIN=$dest$bindir
 }
 
 # A scratch directory the PostgreSQL user owns.

@@ -20,6 +20,11 @@ PACKAGES=(
     awscli python3-boto3 python3-hvac   # independent clients that check the emulator
 )
 
+# scripts/build-postgres.sh builds PostgreSQL 17 and 18 from source.
+if [ "${1:-}" = build-postgres ]; then
+    PACKAGES=(gcc make bison flex zlib1g-dev libssl-dev curl bzip2 ca-certificates libipc-run-perl)
+fi
+
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -36,4 +41,5 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 as_root apt-get update -qq
 # postgresql-15 is named again so it is upgraded to match the -dev package.
-as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" postgresql-15 >/dev/null
+[ "${1:-}" = build-postgres ] || missing+=(postgresql-15)
+as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

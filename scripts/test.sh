@@ -20,6 +20,40 @@ cd "$REPO_ROOT"
 suites=("$@")
 [ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap catalogue)
 
+# PG_VERSIONS="15 17 18": the suites against each version in turn (17 and 18
+# built by scripts/build-postgres.sh). The suites that do not involve the
+# server (unit, fuzz, emulator) run once, with the first version.
+if [ -n "${PG_VERSIONS:-}" ]; then
+    summary=() status=0 first=1
+    for version in $PG_VERSIONS; do
+        started=$SECONDS
+        if [ "$version" = 15 ]; then
+            pg_config=/usr/lib/postgresql/15/bin/pg_config
+        else
+            pg_config=$(scripts/build-postgres.sh "$version") || {
+                summary+=("PostgreSQL $version: could not be built"); status=1; continue; }
+        fi
+        version_suites=()
+        for suite in "${suites[@]}"; do
+            case $suite in
+                unit | fuzz | emulator) [ $first = 1 ] && version_suites+=("$suite") ;;
+                *) version_suites+=("$suite") ;;
+            esac
+        done
+        first=0
+        echo "=== pgphi: PostgreSQL $version ($pg_config): ${version_suites[*]}"
+        if PG_VERSIONS='' PG_CONFIG=$pg_config scripts/test.sh "${version_suites[@]}"; then
+            summary+=("PostgreSQL $version: passed (${version_suites[*]}) in $((SECONDS - started)) s")
+        else
+            summary+=("PostgreSQL $version: FAILED (${version_suites[*]}) in $((SECONDS - started)) s")
+            status=1
+        fi
+    done
+    echo
+    printf '%s\n' "${summary[@]}"
+    exit $status
+fi
+
 scripts/install-deps.sh || exit 1
 make -s -j2 PG_CONFIG="$PG_CONFIG" || exit 1
 use_private_install || exit 1
@@ -86,7 +120,8 @@ run_catalogue() {
             return 1
         fi
     done
-    /usr/bin/python3 test/catalogue/check_catalogue.py README.md build/evidence \
+    PGPHI_PG_MAJOR=$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/') \
+        /usr/bin/python3 test/catalogue/check_catalogue.py README.md build/evidence \
         "$("$PG_CONFIG" --includedir-server)/utils/errcodes.h"
 }
 
@@ -173,7 +208,10 @@ run_tap() {
     fi
     work=$(make_pg_workdir tap)
     cp -r test "$work"/
+    # TESTDIR places tmp_check on 15; 17 and later take TESTDATADIR and
+    # TESTLOGDIR instead (both absolute, as the tests' settings expect).
     (cd "$work" && as_pg_user env PATH="$PG_BIN:$PATH" PG_REGRESS="$PG_REGRESS" TESTDIR="$work" \
+        TESTDATADIR="$work/tmp_check" TESTLOGDIR="$work/tmp_check/log" \
         PGPHI_TEST_DIR="$work/test" prove -I "$PERL_TEST_LIB" -I "$work/test/perl" ${TAP_TESTS:-test/t/*.pl})
     local status=$?
     keep_evidence tap "$work/tmp_check/log"

@@ -1,6 +1,8 @@
 -- Installs pgphi and the keys the other suites use.
 CREATE EXTENSION pgphi;
-\dx pgphi
+-- (A query rather than \dx, whose columns differ between psql versions.)
+SELECT e.extname, e.extversion, n.nspname AS schema, obj_description(e.oid, 'pg_extension') AS description
+  FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pgphi';
 ALTER DATABASE :"DBNAME" SET search_path = public, pgphi;
 SET search_path = public, pgphi;
 

@@ -2,6 +2,7 @@
 // operators and operator classes of pgphi.encrypted, which accept
 // deterministic values only; the type's ANALYZE support; and blind indexes.
 #include "postgres.hpp"
+#include "compat.hpp"
 
 extern "C" {
 #include "commands/vacuum.h"
@@ -77,7 +78,7 @@ bool sample_is_comparable(VacAttrStats* stats, AnalyzeAttrFetchFunc fetchfunc, i
     bool have_key = false;
     uint32 first_key = 0;
     for (int i = 0; i < samplerows; ++i) {
-        vacuum_delay_point();
+        compat::analyze_delay_point();
         bool isnull;
         Datum value = fetchfunc(stats, i, &isnull);
         if (isnull)
@@ -108,7 +109,7 @@ void compute_encrypted_stats(VacAttrStatsP stats, AnalyzeAttrFetchFunc fetchfunc
     int nulls = 0, nonnulls = 0;
     double total_width = 0;
     for (int i = 0; i < samplerows; ++i) {
-        vacuum_delay_point();
+        compat::analyze_delay_point();
         bool isnull;
         Datum value = fetchfunc(stats, i, &isnull);
         if (isnull) {

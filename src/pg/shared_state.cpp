@@ -16,6 +16,7 @@ extern "C" {
 #include <new>
 
 #include "audit.hpp"
+#include "compat.hpp"
 #include "key_access.hpp"
 #include "error_bridge.hpp"
 #include "settings.hpp"
@@ -401,7 +402,7 @@ void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_u
             ConditionVariableCancelSleep();
             raise_wait_timeout("answer");
         }
-        ConditionVariableTimedSleep(&state->changed, deadline - now, PG_WAIT_EXTENSION);
+        ConditionVariableTimedSleep(&state->changed, deadline - now, compat::key_broker_wait_event());
     }
     ConditionVariableCancelSleep();
 }
@@ -436,7 +437,7 @@ void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapReq
             ConditionVariableCancelSleep();
             raise_wait_timeout("take the key request");
         }
-        ConditionVariableTimedSleep(&state->changed, left, PG_WAIT_EXTENSION);
+        ConditionVariableTimedSleep(&state->changed, left, compat::key_broker_wait_event());
     }
     wake_broker();
 
@@ -456,7 +457,7 @@ void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapReq
             ConditionVariableCancelSleep();
             raise_wait_timeout("create the key");
         }
-        ConditionVariableTimedSleep(&state->changed, left, PG_WAIT_EXTENSION);
+        ConditionVariableTimedSleep(&state->changed, left, compat::key_broker_wait_event());
     }
     ConditionVariableCancelSleep();
     if (!result->ok)

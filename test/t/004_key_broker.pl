@@ -158,6 +158,20 @@ $emulator->clear_faults;
 is($node->safe_psql('postgres', $decrypt), '100', 'after the restart every value decrypts');
 ok($node->log_contains('pgphi key broker.*was terminated by signal 9'), 'the server log records the kill');
 
+# A session waiting for the broker says so in pg_stat_activity: a wait
+# event of pgphi's own on PostgreSQL 17 and later, the generic one before.
+$node->safe_psql('postgres', 'SELECT pgphi.flush_cache()');
+$emulator->fault(mode => 'slow', target => 'kms', delay_ms => 2000, count => 1);
+my ($waiter) = start_session("SET application_name = 'waiting_for_broker'; $decrypt");
+my $expected_event = $node->pg_version >= 17 ? 'Extension|PgphiKeyBroker' : 'Extension|Extension';
+ok( $node->poll_query_until(
+		'postgres', q{SELECT wait_event_type || '|' || wait_event FROM pg_stat_activity
+		               WHERE application_name = 'waiting_for_broker'},
+		$expected_event),
+	"a session waiting for the broker shows the wait event $expected_event");
+$waiter->finish;
+$emulator->clear_faults;
+
 $node->stop;
 $emulator->stop;
 done_testing();

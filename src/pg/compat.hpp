@@ -1,0 +1,31 @@
+// Differences between the PostgreSQL major versions pgphi supports (15, 17
+// and 18), kept in this one header so the rest of src/pg reads as if there
+// were a single version. Each entry names the version that changed and why
+// pgphi cares. Include after postgres.hpp.
+#pragma once
+
+extern "C" {
+#include "commands/vacuum.h"
+#include "utils/wait_event.h"
+}
+
+namespace pgphi::compat {
+
+// The wait event a session shows in pg_stat_activity while it waits for the
+// key broker. PostgreSQL 17 lets an extension name its own wait events
+// ("PgphiKeyBroker"); before that, only the generic "Extension" exists.
+uint32 key_broker_wait_event();
+
+// Lets ANALYZE's cost-based delay (and interrupts) in while a custom
+// statistics function loops over the sample. PostgreSQL 18 asks whether the
+// caller is ANALYZE, which has its own delay setting there.
+inline void analyze_delay_point()
+{
+#if PG_VERSION_NUM >= 180000
+    vacuum_delay_point(true);
+#else
+    vacuum_delay_point();
+#endif
+}
+
+} // namespace pgphi::compat
