@@ -183,10 +183,13 @@ CREATE FUNCTION pgphi._progress_advance(tbl regclass, col name, next_page bigint
 AS $$
 BEGIN
     PERFORM pgphi._progress_check(tbl, col);
+    -- Only the run's own role moves it on (these run as pgphi's owner, which
+    -- row-level security does not restrict).
     UPDATE pgphi.reencrypt_progress p
        SET next_page = coalesce(_progress_advance.next_page, p.next_page),
            rows_reencrypted = p.rows_reencrypted + moved, updated_at = clock_timestamp()
-     WHERE p.relation = tbl AND p.column_name = col;
+     WHERE p.relation = tbl AND p.column_name = col
+       AND p.started_by = to_regrole(quote_ident(pgphi._acting_role()));
 END
 $$;
 
@@ -196,7 +199,8 @@ AS $$
 BEGIN
     PERFORM pgphi._progress_check(tbl, col);
     UPDATE pgphi.reencrypt_progress p SET finished_at = clock_timestamp()
-     WHERE p.relation = tbl AND p.column_name = col;
+     WHERE p.relation = tbl AND p.column_name = col
+       AND p.started_by = to_regrole(quote_ident(pgphi._acting_role()));
 END
 $$;
 

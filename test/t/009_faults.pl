@@ -104,7 +104,10 @@ for my $w (1 .. 4)
 	push @writers, start_script($script);
 }
 my $rotator = start_script("SELECT pgphi.rotate_key('local_key'); SELECT pg_sleep(0.2);\n" x 200);
-$node->poll_query_until('postgres', 'SELECT count(*) >= 4000 FROM crash_rows') or die 'the writers did not write';
+# Enough rows, and some written after a rotation (on a loaded machine the
+# writers can get far before the first rotation commits).
+$node->poll_query_until('postgres', q{SELECT count(*) >= 4000 AND EXISTS (SELECT FROM crash_rows r,
+	pgphi.ciphertext_info(r.v) i WHERE i.key_version > 1) FROM crash_rows}) or die 'the writers did not write';
 $node->stop('immediate');
 finish_script($_) for @writers, $rotator;
 is(scalar(grep { $_->{err} =~ /terminat|server closed|connection/ } @writers), 4,

@@ -297,11 +297,27 @@ my %mechanism = (
 	  "UPDATE pgphi.keys SET cryptoperiod = cryptoperiod OPERATOR(pg_catalog.+) '1 day'::pg_catalog.interval"
 	  . " WHERE name OPERATOR(pg_catalog.=) '{K}'",
 	'pgphi._queue_catalog_refusal(text,text)' => "ALTER TABLE pgphi.keys DISABLE TRIGGER ALL",
+	'pgphi._audit_anchors_are_append_only()' => "DELETE FROM pgphi.audit_anchors",
+	# encrypt_phi(..., deterministic, ...): a constant mode is planned into one
+	# of the twins by the support function; a computed one calls it.
+	'pgphi._encrypt_mode_support(internal)' =>
+	  "SELECT pgphi.encrypt_phi('v'::pg_catalog.text, '{K}', true, ''::pg_catalog.text)",
+	'pgphi._encrypt_phi_deterministic(bytea,text,boolean,text)' =>
+	  "SELECT pgphi.encrypt_phi('\\x01'::pg_catalog.bytea, '{K}', true, ''::pg_catalog.text)",
+	'pgphi._encrypt_phi_deterministic(jsonb,text,boolean,text)' =>
+	  "SELECT pgphi.encrypt_phi('{}'::pg_catalog.jsonb, '{K}', true, ''::pg_catalog.text)",
+	'pgphi.encrypt_phi(text,text,boolean,text)' =>
+	  "SELECT pgphi.encrypt_phi('v'::pg_catalog.text, '{K}', (SELECT false), ''::pg_catalog.text)",
+	'pgphi.encrypt_phi(bytea,text,boolean,text)' =>
+	  "SELECT pgphi.encrypt_phi('\\x01'::pg_catalog.bytea, '{K}', (SELECT false), ''::pg_catalog.text)",
+	'pgphi.encrypt_phi(jsonb,text,boolean,text)' =>
+	  "SELECT pgphi.encrypt_phi('{}'::pg_catalog.jsonb, '{K}', (SELECT false), ''::pg_catalog.text)",
 	'pgphi._changes_pgphi_members(pg_ddl_command)' => "ALTER EXTENSION pgphi DROP FUNCTION pgphi.flush_cache()",
 );
 # Those that end in their own error, so that the statistics do not count them:
 # the SQLSTATE a superuser gets shows they ran.
-my %runs_by_error = ('pgphi._audit_log_is_append_only()' => '42501', 'pgphi._queue_catalog_refusal(text,text)' => '42501',
+my %runs_by_error = ('pgphi._audit_log_is_append_only()' => '42501',
+	'pgphi._audit_anchors_are_append_only()' => '42501', 'pgphi._queue_catalog_refusal(text,text)' => '42501',
 	'pgphi._changes_pgphi_members(pg_ddl_command)' => '42501');
 
 my $routines = $node->safe_psql($db, qq{

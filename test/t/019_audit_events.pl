@@ -213,7 +213,9 @@ $node->safe_psql('postgres', q{
 	CREATE TABLE saved_log AS SELECT * FROM pgphi.audit_log;
 	CREATE TABLE saved_anchors AS SELECT * FROM pgphi.audit_anchors;
 });
+# (A superuser tampering must first switch off the DDL guard too.)
 my $guards_off = q{
+	ALTER EVENT TRIGGER pgphi_guard_catalog_ddl DISABLE;
 	ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_chain;
 	ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_no_change;
 	ALTER TABLE pgphi.audit_log DISABLE TRIGGER audit_log_no_truncate;
@@ -226,6 +228,7 @@ my $guards_on = q{
 	ALTER TABLE pgphi.audit_log ENABLE ALWAYS TRIGGER audit_log_no_truncate;
 	ALTER TABLE pgphi.audit_anchors ENABLE ALWAYS TRIGGER audit_anchors_no_change;
 	ALTER TABLE pgphi.audit_anchors ENABLE ALWAYS TRIGGER audit_anchors_no_truncate;
+	ALTER EVENT TRIGGER pgphi_guard_catalog_ddl ENABLE ALWAYS;
 };
 my $restore = q{
 	DELETE FROM pgphi.audit_log;

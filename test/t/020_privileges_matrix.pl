@@ -55,6 +55,10 @@ pgphi._check_column_type(regclass,name,regtype[],text)                       key
 pgphi._check_grantee(regrole)                                                key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._column_key(regclass,name)                                             key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._column_type(regclass,name)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._encrypt_mode_support(internal)                                        key     -      -     -     -     -     -     -     -     x
+pgphi._encrypt_phi_deterministic(bytea,text,boolean,text)                    key     42501  42501 ok    42501 42501 ok    42501 42501 ok
+pgphi._encrypt_phi_deterministic(jsonb,text,boolean,text)                    key     42501  42501 ok    42501 42501 ok    42501 42501 ok
+pgphi._encrypt_phi_deterministic(text,text,boolean,text)                     key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi._encrypt_phi_version(bytea,text,text,integer)                          key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi._encrypt_phi_version(text,text,text,integer)                           key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi._flush_cache_at_commit()                                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
@@ -115,6 +119,7 @@ pgphi.audit_queue_status()                                                   key
 pgphi.blind_index(text,text)                                                 key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi.blind_index(text,text,integer)                                         key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi.blind_index_all_versions(text,text)                                    key     42501  42501 ok    42501 42501 ok    42501 42501 ok
+pgphi.broker_processes()                                                     key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi.broker_status()                                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi.cache_stats()                                                          key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi.ciphertext_info(bytea)                                                 type    ok     ok    ok    ok    ok    ok    ok    ok    ok
