@@ -6,6 +6,7 @@ use warnings;
 
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use IPC::Run;
 
 # Logs the SQLSTATE of every error (%e), where the bad-input catalogue check
 # (test/catalogue) finds what the tests produced. Every test node uses it.
@@ -52,6 +53,28 @@ sub psql_error
 	my ($ret, $stdout, $stderr) =
 	  $node->psql($db, "\\set VERBOSITY verbose\n$sql", on_error_stop => 1);
 	return $ret == 0 ? '' : $stderr;
+}
+
+# Waits until the server, restarted after a crash a test caused, runs its key
+# broker again. Cluster::poll_query_until feeds the query on psql's stdin,
+# and a psql refused while the server is still restarting exits before
+# reading it: the write then fails with EPIPE and IPC::Run dies. The query
+# goes in -c here, so a refused connection is just one more attempt.
+sub wait_for_restart
+{
+	my ($node, $db) = @_;
+	$db //= 'postgres';
+	my $deadline = time + $PostgreSQL::Test::Utils::timeout_default;
+	while (time < $deadline)
+	{
+		my ($stdout, $stderr) = ('', '');
+		IPC::Run::run([ 'psql', '-XAt', '-d', $node->connstr($db), '-c',
+				'SELECT running FROM pgphi.broker_status()' ],
+			'<', \undef, '>', \$stdout, '2>', \$stderr);
+		return 1 if $stdout eq "t\n";
+		select(undef, undef, undef, 0.2);
+	}
+	return 0;
 }
 
 1;

@@ -153,7 +153,7 @@ my $t0 = time;
 $victim->finish;
 cmp_ok(time - $t0, '<', 20, 'the waiting session ends instead of hanging');
 like($victim_io->{err}, qr/terminat|server closed the connection/, '... told that the server restarted');
-$node->poll_query_until('postgres', 'SELECT running FROM pgphi.broker_status()') or die;
+ok(PgphiTest::wait_for_restart($node), '... and the server restarts with its key broker');
 $emulator->clear_faults;
 is($node->safe_psql('postgres', $decrypt), '100', 'after the restart every value decrypts');
 ok($node->log_contains('pgphi key broker.*was terminated by signal 9'), 'the server log records the kill');

@@ -191,7 +191,7 @@ is(scalar(grep { $_->{err} =~ /terminat|server closed|connection|crash|recovery/
 	'broker: the kill restarted the server and cut the sessions off');
 is(scalar(map { @{ errors_of($_) } } @workers), 0, '... without a statement failing otherwise');
 ok(!grep({ $_->{timed_out} } @workers, $flusher), 'broker: no session hung');
-$node->poll_query_until('postgres', 'SELECT running FROM pgphi.broker_status()') or die;
+ok(PgphiTest::wait_for_restart($node), '... and the server restarts with its key broker');
 $emulator->clear_faults;
 my $acked_rows = 0;
 $acked_rows += scalar(@{ acked($_) }) for @workers;
