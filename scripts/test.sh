@@ -7,8 +7,10 @@
 #   regress  pg_regress on the SQL surface, in a temporary cluster
 #   tap      TAP tests (prove) with PostgreSQL::Test::Cluster; TAP_TESTS picks
 #            files, e.g. TAP_TESTS=test/t/015_grants_and_audit.pl
-#   catalogue the README's bad-input catalogue against the errors the regress
-#            and TAP runs logged, and against the SQLSTATEs the code can raise
+#   catalogue the bad-input catalogue (docs/bad-input-catalogue.md) against the
+#            errors the regress and TAP runs logged, and against the SQLSTATEs
+#            the code can raise; and every relative link of README.md and docs/
+#            against the files and headings it points to
 #   valgrind the regress suite with the server under valgrind memcheck; slow,
 #            so only on request (not in the default list)
 # With no argument it installs what is missing, builds, installs pgphi into a
@@ -109,11 +111,15 @@ keep_evidence() {
 }
 
 run_catalogue() {
-    # Every row of the README's bad-input catalogue must have been produced
-    # by the regress or TAP suites (from their kept server logs), and every
-    # SQLSTATE pgphi can raise must be in the catalogue.
-    local src
-    for src in README.md src sql expected test; do
+    # The documentation's links first: every relative link of README.md and
+    # docs/*.md must reach an existing file, and its #anchor a heading there.
+    # It needs no test run, so it reports even when the evidence is stale.
+    local src status=0
+    /usr/bin/python3 scripts/check-doc-links.py || status=1
+    # Every row of the bad-input catalogue (docs/bad-input-catalogue.md) must
+    # have been produced by the regress or TAP suites (from their kept server
+    # logs), and every SQLSTATE pgphi can raise must be in the catalogue.
+    for src in docs/bad-input-catalogue.md src sql expected test; do
         if [ -n "$(find "$src" -newer build/evidence/tap -type f -print -quit 2>/dev/null)" ] ||
             [ -n "$(find "$src" -newer build/evidence/regress -type f -print -quit 2>/dev/null)" ]; then
             echo "the kept server logs are older than $src: run scripts/test.sh regress tap catalogue" >&2
@@ -121,8 +127,9 @@ run_catalogue() {
         fi
     done
     PGPHI_PG_MAJOR=$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/') \
-        /usr/bin/python3 test/catalogue/check_catalogue.py README.md build/evidence \
-        "$("$PG_CONFIG" --includedir-server)/utils/errcodes.h"
+        /usr/bin/python3 test/catalogue/check_catalogue.py docs/bad-input-catalogue.md build/evidence \
+        "$("$PG_CONFIG" --includedir-server)/utils/errcodes.h" || status=1
+    return $status
 }
 
 run_emulator() {

@@ -313,7 +313,7 @@ void check_seal_budget(DataKey& key, Oid database)
                         errdetail("The shared table of seal counts holds %d key versions, and it is full; an "
                                   "uncounted version would escape its limit of values.",
                                   kUsageEntries),
-                        errhint("Deterministic encryption still works; see \"Seal counts\" in the README.")));
+                        errhint("Deterministic encryption still works; see \"Seal counts\" in docs/broker-and-cache.md.")));
     if (entry->seals.load(std::memory_order_relaxed) >= hard_seal_limit())
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                         errmsg("pgphi key \"%s\" version %u has encrypted as many values as is safe",

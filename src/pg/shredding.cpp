@@ -56,7 +56,7 @@
 // under it, as with heap_inplace_update; only tuples of the destroyed
 // version change.
 //
-// Not covered here (the README says what to do): WAL segments and archives
+// Not covered here (docs/rotation-runbook.md says what to do): WAL segments and archives
 // written before, base backups, pg_dump output, and statistics an older
 // version of pgphi let ANALYZE take (the column's statistics target is 0 now).
 #include "postgres.hpp"

@@ -1,7 +1,11 @@
 #!/usr/bin/python3
-"""Keeps the README's bad-input catalogue true, in both directions.
+"""Keeps the bad-input catalogue (docs/bad-input-catalogue.md) true, in both directions.
 
-Usage: check_catalogue.py README.md EVIDENCE_DIR ERRCODES_H
+Usage: check_catalogue.py docs/bad-input-catalogue.md EVIDENCE_DIR ERRCODES_H
+
+The catalogue is the page's table whose header is "| input | error | SQLSTATE |".
+README.md must not hold such a table any more (the catalogue moved to docs/ in
+0.3.0): a row added there would be checked by nobody.
 
 1. Every row is produced by a test. Each message of a row (the backticked
    text in its "error" column) must appear in an ERROR or FATAL line, with
@@ -38,10 +42,11 @@ VERSION_DEPENDENT = {
                      "report its EFBIG as it is, while a full disk (ENOSPC) is still 53100"),
 }
 
-readme_path, evidence_dir, errcodes_h = sys.argv[1:4]
+catalogue_path, evidence_dir, errcodes_h = sys.argv[1:4]
 # The major version of the server the tests ran against (scripts/test.sh).
 pg_major = int(os.environ.get("PGPHI_PG_MAJOR", "15"))
-repo = os.path.dirname(os.path.abspath(readme_path))
+# The repository: this file is test/catalogue/check_catalogue.py.
+repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def read(path):
@@ -50,14 +55,35 @@ def read(path):
 
 
 # --- the catalogue --------------------------------------------------------
-readme = read(readme_path)
-section = re.search(r"^## Bad input: what each produces\n(.*?)(?=^## )", readme, re.S | re.M)
-if not section:
-    sys.exit("README.md has no section \"## Bad input: what each produces\"")
+HEADER = re.compile(r"^\|\s*input\s*\|\s*error\s*\|\s*SQLSTATE\s*\|\s*$", re.M)
+
+
+def catalogue_table(text):
+    """The lines of the first table headed | input | error | SQLSTATE |, or None."""
+    header = HEADER.search(text)
+    if not header:
+        return None
+    lines = []
+    for line in text[header.start():].splitlines():
+        if not line.startswith("|"):
+            break
+        lines.append(line)
+    return lines
+
+
+readme_md = os.path.join(repo, "README.md")
+if os.path.exists(readme_md) and catalogue_table(read(readme_md)):
+    sys.exit("README.md holds a bad-input catalogue table: its rows belong in docs/bad-input-catalogue.md "
+             "(the only table this check reads)")
+table = catalogue_table(read(catalogue_path))
+if not table:
+    sys.exit(f"{catalogue_path} has no table headed \"| input | error | SQLSTATE |\"")
 rows = []
-for line in section.group(1).splitlines():
-    cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
-    if len(cells) != 3 or cells[0] in ("input", "") or set(cells[0]) <= set("-: "):
+for line in table:
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) != 3:
+        sys.exit(f"catalogue row needs three cells (input, error, SQLSTATE): {line}")
+    if cells[0] == "input" or set("".join(cells)) <= set("-: "):
         continue
     codes = re.findall(r"\b[0-9A-Z]{5}\b", cells[2])
     messages = re.findall(r"`([^`]+)`", cells[1])

@@ -197,7 +197,7 @@ is_deeply($found, [], 'a version destroyed by direct DML leaves no wrapped DEK o
 # A database that destroyed versions under 0.2.0 (which left their wrapped
 # DEKs in dead tuples, and let ANALYZE put them into pg_statistic): the update
 # to 0.3.0 erases them from the key catalog's files when it commits;
-# pg_statistic's dead tuples go with VACUUM FULL, as the README says.
+# pg_statistic's dead tuples go with VACUUM FULL, as docs/rotation-runbook.md says.
 $primary->safe_psql('postgres', 'CREATE DATABASE old_release');
 $primary->safe_psql('old_release', q{
 	CREATE EXTENSION pgphi VERSION '0.2.0';

@@ -443,7 +443,7 @@ my @allowed = grep { !/ => 42501$/ } @ddl;
 is(scalar(@allowed), 0, 'each of ' . scalar(@ddl) . ' DDL commands on pgphi\'s tables, triggers, functions and schema '
 	  . 'is refused with 42501') or diag(join("\n", @allowed));
 # Not recorded: a rename of the schema, and moves of the three functions
-# that check and record (README, "Audit trail").
+# that check and record (docs/access-control-and-audit.md, "Audit trail").
 my $to_record = scalar(grep { / => 42501$/ && !/^ALTER SCHEMA pgphi RENAME|_in_extension_script|_catalog_writer\(\)|_queue_catalog_refusal/ } @ddl);
 # (Counted by occurrences: identical refusals, and those beyond the shared
 # queue's distinct entries, arrive coalesced.)
@@ -461,7 +461,7 @@ is($node->safe_psql($db, q{SET session_replication_role = replica;
 	SELECT catalog_audit_try('ALTER TABLE pgphi.key_grants DISABLE TRIGGER ALL')}), '42501',
 	'also under session_replication_role = replica');
 
-# What stays possible (README: a superuser can switch the event triggers off)
+# What stays possible (docs/access-control-and-audit.md: a superuser can switch the event triggers off)
 # is visible in the catalog.
 $node->safe_psql($db, q{ALTER EVENT TRIGGER pgphi_guard_catalog_ddl DISABLE});
 is($node->safe_psql($db, q{SELECT string_agg(evtname || ' ' || evtenabled::text, ', ' ORDER BY evtname) FROM pg_event_trigger}),

@@ -5,7 +5,7 @@
 #  2. no pgphi error echoes a value passed in a text argument: every pgphi
 #     function, enumerated from pg_proc, is called with a PHI-like marker in
 #     each text argument in turn, as three kinds of role (finding 12);
-#  3. with the settings the README recommends, PostgreSQL's own errors (a
+#  3. with the settings docs/security-model.md recommends, PostgreSQL's own errors (a
 #     unique violation's DETAIL, a failed cast) leave no plaintext in the
 #     server log, which they do with the defaults;
 #  4. a background worker without a client (logical replication's apply
@@ -126,7 +126,7 @@ $node->safe_psql('postgres', q{DROP STATISTICS patients_reveal; ALTER SYSTEM RES
 # --- 2. No pgphi error repeats a value from a text argument ------------------
 
 # PostgreSQL logs each failing statement's text, which holds the marker as a
-# literal; the README's guidance turns that off, and the test checks the rest.
+# literal; the guidance in docs/security-model.md turns that off, and the test checks the rest.
 $node->safe_psql('postgres', q{
 	ALTER SYSTEM SET log_min_error_statement = panic;
 	ALTER SYSTEM SET log_error_verbosity = verbose;
@@ -277,7 +277,7 @@ note("$errors of " . 3 * scalar(@cases) . ' calls failed, as most must');
 is(scalar(@$leaks), 0, 'no pgphi error, detail, hint or context repeats the marker') or diag(join("\n", @$leaks));
 is(scalar(@$log_leaks), 0, 'no server log line holds it') or diag(join("\n", @$log_leaks));
 
-# --- 3. PostgreSQL's own errors, with and without the README's settings ----------
+# --- 3. PostgreSQL's own errors, with and without the recommended settings -------
 
 $node->safe_psql('postgres', q{
 	CREATE TABLE ssn_copy (ssn text UNIQUE);
@@ -313,7 +313,7 @@ like($with_defaults, qr/zz-ssn-0011/, 'with the defaults, a unique violation log
 like($with_defaults, qr/zz-ssn-0012/, 'a failed cast logs it in its message');
 like($with_defaults, qr/zz-ssn-0013/, 'and a failing statement logs its literals');
 
-# The settings from the README's "Keeping PHI out of the server log".
+# The settings from "Keeping PHI out of the server log" in docs/security-model.md.
 $node->safe_psql('postgres', q{
 	ALTER SYSTEM SET log_min_messages = log;
 	ALTER SYSTEM SET log_min_error_statement = panic;
@@ -325,7 +325,7 @@ $node->safe_psql('postgres', q{
 	SELECT pg_reload_conf();
 });
 my $with_guidance = run_postgres_errors();
-unlike($with_guidance, qr/zz-ssn-/, 'with the README\'s settings, none of them leaves plaintext in the server log');
+unlike($with_guidance, qr/zz-ssn-/, 'with the recommended log settings, none of them leaves plaintext in the server log');
 unlike($with_guidance, qr/ERROR:/, 'errors go to the client only');
 
 # --- 4. A background worker without a client does not decrypt ----------------
