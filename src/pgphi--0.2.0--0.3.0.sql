@@ -2214,6 +2214,90 @@ GRANT EXECUTE ON FUNCTION pgphi.broker_processes() TO pg_monitor;
 
 
 ------------------------------------------------------------------------------
+-- Seal reservations: the nonce budget survives failover and is not copied.
+------------------------------------------------------------------------------
+
+-- A randomized encryption draws a random 96-bit nonce, so a DEK version may
+-- seal only so many values (pgphi.dek_rotation_threshold, hard limit four
+-- times that). The counts live in shared memory and in a file of the data
+-- directory, which is neither replicated nor complete after a crash. So a
+-- version seals only inside a reservation committed here, in WAL: the key
+-- broker's reservation worker raises `reserved` ahead of use, and a server
+-- that cannot trust its own count (after a crash, a promotion, a base
+-- backup) starts the version's count at what was reserved. Each row also
+-- names the database that seals under the version: a database copied from
+-- it (CREATE DATABASE ... TEMPLATE) finds another database's name there, and
+-- must rotate the key before it encrypts at random, or both copies would
+-- spend the one budget. A restored dump has no rows (the table is not
+-- dumped) and must rotate too. Rows are written by pgphi._generate_wrapped_dek
+-- (first reservation, with the new version) and by the reservation worker
+-- (src/pg/broker.cpp), and audited as every catalog change is.
+CREATE TABLE pgphi.seal_reservations (
+    key_id             integer NOT NULL,
+    version            integer NOT NULL,
+    database_oid       oid NOT NULL,       -- the database whose values these seals are
+    reserved           bigint NOT NULL CHECK (reserved >= 0),
+    server_incarnation bigint NOT NULL,    -- which server life made the reservation
+    reserved_at        timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (key_id, version)
+);
+REVOKE ALL ON pgphi.seal_reservations FROM PUBLIC;
+GRANT SELECT ON pgphi.seal_reservations TO pgphi_key_auditor;
+
+-- Writes a reservation: the first, with a new version (`first`, called by
+-- pgphi._generate_wrapped_dek in the transaction that creates it), or the
+-- next, raised to at least `at_least` (by the reservation worker, only for
+-- this database's own versions). Returns what is reserved, NULL when this
+-- database has no reservation of the version to raise. A function, so that
+-- the audit trail records these changes as pgphi's own.
+CREATE FUNCTION pgphi._reserve_seals(key_id integer, version integer, at_least bigint, incarnation bigint,
+                                     first boolean) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    this_database oid := (SELECT d.oid FROM pg_catalog.pg_database d
+                           WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database());
+    result bigint;
+BEGIN
+    IF first THEN
+        -- (A version keeps the reservation it has, should its DEK ever be
+        -- generated twice.)
+        INSERT INTO pgphi.seal_reservations AS r (key_id, version, database_oid, reserved, server_incarnation)
+            VALUES (_reserve_seals.key_id, _reserve_seals.version, this_database, at_least, incarnation)
+            ON CONFLICT ON CONSTRAINT seal_reservations_pkey DO UPDATE SET reserved = r.reserved
+            RETURNING r.reserved INTO result;
+    ELSE
+        UPDATE pgphi.seal_reservations r
+           SET reserved = GREATEST(r.reserved, at_least), server_incarnation = incarnation,
+               reserved_at = pg_catalog.now()
+         WHERE r.key_id OPERATOR(pg_catalog.=) _reserve_seals.key_id
+           AND r.version OPERATOR(pg_catalog.=) _reserve_seals.version
+           AND r.database_oid OPERATOR(pg_catalog.=) this_database
+        RETURNING r.reserved INTO result;
+        IF result IS NOT NULL THEN
+            PERFORM pgphi._audit('reserve_seals', _reserve_seals.key_id, _reserve_seals.version, 'ok',
+                                 pg_catalog.format('%s values may now be encrypted under this version', result));
+        END IF;
+    END IF;
+    RETURN result;
+END
+$$;
+REVOKE ALL ON FUNCTION pgphi._reserve_seals(integer, integer, bigint, bigint, boolean) FROM PUBLIC;
+
+-- Versions that exist when 0.2.0 is updated: this database seals under them,
+-- nothing is reserved yet (the first encryption waits for a reservation).
+INSERT INTO pgphi.seal_reservations (key_id, version, database_oid, reserved, server_incarnation)
+SELECT v.key_id, v.version,
+       (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()),
+       0, 0
+  FROM pgphi.key_versions v;
+
+-- (end of section: seal reservations)
+
+
+
+------------------------------------------------------------------------------
 -- Last: every table of pgphi's catalog gets the audit triggers, including the
 -- tables the sections above add.
 ------------------------------------------------------------------------------

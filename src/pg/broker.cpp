@@ -83,8 +83,11 @@ constexpr int64_t kUsageSaveIntervalMs = 5'000;
 constexpr const char* kUsageFile = "pgphi_dek_usage";   // in the data directory
 
 int64_t g_usage_saved_ms = 0;
-// The rotation worker started for each usage entry, if any.
+// The rotation and seal-reservation workers started for each usage entry, if any.
 BackgroundWorkerHandle* g_rotation_workers[kUsageEntries];
+BackgroundWorkerHandle* g_reservation_workers[kUsageEntries];
+int64_t g_reservation_launched_ms[kUsageEntries];
+constexpr int64_t kReservationRetryMs = 1'000; // a failing worker is not restarted in a loop
 
 struct UnwrapJob {
     uint32_t slot;
@@ -361,9 +364,12 @@ void run_admin(SharedState* state, int index)
 }
 
 // The seal counts survive restarts in a small text file in the data
-// directory ("database key_id version seals rotated" per line), replaced
-// atomically. A crash loses at most the last few seconds of counting; the
-// hard limit sits four times above the rotation threshold for that reason.
+// directory, replaced atomically: a header line, then "database key_id
+// version seals rotated" per line. The header says whether a primary wrote
+// it at a clean shutdown: only then are the counts complete. After a crash,
+// or in a copy of a standby or of a base backup, they may be behind, and
+// each version's count starts at its WAL-logged reservation instead
+// (pgphi.seal_reservations, see check_seal_budget).
 //
 // When the file cannot be written (disk full, a file-size limit, no
 // permission), the counts stay in shared memory, the previous file stays
@@ -375,11 +381,14 @@ int64_t g_usage_failing_since_ms = 0;   // 0 while saving works
 int64_t g_usage_failure_logged_ms = 0;
 
 // Writes every entry to `path`; false with errno set when that failed.
-bool write_usage_file(SharedState* state, const char* path)
+constexpr const char* kUsageHeader = "pgphi seal counts 2";
+
+bool write_usage_file(SharedState* state, const char* path, bool clean)
 {
     FILE* out = AllocateFile(path, PG_BINARY_W);
     if (!out)
         return false;
+    fprintf(out, "%s clean=%d\n", kUsageHeader, clean ? 1 : 0);
     for (UsageEntry& entry : state->usage)
         if (entry.in_use)
             fprintf(out, "%u %u %u %llu %d\n", entry.database, entry.key_id, entry.key_version,
@@ -397,14 +406,17 @@ bool write_usage_file(SharedState* state, const char* path)
 
 void save_usage(SharedState* state, bool at_exit)
 {
-    if (!state->usage_dirty.exchange(false))
+    // At a primary's clean shutdown the file is always rewritten, to say
+    // that its counts are complete.
+    bool clean = at_exit && !RecoveryInProgress();
+    if (!state->usage_dirty.exchange(false) && !clean)
         return;
     char temp[MAXPGPATH];
     snprintf(temp, sizeof(temp), "%s.tmp", kUsageFile);
     int64_t now = now_ms();
     bool report = at_exit || g_usage_failing_since_ms == 0 ||
                   now - g_usage_failure_logged_ms >= kUsageFailureLogIntervalMs;
-    bool written = write_usage_file(state, temp);
+    bool written = write_usage_file(state, temp, clean);
     if (!written) {
         int err = errno;
         unlink(temp); // a partial file must not linger
@@ -448,6 +460,17 @@ void load_usage(SharedState* state)
     unsigned long long seals;
     int rotated;
     int next = 0;
+    // A file without the header is 0.2.0's: complete or not, nobody knows.
+    char header[64] = "";
+    int clean = 0;
+    if (fgets(header, sizeof(header), in) == nullptr ||
+        strncmp(header, kUsageHeader, strlen(kUsageHeader)) != 0 ||
+        sscanf(header + strlen(kUsageHeader), " clean=%d", &clean) != 1) {
+        clean = 0;
+        rewind(in);
+    }
+    if (!loaded_before)
+        state->usage_file_clean = clean == 1;
     while (!loaded_before && next < kUsageEntries &&
            fscanf(in, "%u %u %u %llu %d", &database, &key_id, &version, &seals, &rotated) == 5) {
         UsageEntry& entry = state->usage[next++];
@@ -459,9 +482,48 @@ void load_usage(SharedState* state)
         pg_atomic_write_u32(&entry.rotated, rotated != 0 ? 1 : 0);
         pg_atomic_write_u32(&entry.rotation_requested, 0);
         entry.rotation_launched_ms = 0;
+        entry.synced = false;
+        entry.trusted = state->usage_file_clean;
+        entry.reserved.store(0);
+        pg_atomic_write_u32(&entry.reservation_requested, 0);
     }
     LWLockRelease(state->lock);
     FreeFile(in);
+    // From now on a crash must not find the file saying "clean".
+    state->usage_dirty.store(true);
+    save_usage(state, false);
+}
+
+// Starts a worker in the version's database that commits its next seal
+// reservation, for every version whose sessions asked. A missing worker
+// slot is tried again at the next loop; sessions wait meanwhile, up to
+// pgphi.key_wait_timeout, and then fail rather than seal unreserved.
+void launch_reservations(SharedState* state)
+{
+    if (RecoveryInProgress())
+        return; // a standby does not encrypt
+    if (test_fault_is("reservation_stall"))
+        return;
+    for (int i = 0; i < kUsageEntries; ++i) {
+        UsageEntry& entry = state->usage[i];
+        pid_t pid;
+        if (!entry.in_use || pg_atomic_read_u32(&entry.reservation_requested) == 0)
+            continue;
+        if (g_reservation_workers[i]) {
+            if (GetBackgroundWorkerPid(g_reservation_workers[i], &pid) != BGWH_STOPPED)
+                continue; // still at it
+            pfree(g_reservation_workers[i]);
+            g_reservation_workers[i] = nullptr;
+        }
+        int64_t now = now_ms();
+        if (now - g_reservation_launched_ms[i] < kReservationRetryMs)
+            continue;
+        char name[BGW_MAXLEN];
+        snprintf(name, sizeof(name), "pgphi seal reservation (key %u version %u)", entry.key_id, entry.key_version);
+        if (start_database_worker("pgphi_seal_reservation_main", Int32GetDatum(i), name, "pgphi seal reservation",
+                                  &g_reservation_workers[i]))
+            g_reservation_launched_ms[i] = now;
+    }
 }
 
 // Starts a worker in the key's database that rotates it, for every version
@@ -518,6 +580,7 @@ void do_work(SharedState* state)
     if (g_broker != 0)
         return; // the housekeeping is broker 0's
     launch_rotations(state);
+    launch_reservations(state);
     launch_audit_writers();
     serve_audit_anchors();
     if (now_ms() - g_usage_saved_ms >= kUsageSaveIntervalMs) {
@@ -593,6 +656,8 @@ void define_broker_settings()
     //   error_under_lock  an ERROR while the broker holds its lock
     //   usage_full        (in sessions) every key version not yet counted
     //                     finds the table of seal counts full
+    //   reservation_stall the broker starts no seal reservation worker, as
+    //                     when every worker slot is taken (while set)
     DefineCustomStringVariable("pgphi.test_fault", "Test-only: a fault to inject into the pgphi key broker.",
                                nullptr, &g_test_fault, "", PGC_SIGHUP,
                                GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE, nullptr, nullptr,
@@ -703,4 +768,50 @@ void pgphi_rotation_worker_main(Datum argument)
     if (rotated && !isnull)
         ereport(LOG, (errmsg("pgphi rotated key id %u to version %d: version %u had encrypted %llu values", key_id,
                              new_version, version, static_cast<unsigned long long>(entry.seals.load()))));
+}
+
+// A short-lived worker connected to one database: commits the next seal
+// reservation of one key version (pgphi.seal_reservations), then lets the
+// sessions waiting for it go on. The reservation covers the version's count
+// now, what sessions may hold unreported, and one block more.
+extern "C" PGDLLEXPORT void pgphi_seal_reservation_main(Datum);
+
+void pgphi_seal_reservation_main(Datum argument)
+{
+    using namespace pgphi::pg;
+    pqsignal(SIGTERM, die);
+    BackgroundWorkerUnblockSignals();
+    SharedState* state = shared_state();
+    UsageEntry& entry = state->usage[DatumGetInt32(argument)];
+    LWLockAcquire(state->lock, LW_SHARED);
+    Oid database = entry.database;
+    uint32 key_id = entry.key_id;
+    uint32 version = entry.key_version;
+    bool wanted = entry.in_use;
+    LWLockRelease(state->lock);
+    if (!wanted)
+        return;
+    BackgroundWorkerInitializeConnectionByOid(database, InvalidOid, 0);
+
+    uint64_t target = entry.seals.load() + unreported_seal_headroom() + seal_reservation_block();
+    SetCurrentStatementStartTimestamp();
+    StartTransactionCommand();
+    PushActiveSnapshot(GetTransactionSnapshot());
+    uint64_t reserved = write_reservation(key_id, version, target, false);
+    PopActiveSnapshot();
+    CommitTransactionCommand();
+
+    // Only now, committed (and, with synchronous replication, on the
+    // standbys), may sessions seal inside it.
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    if (entry.in_use && entry.database == database && entry.key_id == key_id && entry.key_version == version) {
+        if (reserved > entry.reserved.load())
+            entry.reserved.store(reserved);
+        pg_atomic_write_u32(&entry.reservation_requested, 0);
+    }
+    LWLockRelease(state->lock);
+    ConditionVariableBroadcast(&state->changed);
+    if (reserved == 0)
+        ereport(LOG, (errmsg("pgphi found no seal reservation of key id %u version %u in this database", key_id,
+                             version)));
 }

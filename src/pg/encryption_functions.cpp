@@ -23,8 +23,6 @@ using namespace pgphi::pg;
 
 namespace {
 
-constexpr uint64_t kSealReportBatch = 256;
-
 // The optional context argument (AAD); absent means empty.
 ByteView context_arg(FunctionCallInfo fcinfo, int argno)
 {

@@ -92,6 +92,9 @@ PGPHI_FUNCTION(pgphi_generate_wrapped_dek)
 
     AdminRequest* result = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
     run_admin_request(AdminRequest::Operation::Generate, key, may_create_local_kek, result);
+    // The new version's first seals are reserved with it, in the same
+    // transaction: a version that exists can encrypt at once.
+    reserve_first_seals(key.key_id, key.key_version);
     if (result->created_local_kek_file)
         ereport(WARNING, (errmsg("pgphi created a new local KEK file"),
                           errdetail("Back it up: without it, no key of the local provider can be unwrapped."),

@@ -8,6 +8,8 @@ extern "C" {
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 #include "utils/syscache.h"
+#include "utils/lsyscache.h"
+#include "catalog/namespace.h"
 #include "executor/spi.h"
 }
 
@@ -63,7 +65,13 @@ void on_shmem_startup()
         for (UsageEntry& entry : state->usage) {
             pg_atomic_init_u32(&entry.rotation_requested, 0);
             pg_atomic_init_u32(&entry.rotated, 0);
+            pg_atomic_init_u32(&entry.reservation_requested, 0);
         }
+        // Tells a reservation made in this server's life from one made by an
+        // earlier life or another server (a crash restart gets a new one).
+        if (!pg_strong_random(&state->incarnation, sizeof(state->incarnation)))
+            state->incarnation = static_cast<uint64_t>(GetCurrentTimestamp()) ^ static_cast<uint64_t>(MyProcPid);
+        state->incarnation &= INT64CONST(0x7fffffffffffffff); // stored in a bigint
         state->table().initialize();
     }
     g_state = static_cast<SharedState*>(memory);
@@ -178,6 +186,12 @@ UsageEntry* claim_usage_entry(DataKey& key, Oid database)
         pg_atomic_write_u32(&found->rotation_requested, 0);
         pg_atomic_write_u32(&found->rotated, 0);
         found->rotation_launched_ms = 0;
+        // No count of it was loaded: after a clean shutdown that means none
+        // was made; otherwise seals may have gone uncounted.
+        found->synced = false;
+        found->trusted = state->usage_file_clean;
+        found->reserved.store(0);
+        pg_atomic_write_u32(&found->reservation_requested, 0);
         found->in_use = true;
     }
     LWLockRelease(state->lock);
@@ -280,6 +294,156 @@ uint64_t hard_seal_limit()
 
 } // namespace
 
+uint64_t unreported_seal_headroom() { return static_cast<uint64_t>(MaxBackends) * kSealReportBatch; }
+
+uint64_t seal_reservation_block()
+{
+    return std::max<uint64_t>(static_cast<uint64_t>(dek_rotation_threshold) / 4, 2 * unreported_seal_headroom());
+}
+
+bool seal_reservations_installed()
+{
+    // A database whose pgphi is not yet updated to 0.3.0 keeps the older
+    // behaviour: counts only.
+    Oid schema = get_namespace_oid("pgphi", true);
+    return OidIsValid(schema) && OidIsValid(get_relname_relid("seal_reservations", schema));
+}
+
+uint64_t write_reservation(uint32 key_id, uint32 version, uint64_t at_least, bool first)
+{
+    SharedState* state = shared_state();
+    Oid types[5] = {INT4OID, INT4OID, INT8OID, INT8OID, BOOLOID};
+    Datum values[5] = {Int32GetDatum(static_cast<int32>(key_id)), Int32GetDatum(static_cast<int32>(version)),
+                       Int64GetDatum(static_cast<int64>(at_least)),
+                       Int64GetDatum(static_cast<int64>(state->incarnation)), BoolGetDatum(first)};
+    if (SPI_connect() != SPI_OK_CONNECT)
+        elog(ERROR, "pgphi: SPI_connect failed");
+    int rc = SPI_execute_with_args("SELECT pgphi._reserve_seals($1, $2, $3, $4, $5)", 5, types, values, nullptr,
+                                   false, 1);
+    if (rc != SPI_OK_SELECT || SPI_processed != 1)
+        elog(ERROR, "pgphi: could not record the seal reservation: %s", SPI_result_code_string(rc));
+    bool isnull;
+    Datum result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+    uint64_t reserved = isnull ? 0 : static_cast<uint64_t>(DatumGetInt64(result));
+    SPI_finish();
+    return reserved;
+}
+
+void reserve_first_seals(uint32 key_id, uint32 version)
+{
+    if (seal_reservations_installed())
+        (void)write_reservation(key_id, version, seal_reservation_block(), true);
+}
+
+namespace {
+
+struct ReservationRow {
+    bool found;
+    Oid database;
+    uint64_t reserved;
+    uint64_t incarnation;
+};
+
+SPIPlanPtr g_plan_reservation = nullptr;
+
+void collect_reservation(HeapTuple row, TupleDesc desc, void* arg)
+{
+    auto* out = static_cast<ReservationRow*>(arg);
+    bool isnull;
+    out->found = true;
+    out->database = DatumGetObjectId(SPI_getbinval(row, desc, 1, &isnull));
+    out->reserved = static_cast<uint64_t>(DatumGetInt64(SPI_getbinval(row, desc, 2, &isnull)));
+    out->incarnation = static_cast<uint64_t>(DatumGetInt64(SPI_getbinval(row, desc, 3, &isnull)));
+}
+
+bool counts_version(const UsageEntry& entry, const DataKey& key, Oid database)
+{
+    return entry.in_use && entry.database == database && entry.key_id == key.ref().key_id &&
+           entry.key_version == key.ref().version;
+}
+
+// Reads the version's reservation at its first use in this server's life.
+// An untrusted count (the server crashed, was promoted, or started from a
+// base backup) starts at the reservation, which covers every seal made
+// under it anywhere: the old primary sealed only inside it.
+void sync_reservation(DataKey& key, Oid database, UsageEntry* entry)
+{
+    SharedState* state = shared_state();
+    ReservationRow row = {};
+    Oid types[2] = {INT4OID, INT4OID};
+    Datum args[2] = {Int32GetDatum(static_cast<int32>(key.ref().key_id)),
+                     Int32GetDatum(static_cast<int32>(key.ref().version))};
+    (void)query_catalog(&g_plan_reservation,
+                        "SELECT database_oid, reserved, server_incarnation FROM pgphi.seal_reservations "
+                        "WHERE key_id OPERATOR(pg_catalog.=) $1 AND version OPERATOR(pg_catalog.=) $2",
+                        2, types, args, 1, collect_reservation, &row, nullptr);
+    if (!row.found || row.database != database)
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pgphi key \"%s\" version %u cannot encrypt in this database", key.name().c_str(),
+                               key.ref().version),
+                        row.found ? errdetail("Its data key was copied from another database (CREATE DATABASE ... "
+                                              "TEMPLATE), which seals under it too: together they would pass "
+                                              "the limit of values one data key may encrypt.")
+                                  : errdetail("Its data key came here by a restore, and how many values it has "
+                                              "encrypted elsewhere is unknown."),
+                        errhint("Rotate the key in this database with pgphi.rotate_key(); values under "
+                                "this version still decrypt.")));
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    if (counts_version(*entry, key, database) && !entry->synced) {
+        if (!entry->trusted && row.incarnation != state->incarnation) {
+            uint64_t seals = entry->seals.load();
+            if (row.reserved > seals) {
+                entry->seals.store(row.reserved);
+                state->usage_dirty.store(true);
+            }
+        }
+        if (row.reserved > entry->reserved.load())
+            entry->reserved.store(row.reserved);
+        entry->trusted = true;
+        entry->synced = true;
+    }
+    LWLockRelease(state->lock);
+}
+
+// Seals under the version may go on only while its count plus what sessions
+// hold unreported stays inside the committed reservation. Asks the broker
+// for the next one half a block ahead, and waits when it is not there yet.
+void require_reservation(DataKey& key, Oid database, UsageEntry* entry)
+{
+    SharedState* state = shared_state();
+    uint64_t headroom = unreported_seal_headroom();
+    uint64_t half_block = seal_reservation_block() / 2;
+    int64_t deadline = now_ms() + key_wait_timeout_ms;
+    bool sleeping = false;
+    for (;;) {
+        uint64_t needed = entry->seals.load() + headroom;
+        uint64_t reserved = entry->reserved.load();
+        if (!counts_version(*entry, key, database))
+            break; // reclaimed meanwhile: the caller's next batch claims it again
+        if (needed + half_block >= reserved && pg_atomic_exchange_u32(&entry->reservation_requested, 1) == 0)
+            wake_broker();
+        if (needed < reserved)
+            break;
+        int64_t now = now_ms();
+        if (now >= deadline) {
+            if (sleeping)
+                ConditionVariableCancelSleep();
+            raise_wait_timeout("reserve seals for a key version");
+        }
+        if (!sleeping) {
+            ConditionVariablePrepareToSleep(&state->changed);
+            sleeping = true;
+            continue;
+        }
+        ConditionVariableTimedSleep(&state->changed, std::min<int64_t>(deadline - now, 1000),
+                                    compat::key_broker_wait_event());
+    }
+    if (sleeping)
+        ConditionVariableCancelSleep();
+}
+
+} // namespace
+
 void report_seals(DataKey& key, Oid database)
 {
     uint64_t seals = key.unreported_seals();
@@ -314,6 +478,11 @@ void check_seal_budget(DataKey& key, Oid database)
                                   "uncounted version would escape its limit of values.",
                                   kUsageEntries),
                         errhint("Deterministic encryption still works; see \"Seal counts\" in docs/broker-and-cache.md.")));
+    if (seal_reservations_installed()) {
+        if (!entry->synced)
+            sync_reservation(key, database, entry);
+        require_reservation(key, database, entry);
+    }
     if (entry->seals.load(std::memory_order_relaxed) >= hard_seal_limit())
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                         errmsg("pgphi key \"%s\" version %u has encrypted as many values as is safe",

@@ -56,6 +56,16 @@ struct UsageEntry {
     uint32_t key_id;
     uint32_t key_version;
     std::atomic<uint64_t> seals;
+    // The WAL-logged reservation (pgphi.seal_reservations): the version seals
+    // only while its count, plus what sessions may hold unreported, stays
+    // under `reserved`. Read from the catalog at first use (`synced`);
+    // `trusted` says the count is complete (kept in this server's life or
+    // loaded from a clean shutdown of a primary); an untrusted count starts
+    // at the reservation instead.
+    std::atomic<bool> synced;
+    std::atomic<bool> trusted;
+    std::atomic<uint64_t> reserved;
+    pg_atomic_uint32 reservation_requested; // a reservation worker is wanted
 };
 
 inline constexpr int kUsageEntries = 1024;
@@ -95,6 +105,8 @@ struct SharedState {
     AdminRequest admin[kAdminRequests];
     UsageEntry usage[kUsageEntries];
     std::atomic<bool> usage_dirty;      // counts changed since the broker last saved them
+    bool usage_file_clean;              // the counts loaded were saved at a primary's clean shutdown
+    uint64_t incarnation;               // random, per shared memory (so per server life)
     char test_fault_fired[32];          // the pgphi.test_fault that fired (broker only; test-only)
     alignas(cache::Slot) unsigned char table_memory[FLEXIBLE_ARRAY_MEMBER]; // slots, then hash index
 
@@ -122,6 +134,22 @@ void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_u
 // Marks a cached key as in use (no lock): the broker refreshes keys in use
 // and lets idle ones expire.
 void report_key_use(uint32_t slot_index, int64_t now_ms);
+
+// Sessions count seals locally and add them to the shared count every this
+// many; a session may thus hold up to this many unreported.
+inline constexpr uint64_t kSealReportBatch = 256;
+
+// The seals a reservation adds: a quarter of the rotation threshold, and at
+// least twice what all sessions together may hold unreported.
+uint64_t seal_reservation_block();
+uint64_t unreported_seal_headroom();
+
+// Records the first reservation of a new key version, in the transaction
+// that creates it (pgphi._generate_wrapped_dek).
+void reserve_first_seals(uint32 key_id, uint32 version);
+// Writes a version's reservation through pgphi._reserve_seals (SPI, in a
+// transaction); returns what is reserved, 0 when there was nothing to raise.
+uint64_t write_reservation(uint32 key_id, uint32 version, uint64_t at_least, bool first);
 
 // Adds a key's unreported seals to the shared usage count, asking for a
 // rotation once pgphi.dek_rotation_threshold is passed.

@@ -113,6 +113,7 @@ CREATE FUNCTION catalog_audit_candidates(tbl regclass, col text, typ regtype, OU
             WHEN typ = 'boolean'::regtype THEN ARRAY[format('NOT coalesce(t.%I, false)', col)]
             WHEN typ = 'regrole'::regtype THEN
                 ARRAY[format('(SELECT r.oid::regrole FROM pg_roles r WHERE r.rolname LIKE ''catalog_audit_%%'' AND r.oid <> coalesce(t.%I::oid, 0) LIMIT 1)', col)]
+            WHEN typ = 'oid'::regtype THEN ARRAY[format('(coalesce(t.%I::bigint, 0) + 1)::oid', col)]
             WHEN typ = 'regclass'::regtype THEN ARRAY['''pg_class''::regclass']
             WHEN typ = 'jsonb'::regtype THEN ARRAY[format('coalesce(t.%I, ''{}'') || ''{"changed": true}''', col)]
             ELSE ARRAY[]::text[] END) v

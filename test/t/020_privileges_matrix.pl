@@ -105,6 +105,7 @@ pgphi._reencrypt_start(regclass,name,integer,name,text)                      key
 pgphi._reencrypt_sweep(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._require_retired(text,integer,integer,boolean)                         key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._rewrap_dek(text,text,integer,integer,text,bytea)                      key     42501  42501 42501 42501 42501 42501 42501 42501 XX001
+pgphi._reserve_seals(integer,integer,bigint,bigint,boolean)                  key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._rotate_if_active(integer,integer)                                     key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._shred_at_commit(integer,integer)                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._update_pages(text,text,text,integer,integer,bigint,bigint)            key     42501  42601 42601 42501 42501 42601 42601 42501 42601
@@ -203,6 +204,7 @@ pgphi.key_versions              -      -     -     -     -     -     -     -    
 pgphi.keys                      -      -     -     -     -     -     -     -     rawdD
 pgphi.keys_key_id_seq           -      -     -     -     -     -     -     -     rUw
 pgphi.reencrypt_progress        -      rawd  rawd  -     -     rawd  rawd  -     rawdD
+pgphi.seal_reservations         -      -     -     -     -     -     -     r     rawdD
 TABLE
 
 sub parse_table
