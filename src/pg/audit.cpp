@@ -470,7 +470,9 @@ void write_event(const AuditEvent& event, AuditSchema schema)
         Int32GetDatum(static_cast<int32>(event.key_id)),
         CStringGetTextDatum(event.key_name),
         Int32GetDatum(static_cast<int32>(event.key_version)),
-        CStringGetTextDatum(event.outcome == AuditOutcome::Refused ? "refused" : "failed"),
+        CStringGetTextDatum(event.outcome == AuditOutcome::Refused ? "refused"
+                            : event.outcome == AuditOutcome::Failed ? "failed"
+                                                                    : "ok"),
         CStringGetTextDatum(detail),
         Int64GetDatum(static_cast<int64>(event.occurrences)),
         TimestampTzGetDatum(event.first_at),

@@ -15,7 +15,8 @@
 
 namespace pgphi::pg {
 
-enum class AuditOutcome : uint8_t { Refused, Failed };
+// Ok: a change that happened but must be on record (see utility_guard.cpp).
+enum class AuditOutcome : uint8_t { Refused, Failed, Ok };
 
 // Queues an event for pgphi.audit_log in this database. Never raises and
 // never logs. Identical events coalesce into one entry with a count and the

@@ -5,6 +5,7 @@
 #pragma once
 
 extern "C" {
+#include "commands/event_trigger.h"
 #include "commands/vacuum.h"
 #include "utils/wait_event.h"
 }
@@ -25,6 +26,17 @@ inline void analyze_delay_point()
     vacuum_delay_point(true);
 #else
     vacuum_delay_point();
+#endif
+}
+
+// Whether event triggers fire in this session. PostgreSQL 17 added the
+// superuser setting event_triggers, which can switch them all off.
+inline bool event_triggers_enabled()
+{
+#if PG_VERSION_NUM >= 170000
+    return event_triggers;
+#else
+    return true;
 #endif
 }
 

@@ -17,6 +17,7 @@ extern "C" {
 #include "key_access.hpp"
 #include "settings.hpp"
 #include "shared_state.hpp"
+#include "utility_guard.hpp"
 
 namespace {
 
@@ -77,6 +78,7 @@ void _PG_init(void)
     register_key_broker();
     pgphi::pg::register_key_invalidation();
     pgphi::pg::register_catalog_writer_tracking();
+    pgphi::pg::register_utility_guard();
 
     ereport(LOG, (errmsg("pgphi: the local key provider keeps its KEK in a file beside the database; "
                          "it is for development only"),

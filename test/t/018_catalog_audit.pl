@@ -28,7 +28,7 @@ $node->safe_psql($db, q{
 	CREATE EXTENSION pgphi;
 	CREATE ROLE catalog_audit_cust_a; CREATE ROLE catalog_audit_cust_b;
 	GRANT pgphi_key_custodian TO catalog_audit_cust_a, catalog_audit_cust_b;
-	CREATE ROLE catalog_audit_app; CREATE ROLE catalog_audit_other;
+	CREATE ROLE catalog_audit_app; CREATE ROLE catalog_audit_other; CREATE ROLE catalog_audit_super SUPERUSER;
 	SELECT pgphi.create_key('alpha');
 	SELECT pgphi.create_key('beta');
 	SELECT pgphi.create_blind_index_key('alpha_index', normalization => 'trim_lower');
@@ -468,6 +468,63 @@ $node->safe_psql($db, q{ALTER EVENT TRIGGER pgphi_guard_catalog_ddl DISABLE});
 is($node->safe_psql($db, q{SELECT string_agg(evtname || ' ' || evtenabled::text, ', ' ORDER BY evtname) FROM pg_event_trigger}),
 	'pgphi_guard_catalog_ddl D, pgphi_guard_catalog_drop A', 'a disabled guard shows in pg_event_trigger');
 $node->safe_psql($db, q{ALTER EVENT TRIGGER pgphi_guard_catalog_ddl ENABLE ALWAYS});
+ok($node->poll_query_until($db, q{SELECT string_agg(detail, ', ' ORDER BY seq) FROM pgphi.audit_log
+	WHERE action = 'catalog_guard'},
+	'event trigger pgphi_guard_catalog_ddl disabled by ALTER EVENT TRIGGER, '
+	  . 'event trigger pgphi_guard_catalog_ddl enabled always by ALTER EVENT TRIGGER'),
+	'... and so does the audit log');
+
+# Switching the guard off cannot be refused to a superuser, but it is never
+# silent: every way to change each of the extension's event triggers
+# (enumerated from pg_event_trigger and pg_depend) queues a catalog_guard
+# event, which reaches the audit log even when the transaction aborts.
+my @guards = split /\n/, $node->safe_psql($db, q{SELECT t.evtname FROM pg_event_trigger t
+	JOIN pg_depend d ON d.classid = 'pg_event_trigger'::regclass AND d.objid = t.oid AND d.deptype = 'e'
+	JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pgphi' ORDER BY t.evtname});
+cmp_ok(scalar(@guards), '>=', 2, 'the extension\'s event triggers: ' . join(', ', @guards));
+my $before_guard = $node->safe_psql($db, 'SELECT max(seq) FROM pgphi.audit_log');
+my @guard_changes;
+for my $guard (@guards)
+{
+	push @guard_changes,
+	  [ "ALTER EVENT TRIGGER $guard DISABLE", "event trigger $guard disabled by ALTER EVENT TRIGGER" ],
+	  [ "ALTER EVENT TRIGGER $guard ENABLE", "event trigger $guard enabled for origin sessions only by ALTER EVENT TRIGGER" ],
+	  [ "ALTER EVENT TRIGGER $guard ENABLE REPLICA", "event trigger $guard enabled for replica sessions only by ALTER EVENT TRIGGER" ],
+	  [ "ALTER EVENT TRIGGER $guard ENABLE ALWAYS", "event trigger $guard enabled always by ALTER EVENT TRIGGER" ],
+	  [ "ALTER EVENT TRIGGER $guard OWNER TO catalog_audit_super", "event trigger $guard given to another owner" ],
+	  [ "ALTER EVENT TRIGGER $guard OWNER TO CURRENT_USER", "event trigger $guard given to another owner" ],
+	  [ "ALTER EVENT TRIGGER $guard RENAME TO ${guard}_moved", "event trigger $guard renamed to ${guard}_moved" ],
+	  [ "ALTER EVENT TRIGGER ${guard}_moved RENAME TO $guard", "event trigger ${guard}_moved renamed to $guard" ];
+}
+# In a transaction that aborts, too.
+push @guard_changes, [ "BEGIN; ALTER EVENT TRIGGER $guards[0] DISABLE; ROLLBACK",
+	"event trigger $guards[0] disabled by ALTER EVENT TRIGGER" ];
+$node->safe_psql($db, $_->[0]) for @guard_changes;
+my %expected_guard;
+$expected_guard{ $_->[1] }++ for @guard_changes;
+my $recorded_guard = qq{SELECT string_agg(detail || ' x' || occurrences, E'\n' ORDER BY detail) FROM (
+	SELECT detail, sum(occurrences) AS occurrences FROM pgphi.audit_log
+	 WHERE seq > $before_guard AND action = 'catalog_guard' AND outcome = 'ok' GROUP BY detail) g};
+my $want_guard = join("\n", map { "$_ x$expected_guard{$_}" } sort keys %expected_guard);
+ok($node->poll_query_until($db, $recorded_guard, $want_guard),
+	scalar(@guard_changes) . ' changes to the guard, each on record as catalog_guard')
+  or diag($node->safe_psql($db, $recorded_guard));
+SKIP:
+{
+	skip 'the setting event_triggers exists from PostgreSQL 17', 2 if $node->pg_version < 17;
+	my $before_off = $node->safe_psql($db, 'SELECT max(seq) FROM pgphi.audit_log');
+	$node->safe_psql($db, q{SET event_triggers = off; SELECT 1});
+	{
+		local $ENV{PGOPTIONS} = '-c event_triggers=off';
+		$node->safe_psql($db, q{CREATE TEMP TABLE guard_off_probe (i int)});
+	}
+	ok($node->poll_query_until($db, qq{SELECT count(*) FROM pgphi.audit_log WHERE seq > $before_off
+		AND action = 'catalog_guard' AND detail = 'event triggers switched off for the session (SET event_triggers)'}, '1'),
+		'SET event_triggers = off is on record');
+	ok($node->poll_query_until($db, qq{SELECT count(*) >= 1 FROM pgphi.audit_log WHERE seq > $before_off
+		AND action = 'catalog_guard' AND detail LIKE 'a session ran commands with event triggers off%'}),
+		'so is a session that starts with event triggers off');
+}
 
 # GRANT stays possible (pg_dump restores privileges with it); what it allows
 # is audited.
