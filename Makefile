@@ -3,6 +3,9 @@
 # src/core/*.cpp, so there is one list of sources.
 #
 #   make            build the extension
+#   make sql        write the install script of the version in progress from the
+#                   SQL sources (src/sql/, see its README); commit both
+#   make check-sql  fail if that install script differs from what the sources give
 #   make install    install it into the PostgreSQL found by PG_CONFIG
 #   make demo       set up everything and run the clinical demo (scripts/demo.sh)
 #   make test       set up everything and run every test suite (scripts/test.sh)
@@ -14,9 +17,14 @@ PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 
 EXTENSION = pgphi
 MODULE_big = pgphi
-# Released install scripts never change; each release adds an update script
-# (pgphi--A--B.sql) and new installations run the chain.
-DATA = $(wildcard src/pgphi--*.sql)
+# The install script of the version in progress (the control file's
+# default_version) is generated from the SQL sources, one file per concern,
+# and committed; released install and update scripts never change, and each
+# release adds an update script (pgphi--A--B.sql), hand-written.
+EXTVERSION := $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" pgphi.control)
+SQL_SOURCES := $(sort $(wildcard src/sql/*.sql))
+GENERATED_SQL := src/pgphi--$(EXTVERSION).sql
+DATA = $(sort $(wildcard src/pgphi--*.sql) $(GENERATED_SQL))
 OBJS = $(patsubst %.cpp,%.o,$(wildcard src/core/*.cpp src/pg/*.cpp))
 
 # -MMD -MP: the compiler records which headers each object includes, so a
@@ -29,7 +37,18 @@ SHLIB_LINK = -lcrypto -lcurl -lstdc++
 override with_llvm = no
 
 .DEFAULT_GOAL := all
-.PHONY: demo demo-stop test test-valgrind deps benchmark loadtest
+.PHONY: demo demo-stop test test-valgrind deps benchmark loadtest sql check-sql
+
+# The install script is written only on request, so that the committed one
+# is what `make install` installs and what check-sql compares, byte for byte,
+# with what the sources produce (scripts/test.sh regress runs it first).
+sql:
+	scripts/build-sql.sh $(EXTVERSION) $(SQL_SOURCES) > $(GENERATED_SQL).tmp && mv $(GENERATED_SQL).tmp $(GENERATED_SQL)
+
+check-sql:
+	@scripts/build-sql.sh $(EXTVERSION) $(SQL_SOURCES) | cmp -s - $(GENERATED_SQL) || \
+	  { echo "$(GENERATED_SQL) differs from what src/sql/ produces: run make sql, and commit both" >&2; exit 1; }
+	@echo "$(GENERATED_SQL) is what src/sql/ produces"
 
 demo:
 	scripts/demo.sh

@@ -4,7 +4,8 @@
 #   emulator the Vault / KMS emulator, checked by real clients (awscli, boto3, hvac)
 #   fuzz     libFuzzer on the ciphertext parser (both algorithms) and the key
 #            managers' answers, FUZZ_SECONDS (15) per target
-#   regress  pg_regress on the SQL surface, in a temporary cluster
+#   regress  pg_regress on the SQL surface, in a temporary cluster (first
+#            make check-sql: the generated install script matches src/sql/)
 #   tap      TAP tests (prove) with PostgreSQL::Test::Cluster; TAP_TESTS picks
 #            files, e.g. TAP_TESTS=test/t/015_grants_and_audit.pl
 #   catalogue the bad-input catalogue (docs/bad-input-catalogue.md) against the
@@ -139,6 +140,8 @@ run_emulator() {
 
 run_regress() {
     local work
+    # The committed install script is, byte for byte, what src/sql/ produces.
+    make -s check-sql PG_CONFIG="$PG_CONFIG" || return 1
     work=$(make_pg_workdir regress)
     cp -r sql expected test/regress/* "$work"/
     (cd "$work" && as_pg_user "$PG_REGRESS" --bindir="$PG_BIN" --inputdir="$work" --outputdir="$work" \

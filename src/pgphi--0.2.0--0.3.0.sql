@@ -1,10 +1,13 @@
 -- pgphi 0.2.0 -> 0.3.0 (in progress). 0.2.0 is released: its scripts never
--- change again, and a new installation of 0.3.0 runs the chain 0.1.0, 0.2.0,
--- this one, so fresh and upgraded databases get exactly the same objects.
+-- change again. A new installation of 0.3.0 runs src/pgphi--0.3.0.sql, which
+-- `make sql` generates from src/sql/ (the current definition of every
+-- object, by concern); this script brings a 0.2.0 database to the same
+-- objects, which test/t/010_extension_update.pl checks with pg_dump. Every
+-- change goes into both places (src/sql/README.md).
 --
 -- 0.3.0 closes what the security review of 0.2.0 found. Each section below is
 -- one class of finding; an object changed here is changed in full (CREATE OR
--- REPLACE), so its current definition is the last one in the chain.
+-- REPLACE).
 \echo Use "ALTER EXTENSION pgphi UPDATE" to load this file. \quit
 
 ------------------------------------------------------------------------------
@@ -704,32 +707,8 @@ AS $$
 $$;
 
 -- Privileges of the helpers: those of the procedures' callers (as for the
--- key lookups they use; a superuser needs none).
-REVOKE ALL ON FUNCTION
-    pgphi._check_column_type(regclass, name, regtype[], text), pgphi._batch_key(text),
-    pgphi._column_key(regclass, name),
-    pgphi._update_pages(text, text, text, integer, integer, bigint, bigint),
-    pgphi._update_sweep(regclass, text, text, text, integer, integer, integer),
-    pgphi._progress_check(regclass, name),
-    pgphi._progress_begin(regclass, name, integer, integer, bigint, text),
-    pgphi._progress_get(regclass, name), pgphi._progress_advance(regclass, name, bigint, bigint),
-    pgphi._progress_finish(regclass, name),
-    pgphi._progress_pages(regclass, name, text, text, text, integer),
-    pgphi._progress_sweep(regclass, name, text, text, text, integer),
-    pgphi._reencrypt_sql(regclass, name, name), pgphi._reencrypt_start(regclass, name, integer, name, text),
-    pgphi._reencrypt_pages(regclass, name, integer, name, text),
-    pgphi._reencrypt_sweep(regclass, name, integer, name, text),
-    pgphi._rebuild_blind_index_sql(regclass, name, name, name, text),
-    pgphi._rebuild_blind_index_start(regclass, name, name, text, integer, name),
-    pgphi._rebuild_blind_index_pages(regclass, name, name, text, integer, name, text),
-    pgphi._rebuild_blind_index_sweep(regclass, name, name, text, integer, name, text),
-    pgphi._protect_column_names(name), pgphi._protect_column_trigger_args(name, text, name),
-    pgphi._protect_column_sql(regclass, name, name),
-    pgphi._protect_column_start(regclass, name, text, integer, name),
-    pgphi._protect_column_fill(regclass, name, text, integer, name, bigint, bigint),
-    pgphi._protect_column_sweep(regclass, name, text, integer, name),
-    pgphi._protect_column_swap(regclass, name, text, name), pgphi._protect_column_done(regclass, name, text)
-    FROM PUBLIC;
+-- key lookups they use; a superuser needs none). PUBLIC loses them with
+-- every other routine in the section "privileges" below.
 GRANT EXECUTE ON FUNCTION
     pgphi._check_column_type(regclass, name, regtype[], text), pgphi._batch_key(text),
     pgphi._column_key(regclass, name),

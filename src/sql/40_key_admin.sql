@@ -1,0 +1,216 @@
+-- Key administration: creating, rotating and rewrapping keys.
+--
+-- Key administration functions run as the extension's owner (SECURITY
+-- DEFINER), so key custodians need no rights on the catalog tables; each pins
+-- its search_path and qualifies every name. Retirement and destruction are in
+-- 80_lifecycle.sql, blind-index keys in 60_searchable_columns.sql. Messages
+-- repeat a name only when it names an existing key: an unknown key name may
+-- be PHI passed in the wrong argument.
+
+-- The provider (the key broker, for a remote key manager) makes and wraps a DEK.
+CREATE FUNCTION pgphi._generate_wrapped_dek(provider text, kek text, key_id integer,
+        version integer, key_name text, may_create_local_kek boolean,
+        OUT wrapped_dek bytea, OUT kek_version text)
+    AS 'MODULE_PATHNAME', 'pgphi_generate_wrapped_dek' LANGUAGE C VOLATILE STRICT;
+
+-- Creates a named key: version 1 of its DEK, generated and wrapped by the
+-- provider's KEK. Returns the key id that ciphertexts carry.
+CREATE FUNCTION pgphi.create_key(name text, provider text DEFAULT 'local', kek text DEFAULT NULL)
+    RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    new_key_id integer;
+    kek_ref text := coalesce(create_key.kek, CASE WHEN create_key.provider = 'local' THEN 'default' END);
+    dek record;
+BEGIN
+    IF create_key.name IS NULL OR create_key.name !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid pgphi key name'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.',
+                  HINT = 'Key names have 1 to 63 letters, digits, "_", "." or "-", and start with a letter or "_".';
+    END IF;
+    IF create_key.provider IS NULL THEN
+        RAISE EXCEPTION 'a pgphi key needs a provider' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF kek_ref IS NULL THEN
+        RAISE EXCEPTION '%', CASE WHEN create_key.provider IN ('vault', 'aws_kms') THEN format('provider %s needs the KEK to use', create_key.provider) ELSE 'unknown pgphi key provider' END
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass kek => the Vault Transit key name or the AWS KMS key id, ARN or alias.';
+    END IF;
+    IF EXISTS (SELECT FROM pgphi.keys k WHERE k.name = create_key.name) THEN
+        RAISE EXCEPTION 'pgphi key "%" already exists', create_key.name USING ERRCODE = 'duplicate_object';
+    END IF;
+
+    INSERT INTO pgphi.keys (name, provider, kek_ref)
+        VALUES (create_key.name, create_key.provider, kek_ref)
+        RETURNING key_id INTO new_key_id;
+    SELECT * INTO dek FROM pgphi._generate_wrapped_dek(
+        create_key.provider, kek_ref, new_key_id, 1, create_key.name,
+        NOT EXISTS (SELECT FROM pgphi.keys k WHERE k.provider = 'local' AND k.key_id <> new_key_id));
+    INSERT INTO pgphi.key_versions (key_id, version, state, wrapped_dek, kek_version)
+        VALUES (new_key_id, 1, 'active', dek.wrapped_dek, dek.kek_version);
+    RETURN new_key_id;
+END
+$$;
+
+CREATE FUNCTION pgphi._rewrap_dek(provider text, kek text, key_id integer, version integer,
+        key_name text, wrapped bytea, OUT wrapped_dek bytea, OUT kek_version text)
+    AS 'MODULE_PATHNAME', 'pgphi_rewrap_dek' LANGUAGE C VOLATILE STRICT;
+
+-- A new DEK version becomes active; the previous one stays for decryption.
+-- Sessions encrypt under the new version from their next statement on.
+CREATE FUNCTION pgphi.rotate_key(name text) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key record;
+    new_version integer;
+    dek record;
+BEGIN
+    SELECT * INTO key FROM pgphi.keys k WHERE k.name = rotate_key.name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    SELECT max(v.version) + 1 INTO new_version FROM pgphi.key_versions v WHERE v.key_id = key.key_id;
+    SELECT * INTO dek FROM pgphi._generate_wrapped_dek(key.provider, key.kek_ref, key.key_id, new_version,
+                                                        key.name, false);
+    UPDATE pgphi.key_versions v SET state = 'decrypt_only' WHERE v.key_id = key.key_id AND v.state = 'active';
+    INSERT INTO pgphi.key_versions (key_id, version, state, wrapped_dek, kek_version)
+        VALUES (key.key_id, new_version, 'active', dek.wrapped_dek, dek.kek_version);
+    UPDATE pgphi.keys k SET rotated_at = pg_catalog.now() WHERE k.key_id = key.key_id;
+    RETURN new_version;
+END
+$$;
+
+-- Rewraps every DEK (of one key, or of all keys) under its KEK's newest
+-- version, after the KEK was rotated in the key manager. Vault and KMS do it
+-- without the DEK leaving them. No table data is touched. Returns the number
+-- of DEK versions rewrapped.
+CREATE FUNCTION pgphi.rewrap_keys(name text DEFAULT NULL) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+    rewrapped record;
+    done integer := 0;
+BEGIN
+    FOR v IN SELECT k.key_id, k.name, k.provider, k.kek_ref, kv.version, kv.wrapped_dek
+               FROM pgphi.keys k JOIN pgphi.key_versions kv USING (key_id)
+              WHERE kv.wrapped_dek IS NOT NULL AND (rewrap_keys.name IS NULL OR k.name = rewrap_keys.name)
+              ORDER BY k.key_id, kv.version
+                FOR UPDATE OF kv
+    LOOP
+        SELECT * INTO rewrapped FROM pgphi._rewrap_dek(v.provider, v.kek_ref, v.key_id, v.version, v.name,
+                                                        v.wrapped_dek);
+        UPDATE pgphi.key_versions kv SET wrapped_dek = rewrapped.wrapped_dek, kek_version = rewrapped.kek_version
+         WHERE kv.key_id = v.key_id AND kv.version = v.version;
+        done := done + 1;
+    END LOOP;
+    IF rewrap_keys.name IS NOT NULL AND done = 0 AND pgphi._key_id(rewrap_keys.name) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    RETURN done;
+END
+$$;
+
+-- Called by pgphi's rotation worker once a version has encrypted
+-- pgphi.dek_rotation_threshold values: rotates the key unless that version is
+-- no longer the active one (someone rotated it meanwhile). NULL then.
+CREATE FUNCTION pgphi._rotate_if_active(key_id integer, version integer) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_name text;
+BEGIN
+    -- Both rows locked, so a rotation that committed while this waited is
+    -- seen: the version is then no longer active, and nothing is done.
+    SELECT k.name INTO key_name FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id)
+     WHERE k.key_id = _rotate_if_active.key_id AND v.version = _rotate_if_active.version AND v.state = 'active'
+       FOR UPDATE OF k, v;
+    IF key_name IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN pgphi.rotate_key(key_name);
+END
+$$;
+
+-- Writes a reservation: the first, with a new version (`first`, called by
+-- pgphi._generate_wrapped_dek in the transaction that creates it), or the
+-- next, raised to at least `at_least` (by the reservation worker, only for
+-- this database's own versions). Returns what is reserved, NULL when this
+-- database has no reservation of the version to raise. A function, so that
+-- the audit trail records these changes as pgphi's own.
+CREATE FUNCTION pgphi._reserve_seals(key_id integer, version integer, at_least bigint, incarnation bigint,
+                                     first boolean) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    this_database oid := (SELECT d.oid FROM pg_catalog.pg_database d
+                           WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database());
+    result bigint;
+BEGIN
+    IF first THEN
+        -- (A version keeps the reservation it has, should its DEK ever be
+        -- generated twice.)
+        INSERT INTO pgphi.seal_reservations AS r (key_id, version, database_oid, reserved, server_incarnation)
+            VALUES (_reserve_seals.key_id, _reserve_seals.version, this_database, at_least, incarnation)
+            ON CONFLICT ON CONSTRAINT seal_reservations_pkey DO UPDATE SET reserved = r.reserved
+            RETURNING r.reserved INTO result;
+    ELSE
+        UPDATE pgphi.seal_reservations r
+           SET reserved = GREATEST(r.reserved, at_least), server_incarnation = incarnation,
+               reserved_at = pg_catalog.now()
+         WHERE r.key_id OPERATOR(pg_catalog.=) _reserve_seals.key_id
+           AND r.version OPERATOR(pg_catalog.=) _reserve_seals.version
+           AND r.database_oid OPERATOR(pg_catalog.=) this_database
+        RETURNING r.reserved INTO result;
+        IF result IS NOT NULL THEN
+            PERFORM pgphi._audit('reserve_seals', _reserve_seals.key_id, _reserve_seals.version, 'ok',
+                                 pg_catalog.format('%s values may now be encrypted under this version', result));
+        END IF;
+    END IF;
+    RETURN result;
+END
+$$;
+
+CREATE FUNCTION pgphi._usage_counts(OUT key_id integer, OUT version integer, OUT encryptions bigint)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'pgphi_usage_counts' LANGUAGE C VOLATILE;
+
+-- How many values each key version of this database has encrypted, cluster
+-- wide, against the threshold at which pgphi rotates the key by itself.
+CREATE FUNCTION pgphi.key_usage(OUT key_name text, OUT version integer, OUT state text,
+        OUT encryptions bigint, OUT rotation_threshold bigint)
+    RETURNS SETOF record
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT k.name, v.version, v.state, coalesce(u.encryptions, 0),
+           current_setting('pgphi.dek_rotation_threshold')::bigint
+      FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id)
+      LEFT JOIN pgphi._usage_counts() u ON u.key_id = v.key_id AND u.version = v.version
+     ORDER BY k.name, v.version
+$$;
+
+CREATE FUNCTION pgphi.set_cryptoperiod(key_name text, cryptoperiod interval) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE pgphi.keys k SET cryptoperiod = set_cryptoperiod.cryptoperiod WHERE k.name = key_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+END
+$$;
+
+GRANT EXECUTE ON FUNCTION pgphi.create_key(text, text, text), pgphi.rotate_key(text), pgphi.rewrap_keys(text),
+    pgphi.set_cryptoperiod(text, interval) TO pgphi_key_custodian;
+GRANT EXECUTE ON FUNCTION pgphi.key_usage() TO pgphi_key_custodian, pg_monitor, pgphi_key_auditor;

@@ -1,0 +1,769 @@
+-- Re-encryption and the batch procedures.
+--
+-- reencrypt (values to their key's active version), protect_column (a
+-- plaintext text column converted into an encrypted one, online) and
+-- rebuild_blind_index (a blind index column filled or moved to the active
+-- version) all work the same way: batches of table pages, each its own
+-- transaction holding only row locks, then sweeps for rows that moved behind
+-- the scan or that writers changed meanwhile. The shared parts (column checks,
+-- page batches, sweeps, progress and resumption) are the helpers at the top of
+-- this file; each procedure only checks its arguments, and loops.
+--
+-- Caller-privilege SQL resolves nothing through the caller's search_path:
+-- every function pins it. The procedures commit between batches, which a
+-- procedure with a SET clause cannot, so their bodies only call pgphi helpers
+-- (named with their schema, with arguments of exactly the parameters' types),
+-- commit and loop on boolean variables. The helpers run as the caller
+-- (SECURITY INVOKER) where they touch the user's table, and as pgphi's owner
+-- (SECURITY DEFINER) only to read and write pgphi.reencrypt_progress.
+-- Identifiers reach SQL text only as format() arguments (%I, or %s of a
+-- regclass), never inside a format string, so "%" and "$" in names are data.
+
+CREATE FUNCTION pgphi.reencrypt_value(value pgphi.encrypted, key_name text, context text DEFAULT '')
+    RETURNS pgphi.encrypted
+    AS 'MODULE_PATHNAME', 'pgphi_reencrypt_value' LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+CREATE FUNCTION pgphi.reencrypt_value(value bytea, key_name text, context text DEFAULT '')
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'pgphi_reencrypt_value' LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+
+CREATE FUNCTION pgphi._key_version_of(value bytea, key_id integer) RETURNS integer
+    AS 'MODULE_PATHNAME', 'pgphi_key_version_of' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+------------------------------------------------------------------------------
+-- Shared: column checks, page batches, sweeps, progress.
+------------------------------------------------------------------------------
+-- A column's type, or an error naming what is missing.
+CREATE FUNCTION pgphi._column_type(tbl regclass, col name) RETURNS regtype
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    found regtype;
+BEGIN
+    SELECT a.atttypid::regtype INTO found FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF found IS NULL THEN
+        RAISE EXCEPTION 'column "%" of relation % does not exist', col, tbl USING ERRCODE = 'undefined_column';
+    END IF;
+    RETURN found;
+END
+$$;
+
+-- The column checks of every batch procedure: the column's type, refused
+-- unless it is one of the accepted ones.
+CREATE FUNCTION pgphi._check_column_type(tbl regclass, col name, accepted regtype[], expectation text)
+    RETURNS regtype
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    found regtype := pgphi._column_type(tbl, col);
+BEGIN
+    IF NOT (found = ANY (accepted)) THEN
+        RAISE EXCEPTION USING ERRCODE = 'wrong_object_type',
+            MESSAGE = format('column "%s" of relation %s is of type %s%s', col, tbl, found, expectation);
+    END IF;
+    RETURN found;
+END
+$$;
+
+-- A key's id and active version, or the errors a batch procedure gives for
+-- a key that does not exist (without repeating the name, which may be
+-- anything a caller typed) or has no active version.
+CREATE FUNCTION pgphi._batch_key(key_name text, OUT key_id integer, OUT version integer)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    key_id := pgphi._key_id(_batch_key.key_name);
+    IF key_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    END IF;
+    version := pgphi._active_version(key_id);
+    IF version IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%" has no active version', _batch_key.key_name
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+END
+$$;
+
+-- The key of an encrypted column: the one its first encrypted value names
+-- (NULL for a column without values).
+CREATE FUNCTION pgphi._column_key(tbl regclass, col name) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    found text;
+BEGIN
+    EXECUTE format('SELECT pgphi._key_name(i.key_id) FROM %s t, pgphi.ciphertext_info(t.%I::bytea) i
+                     WHERE t.%I IS NOT NULL LIMIT 1', tbl, col, col)
+        INTO found;
+    RETURN found;
+END
+$$;
+
+-- A table's size in pages, and how many pages hold about batch_size rows
+-- (from the planner's statistics).
+CREATE FUNCTION pgphi._page_batches(tbl regclass, batch_size integer,
+        OUT relation_pages bigint, OUT pages_per_batch bigint)
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_relation_size(tbl) / current_setting('block_size')::bigint,
+           greatest(1, (batch_size / greatest(1, c.reltuples / greatest(1, c.relpages)))::bigint)
+      FROM pg_class c WHERE c.oid = tbl
+$$;
+
+-- Page batching, the one home of it. A batch procedure's UPDATE is two
+-- pieces of SQL: its head ("UPDATE t SET ... WHERE ") and the condition of a
+-- row that still needs it. Parameters: $1 the key name, $2 the key id, $3 the
+-- target version. Both run as the caller, on the caller's table.
+--
+-- One batch: the rows that need it on pages [from_page, to_page).
+CREATE FUNCTION pgphi._update_pages(update_head text, stale text, key_name text, key_id integer,
+        version integer, from_page bigint, to_page bigint) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE update_head || 'ctid >= $4 AND ctid < $5 AND (' || stale || ')'
+        USING key_name, key_id, version, format('(%s,0)', from_page)::tid, format('(%s,0)', to_page)::tid;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- One sweep: up to batch_size rows that still need it, wherever they are
+-- (rows that moved behind the scan, or that writers changed meanwhile).
+CREATE FUNCTION pgphi._update_sweep(tbl regclass, update_head text, stale text, key_name text, key_id integer,
+        version integer, batch_size integer) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE update_head || format('ctid = ANY (ARRAY(SELECT ctid FROM %s WHERE ', tbl) || '(' || stale || ')'
+            || format(' LIMIT %s)) AND (', batch_size) || stale || ')'
+        USING key_name, key_id, version;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- Progress and resumption, the one home of them: pgphi.reencrypt_progress,
+-- one row per (relation, column). These run as pgphi's owner, and only for a
+-- caller (the acting role) that may update that column of that relation.
+CREATE FUNCTION pgphi._progress_check(tbl regclass, col name) RETURNS void
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT has_column_privilege(pgphi._acting_role()::name, tbl, col::text, 'UPDATE') THEN
+        RAISE EXCEPTION 'permission denied to record the progress of column "%" of relation %', col, tbl
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+END
+$$;
+
+-- Starts, or resumes, the batches of a (relation, column) towards a key
+-- version; a run towards another key or version starts over. A run belongs
+-- to the role that started it (started_by): another role's unfinished run
+-- is not taken over.
+CREATE FUNCTION pgphi._progress_begin(tbl regclass, col name, key_id integer, version integer,
+        relation_pages bigint, task text) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    progress pgphi.reencrypt_progress;
+    acting regrole := to_regrole(quote_ident(pgphi._acting_role()));
+BEGIN
+    PERFORM pgphi._progress_check(tbl, col);
+    SELECT * INTO progress FROM pgphi.reencrypt_progress p WHERE p.relation = tbl AND p.column_name = col
+       FOR UPDATE;
+    IF FOUND AND progress.finished_at IS NULL AND progress.started_by IS DISTINCT FROM acting THEN
+        RAISE EXCEPTION 'a conversion of column "%" of % is under way by role %', col, tbl,
+            coalesce(progress.started_by::text, '(unknown)')
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'That role resumes it by calling the procedure again; a key custodian can discard it by deleting its row of pgphi.reencrypt_progress.';
+    END IF;
+    IF NOT FOUND OR progress.finished_at IS NOT NULL OR progress.target_version <> _progress_begin.version
+       OR progress.key_id <> _progress_begin.key_id THEN
+        DELETE FROM pgphi.reencrypt_progress p WHERE p.relation = tbl AND p.column_name = col;
+        INSERT INTO pgphi.reencrypt_progress (relation, column_name, key_id, target_version, total_pages,
+                                              started_by)
+            VALUES (tbl, col, _progress_begin.key_id, _progress_begin.version, relation_pages, acting);
+    ELSE
+        RAISE NOTICE 'resuming % of %.% at page % of %', task, tbl, quote_ident(col), progress.next_page,
+            relation_pages;
+        UPDATE pgphi.reencrypt_progress p SET total_pages = relation_pages
+         WHERE p.relation = tbl AND p.column_name = col;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION pgphi._progress_get(tbl regclass, col name) RETURNS pgphi.reencrypt_progress
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    progress pgphi.reencrypt_progress;
+BEGIN
+    PERFORM pgphi._progress_check(tbl, col);
+    SELECT * INTO progress FROM pgphi.reencrypt_progress p WHERE p.relation = tbl AND p.column_name = col;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'the progress of column "%" of relation % was removed while it ran', col, tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Call the procedure again.';
+    END IF;
+    RETURN progress;
+END
+$$;
+
+-- Records a batch: the next page (NULL: unchanged, after a sweep) and the
+-- rows it changed.
+CREATE FUNCTION pgphi._progress_advance(tbl regclass, col name, next_page bigint, moved bigint) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pgphi._progress_check(tbl, col);
+    -- Only the run's own role moves it on (these run as pgphi's owner, which
+    -- row-level security does not restrict).
+    UPDATE pgphi.reencrypt_progress p
+       SET next_page = coalesce(_progress_advance.next_page, p.next_page),
+           rows_reencrypted = p.rows_reencrypted + moved, updated_at = clock_timestamp()
+     WHERE p.relation = tbl AND p.column_name = col
+       AND p.started_by = to_regrole(quote_ident(pgphi._acting_role()));
+END
+$$;
+
+CREATE FUNCTION pgphi._progress_finish(tbl regclass, col name) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pgphi._progress_check(tbl, col);
+    UPDATE pgphi.reencrypt_progress p SET finished_at = clock_timestamp()
+     WHERE p.relation = tbl AND p.column_name = col
+       AND p.started_by = to_regrole(quote_ident(pgphi._acting_role()));
+END
+$$;
+
+-- The next batch of pages of a run with progress; false once every page of
+-- the run is done.
+CREATE FUNCTION pgphi._progress_pages(tbl regclass, col name, update_head text, stale text, key_name text,
+        batch_size integer) RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    progress pgphi.reencrypt_progress := pgphi._progress_get(tbl, col);
+    stop bigint;
+    moved bigint;
+BEGIN
+    IF progress.next_page >= progress.total_pages THEN
+        RETURN false;
+    END IF;
+    stop := progress.next_page + (SELECT b.pages_per_batch FROM pgphi._page_batches(tbl, batch_size) b);
+    moved := pgphi._update_pages(update_head, stale, key_name, progress.key_id, progress.target_version,
+                                 progress.next_page, stop);
+    PERFORM pgphi._progress_advance(tbl, col, least(stop, progress.total_pages), moved);
+    RETURN stop < progress.total_pages;
+END
+$$;
+
+-- A sweep of a run with progress; false once it found nothing left.
+CREATE FUNCTION pgphi._progress_sweep(tbl regclass, col name, update_head text, stale text, key_name text,
+        batch_size integer) RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    progress pgphi.reencrypt_progress := pgphi._progress_get(tbl, col);
+    moved bigint;
+BEGIN
+    moved := pgphi._update_sweep(tbl, update_head, stale, key_name, progress.key_id, progress.target_version,
+                                 batch_size);
+    PERFORM pgphi._progress_advance(tbl, col, NULL, moved);
+    RETURN moved > 0;
+END
+$$;
+
+-- A conversion another role started, and has not finished, is not taken
+-- over silently; a finished one is replaced. (Runs as the catalog's owner,
+-- so it sees rows the policies hide from the caller.)
+CREATE FUNCTION pgphi._reencrypt_progress_claim() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    other record;
+BEGIN
+    SELECT p.started_by, p.finished_at INTO other FROM pgphi.reencrypt_progress p
+     WHERE p.relation::oid = NEW.relation::oid AND p.column_name = NEW.column_name FOR UPDATE;
+    IF FOUND THEN
+        IF other.finished_at IS NULL AND other.started_by IS DISTINCT FROM NEW.started_by THEN
+            RAISE EXCEPTION 'a conversion of column "%" of % is under way by role %', NEW.column_name, NEW.relation,
+                coalesce(other.started_by::text, '(unknown)')
+                USING ERRCODE = 'object_in_use',
+                      HINT = 'That role resumes it by calling the procedure again; a key custodian can discard it by deleting its row of pgphi.reencrypt_progress.';
+        END IF;
+        DELETE FROM pgphi.reencrypt_progress p
+         WHERE p.relation::oid = NEW.relation::oid AND p.column_name = NEW.column_name;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER reencrypt_progress_claim BEFORE INSERT ON pgphi.reencrypt_progress
+    FOR EACH ROW EXECUTE FUNCTION pgphi._reencrypt_progress_claim();
+
+------------------------------------------------------------------------------
+-- reencrypt
+------------------------------------------------------------------------------
+CREATE FUNCTION pgphi._reencrypt_sql(tbl regclass, col name, context_column name,
+        OUT update_head text, OUT stale text)
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('UPDATE %s SET %I = pgphi.reencrypt_value(%I, $1%s) WHERE ', tbl, col, col,
+                  CASE WHEN context_column IS NULL THEN '' ELSE format(', %I::text', context_column) END),
+           format('pgphi._key_version_of(%I::bytea, $2) <> $3', col)
+$$;
+
+-- Checks the arguments and starts (or resumes) the run; returns the key the
+-- values move to, or NULL when the column holds no encrypted values.
+CREATE FUNCTION pgphi._reencrypt_start(tbl regclass, col name, batch_size integer, context_column name,
+        key_name text) RETURNS text
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_key text := _reencrypt_start.key_name;
+    target record;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgphi._check_column_type(tbl, col, ARRAY['pgphi.encrypted'::regtype, 'bytea'::regtype],
+                                     ', not pgphi.encrypted or bytea');
+    IF target_key IS NULL THEN
+        target_key := pgphi._column_key(tbl, col);
+        IF target_key IS NULL THEN
+            RAISE NOTICE 'column "%" of % holds no encrypted values', col, tbl;
+            RETURN NULL;
+        END IF;
+    END IF;
+    target := pgphi._batch_key(target_key);
+    PERFORM pgphi._progress_begin(tbl, col, target.key_id, target.version,
+                                  (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b),
+                                  're-encryption');
+    RETURN target_key;
+END
+$$;
+
+CREATE FUNCTION pgphi._reencrypt_pages(tbl regclass, col name, batch_size integer, context_column name,
+        key_name text) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgphi._progress_pages(tbl, col, s.update_head, s.stale, key_name, batch_size)
+      FROM pgphi._reencrypt_sql(tbl, col, context_column) s
+$$;
+
+CREATE FUNCTION pgphi._reencrypt_sweep(tbl regclass, col name, batch_size integer, context_column name,
+        key_name text) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgphi._progress_sweep(tbl, col, s.update_head, s.stale, key_name, batch_size)
+      FROM pgphi._reencrypt_sql(tbl, col, context_column) s
+$$;
+
+-- Moves every value of a column to its key's active version, online: batches
+-- of table pages, each its own transaction holding only row locks, then sweeps
+-- for values that concurrent writers copied from old rows. Concurrent updates
+-- are never lost (each UPDATE re-checks rows that changed under it). Call it
+-- again after a crash or cancel and it continues where it stopped.
+CREATE PROCEDURE pgphi.reencrypt(tbl regclass, col name, batch_size integer DEFAULT 10000,
+                                            context_column name DEFAULT NULL, key_name text DEFAULT NULL)
+    LANGUAGE plpgsql
+AS $$
+DECLARE
+    target_key pg_catalog.text;
+    more pg_catalog.bool;
+BEGIN
+    target_key := pgphi._reencrypt_start(tbl, col, batch_size, context_column, key_name);
+    COMMIT;
+    IF target_key IS NULL THEN
+        RETURN;
+    END IF;
+    LOOP
+        more := pgphi._reencrypt_pages(tbl, col, batch_size, context_column, target_key);
+        COMMIT;
+        EXIT WHEN more IS NOT TRUE;
+    END LOOP;
+    FOR pass IN 1..1000 LOOP
+        more := pgphi._reencrypt_sweep(tbl, col, batch_size, context_column, target_key);
+        COMMIT;
+        EXIT WHEN more IS NOT TRUE;
+    END LOOP;
+    PERFORM pgphi._progress_finish(tbl, col);
+    COMMIT;
+END
+$$;
+
+------------------------------------------------------------------------------
+-- rebuild_blind_index
+------------------------------------------------------------------------------
+CREATE FUNCTION pgphi._rebuild_blind_index_sql(tbl regclass, index_column name, source_column name,
+        context_column name, source_key text, OUT update_head text, OUT stale text)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    source_type regtype := pgphi._column_type(tbl, source_column);
+    plaintext_sql text;
+BEGIN
+    IF source_type IN ('pgphi.encrypted'::regtype, 'bytea'::regtype) THEN
+        plaintext_sql := format('pgphi.decrypt_phi(%I::bytea, %L, %s)', source_column, source_key,
+            CASE WHEN context_column IS NULL THEN quote_literal('') ELSE format('%I::text', context_column) END);
+    ELSE
+        plaintext_sql := format('%I::text', source_column);
+    END IF;
+    -- A row is stale when its index is missing, left over, or not under the
+    -- active version.
+    stale := format('CASE WHEN %1$I IS NULL THEN %2$I IS NOT NULL
+                          ELSE pgphi._blind_index_version_of(%2$I, $2) IS DISTINCT FROM $3 END',
+                    source_column, index_column);
+    update_head := format('UPDATE %s SET %I = CASE WHEN %I IS NULL THEN NULL ELSE pgphi.blind_index(%s, $1) END WHERE ',
+                          tbl, index_column, source_column, plaintext_sql);
+END
+$$;
+
+-- Checks the arguments and starts (or resumes) the run; returns the key of
+-- the encrypted source column (NULL for a text source, or no values).
+CREATE FUNCTION pgphi._rebuild_blind_index_start(tbl regclass, index_column name, source_column name,
+        key_name text, batch_size integer, context_column name) RETURNS text
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    source_type regtype;
+    source_key text;
+    target record;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgphi._check_column_type(tbl, index_column, ARRAY['bytea'::regtype], '; a blind index column is bytea');
+    source_type := pgphi._column_type(tbl, source_column);
+    IF pgphi._key_id(key_name) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    END IF;
+    IF pgphi._key_purpose(pgphi._key_id(key_name)) IS DISTINCT FROM 'blind_index' THEN
+        RAISE EXCEPTION 'pgphi key "%" is not a blind-index key', key_name
+            USING ERRCODE = 'wrong_object_type', HINT = 'Make one with pgphi.create_blind_index_key().';
+    END IF;
+    target := pgphi._batch_key(key_name);
+    IF source_type IN ('pgphi.encrypted'::regtype, 'bytea'::regtype) THEN
+        source_key := pgphi._column_key(tbl, source_column);
+    ELSIF source_type IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype) THEN
+        IF context_column IS NOT NULL THEN
+            RAISE EXCEPTION 'a context column applies only to an encrypted source column'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    ELSE
+        PERFORM pgphi._check_column_type(tbl, source_column, '{}', ', not pgphi.encrypted, bytea or text');
+    END IF;
+    PERFORM pgphi._progress_begin(tbl, index_column, target.key_id, target.version,
+                                  (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b),
+                                  'the blind index rebuild');
+    RETURN source_key;
+END
+$$;
+
+CREATE FUNCTION pgphi._rebuild_blind_index_pages(tbl regclass, index_column name, source_column name,
+        key_name text, batch_size integer, context_column name, source_key text) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgphi._progress_pages(tbl, index_column, s.update_head, s.stale, key_name, batch_size)
+      FROM pgphi._rebuild_blind_index_sql(tbl, index_column, source_column, context_column, source_key) s
+$$;
+
+CREATE FUNCTION pgphi._rebuild_blind_index_sweep(tbl regclass, index_column name, source_column name,
+        key_name text, batch_size integer, context_column name, source_key text) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgphi._progress_sweep(tbl, index_column, s.update_head, s.stale, key_name, batch_size)
+      FROM pgphi._rebuild_blind_index_sql(tbl, index_column, source_column, context_column, source_key) s
+$$;
+
+-- Fills a blind index column from its source column (encrypted, or plain
+-- text), and after the blind-index key was rotated recomputes every value not
+-- under the active version: batches of pages, each its own transaction,
+-- resumable like reencrypt (progress in pgphi.reencrypt_progress, under the
+-- index column's name). Values already under the active version are kept.
+CREATE PROCEDURE pgphi.rebuild_blind_index(tbl regclass, index_column name, source_column name,
+        key_name text, batch_size integer DEFAULT 10000, context_column name DEFAULT NULL)
+    LANGUAGE plpgsql
+AS $$
+DECLARE
+    source_key pg_catalog.text;
+    more pg_catalog.bool;
+BEGIN
+    source_key := pgphi._rebuild_blind_index_start(tbl, index_column, source_column, key_name, batch_size,
+                                                   context_column);
+    COMMIT;
+    LOOP
+        more := pgphi._rebuild_blind_index_pages(tbl, index_column, source_column, key_name, batch_size,
+                                                 context_column, source_key);
+        COMMIT;
+        EXIT WHEN more IS NOT TRUE;
+    END LOOP;
+    FOR pass IN 1..1000 LOOP
+        more := pgphi._rebuild_blind_index_sweep(tbl, index_column, source_column, key_name, batch_size,
+                                                 context_column, source_key);
+        COMMIT;
+        EXIT WHEN more IS NOT TRUE;
+    END LOOP;
+    PERFORM pgphi._progress_finish(tbl, index_column);
+    COMMIT;
+END
+$$;
+
+------------------------------------------------------------------------------
+-- protect_column
+------------------------------------------------------------------------------
+-- The shadow column and trigger of a conversion: a function of the column's
+-- name alone, so a resumed call finds them, and at most 63 bytes whatever
+-- the name (multibyte characters are never cut in half). A name that does
+-- not fit whole is cut and followed by a hash of the whole name.
+CREATE FUNCTION pgphi._protect_column_names(col name, OUT shadow name, OUT trigger_name name)
+    LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    prefix text;
+    cut text;
+BEGIN
+    FOREACH prefix IN ARRAY ARRAY['pgphi_protecting_', 'pgphi_protect_'] LOOP
+        cut := prefix || col;
+        IF octet_length(cut) > 63 THEN
+            cut := col;
+            WHILE octet_length(prefix || cut) > 63 - 9 LOOP
+                cut := left(cut, -1);
+            END LOOP;
+            cut := prefix || cut || '_' || left(md5(col), 8);
+        END IF;
+        IF prefix = 'pgphi_protecting_' THEN
+            shadow := cut;
+        ELSE
+            trigger_name := cut;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- The arguments of the sync trigger, as pg_trigger.tgargs holds them.
+CREATE FUNCTION pgphi._protect_column_trigger_args(col name, key_name text, context_column name) RETURNS bytea
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT string_agg(convert_to(a, getdatabaseencoding()) || '\x00'::bytea, ''::bytea ORDER BY n)
+      FROM unnest(ARRAY[col::text, (pgphi._protect_column_names(col)).shadow::text, key_name,
+                        coalesce(context_column::text, '')]) WITH ORDINALITY AS u(a, n)
+$$;
+
+CREATE FUNCTION pgphi._protect_column_sql(tbl regclass, col name, context_column name,
+        OUT update_head text, OUT stale text)
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('UPDATE %s SET %I = pgphi.encrypt_phi(%I::text, $1, %s) WHERE ', tbl, n.shadow, col,
+                  CASE WHEN context_column IS NULL THEN quote_literal('') ELSE format('%I::text', context_column) END),
+           format('%I IS NULL AND %I IS NOT NULL', n.shadow, col)
+      FROM pgphi._protect_column_names(col) n
+$$;
+
+-- Checks the arguments, and makes the shadow column and the trigger (kept if
+-- a previous call made them, which must then have used the same key and
+-- context). Returns the table's size in pages, the extent of the batches.
+CREATE FUNCTION pgphi._protect_column_start(tbl regclass, col name, key_name text, batch_size integer,
+        context_column name) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    names record := pgphi._protect_column_names(col);
+    has_shadow boolean;
+    trigger_args bytea;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgphi._check_column_type(tbl, col,
+        ARRAY['text'::regtype, 'character varying'::regtype, 'character'::regtype],
+        '; protect_column converts text columns');
+    IF pgphi._key_id(key_name) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT t.tgargs INTO trigger_args FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = names.trigger_name;
+    has_shadow := EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = names.shadow
+                             AND NOT a.attisdropped);
+    IF trigger_args IS DISTINCT FROM pgphi._protect_column_trigger_args(col, key_name, context_column)
+       AND trigger_args IS NOT NULL THEN
+        RAISE EXCEPTION 'a conversion of column "%" of % is under way with another key or context', col, tbl
+            USING ERRCODE = 'object_in_use', HINT = 'Call protect_column with the arguments of the first call.';
+    END IF;
+    IF trigger_args IS NULL AND has_shadow THEN
+        -- Not ours to fill (or left without its trigger, so possibly stale).
+        RAISE EXCEPTION 'relation % already has a column "%", and no conversion of column "%" is under way',
+            tbl, names.shadow, col
+            USING ERRCODE = 'object_in_use', HINT = 'Drop or rename that column first.';
+    END IF;
+    IF NOT has_shadow THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN %I pgphi.encrypted', tbl, names.shadow);
+    END IF;
+    IF trigger_args IS NULL THEN
+        EXECUTE format(
+            -- UPDATE OF the plaintext and context columns only: the backfill,
+            -- which sets the shadow column alone, does not fire it.
+            'CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %s ON %s FOR EACH ROW
+             EXECUTE FUNCTION pgphi._protect_column_sync(%L, %L, %L, %L)',
+            names.trigger_name,
+            CASE WHEN context_column IS NULL THEN quote_ident(col) ELSE format('%I, %I', col, context_column) END,
+            tbl, col, names.shadow, key_name, coalesce(context_column, ''));
+    END IF;
+    RETURN (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b);
+END
+$$;
+
+-- Fills the shadow column on the next batch of pages (from page, or 0 when
+-- NULL); returns the page after it, or NULL once relation_pages is reached.
+CREATE FUNCTION pgphi._protect_column_fill(tbl regclass, col name, key_name text, batch_size integer,
+        context_column name, page bigint, relation_pages bigint) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sql record := pgphi._protect_column_sql(tbl, col, context_column);
+    first_page bigint := coalesce(page, 0);
+    stop bigint;
+BEGIN
+    IF first_page >= relation_pages THEN
+        RETURN NULL;
+    END IF;
+    stop := first_page + (SELECT b.pages_per_batch FROM pgphi._page_batches(tbl, batch_size) b);
+    PERFORM pgphi._update_pages(sql.update_head, sql.stale, key_name, NULL, NULL, first_page, stop);
+    RETURN CASE WHEN stop < relation_pages THEN stop END;
+END
+$$;
+
+-- A sweep of what the page batches left; false once it found nothing.
+CREATE FUNCTION pgphi._protect_column_sweep(tbl regclass, col name, key_name text, batch_size integer,
+        context_column name) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgphi._update_sweep(tbl, s.update_head, s.stale, key_name, NULL, NULL, batch_size) > 0
+      FROM pgphi._protect_column_sql(tbl, col, context_column) s
+$$;
+
+-- The swap, under a short exclusive lock: last stragglers, then the shadow
+-- column takes the plaintext column's place.
+CREATE FUNCTION pgphi._protect_column_swap(tbl regclass, col name, key_name text, context_column name)
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sql record := pgphi._protect_column_sql(tbl, col, context_column);
+    names record := pgphi._protect_column_names(col);
+BEGIN
+    EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', tbl);
+    EXECUTE sql.update_head || sql.stale USING key_name;
+    EXECUTE format('DROP TRIGGER %I ON %s', names.trigger_name, tbl);
+    EXECUTE format('ALTER TABLE %s DROP COLUMN %I', tbl, col);
+    EXECUTE format('ALTER TABLE %s RENAME COLUMN %I TO %I', tbl, names.shadow, col);
+END
+$$;
+
+CREATE FUNCTION pgphi._protect_column_done(tbl regclass, col name, key_name text) RETURNS void
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- The key as the catalog names it (the argument is not repeated).
+    RAISE NOTICE 'column "%" of % is now encrypted with pgphi key "%"', col, tbl,
+        coalesce(pgphi._key_name(pgphi._key_id(key_name)), '(unknown)')
+        USING DETAIL = 'The plaintext stays in the table''s pages until they are rewritten, and in WAL and backups.',
+              HINT = format('Run VACUUM FULL %s (or pg_repack) to remove it from the table.', tbl);
+END
+$$;
+
+-- Converts a plaintext text column of a live table into a pgphi.encrypted
+-- column of the same name, online: a shadow column is added and kept in step
+-- with writes by a trigger, filled in committed batches of pages (resumable:
+-- CALL it again after an interruption), and finally swapped in with one
+-- short exclusive lock. The old column is dropped, but its bytes stay in the
+-- table's pages until they are rewritten (VACUUM FULL, pg_repack), and in WAL
+-- and backups: the procedure says so when it ends.
+CREATE PROCEDURE pgphi.protect_column(tbl regclass, col name, key_name text,
+        batch_size integer DEFAULT 10000, context_column name DEFAULT NULL)
+    LANGUAGE plpgsql
+AS $$
+DECLARE
+    relation_pages pg_catalog.int8;
+    page pg_catalog.int8;
+    more pg_catalog.bool;
+BEGIN
+    relation_pages := pgphi._protect_column_start(tbl, col, key_name, batch_size, context_column);
+    COMMIT;
+    LOOP
+        page := pgphi._protect_column_fill(tbl, col, key_name, batch_size, context_column, page, relation_pages);
+        COMMIT;
+        EXIT WHEN page IS NULL;
+    END LOOP;
+    LOOP
+        more := pgphi._protect_column_sweep(tbl, col, key_name, batch_size, context_column);
+        COMMIT;
+        EXIT WHEN more IS NOT TRUE;
+    END LOOP;
+    PERFORM pgphi._protect_column_swap(tbl, col, key_name, context_column);
+    COMMIT;
+    PERFORM pgphi._protect_column_done(tbl, col, key_name);
+END
+$$;
+
+-- Keeps the shadow column of a column being protected in step with writes
+-- (arguments: plaintext column, shadow column, key, context column or '').
+CREATE FUNCTION pgphi._protect_column_sync() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    row_json jsonb := to_jsonb(NEW);
+    plaintext text := row_json ->> TG_ARGV[0];
+    context text := CASE WHEN TG_ARGV[3] = '' THEN '' ELSE coalesce(row_json ->> TG_ARGV[3], '') END;
+BEGIN
+    NEW := jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[1],
+        CASE WHEN plaintext IS NULL THEN NULL ELSE pgphi.encrypt_phi(plaintext, TG_ARGV[2], context)::bytea::text END));
+    RETURN NEW;
+END
+$$;
+
+------------------------------------------------------------------------------
+-- Privileges
+------------------------------------------------------------------------------
+-- Re-encryption returns ciphertext only; whoever may update a table's rows
+-- may run it. Each value the procedures touch still passes the key grants
+-- (reencrypt_value checks decrypt and encrypt on the key, encrypt_phi and
+-- blind_index encrypt, decrypt_phi decrypt).
+GRANT EXECUTE ON FUNCTION pgphi.reencrypt_value(pgphi.encrypted, text, text),
+    pgphi.reencrypt_value(bytea, text, text) TO pgphi_key_custodian, pgphi_encrypt;
+GRANT EXECUTE ON PROCEDURE pgphi.reencrypt(regclass, name, integer, name, text)
+    TO pgphi_key_custodian, pgphi_encrypt;
+GRANT EXECUTE ON PROCEDURE pgphi.protect_column(regclass, name, text, integer, name),
+    pgphi.rebuild_blind_index(regclass, name, name, text, integer, name) TO pgphi_encrypt;
+GRANT EXECUTE ON FUNCTION
+    pgphi._key_version_of(bytea, integer), pgphi._column_type(regclass, name), pgphi._page_batches(regclass, integer),
+    pgphi._check_column_type(regclass, name, regtype[], text), pgphi._batch_key(text),
+    pgphi._column_key(regclass, name),
+    pgphi._update_pages(text, text, text, integer, integer, bigint, bigint),
+    pgphi._update_sweep(regclass, text, text, text, integer, integer, integer),
+    pgphi._progress_check(regclass, name),
+    pgphi._progress_begin(regclass, name, integer, integer, bigint, text),
+    pgphi._progress_get(regclass, name), pgphi._progress_advance(regclass, name, bigint, bigint),
+    pgphi._progress_finish(regclass, name),
+    pgphi._progress_pages(regclass, name, text, text, text, integer),
+    pgphi._progress_sweep(regclass, name, text, text, text, integer),
+    pgphi._reencrypt_sql(regclass, name, name), pgphi._reencrypt_start(regclass, name, integer, name, text),
+    pgphi._reencrypt_pages(regclass, name, integer, name, text),
+    pgphi._reencrypt_sweep(regclass, name, integer, name, text),
+    pgphi._rebuild_blind_index_sql(regclass, name, name, name, text),
+    pgphi._rebuild_blind_index_start(regclass, name, name, text, integer, name),
+    pgphi._rebuild_blind_index_pages(regclass, name, name, text, integer, name, text),
+    pgphi._rebuild_blind_index_sweep(regclass, name, name, text, integer, name, text),
+    pgphi._protect_column_names(name), pgphi._protect_column_trigger_args(name, text, name),
+    pgphi._protect_column_sql(regclass, name, name),
+    pgphi._protect_column_start(regclass, name, text, integer, name),
+    pgphi._protect_column_fill(regclass, name, text, integer, name, bigint, bigint),
+    pgphi._protect_column_sweep(regclass, name, text, integer, name),
+    pgphi._protect_column_swap(regclass, name, text, name), pgphi._protect_column_done(regclass, name, text),
+    pgphi._protect_column_sync()
+    TO pgphi_key_custodian, pgphi_encrypt;

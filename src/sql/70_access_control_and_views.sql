@@ -1,0 +1,315 @@
+-- Access control: per-key grants, and views for authorized roles.
+--
+-- Per-key grants decide which roles may encrypt and decrypt under a key; the
+-- coarse roles pgphi_encrypt and pgphi_decrypt still decide who may call the
+-- functions at all. What each kind of role may do is in the documentation
+-- ("Access control"); the generated matrix in test/t/020_privileges_matrix.pl
+-- holds every routine and relation of the extension to it.
+
+-- Why a grant to `grantee` would reach a group, or NULL if it would not.
+CREATE FUNCTION pgphi._group_grant_reason(grantee regrole) RETURNS text
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN grantee::oid IN ('pgphi_encrypt'::regrole::oid, 'pgphi_decrypt'::regrole::oid)
+            THEN format('%s is one of pgphi''s group roles', grantee)
+        WHEN pg_has_role('pgphi_encrypt', grantee::oid, 'MEMBER')
+            THEN format('pgphi_encrypt is a member of %s', grantee)
+        WHEN pg_has_role('pgphi_decrypt', grantee::oid, 'MEMBER')
+            THEN format('pgphi_decrypt is a member of %s', grantee)
+        WHEN m.members > 10
+            THEN format('%s has %s member roles (more than 10)', grantee, m.members)
+        END
+      FROM (SELECT count(*) AS members FROM pg_roles r
+             WHERE r.oid <> grantee::oid AND NOT r.rolsuper AND pg_has_role(r.oid, grantee::oid, 'MEMBER')) m
+$$;
+
+-- Refuses grantees no key may go to: PUBLIC, OIDs that are no role, and
+-- (separation of duties) the custodian and auditor groups and roles they
+-- are members of.
+CREATE FUNCTION pgphi._check_grantee(grantee regrole) RETURNS void
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    via text;
+BEGIN
+    IF grantee IS NULL THEN
+        RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF grantee::oid = 0 THEN
+        RAISE EXCEPTION 'pgphi keys cannot be granted to PUBLIC'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Grant keys to the roles of the people or applications that use them.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles r WHERE r.oid = grantee::oid) THEN
+        RAISE EXCEPTION 'role with OID % does not exist', grantee::oid USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT g INTO via FROM unnest(ARRAY['pgphi_key_custodian', 'pgphi_key_auditor']) g
+     WHERE pg_has_role(g, grantee::oid, 'MEMBER');
+    IF via = grantee::text THEN
+        RAISE EXCEPTION 'pgphi keys cannot be granted to %', grantee
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Grant keys to the roles of the people or applications that use them.';
+    ELSIF via IS NOT NULL THEN
+        RAISE EXCEPTION 'pgphi keys cannot be granted to %', grantee
+            USING ERRCODE = 'insufficient_privilege', DETAIL = format('%s is a member of %s.', via, grantee),
+                  HINT = 'Grant keys to the roles of the people or applications that use them.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION pgphi._change_key_grant(key_name text, grantee regrole, privilege text, granting boolean)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    granter name := session_user;
+    group_reason text;
+    changed integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF NOT granting THEN
+        -- Revoking always works, also for a role dropped since (its OID).
+        IF grantee IS NULL THEN
+            RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        DELETE FROM pgphi.key_grants g
+         WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+           AND g.grantee::oid = _change_key_grant.grantee::oid;
+        GET DIAGNOSTICS changed = ROW_COUNT;
+        RETURN changed > 0;
+    END IF;
+
+    PERFORM pgphi._check_grantee(grantee);
+    -- Nobody grants a key to themselves.
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = granter)
+       AND pg_has_role(granter, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role "%" cannot grant pgphi key "%" to itself or to a role it belongs to', granter, key_name
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must make this grant.';
+    END IF;
+    IF EXISTS (SELECT FROM pgphi.key_grants g WHERE g.key_id = target_id
+                  AND g.privilege = _change_key_grant.privilege AND g.grantee::oid = _change_key_grant.grantee::oid) THEN
+        RETURN false;
+    END IF;
+    -- A grant that reaches a group takes a second custodian's approval.
+    group_reason := pgphi._group_grant_reason(grantee);
+    IF group_reason IS NOT NULL THEN
+        PERFORM FROM pgphi.grant_approvals a
+          WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+            AND a.grantee::oid = _change_key_grant.grantee::oid
+            AND a.approved_by <> granter AND a.approved_at > now() - interval '1 day'
+            AND pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'granting pgphi key "%" to % needs the approval of a second key custodian', key_name, grantee
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('The grant reaches a group: %s.', group_reason),
+                      HINT = format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_grant(%L, %L, %L); then grant again within a day.',
+                                    key_name, grantee::text, privilege);
+        END IF;
+        -- An approval serves one grant.
+        DELETE FROM pgphi.grant_approvals a
+         WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+           AND a.grantee::oid = _change_key_grant.grantee::oid;
+    END IF;
+    INSERT INTO pgphi.key_grants (key_id, privilege, grantee) VALUES (target_id, privilege, grantee)
+        ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS changed = ROW_COUNT;
+    RETURN changed > 0;
+END
+$$;
+
+-- Each returns whether it changed anything (false: the grant was already so).
+CREATE FUNCTION pgphi.grant_decrypt(key_name text, grantee regrole) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pgphi._change_key_grant(key_name, grantee, 'decrypt', true) $$;
+
+CREATE FUNCTION pgphi.revoke_decrypt(key_name text, grantee regrole) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pgphi._change_key_grant(key_name, grantee, 'decrypt', false) $$;
+
+CREATE FUNCTION pgphi.grant_encrypt(key_name text, grantee regrole) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pgphi._change_key_grant(key_name, grantee, 'encrypt', true) $$;
+
+CREATE FUNCTION pgphi.revoke_encrypt(key_name text, grantee regrole) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pgphi._change_key_grant(key_name, grantee, 'encrypt', false) $$;
+
+-- One custodian's approval of a group-wide grant, valid for a day; another
+-- custodian then makes the grant. Audited as approve_grant.
+CREATE FUNCTION pgphi.approve_grant(key_name text, grantee regrole, privilege text) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    approver name := session_user;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF NOT pg_has_role(approver, 'pgphi_key_custodian', 'MEMBER') THEN
+        RAISE EXCEPTION 'only key custodians can approve a grant of a pgphi key'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the approving role.';
+    END IF;
+    PERFORM pgphi._check_grantee(grantee);
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = approver)
+       AND pg_has_role(approver, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role "%" cannot approve granting pgphi key "%" to itself or to a role it belongs to',
+                        approver, key_name
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must approve this grant.';
+    END IF;
+    INSERT INTO pgphi.grant_approvals (key_id, privilege, grantee, approved_by)
+        VALUES (target_id, approve_grant.privilege, approve_grant.grantee, approver)
+        ON CONFLICT ON CONSTRAINT grant_approvals_pkey DO UPDATE SET approved_at = now();
+    PERFORM pgphi._audit('approve_grant', target_id, NULL, 'ok',
+                         format('%s to %s%s', approve_grant.privilege, approve_grant.grantee,
+                                coalesce('; ' || pgphi._group_grant_reason(approve_grant.grantee), '')));
+END
+$$;
+
+-- Whether a role may encrypt or decrypt under a key: a grant to it or to a
+-- role whose privileges it has, as decrypt_phi and encrypt_phi check. Who may
+-- ask: key custodians, auditors and superusers about any role; other members
+-- of pgphi's roles only about roles whose privileges they have (themselves,
+-- their groups). Nobody else, so a key's grantees cannot be enumerated.
+CREATE FUNCTION pgphi.has_key_privilege(role regrole, key_name text, privilege text) RETURNS boolean
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer;
+    asker text := pgphi._acting_role();
+BEGIN
+    IF NOT (pg_has_role(session_user, 'pgphi_key_custodian', 'MEMBER')
+            OR pg_has_role(session_user, 'pgphi_key_auditor', 'MEMBER')
+            OR (has_key_privilege.role IS NOT NULL
+                AND EXISTS (SELECT FROM pg_roles r WHERE r.oid = has_key_privilege.role::oid)
+                AND pg_has_role(asker, has_key_privilege.role::oid, 'USAGE'))) THEN
+        RAISE EXCEPTION 'only key custodians and auditors can ask about the pgphi key grants of other roles'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Other roles may ask about themselves and the roles whose privileges they have.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    target_id := pgphi._key_id(key_name);
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.',
+                  DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    RETURN (SELECT rolsuper FROM pg_roles WHERE oid = role)
+        OR EXISTS (SELECT FROM pgphi.key_grants g
+                    WHERE g.key_id = target_id AND g.privilege = has_key_privilege.privilege
+                      AND pg_has_role(role, g.grantee::oid, 'USAGE'));
+END
+$$;
+
+-- Creates a view of a table with its encrypted columns decrypted, and lets
+-- `grant_to` read it. The view reads the table with its owner's rights, but
+-- decrypts with the reader's: the reader still needs pgphi_decrypt and a
+-- decrypt grant on the keys. Columns default to those of type
+-- pgphi.encrypted; name bytea columns explicitly. With context_column, every
+-- value is authenticated against that column (then key_name is required).
+CREATE FUNCTION pgphi.create_decrypted_view(tbl regclass, view_name text, grant_to regrole,
+        columns name[] DEFAULT NULL, key_name text DEFAULT NULL, context_column name DEFAULT NULL)
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    select_list text[] := '{}';
+    decrypted name[] := '{}';
+    a record;
+    missing name;
+    view_schema text := (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                          WHERE c.oid = tbl);
+BEGIN
+    IF view_name IS NULL OR grant_to IS NULL THEN
+        RAISE EXCEPTION 'create_decrypted_view needs a view name and a role' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF context_column IS NOT NULL AND key_name IS NULL THEN
+        RAISE EXCEPTION 'a context column needs the key name too'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass key_name => the key the columns use.';
+    END IF;
+    IF columns IS NOT NULL THEN
+        SELECT c INTO missing FROM unnest(columns) c
+         WHERE NOT EXISTS (SELECT FROM pg_attribute x WHERE x.attrelid = tbl AND x.attname = c
+                              AND x.attnum > 0 AND NOT x.attisdropped
+                              AND x.atttypid IN ('pgphi.encrypted'::regtype, 'bytea'::regtype));
+        IF FOUND THEN
+            RAISE EXCEPTION 'relation % has no pgphi.encrypted or bytea column "%"', tbl, missing
+                USING ERRCODE = 'undefined_column';
+        END IF;
+    END IF;
+    FOR a IN SELECT x.attname, x.atttypid FROM pg_attribute x
+              WHERE x.attrelid = tbl AND x.attnum > 0 AND NOT x.attisdropped ORDER BY x.attnum LOOP
+        IF (columns IS NULL AND a.atttypid = 'pgphi.encrypted'::regtype) OR a.attname = ANY (columns) THEN
+            select_list := select_list || CASE
+                WHEN context_column IS NOT NULL THEN
+                    format('pgphi.decrypt_phi(%I, %L, %I::text) AS %I', a.attname, key_name, context_column, a.attname)
+                WHEN key_name IS NOT NULL THEN
+                    format('pgphi.decrypt_phi(%I, %L) AS %I', a.attname, key_name, a.attname)
+                ELSE format('pgphi.decrypt_phi(%I) AS %I', a.attname, a.attname) END;
+            decrypted := decrypted || a.attname;
+        ELSE
+            select_list := select_list || format('%I', a.attname);
+        END IF;
+    END LOOP;
+    IF cardinality(decrypted) = 0 THEN
+        RAISE EXCEPTION 'relation % has no pgphi.encrypted columns', tbl
+            USING ERRCODE = 'undefined_column', HINT = 'Name bytea columns that hold ciphertexts in columns => ...';
+    END IF;
+    EXECUTE format('CREATE VIEW %I.%I AS SELECT %s FROM %s', view_schema, view_name,
+                   array_to_string(select_list, ', '), tbl);
+    EXECUTE format('GRANT SELECT ON %I.%I TO %s', view_schema, view_name, grant_to);
+    IF NOT pg_has_role(grant_to, 'pgphi_decrypt', 'USAGE') THEN
+        RAISE NOTICE 'role % is not a member of pgphi_decrypt and cannot decrypt yet', grant_to
+            USING HINT = format('GRANT pgphi_decrypt TO %s;', grant_to);
+    END IF;
+    IF key_name IS NOT NULL AND NOT pgphi.has_key_privilege(grant_to, key_name, 'decrypt') THEN
+        RAISE NOTICE 'role % holds no decrypt grant on pgphi key "%"', grant_to, key_name
+            USING HINT = format('A key custodian runs SELECT pgphi.grant_decrypt(%L, %L);', key_name, grant_to::text);
+    END IF;
+    RAISE NOTICE 'view %.% decrypts % for %', view_schema, view_name, array_to_string(decrypted, ', '), grant_to;
+END
+$$;
+
+-- Every key version, with what an auditor asks about it. Never the DEK.
+CREATE VIEW pgphi.key_inventory AS
+    SELECT k.name AS key_name, k.key_id, k.purpose, k.created_by AS owner, k.provider, k.kek_ref,
+           v.version, v.state, v.kek_version, v.created_at, k.rotated_at, v.retired_at, v.destroyed_at,
+           k.cryptoperiod,
+           CASE WHEN v.state = 'active' THEN v.created_at + k.cryptoperiod END AS rotate_by,
+           coalesce(v.state = 'active' AND v.created_at + k.cryptoperiod < pg_catalog.now(), false)
+               AS rotation_overdue,
+           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
+                  WHERE g.key_id = k.key_id AND g.privilege = 'encrypt' ORDER BY 1) AS encrypt_grantees,
+           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
+                  WHERE g.key_id = k.key_id AND g.privilege = 'decrypt' ORDER BY 1) AS decrypt_grantees
+      FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id);
+
+GRANT EXECUTE ON FUNCTION pgphi._change_key_grant(text, regrole, text, boolean),
+    pgphi.grant_decrypt(text, regrole), pgphi.revoke_decrypt(text, regrole),
+    pgphi.grant_encrypt(text, regrole), pgphi.revoke_encrypt(text, regrole),
+    pgphi.approve_grant(text, regrole, text) TO pgphi_key_custodian;
+GRANT EXECUTE ON FUNCTION pgphi.has_key_privilege(regrole, text, text)
+    TO pgphi_encrypt, pgphi_decrypt, pgphi_key_custodian, pgphi_key_auditor;
+-- create_decrypted_view tells whether the view's reader holds the key (it
+-- calls has_key_privilege), so it is for the roles that may ask.
+GRANT EXECUTE ON FUNCTION pgphi.create_decrypted_view(regclass, text, regrole, name[], text, name)
+    TO pgphi_key_custodian, pgphi_encrypt, pgphi_decrypt;
+REVOKE ALL ON pgphi.key_inventory FROM PUBLIC;
+GRANT SELECT ON pgphi.key_inventory TO pgphi_key_custodian, pgphi_key_auditor;

@@ -1,0 +1,367 @@
+-- The life of a key version: retirement, destruction, crypto-shredding.
+--
+-- active -> decrypt_only (rotate_key) -> retired (retire_key_version, once a
+-- scan of the database finds no value under it; refused for decryption, and
+-- reversible with unretire_key_version) -> destroyed (destroy_key, with the
+-- approval of two key custodians: its wrapped DEK is erased, every stored copy
+-- of it shredded at commit, and it never comes back).
+
+-- How many values of every encrypted or bytea column in this database use a
+-- key version (for a blind-index key, the bytea columns holding values of
+-- its shape), with every relation's owner. Scans every such column and
+-- returns counts only. It waits at most lock_wait for each relation's lock
+-- and reports the relations it could not scan, never skipping one silently.
+CREATE FUNCTION pgphi.key_version_usage(name text, version integer, lock_wait interval DEFAULT interval '2s')
+    RETURNS TABLE (relation regclass, column_name name, "values" bigint, owner name, not_scanned text)
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET lock_timeout = '2s'
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_version_usage.name);
+    blind_index boolean;
+    version_of text;
+    c record;
+    n bigint;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF lock_wait IS NULL OR lock_wait <= interval '0' THEN
+        RAISE EXCEPTION 'lock_wait must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Until this function returns (its SET clause restores the setting).
+    PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM lock_wait) * 1000))::bigint::text, true);
+    blind_index := pgphi._key_purpose(target_id) = 'blind_index';
+    version_of := CASE WHEN blind_index THEN 'pgphi._blind_index_version_of' ELSE 'pgphi._key_version_of' END;
+    FOR c IN SELECT a.attrelid::regclass AS rel, a.attname, pg_get_userbyid(r.relowner) AS relowner
+               FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid
+               JOIN pg_namespace s ON s.oid = r.relnamespace
+              WHERE r.relkind IN ('r', 'm') AND a.attnum > 0 AND NOT a.attisdropped
+                AND (a.atttypid = 'bytea'::regtype OR (NOT blind_index AND a.atttypid = 'pgphi.encrypted'::regtype))
+                AND s.nspname NOT IN ('pg_catalog', 'information_schema', 'pgphi')
+                AND s.nspname NOT LIKE 'pg_toast%' AND s.nspname NOT LIKE 'pg_temp%'
+              ORDER BY 1, 2
+    LOOP
+        relation := c.rel; column_name := c.attname; owner := c.relowner;
+        "values" := NULL; not_scanned := NULL;
+        BEGIN
+            EXECUTE format('SELECT count(*) FROM ONLY %s WHERE %s(%I::bytea, $1) = $2', c.rel, version_of, c.attname)
+                INTO n USING target_id, key_version_usage.version;
+        EXCEPTION
+            WHEN lock_not_available THEN
+                not_scanned := format('lock not available within %s', lock_wait);
+            WHEN OTHERS THEN
+                -- Only the SQLSTATE: the message might quote data.
+                IF NOT EXISTS (SELECT FROM pg_class x WHERE x.oid = c.rel::oid) THEN
+                    CONTINUE;   -- dropped since the list was read: it holds nothing
+                END IF;
+                not_scanned := format('scan failed with SQLSTATE %s', SQLSTATE);
+        END;
+        IF not_scanned IS NOT NULL THEN
+            RETURN NEXT;
+        ELSIF n > 0 THEN
+            "values" := n;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Marks a decrypt-only version retired once a scan of the whole database
+-- finds no value under it; refuses otherwise, naming relation and owner.
+-- Retirement that nobody can block: a custodian can retire anyway by naming
+-- relations to ignore, with a reason; that decision is audited (action
+-- retire_ignoring).
+CREATE FUNCTION pgphi.retire_key_version(name text, version integer, ignore_relations regclass[] DEFAULT NULL,
+                                         reason text DEFAULT NULL, lock_wait interval DEFAULT interval '2s')
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(retire_key_version.name);
+    ignoring oid[] := coalesce(retire_key_version.ignore_relations::oid[], '{}');
+    state text;
+    u record;
+    remaining bigint := 0;
+    places text[] := '{}';
+    unscanned text[] := '{}';
+    ignored text[] := '{}';
+    ignored_seen oid[] := '{}';
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    SELECT v.state INTO state FROM pgphi.key_versions v
+     WHERE v.key_id = target_id AND v.version = retire_key_version.version FOR UPDATE;
+    IF state IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%" has no version %', retire_key_version.name, retire_key_version.version
+            USING ERRCODE = 'undefined_object';
+    ELSIF state = 'active' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is active', retire_key_version.name, retire_key_version.version
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Rotate the key first.';
+    ELSIF state <> 'decrypt_only' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is already %', retire_key_version.name,
+            retire_key_version.version, state USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF cardinality(ignoring) > 0 AND coalesce(btrim(retire_key_version.reason), '') = '' THEN
+        RAISE EXCEPTION 'retiring a pgphi key version while ignoring relations needs a reason'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass reason => why the values in those relations need not be re-encrypted; it is audited.';
+    END IF;
+
+    FOR u IN SELECT * FROM pgphi.key_version_usage(retire_key_version.name, retire_key_version.version,
+                                                   retire_key_version.lock_wait) LOOP
+        IF u.relation::oid = ANY (ignoring) THEN
+            ignored_seen := ignored_seen || u.relation::oid;
+            ignored := ignored || format('%s.%I (owner %s): %s', u.relation, u.column_name, u.owner,
+                                         coalesce(u."values"::text || ' values', u.not_scanned));
+        ELSIF u.not_scanned IS NOT NULL THEN
+            unscanned := unscanned || format('%s.%I (owner %s): %s', u.relation, u.column_name, u.owner, u.not_scanned);
+        ELSE
+            remaining := remaining + u."values";
+            places := places || format('%s.%I (owner %s): %s', u.relation, u.column_name, u.owner, u."values");
+        END IF;
+    END LOOP;
+    IF remaining > 0 THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is still used by % values', retire_key_version.name,
+            retire_key_version.version, remaining
+            USING ERRCODE = 'object_in_use', DETAIL = array_to_string(places, ', '),
+                  HINT = 'Re-encrypt those columns with CALL pgphi.reencrypt(...) first. Values that are not to be kept (a table of someone else''s making, forged values) can be left behind: retire_key_version(..., ignore_relations => ARRAY[...]::regclass[], reason => ...), which is audited.';
+    END IF;
+    IF cardinality(unscanned) > 0 THEN
+        RAISE EXCEPTION 'pgphi key "%" version % could not be checked in % columns', retire_key_version.name,
+            retire_key_version.version, cardinality(unscanned)
+            USING ERRCODE = 'lock_not_available', DETAIL = array_to_string(unscanned, ', '),
+                  HINT = 'Retry once the locks are released (or with a longer lock_wait), or name the relations in ignore_relations with a reason, which is audited.';
+    END IF;
+    UPDATE pgphi.key_versions v SET state = 'retired', retired_at = now()
+     WHERE v.key_id = target_id AND v.version = retire_key_version.version;
+    IF cardinality(ignoring) > 0 THEN
+        PERFORM pgphi._audit('retire_ignoring', target_id, retire_key_version.version, 'ok',
+            format('ignored %s; reason: %s',
+                   array_to_string(ignored || ARRAY(
+                       SELECT format('%s: no values found', i::regclass) FROM unnest(ignoring) i
+                        WHERE i <> ALL (ignored_seen))
+                   , ', '),
+                   retire_key_version.reason));
+    END IF;
+END
+$$;
+
+-- Retired means refused for decryption (like Vault's
+-- min_decryption_version): a value replayed into a table under a retired
+-- version does not decrypt. A custodian who needs such values back (to
+-- re-encrypt them) un-retires the version; that is audited, and it voids the
+-- version's approvals for destruction. A destroyed version cannot come back.
+CREATE FUNCTION pgphi.unretire_key_version(name text, version integer) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(unretire_key_version.name);
+    state text;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT v.state INTO state FROM pgphi.key_versions v
+     WHERE v.key_id = target_id AND v.version = unretire_key_version.version FOR UPDATE;
+    IF state IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%" has no version %', unretire_key_version.name, unretire_key_version.version
+            USING ERRCODE = 'undefined_object';
+    ELSIF state = 'destroyed' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % has been destroyed', unretire_key_version.name,
+            unretire_key_version.version
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A destroyed key version stays destroyed.';
+    ELSIF state <> 'retired' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is not retired', unretire_key_version.name,
+            unretire_key_version.version
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE pgphi.key_versions v SET state = 'decrypt_only', retired_at = NULL
+     WHERE v.key_id = target_id AND v.version = unretire_key_version.version;
+    DELETE FROM pgphi.destroy_approvals a
+     WHERE a.key_id = target_id AND a.version = unretire_key_version.version;
+    PERFORM pgphi._audit('unretire', target_id, unretire_key_version.version, 'ok', NULL);
+END
+$$;
+
+-- Only a retired version can be approved for destruction or destroyed:
+-- retirement is what proves that no value uses it. The active version and
+-- decrypt-only versions are refused.
+CREATE FUNCTION pgphi._require_retired(key_name text, key_id integer, version integer, for_update boolean)
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    state text;
+    -- The catalog's name of the key, not the argument: nothing a caller
+    -- passes is repeated in a message.
+    key_name text := pgphi._key_name(_require_retired.key_id);
+BEGIN
+    IF for_update THEN
+        SELECT v.state INTO state FROM pgphi.key_versions v
+         WHERE v.key_id = _require_retired.key_id AND v.version = _require_retired.version FOR UPDATE;
+    ELSE
+        SELECT v.state INTO state FROM pgphi.key_versions v
+         WHERE v.key_id = _require_retired.key_id AND v.version = _require_retired.version;
+    END IF;
+    IF key_name IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    ELSIF state IS NULL OR state = 'destroyed' THEN
+        RAISE EXCEPTION 'pgphi key "%" has no version % to destroy', key_name, _require_retired.version
+            USING ERRCODE = 'undefined_object';
+    ELSIF state = 'active' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is active', key_name, _require_retired.version
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Only a retired version, which no value uses any more, can be destroyed.',
+                  HINT = 'Rotate the key, re-encrypt its values, then retire the version with pgphi.retire_key_version().';
+    ELSIF state <> 'retired' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is not retired', key_name, _require_retired.version
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Only a retired version, which no value uses any more, can be destroyed.',
+                  HINT = 'Re-encrypt its values, then retire the version with pgphi.retire_key_version().';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION pgphi.approve_destroy(name text, version integer) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(approve_destroy.name);
+    approver name := session_user;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    END IF;
+    IF NOT pg_catalog.pg_has_role(approver, 'pgphi_key_custodian', 'MEMBER') THEN
+        RAISE EXCEPTION 'only key custodians can approve destroying a key'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the approving role.';
+    END IF;
+    PERFORM pgphi._require_retired(approve_destroy.name, target_id, approve_destroy.version, false);
+    INSERT INTO pgphi.destroy_approvals (key_id, version, approved_by)
+        VALUES (target_id, approve_destroy.version, approver)
+        ON CONFLICT ON CONSTRAINT destroy_approvals_pkey DO UPDATE SET approved_at = pg_catalog.now();
+END
+$$;
+
+-- Crypto-shredding: erases a retired key version's wrapped DEK (every stored
+-- copy of it, when this commits) and drops it from every cache. Values under
+-- it can never be decrypted again.
+CREATE FUNCTION pgphi.destroy_key(name text, version integer) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(destroy_key.name);
+    approvers name[];
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    END IF;
+    -- Locks the row: nobody un-retires, rewraps or destroys it meanwhile.
+    PERFORM pgphi._require_retired(destroy_key.name, target_id, destroy_key.version, true);
+    SELECT array_agg(a.approved_by ORDER BY a.approved_by) INTO approvers
+      FROM pgphi.destroy_approvals a
+     WHERE a.key_id = target_id AND a.version = destroy_key.version
+       AND a.approved_at > pg_catalog.now() - interval '1 day'
+       AND pg_catalog.pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+    IF coalesce(pg_catalog.cardinality(approvers), 0) < 2 THEN
+        RAISE EXCEPTION 'destroying pgphi key "%" version % needs the approval of two key custodians',
+            destroy_key.name, destroy_key.version
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = pg_catalog.format('Approved by: %s.', coalesce(pg_catalog.array_to_string(approvers, ', '), 'nobody')),
+                  HINT = 'Two different members of pgphi_key_custodian must call pgphi.approve_destroy().';
+    END IF;
+    -- The guard trigger schedules the erasure of every older copy of the
+    -- wrapped DEK at commit (pgphi._shred_at_commit).
+    UPDATE pgphi.key_versions v SET state = 'destroyed', wrapped_dek = NULL, destroyed_at = pg_catalog.now()
+     WHERE v.key_id = target_id AND v.version = destroy_key.version;
+    DELETE FROM pgphi.destroy_approvals a WHERE a.key_id = target_id AND a.version = destroy_key.version;
+    -- Wipe the plaintext DEK from shared memory and every session once this
+    -- commits (before, a concurrent decrypt could load it again).
+    PERFORM pgphi._flush_cache_at_commit();
+END
+$$;
+
+-- Crypto-shredding. destroy_key sets wrapped_dek to NULL; every
+-- older tuple version of the row still holds the wrapped DEK (left by the
+-- destroying UPDATE, and by every rotation, rewrap and retirement before it),
+-- and so does the free space of pages that VACUUM pruned. When a transaction
+-- that destroys a version commits, pgphi._shred_at_commit overwrites all of
+-- them in place, WAL-logged so standbys get the same pages (see
+-- src/pg/shredding.cpp for why at pre-commit and how).
+CREATE FUNCTION pgphi._shred_at_commit(key_id integer, version integer) RETURNS void
+    AS 'MODULE_PATHNAME', 'pgphi_shred_at_commit' LANGUAGE C VOLATILE STRICT;
+
+-- A version never leaves "destroyed", whoever tries and by whatever path
+-- (a superuser's UPDATE that puts a saved wrapped DEK back, a DELETE and
+-- re-INSERT, replication apply): the row's identity, state, DEK and time of
+-- destruction are frozen, and its record is kept. Any change that makes a
+-- version destroyed, by destroy_key or by direct DML, schedules the erasure
+-- of every stored copy of its wrapped DEK.
+CREATE FUNCTION pgphi._key_version_guard() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        IF EXISTS (SELECT FROM pgphi.key_versions v WHERE v.state = 'destroyed') THEN
+            RAISE EXCEPTION 'cannot truncate pgphi.key_versions: it records destroyed key versions'
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'The record of a destroyed key version is kept.';
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF OLD.state = 'destroyed' THEN
+        IF TG_OP = 'DELETE' OR NEW.key_id IS DISTINCT FROM OLD.key_id OR NEW.version IS DISTINCT FROM OLD.version
+           OR NEW.state IS DISTINCT FROM OLD.state OR NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek
+           OR NEW.destroyed_at IS DISTINCT FROM OLD.destroyed_at THEN
+            RAISE EXCEPTION 'pgphi key "%" version % has been destroyed',
+                (SELECT k.name FROM pgphi.keys k WHERE k.key_id = OLD.key_id), OLD.version
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'A destroyed key version stays destroyed: its record is kept, and its key, '
+                               'version, state, DEK and time of destruction cannot change.';
+        END IF;
+    ELSIF TG_OP = 'UPDATE' AND NEW.state = 'destroyed' THEN
+        -- The erasure at commit cannot be undone, and under SERIALIZABLE the
+        -- commit can still fail after it (PostgreSQL checks for
+        -- serialization failures after the pre-commit callbacks). Not when
+        -- a logical replication worker applies a destruction already made
+        -- (under default_transaction_isolation = serializable it would
+        -- retry for ever).
+        IF pg_catalog.current_setting('transaction_isolation') = 'serializable'
+           AND pg_catalog.current_setting('session_replication_role') <> 'replica' THEN
+            RAISE EXCEPTION 'cannot destroy a pgphi key version in a SERIALIZABLE transaction'
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Destroy it in a READ COMMITTED or REPEATABLE READ transaction.';
+        END IF;
+        PERFORM pgphi._shred_at_commit(NEW.key_id, NEW.version);
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER key_versions_guard BEFORE UPDATE OR DELETE ON pgphi.key_versions
+    FOR EACH ROW EXECUTE FUNCTION pgphi._key_version_guard();
+CREATE TRIGGER key_versions_guard_truncate BEFORE TRUNCATE ON pgphi.key_versions
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._key_version_guard();
+
+-- Also under session_replication_role = replica.
+ALTER TABLE pgphi.key_versions ENABLE ALWAYS TRIGGER key_versions_guard;
+
+ALTER TABLE pgphi.key_versions ENABLE ALWAYS TRIGGER key_versions_guard_truncate;
+
+GRANT EXECUTE ON FUNCTION pgphi.key_version_usage(text, integer, interval),
+    pgphi.retire_key_version(text, integer, regclass[], text, interval),
+    pgphi.unretire_key_version(text, integer), pgphi.approve_destroy(text, integer),
+    pgphi.destroy_key(text, integer) TO pgphi_key_custodian;
