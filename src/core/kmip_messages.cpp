@@ -99,13 +99,15 @@ std::vector<uint8_t> request_message(Operation operation, Item payload)
     return encode(message);
 }
 
-Item locate_by_name(const std::string& name)
+Item locate_by_name(const std::string& name, bool active_only)
 {
-    return Item::structure(tag::RequestPayload,
-                           {Item::integer(tag::MaximumItems, 16),
-                            attribute("Object Type", Item::enumeration(0, kObjectTypeSymmetricKey)),
-                            attribute("State", Item::enumeration(0, static_cast<uint32_t>(State::Active))),
-                            attribute("Name", name_value(name))});
+    Item payload = Item::structure(tag::RequestPayload,
+                                   {Item::integer(tag::MaximumItems, 16),
+                                    attribute("Object Type", Item::enumeration(0, kObjectTypeSymmetricKey))});
+    if (active_only)
+        payload.add(attribute("State", Item::enumeration(0, static_cast<uint32_t>(State::Active))));
+    payload.add(attribute("Name", name_value(name)));
+    return payload;
 }
 
 Item get_state(const std::string& unique_id)

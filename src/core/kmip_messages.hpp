@@ -61,7 +61,8 @@ inline constexpr size_t kGcmTagSize = 16;
 // A whole Request Message with one batch item.
 std::vector<uint8_t> request_message(Operation operation, Item payload);
 
-Item locate_by_name(const std::string& name);        // active symmetric keys named `name`
+// Symmetric keys named `name`; only the active ones when `active_only`.
+Item locate_by_name(const std::string& name, bool active_only = true);
 Item get_state(const std::string& unique_id);
 Item create_aes256(const std::string& name);         // usable to encrypt and decrypt
 Item activate(const std::string& unique_id);

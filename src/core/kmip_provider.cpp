@@ -113,10 +113,15 @@ kmip::Response KmipKeyProvider::call(kmip::Operation operation, kmip::Item paylo
     return response;
 }
 
-void KmipKeyProvider::refuse(kmip::Operation operation, const kmip::Response& response, const std::string& unique_id)
+void KmipKeyProvider::refuse(kmip::Operation operation, const kmip::Response& response, const std::string& unique_id,
+                             bool show_id)
 {
-    std::string said = std::string(kmip::reason_name(response.reason)) +
-                       (response.message.empty() ? "" : ": " + response.message);
+    // The server's own message often repeats the object's identifier: it is
+    // left out when that identifier is the caller's reference.
+    bool quote_server = !response.message.empty() &&
+                        (show_id || response.message.find(unique_id) == std::string::npos);
+    std::string said = std::string(kmip::reason_name(response.reason)) + (quote_server ? ": " + response.message : "");
+    std::string object = show_id ? "the KMIP KEK object \"" + unique_id + "\"" : std::string("the KMIP KEK");
     bool uses_key = operation == kmip::Operation::Encrypt || operation == kmip::Operation::Decrypt;
     if (response.status != 1)
         throw Error(ErrorCode::ProviderError, "the KMIP server did not complete the request (status " +
@@ -128,8 +133,7 @@ void KmipKeyProvider::refuse(kmip::Operation operation, const kmip::Response& re
         if (state.ok()) {
             uint32_t s = kmip::state_of(state.payload);
             if (s != static_cast<uint32_t>(kmip::State::Active))
-                throw Error(ErrorCode::KeyManagerKeyDisabled,
-                            std::string("the KMIP KEK object \"") + unique_id + "\" is " + kmip::state_name(s),
+                throw Error(ErrorCode::KeyManagerKeyDisabled, object + " is " + kmip::state_name(s),
                             "The KMIP server keeps a key that is not active from encrypting or decrypting.",
                             s == static_cast<uint32_t>(kmip::State::PreActive)
                                 ? "Activate the key on the KMIP server."
@@ -145,11 +149,13 @@ void KmipKeyProvider::refuse(kmip::Operation operation, const kmip::Response& re
     case kmip::reason::ItemNotFound:
         if (operation == kmip::Operation::Decrypt)
             throw Error(ErrorCode::KeyManagerKeyDisabled,
-                        "the KMIP KEK object \"" + unique_id + "\" that wrapped this DEK no longer exists: " + said,
+                        object + " that wrapped this DEK no longer exists: " + said,
                         "It was destroyed on the KMIP server; DEKs wrapped only by it cannot be unwrapped.");
-        throw Error(ErrorCode::KeyNotFound, "the KMIP server has no key \"" + unique_id + "\": " + said);
+        throw Error(ErrorCode::KeyNotFound, "the KMIP server has no such key: " + said, {},
+                    "kek names a symmetric key by its Name attribute or its Unique Identifier; the key must "
+                    "belong to the identity of pgphi's client certificate.");
     case kmip::reason::ObjectArchived:
-        throw Error(ErrorCode::KeyManagerKeyDisabled, "the KMIP KEK object \"" + unique_id + "\" is archived");
+        throw Error(ErrorCode::KeyManagerKeyDisabled, object + " is archived");
     case kmip::reason::CryptographicFailure:
         if (operation == kmip::Operation::Decrypt)
             throw Error(ErrorCode::WrappedDekInvalid, "the KMIP server could not unwrap the DEK: " + said,
@@ -165,25 +171,44 @@ void KmipKeyProvider::refuse(kmip::Operation operation, const kmip::Response& re
     throw Error(ErrorCode::ProviderError, "the KMIP server refused the request: " + said);
 }
 
-std::string KmipKeyProvider::resolve(const std::string& kek_ref)
+KmipKeyProvider::Resolved KmipKeyProvider::resolve(const std::string& kek_ref)
 {
     check_ref(kek_ref);
     kmip::Response located = call(kmip::Operation::Locate, kmip::locate_by_name(kek_ref));
     if (!located.ok())
-        refuse(kmip::Operation::Locate, located, kek_ref);
+        refuse(kmip::Operation::Locate, located, kek_ref, false);
     std::vector<std::string> ids = kmip::located_ids(located.payload);
     if (!ids.empty())
-        return ids.front(); // the newest active key of that name
-    // No active key of that name: the reference is a unique identifier, or
-    // names keys none of which is active (Encrypt then reports the state).
-    return kek_ref;
+        return Resolved{ids.front(), true}; // the newest active key of that name
+    // No active key of that name: keys of that name that are not active
+    // (their state is the answer), or the reference is a unique identifier.
+    kmip::Response any = call(kmip::Operation::Locate, kmip::locate_by_name(kek_ref, false));
+    if (any.ok()) {
+        ids = kmip::located_ids(any.payload);
+        if (!ids.empty()) {
+            kmip::Response state = call(kmip::Operation::GetAttributes, kmip::get_state(ids.front()));
+            if (!state.ok())
+                refuse(kmip::Operation::GetAttributes, state, ids.front(), true);
+            uint32_t s = kmip::state_of(state.payload);
+            throw Error(ErrorCode::KeyManagerKeyDisabled,
+                        "no key of the KEK's name is active on the KMIP server: the newest, \"" + ids.front() +
+                            "\", is " + kmip::state_name(s),
+                        {}, "Activate a key of that name, or create a new one (pgphi.create_kek).");
+        }
+    }
+    return Resolved{kek_ref, false};
 }
 
 WrappedDek KmipKeyProvider::wrap(const std::string& kek_ref, const SecureBytes& dek, const DekBinding& binding)
 {
+    return wrap_under(resolve(kek_ref), dek, binding);
+}
+
+WrappedDek KmipKeyProvider::wrap_under(const Resolved& resolved, const SecureBytes& dek, const DekBinding& binding)
+{
     if (dek.size() != kDekSize)
         throw Error(ErrorCode::Internal, "a DEK to wrap has the wrong size");
-    std::string unique_id = resolve(kek_ref);
+    const std::string& unique_id = resolved.unique_id;
     if (unique_id.size() > kMaxUniqueId)
         throw Error(ErrorCode::ProviderError, "the KMIP key's unique identifier is too long");
     KmipWrapped w;
@@ -196,7 +221,7 @@ WrappedDek KmipKeyProvider::wrap(const std::string& kek_ref, const SecureBytes& 
         call(kmip::Operation::Encrypt, kmip::encrypt(unique_id, ByteView(dek.data(), dek.size()),
                                                      ByteView(w.iv.data(), w.iv.size()), ByteView(aad.data(), aad.size())));
     if (!response.ok())
-        refuse(kmip::Operation::Encrypt, response, unique_id);
+        refuse(kmip::Operation::Encrypt, response, unique_id, resolved.known);
     kmip::Encrypted sealed = kmip::encrypted_of(response.payload, kDekSize);
     w.ciphertext = std::move(sealed.ciphertext);
     w.tag = std::move(sealed.tag);
@@ -213,33 +238,32 @@ SecureBytes KmipKeyProvider::unwrap(const std::string& kek_ref, ByteView wrapped
         kmip::decrypt(w.unique_id, ByteView(w.ciphertext.data(), w.ciphertext.size()), ByteView(w.iv.data(), w.iv.size()),
                       ByteView(aad.data(), aad.size()), ByteView(w.tag.data(), w.tag.size())));
     if (!response.ok())
-        refuse(kmip::Operation::Decrypt, response, w.unique_id);
+        refuse(kmip::Operation::Decrypt, response, w.unique_id, true);
     return kmip::decrypted_of(response.payload, kDekSize);
 }
 
 WrappedDek KmipKeyProvider::rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding)
 {
     KmipWrapped old = KmipWrapped::parse(wrapped);
-    std::string current = resolve(kek_ref);
-    if (current == old.unique_id)
-        return WrappedDek{std::vector<uint8_t>(wrapped.data, wrapped.data + wrapped.size), current};
+    Resolved current = resolve(kek_ref);
+    if (current.unique_id == old.unique_id)
+        return WrappedDek{std::vector<uint8_t>(wrapped.data, wrapped.data + wrapped.size), current.unique_id};
     // KMIP has no re-encrypt: the DEK is unwrapped and wrapped again in the
     // broker, and wiped there.
     SecureBytes dek = unwrap(kek_ref, wrapped, binding);
-    return wrap(current, dek, binding);
+    return wrap_under(current, dek, binding);
 }
 
 KekDescription KmipKeyProvider::describe(const std::string& kek_ref)
 {
-    std::string unique_id = resolve(kek_ref);
-    kmip::Response state = call(kmip::Operation::GetAttributes, kmip::get_state(unique_id));
+    Resolved resolved = resolve(kek_ref);
+    kmip::Response state = call(kmip::Operation::GetAttributes, kmip::get_state(resolved.unique_id));
     if (!state.ok())
-        refuse(kmip::Operation::GetAttributes, state, unique_id);
+        refuse(kmip::Operation::GetAttributes, state, resolved.unique_id, resolved.known);
     uint32_t s = kmip::state_of(state.payload);
     if (s != static_cast<uint32_t>(kmip::State::Active))
-        throw Error(ErrorCode::KeyManagerKeyDisabled,
-                    std::string("the KMIP KEK object \"") + unique_id + "\" is " + kmip::state_name(s));
-    return KekDescription{name(), kek_ref, unique_id};
+        throw Error(ErrorCode::KeyManagerKeyDisabled, std::string("the KMIP KEK is ") + kmip::state_name(s));
+    return KekDescription{name(), kek_ref, resolved.unique_id};
 }
 
 std::string KmipKeyProvider::create_kek(const std::string& kek_name)
@@ -247,11 +271,11 @@ std::string KmipKeyProvider::create_kek(const std::string& kek_name)
     check_ref(kek_name);
     kmip::Response created = call(kmip::Operation::Create, kmip::create_aes256(kek_name));
     if (!created.ok())
-        refuse(kmip::Operation::Create, created, kek_name);
+        refuse(kmip::Operation::Create, created, kek_name, false);
     std::string unique_id = kmip::unique_id_of(created.payload);
     kmip::Response activated = call(kmip::Operation::Activate, kmip::activate(unique_id));
     if (!activated.ok())
-        refuse(kmip::Operation::Activate, activated, unique_id);
+        refuse(kmip::Operation::Activate, activated, unique_id, true);
     return unique_id;
 }
 

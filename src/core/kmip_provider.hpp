@@ -54,13 +54,22 @@ public:
     KekDescription describe(const std::string& kek_ref) override;
     std::string create_kek(const std::string& kek_name) override;
 
-    // The unique identifier a KEK reference stands for now.
-    std::string resolve(const std::string& kek_ref);
+    // The unique identifier a KEK reference stands for now; `known` tells
+    // whether the server named it (a Locate answer) or it is the reference
+    // itself, which messages do not repeat (it could be PHI passed by mistake).
+    struct Resolved {
+        std::string unique_id;
+        bool known = false;
+    };
+    Resolved resolve(const std::string& kek_ref);
 
 private:
     kmip::Response call(kmip::Operation operation, kmip::Item payload);
+    WrappedDek wrap_under(const Resolved& resolved, const SecureBytes& dek, const DekBinding& binding);
     // Throws the error for a failed answer about object `unique_id`.
-    [[noreturn]] void refuse(kmip::Operation operation, const kmip::Response& response, const std::string& unique_id);
+    // `show_id`: the identifier came from the server and may be named.
+    [[noreturn]] void refuse(kmip::Operation operation, const kmip::Response& response, const std::string& unique_id,
+                             bool show_id);
     static void check_ref(const std::string& kek_ref);
 
     KmipSettings settings_;
