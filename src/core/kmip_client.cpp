@@ -11,6 +11,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -99,6 +101,40 @@ bool is_ip_address(const std::string& host)
 }
 
 const std::string kService = "the KMIP server";
+
+// A write to a connection the server has closed raises SIGPIPE, whose
+// default action ends the process. As libpq does: block it while pgphi
+// talks to the server, and take back one that the writes raised.
+class BlockSigpipe {
+public:
+    BlockSigpipe()
+    {
+        sigset_t pipe;
+        sigemptyset(&pipe);
+        sigaddset(&pipe, SIGPIPE);
+        pthread_sigmask(SIG_BLOCK, &pipe, &previous_);
+        sigset_t pending;
+        was_pending_ = sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) == 1;
+    }
+    ~BlockSigpipe()
+    {
+        sigset_t pending;
+        if (!was_pending_ && sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) == 1) {
+            sigset_t pipe;
+            sigemptyset(&pipe);
+            sigaddset(&pipe, SIGPIPE);
+            timespec none{0, 0};
+            sigtimedwait(&pipe, nullptr, &none);
+        }
+        pthread_sigmask(SIG_SETMASK, &previous_, nullptr);
+    }
+    BlockSigpipe(const BlockSigpipe&) = delete;
+    BlockSigpipe& operator=(const BlockSigpipe&) = delete;
+
+private:
+    sigset_t previous_;
+    bool was_pending_ = false;
+};
 
 } // namespace
 
@@ -313,6 +349,7 @@ void Client::read_all(uint8_t* data, size_t size, int64_t deadline_ms)
 
 std::vector<uint8_t> Client::exchange(const std::vector<uint8_t>& request)
 {
+    BlockSigpipe no_sigpipe;
     // A kept connection the server has closed meanwhile fails at once: open
     // a new one and send again, once.
     for (int attempt = 0;; ++attempt) {
