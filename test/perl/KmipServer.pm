@@ -64,6 +64,9 @@ sub start
 	die "fork: $!" unless defined $pid;
 	if ($pid == 0)
 	{
+		# A process group of its own: the server starts a child (its policy
+		# file monitor) that must go away with it.
+		setpgrp(0, 0);
 		open(STDOUT, '>>', "$self->{dir}/stdout") or die;
 		open(STDERR, '>&', \*STDOUT) or die;
 		exec('/usr/bin/pykmip-server', '-f', "$self->{dir}/server.conf", '-l', $self->{log})
@@ -80,12 +83,12 @@ sub start
 }
 
 # The server goes away at once, as in a crash (pykmip-server takes about ten
-# seconds to stop on SIGTERM); its SQLite database survives that.
+# seconds to stop on SIGTERM), with its child; its SQLite database survives.
 sub stop
 {
 	my ($self) = @_;
 	my $pid = delete $self->{pid} or return;
-	kill 'KILL', $pid;
+	kill 'KILL', -$pid;    # the server's process group
 	waitpid($pid, 0);
 }
 
