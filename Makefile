@@ -31,7 +31,7 @@ OBJS = $(patsubst %.cpp,%.o,$(wildcard src/core/*.cpp src/pg/*.cpp))
 # changed header rebuilds every object that uses it (PGXS alone does not).
 PG_CXXFLAGS = -MMD -MP -std=c++17 -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
               -Wno-register -Werror
-SHLIB_LINK = -lcrypto -lcurl -lstdc++
+SHLIB_LINK = -lssl -lcrypto -lcurl -lstdc++
 
 # No LLVM bitcode: JIT inlining of this module is not worth a clang dependency.
 override with_llvm = no

@@ -18,6 +18,7 @@ PACKAGES=(
     libipc-run-perl                     # TAP tests (PostgreSQL::Test::Cluster)
     python3 python3-cryptography        # the Vault / KMS emulator in test/emulator
     awscli python3-boto3 python3-hvac   # independent clients that check the emulator
+    python3-pykmip                      # pykmip-server: a real KMIP server for test/t/024_kmip.pl
 )
 
 # scripts/build-postgres.sh builds PostgreSQL 17 and 18 from source.

@@ -80,7 +80,7 @@ run_fuzz() {
     local seconds=${FUZZ_SECONDS:-15} status=0 target corpus dict log
     CXX=clang++ cmake -S . -B build-fuzz -DPGPHI_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null &&
         cmake --build build-fuzz -j2 >/dev/null || return 1
-    for target in ciphertext vault_response kms_response aws_credentials; do
+    for target in ciphertext vault_response kms_response aws_credentials kmip_ttlv; do
         corpus=$(mktemp -d)
         dict=()
         [ -f "test/fuzz/$target.dict" ] && dict=(-dict="test/fuzz/$target.dict")

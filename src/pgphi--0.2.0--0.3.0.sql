@@ -2277,6 +2277,68 @@ SELECT v.key_id, v.version,
 
 
 ------------------------------------------------------------------------------
+-- Section: kmip provider.
+-- A KMIP 1.4 server as key manager (src/core/kmip_*.cpp, docs/provider-kmip.md):
+-- create_key(..., provider => 'kmip', kek => name or unique identifier),
+-- and pgphi.create_kek() for a KEK created by pgphi on request, the way to
+-- give a named KEK a new version that rewrap_keys moves DEKs onto.
+------------------------------------------------------------------------------
+
+-- create_key: as in the plaintext section, with kmip among the providers
+-- that need a KEK named.
+CREATE OR REPLACE FUNCTION pgphi.create_key(name text, provider text DEFAULT 'local', kek text DEFAULT NULL)
+    RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    new_key_id integer;
+    kek_ref text := coalesce(create_key.kek, CASE WHEN create_key.provider = 'local' THEN 'default' END);
+    dek record;
+BEGIN
+    IF create_key.name IS NULL OR create_key.name !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid pgphi key name'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.',
+                  HINT = 'Key names have 1 to 63 letters, digits, "_", "." or "-", and start with a letter or "_".';
+    END IF;
+    IF create_key.provider IS NULL THEN
+        RAISE EXCEPTION 'a pgphi key needs a provider' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF kek_ref IS NULL THEN
+        RAISE EXCEPTION '%', CASE WHEN create_key.provider IN ('vault', 'aws_kms', 'kmip') THEN format('provider %s needs the KEK to use', create_key.provider) ELSE 'unknown pgphi key provider' END
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, or the KMIP key''s Name or Unique Identifier.';
+    END IF;
+    IF EXISTS (SELECT FROM pgphi.keys k WHERE k.name = create_key.name) THEN
+        RAISE EXCEPTION 'pgphi key "%" already exists', create_key.name USING ERRCODE = 'duplicate_object';
+    END IF;
+
+    INSERT INTO pgphi.keys (name, provider, kek_ref)
+        VALUES (create_key.name, create_key.provider, kek_ref)
+        RETURNING key_id INTO new_key_id;
+    SELECT * INTO dek FROM pgphi._generate_wrapped_dek(
+        create_key.provider, kek_ref, new_key_id, 1, create_key.name,
+        NOT EXISTS (SELECT FROM pgphi.keys k WHERE k.provider = 'local' AND k.key_id <> new_key_id));
+    INSERT INTO pgphi.key_versions (key_id, version, state, wrapped_dek, kek_version)
+        VALUES (new_key_id, 1, 'active', dek.wrapped_dek, dek.kek_version);
+    RETURN new_key_id;
+END
+$$;
+
+-- pgphi.create_kek(provider, kek_name): a new KEK in the key manager (only
+-- kmip can: Create and Activate an AES-256 key with that Name), made by the
+-- provider's key broker; returns its reference (KMIP: Unique Identifier).
+-- Key custodians only: it changes the key manager, not pgphi's catalog.
+CREATE FUNCTION pgphi.create_kek(provider text, kek_name text) RETURNS text
+    AS 'MODULE_PATHNAME', 'pgphi_create_kek' LANGUAGE C VOLATILE STRICT;
+REVOKE ALL ON FUNCTION pgphi.create_kek(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.create_kek(text, text) TO pgphi_key_custodian;
+
+-- (end of section: kmip provider)
+
+
+
+------------------------------------------------------------------------------
 -- Last: every table of pgphi's catalog gets the audit triggers, including the
 -- tables the sections above add.
 ------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ GeneratedDek KeyProvider::generate_dek(const std::string& kek_ref, const DekBind
     return generated;
 }
 
+std::string KeyProvider::create_kek(const std::string&)
+{
+    throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot create KEKs", {},
+                "Create the KEK in the key manager and pass it as kek; pgphi creates KEKs in KMIP servers only.");
+}
+
 std::string KeyProvider::audit_mac(const std::string&, ByteView)
 {
     throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot anchor the audit log");

@@ -64,6 +64,13 @@ public:
     // generate data keys themselves override it.
     virtual GeneratedDek generate_dek(const std::string& kek_ref, const DekBinding& binding);
 
+    // Creates a new KEK in the key manager, for a KEK "created by pgphi on
+    // request" (pgphi.create_kek); returns the reference that names the new
+    // key's own version (KMIP: its unique identifier). A new KEK of an
+    // existing name becomes that name's newest version, which rewrap_keys
+    // moves DEKs onto. By default a provider cannot: ConfigError.
+    virtual std::string create_kek(const std::string& kek_name);
+
     // Audit anchors: a MAC over `message` under a key that stays in the key
     // manager (the local provider: HMAC-SHA-256 under a key derived from its
     // KEK with its own HKDF label). The MAC is printable text, stored as is.

@@ -325,7 +325,10 @@ void run_admin(SharedState* state, int index)
     bool ok = run_core(failure, [&] {
         KeyProvider& provider = provider_named(key.provider);
         WrappedDek result;
-        if (operation == AdminRequest::Operation::Rewrap) {
+        if (operation == AdminRequest::Operation::CreateKek) {
+            // A new KEK in the key manager; its own reference comes back as the "KEK version".
+            result.kek_version = provider.create_kek(key.kek_ref);
+        } else if (operation == AdminRequest::Operation::Rewrap) {
             // Inside the key manager where it can (Vault rewrap, KMS ReEncrypt).
             result = provider.rewrap(key.kek_ref, ByteView(key.wrapped, key.wrapped_size), binding_of(key));
         } else {
@@ -343,7 +346,10 @@ void run_admin(SharedState* state, int index)
     state->stats.key_manager_calls.fetch_add(1, std::memory_order_relaxed);
     if (!ok) {
         state->stats.key_manager_errors.fetch_add(1, std::memory_order_relaxed);
-        log_failure(operation == AdminRequest::Operation::Rewrap ? "rewrap" : "creation", key, failure);
+        log_failure(operation == AdminRequest::Operation::Rewrap      ? "rewrap"
+                    : operation == AdminRequest::Operation::CreateKek ? "KEK creation"
+                                                                      : "creation",
+                    key, failure);
     }
 
     LWLockAcquire(state->lock, LW_EXCLUSIVE);

@@ -119,3 +119,27 @@ PGPHI_FUNCTION(pgphi_rewrap_dek)
     run_admin_request(AdminRequest::Operation::Rewrap, key, false, result);
     PG_RETURN_DATUM(wrapped_result(fcinfo, *result));
 }
+
+// pgphi.create_kek(provider, kek_name) RETURNS text, STRICT: a new KEK made
+// in the key manager by the provider's broker (KMIP: Create and Activate an
+// AES-256 key with that Name). Returns the new KEK's own reference (KMIP:
+// its Unique Identifier). A KEK of an existing name becomes its newest
+// version: pgphi.rewrap_keys() then moves that name's DEKs onto it.
+PGPHI_FUNCTION(pgphi_create_kek)
+{
+    cache::UnwrapRequest key;
+    memset(&key, 0, sizeof(key));
+    copy_text_arg(PG_GETARG_TEXT_PP(0), key.provider, sizeof(key.provider), "provider name");
+    // The broker logs the provider of a failed request: only a known one
+    // gets there (an unknown name is not repeated; it could be PHI).
+    bool known = strcmp(key.provider, "local") == 0;
+    for (int i = 1; i < kBrokers; ++i)
+        known |= strcmp(key.provider, kBrokerProviders[i]) == 0;
+    if (!known)
+        ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("unknown pgphi key provider"),
+                        errhint("Available providers: local, vault, aws_kms, kmip.")));
+    copy_text_arg(PG_GETARG_TEXT_PP(1), key.kek_ref, sizeof(key.kek_ref), "KEK name");
+    AdminRequest* result = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
+    run_admin_request(AdminRequest::Operation::CreateKek, key, false, result);
+    PG_RETURN_TEXT_P(cstring_to_text(result->kek_version));
+}

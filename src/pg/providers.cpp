@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../core/error.hpp"
+#include "../core/kmip_provider.hpp"
 #include "../core/kms_provider.hpp"
 #include "../core/local_provider.hpp"
 #include "../core/vault_provider.hpp"
@@ -39,8 +40,9 @@ std::string configuration_fingerprint()
                           vault_approle_role_id_file, vault_approle_secret_id_file, vault_approle_mount,
                           vault_ca_file, vault_client_cert, vault_client_key, aws_region, aws_kms_endpoint,
                           aws_credentials_file, aws_profile, aws_imds_endpoint, aws_ca_file, aws_client_cert,
-                          aws_client_key})
+                          aws_client_key, kmip_host, kmip_client_cert, kmip_client_key, kmip_ca})
         all += str(s) + '\n';
+    all += std::to_string(kmip_port) + ',';
     all += std::to_string(aws_use_environment) + std::to_string(provider_connect_timeout_ms) + ',' +
            std::to_string(provider_timeout_ms) + ',' + std::to_string(provider_max_retries) + ',' +
            std::to_string(allow_insecure_http_loopback);
@@ -81,8 +83,17 @@ std::unique_ptr<KeyProvider> build(std::string_view name)
         settings.credentials.allow_http_loopback = allow_insecure_http_loopback;
         return std::make_unique<KmsKeyProvider>(std::move(settings));
     }
+    if (name == "kmip") {
+        KmipSettings settings;
+        settings.client.host = str(kmip_host);
+        settings.client.port = kmip_port;
+        settings.client.tls = TlsSettings{str(kmip_ca), str(kmip_client_cert), str(kmip_client_key)};
+        settings.client.timeouts = timeouts();
+        settings.retry = retry_policy();
+        return std::make_unique<KmipKeyProvider>(std::move(settings));
+    }
     throw Error(ErrorCode::InvalidArgument, "unknown pgphi key provider", {},
-                "Available providers: local, vault, aws_kms.");
+                "Available providers: local, vault, aws_kms, kmip.");
 }
 
 std::string g_fingerprint;

@@ -28,6 +28,11 @@ char* aws_imds_endpoint;
 char* aws_ca_file;
 char* aws_client_cert;
 char* aws_client_key;
+char* kmip_host;
+int kmip_port;
+char* kmip_client_cert;
+char* kmip_client_key;
+char* kmip_ca;
 int provider_connect_timeout_ms;
 int provider_timeout_ms;
 int provider_max_retries;
@@ -71,6 +76,11 @@ const StringSetting kStringSettings[] = {
     {"pgphi.aws_ca_file", &aws_ca_file, "", "CA bundle that signs the KMS endpoint's certificate."},
     {"pgphi.aws_client_cert", &aws_client_cert, "", "Client certificate for mutual TLS with the KMS endpoint."},
     {"pgphi.aws_client_key", &aws_client_key, "", "Client key for mutual TLS with the KMS endpoint."},
+    {"pgphi.kmip_host", &kmip_host, "", "KMIP server's host name or address; empty: no KMIP provider."},
+    {"pgphi.kmip_client_cert", &kmip_client_cert, "", "Client certificate (PEM) pgphi presents to the KMIP server."},
+    {"pgphi.kmip_client_key", &kmip_client_key, "",
+     "Client key (PEM) for the KMIP server; a file of the server account, mode 0600."},
+    {"pgphi.kmip_ca", &kmip_ca, "", "CA bundle that signs the KMIP server's certificate (default: system store)."},
 };
 
 void define_string(const StringSetting& s)
@@ -90,6 +100,8 @@ void define_settings()
                              "Take AWS credentials from the server's environment (AWS_ACCESS_KEY_ID, ...).",
                              nullptr, &aws_use_environment, true, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr,
                              nullptr, nullptr);
+    DefineCustomIntVariable("pgphi.kmip_port", "TCP port of the KMIP server.", nullptr, &kmip_port, 5696, 1,
+                            65535, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);
     DefineCustomIntVariable("pgphi.provider_connect_timeout", "Time limit for connecting to a key manager.",
                             nullptr, &provider_connect_timeout_ms, 2000, 100, 60000, PGC_SIGHUP,
                             GUC_UNIT_MS | GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);

@@ -30,6 +30,11 @@ extern char* aws_imds_endpoint;
 extern char* aws_ca_file;
 extern char* aws_client_cert;
 extern char* aws_client_key;
+extern char* kmip_host;
+extern int kmip_port;
+extern char* kmip_client_cert;
+extern char* kmip_client_key;
+extern char* kmip_ca;
 
 // All remote providers
 extern int provider_connect_timeout_ms;

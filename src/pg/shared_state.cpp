@@ -630,7 +630,11 @@ void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapReq
     }
     ConditionVariableCancelSleep();
     if (!result->ok)
-        raise_failure(result->failure, operation == AdminRequest::Operation::Generate ? "generate" : "rewrap", key);
+        raise_failure(result->failure,
+                      operation == AdminRequest::Operation::Generate    ? "generate"
+                      : operation == AdminRequest::Operation::CreateKek ? "create_kek"
+                                                                        : "rewrap",
+                      key);
 }
 
 } // namespace pgphi::pg

@@ -21,10 +21,12 @@ extern "C" {
 namespace pgphi::pg {
 
 // A request that is not an unwrap: generate a new DEK (create_key,
-// rotate_key), or rewrap one under the KEK's newest version (rewrap_keys).
+// rotate_key), rewrap one under the KEK's newest version (rewrap_keys), or
+// create a KEK in the key manager (create_kek: key.kek_ref is its name, and
+// kek_version returns the new KEK's own reference).
 struct AdminRequest {
     enum class State : uint8_t { Free, Pending, InFlight, Done };
-    enum class Operation : uint8_t { Generate, Rewrap };
+    enum class Operation : uint8_t { Generate, Rewrap, CreateKek };
     State state;
     Operation operation;
     uint64_t ticket;              // identifies the requester's use of the slot
@@ -75,12 +77,12 @@ inline constexpr int kUsageEntries = 1024;
 // Broker 0, "the" broker of pgphi.broker_status(), serves the local provider
 // (and any other name, to report it unknown) and does the housekeeping: seal
 // counts, rotation workers, audit writers.
-inline constexpr int kBrokers = 3;
-inline constexpr const char* kBrokerProviders[kBrokers] = {nullptr, "vault", "aws_kms"};
+inline constexpr int kBrokers = 4;
+inline constexpr const char* kBrokerProviders[kBrokers] = {nullptr, "vault", "aws_kms", "kmip"};
 
 // Whether broker `index` serves keys of `provider`. A remote provider's
 // broker is registered only when that provider is configured at server start
-// (pgphi.vault_addr, pgphi.aws_region or pgphi.aws_kms_endpoint); otherwise
+// (pgphi.vault_addr, pgphi.aws_region or pgphi.aws_kms_endpoint, pgphi.kmip_host); otherwise
 // broker 0 serves its keys (one configured later, by a reload).
 bool broker_serves(int index, const char* provider);
 bool broker_registered(int index);

@@ -34,9 +34,9 @@ BEGIN
         RAISE EXCEPTION 'a pgphi key needs a provider' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF kek_ref IS NULL THEN
-        RAISE EXCEPTION '%', CASE WHEN create_key.provider IN ('vault', 'aws_kms') THEN format('provider %s needs the KEK to use', create_key.provider) ELSE 'unknown pgphi key provider' END
+        RAISE EXCEPTION '%', CASE WHEN create_key.provider IN ('vault', 'aws_kms', 'kmip') THEN format('provider %s needs the KEK to use', create_key.provider) ELSE 'unknown pgphi key provider' END
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Pass kek => the Vault Transit key name or the AWS KMS key id, ARN or alias.';
+                  HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, or the KMIP key''s Name or Unique Identifier.';
     END IF;
     IF EXISTS (SELECT FROM pgphi.keys k WHERE k.name = create_key.name) THEN
         RAISE EXCEPTION 'pgphi key "%" already exists', create_key.name USING ERRCODE = 'duplicate_object';
@@ -53,6 +53,15 @@ BEGIN
     RETURN new_key_id;
 END
 $$;
+
+-- pgphi.create_kek(provider, kek_name): a new KEK in the key manager (only
+-- kmip can: Create and Activate an AES-256 key with that Name), made by the
+-- provider's key broker; returns its reference (KMIP: Unique Identifier).
+-- Key custodians only: it changes the key manager, not pgphi's catalog.
+CREATE FUNCTION pgphi.create_kek(provider text, kek_name text) RETURNS text
+    AS 'MODULE_PATHNAME', 'pgphi_create_kek' LANGUAGE C VOLATILE STRICT;
+REVOKE ALL ON FUNCTION pgphi.create_kek(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.create_kek(text, text) TO pgphi_key_custodian;
 
 CREATE FUNCTION pgphi._rewrap_dek(provider text, kek text, key_id integer, version integer,
         key_name text, wrapped bytea, OUT wrapped_dek bytea, OUT kek_version text)

@@ -8,6 +8,8 @@
   kms_response    bodies shaped like AWS KMS's answers and error answers
   aws_credentials the metadata service's role listing and credentials
                   document, and shared-credentials files
+  kmip_ttlv       KMIP Response Messages (TTLV) to each operation pgphi sends,
+                  items of every type, and a KMIP-wrapped DEK
 
 The output is deterministic, so rerunning the script changes nothing unless
 the script changed. Identifiers and secrets are made up and shaped so that no
@@ -128,3 +130,44 @@ write("aws_credentials", "credentials-file", "[default]\naws_access_key_id = FUZ
                                              "# the database's role\n[pgphi]\naws_access_key_id=FUZZKEYID0004\n"
                                              "aws_secret_access_key=fuzz-secret-0004\naws_session_token = fuzz-0004\n")
 write("aws_credentials", "credentials-file-incomplete", "[default]\naws_access_key_id = FUZZKEYID0005\n")
+
+# kmip_ttlv: KMIP Response Messages as pykmip-server answers pgphi's
+# requests (protocol 1.4), TTLV items of every type, and wrapped DEKs.
+def ttlv(tag, typ, value):
+    if typ == 0x01:
+        body = b"".join(value)
+    elif typ in (0x02, 0x05, 0x0A):
+        body = value.to_bytes(4, "big", signed=typ == 0x02)
+    elif typ in (0x03, 0x06, 0x09):
+        body = value.to_bytes(8, "big", signed=True)
+    else:
+        body = value
+    pad = (8 - len(body) % 8) % 8
+    return tag.to_bytes(3, "big") + bytes([typ]) + len(body).to_bytes(4, "big") + body + b"\0" * pad
+
+
+def response(operation, status, payload=None, reason=None, message=None):
+    header = ttlv(0x42007A, 1, [ttlv(0x420069, 1, [ttlv(0x42006A, 2, 1), ttlv(0x42006B, 2, 4)]),
+                                ttlv(0x420092, 9, 0x4F9A54E5), ttlv(0x42000D, 2, 1)])
+    items = [ttlv(0x42005C, 5, operation), ttlv(0x42007F, 5, status)]
+    if reason is not None:
+        items.append(ttlv(0x42007E, 5, reason))
+    if message is not None:
+        items.append(ttlv(0x42007D, 7, message.encode()))
+    if payload is not None:
+        items.append(ttlv(0x42007C, 1, payload))
+    return ttlv(0x42007B, 1, [header, ttlv(0x42000F, 1, items)])
+
+
+uid = ttlv(0x420094, 7, b"1")
+write("kmip_ttlv", "locate", response(0x08, 0, [uid, ttlv(0x420094, 7, b"2")]))
+write("kmip_ttlv", "get-attributes-state", response(0x0B, 0, [uid, ttlv(0x420008, 1, [
+    ttlv(0x42000A, 7, b"State"), ttlv(0x42000B, 5, 3)])]))
+write("kmip_ttlv", "create", response(0x01, 0, [ttlv(0x420057, 5, 2), uid]))
+write("kmip_ttlv", "encrypt", response(0x1F, 0, [uid, ttlv(0x4200C2, 8, bytes(32)), ttlv(0x4200FF, 8, bytes(16))]))
+write("kmip_ttlv", "decrypt", response(0x20, 0, [uid, ttlv(0x4200C2, 8, bytes(range(32)))]))
+write("kmip_ttlv", "denied", response(0x20, 1, reason=0x0C, message="The decryption key must be in the Active state"))
+write("kmip_ttlv", "scalars", ttlv(0x420020, 1, [ttlv(0x420020, 3, 123456789000000000),
+                                                 ttlv(0x420020, 4, bytes(8)), ttlv(0x420020, 10, 864000),
+                                                 ttlv(0x420020, 6, 1)]))
+write("kmip_ttlv", "wrapped-dek", bytes([1, 0, 1]) + b"1" + bytes(12) + bytes(16) + bytes(32))

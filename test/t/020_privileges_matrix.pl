@@ -127,6 +127,7 @@ pgphi.ciphertext_info(bytea)                                                 typ
 pgphi.ciphertext_info(pgphi.encrypted)                                       type    ok     ok    ok    ok    ok    ok    ok    ok    ok
 pgphi.create_blind_index_key(text,text,integer,text,text)                    key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.create_decrypted_view(regclass,text,regrole,name[],text,name)          key     42501  ok    ok    ok    ok    ok    ok    42501 ok
+pgphi.create_kek(text,text)                                                  key     42501  42501 42501 42501 42501 42501 F0000 42501 F0000
 pgphi.create_key(text,text,text)                                             key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.decrypt_phi(bytea)                                                     key     42501  42501 42501 42501 ok    ok    42501 42501 ok
 pgphi.decrypt_phi(bytea,text,text)                                           key     42501  42501 42501 42501 ok    ok    42501 42501 ok
