@@ -18,6 +18,7 @@ PACKAGES=(
     libipc-run-perl                     # TAP tests (PostgreSQL::Test::Cluster)
     python3 python3-cryptography        # the Vault / KMS emulator in test/emulator
     awscli python3-boto3 python3-hvac   # independent clients that check the emulator
+    libp11-kit-dev softhsm2 opensc      # PKCS#11 header; a real token and pkcs11-tool/pkcs11-spy for its tests
 )
 
 # scripts/build-postgres.sh builds PostgreSQL 17 and 18 from source.

@@ -12,6 +12,12 @@ GeneratedDek KeyProvider::generate_dek(const std::string& kek_ref, const DekBind
     return generated;
 }
 
+KekDescription KeyProvider::create_kek_version(const std::string&)
+{
+    throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot create KEK versions", {},
+                "Rotate the KEK in the key manager itself, then run pgphi.rewrap_keys().");
+}
+
 std::string KeyProvider::audit_mac(const std::string&, ByteView)
 {
     throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot anchor the audit log");
