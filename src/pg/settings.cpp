@@ -28,6 +28,11 @@ char* aws_imds_endpoint;
 char* aws_ca_file;
 char* aws_client_cert;
 char* aws_client_key;
+char* pkcs11_module;
+char* pkcs11_token_label;
+int pkcs11_slot;
+char* pkcs11_pin_file;
+char* pkcs11_mechanism;
 int provider_connect_timeout_ms;
 int provider_timeout_ms;
 int provider_max_retries;
@@ -71,6 +76,12 @@ const StringSetting kStringSettings[] = {
     {"pgphi.aws_ca_file", &aws_ca_file, "", "CA bundle that signs the KMS endpoint's certificate."},
     {"pgphi.aws_client_cert", &aws_client_cert, "", "Client certificate for mutual TLS with the KMS endpoint."},
     {"pgphi.aws_client_key", &aws_client_key, "", "Client key for mutual TLS with the KMS endpoint."},
+    {"pgphi.pkcs11_module", &pkcs11_module, "",
+     "Path of the PKCS#11 module (the HSM vendor's library), loaded by the pkcs11 key broker only."},
+    {"pgphi.pkcs11_token_label", &pkcs11_token_label, "", "Label of the PKCS#11 token that holds the KEKs."},
+    {"pgphi.pkcs11_pin_file", &pkcs11_pin_file, "", "File holding the PKCS#11 user PIN (mode 0600)."},
+    {"pgphi.pkcs11_mechanism", &pkcs11_mechanism, "auto",
+     "How DEKs are wrapped on the token: auto (CKM_AES_GCM if the token has it), aes_gcm or aes_key_wrap_pad."},
 };
 
 void define_string(const StringSetting& s)
@@ -90,6 +101,10 @@ void define_settings()
                              "Take AWS credentials from the server's environment (AWS_ACCESS_KEY_ID, ...).",
                              nullptr, &aws_use_environment, true, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr,
                              nullptr, nullptr);
+    DefineCustomIntVariable("pgphi.pkcs11_slot",
+                            "PKCS#11 slot id of the token, used when pgphi.pkcs11_token_label is empty (-1: none).",
+                            nullptr, &pkcs11_slot, -1, -1, INT_MAX, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr,
+                            nullptr);
     DefineCustomIntVariable("pgphi.provider_connect_timeout", "Time limit for connecting to a key manager.",
                             nullptr, &provider_connect_timeout_ms, 2000, 100, 60000, PGC_SIGHUP,
                             GUC_UNIT_MS | GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);

@@ -31,6 +31,13 @@ extern char* aws_ca_file;
 extern char* aws_client_cert;
 extern char* aws_client_key;
 
+// PKCS#11 provider (an HSM or token through its vendor's module)
+extern char* pkcs11_module;
+extern char* pkcs11_token_label;
+extern int pkcs11_slot;
+extern char* pkcs11_pin_file;
+extern char* pkcs11_mechanism;
+
 // All remote providers
 extern int provider_connect_timeout_ms;
 extern int provider_timeout_ms;
