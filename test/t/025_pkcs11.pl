@@ -91,6 +91,11 @@ is($node->safe_psql('postgres', q{SELECT string_agg(k.name || ':' || kv.kek_vers
 	FROM pgphi.keys k JOIN pgphi.key_versions kv USING (key_id)}),
 	'by_id:v1:66,doomed:v1:66,ssn:v1:66', 'wrapped with CKM_AES_GCM under KEK version 1');
 
+like(PgphiTest::psql_error($node, 'postgres', q{SELECT pgphi.create_key('bad_ref', provider => 'pkcs11', kek => '123-45-6789')}),
+	qr/22023: invalid PKCS#11 KEK reference/, 'a KEK reference that is neither label: nor id: is refused (22023)');
+like(PgphiTest::psql_error($node, 'postgres', q{SELECT pgphi.create_key('no_kek', provider => 'pkcs11', kek => 'label:no-such-kek')}),
+	qr/55000: the PKCS#11 KEK is not usable: it is not on the token/, 'a KEK that is not on the token (55000)');
+
 # A cold miss costs one key-manager call, which is one C_Decrypt on the token.
 sub spy_count
 {
