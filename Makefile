@@ -31,7 +31,9 @@ OBJS = $(patsubst %.cpp,%.o,$(wildcard src/core/*.cpp src/pg/*.cpp))
 # changed header rebuilds every object that uses it (PGXS alone does not).
 PG_CXXFLAGS = -MMD -MP -std=c++17 -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
               -Wno-register -Werror
-SHLIB_LINK = -lssl -lcrypto -lcurl -lstdc++
+# The standard PKCS#11 header, from Debian's libp11-kit-dev (the pkcs11 provider).
+PG_CPPFLAGS = -I/usr/include/p11-kit-1
+SHLIB_LINK = -lssl -lcrypto -lcurl -lstdc++ -ldl
 
 # No LLVM bitcode: JIT inlining of this module is not worth a clang dependency.
 override with_llvm = no

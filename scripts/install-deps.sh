@@ -19,6 +19,7 @@ PACKAGES=(
     python3 python3-cryptography        # the Vault / KMS emulator in test/emulator
     awscli python3-boto3 python3-hvac   # independent clients that check the emulator
     python3-pykmip                      # pykmip-server: a real KMIP server for test/t/024_kmip.pl
+    libp11-kit-dev softhsm2 opensc      # PKCS#11 header; a real token and pkcs11-tool/pkcs11-spy for its tests
 )
 
 # scripts/build-postgres.sh builds PostgreSQL 17 and 18 from source.

@@ -18,6 +18,12 @@ std::string KeyProvider::create_kek(const std::string&)
                 "Create the KEK in the key manager and pass it as kek; pgphi creates KEKs in KMIP servers only.");
 }
 
+KekDescription KeyProvider::create_kek_version(const std::string&)
+{
+    throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot create KEK versions", {},
+                "Rotate the KEK in the key manager itself, then run pgphi.rewrap_keys().");
+}
+
 std::string KeyProvider::audit_mac(const std::string&, ByteView)
 {
     throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot anchor the audit log");

@@ -60,6 +60,11 @@ public:
 
     virtual KekDescription describe(const std::string& kek_ref) = 0;
 
+    // Makes a new version of the KEK in the key manager, for rewrap to move
+    // DEKs to (pgphi.create_kek_version). Key managers that rotate their keys
+    // themselves (Vault, KMS) and the local file cannot: ConfigError.
+    virtual KekDescription create_kek_version(const std::string& kek_ref);
+
     // A fresh DEK. By default drawn locally and wrapped; key managers that
     // generate data keys themselves override it.
     virtual GeneratedDek generate_dek(const std::string& kek_ref, const DekBinding& binding);

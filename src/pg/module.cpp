@@ -30,7 +30,8 @@ void register_key_broker()
     // configured only later (by a reload), broker 0 serves it until the next
     // restart. Each broker takes a slot of max_worker_processes.
     auto set = [](const char* value) { return value && value[0] != '\0'; };
-    bool configured[kBrokers] = {true, set(vault_addr), set(aws_region) || set(aws_kms_endpoint), set(kmip_host)};
+    bool configured[kBrokers] = {true, set(vault_addr), set(aws_region) || set(aws_kms_endpoint), set(kmip_host),
+                                 set(pkcs11_module)};
     for (int i = 0; i < kBrokers; ++i) {
         if (!configured[i])
             continue;

@@ -9,6 +9,7 @@
 #include "../core/kmip_provider.hpp"
 #include "../core/kms_provider.hpp"
 #include "../core/local_provider.hpp"
+#include "../core/pkcs11_provider.hpp"
 #include "../core/vault_provider.hpp"
 #include "providers.hpp"
 #include "settings.hpp"
@@ -40,12 +41,13 @@ std::string configuration_fingerprint()
                           vault_approle_role_id_file, vault_approle_secret_id_file, vault_approle_mount,
                           vault_ca_file, vault_client_cert, vault_client_key, aws_region, aws_kms_endpoint,
                           aws_credentials_file, aws_profile, aws_imds_endpoint, aws_ca_file, aws_client_cert,
-                          aws_client_key, kmip_host, kmip_client_cert, kmip_client_key, kmip_ca})
+                          aws_client_key, kmip_host, kmip_client_cert, kmip_client_key, kmip_ca, pkcs11_module, pkcs11_token_label, pkcs11_pin_file,
+                          pkcs11_mechanism})
         all += str(s) + '\n';
     all += std::to_string(kmip_port) + ',';
     all += std::to_string(aws_use_environment) + std::to_string(provider_connect_timeout_ms) + ',' +
            std::to_string(provider_timeout_ms) + ',' + std::to_string(provider_max_retries) + ',' +
-           std::to_string(allow_insecure_http_loopback);
+           std::to_string(allow_insecure_http_loopback) + ',' + std::to_string(pkcs11_slot);
     return all;
 }
 
@@ -92,8 +94,23 @@ std::unique_ptr<KeyProvider> build(std::string_view name)
         settings.retry = retry_policy();
         return std::make_unique<KmipKeyProvider>(std::move(settings));
     }
+    if (name == "pkcs11") {
+        // The module is loaded and initialised in a key broker only: never
+        // in the postmaster, whose children would inherit its state.
+        if (!IsUnderPostmaster)
+            throw Error(ErrorCode::Internal, "the PKCS#11 module is never loaded in the postmaster");
+        Pkcs11Settings settings;
+        settings.module_path = str(pkcs11_module);
+        settings.token_label = str(pkcs11_token_label);
+        settings.slot_id = pkcs11_slot;
+        settings.pin_file = str(pkcs11_pin_file);
+        settings.mechanism = str(pkcs11_mechanism);
+        if (settings.mechanism != "auto" && settings.mechanism != "aes_gcm" && settings.mechanism != "aes_key_wrap_pad")
+            throw Error(ErrorCode::ConfigError, "pgphi.pkcs11_mechanism must be auto, aes_gcm or aes_key_wrap_pad");
+        return std::make_unique<Pkcs11KeyProvider>(std::move(settings));
+    }
     throw Error(ErrorCode::InvalidArgument, "unknown pgphi key provider", {},
-                "Available providers: local, vault, aws_kms, kmip.");
+                "Available providers: local, vault, aws_kms, kmip, pkcs11.");
 }
 
 std::string g_fingerprint;

@@ -33,6 +33,11 @@ int kmip_port;
 char* kmip_client_cert;
 char* kmip_client_key;
 char* kmip_ca;
+char* pkcs11_module;
+char* pkcs11_token_label;
+int pkcs11_slot;
+char* pkcs11_pin_file;
+char* pkcs11_mechanism;
 int provider_connect_timeout_ms;
 int provider_timeout_ms;
 int provider_max_retries;
@@ -81,6 +86,12 @@ const StringSetting kStringSettings[] = {
     {"pgphi.kmip_client_key", &kmip_client_key, "",
      "Client key (PEM) for the KMIP server; a file of the server account, mode 0600."},
     {"pgphi.kmip_ca", &kmip_ca, "", "CA bundle that signs the KMIP server's certificate (default: system store)."},
+    {"pgphi.pkcs11_module", &pkcs11_module, "",
+     "Path of the PKCS#11 module (the HSM vendor's library), loaded by the pkcs11 key broker only."},
+    {"pgphi.pkcs11_token_label", &pkcs11_token_label, "", "Label of the PKCS#11 token that holds the KEKs."},
+    {"pgphi.pkcs11_pin_file", &pkcs11_pin_file, "", "File holding the PKCS#11 user PIN (mode 0600)."},
+    {"pgphi.pkcs11_mechanism", &pkcs11_mechanism, "auto",
+     "How DEKs are wrapped on the token: auto (CKM_AES_GCM if the token has it), aes_gcm or aes_key_wrap_pad."},
 };
 
 void define_string(const StringSetting& s)
@@ -102,6 +113,10 @@ void define_settings()
                              nullptr, nullptr);
     DefineCustomIntVariable("pgphi.kmip_port", "TCP port of the KMIP server.", nullptr, &kmip_port, 5696, 1,
                             65535, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);
+    DefineCustomIntVariable("pgphi.pkcs11_slot",
+                            "PKCS#11 slot id of the token, used when pgphi.pkcs11_token_label is empty (-1: none).",
+                            nullptr, &pkcs11_slot, -1, -1, INT_MAX, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr,
+                            nullptr);
     DefineCustomIntVariable("pgphi.provider_connect_timeout", "Time limit for connecting to a key manager.",
                             nullptr, &provider_connect_timeout_ms, 2000, 100, 60000, PGC_SIGHUP,
                             GUC_UNIT_MS | GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);

@@ -36,6 +36,13 @@ extern char* kmip_client_cert;
 extern char* kmip_client_key;
 extern char* kmip_ca;
 
+// PKCS#11 provider (an HSM or token through its vendor's module)
+extern char* pkcs11_module;
+extern char* pkcs11_token_label;
+extern int pkcs11_slot;
+extern char* pkcs11_pin_file;
+extern char* pkcs11_mechanism;
+
 // All remote providers
 extern int provider_connect_timeout_ms;
 extern int provider_timeout_ms;

@@ -77,8 +77,8 @@ inline constexpr int kUsageEntries = 1024;
 // Broker 0, "the" broker of pgphi.broker_status(), serves the local provider
 // (and any other name, to report it unknown) and does the housekeeping: seal
 // counts, rotation workers, audit writers.
-inline constexpr int kBrokers = 4;
-inline constexpr const char* kBrokerProviders[kBrokers] = {nullptr, "vault", "aws_kms", "kmip"};
+inline constexpr int kBrokers = 5;
+inline constexpr const char* kBrokerProviders[kBrokers] = {nullptr, "vault", "aws_kms", "kmip", "pkcs11"};
 
 // Whether broker `index` serves keys of `provider`. A remote provider's
 // broker is registered only when that provider is configured at server start

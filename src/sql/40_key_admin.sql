@@ -34,9 +34,9 @@ BEGIN
         RAISE EXCEPTION 'a pgphi key needs a provider' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF kek_ref IS NULL THEN
-        RAISE EXCEPTION '%', CASE WHEN create_key.provider IN ('vault', 'aws_kms', 'kmip') THEN format('provider %s needs the KEK to use', create_key.provider) ELSE 'unknown pgphi key provider' END
+        RAISE EXCEPTION '%', CASE WHEN create_key.provider IN ('vault', 'aws_kms', 'kmip', 'pkcs11') THEN format('provider %s needs the KEK to use', create_key.provider) ELSE 'unknown pgphi key provider' END
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, or the KMIP key''s Name or Unique Identifier.';
+                  HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, the KMIP key''s Name or Unique Identifier, or the PKCS#11 key as label:NAME or id:HEX.';
     END IF;
     IF EXISTS (SELECT FROM pgphi.keys k WHERE k.name = create_key.name) THEN
         RAISE EXCEPTION 'pgphi key "%" already exists', create_key.name USING ERRCODE = 'duplicate_object';
