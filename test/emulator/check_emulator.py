@@ -283,7 +283,12 @@ def setUpModule():
     (WORK / "home").mkdir()
     subprocess.run(["bash", str(PKI_SCRIPT), str(PKI)], check=True, timeout=60,
                    capture_output=True)
-    EMU = Emulator()
+    # AppRole tokens of the shared emulator may use every Transit path (a
+    # policy of their own, as a real Vault would need; the default policy
+    # grants no Transit path). RealServiceRulesTests checks pgphi's policy.
+    wide = WORK / "wide-policy.hcl"
+    wide.write_text('path "*" { capabilities = ["create", "read", "update", "delete", "list"] }\n')
+    EMU = Emulator(extra=("--vault-policy", f"wide={wide}", "--approle-policies", "wide"))
     unittest.addModuleCleanup(EMU.stop)
 
 

@@ -131,7 +131,7 @@ sub vault_login
 	my ($self) = @_;
 	my ($out, $err);
 	IPC::Run::run(
-		[ 'curl', '-sS', '--max-time', '10', '--cacert', "$self->{pki}/ca.pem", '-X', 'POST',
+		[ 'curl', '-sS', '--max-time', '10', '--cacert', "$self->{pki}/ca.pem", '-X', 'POST', '-H', 'X-Vault-Request: true',
 		  '-d', encode_json({ role_id => $self->{approle}[0], secret_id => $self->{approle}[1] }),
 		  $self->url . '/v1/auth/approle/login' ],
 		'>', \$out, '2>', \$err) or die "AppRole login failed: $err";
