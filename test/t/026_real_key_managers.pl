@@ -171,4 +171,26 @@ for (1 .. 3)
 }
 is($emulator->stats->{vault_logins}, $logins, '... without spending a secret_id use on a new login each time');
 
+###########################################################################
+# 6. An explicit outbound proxy: both providers go through it with CONNECT
+#    (TLS stays end to end); environment proxies are never used.
+###########################################################################
+my $proxy_state = "$PostgreSQL::Test::Utils::tmp_check/proxy";
+mkdir $proxy_state;
+my $proxy = IPC::Run::start([ '/usr/bin/python3', "$ENV{PGPHI_TEST_DIR}/emulator/connect_proxy.py", $proxy_state ]);
+for (1 .. 100) { last if -s "$proxy_state/proxy_port"; select(undef, undef, undef, 0.1); }
+my $proxy_port = slurp_file("$proxy_state/proxy_port");
+$node->safe_psql('postgres', "ALTER SYSTEM SET pgphi.provider_proxy = 'http://127.0.0.1:$proxy_port'");
+PgphiTest::reload_broker($node);
+is($node->safe_psql('postgres', $all), "t\n30", 'through an explicit CONNECT proxy, both providers work');
+my $tunnels = -e "$proxy_state/proxy.log" ? slurp_file("$proxy_state/proxy.log") : '';
+like($tunnels, qr/^CONNECT 127\.0\.0\.1:$emulator->{port}$/m, '... and the proxy tunnelled them');
+$node->safe_psql('postgres', "ALTER SYSTEM SET pgphi.provider_proxy = 'socks5://127.0.0.1:$proxy_port'");
+PgphiTest::reload_broker($node);
+fails_with(q{SELECT count(pgphi.decrypt_phi(v)) FROM t}, qr/F0000: the outbound proxy for Vault is not an http/,
+	'a proxy that is not http(s): F0000');
+$node->safe_psql('postgres', "ALTER SYSTEM RESET pgphi.provider_proxy");
+PgphiTest::reload_broker($node);
+$proxy->kill_kill;
+
 done_testing();
