@@ -217,7 +217,7 @@ run_tap() {
         return 1
     fi
     work=$(make_pg_workdir tap)
-    cp -r test "$work"/
+    cp -r test docs "$work"/   # docs: the policies the emulator gives pgphi
     # TESTDIR places tmp_check on 15; 17 and later take TESTDATADIR and
     # TESTLOGDIR instead (both absolute, as the tests' settings expect).
     (cd "$work" && as_pg_user env PATH="$PG_BIN:$PATH" PG_REGRESS="$PG_REGRESS" TESTDIR="$work" \

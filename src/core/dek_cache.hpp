@@ -69,6 +69,7 @@ enum class SlotState : uint8_t { Free, Pending, Ready, Failed };
 struct UnwrapRequest {
     char provider[kMaxProvider];
     char kek_ref[kMaxKekRef];
+    char wrapped_by[kMaxKekRef];  // the catalog's kek_version of the DEK (KMS: the key ARN that wrapped it)
     char key_name[kMaxKeyName];
     uint32_t key_id;
     uint32_t key_version;

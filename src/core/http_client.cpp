@@ -1,5 +1,7 @@
 #include "http_client.hpp"
 
+#include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -129,10 +131,102 @@ bool transfer_abort_requested() { return g_abort_check && g_abort_check(); }
 HttpRequest::~HttpRequest() { OPENSSL_cleanse(body.data(), body.size()); }
 HttpResponse::~HttpResponse() { OPENSSL_cleanse(body.data(), body.size()); }
 
-HttpClient::HttpClient(std::string service, TlsSettings tls, HttpTimeouts timeouts, PlainHttp plain_http)
-    : service_(std::move(service)), tls_(std::move(tls)), timeouts_(timeouts), plain_http_(plain_http)
+std::string HttpResponse::header(const std::string& name) const
+{
+    for (const auto& [key, value] : headers)
+        if (key == name)
+            return value;
+    return {};
+}
+
+long HttpResponse::retry_after_seconds() const
+{
+    std::string value = header("retry-after");
+    if (value.empty() || value.size() > 6 || value.find_first_not_of("0123456789") != std::string::npos)
+        return -1;
+    return std::stol(value);
+}
+
+namespace {
+
+// Keeps the headers HttpResponse documents; never a header that could carry
+// a secret (no Set-Cookie, no token).
+size_t keep_header(char* data, size_t size, size_t count, void* user)
+{
+    auto* response = static_cast<HttpResponse*>(user);
+    size_t n = size * count;
+    std::string line(data, n);
+    size_t colon = line.find(':');
+    if (line.rfind("HTTP/", 0) == 0) {
+        response->headers.clear(); // a new response (after a 100 Continue, say)
+        return n;
+    }
+    if (colon == std::string::npos)
+        return n;
+    std::string name = line.substr(0, colon);
+    for (char& c : name)
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    static const char* const kKept[] = {"retry-after", "location", "x-amzn-requestid", "x-amzn-errortype",
+                                        "x-vault-index"};
+    for (const char* kept : kKept) {
+        if (name == kept) {
+            std::string value = line.substr(colon + 1);
+            size_t start = value.find_first_not_of(" \t");
+            size_t end = value.find_last_not_of(" \t\r\n");
+            value = start == std::string::npos ? "" : value.substr(start, end - start + 1);
+            if (value.size() <= 2048)
+                response->headers.emplace_back(name, value);
+        }
+    }
+    return n;
+}
+
+thread_local std::chrono::milliseconds t_requested_delay{0};
+
+} // namespace
+
+void request_retry_delay(std::chrono::milliseconds delay) { t_requested_delay = std::max(t_requested_delay, delay); }
+
+Endpoint parse_endpoint(const std::string& url, const std::string& service)
+{
+    CurlUrl parsed;
+    CurlString scheme, host, port, path;
+    if (!parsed.handle || curl_url_set(parsed.handle, CURLUPART_URL, url.c_str(), 0) != CURLUE_OK ||
+        curl_url_get(parsed.handle, CURLUPART_SCHEME, &scheme.text, 0) != CURLUE_OK ||
+        curl_url_get(parsed.handle, CURLUPART_HOST, &host.text, 0) != CURLUE_OK)
+        throw Error(ErrorCode::ConfigError, service + " address \"" + url + "\" is not a valid URL");
+    CurlString query;
+    if (curl_url_get(parsed.handle, CURLUPART_QUERY, &query.text, 0) == CURLUE_OK && query.text && *query.text)
+        throw Error(ErrorCode::ConfigError, service + " address \"" + url + "\" has a query string",
+                    {}, "Give the endpoint as https://host[:port][/path].");
+    Endpoint endpoint;
+    std::string explicit_port;
+    if (curl_url_get(parsed.handle, CURLUPART_PORT, &port.text, 0) == CURLUE_OK && port.text)
+        explicit_port = port.text;
+    bool default_port = explicit_port.empty() || (std::strcmp(scheme.text, "https") == 0 && explicit_port == "443") ||
+                        (std::strcmp(scheme.text, "http") == 0 && explicit_port == "80");
+    endpoint.host_header = std::string(host.text) + (default_port ? "" : ":" + explicit_port);
+    endpoint.origin = std::string(scheme.text) + "://" + endpoint.host_header;
+    std::string raw_path;
+    if (curl_url_get(parsed.handle, CURLUPART_PATH, &path.text, 0) == CURLUE_OK && path.text)
+        raw_path = path.text;
+    for (char c : raw_path)
+        if (!(c == '/' && !endpoint.path.empty() && endpoint.path.back() == '/'))
+            endpoint.path += c;
+    if (endpoint.path.empty() || endpoint.path[0] != '/')
+        endpoint.path.insert(endpoint.path.begin(), '/');
+    return endpoint;
+}
+
+HttpClient::HttpClient(std::string service, TlsSettings tls, HttpTimeouts timeouts, PlainHttp plain_http,
+                       ProxySettings proxy)
+    : service_(std::move(service)), tls_(std::move(tls)), timeouts_(timeouts), plain_http_(plain_http),
+      proxy_(std::move(proxy))
 {
     global_init_once();
+    if (!proxy_.url.empty() && proxy_.url.rfind("http://", 0) != 0 && proxy_.url.rfind("https://", 0) != 0)
+        throw Error(ErrorCode::ConfigError, "the outbound proxy for " + service_ + " is not an http:// or https:// URL",
+                    {}, "Set pgphi.provider_proxy to http://host:port or https://host:port.");
     curl_ = curl_easy_init();
     if (!curl_)
         throw Error(ErrorCode::Internal, "could not initialise libcurl");
@@ -188,10 +282,27 @@ HttpResponse HttpClient::send(const HttpRequest& request)
 
     curl_easy_reset(curl_);
     curl_easy_setopt(curl_, CURLOPT_URL, request.url.c_str());
-    curl_easy_setopt(curl_, CURLOPT_PROTOCOLS_STR,
-                     plain_http_.loopback || plain_http_.metadata_service ? "http,https" : "https");
-    curl_easy_setopt(curl_, CURLOPT_FOLLOWLOCATION, 0L);
-    curl_easy_setopt(curl_, CURLOPT_NOPROXY, "*"); // never through a proxy from the environment
+    // Only the schemes check_url allowed. CURLOPT_PROTOCOLS_STR is 7.85's; the
+    // bitmask it replaces is what 7.76 (RHEL 9) and 7.81 (Ubuntu 22.04) have.
+    bool plain_allowed = plain_http_.loopback || plain_http_.metadata_service;
+#if LIBCURL_VERSION_NUM >= 0x075500
+    curl_easy_setopt(curl_, CURLOPT_PROTOCOLS_STR, plain_allowed ? "http,https" : "https");
+#else
+    curl_easy_setopt(curl_, CURLOPT_PROTOCOLS,
+                     plain_allowed ? static_cast<long>(CURLPROTO_HTTP | CURLPROTO_HTTPS) : static_cast<long>(CURLPROTO_HTTPS));
+#endif
+    curl_easy_setopt(curl_, CURLOPT_FOLLOWLOCATION, 0L); // redirects are the provider's decision (Vault HA)
+    if (proxy_.url.empty()) {
+        curl_easy_setopt(curl_, CURLOPT_NOPROXY, "*"); // never through a proxy from the environment
+    } else {
+        // Only the configured proxy, never one from the environment, and
+        // https through a CONNECT tunnel so TLS stays end to end.
+        curl_easy_setopt(curl_, CURLOPT_PROXY, proxy_.url.c_str());
+        curl_easy_setopt(curl_, CURLOPT_NOPROXY, "");
+        curl_easy_setopt(curl_, CURLOPT_HTTPPROXYTUNNEL, 1L);
+        if (!proxy_.ca_file.empty())
+            curl_easy_setopt(curl_, CURLOPT_PROXY_CAINFO, proxy_.ca_file.c_str());
+    }
     curl_easy_setopt(curl_, CURLOPT_NOSIGNAL, 1L); // never touch the backend's signal handlers
     curl_easy_setopt(curl_, CURLOPT_SSLVERSION, static_cast<long>(CURL_SSLVERSION_TLSv1_2));
     curl_easy_setopt(curl_, CURLOPT_SSL_VERIFYPEER, 1L);
@@ -212,6 +323,8 @@ HttpResponse HttpClient::send(const HttpRequest& request)
     curl_easy_setopt(curl_, CURLOPT_HTTPHEADER, headers.list);
     curl_easy_setopt(curl_, CURLOPT_WRITEFUNCTION, append_body);
     curl_easy_setopt(curl_, CURLOPT_WRITEDATA, &response.body);
+    curl_easy_setopt(curl_, CURLOPT_HEADERFUNCTION, keep_header);
+    curl_easy_setopt(curl_, CURLOPT_HEADERDATA, &response);
     curl_easy_setopt(curl_, CURLOPT_ERRORBUFFER, curl_error);
     if (g_abort_check) {
         curl_easy_setopt(curl_, CURLOPT_NOPROGRESS, 0L);
@@ -248,11 +361,13 @@ std::chrono::milliseconds RetryPolicy::delay_before_attempt(int attempt) const
 bool with_retries(const RetryPolicy& policy, const std::function<bool(int)>& attempt,
                   const std::function<void(std::chrono::milliseconds)>& sleep)
 {
+    t_requested_delay = std::chrono::milliseconds(0);
     for (int n = 1; n <= std::max(1, policy.max_attempts); ++n) {
         if (n > 1 && transfer_abort_requested())
             return false;
         if (n > 1) {
-            auto delay = policy.delay_before_attempt(n);
+            auto delay = std::max(policy.delay_before_attempt(n), std::min(t_requested_delay, policy.max_delay));
+            t_requested_delay = std::chrono::milliseconds(0);
             if (sleep)
                 sleep(delay);
             else if (g_retry_sleep)

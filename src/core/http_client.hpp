@@ -31,6 +31,14 @@ struct HttpRequest {
 struct HttpResponse {
     long status = 0;
     std::string body;
+    // The response headers pgphi acts on or reports, by lower-case name:
+    // retry-after, location, x-amzn-requestid, x-amzn-errortype, x-vault-index.
+    std::vector<std::pair<std::string, std::string>> headers;
+
+    // The value of a kept header ("" when absent); `name` in lower case.
+    std::string header(const std::string& name) const;
+    // Retry-After in seconds (delay-seconds form only; -1 when absent or unusable).
+    long retry_after_seconds() const;
 
     ~HttpResponse(); // wipes the body: it may carry a plaintext DEK
 };
@@ -43,6 +51,14 @@ struct PlainHttp {
     bool metadata_service = false;
 };
 
+// An explicit outbound proxy (pgphi never takes one from the environment):
+// http://host:port or https://host:port; https requests go through it with
+// CONNECT, so TLS to the key manager stays end to end.
+struct ProxySettings {
+    std::string url;        // empty: direct
+    std::string ca_file;    // for an https:// proxy's own certificate; empty: system store
+};
+
 struct HttpTimeouts {
     std::chrono::milliseconds connect{2000};
     std::chrono::milliseconds total{5000};
@@ -51,7 +67,8 @@ struct HttpTimeouts {
 class HttpClient {
 public:
     // `service` names the peer in error messages ("Vault", "AWS KMS").
-    HttpClient(std::string service, TlsSettings tls, HttpTimeouts timeouts, PlainHttp plain_http);
+    HttpClient(std::string service, TlsSettings tls, HttpTimeouts timeouts, PlainHttp plain_http,
+               ProxySettings proxy = {});
     ~HttpClient();
     HttpClient(const HttpClient&) = delete;
     HttpClient& operator=(const HttpClient&) = delete;
@@ -70,6 +87,7 @@ private:
     TlsSettings tls_;
     HttpTimeouts timeouts_;
     PlainHttp plain_http_;
+    ProxySettings proxy_;
     CURL* curl_ = nullptr; // reused so connections are kept alive
 };
 
@@ -81,10 +99,13 @@ bool transfer_abort_requested();
 
 // Bounded retries with full-jitter exponential backoff, for throttling and
 // transient failures. Denials are never retried: the caller decides.
+// The defaults are the AWS SDKs' "standard" retry mode: up to 3 attempts,
+// full jitter with a base of 1 s, capped at 20 s, so throttling is ridden out
+// over seconds rather than retried into.
 struct RetryPolicy {
     int max_attempts = 3;
-    std::chrono::milliseconds base_delay{100};
-    std::chrono::milliseconds max_delay{2000};
+    std::chrono::milliseconds base_delay{1000};
+    std::chrono::milliseconds max_delay{20000};
 
     std::chrono::milliseconds delay_before_attempt(int attempt) const; // attempt >= 2
 };
@@ -100,5 +121,21 @@ void set_retry_sleep(void (*sleep)(std::chrono::milliseconds));
 // retry. Returns false when every attempt asked for a retry.
 bool with_retries(const RetryPolicy& policy, const std::function<bool(int)>& attempt,
                   const std::function<void(std::chrono::milliseconds)>& sleep = {});
+
+// Asks the with_retries loop running on this thread to wait at least `delay`
+// before the next attempt (a server's Retry-After), capped at the policy's
+// max_delay. Called from inside an attempt.
+void request_retry_delay(std::chrono::milliseconds delay);
+
+// Splits a key-manager endpoint ("https://host:443/prefix/") into what a
+// request and its signature need: the origin (scheme://host[:port]), the Host
+// header value (the port omitted when it is the scheme's default, as libcurl
+// sends it), and the path, "/" when none, duplicate slashes collapsed.
+struct Endpoint {
+    std::string origin;
+    std::string host_header;
+    std::string path;
+};
+Endpoint parse_endpoint(const std::string& url, const std::string& service);
 
 } // namespace pgphi

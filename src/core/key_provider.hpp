@@ -20,6 +20,10 @@ struct DekBinding {
     uint32_t key_id = 0;
     uint32_t version = 0;
     std::string key_name;
+    // What the key catalog recorded as the KEK version that wrapped this DEK
+    // (key_versions.kek_version), "" when unknown. KMS unwraps and rewraps
+    // name this key ARN, not kek_ref: an alias may point elsewhere by now.
+    std::string wrapped_by = {};
 };
 
 struct WrappedDek {

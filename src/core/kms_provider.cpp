@@ -1,5 +1,6 @@
 #include "kms_provider.hpp"
 
+#include <cctype>
 #include <ctime>
 
 #include <curl/curl.h>
@@ -26,24 +27,86 @@ json encryption_context(const DekBinding& binding)
                 {"pgphi:key_version", std::to_string(binding.version)}};
 }
 
-std::string host_of(const std::string& url)
+// The key a wrapped DEK names in Decrypt and ReEncrypt: the key ARN recorded
+// when it was wrapped, else the configured reference (a catalog from before
+// pgphi recorded ARNs, or one whose KEK version is not an ARN).
+const std::string& source_key(const std::string& kek_ref, const DekBinding& binding)
 {
-    size_t start = url.find("://");
-    start = start == std::string::npos ? 0 : start + 3;
-    size_t end = url.find('/', start);
-    return url.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    return binding.wrapped_by.rfind("arn:", 0) == 0 && binding.wrapped_by.find(":key/") != std::string::npos
+               ? binding.wrapped_by
+               : kek_ref;
+}
+
+struct Partition {
+    const char* id;
+    const char* region_prefix;   // regions of the partition start with it ...
+    const char* region_pattern;  // ... and match <prefix>-<word>-<digits> (nullptr: aws's own list)
+    const char* dns_suffix;
+    const char* dualstack_suffix;
+};
+
+// botocore's partitions.json (1.43): regionRegex, dnsSuffix, dualStackDnsSuffix.
+// Every partition supports FIPS and dual-stack there.
+constexpr Partition kPartitions[] = {
+    {"aws-cn", "cn-", nullptr, "amazonaws.com.cn", "api.amazonwebservices.com.cn"},
+    {"aws-us-gov", "us-gov-", nullptr, "amazonaws.com", "api.aws"},
+    {"aws-iso", "us-iso-", nullptr, "c2s.ic.gov", "api.aws.ic.gov"},
+    {"aws-iso-b", "us-isob-", nullptr, "sc2s.sgov.gov", "api.aws.scloud"},
+    {"aws-iso-e", "eu-isoe-", nullptr, "cloud.adc-e.uk", "api.cloud-aws.adc-e.uk"},
+    {"aws-iso-f", "us-isof-", nullptr, "csp.hci.ic.gov", "api.aws.hci.ic.gov"},
+    {"aws-eusc", "eusc-de-", nullptr, "amazonaws.eu", "api.amazonwebservices.eu"},
+};
+constexpr Partition kAws = {"aws", "", nullptr, "amazonaws.com", "api.aws"};
+
+// "<prefix><word>-<digits>" (botocore's \w+ is letters, digits and "_").
+bool matches_partition(const std::string& region, const std::string& prefix)
+{
+    if (region.rfind(prefix, 0) != 0)
+        return false;
+    std::string rest = region.substr(prefix.size());
+    size_t dash = rest.rfind('-');
+    if (dash == std::string::npos || dash == 0 || dash + 1 == rest.size())
+        return false;
+    for (size_t i = 0; i < dash; ++i)
+        if (!std::isalnum(static_cast<unsigned char>(rest[i])) && rest[i] != '_')
+            return false;
+    for (size_t i = dash + 1; i < rest.size(); ++i)
+        if (!std::isdigit(static_cast<unsigned char>(rest[i])))
+            return false;
+    return true;
 }
 
 } // namespace
 
+std::string kms_default_endpoint(const std::string& region, bool fips, bool dualstack)
+{
+    // The endpoint rules require a valid host label (RFC 1123, lower case here).
+    bool valid = !region.empty() && region.size() <= 63 && region.front() != '-' && region.back() != '-';
+    for (char c : region)
+        valid = valid && ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-');
+    if (!valid)
+        throw Error(ErrorCode::ConfigError, "pgphi.aws_region is not a valid AWS region name", {},
+                    "Set it to a region such as us-east-1, or set pgphi.aws_kms_endpoint.");
+    const Partition* partition = &kAws;
+    for (const Partition& candidate : kPartitions)
+        if (matches_partition(region, candidate.region_prefix))
+            partition = &candidate;
+    return std::string("https://") + (fips ? "kms-fips." : "kms.") + region + "." +
+           (dualstack ? partition->dualstack_suffix : partition->dns_suffix);
+}
+
 KmsKeyProvider::KmsKeyProvider(KmsSettings settings)
     : settings_(std::move(settings)),
-      endpoint_(settings_.endpoint.empty() ? "https://kms." + settings_.region + ".amazonaws.com" : settings_.endpoint),
-      http_(kService, settings_.tls, settings_.timeouts, PlainHttp{settings_.allow_http_loopback, false}),
+      http_(kService, settings_.tls, settings_.timeouts, PlainHttp{settings_.allow_http_loopback, false},
+            settings_.proxy),
       credentials_(settings_.credentials)
 {
     if (settings_.region.empty())
         throw Error(ErrorCode::ConfigError, "AWS KMS needs a region", {}, "Set pgphi.aws_region.");
+    endpoint_ = parse_endpoint(settings_.endpoint.empty()
+                                   ? kms_default_endpoint(settings_.region, settings_.use_fips, settings_.use_dualstack)
+                                   : settings_.endpoint,
+                               kService);
 }
 
 KmsKeyProvider::~KmsKeyProvider() = default;
@@ -56,8 +119,10 @@ json KmsKeyProvider::call(const std::string& operation, const json& body)
     bool credentials_refreshed = false;
 
     bool done = with_retries(settings_.retry, [&](int) {
-        sigv4::Request signing{"POST", "/", "", {}, payload};
-        signing.headers = {{"host", host_of(endpoint_)},
+        // The path and Host header signed are those sent (a VPC endpoint's
+        // "https://host:443/" included: libcurl omits the default port).
+        sigv4::Request signing{"POST", endpoint_.path, "", {}, payload};
+        signing.headers = {{"host", endpoint_.host_header},
                            {"content-type", "application/x-amz-json-1.1"},
                            {"x-amz-target", "TrentService." + operation}};
         const sigv4::Credentials& credentials = credentials_.get(std::time(nullptr));
@@ -65,7 +130,7 @@ json KmsKeyProvider::call(const std::string& operation, const json& body)
 
         HttpRequest request;
         request.method = "POST";
-        request.url = endpoint_ + "/";
+        request.url = endpoint_.origin + endpoint_.path;
         for (const auto& header : signing.headers)
             if (header.first != "host")
                 request.headers.push_back(header);
@@ -86,8 +151,18 @@ json KmsKeyProvider::call(const std::string& operation, const json& body)
             return true;
         }
         kms::ErrorReply reply = kms::parse_error(response.body);
+        if (reply.type.empty()) {
+            // The error type may come only in x-amzn-ErrorType ("Type:uri").
+            std::string header = response.header("x-amzn-errortype");
+            reply.type = header.substr(0, header.find(':'));
+        }
         bool retry = false;
         Error error = kms::error_for(reply, response.status, retry);
+        // The request id, for a support case, with every failure.
+        std::string request_id = response.header("x-amzn-requestid");
+        if (!request_id.empty() && request_id.size() <= 64)
+            error = Error(error.code(), std::string(error.what()) + " (AWS request id " + request_id + ")",
+                          error.detail(), error.hint());
         // Credentials may have just expired or been rotated (a new credentials
         // file, new role keys): fetch them again once before calling it a denial.
         if (kms::credentials_refused(reply) && !credentials_refreshed) {
@@ -133,7 +208,7 @@ WrappedDek KmsKeyProvider::wrap(const std::string& kek_ref, const SecureBytes& d
 
 SecureBytes KmsKeyProvider::unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding)
 {
-    json response = call("Decrypt", {{"KeyId", kek_ref},
+    json response = call("Decrypt", {{"KeyId", source_key(kek_ref, binding)},
                                      {"CiphertextBlob", base64_encode(wrapped)},
                                      {"EncryptionContext", encryption_context(binding)}});
     return kms::unwrapped_dek(response);
@@ -143,7 +218,7 @@ WrappedDek KmsKeyProvider::rewrap(const std::string& kek_ref, ByteView wrapped, 
 {
     json context = encryption_context(binding);
     json response = call("ReEncrypt", {{"CiphertextBlob", base64_encode(wrapped)},
-                                       {"SourceKeyId", kek_ref},
+                                       {"SourceKeyId", source_key(kek_ref, binding)},
                                        {"SourceEncryptionContext", context},
                                        {"DestinationKeyId", kek_ref},
                                        {"DestinationEncryptionContext", context}});

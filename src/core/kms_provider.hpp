@@ -16,9 +16,19 @@
 
 namespace pgphi {
 
+// The KMS endpoint of a region as the AWS SDKs' endpoint rules derive it:
+// the region's partition (aws, aws-cn, aws-us-gov, aws-iso, aws-iso-b,
+// aws-iso-e, aws-iso-f, aws-eusc; unknown regions fall back to aws) gives the
+// DNS suffix, FIPS uses "kms-fips", dual-stack the partition's dual-stack
+// suffix. Throws ConfigError for a region that is not a host label.
+std::string kms_default_endpoint(const std::string& region, bool fips, bool dualstack);
+
 struct KmsSettings {
     std::string region;
-    std::string endpoint; // empty: https://kms.<region>.amazonaws.com
+    std::string endpoint; // empty: kms_default_endpoint(region, use_fips, use_dualstack)
+    bool use_fips = false;
+    bool use_dualstack = false;
+    ProxySettings proxy;
     TlsSettings tls;
     HttpTimeouts timeouts;
     RetryPolicy retry;
@@ -51,7 +61,7 @@ private:
     nlohmann::json call(const std::string& operation, const nlohmann::json& body);
 
     KmsSettings settings_;
-    std::string endpoint_;
+    Endpoint endpoint_;
     HttpClient http_;
     AwsCredentialChain credentials_;
 };

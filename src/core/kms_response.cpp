@@ -74,8 +74,11 @@ Error error_for(const ErrorReply& reply, long status, bool& retry)
     std::string text = "AWS KMS " + (type.empty() ? "HTTP " + std::to_string(status) : type) +
                        (reply.message.empty() ? "" : ": " + reply.message);
     retry = false;
+    // Retryable, as the SDKs' standard mode and KMS's documentation have it:
+    // throttling, internal and dependency failures, and KeyUnavailableException
+    // (the key material is briefly unreachable, e.g. a custom key store).
     if (type == "ThrottlingException" || type == "KMSInternalException" || type == "DependencyTimeoutException" ||
-        type == "LimitExceededException" || status == 429 || status >= 500) {
+        type == "LimitExceededException" || type == "KeyUnavailableException" || status == 429 || status >= 500) {
         retry = true;
         return Error(ErrorCode::KeyManagerUnavailable, text, "AWS KMS kept failing after retries.");
     }
@@ -83,7 +86,7 @@ Error error_for(const ErrorReply& reply, long status, bool& retry)
         type == "InvalidSignatureException" || type == "ExpiredTokenException" || type == "IncompleteSignature" ||
         status == 403)
         return Error(ErrorCode::KeyManagerDenied, "permission denied by " + text);
-    if (type == "DisabledException" || type == "KMSInvalidStateException" || type == "KeyUnavailableException")
+    if (type == "DisabledException" || type == "KMSInvalidStateException")
         return Error(ErrorCode::KeyManagerKeyDisabled, "the KMS key is not usable: " + text);
     if (type == "InvalidCiphertextException" || type == "IncorrectKeyException")
         return Error(ErrorCode::WrappedDekInvalid, "AWS KMS could not unwrap the DEK: " + text,

@@ -29,7 +29,8 @@ std::string wrapped_text(ByteView wrapped)
 
 VaultKeyProvider::VaultKeyProvider(VaultSettings settings)
     : settings_(std::move(settings)),
-      http_("Vault", settings_.tls, settings_.timeouts, PlainHttp{settings_.allow_http_loopback, false})
+      http_("Vault", settings_.tls, settings_.timeouts, PlainHttp{settings_.allow_http_loopback, false},
+            settings_.proxy)
 {
     if (settings_.address.empty())
         throw Error(ErrorCode::ConfigError, "the Vault provider has no address", {}, "Set pgphi.vault_addr.");
@@ -66,11 +67,14 @@ long VaultKeyProvider::token_seconds_left(std::time_t now) const
 }
 
 long VaultKeyProvider::exchange(Method method, const std::string& path, const json* body, const std::string* token,
-                                json& out)
+                                json& out, HttpResponse* raw)
 {
     HttpRequest request;
     request.method = method == Method::Get ? "GET" : "POST";
     request.url = settings_.address + "/v1/" + path;
+    // Vault Agent and Proxy listeners with require_request_header refuse
+    // requests without it (an SSRF guard); Vault itself ignores it.
+    request.headers.emplace_back("X-Vault-Request", "true");
     if (token)
         request.headers.emplace_back("X-Vault-Token", *token);
     if (!settings_.vault_namespace.empty())
@@ -80,8 +84,38 @@ long VaultKeyProvider::exchange(Method method, const std::string& path, const js
         request.body = body->dump();
     }
     HttpResponse response = http_.send(request);
+    if (response.status == 307 || response.status == 308) {
+        // An HA standby sends clients to the active node. Followed once: a
+        // second redirect means the cluster has no reachable active node.
+        std::string location = response.header("location");
+        std::string scheme = settings_.address.substr(0, settings_.address.find("://") + 3);
+        if (location.rfind("https://", 0) != 0 && location.rfind(scheme, 0) != 0)
+            throw Error(ErrorCode::KeyManagerUnavailable,
+                        "Vault redirected to an address that is not https (HTTP " + std::to_string(response.status) + ")",
+                        "A standby sent pgphi to its active node's api_addr; pgphi follows only https addresses.");
+        request.url = location;
+        response = http_.send(request);
+        if (response.status >= 300 && response.status < 400)
+            throw Error(ErrorCode::KeyManagerUnavailable,
+                        "Vault redirected again after following a redirect to the active node (HTTP " +
+                            std::to_string(response.status) + ")",
+                        "The Vault cluster has no active node that answers; check its HA status.");
+    }
     out = vault::parse_body(response.body);
-    return response.status;
+    long status = response.status;
+    if (raw)
+        *raw = std::move(response);
+    return status;
+}
+
+bool VaultKeyProvider::token_still_valid()
+{
+    json response;
+    try {
+        return exchange(Method::Get, "auth/token/lookup-self", nullptr, &token_, response) == 200;
+    } catch (const Error&) {
+        return false;
+    }
 }
 
 void VaultKeyProvider::login(std::time_t now)
@@ -147,9 +181,10 @@ json VaultKeyProvider::call(Method method, const std::string& path, const json& 
 
     bool done = with_retries(settings_.retry, [&](int) {
         long status = 0;
+        HttpResponse raw;
         try {
             ensure_token(std::time(nullptr));
-            status = exchange(method, path, method == Method::Post ? &body : nullptr, &token_, result);
+            status = exchange(method, path, method == Method::Post ? &body : nullptr, &token_, result, &raw);
         } catch (const Error& e) {
             if (e.code() != ErrorCode::KeyManagerUnavailable)
                 throw;
@@ -160,11 +195,15 @@ json VaultKeyProvider::call(Method method, const std::string& path, const json& 
             return true;
 
         std::string reason = vault::first_error(result);
+        std::string warnings = vault::warnings(result);
         std::string text = "Vault " + path + " returned HTTP " + std::to_string(status) +
-                           (reason.empty() ? "" : ": " + reason);
+                           (reason.empty() ? "" : ": " + reason) +
+                           (warnings.empty() ? "" : " (warnings: " + warnings + ")");
         if (status == 403) {
-            // The token may have expired or been revoked: get a new one once.
-            if (!logged_in_again) {
+            // An expired or revoked token is replaced once. A token Vault
+            // still accepts was refused by policy: logging in again would
+            // only spend a use of the AppRole secret id.
+            if (!logged_in_again && !token_still_valid()) {
                 logged_in_again = true;
                 forget_token();
                 last_error = Error(ErrorCode::KeyManagerDenied, "permission denied by " + text);
@@ -173,15 +212,33 @@ json VaultKeyProvider::call(Method method, const std::string& path, const json& 
             throw Error(ErrorCode::KeyManagerDenied, "permission denied by " + text,
                         "Check the token's or AppRole's policy for this Transit key.");
         }
-        if (status == 429 || status >= 500) {
+        long retry_after = raw.retry_after_seconds();
+        if (status == 429 || status == 412 || status == 500 || status == 502 || status == 504) {
+            // 429: a rate-limit quota; 412: a performance standby without the
+            // state of an earlier write yet. Both pass: retried, after
+            // Retry-After when Vault gives one.
+            if (retry_after >= 0)
+                request_retry_delay(std::chrono::seconds(retry_after));
             last_error = Error(ErrorCode::KeyManagerUnavailable, text, "Vault kept failing after retries.");
             return false;
         }
+        if (status == 503) {
+            // Sealed, or a standby that cannot serve: unavailable, and said so.
+            last_error = Error(ErrorCode::KeyManagerUnavailable, text,
+                               reason.find("sealed") != std::string::npos
+                                   ? "Vault is sealed: it must be unsealed before pgphi can use its keys."
+                                   : "Vault is not serving requests (sealed, standby or in maintenance).");
+            return false;
+        }
+        if (status == 423)
+            throw Error(ErrorCode::KeyManagerUnavailable, text,
+                        "The Vault namespace is locked by an administrator (sys/namespaces/api-lock); "
+                        "pgphi cannot use its keys until it is unlocked.");
+        if (status > 500)
+            throw Error(ErrorCode::KeyManagerUnavailable, text);
         if (reason.find("not found") != std::string::npos || status == 404)
             throw Error(ErrorCode::KeyNotFound, text);
-        if (reason.find("disabled") != std::string::npos)
-            throw Error(ErrorCode::KeyManagerKeyDisabled, "the Transit key is not usable: " + text);
-        if (path.find("/decrypt/") != std::string::npos || path.find("/rewrap/") != std::string::npos)
+        if (status == 400 && (path.find("/decrypt/") != std::string::npos || path.find("/rewrap/") != std::string::npos))
             throw Error(ErrorCode::WrappedDekInvalid, "Vault could not unwrap the DEK: " + text,
                         "The wrapped DEK was altered, or its Transit key version is below "
                         "min_decryption_version.");

@@ -31,6 +31,7 @@ struct VaultSettings {
     HttpTimeouts timeouts;
     RetryPolicy retry;
     bool allow_http_loopback = false;
+    ProxySettings proxy;
 };
 
 class VaultKeyProvider final : public KeyProvider {
@@ -63,8 +64,12 @@ private:
     // One authenticated Transit call with retries; `path` follows /v1/.
     nlohmann::json call(Method method, const std::string& path, const nlohmann::json& body);
     // One HTTP exchange, unauthenticated unless `token` is given.
+    // A 307 from a standby is followed once, to an https address (or the
+    // configured address's own scheme), with the same TLS verification.
     long exchange(Method method, const std::string& path, const nlohmann::json* body, const std::string* token,
-                  nlohmann::json& out);
+                  nlohmann::json& out, HttpResponse* raw = nullptr);
+    // Whether Vault still accepts the current token (auth/token/lookup-self).
+    bool token_still_valid();
     void ensure_token(std::time_t now);
     void login(std::time_t now);
     bool renew(std::time_t now);

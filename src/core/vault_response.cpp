@@ -91,12 +91,49 @@ json parse_body(const std::string& body)
     return doc;
 }
 
+namespace {
+
+// Vault's multierror text ("1 error occurred:\n\t* permission denied\n\n")
+// on one line: whitespace runs become one space, the count preamble goes.
+std::string one_line(const std::string& text)
+{
+    std::string out;
+    for (char c : text) {
+        bool space = c == ' ' || c == '\n' || c == '\t' || c == '\r';
+        if (space) {
+            if (!out.empty() && out.back() != ' ')
+                out += ' ';
+        } else if (static_cast<unsigned char>(c) >= 0x20) {
+            out += c;
+        }
+    }
+    while (!out.empty() && out.back() == ' ')
+        out.pop_back();
+    size_t preamble = out.find("occurred: * ");
+    if (preamble != std::string::npos && preamble < 24)
+        out.erase(0, preamble + 12);
+    return out.size() > 300 ? out.substr(0, 300) + "..." : out;
+}
+
+} // namespace
+
 std::string first_error(const json& doc)
 {
     const json* errors = member(doc, "errors");
     if (errors && errors->is_array() && !errors->empty() && (*errors)[0].is_string())
-        return (*errors)[0].get<std::string>();
+        return one_line((*errors)[0].get<std::string>());
     return {};
+}
+
+std::string warnings(const json& doc)
+{
+    const json* list = member(doc, "warnings");
+    std::string out;
+    if (list && list->is_array())
+        for (const json& warning : *list)
+            if (warning.is_string())
+                out += (out.empty() ? "" : "; ") + one_line(warning.get<std::string>());
+    return out.size() > 300 ? out.substr(0, 300) + "..." : out;
 }
 
 WrappedDek wrapped_dek(const json& response)

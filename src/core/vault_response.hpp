@@ -20,6 +20,9 @@ nlohmann::json parse_body(const std::string& body);
 // The first of Vault's "errors" strings, or "".
 std::string first_error(const nlohmann::json& doc);
 
+// Vault's "warnings", joined with "; " ("" when none): logged with failures.
+std::string warnings(const nlohmann::json& doc);
+
 // The data.ciphertext of datakey/wrapped, encrypt and rewrap answers, with
 // the Transit key version ("vault:v3:..." -> "v3") that wrapped it.
 WrappedDek wrapped_dek(const nlohmann::json& response);

@@ -230,7 +230,7 @@ bool is_refusal(ErrorCode code)
 
 DekBinding binding_of(const cache::UnwrapRequest& request)
 {
-    return DekBinding{request.key_id, request.key_version, request.key_name};
+    return DekBinding{request.key_id, request.key_version, request.key_name, request.wrapped_by};
 }
 
 void log_failure(const char* operation, const cache::UnwrapRequest& request, const CoreFailure& failure)

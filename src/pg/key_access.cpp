@@ -56,7 +56,7 @@ SPIPlanPtr g_plan_by_name_version = nullptr;
     "SELECT k.key_id, v.version, k.name, k.provider, k.kek_ref, v.state, v.wrapped_dek, v.xmin, "                \
     "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'purpose', "                                                \
     "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'normalization', "                                          \
-    "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'index_bytes' "
+    "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'index_bytes', v.kek_version "
 
 // By name: the key's active version; a key without one (all versions
 // rotated out or destroyed) still returns a row, with a NULL version.
@@ -88,6 +88,7 @@ struct CatalogKey {
     char* purpose;       // NULL on a 0.1.0 catalog
     char* normalization; // blind-index keys only
     char* index_bytes;   // blind-index keys only
+    char* kek_version;   // which KEK (version) wrapped the DEK; NULL without a version
 };
 
 // Before a key leaves the ring, its seals are added to the shared count.
@@ -191,6 +192,7 @@ void copy_catalog_key(HeapTuple row, TupleDesc desc, void* arg)
     out->purpose = copy_text_column(row, desc, 9);
     out->normalization = copy_text_column(row, desc, 10);
     out->index_bytes = copy_text_column(row, desc, 11);
+    out->kek_version = copy_text_column(row, desc, 12);
 }
 
 // Runs one of the two lookups and copies the row into `out`. Returns false
@@ -240,6 +242,8 @@ DataKey* install_catalog_key(const CatalogKey& key)
     memset(&request, 0, sizeof(request));
     copy_field(request.provider, sizeof(request.provider), key.provider, "provider");
     copy_field(request.kek_ref, sizeof(request.kek_ref), key.kek_ref, "KEK reference");
+    if (key.kek_version)
+        copy_field(request.wrapped_by, sizeof(request.wrapped_by), key.kek_version, "KEK version");
     copy_field(request.key_name, sizeof(request.key_name), key.name, "key name");
     request.key_id = key.key_id;
     request.key_version = key.version;

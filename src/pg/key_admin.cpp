@@ -29,6 +29,35 @@ SPIPlanPtr g_plan_key_row = nullptr;
 
 void note_row(HeapTuple, TupleDesc, void*) {}
 
+SPIPlanPtr g_plan_kek_version = nullptr;
+
+struct KekVersionOut {
+    char* buffer;
+    size_t size;
+};
+
+void copy_kek_version(HeapTuple row, TupleDesc desc, void* arg)
+{
+    auto* out = static_cast<KekVersionOut*>(arg);
+    char* value = SPI_getvalue(row, desc, 1);
+    if (value && strlen(value) < out->size)
+        strlcpy(out->buffer, value, out->size);
+}
+
+// The catalog's record of which KEK wrapped this DEK version: KMS rewraps
+// name that key (ReEncrypt's SourceKeyId), whatever an alias points to now.
+void wrapped_by_from_catalog(cache::UnwrapRequest* key, bytea* wrapped)
+{
+    Oid argtypes[3] = {INT4OID, INT4OID, BYTEAOID};
+    Datum args[3] = {Int32GetDatum(static_cast<int32>(key->key_id)), Int32GetDatum(static_cast<int32>(key->key_version)),
+                     PointerGetDatum(wrapped)};
+    KekVersionOut out{key->wrapped_by, sizeof(key->wrapped_by)};
+    query_catalog(&g_plan_kek_version,
+                  "SELECT kek_version FROM pgphi.key_versions WHERE key_id OPERATOR(pg_catalog.=) $1 "
+                  "AND version OPERATOR(pg_catalog.=) $2 AND wrapped_dek OPERATOR(pg_catalog.=) $3",
+                  3, argtypes, args, 1, copy_kek_version, &out, nullptr);
+}
+
 // The broker logs what it fails to do with a key's name and provider, so
 // they must be those of a catalog row (the one create_key has just inserted,
 // or rotate_key and rewrap_keys read): an argument that is not, which could
@@ -114,6 +143,7 @@ PGPHI_FUNCTION(pgphi_rewrap_dek)
         ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("wrapped DEK is too large")));
     memcpy(key.wrapped, VARDATA_ANY(wrapped), VARSIZE_ANY_EXHDR(wrapped));
     key.wrapped_size = static_cast<uint16_t>(VARSIZE_ANY_EXHDR(wrapped));
+    wrapped_by_from_catalog(&key, PG_DETOAST_DATUM(PG_GETARG_DATUM(5)));
 
     AdminRequest* result = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
     run_admin_request(AdminRequest::Operation::Rewrap, key, false, result);

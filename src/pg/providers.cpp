@@ -28,7 +28,7 @@ HttpTimeouts timeouts()
 
 RetryPolicy retry_policy()
 {
-    RetryPolicy policy;
+    RetryPolicy policy; // the SDKs' standard mode: 1 s base, 20 s cap
     policy.max_attempts = 1 + provider_max_retries;
     return policy;
 }
@@ -41,10 +41,12 @@ std::string configuration_fingerprint()
                           vault_approle_role_id_file, vault_approle_secret_id_file, vault_approle_mount,
                           vault_ca_file, vault_client_cert, vault_client_key, aws_region, aws_kms_endpoint,
                           aws_credentials_file, aws_profile, aws_imds_endpoint, aws_ca_file, aws_client_cert,
-                          aws_client_key, kmip_host, kmip_client_cert, kmip_client_key, kmip_ca, pkcs11_module, pkcs11_token_label, pkcs11_pin_file,
-                          pkcs11_mechanism})
+                          aws_client_key, kmip_host, kmip_client_cert, kmip_client_key, kmip_ca, pkcs11_module,
+                          pkcs11_token_label, pkcs11_pin_file, pkcs11_mechanism, provider_proxy,
+                          provider_proxy_ca_file})
         all += str(s) + '\n';
-    all += std::to_string(kmip_port) + ',';
+    all += std::to_string(kmip_port) + ',' + std::to_string(pkcs11_slot) + ',';
+    all += std::to_string(aws_use_fips_endpoint) + std::to_string(aws_use_dualstack_endpoint);
     all += std::to_string(aws_use_environment) + std::to_string(provider_connect_timeout_ms) + ',' +
            std::to_string(provider_timeout_ms) + ',' + std::to_string(provider_max_retries) + ',' +
            std::to_string(allow_insecure_http_loopback) + ',' + std::to_string(pkcs11_slot);
@@ -68,12 +70,16 @@ std::unique_ptr<KeyProvider> build(std::string_view name)
         settings.timeouts = timeouts();
         settings.retry = retry_policy();
         settings.allow_http_loopback = allow_insecure_http_loopback;
+        settings.proxy = ProxySettings{str(provider_proxy), str(provider_proxy_ca_file)};
         return std::make_unique<VaultKeyProvider>(std::move(settings));
     }
     if (name == "aws_kms") {
         KmsSettings settings;
         settings.region = str(aws_region);
         settings.endpoint = str(aws_kms_endpoint);
+        settings.use_fips = aws_use_fips_endpoint;
+        settings.use_dualstack = aws_use_dualstack_endpoint;
+        settings.proxy = ProxySettings{str(provider_proxy), str(provider_proxy_ca_file)};
         settings.tls = TlsSettings{str(aws_ca_file), str(aws_client_cert), str(aws_client_key)};
         settings.timeouts = timeouts();
         settings.retry = retry_policy();

@@ -24,6 +24,10 @@ char* aws_kms_endpoint;
 char* aws_credentials_file;
 char* aws_profile;
 bool aws_use_environment;
+bool aws_use_fips_endpoint;
+bool aws_use_dualstack_endpoint;
+char* provider_proxy;
+char* provider_proxy_ca_file;
 char* aws_imds_endpoint;
 char* aws_ca_file;
 char* aws_client_cert;
@@ -73,7 +77,11 @@ const StringSetting kStringSettings[] = {
     {"pgphi.vault_client_key", &vault_client_key, "", "Client key for mutual TLS with Vault."},
     {"pgphi.aws_region", &aws_region, "", "AWS region of the KMS keys."},
     {"pgphi.aws_kms_endpoint", &aws_kms_endpoint, "",
-     "KMS endpoint override (VPC endpoint); default https://kms.<region>.amazonaws.com."},
+     "KMS endpoint override (VPC endpoint); default: the region's endpoint in its AWS partition."},
+    {"pgphi.provider_proxy", &provider_proxy, "",
+     "Outbound proxy for Vault and AWS KMS (http://host:port or https://host:port, CONNECT); empty: direct."},
+    {"pgphi.provider_proxy_ca_file", &provider_proxy_ca_file, "",
+     "CA bundle that signs an https:// proxy's certificate (default: system store)."},
     {"pgphi.aws_credentials_file", &aws_credentials_file, "", "Shared-credentials-style file with AWS keys."},
     {"pgphi.aws_profile", &aws_profile, "default", "Profile to read from pgphi.aws_credentials_file."},
     {"pgphi.aws_imds_endpoint", &aws_imds_endpoint, "",
@@ -117,6 +125,13 @@ void define_settings()
                             "PKCS#11 slot id of the token, used when pgphi.pkcs11_token_label is empty (-1: none).",
                             nullptr, &pkcs11_slot, -1, -1, INT_MAX, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr,
                             nullptr);
+    DefineCustomBoolVariable("pgphi.aws_use_fips_endpoint",
+                             "Use the region's FIPS 140 KMS endpoint (kms-fips.<region>...).", nullptr,
+                             &aws_use_fips_endpoint, false, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);
+    DefineCustomBoolVariable("pgphi.aws_use_dualstack_endpoint",
+                             "Use the region's dual-stack (IPv4 and IPv6) KMS endpoint.", nullptr,
+                             &aws_use_dualstack_endpoint, false, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr,
+                             nullptr);
     DefineCustomIntVariable("pgphi.provider_connect_timeout", "Time limit for connecting to a key manager.",
                             nullptr, &provider_connect_timeout_ms, 2000, 100, 60000, PGC_SIGHUP,
                             GUC_UNIT_MS | GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);

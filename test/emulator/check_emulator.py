@@ -56,6 +56,10 @@ from botocore.config import Config                    # noqa: E402
 from botocore.credentials import Credentials          # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+# The policies docs/providers-vault-and-kms.md prints, which pgphi's tests load.
+KMS_POLICY = HERE.parent.parent / "docs" / "policies" / "pgphi-kms-iam-policy.json"
+VAULT_POLICY = HERE.parent.parent / "docs" / "policies" / "pgphi-vault-policy.hcl"
+DOCS_PAGE = HERE.parent.parent / "docs" / "providers-vault-and-kms.md"
 EMULATOR = HERE / "keymanager_emulator.py"
 PKI_SCRIPT = HERE / "make_test_pki.sh"
 PYTHON = "/usr/bin/python3"
@@ -73,6 +77,8 @@ KMS_KEY_2 = "0b7e9d41-2c3a-4e5f-8a6b-7c8d9e0f1a2b"
 AKID, SECRET = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
 SESSION_AKID, SESSION_SECRET = "ASIAEMULATORTEST0002", secrets.token_urlsafe(30)
 SESSION_TOKEN = "FwoGZXIvYXdzE" + secrets.token_urlsafe(60)
+POLICY_AKID, POLICY_SECRET = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
+POLICY_TOKEN = "hvs.policy-" + secrets.token_hex(12)
 ROLE_ID, SECRET_ID = str(uuid.uuid4()), str(uuid.uuid4())
 APPROLE_TTL, APPROLE_MAX_TTL = 4, 10     # short, so expiry is testable in seconds
 
@@ -97,7 +103,7 @@ class Emulator:
     """One emulator process on a random port. stop() terminates it (kills if need be)."""
 
     def __init__(self, cert: str = "server", client_ca: str | None = None,
-                 imds_role: str | None = None):
+                 imds_role: str | None = None, extra: tuple = ()):
         self.state_dir = WORK / unique("state")
         self.state_dir.mkdir()
         self.admin_token = secrets.token_hex(16)
@@ -116,6 +122,7 @@ class Emulator:
             args += ["--client-ca", pki(client_ca)]
         if imds_role:
             args += ["--imds-role", imds_role]
+        args += list(extra)
         self._stdout = open(self.state_dir / "stdout.txt", "w")
         self._stderr = open(self.state_dir / "stderr.txt", "w")
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._stdout,
@@ -276,7 +283,12 @@ def setUpModule():
     (WORK / "home").mkdir()
     subprocess.run(["bash", str(PKI_SCRIPT), str(PKI)], check=True, timeout=60,
                    capture_output=True)
-    EMU = Emulator()
+    # AppRole tokens of the shared emulator may use every Transit path (a
+    # policy of their own, as a real Vault would need; the default policy
+    # grants no Transit path). RealServiceRulesTests checks pgphi's policy.
+    wide = WORK / "wide-policy.hcl"
+    wide.write_text('path "*" { capabilities = ["create", "read", "update", "delete", "list"] }\n')
+    EMU = Emulator(extra=("--vault-policy", f"wide={wide}", "--approle-policies", "wide"))
     unittest.addModuleCleanup(EMU.stop)
 
 
@@ -997,11 +1009,10 @@ class VaultTests(EmulatorTestCase):
                     self.transit.encrypt_data(name, "eA==")
                 self.transit.encrypt_data(name, "eA==")   # count=1: cleared again
 
-        EMU.fault(mode="disable_key", target="vault", key=name)
-        with self.assertRaises(hvac.exceptions.InvalidRequest):
+        EMU.fault(mode="deny", target="vault", key=name)
+        with self.assertRaises(hvac.exceptions.Forbidden):
             self.transit.encrypt_data(name, "eA==")
         self.transit.encrypt_data(other, "eA==")
-        self.transit.read_key(name)                       # not a cryptographic use
 
         EMU.fault(mode="drop", target="vault", count=1)
         with self.assertRaises(requests.exceptions.ConnectionError):
@@ -1009,6 +1020,216 @@ class VaultTests(EmulatorTestCase):
         # KMS faults do not touch Vault.
         EMU.fault(mode="deny", target="kms")
         self.transit.encrypt_data(other, "eA==")
+
+
+# --------------------------------------------------------------------------
+# What the real services refuse: IAM and Vault policies, aliases, key states,
+# multi-Region keys, batch_input, and a Vault cluster's HA and degraded answers
+# --------------------------------------------------------------------------
+
+class RealServiceRulesTests(unittest.TestCase):
+    """An emulator where one AWS credential carries the documented IAM policy and one
+    Vault token the documented Vault policy, and X-Vault-Request is required (as behind
+    a Vault Agent or Proxy listener)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.emu = Emulator(extra=(
+            "--aws-credential", f"{POLICY_AKID}:{POLICY_SECRET}",
+            "--aws-policy", f"{POLICY_AKID}={KMS_POLICY}",
+            "--vault-policy", f"pgphi={VAULT_POLICY}", "--vault-key", "pgphi-kek",
+            "--vault-token", f"{POLICY_TOKEN}=pgphi", "--approle-policies", "pgphi",
+            "--require-request-header"))
+        cls.addClassCleanup(cls.emu.stop)
+
+    def setUp(self):
+        self.addCleanup(close_clients)
+        self.addCleanup(self.emu.clear_faults)
+        self.admin_kms = kms_client(self.emu)
+        self.pgphi_kms = kms_client(self.emu, POLICY_AKID, POLICY_SECRET)
+
+    def test_docs_page_prints_the_policies_verbatim(self):
+        page = DOCS_PAGE.read_text()
+        for policy in (KMS_POLICY, VAULT_POLICY):
+            self.assertIn(policy.read_text().strip(), page, policy.name)
+
+    def test_iam_policy_allows_what_pgphi_calls_and_nothing_else(self):
+        context = {"pgphi:key": "k"}
+        generated = self.pgphi_kms.generate_data_key_without_plaintext(
+            KeyId=KMS_KEY, KeySpec="AES_256", EncryptionContext=context)
+        blob = generated["CiphertextBlob"]
+        self.pgphi_kms.decrypt(CiphertextBlob=blob, KeyId=arn(KMS_KEY), EncryptionContext=context)
+        self.pgphi_kms.re_encrypt(CiphertextBlob=blob, SourceKeyId=arn(KMS_KEY),
+                                  SourceEncryptionContext=context,
+                                  DestinationKeyId=KMS_KEY_2, DestinationEncryptionContext=context)
+        self.pgphi_kms.describe_key(KeyId=KMS_KEY)
+        # kms:GenerateDataKey is another permission than kms:GenerateDataKeyWithoutPlaintext.
+        for call in (lambda: self.pgphi_kms.generate_data_key(KeyId=KMS_KEY, KeySpec="AES_256"),
+                     lambda: self.pgphi_kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x"),
+                     lambda: self.pgphi_kms.create_key(),
+                     lambda: self.pgphi_kms.disable_key(KeyId=KMS_KEY)):
+            with self.assertRaises(botocore.exceptions.ClientError) as caught:
+                call()
+            self.assertEqual(error_code(caught.exception), "AccessDeniedException")
+            self.assertIn("is not authorized to perform: kms:", str(caught.exception))
+        # The AWS CLI and curl --aws-sigv4 meet the same policy.
+        cli = run_aws_cli(self.emu, "encrypt", "--key-id", KMS_KEY, "--plaintext", "eA==",
+                          akid=POLICY_AKID, secret=POLICY_SECRET)
+        self.assertNotEqual(cli.returncode, 0)
+        self.assertIn("AccessDeniedException", cli.stderr)
+        cli = run_aws_cli(self.emu, "describe-key", "--key-id", KMS_KEY,
+                          akid=POLICY_AKID, secret=POLICY_SECRET)
+        self.assertEqual(cli.returncode, 0, cli.stderr)
+        for operation, expected in (("DescribeKey", 200), ("GenerateDataKey", 400)):
+            result = subprocess.run(
+                [CURL, "-sS", "--max-time", "10", "--noproxy", "*", "--cacert", pki("ca.pem"),
+                 "--aws-sigv4", f"aws:amz:{REGION}:kms", "--user", f"{POLICY_AKID}:{POLICY_SECRET}",
+                 "-H", "Content-Type: application/x-amz-json-1.1",
+                 "-H", f"X-Amz-Target: TrentService.{operation}",
+                 "--data-binary", json.dumps({"KeyId": KMS_KEY, "KeySpec": "AES_256"}),
+                 "-w", "\n%{http_code}", self.emu.url + "/"],
+                capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+            self.assertEqual(int(result.stdout.rpartition("\n")[2]), expected, result.stdout)
+
+    def test_re_encrypt_needs_from_on_the_source_and_to_on_the_destination(self):
+        policy = WORK / unique("policy")
+        policy.write_text(json.dumps({"Statement": [
+            {"Effect": "Allow", "Action": ["kms:ReEncryptFrom"], "Resource": arn(KMS_KEY)},
+            {"Effect": "Allow", "Action": ["kms:ReEncrypt*", "kms:Encrypt"], "Resource": arn(KMS_KEY_2)},
+            {"Effect": "Deny", "Action": "kms:Encrypt", "Resource": "*"}]}))
+        akid, secret = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
+        emu = Emulator(extra=("--aws-credential", f"{akid}:{secret}", "--aws-policy", f"{akid}={policy}"))
+        self.addCleanup(emu.stop)
+        blob = kms_client(emu).encrypt(KeyId=KMS_KEY, Plaintext=b"x")["CiphertextBlob"]
+        limited = kms_client(emu, akid, secret)
+        limited.re_encrypt(CiphertextBlob=blob, DestinationKeyId=KMS_KEY_2)
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            limited.re_encrypt(CiphertextBlob=blob, DestinationKeyId=KMS_KEY)   # no ReEncryptTo
+        self.assertIn("kms:ReEncryptTo", str(caught.exception))
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            limited.encrypt(KeyId=KMS_KEY_2, Plaintext=b"x")                  # Deny wins
+        self.assertEqual(error_code(caught.exception), "AccessDeniedException")
+
+    def test_policy_the_emulator_cannot_evaluate_is_refused(self):
+        policy = WORK / unique("policy")
+        policy.write_text(json.dumps({"Statement": [{"Effect": "Allow", "Action": "kms:*",
+                                                     "Resource": "*", "Condition": {}}]}))
+        with self.assertRaises(RuntimeError):
+            Emulator(extra=("--aws-credential", "AKIAX:y", "--aws-policy", f"AKIAX={policy}"))
+
+    def test_alias_retargeting(self):
+        key_1 = self.admin_kms.create_key()["KeyMetadata"]["Arn"]
+        key_2 = self.admin_kms.create_key()["KeyMetadata"]["Arn"]
+        alias = "alias/" + unique("retarget")
+        self.admin_kms.create_alias(AliasName=alias, TargetKeyId=key_1)
+        wrapped = self.pgphi_kms.generate_data_key_without_plaintext(KeyId=alias, KeySpec="AES_256")
+        self.assertEqual(wrapped["KeyId"], key_1)
+        self.admin_kms.update_alias(AliasName=alias, TargetKeyId=key_2)
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            self.pgphi_kms.decrypt(CiphertextBlob=wrapped["CiphertextBlob"], KeyId=alias)
+        self.assertEqual(error_code(caught.exception), "IncorrectKeyException")
+        self.pgphi_kms.decrypt(CiphertextBlob=wrapped["CiphertextBlob"], KeyId=key_1)
+        moved = self.pgphi_kms.re_encrypt(CiphertextBlob=wrapped["CiphertextBlob"],
+                                          SourceKeyId=key_1, DestinationKeyId=alias)
+        self.assertEqual((moved["SourceKeyId"], moved["KeyId"]), (key_1, key_2))
+
+    def test_multi_region_keys(self):
+        key = self.admin_kms.create_key(MultiRegion=True)["KeyMetadata"]
+        self.assertRegex(key["KeyId"], r"^mrk-[0-9a-f]{32}$")
+        self.assertTrue(key["MultiRegion"])
+        blob = self.admin_kms.encrypt(KeyId=key["Arn"], Plaintext=b"mrk")["CiphertextBlob"]
+        self.assertEqual(self.admin_kms.decrypt(CiphertextBlob=blob, KeyId=key["KeyId"])["Plaintext"], b"mrk")
+
+    def test_pending_deletion(self):
+        key = self.admin_kms.create_key()["KeyMetadata"]["Arn"]
+        blob = self.admin_kms.encrypt(KeyId=key, Plaintext=b"x")["CiphertextBlob"]
+        self.admin_kms.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
+        self.assertEqual(self.admin_kms.describe_key(KeyId=key)["KeyMetadata"]["KeyState"], "PendingDeletion")
+        with self.assertRaises(botocore.exceptions.ClientError) as caught:
+            self.admin_kms.decrypt(CiphertextBlob=blob)
+        self.assertEqual(error_code(caught.exception), "KMSInvalidStateException")
+        self.assertIn("pending deletion", str(caught.exception))
+        self.admin_kms.cancel_key_deletion(KeyId=key)
+        self.assertEqual(self.admin_kms.describe_key(KeyId=key)["KeyMetadata"]["KeyState"], "Disabled")
+
+    def vault(self, token: str = POLICY_TOKEN, **kwargs) -> hvac.Client:
+        return vault_client(self.emu, token=token, **kwargs)
+
+    def test_vault_policy_allows_what_pgphi_calls_and_nothing_else(self):
+        transit = self.vault().secrets.transit
+        wrapped = transit.generate_data_key("pgphi-kek", "wrapped")["data"]["ciphertext"]
+        transit.decrypt_data("pgphi-kek", wrapped)
+        transit.rewrap_data("pgphi-kek", wrapped)
+        transit.read_key("pgphi-kek")
+        self.vault().auth.token.lookup_self()          # the default policy
+        for call in (lambda: transit.encrypt_data("pgphi-kek", "eA=="),
+                     lambda: transit.generate_data_key("pgphi-kek", "plaintext"),
+                     lambda: transit.rotate_key("pgphi-kek"),
+                     lambda: transit.decrypt_data("precreated", wrapped)):
+            with self.assertRaises(hvac.exceptions.Forbidden):
+                call()
+        client = vault_client(self.emu)
+        client.auth.approle.login(role_id=ROLE_ID, secret_id=SECRET_ID)
+        client.secrets.transit.decrypt_data("pgphi-kek", wrapped)   # AppRole tokens: the same policy
+
+    def test_request_header_is_required(self):
+        with self.assertRaises(hvac.exceptions.VaultError) as caught:
+            self.vault(request_header=False).secrets.transit.read_key("pgphi-kek")
+        self.assertIsInstance(caught.exception, hvac.exceptions.UnexpectedError)   # 412
+        self.assertIn("X-Vault-Request", str(caught.exception))
+
+    def test_batch_input(self):
+        transit = vault_client(self.emu, token=self.emu.root_token).secrets.transit
+        encrypted = transit.encrypt_data("pgphi-kek", None, batch_input=[
+            {"plaintext": "YQ==", "reference": "a"}, {"plaintext": "Yg==", "reference": "b"}])
+        results = encrypted["data"]["batch_results"]
+        self.assertEqual([r["reference"] for r in results], ["a", "b"])
+        decrypted = transit.decrypt_data("pgphi-kek", None, batch_input=[
+            {"ciphertext": r["ciphertext"]} for r in results])
+        self.assertEqual([r["plaintext"] for r in decrypted["data"]["batch_results"]], ["YQ==", "Yg=="])
+
+    def test_ha_and_degraded_answers(self):
+        transit = self.vault().secrets.transit
+        # A standby redirects (307) to the active node; hvac follows it.
+        self.emu.fault(mode="standby_redirect", target="vault", count=1)
+        transit.read_key("pgphi-kek")
+        status, headers, _ = raw_vault_call_with(self.emu, "GET", "/v1/transit/keys/pgphi-kek",
+                                                 POLICY_TOKEN, fault=("standby_redirect", self.emu))
+        self.assertEqual(status, 307)
+        self.assertTrue(headers["Location"].startswith(self.emu.url + "/v1/transit/keys/"))
+        for mode, status_code, exception in (("sealed", 503, hvac.exceptions.VaultDown),
+                                             ("namespace_locked", 423, hvac.exceptions.VaultError),
+                                             ("missing_state", 412, hvac.exceptions.VaultError),
+                                             ("throttle", 429, hvac.exceptions.RateLimitExceeded)):
+            with self.subTest(mode=mode):
+                self.emu.fault(mode=mode, target="vault", count=1)
+                with self.assertRaises(exception):
+                    transit.read_key("pgphi-kek")
+                status, headers, body = raw_vault_call_with(
+                    self.emu, "GET", "/v1/transit/keys/pgphi-kek", POLICY_TOKEN, fault=(mode, self.emu))
+                self.assertEqual(status, status_code, body)
+                if mode == "throttle":
+                    self.assertEqual(headers.get("Retry-After"), "1")
+        with self.assertRaises(urllib.error.HTTPError):
+            self.emu.admin("POST", "/_emulator/fault", {"mode": "disable_key", "target": "vault"})
+
+
+def raw_vault_call_with(emulator, method, path, token, fault):
+    """One raw request (no redirect following) with the fault armed for it alone."""
+    mode, emu = fault
+    emu.fault(mode=mode, target="vault", count=1)
+    request = urllib.request.Request(emulator.url + path, method=method,
+                                     headers={"X-Vault-Token": token, "X-Vault-Request": "true"})
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ca_context()), NoRedirect)
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, dict(response.headers), json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read() or b"{}")
 
 
 # --------------------------------------------------------------------------

@@ -152,7 +152,11 @@ class MalformedAnswer(Exception):
 # --------------------------------------------------------------------------
 
 FAULT_MODES = ("none", "deny", "disable_key", "throttle", "internal_error", "slow", "drop",
-               "malformed", "expire_tokens")
+               "malformed", "expire_tokens",
+               # Vault only: an HA standby's redirect, a sealed node, a locked namespace,
+               # a performance standby without the client's index state.
+               "standby_redirect", "sealed", "namespace_locked", "missing_state")
+VAULT_ONLY_FAULTS = ("standby_redirect", "sealed", "namespace_locked", "missing_state")
 FAULT_TARGETS = ("kms", "vault", "all")
 
 
@@ -243,7 +247,7 @@ class Stats:
             self._errors = {"kms": {}, "vault": {}, "imds": {}}
             self._namespaces: dict[str, int] = {}
             self._counters = {"total": 0, "rejected_signatures": 0, "rejected_tokens": 0,
-                              "faults_injected": 0}
+                              "faults_injected": 0, "denied_by_policy": 0, "vault_logins": 0}
 
     def request(self, api: str, operation: str, namespace: str | None = None) -> None:
         with self._lock:
@@ -492,12 +496,14 @@ class SigV4Verifier:
 KMS_CONTENT_TYPE = "application/x-amz-json-1.1"
 KMS_TARGET_PREFIX = "TrentService."
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+MRK_RE = re.compile(r"^mrk-[0-9a-f]{32}$")        # multi-Region key ids
 ALIAS_RE = re.compile(r"^alias/[a-zA-Z0-9/_-]{1,250}$")
 # Blob layout: header || nonce || ciphertext || tag. The header names the KMS key
 # and its backing-key version, so Decrypt needs no KeyId; it is authenticated as
 # part of the associated data, together with the encryption context.
 BLOB_MAGIC = b"EKMS\x01"
 BLOB_HEADER = struct.Struct(">5s16sI")
+BLOB_MRK_FLAG = 0x80000000                         # version field: the id is mrk- + 16 bytes
 
 
 def invalid_ciphertext() -> KmsError:
@@ -525,6 +531,12 @@ class KmsKey:
     versions: list = field(default_factory=list)   # backing keys; version n is versions[n-1]
     key_spec: str = "SYMMETRIC_DEFAULT"
     key_usage: str = "ENCRYPT_DECRYPT"
+    pending_deletion_since: float | None = None
+    deletion_date: float | None = None
+
+    @property
+    def multi_region(self) -> bool:
+        return self.key_id.startswith("mrk-")
 
 
 # HMAC KMS keys: key spec -> (key bytes, the one MAC algorithm it supports, hash).
@@ -582,7 +594,7 @@ class KmsStore:
                 if alias is None:
                     raise KmsError("NotFoundException", f"Alias {self.arn(resource)} is not found.")
                 return self._keys[alias.target_key_id]
-            if not UUID_RE.match(resource):
+            if not UUID_RE.match(resource) and not MRK_RE.match(resource):
                 raise KmsError("NotFoundException", f"Invalid keyId {key_ref}")
             key = self._keys.get(resource)
             if key is None:
@@ -655,7 +667,11 @@ class KmsStore:
         with self._lock:
             version = len(key.versions)
             material = key.versions[-1]
-        header = BLOB_HEADER.pack(BLOB_MAGIC, uuid.UUID(key.key_id).bytes, version)
+        if key.multi_region:
+            header = BLOB_HEADER.pack(BLOB_MAGIC, bytes.fromhex(key.key_id[4:]),
+                                      version | BLOB_MRK_FLAG)
+        else:
+            header = BLOB_HEADER.pack(BLOB_MAGIC, uuid.UUID(key.key_id).bytes, version)
         return header + aes_gcm_seal(material, plaintext,
                                      header + canonical_encryption_context(context))
 
@@ -666,7 +682,10 @@ class KmsStore:
         magic, key_bytes, version = BLOB_HEADER.unpack_from(blob)
         if magic != BLOB_MAGIC:
             raise invalid_ciphertext()
-        key_id = str(uuid.UUID(bytes=key_bytes))
+        if version & BLOB_MRK_FLAG:
+            key_id, version = "mrk-" + key_bytes.hex(), version & ~BLOB_MRK_FLAG
+        else:
+            key_id = str(uuid.UUID(bytes=key_bytes))
         with self._lock:
             key = self._keys.get(key_id)
         if key is None:
@@ -789,17 +808,63 @@ def kms_data_key_length(params: dict) -> int:
 class KmsCall:
     operation: str
     params: dict
+    principal: str = ""                 # access key id of the caller
+
+
+class IamPolicy:
+    """An IAM identity-based policy: statements with Effect, Action and Resource (strings
+    or lists, "*" and "?" wildcards). As IAM evaluates it: an explicit Deny wins, else an
+    Allow is needed. Conditions, NotAction and NotResource are refused when the policy is
+    loaded, so that a test never passes on a statement the emulator would misread."""
+
+    def __init__(self, document: dict, source: str = "policy"):
+        statements = document.get("Statement") if isinstance(document, dict) else None
+        if isinstance(statements, dict):
+            statements = [statements]
+        if not isinstance(statements, list) or not statements:
+            raise ValueError(f"{source}: an IAM policy needs a Statement list")
+        self.statements = []
+        for statement in statements:
+            unknown = set(statement) - {"Sid", "Effect", "Action", "Resource"}
+            if unknown:
+                raise ValueError(f"{source}: the emulator does not evaluate {sorted(unknown)}")
+            if statement.get("Effect") not in ("Allow", "Deny"):
+                raise ValueError(f"{source}: Effect must be Allow or Deny")
+            actions, resources = statement.get("Action"), statement.get("Resource")
+            actions = [actions] if isinstance(actions, str) else actions
+            resources = [resources] if isinstance(resources, str) else resources
+            if not actions or not resources:
+                raise ValueError(f"{source}: each statement needs Action and Resource")
+            self.statements.append((statement["Effect"], [a.lower() for a in actions], resources))
+
+    @staticmethod
+    def _matches(pattern: str, value: str, case_sensitive: bool) -> bool:
+        regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+        return re.fullmatch(regex, value, 0 if case_sensitive else re.IGNORECASE) is not None
+
+    def allows(self, action: str, resource: str) -> bool:
+        allowed = False
+        for effect, actions, resources in self.statements:
+            if any(self._matches(a, action.lower(), False) for a in actions) and \
+                    any(self._matches(r, resource, True) for r in resources):
+                if effect == "Deny":
+                    return False
+                allowed = True
+        return allowed
 
 
 class KmsApi:
     """The TrentService operations pgphi and its tests use."""
 
     def __init__(self, store: KmsStore, verifier: SigV4Verifier, faults: FaultBook,
-                 stats: Stats):
+                 stats: Stats, policies: dict | None = None):
         self.store = store
         self.verifier = verifier
         self.faults = faults
         self.stats = stats
+        # access key id -> IamPolicy; a credential without one may do everything
+        # (the tests' administrator), one with one only what its policy allows.
+        self.policies = policies or {}
         self._operations = {
             "Encrypt": self._encrypt,
             "Decrypt": self._decrypt,
@@ -818,6 +883,8 @@ class KmsApi:
             "DeleteAlias": self._delete_alias,
             "ListAliases": self._list_aliases,
             "RotateKeyOnDemand": self._rotate_key_on_demand,
+            "ScheduleKeyDeletion": self._schedule_key_deletion,
+            "CancelKeyDeletion": self._cancel_key_deletion,
         }
 
     def handle(self, target: str, method: str, raw_path: str, raw_query: str, headers,
@@ -827,7 +894,7 @@ class KmsApi:
         self.stats.request("kms", operation)
         label = f"kms {operation}"
         try:
-            self.verifier.verify(method, raw_path, raw_query, headers, body)
+            credential = self.verifier.verify(method, raw_path, raw_query, headers, body)
             params = self._parse_body(body)
             fault = self.faults.take_request_fault("kms")
             if fault:
@@ -837,7 +904,10 @@ class KmsApi:
                 else None
             if handler is None:
                 raise KmsError("UnknownOperationException", "")
-            result = handler(KmsCall(operation, params))
+            call = KmsCall(operation, params, credential.access_key_id)
+            if operation in ("CreateKey", "ListKeys", "ListAliases"):
+                self._authorize(call, f"kms:{operation}", "*")
+            result = handler(call)
             return self._response(200, result, label)
         except SignatureRejected as exc:
             self.stats.bump("rejected_signatures")
@@ -889,11 +959,25 @@ class KmsApi:
                         "The request was rejected because an internal exception occurred. "
                         "Please retry the request.", status=500)
 
-    # Key access: resolution, key-scoped faults and the key's own state.
+    # Key access: permissions, resolution, key-scoped faults and the key's own state.
+
+    def _authorize(self, call: KmsCall, action: str, resource: str) -> None:
+        """IAM: the caller's policy must allow `action` on the key's ARN (an alias is
+        resolved first: IAM authorizes the key, not the alias)."""
+        policy = self.policies.get(call.principal)
+        if policy is None or policy.allows(action, resource):
+            return
+        self.stats.bump("denied_by_policy")
+        raise KmsError(
+            "AccessDeniedException",
+            f"User: arn:aws:iam::{self.store.account_id}:user/{call.principal} is not "
+            f"authorized to perform: {action} on resource: {resource} because no "
+            f"identity-based policy allows the {action} action")
 
     def _usable_key(self, call: KmsCall, key_ref, crypto: bool = True,
-                    usage: str = "ENCRYPT_DECRYPT") -> KmsKey:
+                    usage: str = "ENCRYPT_DECRYPT", action: str | None = None) -> KmsKey:
         key = self.store.resolve(key_ref)
+        self._authorize(call, action or f"kms:{call.operation}", key.arn)
         self._check_usable(call, key, crypto)
         if crypto and key.key_usage != usage:
             raise KmsError("InvalidKeyUsageException",
@@ -906,16 +990,20 @@ class KmsApi:
         if fault:
             inject_fault(fault, self.stats,
                          lambda mode: self._fault_error(mode, call.operation, key.arn))
+        if key.pending_deletion_since is not None and (crypto or call.operation in (
+                "EnableKey", "DisableKey", "RotateKeyOnDemand", "ScheduleKeyDeletion")):
+            raise KmsError("KMSInvalidStateException", f"{key.arn} is pending deletion.")
         if crypto and not key.enabled:
             raise KmsError("DisabledException", f"{key.arn} is disabled.")
 
-    def _open_blob(self, call: KmsCall, blob: bytes, context: dict, expected_ref
-                   ) -> tuple[KmsKey, bytes]:
+    def _open_blob(self, call: KmsCall, blob: bytes, context: dict, expected_ref,
+                   action: str | None = None) -> tuple[KmsKey, bytes]:
         key, version = self.store.blob_key(blob)
         if expected_ref is not None and self.store.resolve(expected_ref).key_id != key.key_id:
             raise KmsError("IncorrectKeyException",
                            "The key ID in the request does not identify a CMK that can perform "
                            "this operation.")
+        self._authorize(call, action or f"kms:{call.operation}", key.arn)
         self._check_usable(call, key, crypto=True)
         if key.key_usage != "ENCRYPT_DECRYPT":
             raise KmsError("InvalidKeyUsageException",
@@ -932,12 +1020,18 @@ class KmsApi:
             "Enabled": key.enabled,
             "Description": key.description,
             "KeyUsage": key.key_usage,
-            "KeyState": "Enabled" if key.enabled else "Disabled",
+            "KeyState": "PendingDeletion" if key.pending_deletion_since is not None
+                        else "Enabled" if key.enabled else "Disabled",
+            **({"DeletionDate": key.deletion_date} if key.deletion_date else {}),
             "Origin": "AWS_KMS",
             "KeyManager": "CUSTOMER",
             "CustomerMasterKeySpec": key.key_spec,
             "KeySpec": key.key_spec,
-            "MultiRegion": False,
+            "MultiRegion": key.multi_region,
+            **({"MultiRegionConfiguration": {
+                "MultiRegionKeyType": "PRIMARY",
+                "PrimaryKey": {"Arn": key.arn, "Region": self.store.region},
+                "ReplicaKeys": []}} if key.multi_region else {}),
             **({"MacAlgorithms": [KMS_HMAC_SPECS[key.key_spec][1]]} if key.key_spec in KMS_HMAC_SPECS
                else {"EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"]}),
         }
@@ -972,8 +1066,8 @@ class KmsApi:
         kms_check_algorithm(params, "SourceEncryptionAlgorithm")
         kms_check_algorithm(params, "DestinationEncryptionAlgorithm")
         source, plaintext = self._open_blob(call, blob, source_context,
-                                            params.get("SourceKeyId"))
-        destination = self._usable_key(call, destination_ref)
+                                            params.get("SourceKeyId"), "kms:ReEncryptFrom")
+        destination = self._usable_key(call, destination_ref, action="kms:ReEncryptTo")
         new_blob = self.store.seal(destination, plaintext, destination_context)
         return {"CiphertextBlob": b64encode(new_blob), "SourceKeyId": source.arn,
                 "KeyId": destination.arn, "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
@@ -1017,7 +1111,10 @@ class KmsApi:
                            "1 validation error detected: Value at 'description' failed to "
                            "satisfy constraint: Member must have length less than or equal to "
                            "8192")
-        return {"KeyMetadata": self._metadata(self.store.create_key(description=description,
+        key_id = None
+        if params.get("MultiRegion") is True:
+            key_id = "mrk-" + os.urandom(16).hex()
+        return {"KeyMetadata": self._metadata(self.store.create_key(key_id, description=description,
                                                                     key_spec=spec))}
 
     def _mac_request(self, call: KmsCall) -> tuple[KmsKey, bytes, str]:
@@ -1098,6 +1195,27 @@ class KmsApi:
             result["NextMarker"] = next_marker
         return result
 
+    def _schedule_key_deletion(self, call: KmsCall) -> dict:
+        key = self._usable_key(call, kms_required(call.params, "KeyId"), crypto=False)
+        days = call.params.get("PendingWindowInDays", 30)
+        if not isinstance(days, int) or not 7 <= days <= 30:
+            raise KmsError("ValidationException",
+                           "1 validation error detected: Value at 'pendingWindowInDays' failed "
+                           "to satisfy constraint: Member must have value between 7 and 30")
+        now = time.time()
+        key.pending_deletion_since, key.deletion_date = now, now + days * 86400
+        return {"KeyId": key.arn, "DeletionDate": key.deletion_date,
+                "KeyState": "PendingDeletion", "PendingWindowInDays": days}
+
+    def _cancel_key_deletion(self, call: KmsCall) -> dict:
+        key = self.store.resolve(kms_required(call.params, "KeyId"))
+        self._authorize(call, "kms:CancelKeyDeletion", key.arn)
+        if key.pending_deletion_since is None:
+            raise KmsError("KMSInvalidStateException", f"{key.arn} is not pending deletion.")
+        key.pending_deletion_since = key.deletion_date = None
+        key.enabled = False          # KMS leaves a key whose deletion was cancelled disabled
+        return {"KeyId": key.arn}
+
     def _rotate_key_on_demand(self, call: KmsCall) -> dict:
         key = self._usable_key(call, kms_required(call.params, "KeyId"), crypto=False)
         if key.key_spec != "SYMMETRIC_DEFAULT":
@@ -1121,10 +1239,65 @@ PERMISSION_DENIED = "permission denied"
 class VaultError(Exception):
     """An error in Vault's shape: HTTP status plus {"errors": [...]}."""
 
-    def __init__(self, status: int, *errors: str):
+    def __init__(self, status: int, *errors: str, headers: dict | None = None):
         super().__init__(f"{status}: {'; '.join(errors)}")
         self.status = status
         self.errors = list(errors)
+        self.headers = headers or {}
+
+
+# Vault ACL policies (HCL): only `path "..." { capabilities = [...] }` blocks; anything
+# else in a policy file (allowed_parameters, min_wrapping_ttl, ...) is refused at load,
+# so that no test passes on a rule the emulator would misread.
+VAULT_POLICY_RULE = re.compile(r'path\s+"([^"]+)"\s*\{\s*capabilities\s*=\s*\[([^\]]*)\]\s*\}')
+VAULT_CAPABILITIES = {"create", "read", "update", "patch", "delete", "list", "sudo", "deny"}
+# What every non-root token has (Vault's built-in "default" policy, the part pgphi uses).
+VAULT_DEFAULT_POLICY = [("auth/token/lookup-self", {"read"}),
+                        ("auth/token/renew-self", {"update"}),
+                        ("auth/token/revoke-self", {"update"}),
+                        ("sys/wrapping/unwrap", {"update"})]
+
+
+def parse_vault_policy(text: str, source: str = "policy") -> list:
+    rules = []
+    stripped = re.sub(r"#[^\n]*", "", text)
+    for match in VAULT_POLICY_RULE.finditer(stripped):
+        capabilities = {c.strip().strip('"') for c in match.group(2).split(",") if c.strip()}
+        unknown = capabilities - VAULT_CAPABILITIES
+        if unknown:
+            raise ValueError(f"{source}: unknown capabilities {sorted(unknown)}")
+        rules.append((match.group(1), capabilities))
+    if VAULT_POLICY_RULE.sub("", stripped).strip():
+        raise ValueError(f"{source}: the emulator reads only path blocks with capabilities")
+    if not rules:
+        raise ValueError(f"{source}: no path rules")
+    return rules
+
+
+def vault_rule_matches(pattern: str, path: str) -> bool:
+    """Vault's path patterns: "+" is one whole segment, a trailing "*" any suffix."""
+    glob = pattern.endswith("*")
+    body = pattern[:-1] if glob else pattern
+    regex = "/".join("[^/]+" if part == "+" else re.escape(part) for part in body.split("/"))
+    return re.fullmatch(regex + (".*" if glob else ""), path) is not None
+
+
+def vault_rule_priority(pattern: str) -> tuple:
+    """Higher wins, as Vault ranks matching rules: an exact path first, then the one
+    whose first wildcard comes latest, then one not ending in "*", then fewer "+"
+    segments, then the longer one."""
+    first_wildcard = min([i for i in (pattern.find("+"), pattern.find("*")) if i >= 0],
+                         default=len(pattern) + 1)
+    exact = "+" not in pattern and not pattern.endswith("*")
+    return (exact, first_wildcard, not pattern.endswith("*"), -pattern.count("+"), len(pattern))
+
+
+def vault_capabilities(rules: list, path: str) -> set:
+    matching = [(vault_rule_priority(p), caps) for p, caps in rules if vault_rule_matches(p, path)]
+    if not matching:
+        return set()
+    best = max(priority for priority, _ in matching)
+    return set().union(*(caps for priority, caps in matching if priority == best))
 
 
 def normalize_namespace(value: str | None) -> str:
@@ -1169,10 +1342,17 @@ class TokenStore:
     """Issued tokens, the configured root token and AppRole credentials. Thread-safe."""
 
     def __init__(self, root_token: str | None, approles: list[AppRole], token_ttl: int,
-                 token_max_ttl: int):
+                 token_max_ttl: int, approle_policies: list | None = None,
+                 static_tokens: list | None = None):
         self._lock = threading.Lock()
         self._tokens: dict[str, VaultToken] = {}
         self._approles = {role.role_id: role for role in approles}
+        self.approle_policies = ["default", *(approle_policies or [])]
+        self.logins = 0
+        for token_id, policies in static_tokens or []:
+            self._tokens[token_id] = VaultToken(
+                token_id, secrets.token_urlsafe(18), ["default", *policies], "token",
+                "auth/token/create", "", time.time(), 0, 0, False, None)
         self.token_ttl = token_ttl
         self.token_max_ttl = max(token_max_ttl, token_ttl)
         if root_token:
@@ -1185,8 +1365,10 @@ class TokenStore:
         if role is None or not hmac.compare_digest(role.secret_id.encode(), secret_id.encode()):
             raise VaultError(400, "invalid role or secret ID")
         now = time.time()
+        self.logins += 1
         token = VaultToken(
-            "hvs." + secrets.token_urlsafe(24), secrets.token_urlsafe(18), ["default"],
+            "hvs." + secrets.token_urlsafe(24), secrets.token_urlsafe(18),
+            list(self.approle_policies),
             "approle", "auth/approle/login", namespace, now, self.token_ttl,
             self.token_max_ttl, True, now + self.token_ttl, {"role_name": role.name},
             str(uuid.uuid4()))
@@ -1498,7 +1680,10 @@ VAULT_HMAC_ALGORITHMS = {"sha2-224": hashlib.sha224, "sha2-256": hashlib.sha256,
 
 class VaultApi:
     def __init__(self, transit: TransitStore, tokens: TokenStore, mounts: list[str],
-                 faults: FaultBook, stats: Stats):
+                 faults: FaultBook, stats: Stats, policies: dict | None = None,
+                 require_request_header: bool = False):
+        self.policies = policies or {}           # name -> rules (parse_vault_policy)
+        self.require_request_header = require_request_header
         self.transit = transit
         self.tokens = tokens
         self.mounts = set(mounts)
@@ -1519,22 +1704,51 @@ class VaultApi:
             self.stats.request("vault", "unsupported_path")
             return self._error_response(exc, label)
         namespace = "/".join(part for part in (namespace, path_namespace) if part)
+        relative_path = "/".join(segments[len(path_namespace.split("/")) if path_namespace else 0:])
         label = f"vault {operation} ns={namespace or '-'} key={captures.get('name', '-')}"
         self.stats.request("vault", operation, namespace)
         try:
+            if self.require_request_header and headers.get("X-Vault-Request") != "true":
+                # What a Vault Agent or Proxy listener with require_request_header says.
+                raise VaultError(412, "missing 'X-Vault-Request' header")
             fault = self.faults.take_request_fault("vault")
             if fault:
-                inject_fault(fault, self.stats, lambda mode: self._fault_error(mode, None))
+                inject_fault(fault, self.stats,
+                             lambda mode: self._fault_error(mode, None, path, raw_query))
             call = VaultCall(operation, namespace, captures, self._parse_body(body))
             if operation not in VAULT_UNAUTHENTICATED:
                 call.token = self._authenticate(headers, namespace)
+                self._authorize(call, method, relative_path)
             if call.name:
-                self._check_key_fault(call)
+                self._check_key_fault(call, path, raw_query)
             status, payload = getattr(self, f"_op_{operation}")(call)
             return json_response(status, payload, label=label,
                                  headers={"Cache-Control": "no-store"})
         except VaultError as exc:
             return self._error_response(exc, label)
+
+    def _authorize(self, call: VaultCall, method: str, path: str) -> None:
+        """Vault's ACL: the token's policies must grant the capability the request needs
+        on its path (relative to the namespace). The root policy may do everything."""
+        policies = call.token.policies
+        if "root" in policies:
+            return
+        rules = list(VAULT_DEFAULT_POLICY) if "default" in policies else []
+        for name in policies:
+            rules += self.policies.get(name, [])
+        # A policy's paths are relative to the namespace of the token that carries it.
+        below = call.namespace[len(call.token.namespace):].strip("/")
+        capabilities = vault_capabilities(rules, f"{below}/{path}" if below else path)
+        needed = {"GET": "read", "HEAD": "read", "LIST": "list", "DELETE": "delete"}.get(method)
+        if needed is None:
+            # POST/PUT: create when the target does not exist yet, else update (Vault's
+            # existence check, which Transit has for keys/:name and encrypt/:name only).
+            creates = call.operation in ("create_key", "encrypt") and call.name and \
+                self.transit.get(call.namespace, call.mount, call.name) is None
+            needed = "create" if creates else "update"
+        if "deny" in capabilities or needed not in capabilities:
+            self.stats.bump("denied_by_policy")
+            raise VaultError(403, "1 error occurred:\n\t* permission denied\n\n")
 
     def _route(self, method: str, segments: list[str]) -> tuple[str, dict, str]:
         """Finds the route; segments before it name a namespace (Vault accepts the
@@ -1591,26 +1805,44 @@ class VaultApi:
             raise VaultError(403, PERMISSION_DENIED)
         return token
 
-    def _check_key_fault(self, call: VaultCall) -> None:
+    def _check_key_fault(self, call: VaultCall, path: str, raw_query: str) -> None:
         fault = self.faults.take_key_fault("vault", call.name,
                                            call.operation in VAULT_CRYPTO_OPERATIONS)
         if fault:
-            inject_fault(fault, self.stats, lambda mode: self._fault_error(mode, call.name))
+            inject_fault(fault, self.stats,
+                         lambda mode: self._fault_error(mode, call.name, path, raw_query))
 
-    @staticmethod
-    def _fault_error(mode: str, key_name: str | None) -> VaultError:
+    def _fault_error(self, mode: str, key_name: str | None, path: str = "",
+                     raw_query: str = "") -> VaultError:
         if mode == "deny":
             return VaultError(403, PERMISSION_DENIED)
-        if mode == "disable_key":
-            return VaultError(400, f'key "{key_name}" is disabled (emulator fault)')
         if mode == "throttle":
-            return VaultError(429, "rate limit quota exceeded")
+            # Vault's rate-limit quotas answer 429 with Retry-After.
+            return VaultError(429, "request path \"" + path.lstrip("/") + "\": rate limit quota exceeded",
+                              headers={"Retry-After": "1"})
+        if mode == "standby_redirect":
+            # A standby forwards clients to the active node with 307 (to the active node's
+            # api_addr; here the same emulator, so one redirect is followed and answered).
+            location = f"https://{LOOPBACK}:{self.port}{path}" + (f"?{raw_query}" if raw_query else "")
+            return VaultError(307, headers={"Location": location})
+        if mode == "sealed":
+            return VaultError(503, "Vault is sealed")
+        if mode == "namespace_locked":
+            return VaultError(423, "API access to this namespace has been locked by an administrator")
+        if mode == "missing_state":
+            return VaultError(412, "required index state not present")
         return VaultError(500, "internal error")
+
+    port = 0                               # set once the server listens (for redirects)
 
     def _error_response(self, exc: VaultError, label: str) -> HttpResponse:
         self.stats.error("vault", exc.status)
         LOG.info("%s failed: %d %s", label, exc.status, "; ".join(exc.errors))
-        return json_response(exc.status, {"errors": exc.errors}, label=f"{label} {exc.status}")
+        if exc.status == 307:
+            response = json_response(307, None, label=f"{label} 307", headers=exc.headers)
+            return response
+        return json_response(exc.status, {"errors": exc.errors}, label=f"{label} {exc.status}",
+                             headers=exc.headers)
 
     @staticmethod
     def _envelope(data=None, auth=None, warnings=None, mount_type: str = "") -> dict:
@@ -1643,6 +1875,7 @@ class VaultApi:
         if not isinstance(secret_id, str):
             raise VaultError(400, "missing secret_id")
         token = self.tokens.login_approle(role_id, secret_id, call.namespace)
+        self.stats.bump("vault_logins")
         return 200, self._envelope(auth=self._auth_block(token), mount_type="approle")
 
     @staticmethod
@@ -1729,48 +1962,72 @@ class VaultApi:
 
     # Transit cryptography.
 
-    def _op_encrypt(self, call: VaultCall):
+    def _batch(self, call: VaultCall, one: Callable[[dict], dict]):
+        """batch_input: each item is answered on its own (with the request's other
+        parameters as defaults); an item that fails carries its error, and the answer is
+        400 if any did (Vault's default partial_failure_response_code)."""
         body = call.body
-        if "batch_input" in body:
-            raise VaultError(400, "batch_input is not supported by the emulator")
-        if "plaintext" not in body:
-            raise VaultError(400, "missing plaintext to encrypt")
-        plaintext = vault_b64(body, "plaintext") or b""
-        context = vault_b64(body, "context")
-        key = self.transit.get(call.namespace, call.mount, call.name)
-        if key is None:
-            # Vault creates the key on first encrypt ("upsert"), derived if a context came.
-            key_type = body.get("type") or "aes256-gcm96"
-            if key_type not in VAULT_KEY_TYPES:
-                raise VaultError(400, f"unknown key type {key_type}")
-            key, _ = self.transit.create(call.namespace, call.mount, call.name, key_type,
-                                         derived=context is not None)
-        ciphertext, version = self.transit.encrypt(
-            key, plaintext, context, vault_b64(body, "associated_data"),
-            vault_int(body, "key_version"))
-        return self._transit_result({"ciphertext": ciphertext, "key_version": version})
+        if "batch_input" not in body:
+            return self._transit_result(one(body))
+        items = body["batch_input"]
+        if not isinstance(items, list) or not items:
+            raise VaultError(400, "missing batch input to process")
+        results, failed = [], False
+        for item in items:
+            if not isinstance(item, dict):
+                raise VaultError(400, "failed to parse batch input")
+            merged = {k: v for k, v in body.items() if k != "batch_input"} | item
+            try:
+                result = one(merged)
+            except VaultError as exc:
+                result, failed = {"error": "; ".join(exc.errors)}, True
+            if "reference" in item:
+                result["reference"] = item["reference"]
+            results.append(result)
+        status, payload = self._transit_result({"batch_results": results})
+        return (400 if failed else status), payload
+
+    def _op_encrypt(self, call: VaultCall):
+        def one(body: dict) -> dict:
+            if "plaintext" not in body:
+                raise VaultError(400, "missing plaintext to encrypt")
+            plaintext = vault_b64(body, "plaintext") or b""
+            context = vault_b64(body, "context")
+            key = self.transit.get(call.namespace, call.mount, call.name)
+            if key is None:
+                # Vault creates the key on first encrypt ("upsert"), derived if a context came.
+                key_type = body.get("type") or "aes256-gcm96"
+                if key_type not in VAULT_KEY_TYPES:
+                    raise VaultError(400, f"unknown key type {key_type}")
+                key, _ = self.transit.create(call.namespace, call.mount, call.name, key_type,
+                                             derived=context is not None)
+            ciphertext, version = self.transit.encrypt(
+                key, plaintext, context, vault_b64(body, "associated_data"),
+                vault_int(body, "key_version"))
+            return {"ciphertext": ciphertext, "key_version": version}
+        return self._batch(call, one)
 
     def _op_decrypt(self, call: VaultCall):
-        body = call.body
-        if "batch_input" in body:
-            raise VaultError(400, "batch_input is not supported by the emulator")
-        if not body.get("ciphertext"):
-            raise VaultError(400, "missing ciphertext to decrypt")
-        key = self._existing_key(call)
-        plaintext = self.transit.decrypt(key, body["ciphertext"], vault_b64(body, "context"),
-                                         vault_b64(body, "associated_data"))
-        return self._transit_result({"plaintext": b64encode(plaintext)})
+        def one(body: dict) -> dict:
+            if not body.get("ciphertext"):
+                raise VaultError(400, "missing ciphertext to decrypt")
+            key = self._existing_key(call)
+            plaintext = self.transit.decrypt(key, body["ciphertext"], vault_b64(body, "context"),
+                                             vault_b64(body, "associated_data"))
+            return {"plaintext": b64encode(plaintext)}
+        return self._batch(call, one)
 
     def _op_rewrap(self, call: VaultCall):
-        body = call.body
-        if not body.get("ciphertext"):
-            raise VaultError(400, "missing ciphertext to rewrap")
-        key = self._existing_key(call)
-        context, aad = vault_b64(body, "context"), vault_b64(body, "associated_data")
-        plaintext = self.transit.decrypt(key, body["ciphertext"], context, aad)
-        ciphertext, version = self.transit.encrypt(key, plaintext, context, aad,
-                                                   vault_int(body, "key_version"))
-        return self._transit_result({"ciphertext": ciphertext, "key_version": version})
+        def one(body: dict) -> dict:
+            if not body.get("ciphertext"):
+                raise VaultError(400, "missing ciphertext to rewrap")
+            key = self._existing_key(call)
+            context, aad = vault_b64(body, "context"), vault_b64(body, "associated_data")
+            plaintext = self.transit.decrypt(key, body["ciphertext"], context, aad)
+            ciphertext, version = self.transit.encrypt(key, plaintext, context, aad,
+                                                       vault_int(body, "key_version"))
+            return {"ciphertext": ciphertext, "key_version": version}
+        return self._batch(call, one)
 
     def _op_datakey(self, call: VaultCall):
         kind = call.captures["kind"]
@@ -1933,6 +2190,11 @@ class AdminApi:
             raise AdminError(400, f"target must be one of {', '.join(FAULT_TARGETS)}")
         if key is not None and not isinstance(key, str):
             raise AdminError(400, "key must be a string")
+        if mode == "disable_key" and target != "kms":
+            # Transit keys cannot be disabled (only deleted, once deletion_allowed is set).
+            raise AdminError(400, "disable_key is a KMS fault: Transit keys cannot be disabled")
+        if mode in VAULT_ONLY_FAULTS and target != "vault":
+            raise AdminError(400, f"{mode} is a Vault fault: use target vault")
         if mode == "none":
             return {"cleared": self.faults.clear(target, key)}
         if mode == "expire_tokens":
@@ -2248,6 +2510,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="[NAMESPACE/]NAME of a Transit key to pre-create in the first mount")
     parser.add_argument("--approle", action="append", default=[], type=parse_approle,
                         help="ROLE_ID:SECRET_ID accepted by auth/approle/login (repeatable)")
+    parser.add_argument("--vault-policy", action="append", default=[],
+                        help="NAME=FILE: a Vault ACL policy (HCL path rules) (repeatable)")
+    parser.add_argument("--approle-policies", default="",
+                        help="comma-separated policies of tokens from AppRole login (besides "
+                             "default)")
+    parser.add_argument("--vault-token", action="append", default=[],
+                        help="TOKEN=POLICY[,POLICY]: a non-root token that never expires, with "
+                             "the default policy and these (repeatable)")
+    parser.add_argument("--require-request-header", action="store_true",
+                        help="answer 412 to requests without X-Vault-Request: true, as Vault "
+                             "Agent and Proxy listeners with require_request_header do")
+    parser.add_argument("--aws-policy", action="append", default=[],
+                        help="AKID=FILE: the IAM policy (JSON) of that credential; credentials "
+                             "without one may do everything (repeatable)")
     parser.add_argument("--approle-token-ttl", type=int, default=3600,
                         help="TTL in seconds of tokens issued by AppRole login")
     parser.add_argument("--approle-token-max-ttl", type=int, default=86400,
@@ -2299,8 +2575,23 @@ def build_server(args: argparse.Namespace) -> EmulatorServer:
         transit.create(normalize_namespace(namespace), mounts[0], name)
     approles = [AppRole(f"role{i}", role_id, secret_id)
                 for i, (role_id, secret_id) in enumerate(args.approle, 1)]
+    vault_policies = {}
+    for spec in args.vault_policy:
+        name, _, path = spec.partition("=")
+        with open(path) as source:
+            vault_policies[name] = parse_vault_policy(source.read(), path)
+    static_tokens = []
+    for spec in args.vault_token:
+        token_id, _, names = spec.partition("=")
+        static_tokens.append((token_id, [n for n in names.split(",") if n]))
     tokens = TokenStore(args.vault_root_token, approles, args.approle_token_ttl,
-                        args.approle_token_max_ttl)
+                        args.approle_token_max_ttl,
+                        [n for n in args.approle_policies.split(",") if n], static_tokens)
+    kms_policies = {}
+    for spec in args.aws_policy:
+        akid, _, path = spec.partition("=")
+        with open(path) as source:
+            kms_policies[akid] = IamPolicy(json.load(source), path)
 
     server_box: list[EmulatorServer] = []
 
@@ -2312,8 +2603,10 @@ def build_server(args: argparse.Namespace) -> EmulatorServer:
     admin = AdminApi(args.admin_token, kms_store, transit, tokens, mounts[0], faults, stats,
                      request_shutdown)
     server = EmulatorServer(args.port, make_tls_context(args.cert, args.key, args.client_ca),
-                            KmsApi(kms_store, verifier, faults, stats),
-                            VaultApi(transit, tokens, mounts, faults, stats), admin)
+                            KmsApi(kms_store, verifier, faults, stats, kms_policies),
+                            VaultApi(transit, tokens, mounts, faults, stats, vault_policies,
+                                     args.require_request_header), admin)
+    server.vault.port = server.server_address[1]
     server_box.append(server)
     server.imds = None
     if args.imds_role:

@@ -15,6 +15,12 @@ my $python = '/usr/bin/python3';    # Debian's, which has python3-cryptography
 
 sub emulator_dir { return "$ENV{PGPHI_TEST_DIR}/emulator"; }
 
+# The IAM policy and the Vault policy that docs/providers-vault-and-kms.md
+# prints: pgphi's credentials at the emulator get exactly these, so a policy
+# that lacks a permission pgphi uses fails the tests.
+sub kms_policy_file { return "$ENV{PGPHI_TEST_DIR}/../docs/policies/pgphi-kms-iam-policy.json"; }
+sub vault_policy_file { return "$ENV{PGPHI_TEST_DIR}/../docs/policies/pgphi-vault-policy.hcl"; }
+
 # Creates the CA, server, client, expired and foreign certificates in $dir.
 sub make_pki
 {
@@ -37,6 +43,10 @@ sub new
 	$self->{vault_root_token} = 'root-' . int(rand(1e9));
 	$self->{approle} = ['role-' . int(rand(1e9)), 'secret-' . int(rand(1e9))];
 	$self->{aws} = ['AKIDPGPHITEST' . int(rand(1e6)), 'secret/' . int(rand(1e9))];
+	# The tests' own administrator (aws kms update-alias, create-key ...): no policy.
+	$self->{aws_admin} = ['AKIDPGPHIADMIN' . int(rand(1e6)), 'secret/' . int(rand(1e9))];
+	# pgphi's Vault token: the documented policy, not root.
+	$self->{vault_token} = 'hvs.pgphi-' . int(rand(1e9));
 	$self->{kms_key} = $params{kms_key} // '1234abcd-12ab-34cd-56ef-1234567890ab';
 	$self->{vault_key} = $params{vault_key} // 'pgphi-kek';
 	make_path($self->{state});
@@ -52,6 +62,12 @@ sub new
 		'--admin-token', $self->{admin_token},
 		'--vault-root-token', $self->{vault_root_token},
 		'--approle', join(':', @{ $self->{approle} }),
+		'--vault-policy', 'pgphi=' . ($params{vault_policy} // vault_policy_file()),
+		'--approle-policies', 'pgphi',
+		'--vault-token', "$self->{vault_token}=pgphi",
+		'--require-request-header',
+		'--aws-credential', join(':', @{ $self->{aws_admin} }),
+		'--aws-policy', "$self->{aws}[0]=" . ($params{kms_policy} // kms_policy_file()),
 		'--approle-token-ttl', $params{approle_ttl} // 60,
 		'--aws-credential', join(':', @{ $self->{aws} }),
 		'--region', 'us-east-1',
@@ -115,7 +131,7 @@ sub vault_login
 	my ($self) = @_;
 	my ($out, $err);
 	IPC::Run::run(
-		[ 'curl', '-sS', '--max-time', '10', '--cacert', "$self->{pki}/ca.pem", '-X', 'POST',
+		[ 'curl', '-sS', '--max-time', '10', '--cacert', "$self->{pki}/ca.pem", '-X', 'POST', '-H', 'X-Vault-Request: true',
 		  '-d', encode_json({ role_id => $self->{approle}[0], secret_id => $self->{approle}[1] }),
 		  $self->url . '/v1/auth/approle/login' ],
 		'>', \$out, '2>', \$err) or die "AppRole login failed: $err";
@@ -127,7 +143,7 @@ sub vault_login
 sub postgres_settings
 {
 	my ($self) = @_;
-	my $token = $self->write_secret('vault-token', $self->{vault_root_token});
+	my $token = $self->write_secret('vault-token', $self->{vault_token});
 	my $credentials = $self->write_secret('aws-credentials',
 		"[default]\naws_access_key_id = $self->{aws}[0]\naws_secret_access_key = $self->{aws}[1]\n");
 	my $url = $self->url;

@@ -126,7 +126,7 @@ $node->safe_psql('postgres', qq{SELECT pgphi.create_key('vault_ssn', provider =>
 $node->safe_psql('postgres', q{CREATE TABLE v (n int, note pgphi.encrypted);
 	INSERT INTO v SELECT i, pgphi.encrypt_phi('v' || i, 'vault_ssn') FROM generate_series(1, 100) i});
 my ($rot_out, $rot_err);
-IPC::Run::run([ 'curl', '-sS', '--cacert', "$pki/ca.pem", '-X', 'POST', '-H', "X-Vault-Token: $emulator->{vault_root_token}",
+IPC::Run::run([ 'curl', '-sS', '--cacert', "$pki/ca.pem", '-X', 'POST', '-H', 'X-Vault-Request: true', '-H', "X-Vault-Token: $emulator->{vault_root_token}",
 	"$url/v1/transit/keys/$emulator->{vault_key}/rotate" ], '>', \$rot_out, '2>', \$rot_err) or die $rot_err;
 $emulator->control('POST', 'kms/rotate', { key => $kms_key });
 is($node->safe_psql('postgres', 'SELECT pgphi.rewrap_keys()'), '5', 'rewrap_keys rewraps every DEK version');

@@ -347,11 +347,12 @@ like(PgphiTest::psql_error($node, 'postgres', 'SELECT count(pgphi.decrypt_phi(v)
 $emulator->fault(mode => 'malformed', target => 'vault');
 like(PgphiTest::psql_error($node, 'postgres', 'SELECT count(pgphi.decrypt_phi(v)) FROM vault_rows', flush => 1),
 	qr/58000: Vault decrypt response has no plaintext/, 'a malformed Vault answer: 58000');
-# And a disabled Transit key is said to be one (55000), as a disabled KMS key is.
+# A sealed Vault is unavailable (08006) and said to be sealed, never a
+# damaged DEK (XX001). (Transit keys cannot be disabled.)
 $emulator->clear_faults;
-$emulator->fault(mode => 'disable_key', target => 'vault', key => $emulator->{vault_key});
+$emulator->fault(mode => 'sealed', target => 'vault');
 like(PgphiTest::psql_error($node, 'postgres', 'SELECT count(pgphi.decrypt_phi(v)) FROM vault_rows', flush => 1),
-	qr/55000: the Transit key is not usable: .*disabled/, 'a disabled Transit key: 55000');
+	qr/08006: Vault .*HTTP 503: Vault is sealed/, 'a sealed Vault: 08006, said to be sealed');
 $emulator->clear_faults;
 is($node->safe_psql('postgres', q{SELECT pgphi.flush_cache() >= 0;
 	SELECT count(*) = count(pgphi.decrypt_phi(v)) FROM broker_rows; SELECT pgphi.decrypt_phi(v) FROM vault_rows}),

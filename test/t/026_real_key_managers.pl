@@ -1,0 +1,196 @@
+# Vault and AWS KMS as the real services behave (at the emulator, which
+# enforces the IAM and Vault policies docs/providers-vault-and-kms.md prints):
+# the documented policies suffice and a wrong one fails, alias retargeting,
+# keys pending deletion, endpoints with a port, slash or path, and a Vault
+# cluster's HA and degraded answers.
+use strict;
+use warnings;
+
+use IPC::Run;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use PgphiTest;
+use KeyManagerEmulator;
+
+my $pki = KeyManagerEmulator::make_pki("$PostgreSQL::Test::Utils::tmp_check/pki");
+my $emulator = KeyManagerEmulator->new(pki => $pki);
+my $url = $emulator->url;
+
+my $node = PgphiTest::new_node('real');
+$node->append_conf('postgresql.conf', $emulator->postgres_settings . <<CONF);
+pgphi.provider_timeout = 3000
+pgphi.provider_max_retries = 2
+CONF
+$node->safe_psql('postgres', 'CREATE EXTENSION pgphi');
+PgphiTest::reload_broker($node);
+
+sub fails_with
+{
+	my ($sql, $pattern, $name) = @_;
+	like(PgphiTest::psql_error($node, 'postgres', $sql, flush => 1), $pattern, $name);
+}
+
+# The AWS CLI as the tests' administrator (no policy at the emulator).
+sub aws
+{
+	my (@args) = @_;
+	my ($out, $err);
+	local $ENV{AWS_ACCESS_KEY_ID} = $emulator->{aws_admin}[0];
+	local $ENV{AWS_SECRET_ACCESS_KEY} = $emulator->{aws_admin}[1];
+	local $ENV{AWS_DEFAULT_REGION} = 'us-east-1';
+	local $ENV{AWS_CONFIG_FILE} = '/dev/null';
+	local $ENV{AWS_SHARED_CREDENTIALS_FILE} = '/dev/null';
+	local $ENV{AWS_EC2_METADATA_DISABLED} = 'true';
+	local $ENV{HOME} = $emulator->{state};
+	IPC::Run::run([ '/usr/bin/aws', 'kms', @args, '--endpoint-url', $url, '--ca-bundle', "$pki/ca.pem",
+		'--output', 'text' ], '>', \$out, '2>', \$err, IPC::Run::timeout(120))
+	  or die "aws kms @args failed: $err";
+	return $out;
+}
+
+###########################################################################
+# 1. The documented policies are enough for everything pgphi does.
+###########################################################################
+my $kms_key = $emulator->{kms_key};
+$node->safe_psql('postgres', qq{
+	SELECT pgphi.create_key('v_key', provider => 'vault', kek => '$emulator->{vault_key}');
+	SELECT pgphi.create_key('k_key', provider => 'aws_kms', kek => '$kms_key');
+	CREATE TABLE t (id int, v pgphi.encrypted, k pgphi.encrypted);
+	INSERT INTO t SELECT i, pgphi.encrypt_phi('v-' || i, 'v_key'), pgphi.encrypt_phi('k-' || i, 'k_key')
+	  FROM generate_series(1, 20) i;
+	SELECT pgphi.rotate_key('v_key'); SELECT pgphi.rotate_key('k_key');
+	INSERT INTO t SELECT i, pgphi.encrypt_phi('v-' || i, 'v_key'), pgphi.encrypt_phi('k-' || i, 'k_key')
+	  FROM generate_series(21, 30) i;
+	SELECT pgphi.rewrap_keys();
+});
+my $all = q{SELECT pgphi.flush_cache() >= 0;
+	SELECT count(*) FROM t WHERE pgphi.decrypt_phi(v) = 'v-' || id AND pgphi.decrypt_phi(k) = 'k-' || id};
+is($node->safe_psql('postgres', $all), "t\n30",
+	'with exactly the documented IAM and Vault policies: create, rotate, rewrap and decrypt');
+cmp_ok($emulator->stats->{denied_by_policy}, '==', 0, '... and nothing pgphi asked for was denied');
+
+# A policy with kms:GenerateDataKey instead of kms:GenerateDataKeyWithoutPlaintext fails.
+my $wrong = "$emulator->{state}/wrong-policy.json";
+open my $fh, '>', $wrong or die;
+print $fh '{"Statement": [{"Effect": "Allow", "Action": ["kms:GenerateDataKey", "kms:Decrypt", "kms:Encrypt", '
+  . '"kms:ReEncrypt*", "kms:DescribeKey"], "Resource": "*"}]}';
+close $fh;
+my $strict = KeyManagerEmulator->new(pki => $pki, name => 'strict', kms_policy => $wrong);
+$node->safe_psql('postgres', "ALTER SYSTEM SET pgphi.aws_kms_endpoint = '@{[ $strict->url ]}';
+	ALTER SYSTEM SET pgphi.aws_credentials_file = '$strict->{state}/aws-credentials'");
+$strict->postgres_settings;    # writes its credentials file
+PgphiTest::reload_broker($node);
+fails_with(qq{SELECT pgphi.create_key('k_denied', provider => 'aws_kms', kek => '$kms_key')},
+	qr/42501: permission denied by AWS KMS AccessDeniedException: .*kms:GenerateDataKeyWithoutPlaintext/,
+	'a policy granting kms:GenerateDataKey but not ...WithoutPlaintext: create_key is denied (42501)');
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET pgphi.aws_kms_endpoint; ALTER SYSTEM RESET pgphi.aws_credentials_file');
+PgphiTest::reload_broker($node);
+$strict->stop;
+
+###########################################################################
+# 2. An alias retargeted with UpdateAlias: old DEKs still decrypt (Decrypt
+#    names the ARN that wrapped them), rewrap_keys moves them to the new key.
+###########################################################################
+my $first = $emulator->control('POST', 'kms/keys', {})->{arn};
+my $second = $emulator->control('POST', 'kms/keys', {})->{arn};
+$first //= ''; $second //= '';
+like($first, qr/^arn:aws:kms:/, 'two new KMS keys') or diag explain $emulator->control('POST', 'kms/keys', {});
+aws('create-alias', '--alias-name', 'alias/pgphi-moving', '--target-key-id', $first);
+$node->safe_psql('postgres', q{
+	SELECT pgphi.create_key('alias_key', provider => 'aws_kms', kek => 'alias/pgphi-moving');
+	CREATE TABLE a AS SELECT i AS id, pgphi.encrypt_phi('a-' || i, 'alias_key') AS v FROM generate_series(1, 10) i});
+my $kek_version = q{SELECT string_agg(kv.kek_version, ',' ORDER BY kv.version) FROM pgphi.key_versions kv
+	JOIN pgphi.keys k USING (key_id) WHERE k.name = 'alias_key'};
+is($node->safe_psql('postgres', $kek_version), $first, 'the DEK records the key ARN the alias named');
+aws('update-alias', '--alias-name', 'alias/pgphi-moving', '--target-key-id', $second);
+my $alias_ok = q{SELECT pgphi.flush_cache() >= 0; SELECT count(*) FROM a WHERE pgphi.decrypt_phi(v) = 'a-' || id};
+is($node->safe_psql('postgres', $alias_ok), "t\n10", 'after UpdateAlias, old values still decrypt');
+is($node->safe_psql('postgres', q{SELECT pgphi.rewrap_keys('alias_key')}), '1', 'rewrap_keys rewraps the DEK');
+is($node->safe_psql('postgres', $kek_version), $second, '... to the key the alias names now');
+is($node->safe_psql('postgres', $alias_ok), "t\n10", '... and every value decrypts');
+aws('disable-key', '--key-id', $first);
+is($node->safe_psql('postgres', $alias_ok), "t\n10", '... without the old key');
+
+###########################################################################
+# 3. A KMS key pending deletion: 55000 with the reason.
+###########################################################################
+aws('schedule-key-deletion', '--key-id', $second, '--pending-window-in-days', '7');
+fails_with(q{SELECT count(pgphi.decrypt_phi(v)) FROM a}, qr/55000: the KMS key is not usable: .*pending deletion/,
+	'a KMS key pending deletion: 55000, saying so');
+like(slurp_file($node->logfile), qr/AWS request id [0-9a-f-]{36}/, 'the server log has the AWS request id of the failure');
+aws('cancel-key-deletion', '--key-id', $second);
+aws('enable-key', '--key-id', $second);
+
+###########################################################################
+# 4. Endpoints with the default port, a trailing slash or a path still sign.
+###########################################################################
+for my $endpoint ("$url/", "$url//kms/") {
+	$node->safe_psql('postgres', "ALTER SYSTEM SET pgphi.aws_kms_endpoint = '$endpoint'");
+	PgphiTest::reload_broker($node);
+	is($node->safe_psql('postgres', $all), "t\n30", "pgphi.aws_kms_endpoint = '$endpoint' works");
+}
+$node->safe_psql('postgres', "ALTER SYSTEM RESET pgphi.aws_kms_endpoint");
+PgphiTest::reload_broker($node);
+
+###########################################################################
+# 5. Vault: HA redirects, 412 and 429 retried, 423 and sealed 503 said to be
+#    what they are (08006, never XX001); a policy denial is no reason to log
+#    in again.
+###########################################################################
+my $vault_all = q{SELECT pgphi.flush_cache() >= 0; SELECT count(*) FROM t WHERE pgphi.decrypt_phi(v) = 'v-' || id};
+for my $fault ([ 'standby_redirect', 'a standby\'s 307, followed once' ],
+	[ 'missing_state', '412 from a performance standby, retried' ],
+	[ 'throttle', '429 with Retry-After, retried after it' ])
+{
+	$emulator->fault(mode => $fault->[0], target => 'vault', count => 1);
+	is($node->safe_psql('postgres', $vault_all), "t\n30", $fault->[1]);
+}
+$emulator->fault(mode => 'standby_redirect', target => 'vault');
+fails_with(q{SELECT count(pgphi.decrypt_phi(v)) FROM t}, qr/08006: Vault redirected again/, 'redirected in a loop: 08006');
+$emulator->fault(mode => 'namespace_locked', target => 'vault');
+fails_with(q{SELECT count(pgphi.decrypt_phi(v)) FROM t}, qr/08006: Vault .*HTTP 423/, 'a locked namespace (423): 08006');
+$emulator->fault(mode => 'sealed', target => 'vault');
+fails_with(q{SELECT count(pgphi.decrypt_phi(v)) FROM t}, qr/08006: Vault .*HTTP 503: Vault is sealed/, 'a sealed Vault: 08006');
+$emulator->clear_faults;
+
+# AppRole login, then a Transit key the policy does not cover.
+my $role_id = $emulator->write_secret('role-id', $emulator->{approle}[0]);
+my $secret_id = $emulator->write_secret('secret-id', $emulator->{approle}[1]);
+$node->safe_psql('postgres', qq{ALTER SYSTEM SET pgphi.vault_token_file = '';
+	ALTER SYSTEM SET pgphi.vault_approle_role_id_file = '$role_id';
+	ALTER SYSTEM SET pgphi.vault_approle_secret_id_file = '$secret_id'});
+PgphiTest::reload_broker($node);
+$emulator->control('POST', 'vault/keys', { name => 'not-in-the-policy' });
+is($node->safe_psql('postgres', $vault_all), "t\n30", 'AppRole with the documented policy decrypts');
+my $logins = $emulator->stats->{vault_logins};
+for (1 .. 3)
+{
+	fails_with(q{SELECT pgphi.create_key('outside', provider => 'vault', kek => 'not-in-the-policy')},
+		qr/42501: permission denied by Vault/, "a key outside the policy: 42501 (attempt $_)");
+}
+is($emulator->stats->{vault_logins}, $logins, '... without spending a secret_id use on a new login each time');
+
+###########################################################################
+# 6. An explicit outbound proxy: both providers go through it with CONNECT
+#    (TLS stays end to end); environment proxies are never used.
+###########################################################################
+my $proxy_state = "$PostgreSQL::Test::Utils::tmp_check/proxy";
+mkdir $proxy_state;
+my $proxy = IPC::Run::start([ '/usr/bin/python3', "$ENV{PGPHI_TEST_DIR}/emulator/connect_proxy.py", $proxy_state ]);
+for (1 .. 100) { last if -s "$proxy_state/proxy_port"; select(undef, undef, undef, 0.1); }
+my $proxy_port = slurp_file("$proxy_state/proxy_port");
+$node->safe_psql('postgres', "ALTER SYSTEM SET pgphi.provider_proxy = 'http://127.0.0.1:$proxy_port'");
+PgphiTest::reload_broker($node);
+is($node->safe_psql('postgres', $all), "t\n30", 'through an explicit CONNECT proxy, both providers work');
+my $tunnels = -e "$proxy_state/proxy.log" ? slurp_file("$proxy_state/proxy.log") : '';
+like($tunnels, qr/^CONNECT 127\.0\.0\.1:$emulator->{port}$/m, '... and the proxy tunnelled them');
+$node->safe_psql('postgres', "ALTER SYSTEM SET pgphi.provider_proxy = 'socks5://127.0.0.1:$proxy_port'");
+PgphiTest::reload_broker($node);
+fails_with(q{SELECT count(pgphi.decrypt_phi(v)) FROM t}, qr/F0000: the outbound proxy for Vault is not an http/,
+	'a proxy that is not http(s): F0000');
+$node->safe_psql('postgres', "ALTER SYSTEM RESET pgphi.provider_proxy");
+PgphiTest::reload_broker($node);
+$proxy->kill_kill;
+
+done_testing();
