@@ -173,3 +173,19 @@ SELECT lc_wait_for($$SELECT EXISTS (SELECT FROM pgphi.audit_log WHERE action = '
 -- A version the key does not have.
 SELECT pgphi.suspend_key('lc_key', 7);
 \echo :LAST_ERROR_SQLSTATE
+
+-- The rotation report, for auditors: dates, supersession, cryptoperiod,
+-- overdue or not, and the marks.
+SELECT pgphi.set_cryptoperiod('lc_key', interval '1 day');
+UPDATE pgphi.key_versions SET created_at = created_at - interval '2 days'
+ WHERE key_id = :lc_key_id AND version = 3;
+SET SESSION AUTHORIZATION lc_auditor;
+SELECT key_name, version, state, superseded_at IS NOT NULL AS superseded, retired_at IS NOT NULL AS retired,
+       cryptoperiod, rotate_by IS NOT NULL AS has_rotate_by, rotation_overdue, values_sealed >= 0 AS counted,
+       suspended, compromised
+  FROM pgphi.rotation_report() WHERE key_name = 'lc_key' ORDER BY version;
+RESET SESSION AUTHORIZATION;
+SET SESSION AUTHORIZATION lc_app;
+SELECT count(*) FROM pgphi.rotation_report();
+\echo :LAST_ERROR_SQLSTATE
+RESET SESSION AUTHORIZATION;

@@ -2788,18 +2788,45 @@ AS $$
      ORDER BY 1, 2, 3, 4
 $$;
 
+-- Evidence for an auditor: per key and version, when it was created, when
+-- a newer version superseded it, retired, destroyed; its cryptoperiod and
+-- whether its rotation is overdue; how many values it has sealed (the
+-- cluster-wide seal counts); and its suspension and compromise marks. How
+-- many values are still under a version is key_version_usage()'s answer
+-- (it scans the tables, so it is not part of this report).
+CREATE FUNCTION pgphi.rotation_report(
+        OUT key_name text, OUT version integer, OUT state text, OUT created_at timestamptz,
+        OUT superseded_at timestamptz, OUT retired_at timestamptz, OUT destroyed_at timestamptz,
+        OUT cryptoperiod interval, OUT rotate_by timestamptz, OUT rotation_overdue boolean,
+        OUT values_sealed bigint, OUT suspended boolean, OUT compromised boolean)
+    RETURNS SETOF record
+    LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT k.name, v.version, v.state, v.created_at,
+           (SELECT min(n.created_at) FROM pgphi.key_versions n WHERE n.key_id = v.key_id AND n.version > v.version),
+           v.retired_at, v.destroyed_at, k.cryptoperiod,
+           CASE WHEN v.state = 'active' THEN v.created_at + k.cryptoperiod END,
+           coalesce(v.state = 'active' AND v.created_at + k.cryptoperiod < now(), false),
+           coalesce((SELECT u.encryptions FROM pgphi._usage_counts() u
+                      WHERE u.key_id = v.key_id AND u.version = v.version), 0),
+           k.suspended_at IS NOT NULL OR v.suspended_at IS NOT NULL,
+           v.compromised_at IS NOT NULL
+      FROM pgphi.keys k JOIN pgphi.key_versions v ON v.key_id = k.key_id
+     ORDER BY k.name, v.version
+$$;
+
 REVOKE ALL ON FUNCTION pgphi._lifecycle_target(text, integer), pgphi._suspended_at(integer, integer),
     pgphi.suspend_key(text, integer, text), pgphi.approve_resume(text, integer), pgphi.resume_key(text, integer),
     pgphi.mark_compromised(text, integer, text), pgphi._compromise_guard(),
     pgphi._change_key_grant(text, regrole, text, boolean, timestamptz), pgphi._audit_time(timestamptz),
     pgphi.grant_decrypt(text, regrole, timestamptz), pgphi.grant_encrypt(text, regrole, timestamptz),
-    pgphi.expire_key_grants(), pgphi.access_review() FROM PUBLIC;
+    pgphi.expire_key_grants(), pgphi.access_review(), pgphi.rotation_report() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgphi.suspend_key(text, integer, text), pgphi.approve_resume(text, integer),
     pgphi.resume_key(text, integer), pgphi.mark_compromised(text, integer, text),
     pgphi.grant_decrypt(text, regrole, timestamptz), pgphi.grant_encrypt(text, regrole, timestamptz),
     pgphi._change_key_grant(text, regrole, text, boolean, timestamptz),
     pgphi.expire_key_grants() TO pgphi_key_custodian;
-GRANT EXECUTE ON FUNCTION pgphi.access_review() TO pgphi_key_custodian, pgphi_key_auditor;
+GRANT EXECUTE ON FUNCTION pgphi.access_review(), pgphi.rotation_report() TO pgphi_key_custodian, pgphi_key_auditor;
 
 -- (end of section: key lifecycle)
 

@@ -191,6 +191,7 @@ pgphi.revoke_decrypt(text,regrole)                                           key
 pgphi.revoke_encrypt(text,regrole)                                           key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.rewrap_keys(text)                                                      key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.rotate_key(text)                                                       key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.rotation_report()                                                      key     42501  42501 42501 42501 42501 42501 ok    ok    ok
 pgphi.set_cryptoperiod(text,interval)                                        key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.suspend_key(text,integer,text)                                         key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.unretire_key_version(text,integer)                                     key     42501  42501 42501 42501 42501 42501 55000 42501 55000
