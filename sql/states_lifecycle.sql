@@ -214,6 +214,7 @@ SELECT a.attname, a.atttypid::regtype AS type,
                WHEN 'text'::regtype THEN format($f$coalesce(%I, '') || 'x'$f$, a.attname)
                WHEN 'bytea'::regtype THEN quote_literal(:'live_dek')
                WHEN 'timestamptz'::regtype THEN format($f$coalesce(%I, now()) - interval '1 day'$f$, a.attname)
+               WHEN 'name'::regtype THEN format($f$coalesce(%I, '') || 'x'$f$, a.attname)
            END, :states_key_id)) AS outcome
   FROM pg_attribute a
  WHERE a.attrelid = 'pgphi.key_versions'::regclass AND a.attnum > 0 AND NOT a.attisdropped

@@ -2338,6 +2338,624 @@ GRANT EXECUTE ON FUNCTION pgphi.create_kek(text, text) TO pgphi_key_custodian;
 
 
 
+-- Key lifecycle: suspension, compromise and time-limited grants.
+------------------------------------------------------------------------------
+
+-- What each function serves in the key-management practice, and how it
+-- behaves, is in docs/key-lifecycle.md.
+--
+-- Suspension (containment). One custodian suspends a key (every version,
+-- also ones rotated in later) or one version; from the next statement of
+-- every session, on the primary and its standbys, nothing is encrypted or
+-- decrypted under it: the C lookup (src/pg/key_access.cpp) reads the marks
+-- with the key's catalog row, a suspended version never enters a session's
+-- key ring, and suspending drops every cached DEK from shared memory and
+-- every ring when it commits (so statements already running on the primary
+-- stop too). Lifting it takes two custodians: one approves, another resumes.
+ALTER TABLE pgphi.keys ADD COLUMN suspended_at timestamptz, ADD COLUMN suspended_by name;
+ALTER TABLE pgphi.key_versions ADD COLUMN suspended_at timestamptz, ADD COLUMN suspended_by name,
+    ADD COLUMN compromised_at timestamptz, ADD COLUMN compromised_by name;
+
+-- Approvals to lift a suspension; version 0 stands for the whole key.
+CREATE TABLE pgphi.resume_approvals (
+    key_id      integer NOT NULL REFERENCES pgphi.keys,
+    version     integer NOT NULL CHECK (version >= 0),
+    approved_by name NOT NULL,
+    approved_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (key_id, version, approved_by)
+);
+REVOKE ALL ON pgphi.resume_approvals FROM PUBLIC;
+GRANT SELECT ON pgphi.resume_approvals TO pgphi_key_custodian, pgphi_key_auditor;
+
+-- The key and version a lifecycle function acts on. A NULL version means
+-- the whole key (returned as 0). Nothing the caller typed is repeated in a
+-- message unless it names a key.
+CREATE FUNCTION pgphi._lifecycle_target(key_name text, version integer, OUT key_id integer, OUT target_version integer,
+        OUT state text)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    key_id := pgphi._key_id(key_name);
+    IF key_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.',
+                  DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    target_version := coalesce(_lifecycle_target.version, 0);
+    IF _lifecycle_target.version IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT v.state INTO state FROM pgphi.key_versions v
+     WHERE v.key_id = _lifecycle_target.key_id AND v.version = _lifecycle_target.version;
+    IF state IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%" has no version %', pgphi._key_name(_lifecycle_target.key_id),
+            _lifecycle_target.version
+            USING ERRCODE = 'undefined_object';
+    ELSIF state = 'destroyed' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % has been destroyed', pgphi._key_name(_lifecycle_target.key_id),
+            _lifecycle_target.version
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Nothing can use a destroyed key version any more.';
+    END IF;
+END
+$$;
+
+-- When the key (version 0) or the version was suspended, or NULL.
+CREATE FUNCTION pgphi._suspended_at(key_id integer, version integer) RETURNS timestamptz
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN _suspended_at.version = 0
+                THEN (SELECT k.suspended_at FROM pgphi.keys k WHERE k.key_id = _suspended_at.key_id)
+                ELSE (SELECT v.suspended_at FROM pgphi.key_versions v
+                       WHERE v.key_id = _suspended_at.key_id AND v.version = _suspended_at.version) END
+$$;
+
+-- Suspends a key (version NULL: all of its versions) or one version. One
+-- key custodian suffices: in an incident, speed matters. Audited as
+-- suspend, with the reason. Suspending what is suspended changes nothing.
+CREATE FUNCTION pgphi.suspend_key(name text, version integer DEFAULT NULL, reason text DEFAULT NULL)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record := pgphi._lifecycle_target(suspend_key.name, suspend_key.version);
+    changed integer;
+BEGIN
+    IF t.target_version = 0 THEN
+        UPDATE pgphi.keys k SET suspended_at = now(), suspended_by = session_user
+         WHERE k.key_id = t.key_id AND k.suspended_at IS NULL;
+    ELSE
+        UPDATE pgphi.key_versions v SET suspended_at = now(), suspended_by = session_user
+         WHERE v.key_id = t.key_id AND v.version = t.target_version AND v.suspended_at IS NULL;
+    END IF;
+    GET DIAGNOSTICS changed = ROW_COUNT;
+    IF changed = 0 THEN
+        RETURN false;
+    END IF;
+    -- A new suspension voids approvals given for an earlier one.
+    DELETE FROM pgphi.resume_approvals a WHERE a.key_id = t.key_id AND a.version = t.target_version;
+    PERFORM pgphi._audit('suspend', t.key_id, nullif(t.target_version, 0), 'ok',
+                         CASE WHEN t.target_version = 0 THEN 'every version' ELSE 'this version' END
+                         || coalesce('; reason: ' || suspend_key.reason, ''));
+    -- At commit: drop every cached DEK from shared memory and every
+    -- session, so that statements already running stop at their next value.
+    PERFORM pgphi._flush_cache_at_commit();
+    RETURN true;
+END
+$$;
+
+-- The first of the two custodians who lift a suspension: an approval, good
+-- for a day, for another custodian's resume_key. Audited as approve_resume.
+CREATE FUNCTION pgphi.approve_resume(name text, version integer DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record := pgphi._lifecycle_target(approve_resume.name, approve_resume.version);
+    approver name := session_user;
+BEGIN
+    IF NOT pg_has_role(approver, 'pgphi_key_custodian', 'MEMBER') THEN
+        RAISE EXCEPTION 'only key custodians can approve resuming a pgphi key'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the approving role.';
+    END IF;
+    IF pgphi._suspended_at(t.key_id, t.target_version) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%"% is not suspended', pgphi._key_name(t.key_id),
+            CASE WHEN t.target_version = 0 THEN '' ELSE ' version ' || t.target_version END
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'A suspension of the whole key is lifted with version => NULL, of one version with its number.';
+    END IF;
+    INSERT INTO pgphi.resume_approvals (key_id, version, approved_by)
+        VALUES (t.key_id, t.target_version, approver)
+        ON CONFLICT ON CONSTRAINT resume_approvals_pkey DO UPDATE SET approved_at = now();
+    PERFORM pgphi._audit('approve_resume', t.key_id, nullif(t.target_version, 0), 'ok',
+                         CASE WHEN t.target_version = 0 THEN 'every version' ELSE 'this version' END);
+END
+$$;
+
+-- Lifts a suspension: a key custodian other than the one who approved it
+-- (pgphi.approve_resume, within the last day). Audited as resume, naming
+-- both custodians.
+CREATE FUNCTION pgphi.resume_key(name text, version integer DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record := pgphi._lifecycle_target(resume_key.name, resume_key.version);
+    resumer name := session_user;
+    approvers name[];
+BEGIN
+    IF NOT pg_has_role(resumer, 'pgphi_key_custodian', 'MEMBER') THEN
+        RAISE EXCEPTION 'only key custodians can resume a pgphi key'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the resuming role.';
+    END IF;
+    IF t.target_version = 0 THEN
+        PERFORM FROM pgphi.keys k WHERE k.key_id = t.key_id FOR UPDATE;
+    ELSE
+        PERFORM FROM pgphi.key_versions v WHERE v.key_id = t.key_id AND v.version = t.target_version FOR UPDATE;
+    END IF;
+    IF pgphi._suspended_at(t.key_id, t.target_version) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key "%"% is not suspended', pgphi._key_name(t.key_id),
+            CASE WHEN t.target_version = 0 THEN '' ELSE ' version ' || t.target_version END
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'A suspension of the whole key is lifted with version => NULL, of one version with its number.';
+    END IF;
+    SELECT array_agg(a.approved_by ORDER BY a.approved_by) INTO approvers
+      FROM pgphi.resume_approvals a
+     WHERE a.key_id = t.key_id AND a.version = t.target_version AND a.approved_by <> resumer
+       AND a.approved_at > now() - interval '1 day'
+       AND pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+    IF approvers IS NULL THEN
+        RAISE EXCEPTION 'resuming pgphi key "%" needs the approval of a second key custodian', pgphi._key_name(t.key_id)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Another member of pgphi_key_custodian must call pgphi.approve_resume() first (within a day).';
+    END IF;
+    IF t.target_version = 0 THEN
+        UPDATE pgphi.keys k SET suspended_at = NULL, suspended_by = NULL WHERE k.key_id = t.key_id;
+    ELSE
+        UPDATE pgphi.key_versions v SET suspended_at = NULL, suspended_by = NULL
+         WHERE v.key_id = t.key_id AND v.version = t.target_version;
+    END IF;
+    DELETE FROM pgphi.resume_approvals a WHERE a.key_id = t.key_id AND a.version = t.target_version;
+    PERFORM pgphi._audit('resume', t.key_id, nullif(t.target_version, 0), 'ok',
+                         format('%s; approved by %s, resumed by %s',
+                                CASE WHEN t.target_version = 0 THEN 'every version' ELSE 'this version' END,
+                                array_to_string(approvers, ', '), resumer));
+END
+$$;
+
+-- Marks a version compromised, for good: nothing is encrypted under it
+-- again, and its values are decrypted only by reencrypt_value (so by
+-- pgphi.reencrypt), which seals them at once under the active version. A
+-- compromised active version stops encryption under the key until
+-- rotate_key makes a new one. One custodian suffices. Audited as compromise.
+CREATE FUNCTION pgphi.mark_compromised(name text, version integer, reason text DEFAULT NULL) RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+    changed integer;
+BEGIN
+    IF mark_compromised.version IS NULL THEN
+        RAISE EXCEPTION 'mark_compromised needs a key version'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'pgphi.key_inventory lists the versions.';
+    END IF;
+    t := pgphi._lifecycle_target(mark_compromised.name, mark_compromised.version);
+    UPDATE pgphi.key_versions v SET compromised_at = now(), compromised_by = session_user
+     WHERE v.key_id = t.key_id AND v.version = t.target_version AND v.compromised_at IS NULL;
+    GET DIAGNOSTICS changed = ROW_COUNT;
+    IF changed = 0 THEN
+        RETURN false;
+    END IF;
+    PERFORM pgphi._audit('compromise', t.key_id, t.target_version, 'ok',
+                         format('version was %s', t.state) || coalesce('; reason: ' || mark_compromised.reason, ''));
+    IF t.state = 'active' THEN
+        RAISE WARNING 'pgphi key "%" version % is active and now compromised: nothing is encrypted under the key until it is rotated',
+            pgphi._key_name(t.key_id), t.target_version
+            USING HINT = 'Run pgphi.rotate_key(), then CALL pgphi.reencrypt() on the columns that use the key.';
+    END IF;
+    PERFORM pgphi._flush_cache_at_commit();
+    RETURN true;
+END
+$$;
+
+-- A compromise mark is never taken back, nor its record deleted.
+CREATE FUNCTION pgphi._compromise_guard() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF OLD.compromised_at IS NOT NULL
+       AND (TG_OP = 'DELETE' OR NEW.compromised_at IS DISTINCT FROM OLD.compromised_at
+            OR NEW.compromised_by IS DISTINCT FROM OLD.compromised_by) THEN
+        RAISE EXCEPTION 'pgphi key "%" version % is marked compromised', pgphi._key_name(OLD.key_id), OLD.version
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A compromise mark and its record are kept for good.';
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER key_versions_compromise_guard BEFORE UPDATE OR DELETE ON pgphi.key_versions
+    FOR EACH ROW EXECUTE FUNCTION pgphi._compromise_guard();
+ALTER TABLE pgphi.key_versions ENABLE ALWAYS TRIGGER key_versions_compromise_guard;
+
+-- The inventory shows both marks (new columns at the end).
+CREATE OR REPLACE VIEW pgphi.key_inventory AS
+    SELECT k.name AS key_name, k.key_id, k.purpose, k.created_by AS owner, k.provider, k.kek_ref,
+           v.version, v.state, v.kek_version, v.created_at, k.rotated_at, v.retired_at, v.destroyed_at,
+           k.cryptoperiod,
+           CASE WHEN v.state = 'active' THEN v.created_at + k.cryptoperiod END AS rotate_by,
+           coalesce(v.state = 'active' AND v.created_at + k.cryptoperiod < pg_catalog.now(), false)
+               AS rotation_overdue,
+           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
+                  WHERE g.key_id = k.key_id AND g.privilege = 'encrypt' ORDER BY 1) AS encrypt_grantees,
+           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
+                  WHERE g.key_id = k.key_id AND g.privilege = 'decrypt' ORDER BY 1) AS decrypt_grantees,
+           (k.suspended_at IS NOT NULL OR v.suspended_at IS NOT NULL) AS suspended,
+           coalesce(v.suspended_at, k.suspended_at) AS suspended_at,
+           coalesce(v.suspended_by, k.suspended_by) AS suspended_by,
+           v.compromised_at IS NOT NULL AS compromised,
+           v.compromised_at, v.compromised_by
+      FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id);
+
+-- Time-limited grants (just-in-time access). A grant with valid_until
+-- stops working at that moment in every session, also inside a statement
+-- that started before it (src/pg/access_control.cpp checks the clock for
+-- such grants), without anyone revoking it. The expiry reaches the audit
+-- trail twice: at the first use it refuses (action decrypt or encrypt,
+-- outcome refused, detail "... grant expired", through the audit writer),
+-- and when pgphi.expire_key_grants() (to be scheduled, for instance every
+-- few minutes with pg_cron) removes the expired rows (action
+-- expire_decrypt or expire_encrypt).
+ALTER TABLE pgphi.key_grants ADD COLUMN valid_until timestamptz;
+
+CREATE FUNCTION pgphi._change_key_grant(key_name text, grantee regrole, privilege text, granting boolean,
+        valid_until timestamptz)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    granter name := session_user;
+    group_reason text;
+    existing pgphi.key_grants;
+    changed integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF NOT granting THEN
+        -- Revoking always works, also for a role dropped since (its OID).
+        IF grantee IS NULL THEN
+            RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        DELETE FROM pgphi.key_grants g
+         WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+           AND g.grantee::oid = _change_key_grant.grantee::oid;
+        GET DIAGNOSTICS changed = ROW_COUNT;
+        RETURN changed > 0;
+    END IF;
+    IF valid_until IS NOT NULL AND valid_until <= now() THEN
+        RAISE EXCEPTION 'a time-limited pgphi key grant must end in the future'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass valid_until => now() + interval ''...''.';
+    END IF;
+
+    PERFORM pgphi._check_grantee(grantee);
+    -- Nobody grants a key to themselves.
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = granter)
+       AND pg_has_role(granter, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role "%" cannot grant pgphi key "%" to itself or to a role it belongs to', granter, key_name
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must make this grant.';
+    END IF;
+    SELECT * INTO existing FROM pgphi.key_grants g WHERE g.key_id = target_id
+       AND g.privilege = _change_key_grant.privilege AND g.grantee::oid = _change_key_grant.grantee::oid FOR UPDATE;
+    IF FOUND THEN
+        -- A grant without expiry covers any time-limited one; a
+        -- time-limited one is extended, shortened or made permanent.
+        IF existing.valid_until IS NULL OR existing.valid_until IS NOT DISTINCT FROM valid_until THEN
+            RETURN false;
+        END IF;
+        UPDATE pgphi.key_grants g SET valid_until = _change_key_grant.valid_until
+         WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+           AND g.grantee::oid = _change_key_grant.grantee::oid;
+        PERFORM pgphi._audit('grant_' || privilege, target_id, NULL, 'ok',
+                             format('to %s %s (was until %s)', grantee,
+                                    coalesce('until ' || pgphi._audit_time(valid_until), 'without expiry'),
+                                    pgphi._audit_time(existing.valid_until)));
+        RETURN true;
+    END IF;
+    -- A grant that reaches a group takes a second custodian's approval.
+    group_reason := pgphi._group_grant_reason(grantee);
+    IF group_reason IS NOT NULL THEN
+        PERFORM FROM pgphi.grant_approvals a
+          WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+            AND a.grantee::oid = _change_key_grant.grantee::oid
+            AND a.approved_by <> granter AND a.approved_at > now() - interval '1 day'
+            AND pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'granting pgphi key "%" to % needs the approval of a second key custodian', key_name, grantee
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('The grant reaches a group: %s.', group_reason),
+                      HINT = format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_grant(%L, %L, %L); then grant again within a day.',
+                                    key_name, grantee::text, privilege);
+        END IF;
+        -- An approval serves one grant.
+        DELETE FROM pgphi.grant_approvals a
+         WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+           AND a.grantee::oid = _change_key_grant.grantee::oid;
+    END IF;
+    INSERT INTO pgphi.key_grants (key_id, privilege, grantee, valid_until)
+        VALUES (target_id, privilege, grantee, valid_until)
+        ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS changed = ROW_COUNT;
+    RETURN changed > 0;
+END
+$$;
+
+-- The grant without expiry (section "privileges"): it also makes a
+-- time-limited grant permanent. Its lines up to the group check are as
+-- before, so its errors' context is unchanged.
+CREATE OR REPLACE FUNCTION pgphi._change_key_grant(key_name text, grantee regrole, privilege text, granting boolean)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    granter name := session_user;
+    group_reason text;
+    changed integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF NOT granting THEN
+        -- Revoking always works, also for a role dropped since (its OID).
+        IF grantee IS NULL THEN
+            RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        DELETE FROM pgphi.key_grants g
+         WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+           AND g.grantee::oid = _change_key_grant.grantee::oid;
+        GET DIAGNOSTICS changed = ROW_COUNT;
+        RETURN changed > 0;
+    END IF;
+
+    PERFORM pgphi._check_grantee(grantee);
+    -- Nobody grants a key to themselves.
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = granter)
+       AND pg_has_role(granter, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role "%" cannot grant pgphi key "%" to itself or to a role it belongs to', granter, key_name
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must make this grant.';
+    END IF;
+    IF EXISTS (SELECT FROM pgphi.key_grants g WHERE g.key_id = target_id AND g.valid_until IS NULL
+                  AND g.privilege = _change_key_grant.privilege AND g.grantee::oid = _change_key_grant.grantee::oid) THEN
+        RETURN false;
+    END IF;
+    -- A grant that reaches a group takes a second custodian's approval.
+    group_reason := pgphi._group_grant_reason(grantee);
+    IF group_reason IS NOT NULL THEN
+        PERFORM FROM pgphi.grant_approvals a
+          WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+            AND a.grantee::oid = _change_key_grant.grantee::oid
+            AND a.approved_by <> granter AND a.approved_at > now() - interval '1 day'
+            AND pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'granting pgphi key "%" to % needs the approval of a second key custodian', key_name, grantee
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('The grant reaches a group: %s.', group_reason),
+                      HINT = format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_grant(%L, %L, %L); then grant again within a day.',
+                                    key_name, grantee::text, privilege);
+        END IF;
+        -- An approval serves one grant.
+        DELETE FROM pgphi.grant_approvals a
+         WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+           AND a.grantee::oid = _change_key_grant.grantee::oid;
+    END IF;
+    -- A time-limited grant becomes one without expiry.
+    UPDATE pgphi.key_grants g SET valid_until = NULL
+     WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+       AND g.grantee::oid = _change_key_grant.grantee::oid AND g.valid_until IS NOT NULL;
+    IF FOUND THEN
+        PERFORM pgphi._audit('grant_' || privilege, target_id, NULL, 'ok',
+                             format('to %s without expiry (was time-limited)', grantee));
+        RETURN true;
+    END IF;
+    INSERT INTO pgphi.key_grants (key_id, privilege, grantee) VALUES (target_id, privilege, grantee)
+        ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS changed = ROW_COUNT;
+    RETURN changed > 0;
+END
+$$;
+
+-- A time in audit details: UTC, ISO 8601, whatever the session's settings.
+CREATE FUNCTION pgphi._audit_time(t timestamptz) RETURNS text
+    LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') $$;
+
+CREATE FUNCTION pgphi.grant_decrypt(key_name text, grantee regrole, valid_until timestamptz) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pgphi._change_key_grant(key_name, grantee, 'decrypt', true, valid_until) $$;
+CREATE FUNCTION pgphi.grant_encrypt(key_name text, grantee regrole, valid_until timestamptz) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pgphi._change_key_grant(key_name, grantee, 'encrypt', true, valid_until) $$;
+
+-- Removes the grants that have expired; returns how many. Each is audited
+-- as expire_decrypt or expire_encrypt (by the audit trigger below).
+CREATE FUNCTION pgphi.expire_key_grants() RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    removed integer;
+BEGIN
+    DELETE FROM pgphi.key_grants g WHERE g.valid_until <= now();
+    GET DIAGNOSTICS removed = ROW_COUNT;
+    RETURN removed;
+END
+$$;
+
+-- The semantic audit records of catalog changes (0.2.0), with the expiry
+-- of time-limited grants.
+CREATE OR REPLACE FUNCTION pgphi._audit_key_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'key_versions' THEN
+        IF TG_OP = 'INSERT' THEN
+            PERFORM pgphi._audit(CASE WHEN NEW.version = 1 THEN 'create' ELSE 'rotate' END,
+                                 NEW.key_id, NEW.version, 'ok',
+                                 (SELECT format('provider %s, KEK %s', k.provider, k.kek_ref)
+                                    FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
+        ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IN ('retired', 'destroyed') THEN
+            PERFORM pgphi._audit(CASE NEW.state WHEN 'retired' THEN 'retire' ELSE 'destroy' END,
+                                 NEW.key_id, NEW.version, 'ok', NULL);
+        ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek THEN
+            PERFORM pgphi._audit('rewrap', NEW.key_id, NEW.version, 'ok',
+                                 format('KEK version %s', coalesce(NEW.kek_version, 'unknown')));
+        END IF;
+    ELSIF TG_TABLE_NAME = 'destroy_approvals' THEN
+        PERFORM pgphi._audit('approve_destroy', NEW.key_id, NEW.version, 'ok', NULL);
+    ELSIF TG_TABLE_NAME = 'key_grants' THEN
+        IF TG_OP = 'INSERT' THEN
+            PERFORM pgphi._audit('grant_' || NEW.privilege, NEW.key_id, NULL, 'ok',
+                                 format('to %s', NEW.grantee)
+                                 || coalesce(' until ' || pgphi._audit_time(NEW.valid_until), ''));
+        ELSIF OLD.valid_until IS NOT NULL AND OLD.valid_until <= now() THEN
+            PERFORM pgphi._audit('expire_' || OLD.privilege, OLD.key_id, NULL, 'ok',
+                                 format('from %s; expired at %s', OLD.grantee, pgphi._audit_time(OLD.valid_until)));
+        ELSE
+            PERFORM pgphi._audit('revoke_' || OLD.privilege, OLD.key_id, NULL, 'ok', format('from %s', OLD.grantee));
+        END IF;
+    ELSIF TG_TABLE_NAME = 'keys' AND NEW.cryptoperiod IS DISTINCT FROM OLD.cryptoperiod THEN
+        PERFORM pgphi._audit('set_cryptoperiod', NEW.key_id, NULL, 'ok', format('%s', NEW.cryptoperiod));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- has_key_privilege (section "privileges") counts only grants in force.
+CREATE OR REPLACE FUNCTION pgphi.has_key_privilege(role regrole, key_name text, privilege text) RETURNS boolean
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer;
+    asker text := pgphi._acting_role();
+BEGIN
+    IF NOT (pg_has_role(session_user, 'pgphi_key_custodian', 'MEMBER')
+            OR pg_has_role(session_user, 'pgphi_key_auditor', 'MEMBER')
+            OR (has_key_privilege.role IS NOT NULL
+                AND EXISTS (SELECT FROM pg_roles r WHERE r.oid = has_key_privilege.role::oid)
+                AND pg_has_role(asker, has_key_privilege.role::oid, 'USAGE'))) THEN
+        RAISE EXCEPTION 'only key custodians and auditors can ask about the pgphi key grants of other roles'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Other roles may ask about themselves and the roles whose privileges they have.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    target_id := pgphi._key_id(key_name);
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.',
+                  DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    RETURN (SELECT rolsuper FROM pg_roles WHERE oid = role)
+        OR EXISTS (SELECT FROM pgphi.key_grants g
+                    WHERE g.key_id = target_id AND g.privilege = has_key_privilege.privilege
+                      AND (g.valid_until IS NULL OR g.valid_until > clock_timestamp())
+                      AND pg_has_role(role, g.grantee::oid, 'USAGE'));
+END
+$$;
+
+-- Evidence for an auditor: who can use which key, through which grant and
+-- role chain, granted when and by whom, in force until when, and when each
+-- role last used the key (pgphi.key_use_stats). Readable by custodians and
+-- auditors.
+CREATE FUNCTION pgphi.access_review(
+        OUT key_name text, OUT privilege text, OUT role_name text, OUT via_grant_to text, OUT role_chain text,
+        OUT granted_at timestamptz, OUT granted_by name, OUT valid_until timestamptz, OUT in_force boolean,
+        OUT last_used timestamptz)
+    RETURNS SETOF record
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH RECURSIVE chain(member, grantee, path) AS (
+        SELECT g.grantee::oid, g.grantee::oid, ARRAY[g.grantee::oid]
+          FROM (SELECT DISTINCT grantee FROM pgphi.key_grants) g
+        UNION ALL
+        SELECT m.member, c.grantee, m.member || c.path
+          FROM chain c JOIN pg_auth_members m ON m.roleid = c.member
+         WHERE m.member <> ALL (c.path)
+    )
+    SELECT k.name, g.privilege, r.rolname::text, g.grantee::text,
+           (SELECT string_agg(pr.rolname::text, ' -> ' ORDER BY p.n)
+              FROM unnest(c.path) WITH ORDINALITY AS p(oid, n) JOIN pg_roles pr ON pr.oid = p.oid),
+           g.granted_at, g.granted_by, g.valid_until,
+           (g.valid_until IS NULL OR g.valid_until > clock_timestamp()),
+           (SELECT max(s.window_start) FROM pgphi.key_use_stats s
+             WHERE s.key_id = g.key_id AND s.role_name = r.rolname::text
+               AND CASE g.privilege WHEN 'decrypt' THEN s.decryptions ELSE s.encryptions END > 0)
+      FROM pgphi.key_grants g
+      JOIN pgphi.keys k ON k.key_id = g.key_id
+      JOIN chain c ON c.grantee = g.grantee::oid
+      JOIN pg_roles r ON r.oid = c.member
+     WHERE pg_has_role(c.member, g.grantee::oid, 'USAGE')
+     ORDER BY 1, 2, 3, 4
+$$;
+
+-- Evidence for an auditor: per key and version, when it was created, when
+-- a newer version superseded it, retired, destroyed; its cryptoperiod and
+-- whether its rotation is overdue; how many values it has sealed (the
+-- cluster-wide seal counts); and its suspension and compromise marks. How
+-- many values are still under a version is key_version_usage()'s answer
+-- (it scans the tables, so it is not part of this report).
+CREATE FUNCTION pgphi.rotation_report(
+        OUT key_name text, OUT version integer, OUT state text, OUT created_at timestamptz,
+        OUT superseded_at timestamptz, OUT retired_at timestamptz, OUT destroyed_at timestamptz,
+        OUT cryptoperiod interval, OUT rotate_by timestamptz, OUT rotation_overdue boolean,
+        OUT values_sealed bigint, OUT suspended boolean, OUT compromised boolean)
+    RETURNS SETOF record
+    LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT k.name, v.version, v.state, v.created_at,
+           (SELECT min(n.created_at) FROM pgphi.key_versions n WHERE n.key_id = v.key_id AND n.version > v.version),
+           v.retired_at, v.destroyed_at, k.cryptoperiod,
+           CASE WHEN v.state = 'active' THEN v.created_at + k.cryptoperiod END,
+           coalesce(v.state = 'active' AND v.created_at + k.cryptoperiod < now(), false),
+           coalesce((SELECT u.encryptions FROM pgphi._usage_counts() u
+                      WHERE u.key_id = v.key_id AND u.version = v.version), 0),
+           k.suspended_at IS NOT NULL OR v.suspended_at IS NOT NULL,
+           v.compromised_at IS NOT NULL
+      FROM pgphi.keys k JOIN pgphi.key_versions v ON v.key_id = k.key_id
+     ORDER BY k.name, v.version
+$$;
+
+REVOKE ALL ON FUNCTION pgphi._lifecycle_target(text, integer), pgphi._suspended_at(integer, integer),
+    pgphi.suspend_key(text, integer, text), pgphi.approve_resume(text, integer), pgphi.resume_key(text, integer),
+    pgphi.mark_compromised(text, integer, text), pgphi._compromise_guard(),
+    pgphi._change_key_grant(text, regrole, text, boolean, timestamptz), pgphi._audit_time(timestamptz),
+    pgphi.grant_decrypt(text, regrole, timestamptz), pgphi.grant_encrypt(text, regrole, timestamptz),
+    pgphi.expire_key_grants(), pgphi.access_review(), pgphi.rotation_report() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.suspend_key(text, integer, text), pgphi.approve_resume(text, integer),
+    pgphi.resume_key(text, integer), pgphi.mark_compromised(text, integer, text),
+    pgphi.grant_decrypt(text, regrole, timestamptz), pgphi.grant_encrypt(text, regrole, timestamptz),
+    pgphi._change_key_grant(text, regrole, text, boolean, timestamptz),
+    pgphi.expire_key_grants() TO pgphi_key_custodian;
+GRANT EXECUTE ON FUNCTION pgphi.access_review(), pgphi.rotation_report() TO pgphi_key_custodian, pgphi_key_auditor;
+
+-- (end of section: key lifecycle)
+
+
+
 ------------------------------------------------------------------------------
 -- Last: every table of pgphi's catalog gets the audit triggers, including the
 -- tables the sections above add.

@@ -64,6 +64,11 @@ public:
     bool live() const noexcept { return live_; }
     void set_live(bool live) noexcept { live_ = live; }
 
+    // Whether a custodian marked this version compromised when it was
+    // loaded: it then seals nothing and opens values only to re-encrypt them.
+    bool compromised() const noexcept { return compromised_; }
+    void set_compromised(bool compromised) noexcept { compromised_ = compromised; }
+
     // Values sealed by this process under this key and not yet added to the
     // shared usage count (random nonces bound how many a DEK may seal).
     // Deterministic values use no nonce and are not counted.
@@ -104,6 +109,7 @@ private:
     uint32_t cache_slot_ = UINT32_MAX;
     int64_t use_reported_ms_ = 0;
     bool live_ = true;
+    bool compromised_ = false;
     uint64_t unreported_seals_ = 0;
     uint32_t usage_slot_ = UINT32_MAX;
 };

@@ -9,9 +9,12 @@ extern "C" {
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/syscache.h"
+#include "utils/timestamp.h"
 }
 
 #include <sys/socket.h>
+
+#include <algorithm>
 
 #include "access_control.hpp"
 #include "audit.hpp"
@@ -35,6 +38,8 @@ struct GrantAnswer {
     uint32_t key_id;
     uint64_t generation;
     TimestampTz only_for_statement; // read in parallel mode: good for this statement only; 0 if not
+    TimestampTz expires_at;         // the latest expiry of the time-limited grants that allow it;
+                                    // DT_NOEND when a grant without expiry does
 };
 
 constexpr int kGrantCacheSize = 64;
@@ -47,9 +52,14 @@ uint64_t g_grant_generation = 1;
 Oid g_grants_relid = InvalidOid;
 SPIPlanPtr g_plan_grantees = nullptr;
 
+// valid_until (0.3.0: time-limited grants) through to_jsonb, which gives
+// NULL on a 0.2.0 catalog without the column. Its text is ISO 8601, which
+// timestamptz input reads whatever the session's DateStyle.
 constexpr const char* kSelectGrantees =
-    "SELECT grantee::pg_catalog.oid FROM pgphi.key_grants "
-    "WHERE key_id OPERATOR(pg_catalog.=) $1 AND privilege OPERATOR(pg_catalog.=) $2";
+    "SELECT g.grantee::pg_catalog.oid, "
+    "(pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'valid_until')::pg_catalog.timestamptz "
+    "FROM pgphi.key_grants g "
+    "WHERE g.key_id OPERATOR(pg_catalog.=) $1 AND g.privilege OPERATOR(pg_catalog.=) $2";
 
 void on_relcache_invalidation(Datum, Oid relid)
 {
@@ -63,7 +73,10 @@ const char* use_name(KeyUse use) { return use == KeyUse::Encrypt ? "encrypt" : "
 
 struct GranteeScan {
     Oid role;
+    TimestampTz now;
     bool allowed;
+    bool expired;           // a grant that would allow it has expired
+    TimestampTz expires_at; // see GrantAnswer
 };
 
 void check_grantee(HeapTuple row, TupleDesc desc, void* arg)
@@ -71,15 +84,30 @@ void check_grantee(HeapTuple row, TupleDesc desc, void* arg)
     auto* scan = static_cast<GranteeScan*>(arg);
     bool isnull;
     Datum grantee = SPI_getbinval(row, desc, 1, &isnull);
-    if (!isnull && !scan->allowed && has_privs_of_role(scan->role, DatumGetObjectId(grantee)))
+    if (isnull || !has_privs_of_role(scan->role, DatumGetObjectId(grantee)))
+        return;
+    bool no_expiry;
+    Datum valid_until = SPI_getbinval(row, desc, 2, &no_expiry);
+    if (no_expiry) {
         scan->allowed = true;
+        scan->expires_at = DT_NOEND;
+    } else if (DatumGetTimestampTz(valid_until) > scan->now) {
+        if (!scan->allowed || scan->expires_at != DT_NOEND)
+            scan->expires_at = scan->allowed ? std::max(scan->expires_at, DatumGetTimestampTz(valid_until))
+                                             : DatumGetTimestampTz(valid_until);
+        scan->allowed = true;
+    } else {
+        scan->expired = true;
+    }
 }
 
 // Reads the key's grantees and checks the role against each. Returns whether
 // the answer may outlive the statement (not when read with the statement's
 // snapshot, in parallel mode).
-bool lookup_grant(Oid role, uint32_t key_id, KeyUse use, bool* allowed)
+bool lookup_grant(Oid role, uint32_t key_id, KeyUse use, bool* allowed, bool* expired, TimestampTz* expires_at)
 {
+    *expired = false;
+    *expires_at = DT_NOEND;
     if (superuser_arg(role)) {
         *allowed = true;
         return true;
@@ -94,10 +122,12 @@ bool lookup_grant(Oid role, uint32_t key_id, KeyUse use, bool* allowed)
     }
     Oid argtypes[2] = {INT4OID, TEXTOID};
     Datum args[2] = {Int32GetDatum(static_cast<int32>(key_id)), CStringGetTextDatum(use_name(use))};
-    GranteeScan scan{role, false};
+    GranteeScan scan{role, GetCurrentTimestamp(), false, false, DT_NOEND};
     bool latest = false;
     query_catalog(&g_plan_grantees, kSelectGrantees, 2, argtypes, args, 0, check_grantee, &scan, &latest);
     *allowed = scan.allowed;
+    *expired = !scan.allowed && scan.expired;
+    *expires_at = scan.allowed ? scan.expires_at : DT_NOEND;
     return latest;
 }
 
@@ -149,21 +179,42 @@ void check_key_use(const DataKey& key, KeyUse use)
     Oid role = GetUserId();
     uint32_t key_id = key.ref().key_id;
     GrantAnswer& answer = g_grant_cache[(key_id * 31u + role * 7u + static_cast<unsigned>(use)) % kGrantCacheSize];
+    bool expired = false;
+    // A time-limited answer is re-checked against the real clock (a vDSO
+    // read, only for such answers), so a grant stops working at its expiry
+    // also inside a statement that started before it; once past, the grants
+    // are read again (another grant may still allow it).
     if (answer.valid && answer.generation == g_grant_generation && answer.role == role &&
         answer.key_id == key_id && answer.use == use &&
-        (answer.only_for_statement == 0 || answer.only_for_statement == GetCurrentStatementStartTimestamp())) {
+        (answer.only_for_statement == 0 || answer.only_for_statement == GetCurrentStatementStartTimestamp()) &&
+        (!answer.allowed || answer.expires_at == DT_NOEND || GetCurrentTimestamp() < answer.expires_at)) {
         if (answer.allowed)
             return;
     } else {
         uint64_t generation = g_grant_generation;
         bool allowed = false;
-        bool cacheable = lookup_grant(role, key_id, use, &allowed);
+        TimestampTz expires_at = DT_NOEND;
+        bool cacheable = lookup_grant(role, key_id, use, &allowed, &expired, &expires_at);
         answer = GrantAnswer{true, allowed, use, role, key_id, generation,
-                             cacheable ? 0 : GetCurrentStatementStartTimestamp()};
+                             cacheable ? 0 : GetCurrentStatementStartTimestamp(), expires_at};
         if (allowed)
             return;
+        // An expired answer is not cached: the next use reads again, and is
+        // audited as an expiry again (identical events coalesce).
+        if (expired)
+            answer.valid = false;
     }
     char* role_name = GetUserNameFromId(role, true);
+    if (expired) {
+        queue_audit_event(use_name(use), AuditOutcome::Refused, key,
+                          use == KeyUse::Encrypt ? "encrypt grant expired" : "decrypt grant expired");
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+                        errmsg("permission denied to %s with pgphi key \"%s\"", use_name(use), key.name().c_str()),
+                        errdetail("The time-limited %s grant of role \"%s\" on the key has expired.", use_name(use),
+                                  role_name ? role_name : "?"),
+                        errhint("A key custodian can grant it again with pgphi.grant_%s('%s', '%s', valid_until => ...).",
+                                use_name(use), key.name().c_str(), role_name ? role_name : "role")));
+    }
     queue_audit_event(use_name(use), AuditOutcome::Refused, key, "no grant on the key");
     ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
                     errmsg("permission denied to %s with pgphi key \"%s\"", use_name(use), key.name().c_str()),

@@ -259,7 +259,7 @@ PGPHI_FUNCTION(pgphi_reencrypt_value)
     DataKey* source = nullptr;
     DataKey* target = nullptr;
     for (int attempt = 0;; ++attempt) {
-        source = key_for_decrypt(parsed.key);
+        source = key_for_decrypt(parsed.key, true);
         uint64_t clears = key_cache_clears();
         target = key_for_encrypt(key_name);
         if (key_cache_clears() == clears)

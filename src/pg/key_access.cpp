@@ -48,15 +48,21 @@ SPIPlanPtr g_plan_by_name = nullptr;
 SPIPlanPtr g_plan_by_ref = nullptr;
 SPIPlanPtr g_plan_by_name_version = nullptr;
 
-// Columns 9..11 are the key's purpose and blind-index settings (0.2.0). They
-// are read through to_jsonb, which gives NULL for a column that does not
-// exist, so this library also serves a 0.1.0 catalog (every key is then an
-// encryption key) until ALTER EXTENSION pgphi UPDATE has run.
+// Columns 9..11 are the key's purpose and blind-index settings (0.2.0), 12 the
+// KEK (version) that wrapped the DEK, 13
+// whether the key or the version is suspended and 14 whether the version is
+// marked compromised (0.3.0, docs/key-lifecycle.md). They are read through
+// to_jsonb, which gives NULL for a column that does not exist, so this
+// library also serves a 0.1.0 catalog (every key is then an encryption key)
+// until ALTER EXTENSION pgphi UPDATE has run.
 #define PGPHI_KEY_COLUMNS                                                                                        \
     "SELECT k.key_id, v.version, k.name, k.provider, k.kek_ref, v.state, v.wrapped_dek, v.xmin, "                \
     "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'purpose', "                                                \
     "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'normalization', "                                          \
-    "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'index_bytes', v.kek_version "
+    "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'index_bytes', v.kek_version, "                           \
+    "(pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'suspended_at') IS NOT NULL "                                \
+    "OR (pg_catalog.to_jsonb(v) OPERATOR(pg_catalog.->>) 'suspended_at') IS NOT NULL, "                             \
+    "(pg_catalog.to_jsonb(v) OPERATOR(pg_catalog.->>) 'compromised_at') IS NOT NULL "
 
 // By name: the key's active version; a key without one (all versions
 // rotated out or destroyed) still returns a row, with a NULL version.
@@ -89,6 +95,8 @@ struct CatalogKey {
     char* normalization; // blind-index keys only
     char* index_bytes;   // blind-index keys only
     char* kek_version;   // which KEK (version) wrapped the DEK; NULL without a version
+    bool suspended;      // the key or this version is suspended (0.3.0)
+    bool compromised;    // this version is marked compromised (0.3.0)
 };
 
 // Before a key leaves the ring, its seals are added to the shared count.
@@ -103,8 +111,22 @@ void wipe_keys_at_exit(int, Datum)
     g_ring.clear();
 }
 
+// The statement whose start last processed pending invalidations.
+TimestampTz g_invalidations_statement = 0;
+
 void flush_if_stale()
 {
+    // Once per statement, take in the catalog changes other sessions (or,
+    // on a standby, the primary) committed: a suspension or a revocation
+    // then reaches the next statement of a session even inside a
+    // transaction block, whose relations are already locked (PostgreSQL
+    // would otherwise look at invalidations only when it takes a new lock).
+    // Cheap when none are pending.
+    TimestampTz statement = GetCurrentStatementStartTimestamp();
+    if (statement != g_invalidations_statement) {
+        g_invalidations_statement = statement;
+        AcceptInvalidationMessages();
+    }
     uint64_t generation = shared_state()->invalidation_generation.load(std::memory_order_acquire);
     if (g_ring_stale || generation != g_ring_generation) {
         report_all_seals();
@@ -193,6 +215,10 @@ void copy_catalog_key(HeapTuple row, TupleDesc desc, void* arg)
     out->normalization = copy_text_column(row, desc, 10);
     out->index_bytes = copy_text_column(row, desc, 11);
     out->kek_version = copy_text_column(row, desc, 12);
+    Datum suspended = SPI_getbinval(row, desc, 13, &isnull);
+    out->suspended = !isnull && DatumGetBool(suspended);
+    Datum compromised = SPI_getbinval(row, desc, 14, &isnull);
+    out->compromised = !isnull && DatumGetBool(compromised);
 }
 
 // Runs one of the two lookups and copies the row into `out`. Returns false
@@ -268,14 +294,17 @@ DataKey* install_catalog_key(const CatalogKey& key)
         report_seals(*previous, MyDatabaseId);
 
     DataKey* installed = nullptr;
-    bool active = strcmp(key.state, "active") == 0;
-    bool live = active || strcmp(key.state, "decrypt_only") == 0;
+    // A compromised version seals nothing: it is neither the key's active
+    // version in the ring nor a live one for lookups.
+    bool active = strcmp(key.state, "active") == 0 && !key.compromised;
+    bool live = (strcmp(key.state, "active") == 0 || strcmp(key.state, "decrypt_only") == 0) && !key.compromised;
     int64_t installed_at_ms = now_ms();
     CoreFailure failure;
     bool ok = run_core(failure, [&] {
         installed = &g_ring.install(format::KeyRef{key.key_id, key.version}, key.name, active,
                                     SecureBytes(dek, sizeof(dek)), spec);
         installed->set_live(live);
+        installed->set_compromised(key.compromised);
         installed->set_valid_until_ms(valid_until_ms);
         installed->set_cache_slot(slot_index);
         installed->set_use_reported_ms(installed_at_ms);
@@ -294,6 +323,37 @@ DataKey* install_catalog_key(const CatalogKey& key)
     ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_UNDEFINED_OBJECT), errmsg("pgphi key does not exist"),
                     errdetail("pgphi does not repeat a name that names no key: a misplaced argument could be PHI."),
                     errhint("Check the key name argument; pgphi.create_key() creates a key.")));
+    pg_unreachable();
+}
+
+// Suspension (docs/key-lifecycle.md): nothing is encrypted or decrypted
+// under a suspended key or version. A suspended version is never put into
+// the ring, and suspending clears every ring, so only this path sees one.
+[[noreturn]] void raise_suspended(const CatalogKey& key, const char* use)
+{
+    queue_audit_event(use, AuditOutcome::Refused, key.key_id, key.version, key.name, "key is suspended");
+    ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                    errmsg("pgphi key \"%s\" version %u is suspended", key.name, key.version),
+                    errdetail("A key custodian suspended the key or this version: nothing is encrypted or "
+                              "decrypted under it."),
+                    errhint("Two key custodians can lift the suspension with pgphi.approve_resume() and "
+                            "pgphi.resume_key().")));
+    pg_unreachable();
+}
+
+[[noreturn]] void raise_compromised(uint32 key_id, uint32 version, const char* name, const char* use)
+{
+    queue_audit_event(use, AuditOutcome::Refused, key_id, version, name, "key version is compromised");
+    if (strcmp(use, "encrypt") == 0)
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pgphi key \"%s\" version %u is marked compromised", name, version),
+                        errdetail("Nothing is encrypted under a compromised key version."),
+                        errhint("A key custodian can run pgphi.rotate_key('%s') to make a new active version.",
+                                name)));
+    ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                    errmsg("pgphi key \"%s\" version %u is marked compromised", name, version),
+                    errdetail("Values under a compromised key version are decrypted only to re-encrypt them."),
+                    errhint("Rotate the key and run CALL pgphi.reencrypt() on the columns that use it.")));
     pg_unreachable();
 }
 
@@ -365,6 +425,10 @@ DataKey* key_for_encrypt(const text* key_name)
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                         errmsg("pgphi key \"%s\" has no active version", row.name),
                         errhint("pgphi.rotate_key() creates a new active version.")));
+    if (row.suspended)
+        raise_suspended(row, "encrypt");
+    if (row.compromised)
+        raise_compromised(row.key_id, row.version, row.name, "encrypt");
     // Nothing may be written under a DEK whose wrapped form is not committed:
     // if this transaction rolled back, such values could never be decrypted.
     if (TransactionIdIsCurrentTransactionId(row.created_by_xid))
@@ -376,11 +440,14 @@ DataKey* key_for_encrypt(const text* key_name)
     return install_catalog_key(row);
 }
 
-DataKey* key_for_decrypt(format::KeyRef ref)
+DataKey* key_for_decrypt(format::KeyRef ref, bool for_reencrypt)
 {
     flush_if_stale();
-    if (DataKey* key = still_valid(g_ring.find(ref)))
+    if (DataKey* key = still_valid(g_ring.find(ref))) {
+        if (key->compromised() && !for_reencrypt)
+            raise_compromised(ref.key_id, ref.version, key->name().c_str(), "decrypt");
         return key;
+    }
 
     Oid argtypes[2] = {INT4OID, INT4OID};
     Datum args[2] = {Int32GetDatum(static_cast<int32>(ref.key_id)), Int32GetDatum(static_cast<int32>(ref.version))};
@@ -407,6 +474,10 @@ DataKey* key_for_decrypt(format::KeyRef ref)
                                 "values still under it.",
                                 row.name, row.version)));
     }
+    if (row.suspended)
+        raise_suspended(row, "decrypt");
+    if (row.compromised && !for_reencrypt && row.wrapped_dek != nullptr)
+        raise_compromised(row.key_id, row.version, row.name, "decrypt");
     return install_catalog_key(row);
 }
 
@@ -432,6 +503,10 @@ DataKey* key_for_version(const text* key_name, uint32 version)
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                         errmsg("pgphi key \"%s\" version %u is %s", row.name, version, row.state),
                         errdetail("Only active and decrypt-only versions produce values.")));
+    if (row.suspended)
+        raise_suspended(row, "encrypt");
+    if (row.compromised)
+        raise_compromised(row.key_id, row.version, row.name, "encrypt");
     if (TransactionIdIsCurrentTransactionId(row.created_by_xid))
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                         errmsg("pgphi key \"%s\" version %u was created or changed in this transaction", row.name,

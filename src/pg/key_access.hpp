@@ -20,8 +20,10 @@ namespace pgphi::pg {
 // The active version of the key named `key_name`, for encrypting.
 DataKey* key_for_encrypt(const text* key_name);
 
-// The key version a value's header refers to, for decrypting.
-DataKey* key_for_decrypt(format::KeyRef ref);
+// The key version a value's header refers to, for decrypting. A version
+// marked compromised is refused unless `for_reencrypt` (reencrypt_value,
+// which seals the plaintext again at once under the active version).
+DataKey* key_for_decrypt(format::KeyRef ref, bool for_reencrypt = false);
 
 // A given version of the key named `key_name`, for computing the values an
 // older version gave (lookups during rotation). Only active and decrypt-only

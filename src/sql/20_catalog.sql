@@ -30,6 +30,9 @@ CREATE TABLE pgphi.keys (
     purpose     text NOT NULL DEFAULT 'encryption' CHECK (purpose IN ('encryption', 'blind_index')),
     normalization text CHECK (normalization IN ('none', 'trim', 'lower', 'trim_lower', 'digits')),
     index_bytes integer CHECK (index_bytes BETWEEN 8 AND 32),
+    -- Containment (suspend_key, 80_lifecycle.sql): the whole key suspended.
+    suspended_at timestamptz,
+    suspended_by name,
     CONSTRAINT keys_blind_index_settings
         CHECK ((purpose = 'blind_index') = (normalization IS NOT NULL)
                AND (purpose = 'blind_index') = (index_bytes IS NOT NULL))
@@ -47,6 +50,12 @@ CREATE TABLE pgphi.key_versions (
     created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     retired_at  timestamptz,
     destroyed_at timestamptz,
+    -- Containment (80_lifecycle.sql): this version suspended, or marked
+    -- compromised (for good: it never encrypts again).
+    suspended_at timestamptz,
+    suspended_by name,
+    compromised_at timestamptz,
+    compromised_by name,
     PRIMARY KEY (key_id, version),
     -- A destroyed version has no DEK left; every other state has one.
     CHECK ((state = 'destroyed') = (wrapped_dek IS NULL))
@@ -72,6 +81,7 @@ CREATE TABLE pgphi.key_grants (
     grantee     regrole NOT NULL,
     granted_by  name NOT NULL DEFAULT SESSION_USER,
     granted_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    valid_until timestamptz,            -- a time-limited grant (NULL: until revoked)
     PRIMARY KEY (key_id, privilege, grantee)
 );
 

@@ -58,6 +58,95 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION pgphi._change_key_grant(key_name text, grantee regrole, privilege text, granting boolean,
+        valid_until timestamptz)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    granter name := session_user;
+    group_reason text;
+    existing pgphi.key_grants;
+    changed integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF NOT granting THEN
+        -- Revoking always works, also for a role dropped since (its OID).
+        IF grantee IS NULL THEN
+            RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        DELETE FROM pgphi.key_grants g
+         WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+           AND g.grantee::oid = _change_key_grant.grantee::oid;
+        GET DIAGNOSTICS changed = ROW_COUNT;
+        RETURN changed > 0;
+    END IF;
+    IF valid_until IS NOT NULL AND valid_until <= now() THEN
+        RAISE EXCEPTION 'a time-limited pgphi key grant must end in the future'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass valid_until => now() + interval ''...''.';
+    END IF;
+
+    PERFORM pgphi._check_grantee(grantee);
+    -- Nobody grants a key to themselves.
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = granter)
+       AND pg_has_role(granter, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role "%" cannot grant pgphi key "%" to itself or to a role it belongs to', granter, key_name
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must make this grant.';
+    END IF;
+    SELECT * INTO existing FROM pgphi.key_grants g WHERE g.key_id = target_id
+       AND g.privilege = _change_key_grant.privilege AND g.grantee::oid = _change_key_grant.grantee::oid FOR UPDATE;
+    IF FOUND THEN
+        -- A grant without expiry covers any time-limited one; a
+        -- time-limited one is extended, shortened or made permanent.
+        IF existing.valid_until IS NULL OR existing.valid_until IS NOT DISTINCT FROM valid_until THEN
+            RETURN false;
+        END IF;
+        UPDATE pgphi.key_grants g SET valid_until = _change_key_grant.valid_until
+         WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+           AND g.grantee::oid = _change_key_grant.grantee::oid;
+        PERFORM pgphi._audit('grant_' || privilege, target_id, NULL, 'ok',
+                             format('to %s %s (was until %s)', grantee,
+                                    coalesce('until ' || pgphi._audit_time(valid_until), 'without expiry'),
+                                    pgphi._audit_time(existing.valid_until)));
+        RETURN true;
+    END IF;
+    -- A grant that reaches a group takes a second custodian's approval.
+    group_reason := pgphi._group_grant_reason(grantee);
+    IF group_reason IS NOT NULL THEN
+        PERFORM FROM pgphi.grant_approvals a
+          WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+            AND a.grantee::oid = _change_key_grant.grantee::oid
+            AND a.approved_by <> granter AND a.approved_at > now() - interval '1 day'
+            AND pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'granting pgphi key "%" to % needs the approval of a second key custodian', key_name, grantee
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('The grant reaches a group: %s.', group_reason),
+                      HINT = format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_grant(%L, %L, %L); then grant again within a day.',
+                                    key_name, grantee::text, privilege);
+        END IF;
+        -- An approval serves one grant.
+        DELETE FROM pgphi.grant_approvals a
+         WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+           AND a.grantee::oid = _change_key_grant.grantee::oid;
+    END IF;
+    INSERT INTO pgphi.key_grants (key_id, privilege, grantee, valid_until)
+        VALUES (target_id, privilege, grantee, valid_until)
+        ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS changed = ROW_COUNT;
+    RETURN changed > 0;
+END
+$$;
+
 CREATE FUNCTION pgphi._change_key_grant(key_name text, grantee regrole, privilege text, granting boolean)
     RETURNS boolean
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -95,7 +184,7 @@ BEGIN
         RAISE EXCEPTION 'role "%" cannot grant pgphi key "%" to itself or to a role it belongs to', granter, key_name
             USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must make this grant.';
     END IF;
-    IF EXISTS (SELECT FROM pgphi.key_grants g WHERE g.key_id = target_id
+    IF EXISTS (SELECT FROM pgphi.key_grants g WHERE g.key_id = target_id AND g.valid_until IS NULL
                   AND g.privilege = _change_key_grant.privilege AND g.grantee::oid = _change_key_grant.grantee::oid) THEN
         RETURN false;
     END IF;
@@ -118,6 +207,15 @@ BEGIN
         DELETE FROM pgphi.grant_approvals a
          WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
            AND a.grantee::oid = _change_key_grant.grantee::oid;
+    END IF;
+    -- A time-limited grant becomes one without expiry.
+    UPDATE pgphi.key_grants g SET valid_until = NULL
+     WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+       AND g.grantee::oid = _change_key_grant.grantee::oid AND g.valid_until IS NOT NULL;
+    IF FOUND THEN
+        PERFORM pgphi._audit('grant_' || privilege, target_id, NULL, 'ok',
+                             format('to %s without expiry (was time-limited)', grantee));
+        RETURN true;
     END IF;
     INSERT INTO pgphi.key_grants (key_id, privilege, grantee) VALUES (target_id, privilege, grantee)
         ON CONFLICT DO NOTHING;
@@ -214,6 +312,7 @@ BEGIN
     RETURN (SELECT rolsuper FROM pg_roles WHERE oid = role)
         OR EXISTS (SELECT FROM pgphi.key_grants g
                     WHERE g.key_id = target_id AND g.privilege = has_key_privilege.privilege
+                      AND (g.valid_until IS NULL OR g.valid_until > clock_timestamp())
                       AND pg_has_role(role, g.grantee::oid, 'USAGE'));
 END
 $$;
@@ -298,7 +397,12 @@ CREATE VIEW pgphi.key_inventory AS
            ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
                   WHERE g.key_id = k.key_id AND g.privilege = 'encrypt' ORDER BY 1) AS encrypt_grantees,
            ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
-                  WHERE g.key_id = k.key_id AND g.privilege = 'decrypt' ORDER BY 1) AS decrypt_grantees
+                  WHERE g.key_id = k.key_id AND g.privilege = 'decrypt' ORDER BY 1) AS decrypt_grantees,
+           (k.suspended_at IS NOT NULL OR v.suspended_at IS NOT NULL) AS suspended,
+           coalesce(v.suspended_at, k.suspended_at) AS suspended_at,
+           coalesce(v.suspended_by, k.suspended_by) AS suspended_by,
+           v.compromised_at IS NOT NULL AS compromised,
+           v.compromised_at, v.compromised_by
       FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id);
 
 GRANT EXECUTE ON FUNCTION pgphi._change_key_grant(text, regrole, text, boolean),

@@ -142,7 +142,12 @@ BEGIN
         PERFORM pgphi._audit('approve_destroy', NEW.key_id, NEW.version, 'ok', NULL);
     ELSIF TG_TABLE_NAME = 'key_grants' THEN
         IF TG_OP = 'INSERT' THEN
-            PERFORM pgphi._audit('grant_' || NEW.privilege, NEW.key_id, NULL, 'ok', format('to %s', NEW.grantee));
+            PERFORM pgphi._audit('grant_' || NEW.privilege, NEW.key_id, NULL, 'ok',
+                                 format('to %s', NEW.grantee)
+                                 || coalesce(' until ' || pgphi._audit_time(NEW.valid_until), ''));
+        ELSIF OLD.valid_until IS NOT NULL AND OLD.valid_until <= now() THEN
+            PERFORM pgphi._audit('expire_' || OLD.privilege, OLD.key_id, NULL, 'ok',
+                                 format('from %s; expired at %s', OLD.grantee, pgphi._audit_time(OLD.valid_until)));
         ELSE
             PERFORM pgphi._audit('revoke_' || OLD.privilege, OLD.key_id, NULL, 'ok', format('from %s', OLD.grantee));
         END IF;

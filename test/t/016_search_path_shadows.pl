@@ -262,6 +262,10 @@ my %sample = (
 	'retire_key_version.name' => "'{DK}'", 'approve_destroy.name' => "'{DK}'", 'destroy_key.name' => "'{DK}'",
 	'unretire_key_version.name' => "'{DK}'", 'retire_key_version.version' => '2',
 	'unretire_key_version.version' => '2',
+	'mark_compromised.name' => "'{DK}'", 'mark_compromised.version' => '2',
+	'suspend_key.name' => "'{DK}'", 'suspend_key.version' => '2',
+	'approve_resume.name' => "'{DK}'", 'approve_resume.version' => '2', 'reason' => "'tap'",
+	'valid_until' => "pg_catalog.now() OPERATOR(pg_catalog.+) '1 hour'::pg_catalog.interval",
 	'key_version_usage.name' => "'{K}'", 'version' => '1',
 	'value:text' => "'v'", 'value:jsonb' => q{'{"a": 1}'}, 'value:pgphi.encrypted' => $ct,
 	'value:bytea' => "$ct\::pg_catalog.bytea",
@@ -315,12 +319,15 @@ my %mechanism = (
 	'pgphi._changes_pgphi_members(pg_ddl_command)' => "ALTER EXTENSION pgphi DROP FUNCTION pgphi.flush_cache()",
 	# Ends in its error with the local provider, so the statistics do not count it.
 	'pgphi.create_kek(text,text)' => "SELECT pgphi.create_kek('local', 'kek_{ID}')",
+	# Resuming needs a second custodian: the caller's own approval (made by
+	# approve_resume just before) is refused, which shows it ran its checks.
+	'pgphi.resume_key(text,integer)' => "SELECT pgphi.resume_key('{DK}', 2)",
 );
 # Those that end in their own error, so that the statistics do not count them:
 # the SQLSTATE a superuser gets shows they ran.
 my %runs_by_error = ('pgphi._audit_log_is_append_only()' => '42501',
 	'pgphi._audit_anchors_are_append_only()' => '42501', 'pgphi._queue_catalog_refusal(text,text)' => '42501',
-	'pgphi._changes_pgphi_members(pg_ddl_command)' => '42501',
+	'pgphi._changes_pgphi_members(pg_ddl_command)' => '42501', 'pgphi.resume_key(text,integer)' => '42501',
 	# The local provider creates no KEKs (the kmip one does: test/t/024_kmip.pl).
 	'pgphi.create_kek(text,text)' => 'F0000');
 
@@ -347,6 +354,7 @@ for my $line (split /\n/, $routines)
 # Lifecycle calls last, in this order; internal helpers after the public API
 # (they also run inside it; called directly too, so each is run by itself).
 my %order = (retire_key_version => 4, approve_destroy => 5, destroy_key => 6, unretire_key_version => 7,
+	mark_compromised => 8, suspend_key => 9, approve_resume => 10, resume_key => 11,
 	protect_column => 2,
 	create_decrypted_view => 3,
 	rewrap_keys => 1, rotate_key => 1);

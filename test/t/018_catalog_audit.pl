@@ -69,6 +69,16 @@ is($node->safe_psql($db, q{SELECT string_agg(action, ',' ORDER BY seq) FROM pgph
 is($node->safe_psql($db, q{SELECT string_agg(coalesce(detail, ''), ',' ORDER BY seq) FROM pgphi.audit_log
 	WHERE key_name = 'alpha' AND action = 'approve_destroy'}),
 	',approval renewed', 'a renewed destroy approval is recorded too');
+# A suspended version with a pending approval to resume it (key lifecycle):
+# a row in pgphi.resume_approvals for the probes.
+$node->safe_psql($db, q{
+	SET SESSION AUTHORIZATION catalog_audit_cust_a;
+	SELECT pgphi.suspend_key('beta', 1);
+	SELECT pgphi.approve_resume('beta', 1);
+	RESET SESSION AUTHORIZATION;
+});
+is($node->safe_psql($db, q{SELECT count(*) FROM pgphi.audit_log WHERE action LIKE 'catalog%'}), '0',
+	'suspending and approving a resume leave no catalog_* record');
 
 # --- The probes -------------------------------------------------------------
 

@@ -42,11 +42,13 @@ pgphi._audit_key_change()                                                    key
 pgphi._audit_log_chain()                                                     key     -      -     -     -     -     -     -     -     x
 pgphi._audit_log_is_append_only()                                            key     -      -     -     -     -     -     -     -     x
 pgphi._audit_row_hash(bytea,pgphi.audit_log)                                 key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._audit_time(timestamp with time zone)                                  key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._audit_value(jsonb,boolean)                                            key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._batch_key(text)                                                       key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._blind_index_version_of(bytea,integer)                                 key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._catalog_writer()                                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._change_key_grant(text,regrole,text,boolean)                           key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi._change_key_grant(text,regrole,text,boolean,timestamp with time zone)  key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 # A strict function given the only value SQL can make of pg_ddl_command, NULL,
 # is folded to NULL by the planner before EXECUTE is checked (aclexplode below
 # shows PUBLIC does not hold it).
@@ -55,6 +57,7 @@ pgphi._check_column_type(regclass,name,regtype[],text)                       key
 pgphi._check_grantee(regrole)                                                key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._column_key(regclass,name)                                             key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._column_type(regclass,name)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._compromise_guard()                                                    key     -      -     -     -     -     -     -     -     x
 pgphi._encrypt_mode_support(internal)                                        key     -      -     -     -     -     -     -     -     x
 pgphi._encrypt_phi_deterministic(bytea,text,boolean,text)                    key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi._encrypt_phi_deterministic(jsonb,text,boolean,text)                    key     42501  42501 ok    42501 42501 ok    42501 42501 ok
@@ -72,6 +75,7 @@ pgphi._key_name(integer)                                                     key
 pgphi._key_purpose(integer)                                                  key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._key_version_guard()                                                   key     -      -     -     -     -     -     -     -     x
 pgphi._key_version_of(bytea,integer)                                         key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._lifecycle_target(text,integer)                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._live_versions(text)                                                   key     42501  ok    ok    42501 42501 ok    42501 42501 ok
 pgphi._page_batches(regclass,integer)                                        key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._progress_advance(regclass,name,bigint,bigint)                         key     42501  42501 42501 42501 42501 42501 42501 42501 ok
@@ -108,14 +112,17 @@ pgphi._rewrap_dek(text,text,integer,integer,text,bytea)                      key
 pgphi._reserve_seals(integer,integer,bigint,bigint,boolean)                  key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._rotate_if_active(integer,integer)                                     key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._shred_at_commit(integer,integer)                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._suspended_at(integer,integer)                                         key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._update_pages(text,text,text,integer,integer,bigint,bigint)            key     42501  42601 42601 42501 42501 42601 42601 42501 42601
 pgphi._update_sweep(regclass,text,text,text,integer,integer,integer)         key     42501  42601 42601 42501 42501 42601 42601 42501 42601
 pgphi._usage_counts()                                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._verify_audit_anchor(bigint,timestamp with time zone,bigint,bytea,text,text,text,text) key     42501  42501 42501 42501 42501 42501 42501 42501 22023
 pgphi._writer_ran_statement(regprocedure,text)                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi.access_review()                                                        key     42501  42501 42501 42501 42501 42501 ok    ok    ok
 pgphi.anchor_audit_log()                                                     key     42501  42501 42501 42501 42501 42501 ok    ok    ok
 pgphi.approve_destroy(text,integer)                                          key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.approve_grant(text,regrole,text)                                       key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.approve_resume(text,integer)                                           key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.audit_queue_status()                                                   key     42501  42501 42501 42501 42501 42501 42501 ok    ok
 pgphi.blind_index(text,text)                                                 key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi.blind_index(text,text,integer)                                         key     42501  42501 ok    42501 42501 ok    42501 42501 ok
@@ -165,23 +172,30 @@ pgphi.encrypted_ne(pgphi.encrypted,pgphi.encrypted)                          typ
 pgphi.encrypted_out(pgphi.encrypted)                                         type    ok     ok    ok    ok    ok    ok    ok    ok    ok
 pgphi.encrypted_recv(internal)                                               type    x      x     x     x     x     x     x     x     x
 pgphi.encrypted_send(pgphi.encrypted)                                        type    ok     ok    ok    ok    ok    ok    ok    ok    ok
+pgphi.expire_key_grants()                                                    key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.flush_cache()                                                          key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi.grant_decrypt(text,regrole)                                            key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.grant_decrypt(text,regrole,timestamp with time zone)                   key     42501  42501 42501 42501 42501 42501 22023 42501 22023
 pgphi.grant_encrypt(text,regrole)                                            key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.grant_encrypt(text,regrole,timestamp with time zone)                   key     42501  42501 42501 42501 42501 42501 22023 42501 22023
 pgphi.has_key_privilege(regrole,text,text)                                   key     42501  42501 42501 42501 42501 42501 ok    ok    ok
 pgphi.key_usage()                                                            key     42501  42501 42501 42501 42501 42501 ok    ok    ok
 pgphi.key_version_usage(text,integer,interval)                               key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.mark_compromised(text,integer,text)                                    key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.protect_column(regclass,name,text,integer,name)                        key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi.rebuild_blind_index(regclass,name,name,text,integer,name)              key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi.reencrypt(regclass,name,integer,name,text)                             key     42501  42501 42501 42501 42501 ok    42501 42501 ok
 pgphi.reencrypt_value(bytea,text,text)                                       key     42501  42501 42501 42501 42501 ok    42501 42501 ok
 pgphi.reencrypt_value(pgphi.encrypted,text,text)                             key     42501  42501 42501 42501 42501 ok    42501 42501 ok
+pgphi.resume_key(text,integer)                                               key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.retire_key_version(text,integer,regclass[],text,interval)              key     42501  42501 42501 42501 42501 42501 55006 42501 55006
 pgphi.revoke_decrypt(text,regrole)                                           key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.revoke_encrypt(text,regrole)                                           key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.rewrap_keys(text)                                                      key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.rotate_key(text)                                                       key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.rotation_report()                                                      key     42501  42501 42501 42501 42501 42501 ok    ok    ok
 pgphi.set_cryptoperiod(text,interval)                                        key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.suspend_key(text,integer,text)                                         key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.unretire_key_version(text,integer)                                     key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.verify_audit_log(text)                                                 key     42501  42501 42501 42501 42501 42501 42501 ok    ok
 TABLE
@@ -205,6 +219,7 @@ pgphi.key_versions              -      -     -     -     -     -     -     -    
 pgphi.keys                      -      -     -     -     -     -     -     -     rawdD
 pgphi.keys_key_id_seq           -      -     -     -     -     -     -     -     rUw
 pgphi.reencrypt_progress        -      rawd  rawd  -     -     rawd  rawd  -     rawdD
+pgphi.resume_approvals          -      -     -     -     -     -     r     r     rawdD
 pgphi.seal_reservations         -      -     -     -     -     -     -     r     rawdD
 TABLE
 
