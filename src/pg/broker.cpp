@@ -512,15 +512,9 @@ void launch_reservations(SharedState* state)
         return;
     for (int i = 0; i < kUsageEntries; ++i) {
         UsageEntry& entry = state->usage[i];
-        pid_t pid;
-        if (!entry.in_use || pg_atomic_read_u32(&entry.reservation_requested) == 0)
-            continue;
-        if (g_reservation_workers[i]) {
-            if (GetBackgroundWorkerPid(g_reservation_workers[i], &pid) != BGWH_STOPPED)
-                continue; // still at it
-            pfree(g_reservation_workers[i]);
-            g_reservation_workers[i] = nullptr;
-        }
+        if (!entry.in_use || pg_atomic_read_u32(&entry.reservation_requested) == 0 ||
+            database_worker_running(&g_reservation_workers[i]))
+            continue; // not wanted, or the previous worker is still at it
         int64_t now = now_ms();
         if (now - g_reservation_launched_ms[i] < kReservationRetryMs)
             continue;
@@ -544,16 +538,8 @@ void launch_rotations(SharedState* state)
         bool due = entry.in_use && pg_atomic_read_u32(&entry.rotated) == 0 &&
                    entry.seals.load() >= static_cast<uint64_t>(dek_rotation_threshold) &&
                    (entry.rotation_launched_ms == 0 || now - entry.rotation_launched_ms > kRotationRetryMs);
-        pid_t pid;
-        if (!due || (g_rotation_workers[i] &&
-                     GetBackgroundWorkerPid(g_rotation_workers[i], &pid) != BGWH_STOPPED))
+        if (!due || database_worker_running(&g_rotation_workers[i]))
             continue; // not due, or the previous worker is still at it
-        if (g_rotation_workers[i]) {
-            // The previous worker has stopped: its handle (palloc'd by
-            // RegisterDynamicBackgroundWorker) is done with.
-            pfree(g_rotation_workers[i]);
-            g_rotation_workers[i] = nullptr;
-        }
         char name[BGW_MAXLEN];
         snprintf(name, sizeof(name), "pgphi key rotation (key %u version %u)", entry.key_id, entry.key_version);
         if (start_database_worker("pgphi_rotation_worker_main", Int32GetDatum(i), name, "pgphi key rotation",

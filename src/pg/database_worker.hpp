@@ -31,4 +31,19 @@ inline bool start_database_worker(const char* function, Datum argument, const ch
     return RegisterDynamicBackgroundWorker(&worker, handle);
 }
 
+// Whether the worker behind *handle (from start_database_worker) still runs.
+// Once it has stopped, its handle (palloc'd by RegisterDynamicBackgroundWorker)
+// is done with: it is freed and *handle cleared, ready for the next start.
+inline bool database_worker_running(BackgroundWorkerHandle** handle)
+{
+    pid_t pid;
+    if (!*handle)
+        return false;
+    if (GetBackgroundWorkerPid(*handle, &pid) != BGWH_STOPPED)
+        return true;
+    pfree(*handle);
+    *handle = nullptr;
+    return false;
+}
+
 } // namespace pgphi::pg
