@@ -31,8 +31,9 @@ if [ -n "${PG_VERSIONS:-}" ]; then
             pg_config=/usr/lib/postgresql/15/bin/pg_config
         else
             pg_config=$(scripts/build-postgres.sh "$version") || {
-                summary+=("PostgreSQL $version: could not be built"); status=1; continue; }
+                summary+=("PostgreSQL $version: could not be built (in $((SECONDS - started)) s)"); status=1; continue; }
         fi
+        prepared=$((SECONDS - started))
         version_suites=()
         for suite in "${suites[@]}"; do
             case $suite in
@@ -43,9 +44,9 @@ if [ -n "${PG_VERSIONS:-}" ]; then
         first=0
         echo "=== pgphi: PostgreSQL $version ($pg_config): ${version_suites[*]}"
         if PG_VERSIONS='' PG_CONFIG=$pg_config scripts/test.sh "${version_suites[@]}"; then
-            summary+=("PostgreSQL $version: passed (${version_suites[*]}) in $((SECONDS - started)) s")
+            summary+=("PostgreSQL $version: passed (${version_suites[*]}) in $((SECONDS - started)) s (server ready after $prepared s)")
         else
-            summary+=("PostgreSQL $version: FAILED (${version_suites[*]}) in $((SECONDS - started)) s")
+            summary+=("PostgreSQL $version: FAILED (${version_suites[*]}) in $((SECONDS - started)) s (server ready after $prepared s)")
             status=1
         fi
     done
@@ -58,6 +59,7 @@ scripts/install-deps.sh || exit 1
 make -s -j2 PG_CONFIG="$PG_CONFIG" || exit 1
 use_private_install || exit 1
 
+PG_MAJOR=$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')
 PGXS_DIR=$(dirname "$("$PG_CONFIG" --pgxs)")/../..
 PG_REGRESS=$PGXS_DIR/src/test/regress/pg_regress
 PERL_TEST_LIB=$PGXS_DIR/src/test/perl
@@ -206,13 +208,22 @@ run_tap() {
         echo "no TAP tests found" >&2
         return 1
     fi
+    # The pg_upgrade test (023) upgrades a PostgreSQL 15 cluster to the
+    # version under test: it needs 15 with this checkout's pgphi, built in a
+    # tree of its own so this version's objects stay.
+    local old_install=''
+    if [ "$PG_MAJOR" != 15 ] && [[ " ${TAP_TESTS:-test/t/023_pg_upgrade.pl} " == *023_pg_upgrade* ]]; then
+        scripts/install-deps.sh || return 1
+        old_install=$(side_private_install /usr/lib/postgresql/15/bin/pg_config) || {
+            echo "could not build pgphi for PostgreSQL 15, which the pg_upgrade test needs" >&2; return 1; }
+    fi
     work=$(make_pg_workdir tap)
     cp -r test "$work"/
     # TESTDIR places tmp_check on 15; 17 and later take TESTDATADIR and
     # TESTLOGDIR instead (both absolute, as the tests' settings expect).
     (cd "$work" && as_pg_user env PATH="$PG_BIN:$PATH" PG_REGRESS="$PG_REGRESS" TESTDIR="$work" \
         TESTDATADIR="$work/tmp_check" TESTLOGDIR="$work/tmp_check/log" \
-        PGPHI_TEST_DIR="$work/test" prove -I "$PERL_TEST_LIB" -I "$work/test/perl" ${TAP_TESTS:-test/t/*.pl})
+        PGPHI_TEST_DIR="$work/test" PGPHI_OLD_INSTALL="$old_install" prove -I "$PERL_TEST_LIB" -I "$work/test/perl" ${TAP_TESTS:-test/t/*.pl})
     local status=$?
     keep_evidence tap "$work/tmp_check/log"
     [ $status -ne 0 ] && echo "TAP logs kept in $work/tmp_check/log"
