@@ -7,7 +7,9 @@
 #   make demo       set up everything and run the clinical demo (scripts/demo.sh)
 #   make test       set up everything and run every test suite (scripts/test.sh)
 #   make test-valgrind  the regression suite with the server under valgrind
-#   make benchmark  the SQL benchmark against pgcrypto (benchmark/sql_benchmark.sh)
+#   make benchmark  the SQL benchmark against pgcrypto (benchmark/sql_benchmark.sh),
+#                   on each version in PG_VERSIONS (default: PG_CONFIG's)
+#   make deb        Debian packages postgresql-NN-pgphi with pg_buildext, in build/deb
 #   make loadtest   pgbench load with rotation and re-encryption, 5 minutes (scripts/loadtest.sh)
 
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
@@ -29,7 +31,7 @@ SHLIB_LINK = -lcrypto -lcurl -lstdc++
 override with_llvm = no
 
 .DEFAULT_GOAL := all
-.PHONY: demo demo-stop test test-valgrind deps benchmark loadtest
+.PHONY: demo demo-stop test test-valgrind deps benchmark loadtest deb
 
 demo:
 	scripts/demo.sh
@@ -51,6 +53,9 @@ benchmark:
 
 loadtest:
 	scripts/loadtest.sh
+
+deb:
+	scripts/build-deb.sh
 
 # PGXS exists only once postgresql-server-dev-15 is installed; demo, test and
 # deps install it first, so they must work without it.
