@@ -9,6 +9,8 @@
 #            files, e.g. TAP_TESTS=test/t/015_grants_and_audit.pl
 #   catalogue the README's bad-input catalogue against the errors the regress
 #            and TAP runs logged, and against the SQLSTATEs the code can raise
+#   package  the Debian package for PostgreSQL 15 (make deb), installed with
+#            dpkg -i, and the demo against it (as root; 15 only)
 #   valgrind the regress suite with the server under valgrind memcheck; slow,
 #            so only on request (not in the default list)
 # With no argument it installs what is missing, builds, installs pgphi into a
@@ -18,7 +20,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 
 suites=("$@")
-[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap catalogue)
+[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap catalogue package)
 
 # PG_VERSIONS="15 17 18": the suites against each version in turn (17 and 18
 # built by scripts/build-postgres.sh). The suites that do not involve the
@@ -38,6 +40,8 @@ if [ -n "${PG_VERSIONS:-}" ]; then
         for suite in "${suites[@]}"; do
             case $suite in
                 unit | fuzz | emulator) [ $first = 1 ] && version_suites+=("$suite") ;;
+                # The Debian package is built for Debian's PostgreSQL only.
+                package) [ "$version" = 15 ] && version_suites+=("$suite") ;;
                 *) version_suites+=("$suite") ;;
             esac
         done
@@ -125,6 +129,16 @@ run_catalogue() {
     PGPHI_PG_MAJOR=$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/') \
         /usr/bin/python3 test/catalogue/check_catalogue.py README.md build/evidence \
         "$("$PG_CONFIG" --includedir-server)/utils/errcodes.h"
+}
+
+run_package() {
+    # The Debian package of PostgreSQL 15, installed with dpkg -i and used by
+    # the demo on a fresh cluster (scripts/test-package.sh; as root).
+    if [ "$PG_MAJOR" != 15 ]; then
+        echo "the package suite runs on Debian's PostgreSQL 15 only" >&2
+        return 1
+    fi
+    scripts/test-package.sh
 }
 
 run_emulator() {
