@@ -8,9 +8,12 @@
 #   make check-sql  fail if that install script differs from what the sources give
 #   make install    install it into the PostgreSQL found by PG_CONFIG
 #   make demo       set up everything and run the clinical demo (scripts/demo.sh)
-#   make test       set up everything and run every test suite (scripts/test.sh)
+#   make test       set up everything and run every test suite on every supported
+#                   PostgreSQL version, PG_VERSIONS ("15 17 18"; scripts/test.sh)
 #   make test-valgrind  the regression suite with the server under valgrind
-#   make benchmark  the SQL benchmark against pgcrypto (benchmark/sql_benchmark.sh)
+#   make benchmark  the SQL benchmark against pgcrypto (benchmark/sql_benchmark.sh),
+#                   on each version in PG_VERSIONS (default: PG_CONFIG's)
+#   make deb        Debian packages postgresql-NN-pgphi with pg_buildext, in build/deb
 #   make loadtest   pgbench load with rotation and re-encryption, 5 minutes (scripts/loadtest.sh)
 
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
@@ -39,7 +42,7 @@ SHLIB_LINK = -lssl -lcrypto -lcurl -lstdc++ -ldl
 override with_llvm = no
 
 .DEFAULT_GOAL := all
-.PHONY: demo demo-stop test test-valgrind deps benchmark loadtest sql check-sql
+.PHONY: demo demo-stop test test-valgrind deps benchmark loadtest sql check-sql deb
 
 # The install script is written only on request, so that the committed one
 # is what `make install` installs and what check-sql compares, byte for byte,
@@ -58,8 +61,11 @@ demo:
 demo-stop:
 	scripts/demo.sh stop
 
+# The versions make test covers; 17 and 18 are built once by scripts/build-postgres.sh.
+PG_VERSIONS ?= 15 17 18
+
 test:
-	scripts/test.sh
+	PG_VERSIONS="$(PG_VERSIONS)" scripts/test.sh
 
 test-valgrind:
 	scripts/test.sh valgrind
@@ -72,6 +78,9 @@ benchmark:
 
 loadtest:
 	scripts/loadtest.sh
+
+deb:
+	scripts/build-deb.sh
 
 # PGXS exists only once postgresql-server-dev-15 is installed; demo, test and
 # deps install it first, so they must work without it.

@@ -7,9 +7,31 @@
 # writes it, with a chart, to benchmark/results/.
 #   ROWS=1000000 (default)  PGP_ROWS=2000 (pgp_sym_* is timed on a sample)
 #   RUNS=3 (the median is kept)  PGBENCH_SECONDS=10
+#   PG_VERSIONS="15 17 18": the benchmark on each version in turn (17 and 18
+#   built by scripts/build-postgres.sh); results in benchmark-pgNN.md.
+# The statements a ratio compares run interleaved, round after round (each
+# round in a rotated order), and each keeps its median over the rounds, so a
+# noisy stretch of a shared machine slows all of them alike instead of
+# flipping a ratio. pgbench's point lookup (one row decrypted per
+# transaction) runs in simple and in prepared protocol, plaintext and
+# decrypt_phi alternating, with the target of 0.95 of plaintext throughput.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
 cd "$REPO_ROOT"
+
+if [ -n "${PG_VERSIONS:-}" ]; then
+    status=0
+    for version in $PG_VERSIONS; do
+        if [ "$version" = 15 ]; then
+            pg_config=/usr/lib/postgresql/15/bin/pg_config
+        else
+            pg_config=$(scripts/build-postgres.sh "$version") || { echo "PostgreSQL $version: could not be built" >&2; status=1; continue; }
+        fi
+        echo "=== pgphi benchmark: PostgreSQL $version"
+        PG_VERSIONS='' PG_CONFIG=$pg_config RESULTS_FILE=benchmark-pg$version.md "$0" || status=1
+    done
+    exit $status
+fi
 
 ROWS=${ROWS:-1000000}
 PGP_ROWS=${PGP_ROWS:-2000}
@@ -17,13 +39,17 @@ RUNS=${RUNS:-3}
 PGBENCH_SECONDS=${PGBENCH_SECONDS:-10}
 PORT=${PGPHI_BENCH_PORT:-5498}
 RESULTS=$REPO_ROOT/benchmark/results
+RESULTS_FILE=${RESULTS_FILE:-benchmark.md}
 
 scripts/install-deps.sh
 command -v gnuplot >/dev/null || as_root apt-get install -y -qq gnuplot-nox >/dev/null || true
 make -s -j2 PG_CONFIG="$PG_CONFIG"
-as_root make -s install PG_CONFIG="$PG_CONFIG" >/dev/null
+# Into this checkout's private copy of that PostgreSQL (as the tests do), so
+# a shared installation (Debian's, or a cached source build) stays untouched.
+use_private_install
 make -s -C benchmark/floor PG_CONFIG="$PG_CONFIG"
-as_root make -s -C benchmark/floor install PG_CONFIG="$PG_CONFIG" >/dev/null
+make -s -C benchmark/floor install PG_CONFIG="$PG_CONFIG" DESTDIR="${PG_BIN%"$("$PG_CONFIG" --bindir)"}" >/dev/null
+chmod -R a+rX "${PG_BIN%"$("$PG_CONFIG" --bindir)"}"
 
 WORK=$(make_pg_workdir bench)
 trap 'as_pg_user "$PG_BIN/pg_ctl" -D "$WORK/data" -m fast stop >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
@@ -71,6 +97,29 @@ time_ms() {
 per_row_ns() { awk -v ms="$1" -v n="$2" 'BEGIN { printf "%.0f", ms * 1e6 / n }'; }
 
 declare -A NS
+# A comparison: NAME ROWS SQL PREPARE, repeated for each statement compared.
+# RUNS rounds; in each every statement runs once, in an order rotated by one
+# per round; each statement keeps its median.
+measure_group() {
+    local names=() rows=() sqls=() preps=() n round j i t ms
+    while [ $# -gt 0 ]; do names+=("$1"); rows+=("$2"); sqls+=("$3"); preps+=("$4"); shift 4; done
+    n=${#names[@]}
+    local -A times=()
+    for round in $(seq "$RUNS"); do
+        for j in $(seq 0 $((n - 1))); do
+            i=$(( (j + round) % n ))
+            [ -n "${preps[$i]}" ] && psql_bench <<< "${preps[$i]}" >/dev/null
+            t=$(psql_bench -c '\timing on' -c "${sqls[$i]}" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1)
+            times[$i]+="$t "
+        done
+    done
+    for i in $(seq 0 $((n - 1))); do
+        # shellcheck disable=SC2086
+        ms=$(printf '%s\n' ${times[$i]} | sort -g | sed -n "$(( (RUNS + 1) / 2 ))p")
+        NS[${names[$i]}]=$(per_row_ns "$ms" "${rows[$i]}")
+        printf '  %-34s %8s ns/row\n' "${names[$i]}" "${NS[${names[$i]}]}"
+    done
+}
 measure() { # name rows sql [prepare] [runs]
     local ms
     ms=$(time_ms "$3" "${4:-}" "${5:-$RUNS}")
@@ -80,24 +129,23 @@ measure() { # name rows sql [prepare] [runs]
 
 KEY="'\\x000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'::bytea"
 IV="'\\x0f0e0d0c0b0a09080706050403020100'::bytea"
-echo "decrypt (scan and decrypt every row):"
-measure plaintext_scan "$ROWS" "SELECT count(length(plain)) FROM data"
-measure floor_copy "$ROWS" "SELECT count(length(floor_copy(plain_bytes))) FROM data"
-measure floor_gcm_decrypt "$ROWS" "SELECT count(length(floor_gcm_decrypt(gcm))) FROM data"
-measure decrypt_phi "$ROWS" "SELECT count(length(pgphi.decrypt_phi(phi))) FROM data"
-measure pgcrypto_decrypt_iv "$ROWS" "SELECT count(length(decrypt_iv(cbc, $KEY, $IV, 'aes-cbc'))) FROM data"
-measure pgp_sym_decrypt "$PGP_ROWS" "SELECT count(length(pgp_sym_decrypt(pgp, 'benchmark passphrase'))) FROM pgp_sample"
+echo "decrypt (scan and decrypt every row; interleaved, median of $RUNS rounds):"
+measure_group \
+    plaintext_scan "$ROWS" "SELECT count(length(plain)) FROM data" "" \
+    floor_copy "$ROWS" "SELECT count(length(floor_copy(plain_bytes))) FROM data" "" \
+    floor_gcm_decrypt "$ROWS" "SELECT count(length(floor_gcm_decrypt(gcm))) FROM data" "" \
+    decrypt_phi "$ROWS" "SELECT count(length(pgphi.decrypt_phi(phi))) FROM data" "" \
+    pgcrypto_decrypt_iv "$ROWS" "SELECT count(length(decrypt_iv(cbc, $KEY, $IV, 'aes-cbc'))) FROM data" "" \
+    pgp_sym_decrypt "$PGP_ROWS" "SELECT count(length(pgp_sym_decrypt(pgp, 'benchmark passphrase'))) FROM pgp_sample" ""
 
-echo "encrypt (INSERT ... SELECT of every row):"
-measure insert_plaintext "$ROWS" "INSERT INTO sink SELECT plain::bytea FROM data" \
-    "DROP TABLE IF EXISTS sink; CREATE UNLOGGED TABLE sink (v bytea)"
-measure floor_gcm_encrypt "$ROWS" "INSERT INTO sink SELECT floor_gcm_encrypt(plain) FROM data" \
-    "DROP TABLE IF EXISTS sink; CREATE UNLOGGED TABLE sink (v bytea)"
-measure encrypt_phi "$ROWS" "INSERT INTO sink SELECT pgphi.encrypt_phi(plain, 'bench') FROM data" \
-    "DROP TABLE IF EXISTS sink; CREATE UNLOGGED TABLE sink (v bytea)"
-measure pgp_sym_encrypt "$PGP_ROWS" \
-    "INSERT INTO sink SELECT pgp_sym_encrypt(plain, 'benchmark passphrase', 'cipher-algo=aes256, compress-algo=0') FROM pgp_sample" \
-    "DROP TABLE IF EXISTS sink; CREATE UNLOGGED TABLE sink (v bytea)"
+echo "encrypt (INSERT ... SELECT of every row; interleaved, median of $RUNS rounds):"
+SINK="DROP TABLE IF EXISTS sink; CREATE UNLOGGED TABLE sink (v bytea)"
+measure_group \
+    insert_plaintext "$ROWS" "INSERT INTO sink SELECT plain::bytea FROM data" "$SINK" \
+    floor_gcm_encrypt "$ROWS" "INSERT INTO sink SELECT floor_gcm_encrypt(plain) FROM data" "$SINK" \
+    encrypt_phi "$ROWS" "INSERT INTO sink SELECT pgphi.encrypt_phi(plain, 'bench') FROM data" "$SINK" \
+    pgp_sym_encrypt "$PGP_ROWS" \
+    "INSERT INTO sink SELECT pgp_sym_encrypt(plain, 'benchmark passphrase', 'cipher-algo=aes256, compress-algo=0') FROM pgp_sample" "$SINK"
 
 echo "re-encrypt (every row of a fresh copy; one run each):"
 COPY_SQL="DROP TABLE IF EXISTS copy; CREATE TABLE copy AS SELECT id, phi FROM data; ALTER TABLE copy ADD PRIMARY KEY (id); VACUUM ANALYZE copy"
@@ -117,14 +165,38 @@ cat > "$WORK/plain.sql" <<'PGB'
 \set id random(1, :rows)
 SELECT plain FROM data WHERE id = :id;
 PGB
-declare -A TPS
-for clients in 1 2 8; do
-    for script in plain decrypt; do
-        TPS[$script$clients]=$(as_pg_user "$PG_BIN/pgbench" -n -h "$WORK" -p "$PORT" -U postgres -c "$clients" -j "$clients" \
-            -T "$PGBENCH_SECONDS" -D rows="$ROWS" -f "$WORK/$script.sql" postgres 2>/dev/null |
-            sed -n 's/^tps = \([0-9.]*\).*/\1/p' | cut -d. -f1)
+# Per client count and protocol, RUNS rounds of a plaintext run and a
+# decrypt_phi run back to back (which goes first alternates); each keeps its
+# median tps, and the ratio is the median of the rounds' ratios, each from a
+# pair measured in the same stretch of time.
+declare -A TPS RATIO
+pgbench_tps() { # script clients protocol
+    as_pg_user "$PG_BIN/pgbench" -n -h "$WORK" -p "$PORT" -U postgres -c "$2" -j "$2" -M "$3" \
+        -T "$PGBENCH_SECONDS" -D rows="$ROWS" -f "$WORK/$1.sql" postgres 2>/dev/null |
+        sed -n 's/^tps = \([0-9.]*\).*/\1/p' | cut -d. -f1
+}
+mid() { printf '%s\n' "$@" | sort -g | sed -n "$(( ($# + 1) / 2 ))p"; }
+for protocol in simple prepared; do
+    for clients in 1 2 8; do
+        plain=() decrypt=() ratios=()
+        for round in $(seq "$RUNS"); do
+            if [ $((round % 2)) = 1 ]; then
+                p=$(pgbench_tps plain "$clients" "$protocol"); d=$(pgbench_tps decrypt "$clients" "$protocol")
+            else
+                d=$(pgbench_tps decrypt "$clients" "$protocol"); p=$(pgbench_tps plain "$clients" "$protocol")
+            fi
+            plain+=("$p") decrypt+=("$d")
+            ratios+=("$(awk -v d="$d" -v p="$p" 'BEGIN { printf "%.3f", (p > 0 ? d / p : 0) }')")
+        done
+        key=$protocol$clients
+        TPS[plain$key]=$(mid "${plain[@]}") TPS[decrypt$key]=$(mid "${decrypt[@]}") RATIO[$key]=$(mid "${ratios[@]}")
+        printf '  %-8s %d client(s): %8s tps plaintext, %8s tps decrypt_phi, ratio %s (rounds: %s)\n' "$protocol" "$clients" \
+            "${TPS[plain$key]}" "${TPS[decrypt$key]}" "${RATIO[$key]}" "${ratios[*]}"
     done
-    printf '  %d client(s): %8s tps plaintext, %8s tps decrypt_phi\n' "$clients" "${TPS[plain$clients]}" "${TPS[decrypt$clients]}"
+done
+for protocol in simple prepared; do
+    met=$(awk -v r="${RATIO[${protocol}1]}" 'BEGIN { print (r >= 0.95 ? "met" : "NOT met") }')
+    echo "  point lookup, $protocol protocol, 1 client: ratio ${RATIO[${protocol}1]}, target >= 0.95 $met"
 done
 
 echo "cold miss (one row after pgphi.flush_cache(), in a warm session and in a new one; median of 5):"
@@ -172,7 +244,7 @@ mkdir -p "$RESULTS"
 {
     echo "# pgphi SQL benchmark"
     echo
-    echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), $ROWS rows of 9-byte values ($PGP_ROWS for pgp_sym_*), median of $RUNS runs, $(date -u +%Y-%m-%d)."
+    echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), $ROWS rows of 9-byte values ($PGP_ROWS for pgp_sym_*), median of $RUNS interleaved rounds, $(date -u +%Y-%m-%d), load average $(cut -d' ' -f1-3 /proc/loadavg) at the end (a shared machine reads slower and noisier)."
     echo
     echo "| operation | ns/row | ratio | target | met |"
     echo "|---|---:|---|---|---|"
@@ -191,16 +263,23 @@ mkdir -p "$RESULTS"
     row "INSERT of plaintext" "${NS[insert_plaintext]}" "" "" ""
     row "UPDATE SET col = col" "${NS[update_set_col_eq_col]}" "" "" ""
     echo
-    echo "| pgbench clients | plaintext tps | decrypt_phi tps | ratio |"
-    echo "|---:|---:|---:|---:|"
-    for c in 1 2 8; do printf '| %s | %s | %s | %s |\n' "$c" "${TPS[plain$c]}" "${TPS[decrypt$c]}" "$(ratio "${TPS[decrypt$c]}" "${TPS[plain$c]}")"; done
+    echo "pgbench point lookup (one row decrypted per transaction), $PGBENCH_SECONDS s per run, median of $RUNS interleaved rounds; the ratio is the median of the rounds' ratios (target >= 0.95)."
+    echo
+    echo "| protocol | clients | plaintext tps | decrypt_phi tps | ratio | met |"
+    echo "|---|---:|---:|---:|---:|---|"
+    for protocol in simple prepared; do
+        for c in 1 2 8; do
+            printf '| %s | %s | %s | %s | %s | %s |\n' "$protocol" "$c" "${TPS[plain$protocol$c]}" "${TPS[decrypt$protocol$c]}" \
+                "${RATIO[$protocol$c]}" "$(met "${RATIO[$protocol$c]}" ">=" 0.95)"
+        done
+    done
     echo
     echo "Cold miss: in a warm session a row whose DEK is in no cache takes $COLD_MS ms against $WARM_MS ms for a hit; the key-manager call (local provider) took $KM_MS ms, so pgphi's own overhead is $OVERHEAD_MS ms. A new session's first row takes $FRESH_MS ms (PostgreSQL's per-session catalog and plan warm-up included)."
     echo
     echo "Memory: one backend's RSS was $RSS_AFTER_1 kB after decrypting the table once and $RSS_AFTER_10 kB after $((ROWS * 10)) values."
     echo
     echo "Shared DEK cache: $cache bytes of shared memory per entry."
-} > "$RESULTS/benchmark.md"
+} > "$RESULTS/$RESULTS_FILE"
 
 if command -v gnuplot >/dev/null; then
     {
@@ -220,4 +299,4 @@ plot '$RESULTS/per_row.dat' using 0:2:xtic(1) with boxes notitle
 GP
 fi
 echo
-cat "$RESULTS/benchmark.md"
+cat "$RESULTS/$RESULTS_FILE"

@@ -36,8 +36,10 @@ as_root() {
 # touch (or depend on) the system's installed extension, and two checkouts
 # can test side by side. PostgreSQL finds its share and lib directories
 # relative to its binaries, so the copy works wherever it is. Sets PG_BIN.
+# With an argument, pgphi is built and installed from that directory (a
+# build tree of its own, see build_side_tree) instead of the checkout.
 use_private_install() {
-    local dest bindir sharedir root dirs
+    local dest bindir sharedir root dirs source_dir=${1:-$REPO_ROOT}
     bindir=$("$PG_CONFIG" --bindir) sharedir=$("$PG_CONFIG" --sharedir)
     root=$(dirname "$bindir") dirs=("$root")
     # Debian keeps the share folder apart; a source build has it in its root.
@@ -56,9 +58,31 @@ use_private_install() {
     # Scripts this checkout no longer has (another branch's, a renamed one)
     # must not linger: PostgreSQL would use them.
     rm -f "$dest$sharedir"/extension/pgphi--*.sql
-    make -s install PG_CONFIG="$PG_CONFIG" DESTDIR="$dest" >/dev/null || return 1
+    make -s -C "$source_dir" install PG_CONFIG="$PG_CONFIG" DESTDIR="$dest" >/dev/null || return 1
     chmod -R a+rX "$dest"
     PG_BIN=$dest$bindir
+}
+
+# Builds pgphi against another PostgreSQL (its pg_config in $1) in a build
+# tree of its own, build/pgphi-pgMAJOR (a copy of the sources, updated
+# incrementally), installs it into that PostgreSQL's private copy and prints
+# the copy's installation root (the folder holding bin/). The checkout's own
+# objects, built for the version under test, stay as they are. Used by the
+# pg_upgrade test, which needs the old version's server with pgphi.
+side_private_install() {
+    local other=$1 major tree
+    major=$("$other" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')
+    tree=$REPO_ROOT/build/pgphi-pg$major
+    # A tree whose list of sources differs (a file added or removed) starts over.
+    [ "$(cd "$REPO_ROOT" && find src -type f \( -name '*.cpp' -o -name '*.hpp' -o -name '*.sql' \) | sort)" = \
+        "$(cd "$tree" 2>/dev/null && find src -type f \( -name '*.cpp' -o -name '*.hpp' -o -name '*.sql' \) | sort)" ] ||
+        rm -rf "$tree"
+    mkdir -p "$tree"
+    # -u with -a: only files changed since the last copy, with their times,
+    # so make rebuilds only what changed.
+    cp -a -u "$REPO_ROOT/Makefile" "$REPO_ROOT/pgphi.control" "$REPO_ROOT/src" "$tree"/ || return 1
+    make -s -j2 -C "$tree" PG_CONFIG="$other" >&2 || return 1
+    (PG_CONFIG=$other; use_private_install "$tree" >&2 && dirname "$PG_BIN")
 }
 
 # A scratch directory the PostgreSQL user owns.

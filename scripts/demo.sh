@@ -25,9 +25,13 @@ if [ "${1:-}" = stop ]; then
     exit 0
 fi
 
-scripts/install-deps.sh
-make -s -j2 PG_CONFIG="$PG_CONFIG"
-as_root make -s install PG_CONFIG="$PG_CONFIG" >/dev/null
+# PGPHI_DEMO_INSTALLED=1: pgphi is already installed (the package test's
+# dpkg -i), so the checkout is neither built nor installed.
+if [ -z "${PGPHI_DEMO_INSTALLED:-}" ]; then
+    scripts/install-deps.sh
+    make -s -j2 PG_CONFIG="$PG_CONFIG"
+    as_root make -s install PG_CONFIG="$PG_CONFIG" >/dev/null
+fi
 
 stop_demo
 mkdir -p "$DEMO_DIR"

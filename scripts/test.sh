@@ -12,6 +12,8 @@
 #            errors the regress and TAP runs logged, and against the SQLSTATEs
 #            the code can raise; and every relative link of README.md and docs/
 #            against the files and headings it points to
+#   package  the Debian package for PostgreSQL 15 (make deb), installed with
+#            dpkg -i, and the demo against it (as root; 15 only)
 #   valgrind the regress suite with the server under valgrind memcheck; slow,
 #            so only on request (not in the default list)
 # With no argument it installs what is missing, builds, installs pgphi into a
@@ -21,7 +23,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 
 suites=("$@")
-[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap catalogue)
+[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap catalogue package)
 
 # PG_VERSIONS="15 17 18": the suites against each version in turn (17 and 18
 # built by scripts/build-postgres.sh). The suites that do not involve the
@@ -34,21 +36,24 @@ if [ -n "${PG_VERSIONS:-}" ]; then
             pg_config=/usr/lib/postgresql/15/bin/pg_config
         else
             pg_config=$(scripts/build-postgres.sh "$version") || {
-                summary+=("PostgreSQL $version: could not be built"); status=1; continue; }
+                summary+=("PostgreSQL $version: could not be built (in $((SECONDS - started)) s)"); status=1; continue; }
         fi
+        prepared=$((SECONDS - started))
         version_suites=()
         for suite in "${suites[@]}"; do
             case $suite in
                 unit | fuzz | emulator) [ $first = 1 ] && version_suites+=("$suite") ;;
+                # The Debian package is built for Debian's PostgreSQL only.
+                package) [ "$version" = 15 ] && version_suites+=("$suite") ;;
                 *) version_suites+=("$suite") ;;
             esac
         done
         first=0
         echo "=== pgphi: PostgreSQL $version ($pg_config): ${version_suites[*]}"
         if PG_VERSIONS='' PG_CONFIG=$pg_config scripts/test.sh "${version_suites[@]}"; then
-            summary+=("PostgreSQL $version: passed (${version_suites[*]}) in $((SECONDS - started)) s")
+            summary+=("PostgreSQL $version: passed (${version_suites[*]}) in $((SECONDS - started)) s (server ready after $prepared s)")
         else
-            summary+=("PostgreSQL $version: FAILED (${version_suites[*]}) in $((SECONDS - started)) s")
+            summary+=("PostgreSQL $version: FAILED (${version_suites[*]}) in $((SECONDS - started)) s (server ready after $prepared s)")
             status=1
         fi
     done
@@ -61,6 +66,7 @@ scripts/install-deps.sh || exit 1
 make -s -j2 PG_CONFIG="$PG_CONFIG" || exit 1
 use_private_install || exit 1
 
+PG_MAJOR=$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')
 PGXS_DIR=$(dirname "$("$PG_CONFIG" --pgxs)")/../..
 PG_REGRESS=$PGXS_DIR/src/test/regress/pg_regress
 PERL_TEST_LIB=$PGXS_DIR/src/test/perl
@@ -131,6 +137,16 @@ run_catalogue() {
         /usr/bin/python3 test/catalogue/check_catalogue.py docs/bad-input-catalogue.md build/evidence \
         "$("$PG_CONFIG" --includedir-server)/utils/errcodes.h" || status=1
     return $status
+}
+
+run_package() {
+    # The Debian package of PostgreSQL 15, installed with dpkg -i and used by
+    # the demo on a fresh cluster (scripts/test-package.sh; as root).
+    if [ "$PG_MAJOR" != 15 ]; then
+        echo "the package suite runs on Debian's PostgreSQL 15 only" >&2
+        return 1
+    fi
+    scripts/test-package.sh
 }
 
 run_emulator() {
@@ -216,13 +232,22 @@ run_tap() {
         echo "no TAP tests found" >&2
         return 1
     fi
+    # The pg_upgrade test (023) upgrades a PostgreSQL 15 cluster to the
+    # version under test: it needs 15 with this checkout's pgphi, built in a
+    # tree of its own so this version's objects stay.
+    local old_install=''
+    if [ "$PG_MAJOR" != 15 ] && [[ " ${TAP_TESTS:-test/t/023_pg_upgrade.pl} " == *023_pg_upgrade* ]]; then
+        scripts/install-deps.sh || return 1
+        old_install=$(side_private_install /usr/lib/postgresql/15/bin/pg_config) || {
+            echo "could not build pgphi for PostgreSQL 15, which the pg_upgrade test needs" >&2; return 1; }
+    fi
     work=$(make_pg_workdir tap)
     cp -r test docs "$work"/   # docs: the policies the emulator gives pgphi
     # TESTDIR places tmp_check on 15; 17 and later take TESTDATADIR and
     # TESTLOGDIR instead (both absolute, as the tests' settings expect).
     (cd "$work" && as_pg_user env PATH="$PG_BIN:$PATH" PG_REGRESS="$PG_REGRESS" TESTDIR="$work" \
         TESTDATADIR="$work/tmp_check" TESTLOGDIR="$work/tmp_check/log" \
-        PGPHI_TEST_DIR="$work/test" prove -I "$PERL_TEST_LIB" -I "$work/test/perl" ${TAP_TESTS:-test/t/*.pl})
+        PGPHI_TEST_DIR="$work/test" PGPHI_OLD_INSTALL="$old_install" prove -I "$PERL_TEST_LIB" -I "$work/test/perl" ${TAP_TESTS:-test/t/*.pl})
     local status=$?
     keep_evidence tap "$work/tmp_check/log"
     [ $status -ne 0 ] && echo "TAP logs kept in $work/tmp_check/log"

@@ -30,6 +30,7 @@ extern "C" {
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
+#include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "tcop/deparse_utility.h"
 #include "utils/inval.h"
@@ -194,8 +195,12 @@ PGPHI_FUNCTION(pgphi_catalog_writer)
 }
 
 // pgphi._in_extension_script() RETURNS boolean: whether CREATE or ALTER
-// EXTENSION is running a script (whose DDL on pgphi's objects is allowed).
-PGPHI_FUNCTION(pgphi_in_extension_script) { PG_RETURN_BOOL(creating_extension); }
+// EXTENSION is running a script (whose DDL on pgphi's objects is allowed),
+// or pg_upgrade is restoring the extension into a new cluster: in binary
+// upgrade mode pg_restore recreates each member and adds it with ALTER
+// EXTENSION pgphi ADD, the work CREATE EXTENSION's script would have done.
+// Only pg_upgrade connects to a server started in that mode (postgres -b).
+PGPHI_FUNCTION(pgphi_in_extension_script) { PG_RETURN_BOOL(creating_extension || IsBinaryUpgrade); }
 
 // pgphi._queue_catalog_refusal(action text, detail text) RETURNS void:
 // queues a refused command for pgphi.audit_log (outcome "refused"), with

@@ -5,8 +5,12 @@
 #pragma once
 
 extern "C" {
+#include "catalog/pg_proc.h"
 #include "commands/event_trigger.h"
 #include "commands/vacuum.h"
+#include "miscadmin.h"
+#include "postmaster/autovacuum.h"
+#include "utils/acl.h"
 #include "utils/wait_event.h"
 }
 
@@ -37,6 +41,29 @@ inline bool event_triggers_enabled()
     return event_triggers;
 #else
     return true;
+#endif
+}
+
+// Whether this process is an autovacuum worker. PostgreSQL 17 renamed the
+// test (IsAutoVacuumWorkerProcess became AmAutoVacuumWorkerProcess, with the
+// other process kinds, in miscadmin.h).
+inline bool is_autovacuum_worker()
+{
+#if PG_VERSION_NUM >= 170000
+    return AmAutoVacuumWorkerProcess();
+#else
+    return IsAutoVacuumWorkerProcess();
+#endif
+}
+
+// Whether ROLE may execute function FUNC. PostgreSQL 16 replaced the
+// per-catalog pg_*_aclcheck functions by object_aclcheck.
+inline bool may_execute(Oid func, Oid role)
+{
+#if PG_VERSION_NUM >= 160000
+    return object_aclcheck(ProcedureRelationId, func, role, ACL_EXECUTE) == ACLCHECK_OK;
+#else
+    return pg_proc_aclcheck(func, role, ACL_EXECUTE) == ACLCHECK_OK;
 #endif
 }
 

@@ -32,6 +32,7 @@ extern "C" {
 #include <cstring>
 
 #include "audit.hpp"
+#include "compat.hpp"
 #include "derived_data.hpp"
 
 namespace pgphi::pg {
@@ -216,7 +217,7 @@ bool serves_client()
     if (answer < 0) {
         if (!IsUnderPostmaster) {
             answer = 1;
-        } else if (IsAutoVacuumWorkerProcess()) {
+        } else if (compat::is_autovacuum_worker()) {
             answer = 0;
         } else {
             const char* transport = GetConfigOption("pgphi.client_transport", true, false);
@@ -262,7 +263,7 @@ void check_plaintext_derivation(const DataKey& key)
         return;
 
     if (!serves_client()) {
-        bool autovacuum = IsAutoVacuumWorkerProcess();
+        bool autovacuum = compat::is_autovacuum_worker();
         queue_audit_event("decrypt", AuditOutcome::Refused, key,
                           autovacuum ? "derived data: in autovacuum" : "derived data: in a process without a client");
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),

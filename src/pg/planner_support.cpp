@@ -20,6 +20,8 @@ extern "C" {
 #include "utils/lsyscache.h"
 }
 
+#include "compat.hpp"
+
 PGPHI_FUNCTION(pgphi_encrypt_mode_support)
 {
     Node* raw = reinterpret_cast<Node*>(PG_GETARG_POINTER(0));
@@ -35,7 +37,7 @@ PGPHI_FUNCTION(pgphi_encrypt_mode_support)
 
     // A caller without EXECUTE on encrypt_phi is told so by name, rather than
     // about the twin (whose grants are the same).
-    if (pg_proc_aclcheck(call->funcid, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+    if (!pgphi::compat::may_execute(call->funcid, GetUserId()))
         PG_RETURN_POINTER(nullptr);
     Oid* argtypes = nullptr;
     int nargs = 0;
