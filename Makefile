@@ -28,14 +28,14 @@ EXTVERSION := $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" pgphi.control)
 SQL_SOURCES := $(sort $(wildcard src/sql/*.sql))
 GENERATED_SQL := src/pgphi--$(EXTVERSION).sql
 DATA = $(sort $(wildcard src/pgphi--*.sql) $(GENERATED_SQL))
-OBJS = $(patsubst %.cpp,%.o,$(wildcard src/core/*.cpp src/pg/*.cpp))
+OBJS = $(patsubst %.cpp,%.o,$(wildcard src/core/*.cpp src/pg/*.cpp src/pg/*/*.cpp))
 
 # -MMD -MP: the compiler records which headers each object includes, so a
 # changed header rebuilds every object that uses it (PGXS alone does not).
 PG_CXXFLAGS = -MMD -MP -std=c++17 -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
               -Wno-register -Werror
 # The standard PKCS#11 header, from Debian's libp11-kit-dev (the pkcs11 provider).
-PG_CPPFLAGS = -I/usr/include/p11-kit-1
+PG_CPPFLAGS = -I$(srcdir)/src -I$(srcdir)/src/pg -I/usr/include/p11-kit-1
 SHLIB_LINK = -lssl -lcrypto -lcurl -lstdc++ -ldl
 
 # No LLVM bitcode: JIT inlining of this module is not worth a clang dependency.

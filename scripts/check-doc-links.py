@@ -13,7 +13,7 @@ file and line, when:
 3. a page of docs/ is not linked from README.md, or does not begin and end
    with its navigation line (a link back to the README);
 4. the settings index in docs/operations.md and the settings the code
-   defines (every "pgphi.<name>" string literal in src/pg/*.cpp) differ.
+   defines (every "pgphi.<name>" string literal in src/pg/**/*.cpp) differ.
 
 Links to other sites (with a scheme such as https:) are counted, not
 followed. Text in code blocks and code spans is not read for links.
@@ -139,7 +139,7 @@ operations = os.path.join(repo, "docs", "operations.md")
 settings_checked = 0
 if os.path.exists(operations):
     defined = set()
-    for source in glob.glob(os.path.join(repo, "src", "pg", "*.cpp")):
+    for source in glob.glob(os.path.join(repo, "src", "pg", "**", "*.cpp"), recursive=True):
         with open(source, errors="replace") as f:
             defined |= set(re.findall(r'"(pgphi\.[a-z_]+)"', f.read()))
     with open(operations, errors="replace") as f:

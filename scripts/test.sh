@@ -10,8 +10,8 @@
 #            files, e.g. TAP_TESTS=test/t/015_grants_and_audit.pl
 #   catalogue the bad-input catalogue (docs/bad-input-catalogue.md) against the
 #            errors the regress and TAP runs logged, and against the SQLSTATEs
-#            the code can raise; and every relative link of README.md and docs/
-#            against the files and headings it points to
+#            the code can raise; every relative link of README.md and docs/
+#            against the files and headings it points to; and the layers of src/
 #   package  the Debian package for PostgreSQL 15 (make deb), installed with
 #            dpkg -i, and the demo against it (as root; 15 only)
 #   valgrind the regress suite with the server under valgrind memcheck; slow,
@@ -123,6 +123,9 @@ run_catalogue() {
     # It needs no test run, so it reports even when the evidence is stale.
     local src status=0
     /usr/bin/python3 scripts/check-doc-links.py || status=1
+    # The layers of src/ (docs/development.md#layout), in the includes and,
+    # from the objects this run built, in the symbols each file uses.
+    /usr/bin/python3 scripts/check-layering.py || status=1
     # Every row of the bad-input catalogue (docs/bad-input-catalogue.md) must
     # have been produced by the regress or TAP suites (from their kept server
     # logs), and every SQLSTATE pgphi can raise must be in the catalogue.

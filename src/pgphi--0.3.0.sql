@@ -286,7 +286,7 @@ CREATE TABLE pgphi.key_use_stats (
 -- spend the one budget. A restored dump has no rows (the table is not
 -- dumped) and must rotate too. Rows are written by pgphi._generate_wrapped_dek
 -- (first reservation, with the new version) and by the reservation worker
--- (src/pg/broker.cpp), and audited as every catalog change is.
+-- (src/pg/workers/seal_reservation_worker.cpp), and audited as every catalog change is.
 CREATE TABLE pgphi.seal_reservations (
     key_id             integer NOT NULL,
     version            integer NOT NULL,
@@ -1567,7 +1567,7 @@ $$;
 -- the key's nonce budget). Its deterministic form stays an index condition:
 -- when `deterministic` is the constant true, the planner support function
 -- replaces the call by pgphi._encrypt_phi_deterministic, a STABLE twin with
--- the same arguments and C function (src/pg/planner_support.cpp).
+-- the same arguments and C function (src/pg/functions/planner_support.cpp).
 CREATE FUNCTION pgphi._encrypt_mode_support(internal) RETURNS internal
     AS 'MODULE_PATHNAME', 'pgphi_encrypt_mode_support' LANGUAGE C STRICT;
 
@@ -2475,7 +2475,7 @@ $$;
 -- and so does the free space of pages that VACUUM pruned. When a transaction
 -- that destroys a version commits, pgphi._shred_at_commit overwrites all of
 -- them in place, WAL-logged so standbys get the same pages (see
--- src/pg/shredding.cpp for why at pre-commit and how).
+-- src/pg/functions/shredding.cpp for why at pre-commit and how).
 CREATE FUNCTION pgphi._shred_at_commit(key_id integer, version integer) RETURNS void
     AS 'MODULE_PATHNAME', 'pgphi_shred_at_commit' LANGUAGE C VOLATILE STRICT;
 
@@ -2557,7 +2557,7 @@ GRANT EXECUTE ON FUNCTION pgphi.key_version_usage(text, integer, interval),
 -- Suspension (containment). One custodian suspends a key (every version,
 -- also ones rotated in later) or one version; from the next statement of
 -- every session, on the primary and its standbys, nothing is encrypted or
--- decrypted under it: the C lookup (src/pg/key_access.cpp) reads the marks
+-- decrypted under it: the C lookup (src/pg/shared/key_access.cpp) reads the marks
 -- with the key's catalog row, a suspended version never enters a session's
 -- key ring, and suspending drops every cached DEK from shared memory and
 -- every ring when it commits (so statements already running on the primary
@@ -2789,7 +2789,7 @@ ALTER TABLE pgphi.key_versions ENABLE ALWAYS TRIGGER key_versions_compromise_gua
 
 -- Time-limited grants (just-in-time access). A grant with valid_until
 -- stops working at that moment in every session, also inside a statement
--- that started before it (src/pg/access_control.cpp checks the clock for
+-- that started before it (src/pg/policy/access_control.cpp checks the clock for
 -- such grants), without anyone revoking it. The expiry reaches the audit
 -- trail twice: at the first use it refuses (action decrypt or encrypt,
 -- outcome refused, detail "... grant expired", through the audit writer),
@@ -3244,7 +3244,7 @@ GRANT EXECUTE ON FUNCTION pgphi.anchor_audit_log() TO pgphi_key_custodian, pgphi
 --     its old and new value, and how the change was made. Binary columns
 --     (the wrapped DEK) appear only as a short SHA-256 digest.
 -- Which function is writing comes from the function manager (see
--- src/pg/catalog_audit.cpp), confirmed by the statement's call stack, so no
+-- src/pg/policy/catalog_audit.cpp), confirmed by the statement's call stack, so no
 -- setting or name a caller chooses can make direct DML pass for pgphi's.
 -- DDL that could silence the triggers (ALTER TABLE ... DISABLE TRIGGER, DROP
 -- TRIGGER, any DDL on pgphi's objects) is refused outside the extension's

@@ -203,7 +203,7 @@ CREATE TABLE pgphi.key_use_stats (
 -- spend the one budget. A restored dump has no rows (the table is not
 -- dumped) and must rotate too. Rows are written by pgphi._generate_wrapped_dek
 -- (first reservation, with the new version) and by the reservation worker
--- (src/pg/broker.cpp), and audited as every catalog change is.
+-- (src/pg/workers/seal_reservation_worker.cpp), and audited as every catalog change is.
 CREATE TABLE pgphi.seal_reservations (
     key_id             integer NOT NULL,
     version            integer NOT NULL,

@@ -44,7 +44,7 @@ $$;
 -- the key's nonce budget). Its deterministic form stays an index condition:
 -- when `deterministic` is the constant true, the planner support function
 -- replaces the call by pgphi._encrypt_phi_deterministic, a STABLE twin with
--- the same arguments and C function (src/pg/planner_support.cpp).
+-- the same arguments and C function (src/pg/functions/planner_support.cpp).
 CREATE FUNCTION pgphi._encrypt_mode_support(internal) RETURNS internal
     AS 'MODULE_PATHNAME', 'pgphi_encrypt_mode_support' LANGUAGE C STRICT;
 

@@ -297,7 +297,7 @@ $$;
 -- and so does the free space of pages that VACUUM pruned. When a transaction
 -- that destroys a version commits, pgphi._shred_at_commit overwrites all of
 -- them in place, WAL-logged so standbys get the same pages (see
--- src/pg/shredding.cpp for why at pre-commit and how).
+-- src/pg/functions/shredding.cpp for why at pre-commit and how).
 CREATE FUNCTION pgphi._shred_at_commit(key_id integer, version integer) RETURNS void
     AS 'MODULE_PATHNAME', 'pgphi_shred_at_commit' LANGUAGE C VOLATILE STRICT;
 
@@ -379,7 +379,7 @@ GRANT EXECUTE ON FUNCTION pgphi.key_version_usage(text, integer, interval),
 -- Suspension (containment). One custodian suspends a key (every version,
 -- also ones rotated in later) or one version; from the next statement of
 -- every session, on the primary and its standbys, nothing is encrypted or
--- decrypted under it: the C lookup (src/pg/key_access.cpp) reads the marks
+-- decrypted under it: the C lookup (src/pg/shared/key_access.cpp) reads the marks
 -- with the key's catalog row, a suspended version never enters a session's
 -- key ring, and suspending drops every cached DEK from shared memory and
 -- every ring when it commits (so statements already running on the primary
@@ -611,7 +611,7 @@ ALTER TABLE pgphi.key_versions ENABLE ALWAYS TRIGGER key_versions_compromise_gua
 
 -- Time-limited grants (just-in-time access). A grant with valid_until
 -- stops working at that moment in every session, also inside a statement
--- that started before it (src/pg/access_control.cpp checks the clock for
+-- that started before it (src/pg/policy/access_control.cpp checks the clock for
 -- such grants), without anyone revoking it. The expiry reaches the audit
 -- trail twice: at the first use it refuses (action decrypt or encrypt,
 -- outcome refused, detail "... grant expired", through the audit writer),

@@ -14,7 +14,7 @@
 --     its old and new value, and how the change was made. Binary columns
 --     (the wrapped DEK) appear only as a short SHA-256 digest.
 -- Which function is writing comes from the function manager (see
--- src/pg/catalog_audit.cpp), confirmed by the statement's call stack, so no
+-- src/pg/policy/catalog_audit.cpp), confirmed by the statement's call stack, so no
 -- setting or name a caller chooses can make direct DML pass for pgphi's.
 -- DDL that could silence the triggers (ALTER TABLE ... DISABLE TRIGGER, DROP
 -- TRIGGER, any DDL on pgphi's objects) is refused outside the extension's

@@ -13,7 +13,7 @@ README.md must not hold such a table any more (the catalogue moved to docs/ in
    (scripts/test.sh keeps them in EVIDENCE_DIR; the servers log the
    SQLSTATE with %e in log_line_prefix).
 2. Every SQLSTATE pgphi's code can raise is in some row: the core's error
-   codes (through the mapping in src/pg/error_bridge.cpp), the errcode()s
+   codes (through the mapping in src/pg/shared/error_bridge.cpp), the errcode()s
    and SQLSTATE overrides in src/pg, and the ERRCODEs of RAISE in the SQL
    scripts. The few that cannot be bad input are listed in EXEMPT, with why.
 
@@ -142,13 +142,13 @@ for name, *chars in re.findall(r"#define (ERRCODE_\w+)\s+MAKE_SQLSTATE\('(.)',\s
     errcode_values[name] = "".join(chars)
 
 raised = {}     # SQLSTATE -> where
-bridge = read(os.path.join(repo, "src/pg/error_bridge.cpp"))
+bridge = read(os.path.join(repo, "src/pg/shared/error_bridge.cpp"))
 mapping = {}
 for cases, target in re.findall(r"((?:case ErrorCode::\w+:\s*)+)(?:\s*//[^\n]*\n)*\s*return (ERRCODE_\w+);", bridge):
     for code in re.findall(r"ErrorCode::(\w+)", cases):
         mapping[code] = target
 mapping.setdefault("Internal", "ERRCODE_INTERNAL_ERROR")
-for path in glob.glob(os.path.join(repo, "src/core/*.[ch]pp")) + glob.glob(os.path.join(repo, "src/pg/*.cpp")):
+for path in glob.glob(os.path.join(repo, "src/core/*.[ch]pp")) + glob.glob(os.path.join(repo, "src/pg/**/*.cpp"), recursive=True):
     if path.endswith(("error.hpp", "error_bridge.cpp")):
         continue
     text = read(path)

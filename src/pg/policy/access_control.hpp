@@ -1,0 +1,28 @@
+// Who may use which key: per-key grants (pgphi.key_grants), checked on every
+// encrypt and decrypt from a per-backend cache, and the rule on which client
+// connections may receive plaintext (pgphi.plaintext_transport).
+#pragma once
+
+#include "shared/postgres.hpp"
+
+#include "core/data_key.hpp"
+#include "shared/audit.hpp" // KeyUse
+
+namespace pgphi::pg {
+
+// Raises 42501, and queues an audit event, unless the current role holds
+// `use` on the key: a grant to it or to a role whose privileges it has
+// (superusers always do). Answers come from a cache that grants, revocations
+// and role membership changes invalidate, so the catalog is read once per
+// role, key and use, not per row.
+void check_key_use(const DataKey& key, KeyUse use);
+
+// Raises 28000, and queues an audit event, when pgphi.plaintext_transport
+// forbids returning plaintext over this session's client connection.
+void check_plaintext_transport(const DataKey& key);
+
+// From _PG_init: the settings, the invalidation callbacks, and the hook that
+// records how the client connected.
+void register_access_control();
+
+} // namespace pgphi::pg
