@@ -78,9 +78,12 @@ side_private_install() {
         "$(cd "$tree" 2>/dev/null && find src -type f \( -name '*.cpp' -o -name '*.hpp' -o -name '*.sql' \) | sort)" ] ||
         rm -rf "$tree"
     mkdir -p "$tree"
-    # -u with -a: only files changed since the last copy, with their times,
-    # so make rebuilds only what changed.
-    cp -a -u "$REPO_ROOT/Makefile" "$REPO_ROOT/pgphi.control" "$REPO_ROOT/src" "$tree"/ || return 1
+    # The sources only, with their times, so make rebuilds only what changed.
+    # Never the checkout's objects: they were built against another
+    # PostgreSQL, and, newer than this tree's build stamp, would be linked
+    # into this one as they are.
+    (cd "$REPO_ROOT" && tar -cf - --exclude='*.o' --exclude='*.d' --exclude='*.so' --exclude='*.bc' \
+        Makefile pgphi.control src) | tar -xf - -C "$tree" || return 1
     make -s -j2 -C "$tree" PG_CONFIG="$other" >&2 || return 1
     (PG_CONFIG=$other; use_private_install "$tree" >&2 && dirname "$PG_BIN")
 }
