@@ -8,8 +8,8 @@
 #   make check-sql  fail if that install script differs from what the sources give
 #   make install    install it into the PostgreSQL found by PG_CONFIG
 #   make demo       set up everything and run the clinical demo (scripts/demo.sh)
-#   make test       set up everything and run every test suite on every supported
-#                   PostgreSQL version, PG_VERSIONS ("15 17 18"; scripts/test.sh)
+#   make test       set up everything and run every test suite (scripts/test.sh) on the
+#                   PostgreSQL PG_CONFIG names; PG_VERSIONS="15 17 18" make test on each
 #   make test-valgrind  the regression suite with the server under valgrind
 #   make benchmark  the SQL benchmark against pgcrypto (benchmark/sql_benchmark.sh),
 #                   on each version in PG_VERSIONS (default: PG_CONFIG's)
@@ -61,11 +61,8 @@ demo:
 demo-stop:
 	scripts/demo.sh stop
 
-# The versions make test covers; 17 and 18 are built once by scripts/build-postgres.sh.
-PG_VERSIONS ?= 15 17 18
-
 test:
-	PG_VERSIONS="$(PG_VERSIONS)" scripts/test.sh
+	scripts/test.sh
 
 test-valgrind:
 	scripts/test.sh valgrind
