@@ -143,7 +143,17 @@ SET ROLE nurse;
 SELECT decrypt_phi(ssn) FROM clinic WHERE id = 1;
 \echo :LAST_ERROR_SQLSTATE
 RESET ROLE;
+-- A grant covers the members its grantee has when it is made, not those
+-- added later (who may add members is not who may grant keys).
 GRANT clinicians TO nurse;
+SET ROLE nurse;
+SELECT decrypt_phi(ssn) FROM clinic WHERE id = 1;
+\echo :LAST_ERROR_SQLSTATE
+RESET ROLE;
+-- The nurse joined clinicians after the grant: a custodian approves it.
+SELECT pgphi.has_key_privilege('nurse', 'ssn_key', 'decrypt');
+SELECT pgphi.approve_grant_member('ssn_key', 'decrypt', 'clinicians', 'nurse');
+SELECT pgphi.has_key_privilege('nurse', 'ssn_key', 'decrypt');
 SET ROLE nurse;
 SELECT decrypt_phi(ssn) FROM clinic WHERE id = 1;
 RESET ROLE;
@@ -152,6 +162,14 @@ SET ROLE nurse;
 SELECT decrypt_phi(ssn) FROM clinic WHERE id = 1;
 \echo :LAST_ERROR_SQLSTATE
 RESET ROLE;
+-- A grant made now covers the nurse, a member by then.
+SELECT pgphi.grant_decrypt('ssn_key', 'clinicians');
+SET ROLE nurse;
+SELECT decrypt_phi(ssn) FROM clinic WHERE id = 1;
+RESET ROLE;
+SELECT member, reason FROM pgphi.key_grant_members WHERE grantee = 'clinicians'::regrole;
+SELECT pgphi.revoke_decrypt('ssn_key', 'clinicians');
+SELECT count(*) FROM pgphi.key_grant_members WHERE grantee = 'clinicians'::regrole;
 SELECT pgphi.grant_decrypt('ssn_key', 'nurse');
 SET ROLE nurse;
 SELECT decrypt_phi(ssn) FROM clinic WHERE id = 1;

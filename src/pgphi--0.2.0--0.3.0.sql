@@ -2955,6 +2955,661 @@ GRANT EXECUTE ON FUNCTION pgphi.access_review(), pgphi.rotation_report() TO pgph
 -- (end of section: key lifecycle)
 
 
+------------------------------------------------------------------------------
+-- Section: grant members.
+-- A key grant followed the grantee's memberships: a role that an admin of the
+-- group added after the grant got the key without any key custodian (the open
+-- limit the review of 0.3.0 left). A grant now covers its grantee and the
+-- roles that were its members when it was made, recorded in
+-- pgphi.key_grant_members; a role that joins later is refused (42501, audited)
+-- until a custodian other than whoever added it approves it
+-- (approve_grant_member), and a role acting for another session user (SET
+-- ROLE, SECURITY DEFINER) uses a grant only when all its members are covered.
+-- Existing grants cover the members they have now. Also: under
+-- session_replication_role = replica, when the semantic audit triggers do not
+-- fire, the catalog audit records pgphi's own changes.
+------------------------------------------------------------------------------
+
+-- Who a grant to a role covers besides that role: the roles that had its
+-- privileges when a custodian made the grant (a group's members then), and
+-- those a custodian approved since (approve_grant_member). A role that joins
+-- the grantee later, by whoever may add members to it, gets nothing from the
+-- grant until then: widening a group is not granting a key.
+CREATE TABLE pgphi.key_grant_members (
+    key_id      integer NOT NULL REFERENCES pgphi.keys,
+    privilege   text NOT NULL CHECK (privilege IN ('encrypt', 'decrypt')),
+    grantee     regrole NOT NULL,
+    member      regrole NOT NULL,
+    reason      text NOT NULL CHECK (reason IN ('member when granted', 'approved')),
+    approved_by name NOT NULL DEFAULT SESSION_USER,
+    approved_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (key_id, privilege, grantee, member)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('pgphi.key_grant_members', '');
+REVOKE ALL ON pgphi.key_grant_members FROM PUBLIC;
+GRANT SELECT ON pgphi.key_grant_members TO pgphi_key_custodian, pgphi_key_auditor;
+
+-- A new grant covers its grantee and the roles that are members of it now
+-- (directly or through other roles, inheriting or not: a member that does
+-- not inherit can still SET ROLE), as pgphi.key_grant_members records;
+-- superusers need no record. Stale records
+-- of an earlier grant to the same role go first.
+CREATE FUNCTION pgphi._record_grant_members(target_id integer, privilege text, grantee regrole) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM pgphi.key_grant_members m
+     WHERE m.key_id = target_id AND m.privilege = _record_grant_members.privilege
+       AND m.grantee::oid = _record_grant_members.grantee::oid;
+    INSERT INTO pgphi.key_grant_members (key_id, privilege, grantee, member, reason)
+    SELECT target_id, _record_grant_members.privilege, _record_grant_members.grantee, r.oid::regrole,
+           'member when granted'
+      FROM pg_roles r
+     WHERE r.oid <> _record_grant_members.grantee::oid AND NOT r.rolsuper
+       AND pg_has_role(r.oid, _record_grant_members.grantee::oid, 'MEMBER');
+END
+$$;
+
+-- A grant deleted by other means than pgphi's functions (which remove the
+-- records themselves) takes the records of whom it covered with it; those
+-- deletes are audited as catalog changes, as the grant's is.
+CREATE FUNCTION pgphi._forget_grant_members() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM pgphi.key_grant_members m
+     WHERE m.key_id = OLD.key_id AND m.privilege = OLD.privilege AND m.grantee::oid = OLD.grantee::oid;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER key_grants_forget_members AFTER DELETE ON pgphi.key_grants
+    FOR EACH ROW EXECUTE FUNCTION pgphi._forget_grant_members();
+ALTER TABLE pgphi.key_grants ENABLE ALWAYS TRIGGER key_grants_forget_members;
+
+-- Grant records change what every session may do: clear their grant checks.
+CREATE TRIGGER key_grant_members_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgphi.key_grant_members
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._key_catalog_changed();
+ALTER TABLE pgphi.key_grant_members ENABLE ALWAYS TRIGGER key_grant_members_changed;
+
+-- The semantic audit records, with grant_member.
+CREATE OR REPLACE FUNCTION pgphi._audit_key_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'key_versions' THEN
+        IF TG_OP = 'INSERT' THEN
+            PERFORM pgphi._audit(CASE WHEN NEW.version = 1 THEN 'create' ELSE 'rotate' END,
+                                 NEW.key_id, NEW.version, 'ok',
+                                 (SELECT format('provider %s, KEK %s', k.provider, k.kek_ref)
+                                    FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
+        ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IN ('retired', 'destroyed') THEN
+            PERFORM pgphi._audit(CASE NEW.state WHEN 'retired' THEN 'retire' ELSE 'destroy' END,
+                                 NEW.key_id, NEW.version, 'ok', NULL);
+        ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek THEN
+            PERFORM pgphi._audit('rewrap', NEW.key_id, NEW.version, 'ok',
+                                 format('KEK version %s', coalesce(NEW.kek_version, 'unknown')));
+        END IF;
+    ELSIF TG_TABLE_NAME = 'destroy_approvals' THEN
+        PERFORM pgphi._audit('approve_destroy', NEW.key_id, NEW.version, 'ok', NULL);
+    ELSIF TG_TABLE_NAME = 'key_grants' THEN
+        IF TG_OP = 'INSERT' THEN
+            PERFORM pgphi._audit('grant_' || NEW.privilege, NEW.key_id, NULL, 'ok',
+                                 format('to %s', NEW.grantee)
+                                 || coalesce(' until ' || pgphi._audit_time(NEW.valid_until), ''));
+        ELSIF OLD.valid_until IS NOT NULL AND OLD.valid_until <= now() THEN
+            PERFORM pgphi._audit('expire_' || OLD.privilege, OLD.key_id, NULL, 'ok',
+                                 format('from %s; expired at %s', OLD.grantee, pgphi._audit_time(OLD.valid_until)));
+        ELSE
+            PERFORM pgphi._audit('revoke_' || OLD.privilege, OLD.key_id, NULL, 'ok', format('from %s', OLD.grantee));
+        END IF;
+    ELSIF TG_TABLE_NAME = 'key_grant_members' THEN
+        PERFORM pgphi._audit('grant_member', NEW.key_id, NULL, 'ok',
+                             format('%s grant to %s covers %s (%s)', NEW.privilege, NEW.grantee, NEW.member,
+                                    NEW.reason));
+    ELSIF TG_TABLE_NAME = 'keys' AND NEW.cryptoperiod IS DISTINCT FROM OLD.cryptoperiod THEN
+        PERFORM pgphi._audit('set_cryptoperiod', NEW.key_id, NULL, 'ok', format('%s', NEW.cryptoperiod));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER key_grant_members_audit AFTER INSERT ON pgphi.key_grant_members
+    FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
+
+-- The catalog audit: pgphi's own changes under session_replication_role = replica.
+CREATE OR REPLACE FUNCTION pgphi._audit_catalog_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    writer regprocedure := pgphi._catalog_writer();
+    stack text;
+    how text;
+    old_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN to_jsonb(OLD) END;
+    new_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN to_jsonb(NEW) END;
+    row_values jsonb := coalesce(new_row, old_row);
+    row_key integer;
+    row_version integer;
+    identity text;
+    changes text[] := '{}';
+    rows_before bigint;
+    c record;
+BEGIN
+    IF writer IS NOT NULL THEN
+        GET DIAGNOSTICS stack = PG_CONTEXT;
+        -- Under session_replication_role = replica the semantic audit
+        -- triggers do not fire: then pgphi's own change is recorded here.
+        IF pgphi._writer_ran_statement(writer, stack)
+           AND current_setting('session_replication_role') <> 'replica' THEN
+            -- pgphi's own change: its function's path writes the semantic
+            -- record. One path had none: a renewed destroy approval.
+            IF TG_TABLE_NAME = 'destroy_approvals' AND TG_OP = 'UPDATE' THEN
+                IF (new_row -> 'approved_at') IS DISTINCT FROM (old_row -> 'approved_at') THEN
+                    PERFORM pgphi._audit('approve_destroy', (new_row ->> 'key_id')::integer,
+                                         (new_row ->> 'version')::integer, 'ok', 'approval renewed');
+                END IF;
+            END IF;
+            RETURN NULL;
+        END IF;
+        how := CASE WHEN pgphi._writer_ran_statement(writer, stack)
+                    THEN format('by %s under session_replication_role = replica', writer)
+                    ELSE format('not by a pgphi function (inside %s)', writer) END;
+    ELSIF pgphi._in_extension_script() THEN
+        how := 'by a pgphi extension script';
+    ELSE
+        how := 'by direct DML, not by a pgphi function';
+    END IF;
+
+    IF TG_OP = 'TRUNCATE' THEN
+        EXECUTE format('SELECT count(*) FROM ONLY %I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME) INTO rows_before;
+        PERFORM pgphi._audit('catalog_truncate', NULL, NULL, 'ok',
+                             format('%I.%I truncated (%s rows); %s', TG_TABLE_SCHEMA, TG_TABLE_NAME, rows_before, how));
+        RETURN NULL;
+    END IF;
+
+    -- The row, by its primary key (the old key when it changed).
+    SELECT string_agg(format('%s %s', a.attname, pgphi._audit_value(coalesce(old_row, new_row) -> a.attname::text, false)),
+                      ', ' ORDER BY k.n)
+      INTO identity
+      FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = TG_RELID AND i.indisprimary;
+
+    FOR c IN SELECT a.attname::text AS name,
+                    a.atttypid IN ('bytea'::regtype, 'pgphi.encrypted'::regtype) AS binary_value
+               FROM pg_attribute a
+              WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum LOOP
+        IF TG_OP = 'UPDATE' THEN
+            IF (old_row -> c.name) IS DISTINCT FROM (new_row -> c.name) THEN
+                changes := changes || format('%s %s -> %s', c.name, pgphi._audit_value(old_row -> c.name, c.binary_value),
+                                             pgphi._audit_value(new_row -> c.name, c.binary_value));
+            END IF;
+        ELSE
+            changes := changes || format('%s %s', c.name, pgphi._audit_value(row_values -> c.name, c.binary_value));
+        END IF;
+    END LOOP;
+    IF TG_OP = 'UPDATE' AND cardinality(changes) = 0 THEN
+        changes := ARRAY['no column changed'];
+    END IF;
+
+    IF row_values ? 'key_id' AND jsonb_typeof(row_values -> 'key_id') = 'number' THEN
+        row_key := (row_values ->> 'key_id')::integer;
+    END IF;
+    IF row_values ? 'version' AND jsonb_typeof(row_values -> 'version') = 'number' THEN
+        row_version := (row_values ->> 'version')::integer;
+    END IF;
+    PERFORM pgphi._audit(CASE TG_OP WHEN 'INSERT' THEN 'catalog_insert' WHEN 'UPDATE' THEN 'catalog_update'
+                                    ELSE 'catalog_delete' END,
+                         row_key, row_version, 'ok',
+                         format('%I.%I row (%s) %s: %s; %s', TG_TABLE_SCHEMA, TG_TABLE_NAME, coalesce(identity, ''),
+                                CASE TG_OP WHEN 'INSERT' THEN 'inserted' WHEN 'UPDATE' THEN 'changed' ELSE 'deleted' END,
+                                array_to_string(changes, ', '), how));
+    RETURN NULL;
+END
+$$;
+
+-- The grants in place cover the roles that are members of their grantees
+-- now (each recorded, and audited, as a member when granted).
+INSERT INTO pgphi.key_grant_members (key_id, privilege, grantee, member, reason, approved_by)
+SELECT g.key_id, g.privilege, g.grantee, r.oid::pg_catalog.regrole, 'member when granted', g.granted_by
+  FROM pgphi.key_grants g
+  JOIN pg_catalog.pg_roles r
+    ON r.oid OPERATOR(pg_catalog.<>) g.grantee::pg_catalog.oid AND NOT r.rolsuper
+   AND pg_catalog.pg_has_role(r.oid, g.grantee::pg_catalog.oid, 'MEMBER');
+
+-- Granting records whom a new grant covers.
+CREATE OR REPLACE FUNCTION pgphi._change_key_grant(key_name text, grantee regrole, privilege text, granting boolean,
+        valid_until timestamptz)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    granter name := session_user;
+    group_reason text;
+    existing pgphi.key_grants;
+    changed integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF NOT granting THEN
+        -- Revoking always works, also for a role dropped since (its OID).
+        IF grantee IS NULL THEN
+            RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        DELETE FROM pgphi.key_grant_members m
+         WHERE m.key_id = target_id AND m.privilege = _change_key_grant.privilege
+           AND m.grantee::oid = _change_key_grant.grantee::oid;
+        DELETE FROM pgphi.key_grants g
+         WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+           AND g.grantee::oid = _change_key_grant.grantee::oid;
+        GET DIAGNOSTICS changed = ROW_COUNT;
+        RETURN changed > 0;
+    END IF;
+    IF valid_until IS NOT NULL AND valid_until <= now() THEN
+        RAISE EXCEPTION 'a time-limited pgphi key grant must end in the future'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass valid_until => now() + interval ''...''.';
+    END IF;
+
+    PERFORM pgphi._check_grantee(grantee);
+    -- Nobody grants a key to themselves.
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = granter)
+       AND pg_has_role(granter, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role "%" cannot grant pgphi key "%" to itself or to a role it belongs to', granter, key_name
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must make this grant.';
+    END IF;
+    SELECT * INTO existing FROM pgphi.key_grants g WHERE g.key_id = target_id
+       AND g.privilege = _change_key_grant.privilege AND g.grantee::oid = _change_key_grant.grantee::oid FOR UPDATE;
+    IF FOUND THEN
+        -- A grant without expiry covers any time-limited one; a
+        -- time-limited one is extended, shortened or made permanent.
+        IF existing.valid_until IS NULL OR existing.valid_until IS NOT DISTINCT FROM valid_until THEN
+            RETURN false;
+        END IF;
+        UPDATE pgphi.key_grants g SET valid_until = _change_key_grant.valid_until
+         WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+           AND g.grantee::oid = _change_key_grant.grantee::oid;
+        PERFORM pgphi._audit('grant_' || privilege, target_id, NULL, 'ok',
+                             format('to %s %s (was until %s)', grantee,
+                                    coalesce('until ' || pgphi._audit_time(valid_until), 'without expiry'),
+                                    pgphi._audit_time(existing.valid_until)));
+        RETURN true;
+    END IF;
+    -- A grant that reaches a group takes a second custodian's approval.
+    group_reason := pgphi._group_grant_reason(grantee);
+    IF group_reason IS NOT NULL THEN
+        PERFORM FROM pgphi.grant_approvals a
+          WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+            AND a.grantee::oid = _change_key_grant.grantee::oid
+            AND a.approved_by <> granter AND a.approved_at > now() - interval '1 day'
+            AND pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'granting pgphi key "%" to % needs the approval of a second key custodian', key_name, grantee
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('The grant reaches a group: %s.', group_reason),
+                      HINT = format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_grant(%L, %L, %L); then grant again within a day.',
+                                    key_name, grantee::text, privilege);
+        END IF;
+        -- An approval serves one grant.
+        DELETE FROM pgphi.grant_approvals a
+         WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+           AND a.grantee::oid = _change_key_grant.grantee::oid;
+    END IF;
+    INSERT INTO pgphi.key_grants (key_id, privilege, grantee, valid_until)
+        VALUES (target_id, privilege, grantee, valid_until)
+        ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS changed = ROW_COUNT;
+    IF changed > 0 THEN
+        PERFORM pgphi._record_grant_members(target_id, privilege, grantee);
+    END IF;
+    RETURN changed > 0;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi._change_key_grant(key_name text, grantee regrole, privilege text, granting boolean)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    granter name := session_user;
+    group_reason text;
+    changed integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF NOT granting THEN
+        -- Revoking always works, also for a role dropped since (its OID).
+        IF grantee IS NULL THEN
+            RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        DELETE FROM pgphi.key_grant_members m
+         WHERE m.key_id = target_id AND m.privilege = _change_key_grant.privilege
+           AND m.grantee::oid = _change_key_grant.grantee::oid;
+        DELETE FROM pgphi.key_grants g
+         WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+           AND g.grantee::oid = _change_key_grant.grantee::oid;
+        GET DIAGNOSTICS changed = ROW_COUNT;
+        RETURN changed > 0;
+    END IF;
+
+    PERFORM pgphi._check_grantee(grantee);
+    -- Nobody grants a key to themselves.
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = granter)
+       AND pg_has_role(granter, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role "%" cannot grant pgphi key "%" to itself or to a role it belongs to', granter, key_name
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must make this grant.';
+    END IF;
+    IF EXISTS (SELECT FROM pgphi.key_grants g WHERE g.key_id = target_id AND g.valid_until IS NULL
+                  AND g.privilege = _change_key_grant.privilege AND g.grantee::oid = _change_key_grant.grantee::oid) THEN
+        RETURN false;
+    END IF;
+    -- A grant that reaches a group takes a second custodian's approval.
+    group_reason := pgphi._group_grant_reason(grantee);
+    IF group_reason IS NOT NULL THEN
+        PERFORM FROM pgphi.grant_approvals a
+          WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+            AND a.grantee::oid = _change_key_grant.grantee::oid
+            AND a.approved_by <> granter AND a.approved_at > now() - interval '1 day'
+            AND pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'granting pgphi key "%" to % needs the approval of a second key custodian', key_name, grantee
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('The grant reaches a group: %s.', group_reason),
+                      HINT = format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_grant(%L, %L, %L); then grant again within a day.',
+                                    key_name, grantee::text, privilege);
+        END IF;
+        -- An approval serves one grant.
+        DELETE FROM pgphi.grant_approvals a
+         WHERE a.key_id = target_id AND a.privilege = _change_key_grant.privilege
+           AND a.grantee::oid = _change_key_grant.grantee::oid;
+    END IF;
+    -- A time-limited grant becomes one without expiry.
+    UPDATE pgphi.key_grants g SET valid_until = NULL
+     WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
+       AND g.grantee::oid = _change_key_grant.grantee::oid AND g.valid_until IS NOT NULL;
+    IF FOUND THEN
+        PERFORM pgphi._audit('grant_' || privilege, target_id, NULL, 'ok',
+                             format('to %s without expiry (was time-limited)', grantee));
+        RETURN true;
+    END IF;
+    INSERT INTO pgphi.key_grants (key_id, privilege, grantee) VALUES (target_id, privilege, grantee)
+        ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS changed = ROW_COUNT;
+    IF changed > 0 THEN
+        PERFORM pgphi._record_grant_members(target_id, privilege, grantee);
+    END IF;
+    RETURN changed > 0;
+END
+$$;
+
+-- A key custodian extends a grant to a role that joined the grantee after
+-- the grant was made (which the grant does not cover), and to the roles that
+-- are members of that role now. Not to a custodian or auditor group. Not by
+-- the role itself or a role it belongs to, nor by whoever made any of the
+-- memberships that lead from the roles it adds to the grantee (or a role it
+-- belongs to, or when that role was dropped since): whoever widened the group
+-- does not also hand it the key. Widening a grant to a group (as
+-- _group_grant_reason says, or more than ten roles at once) takes a second
+-- custodian's approve_grant for the member, as a group-wide grant does.
+-- Returns how many roles it added. Audited as grant_member, one row per role.
+CREATE FUNCTION pgphi.approve_grant_member(key_name text, privilege text, grantee regrole, member regrole)
+    RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    approver name := session_user;
+    approver_is_super boolean := (SELECT rolsuper FROM pg_roles WHERE rolname = session_user);
+    adding oid[];
+    group_reason text;
+    added integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF grantee IS NULL OR member IS NULL THEN
+        RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT pg_has_role(approver, 'pgphi_key_custodian', 'MEMBER') THEN
+        RAISE EXCEPTION 'only key custodians can approve a member of a pgphi key grant'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the approving role.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pgphi.key_grants g
+                    WHERE g.key_id = target_id AND g.privilege = approve_grant_member.privilege
+                      AND g.grantee::oid = approve_grant_member.grantee::oid) THEN
+        RAISE EXCEPTION 'role % holds no % grant on pgphi key "%"', grantee, privilege, key_name
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.access_review() lists the grants.';
+    END IF;
+    IF member::oid = grantee::oid OR NOT EXISTS (SELECT FROM pg_roles r WHERE r.oid = member::oid)
+       OR NOT pg_has_role(member::oid, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role % is not a member of role %', member, grantee
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Approve a role that is a member of the grantee.';
+    END IF;
+    PERFORM pgphi._check_grantee(member);
+    -- The roles it would add: the member and the members it has now.
+    adding := ARRAY(SELECT r.oid FROM pg_roles r
+                     WHERE NOT r.rolsuper AND r.oid <> approve_grant_member.grantee::oid
+                       AND (r.oid = approve_grant_member.member::oid
+                            OR pg_has_role(r.oid, approve_grant_member.member::oid, 'MEMBER'))
+                       AND NOT EXISTS (SELECT FROM pgphi.key_grant_members m
+                                        WHERE m.key_id = target_id AND m.privilege = approve_grant_member.privilege
+                                          AND m.grantee::oid = approve_grant_member.grantee::oid
+                                          AND m.member::oid = r.oid));
+    IF NOT approver_is_super THEN
+        IF EXISTS (SELECT FROM unnest(adding) a(oid) WHERE pg_has_role(approver, a.oid, 'MEMBER')) THEN
+            RAISE EXCEPTION 'role "%" cannot approve its own use of pgphi key "%"', approver, key_name
+                USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must approve it.';
+        END IF;
+        -- Every membership on the way from a role it adds up to the grantee.
+        IF EXISTS (SELECT FROM pg_auth_members am
+                    LEFT JOIN pg_roles granted_by ON granted_by.oid = am.grantor
+                    WHERE pg_has_role(am.roleid, approve_grant_member.grantee::oid, 'MEMBER')
+                      AND (am.member = ANY (adding)
+                           OR pg_has_role(approve_grant_member.member::oid, am.member, 'MEMBER'))
+                      AND (granted_by.oid IS NULL OR pg_has_role(approver, granted_by.oid, 'MEMBER'))) THEN
+            RAISE EXCEPTION 'role "%" made role % a member, and cannot also approve its use of pgphi key "%"',
+                            approver, member, key_name
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = 'It, or a role it belongs to, or a role dropped since, granted a membership that leads to the grant.',
+                      HINT = 'Another key custodian must approve it.';
+        END IF;
+    END IF;
+    -- Nor by a role that can add members on the way: CREATEROLE, or ADMIN
+    -- OPTION on the grantee, the member or a role between them.
+    IF NOT approver_is_super
+       AND ((SELECT rolcreaterole FROM pg_roles WHERE rolname = approver)
+            OR EXISTS (SELECT FROM pg_roles x
+                        WHERE pg_has_role(x.oid, approve_grant_member.grantee::oid, 'MEMBER')
+                          AND pg_has_role(approve_grant_member.member::oid, x.oid, 'MEMBER')
+                          AND pg_has_role(approver, x.oid, 'MEMBER WITH ADMIN OPTION'))) THEN
+        RAISE EXCEPTION 'role "%" can add members to role %, and cannot also approve members of its pgphi key grant',
+                        approver, grantee
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'It has CREATEROLE, or ADMIN OPTION on a role between the member and the grantee.',
+                  HINT = 'A key custodian who does not administer the group must approve it.';
+    END IF;
+    group_reason := pgphi._group_grant_reason(member);
+    IF group_reason IS NULL AND cardinality(adding) > 10 THEN
+        group_reason := format('%s brings %s roles (more than 10)', member, cardinality(adding));
+    END IF;
+    IF group_reason IS NOT NULL THEN
+        PERFORM FROM pgphi.grant_approvals a
+          WHERE a.key_id = target_id AND a.privilege = approve_grant_member.privilege
+            AND a.grantee::oid = approve_grant_member.member::oid
+            AND a.approved_by <> approver AND a.approved_at > now() - interval '1 day'
+            AND pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'extending the grant of pgphi key "%" to % needs the approval of a second key custodian',
+                            key_name, member
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('It reaches a group: %s.', group_reason),
+                      HINT = format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_grant(%L, %L, %L); then approve the member again within a day.',
+                                    key_name, member::text, privilege);
+        END IF;
+        DELETE FROM pgphi.grant_approvals a
+         WHERE a.key_id = target_id AND a.privilege = approve_grant_member.privilege
+           AND a.grantee::oid = approve_grant_member.member::oid;
+    END IF;
+    INSERT INTO pgphi.key_grant_members (key_id, privilege, grantee, member, reason, approved_by)
+    SELECT target_id, approve_grant_member.privilege, approve_grant_member.grantee, a.oid::regrole, 'approved',
+           approver
+      FROM unnest(adding) a(oid)
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS added = ROW_COUNT;
+    RETURN added;
+END
+$$;
+
+-- Records of roles that are no longer members of the grantee: a role that
+-- left a group (REVOKE, DROP ROLE) and is added again later is a later member
+-- again. Run by the REVOKE and DROP ROLE that pgphi's utility hook sees in this
+-- database, and by expire_key_grants() (scheduled), for changes made while
+-- connected to another database. Returns how many it removed; each is audited
+-- as forget_member.
+CREATE FUNCTION pgphi._prune_grant_members() RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    gone record;
+    removed integer := 0;
+BEGIN
+    FOR gone IN
+        DELETE FROM pgphi.key_grant_members m
+         WHERE NOT EXISTS (SELECT FROM pg_roles r WHERE r.oid = m.member::oid)
+            OR NOT pg_has_role(m.member::oid, m.grantee::oid, 'MEMBER')
+        RETURNING m.key_id, m.privilege, m.grantee::oid AS grantee, m.member::oid AS member
+    LOOP
+        PERFORM pgphi._audit('forget_member', gone.key_id, NULL, 'ok',
+                             format('%s grant to %s no longer covers %s: no longer a member',
+                                    gone.privilege, coalesce(gone.grantee::regrole::text, gone.grantee::text),
+                                    coalesce((SELECT rolname::text FROM pg_roles WHERE oid = gone.member),
+                                             gone.member::text)));
+        removed := removed + 1;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+-- Expiring grants removes whom they covered, and the records of roles that left.
+CREATE OR REPLACE FUNCTION pgphi.expire_key_grants() RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    removed integer;
+BEGIN
+    DELETE FROM pgphi.key_grant_members m USING pgphi.key_grants g
+     WHERE g.valid_until <= now() AND m.key_id = g.key_id AND m.privilege = g.privilege
+       AND m.grantee::oid = g.grantee::oid;
+    DELETE FROM pgphi.key_grants g WHERE g.valid_until <= now();
+    GET DIAGNOSTICS removed = ROW_COUNT;
+    -- And the records of roles that left a grantee (a REVOKE made while
+    -- connected to another database: this one's utility hook did not see it).
+    PERFORM pgphi._prune_grant_members();
+    RETURN removed;
+END
+$$;
+
+-- Only the roles a grant covers hold the key.
+CREATE OR REPLACE FUNCTION pgphi.has_key_privilege(role regrole, key_name text, privilege text) RETURNS boolean
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer;
+    asker text := pgphi._acting_role();
+BEGIN
+    IF NOT (pg_has_role(session_user, 'pgphi_key_custodian', 'MEMBER')
+            OR pg_has_role(session_user, 'pgphi_key_auditor', 'MEMBER')
+            OR (has_key_privilege.role IS NOT NULL
+                AND EXISTS (SELECT FROM pg_roles r WHERE r.oid = has_key_privilege.role::oid)
+                AND pg_has_role(asker, has_key_privilege.role::oid, 'USAGE'))) THEN
+        RAISE EXCEPTION 'only key custodians and auditors can ask about the pgphi key grants of other roles'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Other roles may ask about themselves and the roles whose privileges they have.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    target_id := pgphi._key_id(key_name);
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.',
+                  DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    RETURN (SELECT rolsuper FROM pg_roles WHERE oid = role)
+        OR EXISTS (SELECT FROM pgphi.key_grants g
+                    WHERE g.key_id = target_id AND g.privilege = has_key_privilege.privilege
+                      AND (g.valid_until IS NULL OR g.valid_until > clock_timestamp())
+                      AND pg_has_role(role, g.grantee::oid, 'USAGE')
+                      AND (g.grantee::oid = role::oid
+                           OR EXISTS (SELECT FROM pgphi.key_grant_members m
+                                       WHERE m.key_id = g.key_id AND m.privilege = g.privilege
+                                         AND m.grantee::oid = g.grantee::oid AND m.member::oid = role::oid)));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi.access_review(
+        OUT key_name text, OUT privilege text, OUT role_name text, OUT via_grant_to text, OUT role_chain text,
+        OUT granted_at timestamptz, OUT granted_by name, OUT valid_until timestamptz, OUT in_force boolean,
+        OUT last_used timestamptz)
+    RETURNS SETOF record
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH RECURSIVE chain(member, grantee, path) AS (
+        SELECT g.grantee::oid, g.grantee::oid, ARRAY[g.grantee::oid]
+          FROM (SELECT DISTINCT grantee FROM pgphi.key_grants) g
+        UNION ALL
+        SELECT m.member, c.grantee, m.member || c.path
+          FROM chain c JOIN pg_auth_members m ON m.roleid = c.member
+         WHERE m.member <> ALL (c.path)
+    )
+    SELECT k.name, g.privilege, r.rolname::text, g.grantee::text,
+           (SELECT string_agg(pr.rolname::text, ' -> ' ORDER BY p.n)
+              FROM unnest(c.path) WITH ORDINALITY AS p(oid, n) JOIN pg_roles pr ON pr.oid = p.oid),
+           g.granted_at, g.granted_by, g.valid_until,
+           (g.valid_until IS NULL OR g.valid_until > clock_timestamp())
+           AND (c.member = g.grantee::oid
+                OR EXISTS (SELECT FROM pgphi.key_grant_members m
+                            WHERE m.key_id = g.key_id AND m.privilege = g.privilege
+                              AND m.grantee::oid = g.grantee::oid AND m.member::oid = c.member)),
+           (SELECT max(s.window_start) FROM pgphi.key_use_stats s
+             WHERE s.key_id = g.key_id AND s.role_name = r.rolname::text
+               AND CASE g.privilege WHEN 'decrypt' THEN s.decryptions ELSE s.encryptions END > 0)
+      FROM pgphi.key_grants g
+      JOIN pgphi.keys k ON k.key_id = g.key_id
+      JOIN chain c ON c.grantee = g.grantee::oid
+      JOIN pg_roles r ON r.oid = c.member
+     WHERE pg_has_role(c.member, g.grantee::oid, 'USAGE')
+     ORDER BY 1, 2, 3, 4
+$$;
+
+REVOKE ALL ON FUNCTION pgphi._record_grant_members(integer, text, regrole), pgphi._forget_grant_members(),
+    pgphi.approve_grant_member(text, text, regrole, regrole), pgphi._prune_grant_members() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.approve_grant_member(text, text, regrole, regrole) TO pgphi_key_custodian;
+
+-- (end of section: grant members)
+
 
 ------------------------------------------------------------------------------
 -- Last: every table of pgphi's catalog gets the audit triggers, including the

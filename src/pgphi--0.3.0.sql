@@ -297,6 +297,22 @@ CREATE TABLE pgphi.seal_reservations (
     PRIMARY KEY (key_id, version)
 );
 
+-- Who a grant to a role covers besides that role: the roles that had its
+-- privileges when a custodian made the grant (a group's members then), and
+-- those a custodian approved since (approve_grant_member). A role that joins
+-- the grantee later, by whoever may add members to it, gets nothing from the
+-- grant until then: widening a group is not granting a key.
+CREATE TABLE pgphi.key_grant_members (
+    key_id      integer NOT NULL REFERENCES pgphi.keys,
+    privilege   text NOT NULL CHECK (privilege IN ('encrypt', 'decrypt')),
+    grantee     regrole NOT NULL,
+    member      regrole NOT NULL,
+    reason      text NOT NULL CHECK (reason IN ('member when granted', 'approved')),
+    approved_by name NOT NULL DEFAULT SESSION_USER,
+    approved_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (key_id, privilege, grantee, member)
+);
+
 -- Configuration tables: pg_dump dumps their rows (in this order).
 SELECT pg_catalog.pg_extension_config_dump('pgphi.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('pgphi.key_versions', '');
@@ -305,13 +321,14 @@ SELECT pg_catalog.pg_extension_config_dump('pgphi.key_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('pgphi.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('pgphi.key_use_stats', '');
 SELECT pg_catalog.pg_extension_config_dump('pgphi.audit_anchors', '');
+SELECT pg_catalog.pg_extension_config_dump('pgphi.key_grant_members', '');
 
 -- Privileges on the tables: none for PUBLIC. Key custodians and auditors
 -- read what they audit; the batch procedures' callers record progress.
 REVOKE ALL ON pgphi.key_grants, pgphi.audit_log, pgphi.key_use_stats, pgphi.audit_anchors,
-    pgphi.grant_approvals FROM PUBLIC;
+    pgphi.grant_approvals, pgphi.key_grant_members FROM PUBLIC;
 GRANT SELECT ON pgphi.audit_log, pgphi.key_use_stats, pgphi.audit_anchors TO pgphi_key_auditor;
-GRANT SELECT ON pgphi.grant_approvals TO pgphi_key_custodian, pgphi_key_auditor;
+GRANT SELECT ON pgphi.grant_approvals, pgphi.key_grant_members TO pgphi_key_custodian, pgphi_key_auditor;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgphi.reencrypt_progress TO pgphi_key_custodian, pgphi_encrypt;
 REVOKE ALL ON pgphi.seal_reservations FROM PUBLIC;
 GRANT SELECT ON pgphi.seal_reservations TO pgphi_key_auditor;
@@ -1812,6 +1829,49 @@ BEGIN
 END
 $$;
 
+-- A new grant covers its grantee and the roles that are members of it now
+-- (directly or through other roles, inheriting or not: a member that does
+-- not inherit can still SET ROLE), as pgphi.key_grant_members records;
+-- superusers need no record. Stale records
+-- of an earlier grant to the same role go first.
+CREATE FUNCTION pgphi._record_grant_members(target_id integer, privilege text, grantee regrole) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM pgphi.key_grant_members m
+     WHERE m.key_id = target_id AND m.privilege = _record_grant_members.privilege
+       AND m.grantee::oid = _record_grant_members.grantee::oid;
+    INSERT INTO pgphi.key_grant_members (key_id, privilege, grantee, member, reason)
+    SELECT target_id, _record_grant_members.privilege, _record_grant_members.grantee, r.oid::regrole,
+           'member when granted'
+      FROM pg_roles r
+     WHERE r.oid <> _record_grant_members.grantee::oid AND NOT r.rolsuper
+       AND pg_has_role(r.oid, _record_grant_members.grantee::oid, 'MEMBER');
+END
+$$;
+
+-- A grant deleted by other means than pgphi's functions (which remove the
+-- records themselves) takes the records of whom it covered with it; those
+-- deletes are audited as catalog changes, as the grant's is.
+CREATE FUNCTION pgphi._forget_grant_members() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM pgphi.key_grant_members m
+     WHERE m.key_id = OLD.key_id AND m.privilege = OLD.privilege AND m.grantee::oid = OLD.grantee::oid;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER key_grants_forget_members AFTER DELETE ON pgphi.key_grants
+    FOR EACH ROW EXECUTE FUNCTION pgphi._forget_grant_members();
+ALTER TABLE pgphi.key_grants ENABLE ALWAYS TRIGGER key_grants_forget_members;
+
+-- Grant records change what every session may do: clear their grant checks.
+CREATE TRIGGER key_grant_members_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgphi.key_grant_members
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._key_catalog_changed();
+ALTER TABLE pgphi.key_grant_members ENABLE ALWAYS TRIGGER key_grant_members_changed;
+
 CREATE FUNCTION pgphi._change_key_grant(key_name text, grantee regrole, privilege text, granting boolean,
         valid_until timestamptz)
     RETURNS boolean
@@ -1837,6 +1897,9 @@ BEGIN
         IF grantee IS NULL THEN
             RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
         END IF;
+        DELETE FROM pgphi.key_grant_members m
+         WHERE m.key_id = target_id AND m.privilege = _change_key_grant.privilege
+           AND m.grantee::oid = _change_key_grant.grantee::oid;
         DELETE FROM pgphi.key_grants g
          WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
            AND g.grantee::oid = _change_key_grant.grantee::oid;
@@ -1897,6 +1960,9 @@ BEGIN
         VALUES (target_id, privilege, grantee, valid_until)
         ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS changed = ROW_COUNT;
+    IF changed > 0 THEN
+        PERFORM pgphi._record_grant_members(target_id, privilege, grantee);
+    END IF;
     RETURN changed > 0;
 END
 $$;
@@ -1924,6 +1990,9 @@ BEGIN
         IF grantee IS NULL THEN
             RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
         END IF;
+        DELETE FROM pgphi.key_grant_members m
+         WHERE m.key_id = target_id AND m.privilege = _change_key_grant.privilege
+           AND m.grantee::oid = _change_key_grant.grantee::oid;
         DELETE FROM pgphi.key_grants g
          WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
            AND g.grantee::oid = _change_key_grant.grantee::oid;
@@ -1974,6 +2043,9 @@ BEGIN
     INSERT INTO pgphi.key_grants (key_id, privilege, grantee) VALUES (target_id, privilege, grantee)
         ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS changed = ROW_COUNT;
+    IF changed > 0 THEN
+        PERFORM pgphi._record_grant_members(target_id, privilege, grantee);
+    END IF;
     RETURN changed > 0;
 END
 $$;
@@ -2032,8 +2104,163 @@ BEGIN
 END
 $$;
 
--- Whether a role may encrypt or decrypt under a key: a grant to it or to a
--- role whose privileges it has, as decrypt_phi and encrypt_phi check. Who may
+-- A key custodian extends a grant to a role that joined the grantee after
+-- the grant was made (which the grant does not cover), and to the roles that
+-- are members of that role now. Not to a custodian or auditor group. Not by
+-- the role itself or a role it belongs to, nor by whoever made any of the
+-- memberships that lead from the roles it adds to the grantee (or a role it
+-- belongs to, or when that role was dropped since): whoever widened the group
+-- does not also hand it the key. Widening a grant to a group (as
+-- _group_grant_reason says, or more than ten roles at once) takes a second
+-- custodian's approve_grant for the member, as a group-wide grant does.
+-- Returns how many roles it added. Audited as grant_member, one row per role.
+CREATE FUNCTION pgphi.approve_grant_member(key_name text, privilege text, grantee regrole, member regrole)
+    RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    approver name := session_user;
+    approver_is_super boolean := (SELECT rolsuper FROM pg_roles WHERE rolname = session_user);
+    adding oid[];
+    group_reason text;
+    added integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF grantee IS NULL OR member IS NULL THEN
+        RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT pg_has_role(approver, 'pgphi_key_custodian', 'MEMBER') THEN
+        RAISE EXCEPTION 'only key custodians can approve a member of a pgphi key grant'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the approving role.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pgphi.key_grants g
+                    WHERE g.key_id = target_id AND g.privilege = approve_grant_member.privilege
+                      AND g.grantee::oid = approve_grant_member.grantee::oid) THEN
+        RAISE EXCEPTION 'role % holds no % grant on pgphi key "%"', grantee, privilege, key_name
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.access_review() lists the grants.';
+    END IF;
+    IF member::oid = grantee::oid OR NOT EXISTS (SELECT FROM pg_roles r WHERE r.oid = member::oid)
+       OR NOT pg_has_role(member::oid, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role % is not a member of role %', member, grantee
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Approve a role that is a member of the grantee.';
+    END IF;
+    PERFORM pgphi._check_grantee(member);
+    -- The roles it would add: the member and the members it has now.
+    adding := ARRAY(SELECT r.oid FROM pg_roles r
+                     WHERE NOT r.rolsuper AND r.oid <> approve_grant_member.grantee::oid
+                       AND (r.oid = approve_grant_member.member::oid
+                            OR pg_has_role(r.oid, approve_grant_member.member::oid, 'MEMBER'))
+                       AND NOT EXISTS (SELECT FROM pgphi.key_grant_members m
+                                        WHERE m.key_id = target_id AND m.privilege = approve_grant_member.privilege
+                                          AND m.grantee::oid = approve_grant_member.grantee::oid
+                                          AND m.member::oid = r.oid));
+    IF NOT approver_is_super THEN
+        IF EXISTS (SELECT FROM unnest(adding) a(oid) WHERE pg_has_role(approver, a.oid, 'MEMBER')) THEN
+            RAISE EXCEPTION 'role "%" cannot approve its own use of pgphi key "%"', approver, key_name
+                USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must approve it.';
+        END IF;
+        -- Every membership on the way from a role it adds up to the grantee.
+        IF EXISTS (SELECT FROM pg_auth_members am
+                    LEFT JOIN pg_roles granted_by ON granted_by.oid = am.grantor
+                    WHERE pg_has_role(am.roleid, approve_grant_member.grantee::oid, 'MEMBER')
+                      AND (am.member = ANY (adding)
+                           OR pg_has_role(approve_grant_member.member::oid, am.member, 'MEMBER'))
+                      AND (granted_by.oid IS NULL OR pg_has_role(approver, granted_by.oid, 'MEMBER'))) THEN
+            RAISE EXCEPTION 'role "%" made role % a member, and cannot also approve its use of pgphi key "%"',
+                            approver, member, key_name
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = 'It, or a role it belongs to, or a role dropped since, granted a membership that leads to the grant.',
+                      HINT = 'Another key custodian must approve it.';
+        END IF;
+    END IF;
+    -- Nor by a role that can add members on the way: CREATEROLE, or ADMIN
+    -- OPTION on the grantee, the member or a role between them.
+    IF NOT approver_is_super
+       AND ((SELECT rolcreaterole FROM pg_roles WHERE rolname = approver)
+            OR EXISTS (SELECT FROM pg_roles x
+                        WHERE pg_has_role(x.oid, approve_grant_member.grantee::oid, 'MEMBER')
+                          AND pg_has_role(approve_grant_member.member::oid, x.oid, 'MEMBER')
+                          AND pg_has_role(approver, x.oid, 'MEMBER WITH ADMIN OPTION'))) THEN
+        RAISE EXCEPTION 'role "%" can add members to role %, and cannot also approve members of its pgphi key grant',
+                        approver, grantee
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'It has CREATEROLE, or ADMIN OPTION on a role between the member and the grantee.',
+                  HINT = 'A key custodian who does not administer the group must approve it.';
+    END IF;
+    group_reason := pgphi._group_grant_reason(member);
+    IF group_reason IS NULL AND cardinality(adding) > 10 THEN
+        group_reason := format('%s brings %s roles (more than 10)', member, cardinality(adding));
+    END IF;
+    IF group_reason IS NOT NULL THEN
+        PERFORM FROM pgphi.grant_approvals a
+          WHERE a.key_id = target_id AND a.privilege = approve_grant_member.privilege
+            AND a.grantee::oid = approve_grant_member.member::oid
+            AND a.approved_by <> approver AND a.approved_at > now() - interval '1 day'
+            AND pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'extending the grant of pgphi key "%" to % needs the approval of a second key custodian',
+                            key_name, member
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('It reaches a group: %s.', group_reason),
+                      HINT = format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_grant(%L, %L, %L); then approve the member again within a day.',
+                                    key_name, member::text, privilege);
+        END IF;
+        DELETE FROM pgphi.grant_approvals a
+         WHERE a.key_id = target_id AND a.privilege = approve_grant_member.privilege
+           AND a.grantee::oid = approve_grant_member.member::oid;
+    END IF;
+    INSERT INTO pgphi.key_grant_members (key_id, privilege, grantee, member, reason, approved_by)
+    SELECT target_id, approve_grant_member.privilege, approve_grant_member.grantee, a.oid::regrole, 'approved',
+           approver
+      FROM unnest(adding) a(oid)
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS added = ROW_COUNT;
+    RETURN added;
+END
+$$;
+
+-- Records of roles that are no longer members of the grantee: a role that
+-- left a group (REVOKE, DROP ROLE) and is added again later is a later member
+-- again. Run by the REVOKE and DROP ROLE that pgphi's utility hook sees in this
+-- database, and by expire_key_grants() (scheduled), for changes made while
+-- connected to another database. Returns how many it removed; each is audited
+-- as forget_member.
+CREATE FUNCTION pgphi._prune_grant_members() RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    gone record;
+    removed integer := 0;
+BEGIN
+    FOR gone IN
+        DELETE FROM pgphi.key_grant_members m
+         WHERE NOT EXISTS (SELECT FROM pg_roles r WHERE r.oid = m.member::oid)
+            OR NOT pg_has_role(m.member::oid, m.grantee::oid, 'MEMBER')
+        RETURNING m.key_id, m.privilege, m.grantee::oid AS grantee, m.member::oid AS member
+    LOOP
+        PERFORM pgphi._audit('forget_member', gone.key_id, NULL, 'ok',
+                             format('%s grant to %s no longer covers %s: no longer a member',
+                                    gone.privilege, coalesce(gone.grantee::regrole::text, gone.grantee::text),
+                                    coalesce((SELECT rolname::text FROM pg_roles WHERE oid = gone.member),
+                                             gone.member::text)));
+        removed := removed + 1;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+-- Whether a role may encrypt or decrypt under a key: a grant to it, or to a
+-- role whose privileges it has and that the grant covers (it was a member when
+-- the grant was made, or was approved since), as decrypt_phi and encrypt_phi check. Who may
 -- ask: key custodians, auditors and superusers about any role; other members
 -- of pgphi's roles only about roles whose privileges they have (themselves,
 -- their groups). Nobody else, so a key's grantees cannot be enumerated.
@@ -2067,7 +2294,11 @@ BEGIN
         OR EXISTS (SELECT FROM pgphi.key_grants g
                     WHERE g.key_id = target_id AND g.privilege = has_key_privilege.privilege
                       AND (g.valid_until IS NULL OR g.valid_until > clock_timestamp())
-                      AND pg_has_role(role, g.grantee::oid, 'USAGE'));
+                      AND pg_has_role(role, g.grantee::oid, 'USAGE')
+                      AND (g.grantee::oid = role::oid
+                           OR EXISTS (SELECT FROM pgphi.key_grant_members m
+                                       WHERE m.key_id = g.key_id AND m.privilege = g.privilege
+                                         AND m.grantee::oid = g.grantee::oid AND m.member::oid = role::oid)));
 END
 $$;
 
@@ -2162,7 +2393,8 @@ CREATE VIEW pgphi.key_inventory AS
 GRANT EXECUTE ON FUNCTION pgphi._change_key_grant(text, regrole, text, boolean),
     pgphi.grant_decrypt(text, regrole), pgphi.revoke_decrypt(text, regrole),
     pgphi.grant_encrypt(text, regrole), pgphi.revoke_encrypt(text, regrole),
-    pgphi.approve_grant(text, regrole, text) TO pgphi_key_custodian;
+    pgphi.approve_grant(text, regrole, text), pgphi.approve_grant_member(text, text, regrole, regrole)
+    TO pgphi_key_custodian;
 GRANT EXECUTE ON FUNCTION pgphi.has_key_privilege(regrole, text, text)
     TO pgphi_encrypt, pgphi_decrypt, pgphi_key_custodian, pgphi_key_auditor;
 -- create_decrypted_view tells whether the view's reader holds the key (it
@@ -2818,8 +3050,14 @@ AS $$
 DECLARE
     removed integer;
 BEGIN
+    DELETE FROM pgphi.key_grant_members m USING pgphi.key_grants g
+     WHERE g.valid_until <= now() AND m.key_id = g.key_id AND m.privilege = g.privilege
+       AND m.grantee::oid = g.grantee::oid;
     DELETE FROM pgphi.key_grants g WHERE g.valid_until <= now();
     GET DIAGNOSTICS removed = ROW_COUNT;
+    -- And the records of roles that left a grantee (a REVOKE made while
+    -- connected to another database: this one's utility hook did not see it).
+    PERFORM pgphi._prune_grant_members();
     RETURN removed;
 END
 $$;
@@ -2832,7 +3070,8 @@ $$;
 -- Evidence for an auditor: who can use which key, through which grant and
 -- role chain, granted when and by whom, in force until when, and when each
 -- role last used the key (pgphi.key_use_stats). Readable by custodians and
--- auditors.
+-- auditors. in_force is false for a grant past its valid_until, and for a
+-- role that joined the grantee after the grant and was not approved since.
 CREATE FUNCTION pgphi.access_review(
         OUT key_name text, OUT privilege text, OUT role_name text, OUT via_grant_to text, OUT role_chain text,
         OUT granted_at timestamptz, OUT granted_by name, OUT valid_until timestamptz, OUT in_force boolean,
@@ -2852,7 +3091,11 @@ AS $$
            (SELECT string_agg(pr.rolname::text, ' -> ' ORDER BY p.n)
               FROM unnest(c.path) WITH ORDINALITY AS p(oid, n) JOIN pg_roles pr ON pr.oid = p.oid),
            g.granted_at, g.granted_by, g.valid_until,
-           (g.valid_until IS NULL OR g.valid_until > clock_timestamp()),
+           (g.valid_until IS NULL OR g.valid_until > clock_timestamp())
+           AND (c.member = g.grantee::oid
+                OR EXISTS (SELECT FROM pgphi.key_grant_members m
+                            WHERE m.key_id = g.key_id AND m.privilege = g.privilege
+                              AND m.grantee::oid = g.grantee::oid AND m.member::oid = c.member)),
            (SELECT max(s.window_start) FROM pgphi.key_use_stats s
              WHERE s.key_id = g.key_id AND s.role_name = r.rolname::text
                AND CASE g.privilege WHEN 'decrypt' THEN s.decryptions ELSE s.encryptions END > 0)
@@ -3061,6 +3304,10 @@ BEGIN
         ELSE
             PERFORM pgphi._audit('revoke_' || OLD.privilege, OLD.key_id, NULL, 'ok', format('from %s', OLD.grantee));
         END IF;
+    ELSIF TG_TABLE_NAME = 'key_grant_members' THEN
+        PERFORM pgphi._audit('grant_member', NEW.key_id, NULL, 'ok',
+                             format('%s grant to %s covers %s (%s)', NEW.privilege, NEW.grantee, NEW.member,
+                                    NEW.reason));
     ELSIF TG_TABLE_NAME = 'keys' AND NEW.cryptoperiod IS DISTINCT FROM OLD.cryptoperiod THEN
         PERFORM pgphi._audit('set_cryptoperiod', NEW.key_id, NULL, 'ok', format('%s', NEW.cryptoperiod));
     END IF;
@@ -3075,6 +3322,8 @@ CREATE TRIGGER destroy_approvals_audit AFTER INSERT ON pgphi.destroy_approvals
 CREATE TRIGGER key_grants_audit AFTER INSERT OR DELETE ON pgphi.key_grants
     FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
 CREATE TRIGGER keys_audit AFTER UPDATE ON pgphi.keys
+    FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
+CREATE TRIGGER key_grant_members_audit AFTER INSERT ON pgphi.key_grant_members
     FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
 
 -- Walks the chain, then checks every anchor with the key manager: anchors
@@ -3342,7 +3591,10 @@ DECLARE
 BEGIN
     IF writer IS NOT NULL THEN
         GET DIAGNOSTICS stack = PG_CONTEXT;
-        IF pgphi._writer_ran_statement(writer, stack) THEN
+        -- Under session_replication_role = replica the semantic audit
+        -- triggers do not fire: then pgphi's own change is recorded here.
+        IF pgphi._writer_ran_statement(writer, stack)
+           AND current_setting('session_replication_role') <> 'replica' THEN
             -- pgphi's own change: its function's path writes the semantic
             -- record. One path had none: a renewed destroy approval.
             IF TG_TABLE_NAME = 'destroy_approvals' AND TG_OP = 'UPDATE' THEN
@@ -3353,7 +3605,9 @@ BEGIN
             END IF;
             RETURN NULL;
         END IF;
-        how := format('not by a pgphi function (inside %s)', writer);
+        how := CASE WHEN pgphi._writer_ran_statement(writer, stack)
+                    THEN format('by %s under session_replication_role = replica', writer)
+                    ELSE format('not by a pgphi function (inside %s)', writer) END;
     ELSIF pgphi._in_extension_script() THEN
         how := 'by a pgphi extension script';
     ELSE

@@ -214,6 +214,22 @@ CREATE TABLE pgphi.seal_reservations (
     PRIMARY KEY (key_id, version)
 );
 
+-- Who a grant to a role covers besides that role: the roles that had its
+-- privileges when a custodian made the grant (a group's members then), and
+-- those a custodian approved since (approve_grant_member). A role that joins
+-- the grantee later, by whoever may add members to it, gets nothing from the
+-- grant until then: widening a group is not granting a key.
+CREATE TABLE pgphi.key_grant_members (
+    key_id      integer NOT NULL REFERENCES pgphi.keys,
+    privilege   text NOT NULL CHECK (privilege IN ('encrypt', 'decrypt')),
+    grantee     regrole NOT NULL,
+    member      regrole NOT NULL,
+    reason      text NOT NULL CHECK (reason IN ('member when granted', 'approved')),
+    approved_by name NOT NULL DEFAULT SESSION_USER,
+    approved_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (key_id, privilege, grantee, member)
+);
+
 -- Configuration tables: pg_dump dumps their rows (in this order).
 SELECT pg_catalog.pg_extension_config_dump('pgphi.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('pgphi.key_versions', '');
@@ -222,13 +238,14 @@ SELECT pg_catalog.pg_extension_config_dump('pgphi.key_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('pgphi.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('pgphi.key_use_stats', '');
 SELECT pg_catalog.pg_extension_config_dump('pgphi.audit_anchors', '');
+SELECT pg_catalog.pg_extension_config_dump('pgphi.key_grant_members', '');
 
 -- Privileges on the tables: none for PUBLIC. Key custodians and auditors
 -- read what they audit; the batch procedures' callers record progress.
 REVOKE ALL ON pgphi.key_grants, pgphi.audit_log, pgphi.key_use_stats, pgphi.audit_anchors,
-    pgphi.grant_approvals FROM PUBLIC;
+    pgphi.grant_approvals, pgphi.key_grant_members FROM PUBLIC;
 GRANT SELECT ON pgphi.audit_log, pgphi.key_use_stats, pgphi.audit_anchors TO pgphi_key_auditor;
-GRANT SELECT ON pgphi.grant_approvals TO pgphi_key_custodian, pgphi_key_auditor;
+GRANT SELECT ON pgphi.grant_approvals, pgphi.key_grant_members TO pgphi_key_custodian, pgphi_key_auditor;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgphi.reencrypt_progress TO pgphi_key_custodian, pgphi_encrypt;
 REVOKE ALL ON pgphi.seal_reservations FROM PUBLIC;
 GRANT SELECT ON pgphi.seal_reservations TO pgphi_key_auditor;

@@ -58,6 +58,49 @@ BEGIN
 END
 $$;
 
+-- A new grant covers its grantee and the roles that are members of it now
+-- (directly or through other roles, inheriting or not: a member that does
+-- not inherit can still SET ROLE), as pgphi.key_grant_members records;
+-- superusers need no record. Stale records
+-- of an earlier grant to the same role go first.
+CREATE FUNCTION pgphi._record_grant_members(target_id integer, privilege text, grantee regrole) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM pgphi.key_grant_members m
+     WHERE m.key_id = target_id AND m.privilege = _record_grant_members.privilege
+       AND m.grantee::oid = _record_grant_members.grantee::oid;
+    INSERT INTO pgphi.key_grant_members (key_id, privilege, grantee, member, reason)
+    SELECT target_id, _record_grant_members.privilege, _record_grant_members.grantee, r.oid::regrole,
+           'member when granted'
+      FROM pg_roles r
+     WHERE r.oid <> _record_grant_members.grantee::oid AND NOT r.rolsuper
+       AND pg_has_role(r.oid, _record_grant_members.grantee::oid, 'MEMBER');
+END
+$$;
+
+-- A grant deleted by other means than pgphi's functions (which remove the
+-- records themselves) takes the records of whom it covered with it; those
+-- deletes are audited as catalog changes, as the grant's is.
+CREATE FUNCTION pgphi._forget_grant_members() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM pgphi.key_grant_members m
+     WHERE m.key_id = OLD.key_id AND m.privilege = OLD.privilege AND m.grantee::oid = OLD.grantee::oid;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER key_grants_forget_members AFTER DELETE ON pgphi.key_grants
+    FOR EACH ROW EXECUTE FUNCTION pgphi._forget_grant_members();
+ALTER TABLE pgphi.key_grants ENABLE ALWAYS TRIGGER key_grants_forget_members;
+
+-- Grant records change what every session may do: clear their grant checks.
+CREATE TRIGGER key_grant_members_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgphi.key_grant_members
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._key_catalog_changed();
+ALTER TABLE pgphi.key_grant_members ENABLE ALWAYS TRIGGER key_grant_members_changed;
+
 CREATE FUNCTION pgphi._change_key_grant(key_name text, grantee regrole, privilege text, granting boolean,
         valid_until timestamptz)
     RETURNS boolean
@@ -83,6 +126,9 @@ BEGIN
         IF grantee IS NULL THEN
             RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
         END IF;
+        DELETE FROM pgphi.key_grant_members m
+         WHERE m.key_id = target_id AND m.privilege = _change_key_grant.privilege
+           AND m.grantee::oid = _change_key_grant.grantee::oid;
         DELETE FROM pgphi.key_grants g
          WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
            AND g.grantee::oid = _change_key_grant.grantee::oid;
@@ -143,6 +189,9 @@ BEGIN
         VALUES (target_id, privilege, grantee, valid_until)
         ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS changed = ROW_COUNT;
+    IF changed > 0 THEN
+        PERFORM pgphi._record_grant_members(target_id, privilege, grantee);
+    END IF;
     RETURN changed > 0;
 END
 $$;
@@ -170,6 +219,9 @@ BEGIN
         IF grantee IS NULL THEN
             RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
         END IF;
+        DELETE FROM pgphi.key_grant_members m
+         WHERE m.key_id = target_id AND m.privilege = _change_key_grant.privilege
+           AND m.grantee::oid = _change_key_grant.grantee::oid;
         DELETE FROM pgphi.key_grants g
          WHERE g.key_id = target_id AND g.privilege = _change_key_grant.privilege
            AND g.grantee::oid = _change_key_grant.grantee::oid;
@@ -220,6 +272,9 @@ BEGIN
     INSERT INTO pgphi.key_grants (key_id, privilege, grantee) VALUES (target_id, privilege, grantee)
         ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS changed = ROW_COUNT;
+    IF changed > 0 THEN
+        PERFORM pgphi._record_grant_members(target_id, privilege, grantee);
+    END IF;
     RETURN changed > 0;
 END
 $$;
@@ -278,8 +333,163 @@ BEGIN
 END
 $$;
 
--- Whether a role may encrypt or decrypt under a key: a grant to it or to a
--- role whose privileges it has, as decrypt_phi and encrypt_phi check. Who may
+-- A key custodian extends a grant to a role that joined the grantee after
+-- the grant was made (which the grant does not cover), and to the roles that
+-- are members of that role now. Not to a custodian or auditor group. Not by
+-- the role itself or a role it belongs to, nor by whoever made any of the
+-- memberships that lead from the roles it adds to the grantee (or a role it
+-- belongs to, or when that role was dropped since): whoever widened the group
+-- does not also hand it the key. Widening a grant to a group (as
+-- _group_grant_reason says, or more than ten roles at once) takes a second
+-- custodian's approve_grant for the member, as a group-wide grant does.
+-- Returns how many roles it added. Audited as grant_member, one row per role.
+CREATE FUNCTION pgphi.approve_grant_member(key_name text, privilege text, grantee regrole, member regrole)
+    RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_name);
+    approver name := session_user;
+    approver_is_super boolean := (SELECT rolsuper FROM pg_roles WHERE rolname = session_user);
+    adding oid[];
+    group_reason text;
+    added integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF privilege IS NULL OR privilege NOT IN ('encrypt', 'decrypt') THEN
+        RAISE EXCEPTION 'unknown pgphi key privilege'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use encrypt or decrypt.';
+    END IF;
+    IF grantee IS NULL OR member IS NULL THEN
+        RAISE EXCEPTION 'a grant needs a role' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT pg_has_role(approver, 'pgphi_key_custodian', 'MEMBER') THEN
+        RAISE EXCEPTION 'only key custodians can approve a member of a pgphi key grant'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the approving role.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pgphi.key_grants g
+                    WHERE g.key_id = target_id AND g.privilege = approve_grant_member.privilege
+                      AND g.grantee::oid = approve_grant_member.grantee::oid) THEN
+        RAISE EXCEPTION 'role % holds no % grant on pgphi key "%"', grantee, privilege, key_name
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.access_review() lists the grants.';
+    END IF;
+    IF member::oid = grantee::oid OR NOT EXISTS (SELECT FROM pg_roles r WHERE r.oid = member::oid)
+       OR NOT pg_has_role(member::oid, grantee::oid, 'MEMBER') THEN
+        RAISE EXCEPTION 'role % is not a member of role %', member, grantee
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Approve a role that is a member of the grantee.';
+    END IF;
+    PERFORM pgphi._check_grantee(member);
+    -- The roles it would add: the member and the members it has now.
+    adding := ARRAY(SELECT r.oid FROM pg_roles r
+                     WHERE NOT r.rolsuper AND r.oid <> approve_grant_member.grantee::oid
+                       AND (r.oid = approve_grant_member.member::oid
+                            OR pg_has_role(r.oid, approve_grant_member.member::oid, 'MEMBER'))
+                       AND NOT EXISTS (SELECT FROM pgphi.key_grant_members m
+                                        WHERE m.key_id = target_id AND m.privilege = approve_grant_member.privilege
+                                          AND m.grantee::oid = approve_grant_member.grantee::oid
+                                          AND m.member::oid = r.oid));
+    IF NOT approver_is_super THEN
+        IF EXISTS (SELECT FROM unnest(adding) a(oid) WHERE pg_has_role(approver, a.oid, 'MEMBER')) THEN
+            RAISE EXCEPTION 'role "%" cannot approve its own use of pgphi key "%"', approver, key_name
+                USING ERRCODE = 'insufficient_privilege', HINT = 'Another key custodian must approve it.';
+        END IF;
+        -- Every membership on the way from a role it adds up to the grantee.
+        IF EXISTS (SELECT FROM pg_auth_members am
+                    LEFT JOIN pg_roles granted_by ON granted_by.oid = am.grantor
+                    WHERE pg_has_role(am.roleid, approve_grant_member.grantee::oid, 'MEMBER')
+                      AND (am.member = ANY (adding)
+                           OR pg_has_role(approve_grant_member.member::oid, am.member, 'MEMBER'))
+                      AND (granted_by.oid IS NULL OR pg_has_role(approver, granted_by.oid, 'MEMBER'))) THEN
+            RAISE EXCEPTION 'role "%" made role % a member, and cannot also approve its use of pgphi key "%"',
+                            approver, member, key_name
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = 'It, or a role it belongs to, or a role dropped since, granted a membership that leads to the grant.',
+                      HINT = 'Another key custodian must approve it.';
+        END IF;
+    END IF;
+    -- Nor by a role that can add members on the way: CREATEROLE, or ADMIN
+    -- OPTION on the grantee, the member or a role between them.
+    IF NOT approver_is_super
+       AND ((SELECT rolcreaterole FROM pg_roles WHERE rolname = approver)
+            OR EXISTS (SELECT FROM pg_roles x
+                        WHERE pg_has_role(x.oid, approve_grant_member.grantee::oid, 'MEMBER')
+                          AND pg_has_role(approve_grant_member.member::oid, x.oid, 'MEMBER')
+                          AND pg_has_role(approver, x.oid, 'MEMBER WITH ADMIN OPTION'))) THEN
+        RAISE EXCEPTION 'role "%" can add members to role %, and cannot also approve members of its pgphi key grant',
+                        approver, grantee
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'It has CREATEROLE, or ADMIN OPTION on a role between the member and the grantee.',
+                  HINT = 'A key custodian who does not administer the group must approve it.';
+    END IF;
+    group_reason := pgphi._group_grant_reason(member);
+    IF group_reason IS NULL AND cardinality(adding) > 10 THEN
+        group_reason := format('%s brings %s roles (more than 10)', member, cardinality(adding));
+    END IF;
+    IF group_reason IS NOT NULL THEN
+        PERFORM FROM pgphi.grant_approvals a
+          WHERE a.key_id = target_id AND a.privilege = approve_grant_member.privilege
+            AND a.grantee::oid = approve_grant_member.member::oid
+            AND a.approved_by <> approver AND a.approved_at > now() - interval '1 day'
+            AND pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'extending the grant of pgphi key "%" to % needs the approval of a second key custodian',
+                            key_name, member
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('It reaches a group: %s.', group_reason),
+                      HINT = format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_grant(%L, %L, %L); then approve the member again within a day.',
+                                    key_name, member::text, privilege);
+        END IF;
+        DELETE FROM pgphi.grant_approvals a
+         WHERE a.key_id = target_id AND a.privilege = approve_grant_member.privilege
+           AND a.grantee::oid = approve_grant_member.member::oid;
+    END IF;
+    INSERT INTO pgphi.key_grant_members (key_id, privilege, grantee, member, reason, approved_by)
+    SELECT target_id, approve_grant_member.privilege, approve_grant_member.grantee, a.oid::regrole, 'approved',
+           approver
+      FROM unnest(adding) a(oid)
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS added = ROW_COUNT;
+    RETURN added;
+END
+$$;
+
+-- Records of roles that are no longer members of the grantee: a role that
+-- left a group (REVOKE, DROP ROLE) and is added again later is a later member
+-- again. Run by the REVOKE and DROP ROLE that pgphi's utility hook sees in this
+-- database, and by expire_key_grants() (scheduled), for changes made while
+-- connected to another database. Returns how many it removed; each is audited
+-- as forget_member.
+CREATE FUNCTION pgphi._prune_grant_members() RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    gone record;
+    removed integer := 0;
+BEGIN
+    FOR gone IN
+        DELETE FROM pgphi.key_grant_members m
+         WHERE NOT EXISTS (SELECT FROM pg_roles r WHERE r.oid = m.member::oid)
+            OR NOT pg_has_role(m.member::oid, m.grantee::oid, 'MEMBER')
+        RETURNING m.key_id, m.privilege, m.grantee::oid AS grantee, m.member::oid AS member
+    LOOP
+        PERFORM pgphi._audit('forget_member', gone.key_id, NULL, 'ok',
+                             format('%s grant to %s no longer covers %s: no longer a member',
+                                    gone.privilege, coalesce(gone.grantee::regrole::text, gone.grantee::text),
+                                    coalesce((SELECT rolname::text FROM pg_roles WHERE oid = gone.member),
+                                             gone.member::text)));
+        removed := removed + 1;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+-- Whether a role may encrypt or decrypt under a key: a grant to it, or to a
+-- role whose privileges it has and that the grant covers (it was a member when
+-- the grant was made, or was approved since), as decrypt_phi and encrypt_phi check. Who may
 -- ask: key custodians, auditors and superusers about any role; other members
 -- of pgphi's roles only about roles whose privileges they have (themselves,
 -- their groups). Nobody else, so a key's grantees cannot be enumerated.
@@ -313,7 +523,11 @@ BEGIN
         OR EXISTS (SELECT FROM pgphi.key_grants g
                     WHERE g.key_id = target_id AND g.privilege = has_key_privilege.privilege
                       AND (g.valid_until IS NULL OR g.valid_until > clock_timestamp())
-                      AND pg_has_role(role, g.grantee::oid, 'USAGE'));
+                      AND pg_has_role(role, g.grantee::oid, 'USAGE')
+                      AND (g.grantee::oid = role::oid
+                           OR EXISTS (SELECT FROM pgphi.key_grant_members m
+                                       WHERE m.key_id = g.key_id AND m.privilege = g.privilege
+                                         AND m.grantee::oid = g.grantee::oid AND m.member::oid = role::oid)));
 END
 $$;
 
@@ -408,7 +622,8 @@ CREATE VIEW pgphi.key_inventory AS
 GRANT EXECUTE ON FUNCTION pgphi._change_key_grant(text, regrole, text, boolean),
     pgphi.grant_decrypt(text, regrole), pgphi.revoke_decrypt(text, regrole),
     pgphi.grant_encrypt(text, regrole), pgphi.revoke_encrypt(text, regrole),
-    pgphi.approve_grant(text, regrole, text) TO pgphi_key_custodian;
+    pgphi.approve_grant(text, regrole, text), pgphi.approve_grant_member(text, text, regrole, regrole)
+    TO pgphi_key_custodian;
 GRANT EXECUTE ON FUNCTION pgphi.has_key_privilege(regrole, text, text)
     TO pgphi_encrypt, pgphi_decrypt, pgphi_key_custodian, pgphi_key_auditor;
 -- create_decrypted_view tells whether the view's reader holds the key (it

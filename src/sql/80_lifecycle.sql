@@ -640,8 +640,14 @@ AS $$
 DECLARE
     removed integer;
 BEGIN
+    DELETE FROM pgphi.key_grant_members m USING pgphi.key_grants g
+     WHERE g.valid_until <= now() AND m.key_id = g.key_id AND m.privilege = g.privilege
+       AND m.grantee::oid = g.grantee::oid;
     DELETE FROM pgphi.key_grants g WHERE g.valid_until <= now();
     GET DIAGNOSTICS removed = ROW_COUNT;
+    -- And the records of roles that left a grantee (a REVOKE made while
+    -- connected to another database: this one's utility hook did not see it).
+    PERFORM pgphi._prune_grant_members();
     RETURN removed;
 END
 $$;
@@ -654,7 +660,8 @@ $$;
 -- Evidence for an auditor: who can use which key, through which grant and
 -- role chain, granted when and by whom, in force until when, and when each
 -- role last used the key (pgphi.key_use_stats). Readable by custodians and
--- auditors.
+-- auditors. in_force is false for a grant past its valid_until, and for a
+-- role that joined the grantee after the grant and was not approved since.
 CREATE FUNCTION pgphi.access_review(
         OUT key_name text, OUT privilege text, OUT role_name text, OUT via_grant_to text, OUT role_chain text,
         OUT granted_at timestamptz, OUT granted_by name, OUT valid_until timestamptz, OUT in_force boolean,
@@ -674,7 +681,11 @@ AS $$
            (SELECT string_agg(pr.rolname::text, ' -> ' ORDER BY p.n)
               FROM unnest(c.path) WITH ORDINALITY AS p(oid, n) JOIN pg_roles pr ON pr.oid = p.oid),
            g.granted_at, g.granted_by, g.valid_until,
-           (g.valid_until IS NULL OR g.valid_until > clock_timestamp()),
+           (g.valid_until IS NULL OR g.valid_until > clock_timestamp())
+           AND (c.member = g.grantee::oid
+                OR EXISTS (SELECT FROM pgphi.key_grant_members m
+                            WHERE m.key_id = g.key_id AND m.privilege = g.privilege
+                              AND m.grantee::oid = g.grantee::oid AND m.member::oid = c.member)),
            (SELECT max(s.window_start) FROM pgphi.key_use_stats s
              WHERE s.key_id = g.key_id AND s.role_name = r.rolname::text
                AND CASE g.privilege WHEN 'decrypt' THEN s.decryptions ELSE s.encryptions END > 0)

@@ -151,6 +151,10 @@ BEGIN
         ELSE
             PERFORM pgphi._audit('revoke_' || OLD.privilege, OLD.key_id, NULL, 'ok', format('from %s', OLD.grantee));
         END IF;
+    ELSIF TG_TABLE_NAME = 'key_grant_members' THEN
+        PERFORM pgphi._audit('grant_member', NEW.key_id, NULL, 'ok',
+                             format('%s grant to %s covers %s (%s)', NEW.privilege, NEW.grantee, NEW.member,
+                                    NEW.reason));
     ELSIF TG_TABLE_NAME = 'keys' AND NEW.cryptoperiod IS DISTINCT FROM OLD.cryptoperiod THEN
         PERFORM pgphi._audit('set_cryptoperiod', NEW.key_id, NULL, 'ok', format('%s', NEW.cryptoperiod));
     END IF;
@@ -165,6 +169,8 @@ CREATE TRIGGER destroy_approvals_audit AFTER INSERT ON pgphi.destroy_approvals
 CREATE TRIGGER key_grants_audit AFTER INSERT OR DELETE ON pgphi.key_grants
     FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
 CREATE TRIGGER keys_audit AFTER UPDATE ON pgphi.keys
+    FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
+CREATE TRIGGER key_grant_members_audit AFTER INSERT ON pgphi.key_grant_members
     FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
 
 -- Walks the chain, then checks every anchor with the key manager: anchors

@@ -112,7 +112,10 @@ DECLARE
 BEGIN
     IF writer IS NOT NULL THEN
         GET DIAGNOSTICS stack = PG_CONTEXT;
-        IF pgphi._writer_ran_statement(writer, stack) THEN
+        -- Under session_replication_role = replica the semantic audit
+        -- triggers do not fire: then pgphi's own change is recorded here.
+        IF pgphi._writer_ran_statement(writer, stack)
+           AND current_setting('session_replication_role') <> 'replica' THEN
             -- pgphi's own change: its function's path writes the semantic
             -- record. One path had none: a renewed destroy approval.
             IF TG_TABLE_NAME = 'destroy_approvals' AND TG_OP = 'UPDATE' THEN
@@ -123,7 +126,9 @@ BEGIN
             END IF;
             RETURN NULL;
         END IF;
-        how := format('not by a pgphi function (inside %s)', writer);
+        how := CASE WHEN pgphi._writer_ran_statement(writer, stack)
+                    THEN format('by %s under session_replication_role = replica', writer)
+                    ELSE format('not by a pgphi function (inside %s)', writer) END;
     ELSIF pgphi._in_extension_script() THEN
         how := 'by a pgphi extension script';
     ELSE

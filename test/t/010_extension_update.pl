@@ -185,8 +185,8 @@ for my $from (@install_versions)
 			'1000', "$from: a pgphi_decrypt member still decrypts the existing keys");
 		like($node->safe_psql($db, q{SELECT string_agg(format('%s %s %s', action, key_name, detail), ',' ORDER BY key_name, action)
 		                               FROM pgphi.audit_log}),
-			qr/^grant_decrypt notes_key to pgphi_decrypt,grant_encrypt notes_key to pgphi_encrypt,grant_decrypt ssn_key to pgphi_decrypt,grant_encrypt ssn_key to pgphi_encrypt$/,
-			"$from: those grants are the audit log's first entries");
+			qr/^grant_decrypt notes_key to pgphi_decrypt,grant_encrypt notes_key to pgphi_encrypt,grant_member notes_key decrypt grant to pgphi_decrypt covers legacy_reader \(member when granted\),grant_decrypt ssn_key to pgphi_decrypt,grant_encrypt ssn_key to pgphi_encrypt,grant_member ssn_key decrypt grant to pgphi_decrypt covers legacy_reader \(member when granted\)$/,
+			"$from: those grants, and the members they cover (0.3.0), are the audit log's first entries");
 	}
 	$node->safe_psql($db, q{
 		SELECT pgphi.create_key('new_key');

@@ -60,9 +60,11 @@ is(reader_sees(), 'refused', 'and so does a revocation');
 $node->safe_psql('postgres', q{SELECT pgphi.grant_decrypt('ssn', 'ward_staff')});
 is(reader_sees(), 'refused', 'a grant to a group the reader is not in does not help');
 $node->safe_psql('postgres', q{GRANT ward_staff TO reader});
-is(reader_sees(), 'ssn-7', 'joining the group grants the key at the next statement');
+is(reader_sees(), 'refused', 'joining the group after the grant does not bring the key (test/t/033)');
+$node->safe_psql('postgres', q{SELECT pgphi.approve_grant_member('ssn', 'decrypt', 'ward_staff', 'reader')});
+is(reader_sees(), 'ssn-7', 'a custodian\'s approval applies at the next statement');
 $node->safe_psql('postgres', q{REVOKE ward_staff FROM reader});
-is(reader_sees(), 'refused', 'leaving it takes the key away');
+is(reader_sees(), 'refused', 'leaving the group takes the key away');
 $session->quit;
 
 # --- Plaintext only over TLS --------------------------------------------------

@@ -36,6 +36,7 @@ $node->safe_psql($db, q{
 	CREATE ROLE app LOGIN;
 	GRANT pgphi_encrypt, pgphi_decrypt TO app;
 	CREATE ROLE clerk NOLOGIN;
+	CREATE ROLE clerk_crew NOLOGIN; CREATE ROLE clerk_aide NOLOGIN; GRANT clerk_crew TO clerk_aide;
 	CREATE ROLE attacker LOGIN;
 	CREATE SCHEMA evil AUTHORIZATION attacker;
 	GRANT USAGE ON SCHEMA evil TO PUBLIC;
@@ -322,6 +323,9 @@ my %mechanism = (
 	# Resuming needs a second custodian: the caller's own approval (made by
 	# approve_resume just before) is refused, which shows it ran its checks.
 	'pgphi.resume_key(text,integer)' => "SELECT pgphi.resume_key('{DK}', 2)",
+	# Needs a grant to a group with a member (covered already: it adds none).
+	'pgphi.approve_grant_member(text,text,regrole,regrole)' => "SELECT pgphi.grant_decrypt('{K}', 'clerk_crew');\n"
+	  . "SELECT pgphi.approve_grant_member('{K}', 'decrypt', 'clerk_crew', 'clerk_aide')",
 );
 # Those that end in their own error, so that the statistics do not count them:
 # the SQLSTATE a superuser gets shows they ran.

@@ -35,6 +35,9 @@ $node->safe_psql($db, q{
 	SELECT pgphi.grant_encrypt('alpha', 'catalog_audit_app'), pgphi.grant_decrypt('alpha', 'catalog_audit_app');
 	SELECT pgphi.set_cryptoperiod('beta', '90 days');
 	SELECT pgphi.grant_decrypt('beta', 'catalog_audit_app');
+	-- A grant to a group with a member: a row in pgphi.key_grant_members.
+	CREATE ROLE catalog_audit_ward; GRANT catalog_audit_ward TO catalog_audit_other;
+	SELECT pgphi.grant_decrypt('alpha', 'catalog_audit_ward');
 	CREATE TABLE catalog_audit_data (id int, v pgphi.encrypted);
 	INSERT INTO catalog_audit_data SELECT g, pgphi.encrypt_phi('value ' || g, 'alpha') FROM generate_series(1, 50) g;
 	SELECT pgphi.rotate_key('alpha');

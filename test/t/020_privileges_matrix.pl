@@ -65,6 +65,7 @@ pgphi._encrypt_phi_deterministic(text,text,boolean,text)                     key
 pgphi._encrypt_phi_version(bytea,text,text,integer)                          key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi._encrypt_phi_version(text,text,text,integer)                           key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi._flush_cache_at_commit()                                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._forget_grant_members()                                                key     -      -     -     -     -     -     -     -     x
 pgphi._generate_wrapped_dek(text,text,integer,integer,text,boolean)          key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._group_grant_reason(regrole)                                           key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._guard_catalog_ddl()                                                   key     42501  42501 42501 42501 42501 42501 42501 42501 0A000
@@ -94,6 +95,7 @@ pgphi._protect_column_swap(regclass,name,text,name)                          key
 pgphi._protect_column_sweep(regclass,name,text,integer,name)                 key     42501  42703 42703 42501 42501 42703 42703 42501 42703
 pgphi._protect_column_sync()                                                 key     -      x     x     -     -     x     x     -     x
 pgphi._protect_column_trigger_args(name,text,name)                           key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._prune_grant_members()                                                 key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._queue_catalog_refusal(text,text)                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._rebuild_blind_index_pages(regclass,name,name,text,integer,name,text)  key     42501  42703 42703 42501 42501 42703 42703 42501 42703
 pgphi._rebuild_blind_index_sql(regclass,name,name,name,text)                 key     42501  42703 42703 42501 42501 42703 42703 42501 42703
@@ -101,6 +103,7 @@ pgphi._rebuild_blind_index_start(regclass,name,name,text,integer,name)       key
 pgphi._rebuild_blind_index_sweep(regclass,name,name,text,integer,name,text)  key     42501  42703 42703 42501 42501 42703 42703 42501 42703
 pgphi._record_audit_event(timestamp with time zone,text,text,text,integer,text,integer,text,text) key 42501 42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._record_audit_event(timestamp with time zone,text,text,text,integer,text,integer,text,text,bigint,timestamp with time zone,timestamp with time zone) key     42501  42501 42501 42501 42501 42501 42501 42501 23514
+pgphi._record_grant_members(integer,text,regrole)                            key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._record_key_use(timestamp with time zone,text,integer,bigint,bigint)   key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._reencrypt_pages(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._reencrypt_progress_claim()                                            key     -      -     -     -     -     -     -     -     x
@@ -122,6 +125,7 @@ pgphi.access_review()                                                        key
 pgphi.anchor_audit_log()                                                     key     42501  42501 42501 42501 42501 42501 ok    ok    ok
 pgphi.approve_destroy(text,integer)                                          key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.approve_grant(text,regrole,text)                                       key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.approve_grant_member(text,text,regrole,regrole)                        key     42501  42501 42501 42501 42501 42501 42704 42501 42704
 pgphi.approve_resume(text,integer)                                           key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.audit_queue_status()                                                   key     42501  42501 42501 42501 42501 42501 42501 ok    ok
 pgphi.blind_index(text,text)                                                 key     42501  42501 ok    42501 42501 ok    42501 42501 ok
@@ -211,6 +215,7 @@ pgphi.audit_anchors             -      -     -     -     -     -     -     r    
 pgphi.cache_stats               -      -     -     -     -     -     -     -     rawdD
 pgphi.destroy_approvals         -      -     -     -     -     -     -     -     rawdD
 pgphi.grant_approvals           -      -     -     -     -     -     r     r     rawdD
+pgphi.key_grant_members         -      -     -     -     -     -     r     r     rawdD
 pgphi.key_grants                -      -     -     -     -     -     -     -     rawdD
 pgphi.key_inventory             -      -     -     -     -     -     r     r     rawdD
 pgphi.key_use                   -      -     -     -     -     -     -     r     rawdD

@@ -28,13 +28,25 @@ namespace {
 // Per-key grants
 // ---------------------------------------------------------------------------
 
+// Who asks: the current role, and the session user behind it. A grant to a
+// group covers the members it had when it was made (and those a custodian
+// approved since, pgphi.key_grant_members). Any member of a role can act as
+// that role: SET ROLE to it, write a SECURITY DEFINER function it owns that
+// someone else then calls, or, for a LOGIN role, set its password and log in
+// as it. So a grant lets the current role in only if every member of that
+// role is covered by the grant too.
+struct Asker {
+    Oid role;    // GetUserId()
+    Oid session; // GetSessionUserId()
+};
+
 // One cached answer. The cache is direct-mapped and small: a session uses a
 // handful of keys under a handful of roles.
 struct GrantAnswer {
     bool valid;
     bool allowed;
     KeyUse use;
-    Oid role;
+    Asker asker;
     uint32_t key_id;
     uint64_t generation;
     TimestampTz only_for_statement; // read in parallel mode: good for this statement only; 0 if not
@@ -46,24 +58,51 @@ constexpr int kGrantCacheSize = 64;
 GrantAnswer g_grant_cache[kGrantCacheSize];
 
 // Bumped by every invalidation that can change an answer: a committed change
-// to pgphi.key_grants (or the key tables), and any change to roles or role
-// memberships. Answers from an older generation are ignored.
+// to pgphi.key_grants or pgphi.key_grant_members (or the key tables), and any
+// change to roles or role memberships. Answers from an older generation are
+// ignored.
 uint64_t g_grant_generation = 1;
 Oid g_grants_relid = InvalidOid;
+Oid g_members_relid = InvalidOid;
 SPIPlanPtr g_plan_grantees = nullptr;
+SPIPlanPtr g_plan_grantees_before_members = nullptr;
 
 // valid_until (0.3.0: time-limited grants) through to_jsonb, which gives
 // NULL on a 0.2.0 catalog without the column. Its text is ISO 8601, which
-// timestamptz input reads whatever the session's DateStyle.
+// timestamptz input reads whatever the session's DateStyle. The third column
+// says whether the grant covers role $3 (the current role): it is the
+// grantee, or the grant recorded it as a member when it was made or a
+// custodian approved it since. The fourth whether $3 has a member the grant
+// does not cover ($4: always asked; false for a catalog before 0.3.0).
 constexpr const char* kSelectGrantees =
     "SELECT g.grantee::pg_catalog.oid, "
-    "(pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'valid_until')::pg_catalog.timestamptz "
+    "(pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'valid_until')::pg_catalog.timestamptz, "
+    "g.grantee::pg_catalog.oid OPERATOR(pg_catalog.=) $3 OR EXISTS (SELECT FROM pgphi.key_grant_members m "
+    "WHERE m.key_id OPERATOR(pg_catalog.=) g.key_id AND m.privilege OPERATOR(pg_catalog.=) g.privilege "
+    "AND m.grantee::pg_catalog.oid OPERATOR(pg_catalog.=) g.grantee::pg_catalog.oid "
+    "AND m.member::pg_catalog.oid OPERATOR(pg_catalog.=) $3), "
+    "$4 AND EXISTS (SELECT FROM pg_catalog.pg_roles r "
+    "WHERE r.oid OPERATOR(pg_catalog.<>) $3 AND NOT r.rolsuper "
+    "AND r.oid OPERATOR(pg_catalog.<>) g.grantee::pg_catalog.oid "
+    "AND pg_catalog.pg_has_role(r.oid, $3, 'MEMBER') "
+    "AND NOT EXISTS (SELECT FROM pgphi.key_grant_members m "
+    "WHERE m.key_id OPERATOR(pg_catalog.=) g.key_id AND m.privilege OPERATOR(pg_catalog.=) g.privilege "
+    "AND m.grantee::pg_catalog.oid OPERATOR(pg_catalog.=) g.grantee::pg_catalog.oid "
+    "AND m.member::pg_catalog.oid OPERATOR(pg_catalog.=) r.oid)) "
+    "FROM pgphi.key_grants g "
+    "WHERE g.key_id OPERATOR(pg_catalog.=) $1 AND g.privilege OPERATOR(pg_catalog.=) $2";
+// A catalog that predates key_grant_members (0.2.0, not yet updated): a
+// grant covers every role with the grantee's privileges, as it did then.
+constexpr const char* kSelectGranteesBeforeMembers =
+    "SELECT g.grantee::pg_catalog.oid, "
+    "(pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'valid_until')::pg_catalog.timestamptz, "
+    "$3 IS NOT NULL, $4 AND false "
     "FROM pgphi.key_grants g "
     "WHERE g.key_id OPERATOR(pg_catalog.=) $1 AND g.privilege OPERATOR(pg_catalog.=) $2";
 
 void on_relcache_invalidation(Datum, Oid relid)
 {
-    if (relid == InvalidOid || relid == g_grants_relid)
+    if (relid == InvalidOid || relid == g_grants_relid || relid == g_members_relid)
         ++g_grant_generation;
 }
 
@@ -71,64 +110,122 @@ void on_role_change(Datum, int, uint32) { ++g_grant_generation; }
 
 const char* use_name(KeyUse use) { return use == KeyUse::Encrypt ? "encrypt" : "decrypt"; }
 
-struct GranteeScan {
-    Oid role;
-    TimestampTz now;
+// What the grants of one key and use say for an asker.
+struct Verdict {
     bool allowed;
-    bool expired;           // a grant that would allow it has expired
+    bool expired;           // a grant that would let the role in has expired
+    Oid not_covered_by;     // the role joined this grantee after its grant (InvalidOid: no such refusal)
+    Oid uncovered_members_by; // the role acts for another and has members this grantee's grant does not cover
     TimestampTz expires_at; // see GrantAnswer
+};
+
+struct GranteeScan {
+    Asker asker;
+    TimestampTz now;
+    Verdict verdict;
 };
 
 void check_grantee(HeapTuple row, TupleDesc desc, void* arg)
 {
     auto* scan = static_cast<GranteeScan*>(arg);
     bool isnull;
-    Datum grantee = SPI_getbinval(row, desc, 1, &isnull);
-    if (isnull || !has_privs_of_role(scan->role, DatumGetObjectId(grantee)))
+    Datum grantee_datum = SPI_getbinval(row, desc, 1, &isnull);
+    if (isnull)
         return;
+    Oid grantee = DatumGetObjectId(grantee_datum);
+    if (!has_privs_of_role(scan->asker.role, grantee))
+        return;
+    bool covered_null;
+    if (!DatumGetBool(SPI_getbinval(row, desc, 3, &covered_null)) || covered_null) {
+        scan->verdict.not_covered_by = grantee;
+        return;
+    }
     bool no_expiry;
     Datum valid_until = SPI_getbinval(row, desc, 2, &no_expiry);
-    if (no_expiry) {
-        scan->allowed = true;
-        scan->expires_at = DT_NOEND;
-    } else if (DatumGetTimestampTz(valid_until) > scan->now) {
-        if (!scan->allowed || scan->expires_at != DT_NOEND)
-            scan->expires_at = scan->allowed ? std::max(scan->expires_at, DatumGetTimestampTz(valid_until))
-                                             : DatumGetTimestampTz(valid_until);
-        scan->allowed = true;
-    } else {
-        scan->expired = true;
+    TimestampTz until = no_expiry ? DT_NOEND : DatumGetTimestampTz(valid_until);
+    if (until != DT_NOEND && until <= scan->now) {
+        scan->verdict.expired = true;
+        return;
     }
+    bool uncovered_null;
+    if (DatumGetBool(SPI_getbinval(row, desc, 4, &uncovered_null)) && !uncovered_null) {
+        scan->verdict.uncovered_members_by = grantee;
+        return;
+    }
+    // The answer holds until the latest expiry among the grants that allow it.
+    if (!scan->verdict.allowed || (scan->verdict.expires_at != DT_NOEND && until > scan->verdict.expires_at))
+        scan->verdict.expires_at = until;
+    scan->verdict.allowed = true;
 }
 
-// Reads the key's grantees and checks the role against each. Returns whether
+// Reads the key's grantees and checks the asker against each. Returns whether
 // the answer may outlive the statement (not when read with the statement's
 // snapshot, in parallel mode).
-bool lookup_grant(Oid role, uint32_t key_id, KeyUse use, bool* allowed, bool* expired, TimestampTz* expires_at)
+bool lookup_grant(Asker asker, uint32_t key_id, KeyUse use, Verdict* verdict)
 {
-    *expired = false;
-    *expires_at = DT_NOEND;
-    if (superuser_arg(role)) {
-        *allowed = true;
+    *verdict = Verdict{false, false, InvalidOid, InvalidOid, DT_NOEND};
+    if (superuser_arg(asker.role)) {
+        verdict->allowed = true;
         return true;
     }
     Oid nsp = get_namespace_oid("pgphi", true);
     g_grants_relid = OidIsValid(nsp) ? get_relname_relid("key_grants", nsp) : InvalidOid;
+    g_members_relid = OidIsValid(nsp) ? get_relname_relid("key_grant_members", nsp) : InvalidOid;
     if (!OidIsValid(g_grants_relid)) {
         // The database still runs pgphi 0.1.0 (ALTER EXTENSION pgphi UPDATE
         // not yet run), which had no per-key grants: its roles decide alone.
-        *allowed = true;
+        verdict->allowed = true;
         return true;
     }
-    Oid argtypes[2] = {INT4OID, TEXTOID};
-    Datum args[2] = {Int32GetDatum(static_cast<int32>(key_id)), CStringGetTextDatum(use_name(use))};
-    GranteeScan scan{role, GetCurrentTimestamp(), false, false, DT_NOEND};
+    Oid argtypes[4] = {INT4OID, TEXTOID, OIDOID, BOOLOID};
+    Datum args[4] = {Int32GetDatum(static_cast<int32>(key_id)), CStringGetTextDatum(use_name(use)),
+                     ObjectIdGetDatum(asker.role), BoolGetDatum(true)};
+    GranteeScan scan{asker, GetCurrentTimestamp(), *verdict};
     bool latest = false;
-    query_catalog(&g_plan_grantees, kSelectGrantees, 2, argtypes, args, 0, check_grantee, &scan, &latest);
-    *allowed = scan.allowed;
-    *expired = !scan.allowed && scan.expired;
-    *expires_at = scan.allowed ? scan.expires_at : DT_NOEND;
+    if (OidIsValid(g_members_relid))
+        query_catalog(&g_plan_grantees, kSelectGrantees, 4, argtypes, args, 0, check_grantee, &scan, &latest);
+    else
+        query_catalog(&g_plan_grantees_before_members, kSelectGranteesBeforeMembers, 4, argtypes, args, 0,
+                      check_grantee, &scan, &latest);
+    *verdict = scan.verdict;
+    if (verdict->allowed) {
+        verdict->expired = false;
+        verdict->not_covered_by = verdict->uncovered_members_by = InvalidOid;
+    } else {
+        verdict->expires_at = DT_NOEND;
+        if (OidIsValid(verdict->not_covered_by) || OidIsValid(verdict->uncovered_members_by))
+            verdict->expired = false; // the refusal is about membership, not expiry
+    }
     return latest;
+}
+
+// The asker's answer for a key and use, from the session's cache or the
+// catalog. Refusals for an expired grant or a later member are not cached:
+// the next use reads again (and is audited again; identical events
+// coalesce), and a custodian's approval works at once.
+Verdict decide(Asker asker, uint32_t key_id, KeyUse use)
+{
+    GrantAnswer& answer = g_grant_cache[(key_id * 31u + asker.role * 7u + asker.session * 5u +
+                                         static_cast<unsigned>(use)) %
+                                        kGrantCacheSize];
+    // A time-limited answer is re-checked against the real clock (a vDSO
+    // read, only for such answers), so a grant stops working at its expiry
+    // also inside a statement that started before it; once past, the grants
+    // are read again (another grant may still allow it).
+    if (answer.valid && answer.generation == g_grant_generation && answer.asker.role == asker.role &&
+        answer.asker.session == asker.session && answer.key_id == key_id && answer.use == use &&
+        (answer.only_for_statement == 0 || answer.only_for_statement == GetCurrentStatementStartTimestamp()) &&
+        (!answer.allowed || answer.expires_at == DT_NOEND || GetCurrentTimestamp() < answer.expires_at))
+        return Verdict{answer.allowed, false, InvalidOid, InvalidOid, answer.expires_at};
+    uint64_t generation = g_grant_generation;
+    Verdict verdict;
+    bool cacheable = lookup_grant(asker, key_id, use, &verdict);
+    answer = GrantAnswer{true, verdict.allowed, use, asker, key_id, generation,
+                         cacheable ? 0 : GetCurrentStatementStartTimestamp(), verdict.expires_at};
+    if (!verdict.allowed &&
+        (verdict.expired || OidIsValid(verdict.not_covered_by) || OidIsValid(verdict.uncovered_members_by)))
+        answer.valid = false;
+    return verdict;
 }
 
 // ---------------------------------------------------------------------------
@@ -176,36 +273,12 @@ bool transport_allowed()
 
 void check_key_use(const DataKey& key, KeyUse use)
 {
-    Oid role = GetUserId();
-    uint32_t key_id = key.ref().key_id;
-    GrantAnswer& answer = g_grant_cache[(key_id * 31u + role * 7u + static_cast<unsigned>(use)) % kGrantCacheSize];
-    bool expired = false;
-    // A time-limited answer is re-checked against the real clock (a vDSO
-    // read, only for such answers), so a grant stops working at its expiry
-    // also inside a statement that started before it; once past, the grants
-    // are read again (another grant may still allow it).
-    if (answer.valid && answer.generation == g_grant_generation && answer.role == role &&
-        answer.key_id == key_id && answer.use == use &&
-        (answer.only_for_statement == 0 || answer.only_for_statement == GetCurrentStatementStartTimestamp()) &&
-        (!answer.allowed || answer.expires_at == DT_NOEND || GetCurrentTimestamp() < answer.expires_at)) {
-        if (answer.allowed)
-            return;
-    } else {
-        uint64_t generation = g_grant_generation;
-        bool allowed = false;
-        TimestampTz expires_at = DT_NOEND;
-        bool cacheable = lookup_grant(role, key_id, use, &allowed, &expired, &expires_at);
-        answer = GrantAnswer{true, allowed, use, role, key_id, generation,
-                             cacheable ? 0 : GetCurrentStatementStartTimestamp(), expires_at};
-        if (allowed)
-            return;
-        // An expired answer is not cached: the next use reads again, and is
-        // audited as an expiry again (identical events coalesce).
-        if (expired)
-            answer.valid = false;
-    }
-    char* role_name = GetUserNameFromId(role, true);
-    if (expired) {
+    Asker asker{GetUserId(), GetSessionUserId()};
+    Verdict verdict = decide(asker, key.ref().key_id, use);
+    if (verdict.allowed)
+        return;
+    char* role_name = GetUserNameFromId(asker.role, true);
+    if (verdict.expired) {
         queue_audit_event(use_name(use), AuditOutcome::Refused, key,
                           use == KeyUse::Encrypt ? "encrypt grant expired" : "decrypt grant expired");
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
@@ -214,6 +287,32 @@ void check_key_use(const DataKey& key, KeyUse use)
                                   role_name ? role_name : "?"),
                         errhint("A key custodian can grant it again with pgphi.grant_%s('%s', '%s', valid_until => ...).",
                                 use_name(use), key.name().c_str(), role_name ? role_name : "role")));
+    }
+    if (OidIsValid(verdict.not_covered_by)) {
+        char* group = GetUserNameFromId(verdict.not_covered_by, true);
+        queue_audit_event(use_name(use), AuditOutcome::Refused, key, "member not covered by the grant");
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+                        errmsg("permission denied to %s with pgphi key \"%s\"", use_name(use), key.name().c_str()),
+                        errdetail("The key is granted to role \"%s\", which role \"%s\" joined after the grant "
+                                  "was made; the grant covers the roles that were members then.",
+                                  group ? group : "?", role_name ? role_name : "?"),
+                        errhint("A key custodian other than whoever added the member can run "
+                                "pgphi.approve_grant_member('%s', '%s', '%s', '%s').",
+                                key.name().c_str(), use_name(use), group ? group : "group",
+                                role_name ? role_name : "role")));
+    }
+    if (OidIsValid(verdict.uncovered_members_by)) {
+        char* group = GetUserNameFromId(verdict.uncovered_members_by, true);
+        queue_audit_event(use_name(use), AuditOutcome::Refused, key, "role has members not covered");
+        ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+                        errmsg("permission denied to %s with pgphi key \"%s\"", use_name(use), key.name().c_str()),
+                        errdetail("Role \"%s\" has members that joined after the key was granted to role "
+                                  "\"%s\", and any of them can act as it (SET ROLE, a SECURITY DEFINER function, "
+                                  "its password).",
+                                  role_name ? role_name : "?", group ? group : "?"),
+                        errhint("A key custodian can approve those members with pgphi.approve_grant_member('%s', "
+                                "'%s', '%s', ...); pgphi.access_review() lists them.",
+                                key.name().c_str(), use_name(use), group ? group : "group")));
     }
     queue_audit_event(use_name(use), AuditOutcome::Refused, key, "no grant on the key");
     ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),

@@ -14,6 +14,12 @@
 //   - the first command of a session in which event_triggers is already off
 //     (from the connection, a role or database setting, or the server).
 // The hash chain and its anchors then show whether the trail was cut after.
+//
+// It also keeps pgphi.key_grant_members true after REVOKE, ALTER GROUP and
+// DROP ROLE in this database: a role that left a group no longer counts as
+// covered by the group's key grants, so adding it again later needs a
+// custodian again (pgphi._prune_grant_members, which expire_key_grants()
+// runs too, for role changes made while connected to another database).
 #include "shared/postgres.hpp"
 
 extern "C" {
@@ -24,6 +30,8 @@ extern "C" {
 #include "commands/event_trigger.h"
 #include "commands/extension.h"
 #include "commands/trigger.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "tcop/utility.h"
 #include "utils/guc.h"
@@ -131,6 +139,50 @@ const char* guard_change(const Node* statement)
     return nullptr;
 }
 
+// Whether the statement can end role memberships.
+bool ends_memberships(const Node* statement)
+{
+    switch (nodeTag(statement)) {
+    case T_GrantRoleStmt:
+        return !reinterpret_cast<const GrantRoleStmt*>(statement)->is_grant;
+    case T_DropRoleStmt:
+    case T_AlterRoleStmt:
+        return true;
+    default:
+        return false;
+    }
+}
+
+// Drops the grant records of roles that are no longer members, as the
+// extension's owner (whoever may REVOKE or DROP ROLE may not otherwise call
+// pgphi's functions), audited as forget_member. A catalog without them (before
+// 0.3.0) has nothing to prune.
+void prune_grant_members()
+{
+    if (!pgphi_installed())
+        return;
+    SPI_connect();
+    bool isnull = true;
+    Oid owner = InvalidOid;
+    if (SPI_execute("SELECT e.extowner FROM pg_catalog.pg_extension e "
+                    "WHERE e.extname OPERATOR(pg_catalog.=) 'pgphi' "
+                    "AND pg_catalog.to_regprocedure('pgphi._prune_grant_members()') IS NOT NULL",
+                    true, 1) == SPI_OK_SELECT &&
+        SPI_processed == 1)
+        owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+    if (OidIsValid(owner) && !isnull) {
+        // An error aborts the (sub)transaction, which restores the user.
+        Oid saved_user;
+        int saved_context;
+        GetUserIdAndSecContext(&saved_user, &saved_context);
+        SetUserIdAndSecContext(owner, saved_context | SECURITY_LOCAL_USERID_CHANGE);
+        if (SPI_execute("SELECT pgphi._prune_grant_members()", false, 0) != SPI_OK_SELECT)
+            elog(ERROR, "pgphi: could not prune the key grant records");
+        SetUserIdAndSecContext(saved_user, saved_context);
+    }
+    SPI_finish();
+}
+
 void guard_utility(PlannedStmt* planned, const char* query, bool read_only, ProcessUtilityContext context,
                    ParamListInfo params, QueryEnvironment* environment, DestReceiver* dest, QueryCompletion* completion)
 {
@@ -146,6 +198,8 @@ void guard_utility(PlannedStmt* planned, const char* query, bool read_only, Proc
         g_previous_utility(planned, query, read_only, context, params, environment, dest, completion);
     else
         standard_ProcessUtility(planned, query, read_only, context, params, environment, dest, completion);
+    if (!creating_extension && ends_memberships(statement))
+        prune_grant_members();
 }
 
 } // namespace
