@@ -15,13 +15,8 @@ GeneratedDek KeyProvider::generate_dek(const std::string& kek_ref, const DekBind
 std::string KeyProvider::create_kek(const std::string&)
 {
     throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot create KEKs", {},
-                "Create the KEK in the key manager and pass it as kek; pgphi creates KEKs in KMIP servers only.");
-}
-
-KekDescription KeyProvider::create_kek_version(const std::string&)
-{
-    throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot create KEK versions", {},
-                "Rotate the KEK in the key manager itself, then run pgphi.rewrap_keys().");
+                "Create or rotate the KEK in the key manager itself, then run pgphi.rewrap_keys(); pgphi creates "
+                "KEKs in KMIP servers and PKCS#11 tokens only.");
 }
 
 std::string KeyProvider::audit_mac(const std::string&, ByteView)

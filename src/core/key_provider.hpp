@@ -64,20 +64,16 @@ public:
 
     virtual KekDescription describe(const std::string& kek_ref) = 0;
 
-    // Makes a new version of the KEK in the key manager, for rewrap to move
-    // DEKs to (pgphi.create_kek_version). Key managers that rotate their keys
-    // themselves (Vault, KMS) and the local file cannot: ConfigError.
-    virtual KekDescription create_kek_version(const std::string& kek_ref);
-
     // A fresh DEK. By default drawn locally and wrapped; key managers that
     // generate data keys themselves override it.
     virtual GeneratedDek generate_dek(const std::string& kek_ref, const DekBinding& binding);
 
     // Creates a new KEK in the key manager, for a KEK "created by pgphi on
-    // request" (pgphi.create_kek); returns the reference that names the new
-    // key's own version (KMIP: its unique identifier). A new KEK of an
-    // existing name becomes that name's newest version, which rewrap_keys
-    // moves DEKs onto. By default a provider cannot: ConfigError.
+    // request" (pgphi.create_kek); returns what names the new key's own
+    // version (KMIP: its unique identifier; PKCS#11: its version, "v2"). A
+    // new KEK of an existing name becomes that name's newest version, which
+    // rewrap_keys moves DEKs onto. Key managers that rotate their keys
+    // themselves (Vault, KMS) and the local file cannot: ConfigError.
     virtual std::string create_kek(const std::string& kek_name);
 
     // Audit anchors: a MAC over `message` under a key that stays in the key

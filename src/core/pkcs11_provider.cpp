@@ -573,7 +573,7 @@ struct Pkcs11KeyProvider::State {
         if (versions.empty())
             throw Error(ErrorCode::KeyManagerKeyDisabled, "the PKCS#11 KEK is not usable: it is not on the token",
                         "No AES secret-key object on the token has the KEK's label or id.",
-                        "Create it (pgphi.create_kek_version, or the token's own tools), or check the KEK reference.");
+                        "Create it (pgphi.create_kek('pkcs11', ...), or the token's own tools), or check the KEK reference.");
         require_safe(versions.rbegin()->second);
         *object = versions.rbegin()->second;
         return versions.rbegin()->first;
@@ -826,7 +826,7 @@ KekDescription Pkcs11KeyProvider::describe(const std::string& kek_ref)
     });
 }
 
-KekDescription Pkcs11KeyProvider::create_kek_version(const std::string& kek_ref)
+std::string Pkcs11KeyProvider::create_kek(const std::string& kek_ref)
 {
     KekRef ref = parse_kek_ref(kek_ref);
     State& s = *state_;
@@ -868,7 +868,7 @@ KekDescription Pkcs11KeyProvider::create_kek_version(const std::string& kek_ref)
         s.check(s.call(s.fn->C_GenerateKey(s.session, &mechanism, tmpl.data(), tmpl.size(), &object)),
                 "C_GenerateKey");
         s.handles.erase(kek_ref);
-        return KekDescription{"pkcs11", kek_ref, version_text(next)};
+        return version_text(next);
     });
 }
 

@@ -9,7 +9,7 @@
 //   id:HEX      version 1 is the object whose CKA_ID is the bytes HEX,
 //               version N >= 2 the one whose CKA_ID is those bytes followed
 //               by N as two big-endian bytes
-// New wraps use the newest version present; create_kek_version() makes the
+// New wraps use the newest version present; create_kek() makes the
 // next one on the token (C_GenerateKey), and rewrap moves a DEK to it.
 //
 // Wrapped DEK layout:
@@ -62,7 +62,7 @@ public:
     WrappedDek rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
     KekDescription describe(const std::string& kek_ref) override;
     // Generates the next KEK version on the token (version 1 if none exists).
-    KekDescription create_kek_version(const std::string& kek_ref) override;
+    std::string create_kek(const std::string& kek_ref) override;
 
     // PKCS#11 functions called so far (C_Encrypt, C_Decrypt, C_FindObjects,
     // ...), for tests.

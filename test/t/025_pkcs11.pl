@@ -5,7 +5,7 @@
 # token calls there, not only in pgphi's own statistics.
 #
 # create, encrypt, decrypt, rotate, rewrap to a new KEK version (made by
-# pkcs11-tool) and destroy; the token going away (the module path pointed
+# pkcs11-tool, then by pgphi.create_kek) and destroy; the token going away (the module path pointed
 # away) and coming back, with the cache and grace behaviour; a wrong PIN
 # (42501); a KEK deleted on the token (55000); a standby decrypting from the
 # same token; a cold miss costing exactly one C_Decrypt.
@@ -134,6 +134,20 @@ is($node->safe_psql('postgres', "SELECT pgphi.flush_cache() >= 0; $decrypt"), "t
 	'values decrypt through the rewrapped DEKs');
 is($node->safe_psql('postgres', q{SELECT kv.kek_version FROM pgphi.key_versions kv JOIN pgphi.keys k USING (key_id)
 	WHERE k.name = 'by_id'}), 'v1', 'an id: KEK without a version 2 stays at version 1');
+
+# pgphi makes the next KEK version itself: pgphi.create_kek on the token
+# (C_GenerateKey, sensitive and never extractable), then rewrap_keys onto it.
+is($node->safe_psql('postgres', q{SELECT pgphi.create_kek('pkcs11', 'label:pgphi-kek')}), 'v3',
+	'pgphi.create_kek makes version 3 of the KEK on the token');
+is($node->safe_psql('postgres', q{SELECT pgphi.rewrap_keys('ssn')}), '2', 'rewrap_keys moves the DEKs ...');
+is($node->safe_psql('postgres', q{SELECT string_agg(kv.version || ':' || kv.kek_version, ',' ORDER BY kv.version)
+	FROM pgphi.key_versions kv JOIN pgphi.keys k USING (key_id) WHERE k.name = 'ssn'}),
+	'1:v3,2:v3', '... onto KEK version 3');
+is($node->safe_psql('postgres', "SELECT pgphi.flush_cache() >= 0; $decrypt"), "t\n101",
+	'values decrypt through the DEKs wrapped by the KEK pgphi made');
+my $objects = `pkcs11-tool --module $softhsm --token-label pgphi-tap --login --pin $pin -O 2>/dev/null`;
+like($objects, qr/label:\s+pgphi-kek\.v3\n(?:.*\n)*?\s+Access:\s+sensitive, always sensitive, never extractable/,
+	'the KEK pgphi made is sensitive and never extractable on the token');
 
 # The token goes away: the module path is pointed away. Cached keys keep
 # working for the grace period past their TTL, then decrypts fail (08006).

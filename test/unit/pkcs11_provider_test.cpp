@@ -160,11 +160,11 @@ TEST_F(SoftHsm, NewKekVersionsAndRewrap)
     Pkcs11KeyProvider provider(settings());
     // No KEK yet: 55000-class refusal, then pgphi creates version 1.
     EXPECT_EQ(code_of([&] { provider.describe("label:made-here"); }), ErrorCode::KeyManagerKeyDisabled);
-    EXPECT_EQ(provider.create_kek_version("label:made-here").kek_version, "v1");
+    EXPECT_EQ(provider.create_kek("label:made-here"), "v1");
     SecureBytes dek = SecureBytes::random(32);
     WrappedDek v1 = provider.wrap("label:made-here", dek, binding());
     EXPECT_EQ(v1.kek_version, "v1");
-    EXPECT_EQ(provider.create_kek_version("label:made-here").kek_version, "v2");
+    EXPECT_EQ(provider.create_kek("label:made-here"), "v2");
     EXPECT_EQ(provider.describe("label:made-here").kek_version, "v2");
     WrappedDek moved = provider.rewrap("label:made-here", ByteView(v1.blob.data(), v1.blob.size()), binding());
     EXPECT_EQ(moved.kek_version, "v2");
@@ -187,8 +187,8 @@ TEST_F(SoftHsm, NewKekVersionsAndRewrap)
     EXPECT_EQ(safe, 2u) << all;
 
     // id: references version by id suffix.
-    EXPECT_EQ(provider.create_kek_version("id:c0ffee").kek_version, "v1");
-    EXPECT_EQ(provider.create_kek_version("id:c0ffee").kek_version, "v2");
+    EXPECT_EQ(provider.create_kek("id:c0ffee"), "v1");
+    EXPECT_EQ(provider.create_kek("id:c0ffee"), "v2");
     WrappedDek by_id = provider.wrap("id:c0ffee", dek, binding());
     EXPECT_EQ(by_id.kek_version, "v2");
     EXPECT_TRUE(same(provider.unwrap("id:c0ffee", ByteView(by_id.blob.data(), by_id.blob.size()), binding()), dek));

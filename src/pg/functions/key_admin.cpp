@@ -152,9 +152,10 @@ PGPHI_FUNCTION(pgphi_rewrap_dek)
 
 // pgphi.create_kek(provider, kek_name) RETURNS text, STRICT: a new KEK made
 // in the key manager by the provider's broker (KMIP: Create and Activate an
-// AES-256 key with that Name). Returns the new KEK's own reference (KMIP:
-// its Unique Identifier). A KEK of an existing name becomes its newest
-// version: pgphi.rewrap_keys() then moves that name's DEKs onto it.
+// AES-256 key with that Name; PKCS#11: C_GenerateKey of the next version of
+// that label or id). Returns the new KEK's own reference (KMIP: its Unique
+// Identifier; PKCS#11: its version). A KEK of an existing name becomes its
+// newest version: pgphi.rewrap_keys() then moves that name's DEKs onto it.
 PGPHI_FUNCTION(pgphi_create_kek)
 {
     cache::UnwrapRequest key;
@@ -167,7 +168,7 @@ PGPHI_FUNCTION(pgphi_create_kek)
         known |= strcmp(key.provider, kBrokerProviders[i]) == 0;
     if (!known)
         ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("unknown pgphi key provider"),
-                        errhint("Available providers: local, vault, aws_kms, kmip.")));
+                        errhint("Available providers: local, vault, aws_kms, kmip, pkcs11.")));
     copy_text_arg(PG_GETARG_TEXT_PP(1), key.kek_ref, sizeof(key.kek_ref), "KEK name");
     AdminRequest* result = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
     run_admin_request(AdminRequest::Operation::CreateKek, key, false, result);
