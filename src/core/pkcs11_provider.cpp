@@ -838,9 +838,9 @@ std::string Pkcs11KeyProvider::create_kek(const std::string& kek_ref)
         std::string label;
         std::vector<uint8_t> id;
         if (ref.by_label) {
+            // No CKA_ID: a copy of version 1's would make that id name two
+            // objects, and a KEK referenced by id then unusable.
             label = next == 1 ? ref.label : ref.label + ".v" + std::to_string(next);
-            if (!versions.empty())
-                id = s.attribute_bytes(versions.begin()->second, CKA_ID);
         } else {
             id = ref.id;
             if (next > 1) {
