@@ -28,17 +28,12 @@ namespace {
 // Per-key grants
 // ---------------------------------------------------------------------------
 
-// Who asks: the current role, and the session user behind it. A grant to a
-// group covers the members it had when it was made (and those a custodian
-// approved since, pgphi.key_grant_members). Any member of a role can act as
-// that role: SET ROLE to it, write a SECURITY DEFINER function it owns that
-// someone else then calls, or, for a LOGIN role, set its password and log in
-// as it. So a grant lets the current role in only if every member of that
-// role is covered by the grant too.
-struct Asker {
-    Oid role;    // GetUserId()
-    Oid session; // GetSessionUserId()
-};
+// A grant to a group covers the members it had when it was made (and those
+// a custodian approved since, pgphi.key_grant_members). Any member of a role
+// can act as that role: SET ROLE to it, write a SECURITY DEFINER function it
+// owns that someone else then calls, or, for a LOGIN role, set its password
+// and log in as it. So a grant lets the current role in only if every member
+// of that role is covered by the grant too.
 
 // One cached answer. The cache is direct-mapped and small: a session uses a
 // handful of keys under a handful of roles.
@@ -46,7 +41,7 @@ struct GrantAnswer {
     bool valid;
     bool allowed;
     KeyUse use;
-    Asker asker;
+    Oid role;
     uint32_t key_id;
     uint64_t generation;
     TimestampTz only_for_statement; // read in parallel mode: good for this statement only; 0 if not
@@ -73,7 +68,7 @@ SPIPlanPtr g_plan_grantees_before_members = nullptr;
 // says whether the grant covers role $3 (the current role): it is the
 // grantee, or the grant recorded it as a member when it was made or a
 // custodian approved it since. The fourth whether $3 has a member the grant
-// does not cover ($4: always asked; false for a catalog before 0.3.0).
+// does not cover.
 constexpr const char* kSelectGrantees =
     "SELECT g.grantee::pg_catalog.oid, "
     "(pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'valid_until')::pg_catalog.timestamptz, "
@@ -81,7 +76,7 @@ constexpr const char* kSelectGrantees =
     "WHERE m.key_id OPERATOR(pg_catalog.=) g.key_id AND m.privilege OPERATOR(pg_catalog.=) g.privilege "
     "AND m.grantee::pg_catalog.oid OPERATOR(pg_catalog.=) g.grantee::pg_catalog.oid "
     "AND m.member::pg_catalog.oid OPERATOR(pg_catalog.=) $3), "
-    "$4 AND EXISTS (SELECT FROM pg_catalog.pg_roles r "
+    "EXISTS (SELECT FROM pg_catalog.pg_roles r "
     "WHERE r.oid OPERATOR(pg_catalog.<>) $3 AND NOT r.rolsuper "
     "AND r.oid OPERATOR(pg_catalog.<>) g.grantee::pg_catalog.oid "
     "AND pg_catalog.pg_has_role(r.oid, $3, 'MEMBER') "
@@ -96,7 +91,7 @@ constexpr const char* kSelectGrantees =
 constexpr const char* kSelectGranteesBeforeMembers =
     "SELECT g.grantee::pg_catalog.oid, "
     "(pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'valid_until')::pg_catalog.timestamptz, "
-    "$3 IS NOT NULL, $4 AND false "
+    "$3 IS NOT NULL, false "
     "FROM pgphi.key_grants g "
     "WHERE g.key_id OPERATOR(pg_catalog.=) $1 AND g.privilege OPERATOR(pg_catalog.=) $2";
 
@@ -110,7 +105,7 @@ void on_role_change(Datum, int, uint32) { ++g_grant_generation; }
 
 const char* use_name(KeyUse use) { return use == KeyUse::Encrypt ? "encrypt" : "decrypt"; }
 
-// What the grants of one key and use say for an asker.
+// What the grants of one key and use say for a role.
 struct Verdict {
     bool allowed;
     bool expired;           // a grant that would let the role in has expired
@@ -120,7 +115,7 @@ struct Verdict {
 };
 
 struct GranteeScan {
-    Asker asker;
+    Oid role;
     TimestampTz now;
     Verdict verdict;
 };
@@ -133,7 +128,7 @@ void check_grantee(HeapTuple row, TupleDesc desc, void* arg)
     if (isnull)
         return;
     Oid grantee = DatumGetObjectId(grantee_datum);
-    if (!has_privs_of_role(scan->asker.role, grantee))
+    if (!has_privs_of_role(scan->role, grantee))
         return;
     bool covered_null;
     if (!DatumGetBool(SPI_getbinval(row, desc, 3, &covered_null)) || covered_null) {
@@ -158,13 +153,13 @@ void check_grantee(HeapTuple row, TupleDesc desc, void* arg)
     scan->verdict.allowed = true;
 }
 
-// Reads the key's grantees and checks the asker against each. Returns whether
+// Reads the key's grantees and checks the role against each. Returns whether
 // the answer may outlive the statement (not when read with the statement's
 // snapshot, in parallel mode).
-bool lookup_grant(Asker asker, uint32_t key_id, KeyUse use, Verdict* verdict)
+bool lookup_grant(Oid role, uint32_t key_id, KeyUse use, Verdict* verdict)
 {
     *verdict = Verdict{false, false, InvalidOid, InvalidOid, DT_NOEND};
-    if (superuser_arg(asker.role)) {
+    if (superuser_arg(role)) {
         verdict->allowed = true;
         return true;
     }
@@ -177,15 +172,15 @@ bool lookup_grant(Asker asker, uint32_t key_id, KeyUse use, Verdict* verdict)
         verdict->allowed = true;
         return true;
     }
-    Oid argtypes[4] = {INT4OID, TEXTOID, OIDOID, BOOLOID};
-    Datum args[4] = {Int32GetDatum(static_cast<int32>(key_id)), CStringGetTextDatum(use_name(use)),
-                     ObjectIdGetDatum(asker.role), BoolGetDatum(true)};
-    GranteeScan scan{asker, GetCurrentTimestamp(), *verdict};
+    Oid argtypes[3] = {INT4OID, TEXTOID, OIDOID};
+    Datum args[3] = {Int32GetDatum(static_cast<int32>(key_id)), CStringGetTextDatum(use_name(use)),
+                     ObjectIdGetDatum(role)};
+    GranteeScan scan{role, GetCurrentTimestamp(), *verdict};
     bool latest = false;
     if (OidIsValid(g_members_relid))
-        query_catalog(&g_plan_grantees, kSelectGrantees, 4, argtypes, args, 0, check_grantee, &scan, &latest);
+        query_catalog(&g_plan_grantees, kSelectGrantees, 3, argtypes, args, 0, check_grantee, &scan, &latest);
     else
-        query_catalog(&g_plan_grantees_before_members, kSelectGranteesBeforeMembers, 4, argtypes, args, 0,
+        query_catalog(&g_plan_grantees_before_members, kSelectGranteesBeforeMembers, 3, argtypes, args, 0,
                       check_grantee, &scan, &latest);
     *verdict = scan.verdict;
     if (verdict->allowed) {
@@ -199,28 +194,28 @@ bool lookup_grant(Asker asker, uint32_t key_id, KeyUse use, Verdict* verdict)
     return latest;
 }
 
-// The asker's answer for a key and use, from the session's cache or the
+// The role's answer for a key and use, from the session's cache or the
 // catalog. Refusals for an expired grant or a later member are not cached:
 // the next use reads again (and is audited again; identical events
 // coalesce), and a custodian's approval works at once.
-Verdict decide(Asker asker, uint32_t key_id, KeyUse use)
+Verdict decide(Oid role, uint32_t key_id, KeyUse use)
 {
-    GrantAnswer& answer = g_grant_cache[(key_id * 31u + asker.role * 7u + asker.session * 5u +
+    GrantAnswer& answer = g_grant_cache[(key_id * 31u + role * 7u +
                                          static_cast<unsigned>(use)) %
                                         kGrantCacheSize];
     // A time-limited answer is re-checked against the real clock (a vDSO
     // read, only for such answers), so a grant stops working at its expiry
     // also inside a statement that started before it; once past, the grants
     // are read again (another grant may still allow it).
-    if (answer.valid && answer.generation == g_grant_generation && answer.asker.role == asker.role &&
-        answer.asker.session == asker.session && answer.key_id == key_id && answer.use == use &&
+    if (answer.valid && answer.generation == g_grant_generation && answer.role == role &&
+        answer.key_id == key_id && answer.use == use &&
         (answer.only_for_statement == 0 || answer.only_for_statement == GetCurrentStatementStartTimestamp()) &&
         (!answer.allowed || answer.expires_at == DT_NOEND || GetCurrentTimestamp() < answer.expires_at))
         return Verdict{answer.allowed, false, InvalidOid, InvalidOid, answer.expires_at};
     uint64_t generation = g_grant_generation;
     Verdict verdict;
-    bool cacheable = lookup_grant(asker, key_id, use, &verdict);
-    answer = GrantAnswer{true, verdict.allowed, use, asker, key_id, generation,
+    bool cacheable = lookup_grant(role, key_id, use, &verdict);
+    answer = GrantAnswer{true, verdict.allowed, use, role, key_id, generation,
                          cacheable ? 0 : GetCurrentStatementStartTimestamp(), verdict.expires_at};
     if (!verdict.allowed &&
         (verdict.expired || OidIsValid(verdict.not_covered_by) || OidIsValid(verdict.uncovered_members_by)))
@@ -273,11 +268,11 @@ bool transport_allowed()
 
 void check_key_use(const DataKey& key, KeyUse use)
 {
-    Asker asker{GetUserId(), GetSessionUserId()};
-    Verdict verdict = decide(asker, key.ref().key_id, use);
+    Oid role = GetUserId();
+    Verdict verdict = decide(role, key.ref().key_id, use);
     if (verdict.allowed)
         return;
-    char* role_name = GetUserNameFromId(asker.role, true);
+    char* role_name = GetUserNameFromId(role, true);
     if (verdict.expired) {
         queue_audit_event(use_name(use), AuditOutcome::Refused, key,
                           use == KeyUse::Encrypt ? "encrypt grant expired" : "decrypt grant expired");
