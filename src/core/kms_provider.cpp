@@ -216,13 +216,21 @@ SecureBytes KmsKeyProvider::unwrap(const std::string& kek_ref, ByteView wrapped,
 
 WrappedDek KmsKeyProvider::rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding)
 {
+    return *rewrap_to(kek_ref, kek_ref, wrapped, binding);
+}
+
+// ReEncrypt names the key that wrapped the DEK as the source and the new one
+// as the destination; the binding (encryption context) stays the same.
+std::optional<WrappedDek> KmsKeyProvider::rewrap_to(const std::string& source_kek, const std::string& destination_kek,
+                                                    ByteView wrapped, const DekBinding& binding)
+{
     json context = encryption_context(binding);
     json response = call("ReEncrypt", {{"CiphertextBlob", base64_encode(wrapped)},
-                                       {"SourceKeyId", source_key(kek_ref, binding)},
+                                       {"SourceKeyId", source_key(source_kek, binding)},
                                        {"SourceEncryptionContext", context},
-                                       {"DestinationKeyId", kek_ref},
+                                       {"DestinationKeyId", destination_kek},
                                        {"DestinationEncryptionContext", context}});
-    return WrappedDek{kms::ciphertext_blob(response), kms::key_id(response, kek_ref)};
+    return WrappedDek{kms::ciphertext_blob(response), kms::key_id(response, destination_kek)};
 }
 
 KekDescription KmsKeyProvider::describe(const std::string& kek_ref)

@@ -46,6 +46,8 @@ public:
     WrappedDek wrap(const std::string& kek_ref, const SecureBytes& dek, const DekBinding& binding) override;
     SecureBytes unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
     WrappedDek rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
+    std::optional<WrappedDek> rewrap_to(const std::string& source_kek, const std::string& destination_kek,
+                                        ByteView wrapped, const DekBinding& binding) override;
     KekDescription describe(const std::string& kek_ref) override;
 
     // GenerateMac / VerifyMac with an HMAC_256 KMS key (HMAC_SHA_256); the MAC
