@@ -1063,9 +1063,10 @@ class RealServiceRulesTests(unittest.TestCase):
                                   SourceEncryptionContext=context,
                                   DestinationKeyId=KMS_KEY_2, DestinationEncryptionContext=context)
         self.pgphi_kms.describe_key(KeyId=KMS_KEY)
+        # pgphi.rekey into KMS from another key manager.
+        self.pgphi_kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x" * 32, EncryptionContext=context)
         # kms:GenerateDataKey is another permission than kms:GenerateDataKeyWithoutPlaintext.
         for call in (lambda: self.pgphi_kms.generate_data_key(KeyId=KMS_KEY, KeySpec="AES_256"),
-                     lambda: self.pgphi_kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x"),
                      lambda: self.pgphi_kms.create_key(),
                      lambda: self.pgphi_kms.disable_key(KeyId=KMS_KEY)):
             with self.assertRaises(botocore.exceptions.ClientError) as caught:
@@ -1073,7 +1074,7 @@ class RealServiceRulesTests(unittest.TestCase):
             self.assertEqual(error_code(caught.exception), "AccessDeniedException")
             self.assertIn("is not authorized to perform: kms:", str(caught.exception))
         # The AWS CLI and curl --aws-sigv4 meet the same policy.
-        cli = run_aws_cli(self.emu, "encrypt", "--key-id", KMS_KEY, "--plaintext", "eA==",
+        cli = run_aws_cli(self.emu, "generate-data-key", "--key-id", KMS_KEY, "--key-spec", "AES_256",
                           akid=POLICY_AKID, secret=POLICY_SECRET)
         self.assertNotEqual(cli.returncode, 0)
         self.assertIn("AccessDeniedException", cli.stderr)
@@ -1162,8 +1163,8 @@ class RealServiceRulesTests(unittest.TestCase):
         transit.rewrap_data("pgphi-kek", wrapped)
         transit.read_key("pgphi-kek")
         self.vault().auth.token.lookup_self()          # the default policy
-        for call in (lambda: transit.encrypt_data("pgphi-kek", "eA=="),
-                     lambda: transit.generate_data_key("pgphi-kek", "plaintext"),
+        transit.encrypt_data("pgphi-kek", "eA==")       # pgphi.rekey into Vault
+        for call in (lambda: transit.generate_data_key("pgphi-kek", "plaintext"),
                      lambda: transit.rotate_key("pgphi-kek"),
                      lambda: transit.decrypt_data("precreated", wrapped)):
             with self.assertRaises(hvac.exceptions.Forbidden):
