@@ -30,11 +30,10 @@ json encryption_context(const DekBinding& binding)
 // The key a wrapped DEK names in Decrypt and ReEncrypt: the key ARN recorded
 // when it was wrapped, else the configured reference (a catalog from before
 // pgphi recorded ARNs, or one whose KEK version is not an ARN).
-const std::string& source_key(const std::string& kek_ref, const DekBinding& binding)
+std::string source_key(const std::string& kek_ref, const DekBinding& binding)
 {
-    return binding.wrapped_by.rfind("arn:", 0) == 0 && binding.wrapped_by.find(":key/") != std::string::npos
-               ? binding.wrapped_by
-               : kek_ref;
+    std::string arn = kms::arn_of_kek_version(binding.wrapped_by);
+    return arn.rfind("arn:", 0) == 0 && arn.find(":key/") != std::string::npos ? arn : kek_ref;
 }
 
 struct Partition {
@@ -191,7 +190,7 @@ GeneratedDek KmsKeyProvider::generate_dek(const std::string& kek_ref, const DekB
                           {"EncryptionContext", encryption_context(binding)}});
     GeneratedDek generated;
     generated.wrapped.blob = kms::ciphertext_blob(response);
-    generated.wrapped.kek_version = kms::key_id(response, kek_ref);
+    generated.wrapped.kek_version = kms::kek_version(response, kek_ref, "KeyMaterialId");
     return generated;
 }
 
@@ -203,7 +202,7 @@ WrappedDek KmsKeyProvider::wrap(const std::string& kek_ref, const SecureBytes& d
     json response = call("Encrypt", request);
     auto& plaintext_in_request = request["Plaintext"].get_ref<std::string&>();
     OPENSSL_cleanse(plaintext_in_request.data(), plaintext_in_request.size());
-    return WrappedDek{kms::ciphertext_blob(response), kms::key_id(response, kek_ref)};
+    return WrappedDek{kms::ciphertext_blob(response), kms::kek_version(response, kek_ref, "KeyMaterialId")};
 }
 
 SecureBytes KmsKeyProvider::unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding)
@@ -230,7 +229,8 @@ std::optional<WrappedDek> KmsKeyProvider::rewrap_to(const std::string& source_ke
                                        {"SourceEncryptionContext", context},
                                        {"DestinationKeyId", destination_kek},
                                        {"DestinationEncryptionContext", context}});
-    return WrappedDek{kms::ciphertext_blob(response), kms::key_id(response, destination_kek)};
+    return WrappedDek{kms::ciphertext_blob(response),
+                      kms::kek_version(response, destination_kek, "DestinationKeyMaterialId")};
 }
 
 KekDescription KmsKeyProvider::describe(const std::string& kek_ref)

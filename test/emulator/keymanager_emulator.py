@@ -662,8 +662,18 @@ class KmsStore:
         with self._lock:
             return sorted(self._aliases.values(), key=lambda a: a.name)
 
-    def seal(self, key: KmsKey, plaintext: bytes, context: dict) -> bytes:
-        """Encrypts under the newest backing key, as KMS does after a rotation."""
+    @staticmethod
+    def material_id(key: KmsKey, version: int) -> str:
+        """The KeyMaterialId KMS reports for a backing-key version: 64 hex digits."""
+        return hashlib.sha256(f"{key.arn}#{version}".encode()).hexdigest()
+
+    def current_material_id(self, key: KmsKey) -> str:
+        with self._lock:
+            return self.material_id(key, len(key.versions))
+
+    def seal(self, key: KmsKey, plaintext: bytes, context: dict) -> tuple[bytes, int]:
+        """Encrypts under the newest backing key, as KMS does after a rotation;
+        returns the blob and that backing-key version."""
         with self._lock:
             version = len(key.versions)
             material = key.versions[-1]
@@ -673,7 +683,7 @@ class KmsStore:
         else:
             header = BLOB_HEADER.pack(BLOB_MAGIC, uuid.UUID(key.key_id).bytes, version)
         return header + aes_gcm_seal(material, plaintext,
-                                     header + canonical_encryption_context(context))
+                                     header + canonical_encryption_context(context)), version
 
     def blob_key(self, blob: bytes) -> tuple[KmsKey, int]:
         """The key and backing-key version a ciphertext blob was made with."""
@@ -997,7 +1007,8 @@ class KmsApi:
             raise KmsError("DisabledException", f"{key.arn} is disabled.")
 
     def _open_blob(self, call: KmsCall, blob: bytes, context: dict, expected_ref,
-                   action: str | None = None) -> tuple[KmsKey, bytes]:
+                   action: str | None = None) -> tuple[KmsKey, int, bytes]:
+        """The key, backing-key version and plaintext of a blob."""
         key, version = self.store.blob_key(blob)
         if expected_ref is not None and self.store.resolve(expected_ref).key_id != key.key_id:
             raise KmsError("IncorrectKeyException",
@@ -1009,7 +1020,7 @@ class KmsApi:
             raise KmsError("InvalidKeyUsageException",
                            f"{key.arn} key usage is {key.key_usage} which is not valid for "
                            f"{call.operation}.")
-        return key, self.store.open(key, version, blob, context)
+        return key, version, self.store.open(key, version, blob, context)
 
     def _metadata(self, key: KmsKey) -> dict:
         return {
@@ -1033,7 +1044,8 @@ class KmsApi:
                 "PrimaryKey": {"Arn": key.arn, "Region": self.store.region},
                 "ReplicaKeys": []}} if key.multi_region else {}),
             **({"MacAlgorithms": [KMS_HMAC_SPECS[key.key_spec][1]]} if key.key_spec in KMS_HMAC_SPECS
-               else {"EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"]}),
+               else {"EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+                     "CurrentKeyMaterialId": self.store.current_material_id(key)}),
         }
 
     # Operations.
@@ -1045,17 +1057,19 @@ class KmsApi:
         context = kms_context(params, "EncryptionContext")
         kms_check_algorithm(params, "EncryptionAlgorithm")
         key = self._usable_key(call, key_ref)
-        return {"CiphertextBlob": b64encode(self.store.seal(key, plaintext, context)),
-                "KeyId": key.arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+        blob, _ = self.store.seal(key, plaintext, context)
+        # (Encrypt's answer names no key material, unlike the data-key and decrypt ones.)
+        return {"CiphertextBlob": b64encode(blob), "KeyId": key.arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
 
     def _decrypt(self, call: KmsCall) -> dict:
         params = call.params
         blob = kms_binary(params, "CiphertextBlob", 6144)
         context = kms_context(params, "EncryptionContext")
         kms_check_algorithm(params, "EncryptionAlgorithm")
-        key, plaintext = self._open_blob(call, blob, context, params.get("KeyId"))
+        key, version, plaintext = self._open_blob(call, blob, context, params.get("KeyId"))
         return {"KeyId": key.arn, "Plaintext": b64encode(plaintext),
-                "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+                "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                "KeyMaterialId": self.store.material_id(key, version)}
 
     def _re_encrypt(self, call: KmsCall) -> dict:
         params = call.params
@@ -1065,13 +1079,15 @@ class KmsApi:
         destination_ref = kms_required(params, "DestinationKeyId")
         kms_check_algorithm(params, "SourceEncryptionAlgorithm")
         kms_check_algorithm(params, "DestinationEncryptionAlgorithm")
-        source, plaintext = self._open_blob(call, blob, source_context,
-                                            params.get("SourceKeyId"), "kms:ReEncryptFrom")
+        source, source_version, plaintext = self._open_blob(call, blob, source_context,
+                                                            params.get("SourceKeyId"), "kms:ReEncryptFrom")
         destination = self._usable_key(call, destination_ref, action="kms:ReEncryptTo")
-        new_blob = self.store.seal(destination, plaintext, destination_context)
+        new_blob, version = self.store.seal(destination, plaintext, destination_context)
         return {"CiphertextBlob": b64encode(new_blob), "SourceKeyId": source.arn,
                 "KeyId": destination.arn, "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
-                "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+                "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                "SourceKeyMaterialId": self.store.material_id(source, source_version),
+                "DestinationKeyMaterialId": self.store.material_id(destination, version)}
 
     def _generate_data_key(self, call: KmsCall, with_plaintext: bool) -> dict:
         params = call.params
@@ -1080,8 +1096,9 @@ class KmsApi:
         context = kms_context(params, "EncryptionContext")
         key = self._usable_key(call, key_ref)
         data_key = os.urandom(length)
-        result = {"CiphertextBlob": b64encode(self.store.seal(key, data_key, context)),
-                  "KeyId": key.arn}
+        blob, version = self.store.seal(key, data_key, context)
+        result = {"CiphertextBlob": b64encode(blob), "KeyId": key.arn,
+                  "KeyMaterialId": self.store.material_id(key, version)}
         if with_plaintext:
             result["Plaintext"] = b64encode(data_key)
         return result
