@@ -157,7 +157,9 @@ FAULT_MODES = ("none", "deny", "disable_key", "throttle", "internal_error", "slo
                # a performance standby without the client's index state.
                "standby_redirect", "sealed", "namespace_locked", "missing_state")
 VAULT_ONLY_FAULTS = ("standby_redirect", "sealed", "namespace_locked", "missing_state")
-FAULT_TARGETS = ("kms", "vault", "all")
+# "sts" and "container" (the container credentials endpoint) take deny, throttle,
+# internal_error, slow, drop and malformed.
+FAULT_TARGETS = ("kms", "vault", "sts", "container", "all")
 
 
 @dataclass
@@ -243,8 +245,8 @@ class Stats:
 
     def reset(self) -> None:
         with self._lock:
-            self._operations = {"kms": {}, "vault": {}, "imds": {}}
-            self._errors = {"kms": {}, "vault": {}, "imds": {}}
+            self._operations = {"kms": {}, "vault": {}, "imds": {}, "sts": {}, "container": {}}
+            self._errors = {"kms": {}, "vault": {}, "imds": {}, "sts": {}, "container": {}}
             self._namespaces: dict[str, int] = {}
             self._counters = {"total": 0, "rejected_signatures": 0, "rejected_tokens": 0,
                               "faults_injected": 0, "denied_by_policy": 0, "vault_logins": 0}
@@ -271,6 +273,8 @@ class Stats:
             return {"kms": dict(self._operations["kms"]),
                     "vault": dict(self._operations["vault"]),
                     "imds": dict(self._operations["imds"]),
+                    "sts": dict(self._operations["sts"]),
+                    "container": dict(self._operations["container"]),
                     **self._counters,
                     "errors": {api: dict(codes) for api, codes in self._errors.items()},
                     "vault_namespaces": dict(self._namespaces)}
@@ -319,6 +323,7 @@ class AwsCredential:
     access_key_id: str
     secret_access_key: str
     session_token: str | None = None
+    expires: float | None = None       # temporary credentials (STS, container, IMDS) expire
 
 
 def parse_authorization(value: str) -> dict:
@@ -445,6 +450,9 @@ class SigV4Verifier:
         elif session_token is None or not hmac.compare_digest(
                 session_token.encode(), credential.session_token.encode()):
             raise invalid
+        if credential.expires is not None and credential.expires <= time.time():
+            raise SignatureRejected("ExpiredTokenException",
+                                    "The security token included in the request is expired")
         return credential
 
     def _check_date(self, amz_date: str | None) -> str:
@@ -864,7 +872,7 @@ class KmsApi:
         self.stats = stats
         # access key id -> IamPolicy; a credential without one may do everything
         # (the tests' administrator), one with one only what its policy allows.
-        self.policies = policies or {}
+        self.policies = policies if policies is not None else {}
         self._operations = {
             "Encrypt": self._encrypt,
             "Decrypt": self._decrypt,
@@ -2150,7 +2158,33 @@ class AdminApi:
             ("POST", "/_emulator/kms/keys"): self._create_kms_key,
             ("POST", "/_emulator/vault/keys"): self._create_vault_key,
             ("POST", "/_emulator/shutdown"): lambda body: {"status": "shutting down"},
+            ("POST", "/_emulator/jwt"): self._issue_jwt,
+            ("POST", "/_emulator/container/token"): self._set_container_token,
         }
+        self.jwt: JwtIssuer | None = None
+        self.container: ContainerCredentialsApi | None = None
+
+    def _issue_jwt(self, body: dict) -> dict:
+        """A signed identity token: {"subject", "audience", "ttl" (negative: expired),
+        "claims"}."""
+        subject, audience = body.get("subject", "system:serviceaccount:db:pgphi"), body.get("audience")
+        ttl, claims = body.get("ttl", 3600), body.get("claims") or {}
+        if not isinstance(subject, str) or not isinstance(audience, str) or not audience:
+            raise AdminError(400, "subject and audience must be strings")
+        if not isinstance(ttl, int) or not isinstance(claims, dict):
+            raise AdminError(400, "ttl must be an integer and claims an object")
+        return {"token": self.jwt.issue(subject, audience, ttl, claims)}
+
+    def _set_container_token(self, body: dict) -> dict:
+        """The authorization token the container credentials endpoint accepts from now on
+        (EKS Pod Identity rotates it)."""
+        if self.container is None:
+            raise AdminError(404, "the container credentials endpoint is not enabled")
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            raise AdminError(400, "token must be a non-empty string")
+        self.container.token = token
+        return {"status": "ok"}
 
     def handle(self, method: str, path: str, headers, body: bytes) -> HttpResponse:
         label = f"admin {method} {path}"
@@ -2300,9 +2334,15 @@ class EmulatorRequestHandler(BaseHTTPRequestHandler):
             return self.server.admin.handle(self.command, path, self.headers, body)
         if path.startswith("/v1/"):
             return self.server.vault.handle(self.command, path, query, self.headers, body)
+        if path.startswith(ContainerCredentialsApi.PATH) and self.server.container:
+            return self.server.container.handle(self.command, path, self.headers)
         target = self.headers.get("X-Amz-Target")
         if target:
             return self.server.kms.handle(target, self.command, path, query, self.headers, body)
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if self.server.sts and (content_type == "application/x-www-form-urlencoded"
+                                or "Action=" in query):
+            return self.server.sts.handle(self.command, path, query, self.headers, body)
         return json_response(404, {"errors": ["unsupported path"]},
                              label=f"{self.command} {path} (unknown API)")
 
@@ -2414,6 +2454,292 @@ def parse_kms_key_id(text: str) -> str:
     if not UUID_RE.match(text):
         raise argparse.ArgumentTypeError("KMS key ids are lowercase UUIDs")
     return text
+
+
+# --------------------------------------------------------------------------
+# Signed test identity tokens (JWT, HS256): web identity for STS, and the
+# Kubernetes service account and OIDC tokens Vault's auth methods verify
+# --------------------------------------------------------------------------
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class JwtIssuer:
+    """Issues and verifies the identity tokens the tests hand to pgphi. Real identity
+    providers sign with RS256 and publish a JWKS; a shared HMAC key is enough to make
+    a tampered, foreign or expired token fail here as it fails there."""
+
+    ISSUER = "https://oidc.emulator.invalid"
+
+    def __init__(self):
+        self._key = secrets.token_bytes(32)
+
+    def issue(self, subject: str, audience: str, ttl: int, claims: dict | None = None) -> str:
+        now = int(time.time())
+        header = {"alg": "HS256", "typ": "JWT", "kid": "emulator"}
+        payload = {"iss": self.ISSUER, "sub": subject, "aud": audience, "iat": now,
+                   "nbf": now - 5, "exp": now + ttl, "jti": str(uuid.uuid4()), **(claims or {})}
+        signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(payload).encode())
+        signature = hmac.new(self._key, signing_input.encode(), hashlib.sha256).digest()
+        return signing_input + "." + b64url(signature)
+
+    def verify(self, token) -> dict:
+        """The token's claims; ValueError("invalid ...") or ValueError("expired ...")."""
+        if not isinstance(token, str) or token.count(".") != 2:
+            raise ValueError("invalid: not a JWT")
+        head, body, signature = token.split(".")
+        try:
+            expected = hmac.new(self._key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+            if not hmac.compare_digest(expected, b64url_decode(signature)):
+                raise ValueError("invalid: signature")
+            claims = json.loads(b64url_decode(body))
+        except (binascii.Error, ValueError) as exc:
+            if str(exc).startswith("invalid"):
+                raise
+            raise ValueError("invalid: undecodable") from None
+        if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int):
+            raise ValueError("invalid: claims")
+        if claims["exp"] <= time.time():
+            raise ValueError(f"expired: {claims['exp']}")
+        return claims
+
+
+# --------------------------------------------------------------------------
+# AWS STS (query protocol, XML answers) and the container credentials endpoint
+# --------------------------------------------------------------------------
+
+STS_NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
+STS_VERSION = "2011-06-15"
+STS_AUDIENCE = "sts.amazonaws.com"
+ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,128}$")
+ROLE_SESSION_RE = re.compile(r"^[\w+=,.@-]{2,64}$")
+# What STS calls the signature failures the SigV4 verifier reports in KMS's words.
+STS_SIGNATURE_ERRORS = {
+    "UnrecognizedClientException": ("InvalidClientTokenId", 403),
+    "InvalidSignatureException": ("SignatureDoesNotMatch", 403),
+    "ExpiredTokenException": ("ExpiredToken", 400),
+    "IncompleteSignatureException": ("IncompleteSignature", 400),
+    "MissingAuthenticationTokenException": ("MissingAuthenticationToken", 403),
+}
+
+
+class StsError(Exception):
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.status = code, message, status
+
+
+def xml_escape(text: str) -> str:
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;"))
+
+
+def issue_temporary_credential(credentials: dict, policies: dict, policy, ttl: int
+                               ) -> AwsCredential:
+    """New temporary keys that KMS (and STS) accept until they expire."""
+    credential = AwsCredential("ASIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30),
+                               secrets.token_urlsafe(48), time.time() + ttl)
+    credentials[credential.access_key_id] = credential
+    if policy is not None:
+        policies[credential.access_key_id] = policy
+    return credential
+
+
+class StsApi:
+    """AssumeRole (SigV4-signed with service "sts") and AssumeRoleWithWebIdentity
+    (unsigned: the web identity token is the credential), as the query protocol
+    sends them: POST / with an application/x-www-form-urlencoded body (or the
+    parameters in the query string), answers in XML."""
+
+    def __init__(self, verifier: SigV4Verifier, kms_policies: dict, roles: dict,
+                 jwt: JwtIssuer, faults: FaultBook, stats: Stats, account_id: str):
+        self.verifier = verifier            # service "sts"; shares the credentials dict
+        self.kms_policies = kms_policies
+        self.roles = roles                  # role ARN -> IamPolicy or None
+        self.jwt = jwt
+        self.faults = faults
+        self.stats = stats
+        self.account_id = account_id
+        self.max_session_duration = 3600
+
+    def handle(self, method: str, raw_path: str, raw_query: str, headers, body: bytes
+               ) -> HttpResponse:
+        text = body.decode("utf-8", "replace") if method == "POST" else raw_query
+        params = dict(urllib.parse.parse_qsl(text, keep_blank_values=True))
+        action = params.get("Action", "")
+        self.stats.request("sts", action or "-")
+        label = f"sts {action or '-'}"
+        try:
+            if params.get("Version") != STS_VERSION:
+                raise StsError("InvalidAction", f"Could not find operation {action} for version "
+                               f"{params.get('Version', 'NO_VERSION_SPECIFIED')}")
+            if action == "AssumeRole":
+                try:
+                    caller = self.verifier.verify(method, raw_path, raw_query, headers, body)
+                except SignatureRejected as exc:
+                    self.stats.bump("rejected_signatures")
+                    code, status = STS_SIGNATURE_ERRORS.get(exc.error_type, (exc.error_type, 403))
+                    raise StsError(code, exc.message, status) from None
+            elif action == "AssumeRoleWithWebIdentity":
+                caller = None
+            else:
+                raise StsError("InvalidAction", f"Could not find operation {action} for version "
+                               f"{STS_VERSION}")
+            fault = self.faults.take_request_fault("sts")
+            if fault:
+                inject_fault(fault, self.stats, self._fault_error)
+            return self._answer(action, self._assume(action, params, caller), label)
+        except StsError as exc:
+            return self._error(exc, label)
+
+    def _fault_error(self, mode: str) -> StsError:
+        if mode == "deny":
+            return StsError("AccessDenied", "Not authorized to perform sts:AssumeRole", 403)
+        if mode == "throttle":
+            return StsError("Throttling", "Rate exceeded", 400)
+        return StsError("InternalFailure", "An internal error occurred.", 500)
+
+    def _assume(self, action: str, params: dict, caller: AwsCredential | None) -> dict:
+        role_arn, session = params.get("RoleArn"), params.get("RoleSessionName")
+        for name in ("RoleArn", "RoleSessionName"):
+            if not params.get(name):
+                raise StsError("MissingParameter",
+                               f"The request must contain the parameter {name}")
+        if not ROLE_ARN_RE.match(role_arn):
+            raise StsError("ValidationError", f"{role_arn} is invalid")
+        if not ROLE_SESSION_RE.match(session):
+            raise StsError("ValidationError",
+                           "1 validation error detected: Value at 'roleSessionName' failed to "
+                           "satisfy constraint: Member must satisfy regular expression pattern: "
+                           "[\\w+=,.@-]*")
+        try:
+            duration = int(params.get("DurationSeconds", "3600"))
+        except ValueError:
+            raise StsError("ValidationError", "DurationSeconds must be an integer") from None
+        if duration < 900:
+            raise StsError("ValidationError",
+                           "1 validation error detected: Value at 'durationSeconds' failed to "
+                           "satisfy constraint: Member must have value greater than or equal to 900")
+        if duration > self.max_session_duration:
+            raise StsError("ValidationError", "The requested DurationSeconds exceeds the "
+                           "MaxSessionDuration set for this role.")
+        subject = None
+        if action == "AssumeRoleWithWebIdentity":
+            try:
+                claims = self.jwt.verify(params.get("WebIdentityToken"))
+            except ValueError as exc:
+                if str(exc).startswith("expired"):
+                    raise StsError("ExpiredTokenException",
+                                   f"Token expired: current date/time {int(time.time())} must be "
+                                   f"before the expiration date/time{str(exc)[8:]}") from None
+                raise StsError("InvalidIdentityToken",
+                               "The web identity token that was passed could not be validated "
+                               "by AWS. Get a new identity token from the identity provider and "
+                               "then retry the request.") from None
+            if claims.get("aud") != STS_AUDIENCE:
+                raise StsError("InvalidIdentityToken", "Incorrect token audience")
+            subject = str(claims.get("sub", ""))
+            if role_arn not in self.roles:
+                raise StsError("AccessDenied", "Not authorized to perform "
+                               "sts:AssumeRoleWithWebIdentity", 403)
+        elif role_arn not in self.roles:
+            raise StsError("AccessDenied", f"User: arn:aws:iam::{self.account_id}:user/"
+                           f"{caller.access_key_id} is not authorized to perform: sts:AssumeRole "
+                           f"on resource: {role_arn}", 403)
+        credential = issue_temporary_credential(self.verifier.credentials, self.kms_policies,
+                                                self.roles[role_arn], duration)
+        role_name = role_arn.rsplit("/", 1)[-1]
+        return {"credential": credential, "subject": subject,
+                "assumed_arn": f"arn:aws:sts::{self.account_id}:assumed-role/{role_name}/{session}",
+                "assumed_id": f"AROA{hashlib.sha1(role_arn.encode()).hexdigest()[:17].upper()}:{session}"}
+
+    def _answer(self, action: str, result: dict, label: str) -> HttpResponse:
+        credential = result["credential"]
+        expiration = datetime.datetime.fromtimestamp(credential.expires, datetime.timezone.utc)
+        extra = ""
+        if result["subject"] is not None:
+            extra = (f"<SubjectFromWebIdentityToken>{xml_escape(result['subject'])}"
+                     f"</SubjectFromWebIdentityToken><Audience>{STS_AUDIENCE}</Audience>"
+                     f"<Provider>{JwtIssuer.ISSUER[len('https://'):]}</Provider>")
+        request_id = str(uuid.uuid4())
+        xml = (f'<{action}Response xmlns="{STS_NAMESPACE}">\n  <{action}Result>\n'
+               f"    {extra}<AssumedRoleUser><AssumedRoleId>{xml_escape(result['assumed_id'])}"
+               f"</AssumedRoleId><Arn>{xml_escape(result['assumed_arn'])}</Arn></AssumedRoleUser>\n"
+               f"    <Credentials>\n      <AccessKeyId>{credential.access_key_id}</AccessKeyId>\n"
+               f"      <SecretAccessKey>{xml_escape(credential.secret_access_key)}</SecretAccessKey>\n"
+               f"      <SessionToken>{xml_escape(credential.session_token)}</SessionToken>\n"
+               f"      <Expiration>{expiration.strftime('%Y-%m-%dT%H:%M:%SZ')}</Expiration>\n"
+               f"    </Credentials>\n  </{action}Result>\n  <ResponseMetadata><RequestId>"
+               f"{request_id}</RequestId></ResponseMetadata>\n</{action}Response>\n")
+        return HttpResponse(200, xml.encode(), "text/xml", {"x-amzn-RequestId": request_id}, label)
+
+    def _error(self, exc: StsError, label: str) -> HttpResponse:
+        self.stats.error("sts", exc.code)
+        LOG.info("%s failed: %s %s", label, exc.code, exc.message)
+        request_id = str(uuid.uuid4())
+        kind = "Receiver" if exc.status >= 500 else "Sender"
+        xml = (f'<ErrorResponse xmlns="{STS_NAMESPACE}">\n  <Error>\n    <Type>{kind}</Type>\n'
+               f"    <Code>{xml_escape(exc.code)}</Code>\n    <Message>{xml_escape(exc.message)}"
+               f"</Message>\n  </Error>\n  <RequestId>{request_id}</RequestId>\n</ErrorResponse>\n")
+        return HttpResponse(exc.status, xml.encode(), "text/xml", {"x-amzn-RequestId": request_id},
+                            f"{label} {exc.code}")
+
+
+class ContainerCredentialsApi:
+    """The ECS / EKS Pod Identity container credentials endpoint: GET
+    /v2/credentials/<id> with the authorization token in Authorization (when one is
+    configured) answers temporary keys in JSON, as the ECS agent and the EKS Pod
+    Identity agent do."""
+
+    PATH = "/v2/credentials/"
+
+    def __init__(self, token: str | None, ttl: int, verifier: SigV4Verifier, kms_policies: dict,
+                 policy, faults: FaultBook, stats: Stats, account_id: str):
+        self.token = token
+        self.ttl = ttl
+        self.verifier = verifier
+        self.kms_policies = kms_policies
+        self.policy = policy
+        self.faults = faults
+        self.stats = stats
+        self.account_id = account_id
+
+    def handle(self, method: str, path: str, headers) -> HttpResponse:
+        self.stats.request("container", "GET credentials")
+        label = "container credentials"
+        if method != "GET":
+            return json_response(405, {"code": "MethodNotAllowed", "message": "use GET"}, label=label)
+        fault = self.faults.take_request_fault("container")
+        if fault:
+            try:
+                inject_fault(fault, self.stats, lambda mode: ValueError(mode))
+            except ValueError as exc:
+                self.stats.error("container", str(exc))
+                status = {"deny": 403, "throttle": 429}.get(str(exc), 500)
+                return json_response(status, {"code": str(exc), "message": "injected fault"},
+                                     label=f"{label} {status}")
+        if self.token is not None:
+            given = headers.get("Authorization") or ""
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                self.stats.error("container", "unauthorized")
+                return json_response(401, {"code": "AccessDeniedException",
+                                           "message": "invalid authorization token"},
+                                     label=f"{label} 401")
+        credential = issue_temporary_credential(self.verifier.credentials, self.kms_policies,
+                                                self.policy, self.ttl)
+        expiration = datetime.datetime.fromtimestamp(credential.expires, datetime.timezone.utc)
+        return json_response(200, {
+            "RoleArn": f"arn:aws:iam::{self.account_id}:role/pgphi-task-role",
+            "AccessKeyId": credential.access_key_id,
+            "SecretAccessKey": credential.secret_access_key,
+            "Token": credential.session_token,
+            "Expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "AccountId": self.account_id}, label=label)
 
 
 class InstanceMetadataService:
@@ -2537,6 +2863,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--imds-role",
                         help="also serve the EC2 instance metadata service (IMDSv2, plain HTTP "
                              "on 127.0.0.1) with this IAM role; its port goes to STATE_DIR/imds_port")
+    parser.add_argument("--sts-role", action="append", default=[],
+                        help="ARN[=POLICY_FILE]: an IAM role STS AssumeRole and "
+                             "AssumeRoleWithWebIdentity may issue credentials for, with that IAM "
+                             "policy at KMS (repeatable; any role: STS is served)")
+    parser.add_argument("--container-credentials", action="store_true",
+                        help="serve the container credentials endpoint (GET /v2/credentials/ID)")
+    parser.add_argument("--container-credentials-token",
+                        help="the Authorization token the container endpoint requires")
+    parser.add_argument("--container-credentials-ttl", type=int, default=3600,
+                        help="lifetime in seconds of the container endpoint's credentials")
+    parser.add_argument("--container-credentials-policy",
+                        help="IAM policy (JSON) of the container endpoint's credentials at KMS")
     parser.add_argument("--max-clock-skew", type=int, default=900,
                         help="seconds a SigV4 X-Amz-Date may differ from now")
     return parser.parse_args(argv)
@@ -2608,6 +2946,32 @@ def build_server(args: argparse.Namespace) -> EmulatorServer:
                                      args.require_request_header), admin)
     server.vault.port = server.server_address[1]
     server_box.append(server)
+    jwt = JwtIssuer()
+    admin.jwt = jwt
+    server.vault.jwt = jwt
+    sts_roles = {}
+    for spec in args.sts_role:
+        arn, _, path = spec.partition("=")
+        policy = None
+        if path:
+            with open(path) as source:
+                policy = IamPolicy(json.load(source), path)
+        sts_roles[arn] = policy
+    server.sts = None
+    if sts_roles:
+        sts_verifier = SigV4Verifier(verifier.credentials, args.region, "sts", args.max_clock_skew)
+        server.sts = StsApi(sts_verifier, kms_policies, sts_roles, jwt, faults, stats,
+                            args.account_id)
+    server.container = None
+    if args.container_credentials:
+        policy = None
+        if args.container_credentials_policy:
+            with open(args.container_credentials_policy) as source:
+                policy = IamPolicy(json.load(source), args.container_credentials_policy)
+        server.container = ContainerCredentialsApi(
+            args.container_credentials_token, args.container_credentials_ttl, verifier,
+            kms_policies, policy, faults, stats, args.account_id)
+        admin.container = server.container
     server.imds = None
     if args.imds_role:
         server.imds = start_imds_server(InstanceMetadataService(args.imds_role, verifier, stats))
