@@ -249,7 +249,8 @@ class Stats:
             self._errors = {"kms": {}, "vault": {}, "imds": {}, "sts": {}, "container": {}}
             self._namespaces: dict[str, int] = {}
             self._counters = {"total": 0, "rejected_signatures": 0, "rejected_tokens": 0,
-                              "faults_injected": 0, "denied_by_policy": 0, "vault_logins": 0}
+                              "faults_injected": 0, "denied_by_policy": 0, "vault_logins": 0,
+                              "vault_unwraps": 0}
 
     def request(self, api: str, operation: str, namespace: str | None = None) -> None:
         with self._lock:
@@ -1263,6 +1264,7 @@ VAULT_CAPABILITIES = {"create", "read", "update", "patch", "delete", "list", "su
 VAULT_DEFAULT_POLICY = [("auth/token/lookup-self", {"read"}),
                         ("auth/token/renew-self", {"update"}),
                         ("auth/token/revoke-self", {"update"}),
+                        ("sys/wrapping/wrap", {"update"}),
                         ("sys/wrapping/unwrap", {"update"})]
 
 
@@ -1355,6 +1357,7 @@ class TokenStore:
         self._lock = threading.Lock()
         self._tokens: dict[str, VaultToken] = {}
         self._approles = {role.role_id: role for role in approles}
+        self._wrapped: dict[str, tuple] = {}
         self.approle_policies = ["default", *(approle_policies or [])]
         self.logins = 0
         for token_id, policies in static_tokens or []:
@@ -1383,6 +1386,36 @@ class TokenStore:
         with self._lock:
             self._tokens[token.token_id] = token
         return token
+
+    def login_as(self, method: str, role: str, namespace: str, meta: dict) -> VaultToken:
+        """A token from the Kubernetes, JWT or cert auth method (the AppRole policies)."""
+        now = time.time()
+        self.logins += 1
+        token = VaultToken(
+            "hvs." + secrets.token_urlsafe(24), secrets.token_urlsafe(18),
+            list(self.approle_policies), f"{method}-{role}", f"auth/{method}/login", namespace,
+            now, self.token_ttl, self.token_max_ttl, True, now + self.token_ttl,
+            {"role": role, **meta}, str(uuid.uuid4()))
+        with self._lock:
+            self._tokens[token.token_id] = token
+        return token
+
+    def wrap(self, data: dict, ttl: int, namespace: str) -> dict:
+        """Response wrapping: a single-use token whose secret is `data`."""
+        token, now = "hvs.wrap-" + secrets.token_urlsafe(24), time.time()
+        with self._lock:
+            self._wrapped[token] = (data, now + ttl, namespace)
+        return {"token": token, "accessor": secrets.token_urlsafe(18), "ttl": ttl,
+                "creation_time": iso_time(now), "creation_path": "sys/wrapping/wrap",
+                "wrapped_accessor": ""}
+
+    def unwrap(self, token: str | None, namespace: str) -> dict:
+        """The wrapped data, once: the wrapping token is spent by its first unwrap."""
+        with self._lock:
+            entry = self._wrapped.pop(token or "", None)
+        if entry is None or entry[1] <= time.time() or not namespace_covers(entry[2], namespace):
+            raise VaultError(400, "wrapping token is not valid or does not exist")
+        return entry[0]
 
     def lookup(self, token_id: str, namespace: str) -> VaultToken | None:
         """The live token with that id if it may be used in namespace, else None."""
@@ -1647,6 +1680,8 @@ class VaultCall:
     captures: dict
     body: dict
     token: VaultToken | None = None
+    headers: object = None
+    peer_cert: dict | None = None
 
     @property
     def mount(self) -> str:
@@ -1662,6 +1697,11 @@ class VaultCall:
 VAULT_ROUTES = [
     (("sys", "health"), {"GET": "health", "HEAD": "health"}),
     (("auth", "approle", "login"), {"POST": "login", "PUT": "login"}),
+    (("auth", "kubernetes", "login"), {"POST": "login_kubernetes", "PUT": "login_kubernetes"}),
+    (("auth", "jwt", "login"), {"POST": "login_jwt", "PUT": "login_jwt"}),
+    (("auth", "cert", "login"), {"POST": "login_cert", "PUT": "login_cert"}),
+    (("sys", "wrapping", "wrap"), {"POST": "wrap", "PUT": "wrap"}),
+    (("sys", "wrapping", "unwrap"), {"POST": "unwrap", "PUT": "unwrap"}),
     (("auth", "token", "lookup-self"), {"GET": "lookup_self", "POST": "lookup_self"}),
     (("auth", "token", "renew-self"), {"POST": "renew_self", "PUT": "renew_self"}),
     (("auth", "token", "revoke-self"), {"POST": "revoke_self", "PUT": "revoke_self"}),
@@ -1679,7 +1719,8 @@ VAULT_ROUTES = [
     (("{mount}", "verify", "{name}"), {"POST": "verify", "PUT": "verify"}),
     (("{mount}", "verify", "{name}", "{kind}"), {"POST": "verify", "PUT": "verify"}),
 ]
-VAULT_UNAUTHENTICATED = {"health", "login"}
+# Logins authenticate with what they carry; unwrap with the wrapping token itself.
+VAULT_UNAUTHENTICATED = {"health", "login", "login_kubernetes", "login_jwt", "login_cert", "unwrap"}
 VAULT_CRYPTO_OPERATIONS = {"encrypt", "decrypt", "rewrap", "datakey", "hmac", "verify"}
 # Transit's HMAC algorithms (path suffix or "algorithm"), and their hashes.
 VAULT_HMAC_ALGORITHMS = {"sha2-224": hashlib.sha224, "sha2-256": hashlib.sha256,
@@ -1699,8 +1740,13 @@ class VaultApi:
         self.stats = stats
         self.cluster_id = str(uuid.uuid4())
 
-    def handle(self, method: str, path: str, raw_query: str, headers, body: bytes
-               ) -> HttpResponse:
+    kubernetes_roles: dict = {}            # role -> (service account subject, audience or None)
+    jwt_roles: dict = {}                   # role -> (bound subject, bound audience or None)
+    cert_roles: dict = {}                  # role -> allowed common name ("*": any)
+    jwt = None                             # the JwtIssuer that signs the tests' tokens
+
+    def handle(self, method: str, path: str, raw_query: str, headers, body: bytes,
+               peer_cert: dict | None = None) -> HttpResponse:
         if method == "GET" and urllib.parse.parse_qs(raw_query).get("list") == ["true"]:
             method = "LIST"
         segments = [urllib.parse.unquote(s) for s in path[len("/v1/"):].split("/") if s]
@@ -1723,7 +1769,8 @@ class VaultApi:
             if fault:
                 inject_fault(fault, self.stats,
                              lambda mode: self._fault_error(mode, None, path, raw_query))
-            call = VaultCall(operation, namespace, captures, self._parse_body(body))
+            call = VaultCall(operation, namespace, captures, self._parse_body(body),
+                             headers=headers, peer_cert=peer_cert)
             if operation not in VAULT_UNAUTHENTICATED:
                 call.token = self._authenticate(headers, namespace)
                 self._authorize(call, method, relative_path)
@@ -1885,6 +1932,83 @@ class VaultApi:
         token = self.tokens.login_approle(role_id, secret_id, call.namespace)
         self.stats.bump("vault_logins")
         return 200, self._envelope(auth=self._auth_block(token), mount_type="approle")
+
+    def _login_token(self, call: VaultCall, claims_of: Callable, roles: dict, method: str):
+        role = call.body.get("role")
+        if not isinstance(role, str) or not role:
+            raise VaultError(400, "missing role")
+        if role not in roles:
+            raise VaultError(400, f'invalid role name "{role}"' if method == "kubernetes"
+                             else f'role "{role}" could not be found')
+        jwt = call.body.get("jwt")
+        if not isinstance(jwt, str) or not jwt:
+            raise VaultError(400, "missing jwt")
+        claims = claims_of(jwt)
+        subject, audience = roles[role]
+        if claims.get("sub") != subject:
+            raise VaultError(403 if method == "kubernetes" else 400,
+                             "service account name not authorized" if method == "kubernetes"
+                             else "error validating claims: sub claim does not match bound subject")
+        if audience and claims.get("aud") != audience:
+            raise VaultError(403 if method == "kubernetes" else 400,
+                             "invalid audience (aud) claim: audience claim does not match any "
+                             "expected audience")
+        token = self.tokens.login_as(method, role, call.namespace, {"sub": subject})
+        self.stats.bump("vault_logins")
+        return 200, self._envelope(auth=self._auth_block(token), mount_type=method)
+
+    def _op_login_kubernetes(self, call: VaultCall):
+        def claims_of(jwt: str) -> dict:
+            # Vault asks the cluster's TokenReview API, which refuses an invalid or
+            # expired service account token; Vault answers 403 permission denied.
+            try:
+                return self.jwt.verify(jwt)
+            except ValueError:
+                raise VaultError(403, "permission denied") from None
+        return self._login_token(call, claims_of, self.kubernetes_roles, "kubernetes")
+
+    def _op_login_jwt(self, call: VaultCall):
+        def claims_of(jwt: str) -> dict:
+            try:
+                return self.jwt.verify(jwt)
+            except ValueError as exc:
+                if str(exc).startswith("expired"):
+                    raise VaultError(400, "error validating token: token is expired") from None
+                raise VaultError(400, "error validating token: invalid signature") from None
+        return self._login_token(call, claims_of, self.jwt_roles, "jwt")
+
+    def _op_login_cert(self, call: VaultCall):
+        name = call.body.get("name") or None
+        invalid = VaultError(400, "invalid certificate or no client certificate supplied")
+        if not call.peer_cert:
+            raise invalid
+        subject = dict(part for rdn in call.peer_cert.get("subject", ()) for part in rdn)
+        common_name = subject.get("commonName", "")
+        candidates = [name] if name else sorted(self.cert_roles)
+        for role in candidates:
+            if role in self.cert_roles and self.cert_roles[role] in ("*", common_name):
+                token = self.tokens.login_as("cert", role, call.namespace, {"common_name": common_name})
+                self.stats.bump("vault_logins")
+                return 200, self._envelope(auth=self._auth_block(token), mount_type="cert")
+        raise invalid
+
+    def _op_wrap(self, call: VaultCall):
+        ttl_header = call.headers.get("X-Vault-Wrap-TTL") if call.headers else None
+        try:
+            ttl = parse_duration(ttl_header) if ttl_header else 300
+        except ValueError as exc:
+            raise VaultError(400, str(exc)) from None
+        if not call.body:
+            raise VaultError(400, "empty wrap request")
+        envelope = self._envelope()
+        envelope["wrap_info"] = self.tokens.wrap(call.body, ttl, call.namespace)
+        return 200, envelope
+
+    def _op_unwrap(self, call: VaultCall):
+        token = call.body.get("token") or (call.headers.get("X-Vault-Token") if call.headers else None)
+        data = self.tokens.unwrap(token, call.namespace)
+        self.stats.bump("vault_unwraps")
+        return 200, self._envelope(data=data)
 
     @staticmethod
     def _auth_block(token: VaultToken) -> dict:
@@ -2333,7 +2457,8 @@ class EmulatorRequestHandler(BaseHTTPRequestHandler):
         if path.startswith("/_emulator/"):
             return self.server.admin.handle(self.command, path, self.headers, body)
         if path.startswith("/v1/"):
-            return self.server.vault.handle(self.command, path, query, self.headers, body)
+            peer = self.connection.getpeercert() if hasattr(self.connection, "getpeercert") else None
+            return self.server.vault.handle(self.command, path, query, self.headers, body, peer)
         if path.startswith(ContainerCredentialsApi.PATH) and self.server.container:
             return self.server.container.handle(self.command, path, self.headers)
         target = self.headers.get("X-Amz-Target")
@@ -2422,13 +2547,19 @@ class EmulatorServer(ThreadingHTTPServer):
         LOG.debug("connection from %s ended with an error", client_address[0], exc_info=True)
 
 
-def make_tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+def make_tls_context(cert: str, key: str, client_ca: str | None,
+                     optional_client_ca: str | None = None) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
     if client_ca:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(cafile=client_ca)
+    elif optional_client_ca:
+        # As a Vault listener for cert auth: a client certificate is asked for and,
+        # when sent, verified, but connections without one are served too.
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(cafile=optional_client_ca)
     return context
 
 
@@ -2850,6 +2981,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--aws-policy", action="append", default=[],
                         help="AKID=FILE: the IAM policy (JSON) of that credential; credentials "
                              "without one may do everything (repeatable)")
+    parser.add_argument("--vault-kubernetes-role", action="append", default=[],
+                        help="ROLE=SUBJECT[@AUDIENCE]: auth/kubernetes/login accepts service "
+                             "account tokens (control API /_emulator/jwt) with that sub (repeatable)")
+    parser.add_argument("--vault-jwt-role", action="append", default=[],
+                        help="ROLE=SUBJECT[@AUDIENCE]: auth/jwt/login's bound subject and "
+                             "audience (repeatable)")
+    parser.add_argument("--vault-cert-role", action="append", default=[],
+                        help="NAME=COMMON_NAME ('*': any): auth/cert/login accepts a client "
+                             "certificate from --vault-cert-ca with that CN (repeatable)")
+    parser.add_argument("--vault-cert-ca",
+                        help="CA of client certificates for cert auth: asked for, not required")
     parser.add_argument("--approle-token-ttl", type=int, default=3600,
                         help="TTL in seconds of tokens issued by AppRole login")
     parser.add_argument("--approle-token-max-ttl", type=int, default=86400,
@@ -2940,7 +3082,8 @@ def build_server(args: argparse.Namespace) -> EmulatorServer:
 
     admin = AdminApi(args.admin_token, kms_store, transit, tokens, mounts[0], faults, stats,
                      request_shutdown)
-    server = EmulatorServer(args.port, make_tls_context(args.cert, args.key, args.client_ca),
+    server = EmulatorServer(args.port, make_tls_context(args.cert, args.key, args.client_ca,
+                                                        args.vault_cert_ca),
                             KmsApi(kms_store, verifier, faults, stats, kms_policies),
                             VaultApi(transit, tokens, mounts, faults, stats, vault_policies,
                                      args.require_request_header), admin)
@@ -2949,6 +3092,20 @@ def build_server(args: argparse.Namespace) -> EmulatorServer:
     jwt = JwtIssuer()
     admin.jwt = jwt
     server.vault.jwt = jwt
+
+    def role_specs(specs: list, with_audience: bool) -> dict:
+        roles = {}
+        for spec in specs:
+            role, _, bound = spec.partition("=")
+            if with_audience:
+                subject, _, audience = bound.partition("@")
+                roles[role] = (subject, audience or None)
+            else:
+                roles[role] = bound or "*"
+        return roles
+    server.vault.kubernetes_roles = role_specs(args.vault_kubernetes_role, True)
+    server.vault.jwt_roles = role_specs(args.vault_jwt_role, True)
+    server.vault.cert_roles = role_specs(args.vault_cert_role, False)
     sts_roles = {}
     for spec in args.sts_role:
         arn, _, path = spec.partition("=")
