@@ -69,6 +69,11 @@ std::unique_ptr<KeyProvider> build(std::string_view name)
         settings.approle_role_id_file = str(vault_approle_role_id_file);
         settings.approle_secret_id_file = str(vault_approle_secret_id_file);
         settings.approle_mount = str(vault_approle_mount);
+        settings.approle_wrapped_secret_id_file = str(vault_approle_wrapped_secret_id_file);
+        settings.auth_method = str(vault_auth_method);
+        settings.auth_mount = str(vault_auth_mount);
+        settings.auth_role = str(vault_auth_role);
+        settings.jwt_file = str(vault_jwt_file);
         settings.tls = TlsSettings{str(vault_ca_file), str(vault_client_cert), str(vault_client_key)};
         settings.timeouts = timeouts();
         settings.retry = retry_policy();
