@@ -69,6 +69,8 @@ write("ciphertext", "not-ciphertext", b"123-45-6789")
 # vault_response: what Vault answers to each call pgphi makes.
 dek = bytes(range(32))
 wrapped = "vault:v1:" + b64(bytes(range(60)))
+write("vault_response", "unwrap-secret-id", {"request_id": "r9", "data": {"secret_id": "fuzz-secret-id-0001"},
+                                            "wrap_info": None})
 write("vault_response", "datakey-wrapped", {"request_id": "r1", "data": {"ciphertext": wrapped, "key_version": 1}})
 write("vault_response", "rewrap", {"data": {"ciphertext": "vault:v12:" + b64(bytes(range(1, 61))), "key_version": 12}})
 write("vault_response", "decrypt", {"data": {"plaintext": b64(dek)}})
