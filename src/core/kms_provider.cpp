@@ -79,6 +79,11 @@ bool matches_partition(const std::string& region, const std::string& prefix)
 
 std::string kms_default_endpoint(const std::string& region, bool fips, bool dualstack)
 {
+    return aws_default_endpoint("kms", region, fips, dualstack);
+}
+
+std::string aws_default_endpoint(const std::string& service, const std::string& region, bool fips, bool dualstack)
+{
     // The endpoint rules require a valid host label (RFC 1123, lower case here).
     bool valid = !region.empty() && region.size() <= 63 && region.front() != '-' && region.back() != '-';
     for (char c : region)
@@ -90,7 +95,7 @@ std::string kms_default_endpoint(const std::string& region, bool fips, bool dual
     for (const Partition& candidate : kPartitions)
         if (matches_partition(region, candidate.region_prefix))
             partition = &candidate;
-    return std::string("https://") + (fips ? "kms-fips." : "kms.") + region + "." +
+    return "https://" + service + (fips ? "-fips." : ".") + region + "." +
            (dualstack ? partition->dualstack_suffix : partition->dns_suffix);
 }
 
@@ -124,8 +129,19 @@ json KmsKeyProvider::call(const std::string& operation, const json& body)
         signing.headers = {{"host", endpoint_.host_header},
                            {"content-type", "application/x-amz-json-1.1"},
                            {"x-amz-target", "TrentService." + operation}};
-        const sigv4::Credentials& credentials = credentials_.get(std::time(nullptr));
-        std::string authorization = sigv4::sign(signing, credentials, settings_.region, "kms", std::time(nullptr));
+        std::string authorization;
+        try {
+            // A credential source that cannot be reached (STS, the container
+            // endpoint or the metadata service down or throttling) is retried
+            // like KMS itself; a refusal is not.
+            const sigv4::Credentials& credentials = credentials_.get(std::time(nullptr));
+            authorization = sigv4::sign(signing, credentials, settings_.region, "kms", std::time(nullptr));
+        } catch (const Error& e) {
+            if (e.code() != ErrorCode::KeyManagerUnavailable)
+                throw;
+            last_error = e;
+            return false;
+        }
 
         HttpRequest request;
         request.method = "POST";

@@ -22,6 +22,8 @@ namespace pgphi {
 // DNS suffix, FIPS uses "kms-fips", dual-stack the partition's dual-stack
 // suffix. Throws ConfigError for a region that is not a host label.
 std::string kms_default_endpoint(const std::string& region, bool fips, bool dualstack);
+// The same rules for another service ("sts": the regional STS endpoint).
+std::string aws_default_endpoint(const std::string& service, const std::string& region, bool fips, bool dualstack);
 
 struct KmsSettings {
     std::string region;

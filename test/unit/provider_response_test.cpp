@@ -182,6 +182,23 @@ TEST(KmsResponse, MalformedAnswersAreProviderErrors)
     EXPECT_TRUE(wiped(decrypt["Plaintext"].get<std::string>()));
 }
 
+TEST(VaultResponses, UnwrappedSecretIdMovesOutOfTheAnswer)
+{
+    json answer = json::parse(R"({"data": {"secret_id": "5c1e-secret"}, "wrap_info": null})");
+    SecureBytes secret_id;
+    vault::unwrapped_secret_id(answer, secret_id);
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(secret_id.data()), secret_id.size()), "5c1e-secret");
+    EXPECT_TRUE(wiped(answer["data"]["secret_id"].get<std::string>()));
+    for (const char* body : {R"({"data": {"secret_id": ""}})", R"({"data": {"secret_id": 7}})",
+                             R"({"data": {"token": "x"}})", R"({"data": null})", "{}"}) {
+        json bad = json::parse(body);
+        EXPECT_EQ(refusal([&] { vault::unwrapped_secret_id(bad, secret_id); }), ErrorCode::ProviderError) << body;
+    }
+    json line_break = json::parse(R"({"data": {"secret_id": "a\nX-Vault-Token: b"}})");
+    EXPECT_EQ(refusal([&] { vault::unwrapped_secret_id(line_break, secret_id); }), ErrorCode::ProviderError);
+    EXPECT_TRUE(wiped(line_break["data"]["secret_id"].get<std::string>()));
+}
+
 TEST(MetadataService, ParsesAndChecksWhatGoesIntoTheNextRequest)
 {
     EXPECT_EQ(aws::imds_role_name("pgphi-db-role\n"), "pgphi-db-role");
