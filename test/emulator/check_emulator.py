@@ -1435,11 +1435,11 @@ class StsAndContainerTests(unittest.TestCase):
     def assert_works_at_kms(self, credentials: dict) -> None:
         kms = kms_client(self.emulator, credentials["AccessKeyId"], credentials["SecretAccessKey"],
                          credentials["SessionToken"])
-        # The role's policy is pgphi's: GenerateDataKeyWithoutPlaintext yes, Encrypt no.
+        # The role's policy is pgphi's: GenerateDataKeyWithoutPlaintext yes, GenerateDataKey no.
         blob = kms.generate_data_key_without_plaintext(KeyId=KMS_KEY, KeySpec="AES_256")
         self.assertTrue(blob["CiphertextBlob"])
         with self.assertRaises(botocore.exceptions.ClientError) as caught:
-            kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x")
+            kms.generate_data_key(KeyId=KMS_KEY, KeySpec="AES_256")
         self.assertEqual(error_code(caught.exception), "AccessDeniedException")
 
     def test_assume_role(self):
