@@ -3863,7 +3863,10 @@ CREATE FUNCTION pgphi._rekey_dek(provider text, kek text, key_id integer, versio
     AS 'MODULE_PATHNAME', 'pgphi_rekey_dek' LANGUAGE C VOLATILE STRICT;
 
 -- The destination's KEK reference as the catalog stores it; refuses an
--- unknown provider or a missing KEK.
+-- unknown provider, a missing KEK, and a reference no key manager takes (too
+-- long for the key broker, or with control characters, which would forge
+-- lines in the audit trail and the server log). The KEK is not repeated: a
+-- misplaced argument could be PHI.
 CREATE FUNCTION pgphi._rekey_target(provider text, kek text) RETURNS text
     LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $$
@@ -3876,20 +3879,66 @@ BEGIN
         RAISE EXCEPTION 'provider % needs the KEK to use', provider USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, the KMIP key''s Name or Unique Identifier, or the PKCS#11 key as label:NAME or id:HEX.';
     END IF;
+    IF octet_length(kek) > 255 OR kek = '' OR kek ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'invalid KEK reference for provider %', provider USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = 'A KEK reference has 1 to 255 bytes and no control characters; pgphi does not repeat it.';
+    END IF;
     RETURN coalesce(kek, 'default');
 END
 $$;
 
+-- Why `approver` cannot be the second custodian of `requester`, or NULL: an
+-- approval counts only from a role the requester does not control, the same
+-- rule as for approve_grant_member (70_access_control_and_views.sql).
+CREATE FUNCTION pgphi._approval_dependence(requester name, approver name) RETURNS text
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN requester = approver THEN 'it is the same role'
+        WHEN pg_has_role(requester, approver, 'MEMBER') OR pg_has_role(approver, requester, 'MEMBER')
+            THEN 'one role is a member of the other'
+        -- CREATEROLE (on 15, enough to make any role a custodian, or reset
+        -- its password), or ADMIN OPTION on the approver or on a role between
+        -- it and pgphi_key_custodian.
+        WHEN (SELECT r.rolcreaterole FROM pg_roles r WHERE r.rolname = requester)
+            THEN format('%s has CREATEROLE', requester)
+        WHEN EXISTS (SELECT FROM pg_roles x
+                      WHERE (x.rolname = approver OR (pg_has_role(approver, x.oid, 'MEMBER')
+                                                     AND pg_has_role(x.oid, 'pgphi_key_custodian', 'MEMBER')))
+                        AND pg_has_role(requester, x.oid, 'MEMBER WITH ADMIN OPTION'))
+            THEN format('%s has ADMIN OPTION on %s or a role that makes it a key custodian', requester, approver)
+        -- A membership on the approver's way to pgphi_key_custodian granted by
+        -- the requester, a role it belongs to, or a role dropped since.
+        WHEN EXISTS (SELECT FROM pg_auth_members am LEFT JOIN pg_roles g ON g.oid = am.grantor
+                      WHERE pg_has_role(am.roleid, 'pgphi_key_custodian', 'MEMBER')
+                        AND (am.member = (SELECT r.oid FROM pg_roles r WHERE r.rolname = approver)
+                             OR pg_has_role(approver, am.member, 'MEMBER'))
+                        AND (g.oid IS NULL OR pg_has_role(requester, g.oid, 'MEMBER')))
+            THEN format('%s, a role it belongs to or a dropped role made %s a key custodian', requester, approver)
+    END
+$$;
+
 -- A second key custodian approves moving a key to this provider and KEK
--- (valid for a day, used up by the rekey it allows).
-CREATE FUNCTION pgphi.approve_rekey(name text, provider text, kek text DEFAULT NULL) RETURNS void
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+-- (valid for a day, used up by the rekey it allows). A procedure, called by
+-- the approver itself: a view, a trigger or a function somebody else wrote
+-- cannot approve in the approver's session (CALL is refused outside a
+-- statement of its own).
+CREATE PROCEDURE pgphi.approve_rekey(name text, provider text, kek text DEFAULT NULL)
+    LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     target_id integer := pgphi._key_id(approve_rekey.name);
     target_kek text := pgphi._rekey_target(approve_rekey.provider, approve_rekey.kek);
+    stack text;
 BEGIN
+    GET DIAGNOSTICS stack = PG_CONTEXT;
+    IF pg_trigger_depth() > 0 OR strpos(stack, E'\n') > 0 THEN
+        RAISE EXCEPTION 'pgphi.approve_rekey must be called by the approving custodian itself'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'It was called from a trigger or another routine, which could act for somebody else.',
+                  HINT = 'Run CALL pgphi.approve_rekey(...) as a statement of its own.';
+    END IF;
     IF target_id IS NULL THEN
         RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
             DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
@@ -3905,10 +3954,12 @@ END
 $$;
 
 -- The first step of pgphi.rekey: new DEK versions of the key go to the
--- destination from now on, and every existing version records the provider
--- and KEK that still wrap it until it is moved. Called again for the same
--- destination (a rekey that stopped), it changes nothing and needs no new
--- approval. Returns the key's id.
+-- destination from now on, every existing version records the provider and
+-- KEK that still wrap it until it is moved, and the first version moves in
+-- the same transaction, so a destination that does not work changes nothing
+-- (and leaves the approval unused). Called again for the same destination (a
+-- rekey that stopped), or back to a provider and KEK that still wrap pending
+-- versions, it needs no new approval. Returns the key's id.
 CREATE FUNCTION pgphi._rekey_start(key_name text, provider text, kek text) RETURNS integer
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -3926,19 +3977,23 @@ BEGIN
     IF key.provider = _rekey_start.provider AND key.kek_ref = target_kek THEN
         RETURN key.key_id;
     END IF;
-    SELECT array_agg(a.approved_by ORDER BY a.approved_by) INTO approvers
-      FROM pgphi.rekey_approvals a
-     WHERE a.key_id = key.key_id AND a.provider = _rekey_start.provider AND a.kek_ref = target_kek
-       AND a.approved_at > pg_catalog.now() - interval '1 day'
-       AND a.approved_by <> session_user
-       AND pg_catalog.pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
-    IF approvers IS NULL THEN
-        RAISE EXCEPTION 'moving pgphi key "%" to provider %, KEK % needs the approval of a second key custodian',
-            key.name, _rekey_start.provider, target_kek
-            USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'Whoever holds a KEK can unwrap the DEKs it wraps.',
-                  HINT = pg_catalog.format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_rekey(%L, %L, %L);',
-                                           key.name, _rekey_start.provider, target_kek);
+    IF NOT EXISTS (SELECT FROM pgphi.key_versions v
+                    WHERE v.key_id = key.key_id AND v.wrapped_dek IS NOT NULL
+                      AND v.rekey_source_provider = _rekey_start.provider AND v.rekey_source_kek = target_kek) THEN
+        SELECT array_agg(a.approved_by ORDER BY a.approved_by) INTO approvers
+          FROM pgphi.rekey_approvals a
+         WHERE a.key_id = key.key_id AND a.provider = _rekey_start.provider AND a.kek_ref = target_kek
+           AND a.approved_at > pg_catalog.now() - interval '1 day'
+           AND pg_catalog.pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER')
+           AND pgphi._approval_dependence(session_user, a.approved_by) IS NULL;
+        IF approvers IS NULL THEN
+            RAISE EXCEPTION 'moving pgphi key "%" to provider % needs the approval of a second key custodian',
+                key.name, _rekey_start.provider
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = 'Whoever holds a KEK can unwrap the DEKs it wraps. Approvals by the caller, or by roles it controls (CREATEROLE, ADMIN OPTION, memberships it granted), do not count.',
+                      HINT = pg_catalog.format('Another member of pgphi_key_custodian runs CALL pgphi.approve_rekey(%L, %L, <the KEK>);',
+                                               key.name, _rekey_start.provider);
+        END IF;
     END IF;
     -- Versions that a rekey left under the new destination are home already.
     UPDATE pgphi.key_versions v SET rekey_source_provider = NULL, rekey_source_kek = NULL
@@ -3949,6 +4004,8 @@ BEGIN
     UPDATE pgphi.keys k SET provider = _rekey_start.provider, kek_ref = target_kek
      WHERE k.key_id = key.key_id;
     DELETE FROM pgphi.rekey_approvals a WHERE a.key_id = key.key_id;
+    -- The destination works, or nothing here commits.
+    PERFORM pgphi._rekey_next(key.key_id);
     RETURN key.key_id;
 END
 $$;
@@ -4011,15 +4068,14 @@ BEGIN
 END
 $$;
 
-GRANT EXECUTE ON FUNCTION pgphi.approve_rekey(text, text, text), pgphi._rekey_start(text, text, text),
-    pgphi._rekey_next(integer) TO pgphi_key_custodian;
 
 REVOKE ALL ON FUNCTION pgphi._rekey_dek(text, text, integer, integer, text, bytea, text, text),
-    pgphi._rekey_target(text, text), pgphi.approve_rekey(text, text, text), pgphi._rekey_start(text, text, text),
+    pgphi._rekey_target(text, text), pgphi._approval_dependence(name, name), pgphi._rekey_start(text, text, text),
     pgphi._rekey_next(integer) FROM PUBLIC;
-REVOKE ALL ON PROCEDURE pgphi.rekey(text, text, text) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE pgphi.approve_rekey(text, text, text), pgphi.rekey(text, text, text) FROM PUBLIC;
 
-GRANT EXECUTE ON PROCEDURE pgphi.rekey(text, text, text) TO pgphi_key_custodian;
+GRANT EXECUTE ON FUNCTION pgphi._rekey_start(text, text, text), pgphi._rekey_next(integer) TO pgphi_key_custodian;
+GRANT EXECUTE ON PROCEDURE pgphi.approve_rekey(text, text, text), pgphi.rekey(text, text, text) TO pgphi_key_custodian;
 
 -- (end of section: rekey)
 

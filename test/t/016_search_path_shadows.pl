@@ -326,6 +326,8 @@ my %mechanism = (
 	'pgphi._changes_pgphi_members(pg_ddl_command)' => "ALTER EXTENSION pgphi DROP FUNCTION pgphi.flush_cache()",
 	# Ends in its error with the local provider, so the statistics do not count it.
 	'pgphi.create_kek(text,text)' => "SELECT pgphi.create_kek('local', 'kek_{ID}')",
+	# The independence of a rekey's approver (reached when a rekey needs an approval).
+	'pgphi._approval_dependence(name,name)' => "SELECT pgphi._approval_dependence('custodian', 'custodian2')",
 	# Finishes the rekey the fixture left in the middle (no approval needed).
 	'pgphi.rekey(text,text,text)' => "CALL pgphi.rekey('rk_{ID}', 'local')",
 	# Resuming needs a second custodian: the caller's own approval (made by

@@ -33,6 +33,7 @@ my $routines = <<'TABLE';
 # routine                                                                    touches public enc   enc_g dec   dec_g app   cust  aud   super
 pgphi._acting_role()                                                         key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._active_version(integer)                                               key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._approval_dependence(name,name)                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._audit(text,integer,integer,text,text)                                 key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._audit_anchor_last_known()                                             key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._audit_anchors_are_append_only()                                       key     -      -     -     -     -     -     -     -     x

@@ -107,7 +107,7 @@ sub rekey_step
 	my ($key, $provider, $kek, $expected_wrapper) = @_;
 	my $name = "$key to $provider";
 	$emulator->reset_stats;
-	like(as_role('bob', qq{SELECT pgphi.approve_rekey('$key', '$provider', '$kek')}), qr/^ok/, "$name: bob approves");
+	like(as_role('bob', qq{CALL pgphi.approve_rekey('$key', '$provider', '$kek')}), qr/^ok/, "$name: bob approves");
 	like(as_role('alice', qq{CALL pgphi.rekey('$key', '$provider', '$kek')}),
 		qr/^ok: (?:.*version \d moved from provider \w+ to provider $provider\n){3}.*every DEK version is under provider $provider/s,
 		"$name: alice moves all three versions");
@@ -122,23 +122,78 @@ sub rekey_step
 
 # The rules first.
 like(as_role('alice', q{CALL pgphi.rekey('mrn_key', 'vault', 'pgphi-kek')}),
-	qr/42501: moving pgphi key "mrn_key" to provider vault, KEK pgphi-kek needs the approval of a second key custodian/,
+	qr/42501: moving pgphi key "mrn_key" to provider vault needs the approval of a second key custodian/,
 	'one custodian alone cannot move a key (42501)');
-like(as_role('alice', q{SELECT pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek');
+like(as_role('alice', q{CALL pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek');
 	CALL pgphi.rekey('mrn_key', 'vault', 'pgphi-kek')}),
 	qr/42501: .*needs the approval of a second key custodian/s, 'nor by approving it herself');
 like(as_role('mallory', q{CALL pgphi.rekey('mrn_key', 'vault', 'pgphi-kek')}),
 	qr/42501: permission denied for procedure rekey/, 'a role that is no custodian cannot call it');
-like(as_role('mallory', q{SELECT pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek')}),
-	qr/42501: permission denied for function approve_rekey/, '... nor approve');
-like(as_role('bob', q{SELECT pgphi.approve_rekey('mrn_key', 'nowhere', 'x')}),
+like(as_role('mallory', q{CALL pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek')}),
+	qr/42501: permission denied for procedure approve_rekey/, '... nor approve');
+like(as_role('bob', q{CALL pgphi.approve_rekey('mrn_key', 'nowhere', 'x')}),
 	qr/22023: unknown pgphi key provider/, 'an unknown provider is refused (22023)');
-like(as_role('bob', q{SELECT pgphi.approve_rekey('mrn_key', 'vault')}),
+like(as_role('bob', q{CALL pgphi.approve_rekey('mrn_key', 'vault')}),
 	qr/22023: provider vault needs the KEK to use/, 'a remote provider needs its KEK (22023)');
-like(as_role('bob', q{SELECT pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek');
+like(as_role('bob', q{CALL pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek');
 	BEGIN; CALL pgphi.rekey('mrn_key', 'vault', 'pgphi-kek'); COMMIT;}),
 	qr/2D000: invalid transaction termination/, 'rekey commits per version, so it refuses to run inside a transaction block');
-is(wrappers('mrn_key'), 'local:default,local:default,local:default', 'nothing moved so far');
+like(as_role('bob', qq{CALL pgphi.approve_rekey('mrn_key', 'vault', E'pgphi-kek\\n2026-12-01 LOG:  forged')}),
+	qr/22023: invalid KEK reference for provider vault/, 'a KEK reference with a control character is refused (22023)');
+like(as_role('bob', "CALL pgphi.approve_rekey('mrn_key', 'vault', '" . ('k' x 300) . "')"),
+	qr/22023: invalid KEK reference/, '... and one too long for the key broker');
+
+# A custodian cannot make its own second custodian.
+$node->safe_psql('postgres', q{
+	CREATE ROLE carol LOGIN CREATEROLE;
+	GRANT pgphi_key_custodian TO carol WITH ADMIN OPTION;
+	CREATE ROLE dave LOGIN;
+	GRANT pgphi_key_custodian TO dave WITH ADMIN OPTION;
+	CREATE ROLE erin LOGIN;
+	CREATE SCHEMA carol AUTHORIZATION carol;
+	GRANT USAGE ON SCHEMA carol TO bob;
+});
+like(as_role('carol', q{CREATE ROLE sock LOGIN; GRANT pgphi_key_custodian TO sock}), qr/^ok/,
+	'carol (CREATEROLE) makes a role of her own a key custodian');
+like(as_role('sock', q{CALL pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek')}), qr/^ok/, '... which approves');
+like(as_role('carol', q{CALL pgphi.rekey('mrn_key', 'vault', 'pgphi-kek')}),
+	qr/42501: moving pgphi key "mrn_key" to provider vault needs the approval of a second key custodian.*roles it controls/s,
+	'an approval by a role the requester made a custodian does not count (CREATEROLE)');
+like(as_role('dave', q{GRANT pgphi_key_custodian TO erin}), qr/^ok/, 'dave (ADMIN OPTION, no CREATEROLE) makes erin a custodian');
+like(as_role('erin', q{CALL pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek')}), qr/^ok/, '... erin approves');
+like(as_role('dave', q{CALL pgphi.rekey('mrn_key', 'vault', 'pgphi-kek')}), qr/42501: .*needs the approval of a second key custodian/s,
+	'an approval by a role whose custodian membership the requester granted does not count');
+is($node->safe_psql('postgres', q{SELECT pgphi._approval_dependence('dave', 'erin') IS NOT NULL,
+	pgphi._approval_dependence('alice', 'bob') IS NULL, pgphi._approval_dependence('alice', 'sock') IS NULL}),
+	't|t|t', 'alice and bob are independent; dave controls erin');
+
+# An approval cannot be planted in another custodian's session.
+$node->safe_psql('postgres', q{DELETE FROM pgphi.rekey_approvals WHERE approved_by = 'bob'});
+like(as_role('carol', q{
+	CREATE TABLE carol.handoff (note text);
+	GRANT INSERT ON carol.handoff TO bob;
+	CREATE FUNCTION carol.handoff_approves() RETURNS trigger LANGUAGE plpgsql AS
+	  $t$BEGIN CALL pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek'); RETURN NEW; END$t$;
+	CREATE TRIGGER approve AFTER INSERT ON carol.handoff FOR EACH ROW EXECUTE FUNCTION carol.handoff_approves();
+	CREATE FUNCTION carol.shift_report() RETURNS int LANGUAGE plpgsql AS
+	  $f$BEGIN CALL pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek'); RETURN 1; END$f$;
+	GRANT EXECUTE ON FUNCTION carol.shift_report() TO bob;
+}), qr/^ok/, 'carol writes a trigger and a function that approve');
+like(as_role('bob', q{INSERT INTO carol.handoff VALUES ('shift handoff')}),
+	qr/42501: pgphi.approve_rekey must be called by the approving custodian itself/, 'bob\'s insert does not approve for him');
+like(as_role('bob', q{SELECT carol.shift_report()}),
+	qr/42501: pgphi.approve_rekey must be called by the approving custodian itself/, '... nor the function he calls');
+is($node->safe_psql('postgres', q{SELECT string_agg(approved_by, ',' ORDER BY approved_by) FROM pgphi.rekey_approvals}),
+	'alice,erin,sock', 'no approval by bob was recorded');
+
+# A destination that does not work changes nothing, and leaves the approval unused.
+like(as_role('bob', q{CALL pgphi.approve_rekey('mrn_key', 'vault', 'no-such-kek')}), qr/^ok/, 'bob approves a KEK pgphi may not use');
+like(as_role('alice', q{CALL pgphi.rekey('mrn_key', 'vault', 'no-such-kek')}), qr/42501: permission denied by Vault/,
+	'the move fails at its first version (42501)');
+is(wrappers('mrn_key'), 'local:default,local:default,local:default', 'nothing moved: the key still goes to the local KEK');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.rekey_approvals WHERE kek_ref = 'no-such-kek'}), '1',
+	'the approval was not used up');
+$node->safe_psql('postgres', q{DELETE FROM pgphi.rekey_approvals WHERE approved_by <> 'bob'});
 
 # Issue 14's path: local -> Vault -> AWS KMS -> a second KMS key -> local.
 rekey_step('mrn_key', 'vault', 'pgphi-kek', 'vault:pgphi-kek');
@@ -148,7 +203,7 @@ is($emulator->stats->{vault}{encrypt}, 3, 'Vault wrapped the three DEKs (Transit
 
 # Vault -> KMS, cancelled after the first version: the move is kept, the
 # rest stays readable under Vault, and a second CALL finishes.
-like(as_role('bob', q{SELECT pgphi.approve_rekey('mrn_key', 'aws_kms', '1234abcd-12ab-34cd-56ef-1234567890ab')}), qr/^ok/,
+like(as_role('bob', q{CALL pgphi.approve_rekey('mrn_key', 'aws_kms', '1234abcd-12ab-34cd-56ef-1234567890ab')}), qr/^ok/,
 	'bob approves the move to KMS');
 $emulator->fault(mode => 'slow', target => 'kms', delay_ms => 1500);
 my ($out, $err) = ('', '');
@@ -169,6 +224,9 @@ is($node->safe_psql('postgres', q{SELECT pgphi.rotate_key('mrn_key');
 	"4\naws_kms", 'a rotation meanwhile puts the new version 4 under the destination');
 $node->safe_psql('postgres', q{INSERT INTO patients SELECT i, pgphi.encrypt_phi('mrn-' || i, 'mrn_key', i::text),
 	pgphi.encrypt_phi('lab-' || i, 'lab_key', i::text) FROM generate_series(121, 130) i});
+like(as_role('alice', q{BEGIN; SELECT pgphi._rekey_start('mrn_key', 'vault', 'pgphi-kek') > 0;
+	SELECT string_agg(provider, ',' ORDER BY version) FROM pgphi.key_inventory WHERE key_name = 'mrn_key'; ROLLBACK;}),
+	qr/^ok: /, 'going back to the KEK that still wraps pending versions needs no approval (tried, rolled back)');
 like(as_role('alice', q{CALL pgphi.rekey('mrn_key', 'aws_kms', '1234abcd-12ab-34cd-56ef-1234567890ab')}),
 	qr/^ok: .*version 2 moved from provider vault to provider aws_kms\n.*version 3 moved from provider vault to provider aws_kms\n.*every DEK version is under provider aws_kms/s,
 	'calling it again moves the rest, without a new approval');
@@ -183,7 +241,7 @@ $table_before = $node->safe_psql('postgres', q{SELECT md5(string_agg(mrn::text |
 
 # KMS -> another KMS key: ReEncrypt, the DEK never leaves KMS.
 $emulator->reset_stats;
-like(as_role('bob', qq{SELECT pgphi.approve_rekey('mrn_key', 'aws_kms', '$second_kms_key')}), qr/^ok/, 'bob approves a second KMS key');
+like(as_role('bob', qq{CALL pgphi.approve_rekey('mrn_key', 'aws_kms', '$second_kms_key')}), qr/^ok/, 'bob approves a second KMS key');
 like(as_role('alice', qq{CALL pgphi.rekey('mrn_key', 'aws_kms', '$second_kms_key')}), qr/(?:moved from provider aws_kms to provider aws_kms\n.*){4}/s,
 	'alice moves the four versions to it');
 my $kms_ops = $emulator->stats->{kms};
@@ -193,7 +251,7 @@ is($node->safe_psql('postgres', $all_decrypt), '120', 'every value decrypts unde
 $node->wait_for_catchup($standby);
 is($standby->safe_psql('postgres', $all_decrypt), '120', 'and on the standby');
 
-like(as_role('bob', q{SELECT pgphi.approve_rekey('mrn_key', 'local')}), qr/^ok/, 'bob approves going back to local');
+like(as_role('bob', q{CALL pgphi.approve_rekey('mrn_key', 'local')}), qr/^ok/, 'bob approves going back to local');
 like(as_role('alice', q{CALL pgphi.rekey('mrn_key', 'local')}), qr/(?:moved from provider aws_kms to provider local\n.*){4}/s, 'KMS to local');
 is($node->safe_psql('postgres', $all_decrypt), '120', 'every value decrypts under the local KEK again');
 
@@ -207,8 +265,8 @@ is($node->safe_psql('postgres', q{SELECT md5(string_agg(mrn::text || lab::text, 
 like(as_role('alice', q{CALL pgphi.rekey('lab_key', 'local', 'default')}), qr/^ok: (?!.*moved from).*every DEK version is under provider local, KEK default/s,
 	'a rekey to where the key already is moves nothing and needs no approval');
 is($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.rekey_approvals}), '0', 'every approval was used up');
-is($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.audit_log WHERE action = 'approve_rekey'}), '9',
-	'each approval is audited (9, including the refused self-approval)');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.audit_log WHERE action = 'approve_rekey'}), '12',
+	'each approval is audited (12, including those that did not count)');
 is($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.audit_log WHERE action = 'rekey' AND key_version IS NULL}), '7',
 	'each move of a key to a new destination is audited (7)');
 is($node->safe_psql('postgres', q{SELECT intact FROM pgphi.verify_audit_log()}), 't', 'the audit chain verifies');
