@@ -182,6 +182,15 @@ void VaultKeyProvider::login(std::time_t now)
     if (settings_.auth_method == "token") {
         token_ = read_secret_text(settings_.token_file, "Vault token file");
         token_obtained_ = now;
+        // Its lease, so that a renewable token is renewed before it expires
+        // (and the file read again when it cannot be: Vault Agent replaces it).
+        json response;
+        vault::TokenLease lease;
+        if (exchange(Method::Get, "auth/token/lookup-self", nullptr, &token_, response) == 200 &&
+            vault::looked_up_lease(response, lease)) {
+            token_ttl_ = lease.ttl_seconds;
+            token_renewable_ = lease.renewable;
+        }
         return;
     }
     const std::string& method = settings_.auth_method;
@@ -260,8 +269,9 @@ void VaultKeyProvider::ensure_token(std::time_t now)
         login(now);
         return;
     }
-    // Renew an AppRole token once two thirds of its lease have passed; log in
-    // again when it cannot be renewed (not renewable, or past its max TTL).
+    // Renew a token once two thirds of its lease have passed; log in again
+    // (for a token file: read it again) when it cannot be renewed (not
+    // renewable, or past its max TTL).
     if (token_ttl_ > 0 && now - token_obtained_ >= token_ttl_ * 2 / 3) {
         if (!token_renewable_ || !renew(now) || token_ttl_ <= 0)
             login(now);

@@ -204,6 +204,20 @@ void unwrapped_secret_id(json& response, SecureBytes& secret_id)
     secret_id = SecureBytes(reinterpret_cast<const uint8_t*>(text.data()), text.size());
 }
 
+bool looked_up_lease(const json& response, TokenLease& lease)
+{
+    const json* data = member(response, "data");
+    if (!data || !data->is_object() || !member(*data, "ttl"))
+        return false;
+    // lookup-self says "ttl" where logins and renewals say "lease_duration".
+    json as_auth = {{"lease_duration", (*data)["ttl"]}};
+    if (const json* renewable = member(*data, "renewable"))
+        as_auth["renewable"] = *renewable;
+    lease.ttl_seconds = lease_seconds(as_auth, 0);
+    lease.renewable = renewable_of(as_auth);
+    return true;
+}
+
 bool renewed_lease(const json& response, TokenLease& lease)
 {
     const json* auth = member(response, "auth");

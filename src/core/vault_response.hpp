@@ -48,6 +48,10 @@ TokenLease login_lease(nlohmann::json& response, std::string& token);
 // ProviderError when there is none or it is unfit for a request body.
 void unwrapped_secret_id(nlohmann::json& response, SecureBytes& secret_id);
 
+// A lookup-self answer (data.ttl, data.renewable): the lease of a token pgphi
+// did not obtain itself (read from a file); false when the answer holds none.
+bool looked_up_lease(const nlohmann::json& response, TokenLease& lease);
+
 // A renew-self answer: updates `lease`; false when the answer holds none.
 bool renewed_lease(const nlohmann::json& response, TokenLease& lease);
 

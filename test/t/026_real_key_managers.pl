@@ -206,4 +206,29 @@ $node->safe_psql('postgres', "ALTER SYSTEM RESET pgphi.provider_proxy");
 PgphiTest::reload_broker($node);
 $proxy->kill_kill;
 
+###########################################################################
+# 7. A token read from a file is looked up, and renewed before it expires
+#    (a token with a 6-second TTL stays usable for 12 seconds).
+###########################################################################
+my $short = KeyManagerEmulator->new(name => 'short_ttl', pki => $pki, approle_ttl => 6);
+my $short_token = $short->write_secret('vault-token-file', $short->vault_login);
+$node->safe_psql('postgres', "ALTER SYSTEM SET pgphi.vault_addr = '@{[ $short->url ]}';
+	ALTER SYSTEM SET pgphi.vault_token_file = '$short_token'");
+PgphiTest::reload_broker($node);
+$node->safe_psql('postgres', q{SELECT pgphi.create_key('renewing', provider => 'vault', kek => 'pgphi-kek');
+	CREATE TABLE r AS SELECT i AS id, pgphi.encrypt_phi('r-' || i, 'renewing') AS v FROM generate_series(1, 5) i});
+my $renewed_ok = 1;
+for (1 .. 6)
+{
+	sleep 2;
+	$renewed_ok &&= $node->safe_psql('postgres', q{SELECT pgphi.flush_cache() >= 0;
+		SELECT count(*) FROM r WHERE pgphi.decrypt_phi(v) = 'r-' || id}) eq "t\n5";
+}
+ok($renewed_ok, 'a 6-second token from the token file works for 12 seconds of cold decrypts');
+my $short_stats = $short->stats->{vault};
+cmp_ok($short_stats->{lookup_self} // 0, '>=', 1, '... pgphi looked the token up');
+cmp_ok($short_stats->{renew_self} // 0, '>=', 1, '... and renewed it before it expired');
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET pgphi.vault_addr; ALTER SYSTEM RESET pgphi.vault_token_file');
+$short->stop;
+
 done_testing();

@@ -161,6 +161,22 @@ TEST(KmsResponse, KekVersionNamesTheKeyMaterial)
                   ErrorCode::ProviderError);
 }
 
+TEST(VaultResponses, LookupSelfGivesTheLeaseOfATokenFromAFile)
+{
+    vault::TokenLease lease;
+    EXPECT_TRUE(vault::looked_up_lease(json::parse(R"({"data":{"ttl":2764,"renewable":true}})"), lease));
+    EXPECT_EQ(lease.ttl_seconds, 2764);
+    EXPECT_TRUE(lease.renewable);
+    // A root or periodic-less token: no expiry, not renewable.
+    EXPECT_TRUE(vault::looked_up_lease(json::parse(R"({"data":{"ttl":0,"renewable":false}})"), lease));
+    EXPECT_EQ(lease.ttl_seconds, 0);
+    EXPECT_FALSE(lease.renewable);
+    EXPECT_FALSE(vault::looked_up_lease(json::parse(R"({"data":{}})"), lease));
+    EXPECT_FALSE(vault::looked_up_lease(json::parse(R"({"auth":null})"), lease));
+    EXPECT_EQ(refusal([&] { vault::looked_up_lease(json::parse(R"({"data":{"ttl":"x"}})"), lease); }),
+              ErrorCode::ProviderError);
+}
+
 TEST(KmsResponse, MalformedAnswersAreProviderErrors)
 {
     // Found by the fuzzer: an answer that is JSON but not an object.
