@@ -17,6 +17,7 @@ extern "C" {
 #include <cstring>
 #include <new>
 
+#include "shared/alerts.hpp"
 #include "shared/audit.hpp"
 #include "shared/compat.hpp"
 #include "shared/error_bridge.hpp"
@@ -45,6 +46,8 @@ void on_shmem_request()
     RequestNamedLWLockTranche("pgphi", 1);
     RequestAddinShmemSpace(audit_shared_size());
     request_audit_lwlock();
+    RequestAddinShmemSpace(alerts_shared_size());
+    request_alerts_lwlock();
 }
 
 void on_shmem_startup()
@@ -77,6 +80,8 @@ void on_shmem_startup()
     g_state = static_cast<SharedState*>(memory);
     void* audit_memory = ShmemInitStruct("pgphi_audit", audit_shared_size(), &found);
     init_audit_shared_memory(audit_memory, found);
+    void* alerts_memory = ShmemInitStruct("pgphi_alerts", alerts_shared_size(), &found);
+    init_alerts_shared_memory(alerts_memory, found);
     LWLockRelease(AddinShmemInitLock);
 }
 
