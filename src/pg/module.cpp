@@ -48,6 +48,7 @@ void _PG_init(void)
     pgphi::pg::register_key_invalidation();
     pgphi::pg::register_catalog_writer_tracking();
     pgphi::pg::register_utility_guard();
+    pgphi::pg::reserve_setting_prefix();
 
     ereport(LOG, (errmsg("pgphi: the local key provider keeps its KEK in a file beside the database; "
                          "it is for development only"),
