@@ -232,6 +232,7 @@ DECLARE
     config pgphi.break_glass_roles;
     grant_until timestamptz;
     grant_found boolean;
+    started timestamptz;
     ends timestamptz;
 BEGIN
     IF target_id IS NULL THEN
@@ -251,12 +252,15 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Two key custodians make a role a break-glass role with pgphi.set_break_glass_role().';
     END IF;
-    ends := now() + config.max_duration;
+    -- The clock, not the transaction's start: two calls in one transaction
+    -- are two events.
+    started := clock_timestamp();
+    ends := started + config.max_duration;
     -- One event in force per role and key: a new one ends the last.
-    UPDATE pgphi.break_glass_events e SET ends_at = now()
-     WHERE e.key_id = target_id AND e.role::oid = caller_oid AND e.ends_at > now();
+    UPDATE pgphi.break_glass_events e SET ends_at = started
+     WHERE e.key_id = target_id AND e.role::oid = caller_oid AND e.ends_at > started;
     INSERT INTO pgphi.break_glass_events (key_id, role, reason, started_at, ends_at)
-        VALUES (target_id, caller_oid::regrole, reason, now(), ends);
+        VALUES (target_id, caller_oid::regrole, reason, started, ends);
     SELECT g.valid_until, true INTO grant_until, grant_found FROM pgphi.key_grants g
      WHERE g.key_id = target_id AND g.privilege = 'decrypt' AND g.grantee::oid = caller_oid FOR UPDATE;
     IF NOT coalesce(grant_found, false) THEN
@@ -269,11 +273,13 @@ BEGIN
     END IF;
     PERFORM pgphi._audit('break_glass', target_id, NULL, 'ok',
                          format('%s may decrypt until %s; reason: %s', caller, pgphi._audit_time(ends), reason));
+    -- The reason, which may name a patient, stays in the audit log: the
+    -- server log and the notification (which any session can LISTEN to)
+    -- carry only who, which key and until when.
     RAISE WARNING 'pgphi alert (break_glass): role % broke the glass on pgphi key "%" until %', caller, key_name, ends
-        USING DETAIL = format('Reason: %s', reason);
+        USING DETAIL = 'The reason is in pgphi.audit_log (action break_glass).';
     PERFORM pg_notify('pgphi_alert', json_build_object('alert', 'break_glass', 'key', key_name, 'role', caller,
-                                                       'detail', format('until %s; reason: %s', ends, reason),
-                                                       'at', now())::text);
+                                                       'detail', format('until %s', ends), 'at', now())::text);
     RETURN ends;
 END
 $$;
