@@ -244,7 +244,7 @@ void refill(LocalBudget& budget, const BudgetSpec& spec, const DataKey& key)
             budget.id.start = start;
     }
     bool alert_only = g_decrypt_limit_action == static_cast<int>(LimitAction::Alert);
-    BudgetTake take = take_budget(budget.id, spec.max, batch_for(spec), alert_only);
+    BudgetTake take = take_budget(budget.id, spec.per_us, spec.max, batch_for(spec), alert_only);
     if (take.table_full)
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
                         errmsg("pgphi cannot count this decrypt against its limit: the shared table of decrypt "

@@ -37,6 +37,7 @@ struct BudgetEntry {
     uint32_t key_id;
     Oid role;
     TimestampTz start;
+    TimestampTz end;    // a limit's window ends (0 for a break-glass event)
     uint64_t used;      // taken by sessions (used or still held)
     uint64_t consumed;  // used, as sessions reported at their transaction's end
     uint64_t written;   // of those, written to the catalog (break-glass events)
@@ -80,14 +81,16 @@ bool reclaimable(const BudgetEntry& entry, TimestampTz now)
 {
     if (!entry.in_use)
         return true;
-    if (entry.kind == BudgetKind::BreakGlass && entry.consumed != entry.written)
+    if (entry.kind == BudgetKind::Limit)
+        return entry.used == 0 || now >= entry.end; // its window is over
+    if (entry.consumed != entry.written)
         return false;
     return entry.used == 0 || now - entry.touched > USECS_PER_SEC * 86400;
 }
 
 } // namespace
 
-BudgetTake take_budget(const BudgetIdentity& id, uint64_t max, uint64_t want, bool overdraw)
+BudgetTake take_budget(const BudgetIdentity& id, int64_t window_us, uint64_t max, uint64_t want, bool overdraw)
 {
     BudgetTake take{0, false, false, 0, -1, 0};
     if (!g_alerts) {
@@ -132,6 +135,7 @@ BudgetTake take_budget(const BudgetIdentity& id, uint64_t max, uint64_t want, bo
         entry.used = entry.consumed = entry.written = 0;
         entry.alerted = false;
     }
+    entry.end = id.kind == BudgetKind::Limit ? entry.start + window_us : 0;
     uint64_t granted = want;
     if (max > 0) {
         if (entry.used < max)

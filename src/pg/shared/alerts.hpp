@@ -50,8 +50,9 @@ struct BudgetTake {
 
 // Takes up to `want` values. With `max` 0 the budget has no limit (it only
 // counts). With `overdraw` the values are granted also past the limit (an
-// alerting, not refusing, limit). Takes the lock once.
-BudgetTake take_budget(const BudgetIdentity& id, uint64_t max, uint64_t want, bool overdraw);
+// alerting, not refusing, limit). `window_us`: a limit's window, whose
+// entry is kept until the window ends. Takes the lock once.
+BudgetTake take_budget(const BudgetIdentity& id, int64_t window_us, uint64_t max, uint64_t want, bool overdraw);
 
 // Returns values taken but not used, and adds those used to the budget's
 // count of values decrypted (what the audit writer writes for break-glass
