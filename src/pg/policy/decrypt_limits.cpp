@@ -123,14 +123,11 @@ void collect_spec(HeapTuple row, TupleDesc desc, void* arg)
     scan->answer->count++;
 }
 
-LimitAnswer& answer_for(Oid role, uint32_t key_id)
+// The catalog's answer, into the cache slot (the miss path, out of line so
+// that the hit path stays a few compares).
+__attribute__((noinline)) LimitAnswer& read_answer(LimitAnswer& answer, Oid role, Oid session_role,
+                                                   uint32_t key_id)
 {
-    Oid session_role = GetSessionUserId();
-    LimitAnswer& answer = g_answers[(key_id * 31u + role * 7u) % kAnswerCacheSize];
-    if (answer.valid && answer.generation == g_limit_generation && answer.role == role &&
-        answer.session_role == session_role && answer.key_id == key_id &&
-        (answer.only_for_statement == 0 || answer.only_for_statement == GetCurrentStatementStartTimestamp()))
-        return answer;
     uint64_t generation = g_limit_generation;
     answer.valid = false;
     answer.count = 0;
@@ -278,12 +275,9 @@ void refill(LocalBudget& budget, const BudgetSpec& spec, const DataKey& key)
     budget.remaining = take.granted;
 }
 
-} // namespace
-
-void charge_decrypt(const DataKey& key)
+__attribute__((noinline)) void charge_budgets(LimitAnswer& answer, const DataKey& key)
 {
     uint32_t key_id = key.ref().key_id;
-    LimitAnswer& answer = answer_for(GetUserId(), key_id);
     for (int i = 0; i < answer.count; ++i) {
         LocalBudget& budget = local_for(answer, i, key_id);
         if (budget.remaining == 0)
@@ -291,6 +285,24 @@ void charge_decrypt(const DataKey& key)
         budget.remaining--;
         budget.consumed++;
     }
+}
+
+} // namespace
+
+// Per value: a cache probe; for a role with limits or a break-glass event, a
+// local decrement per budget and a shared-memory lock per batch.
+void charge_decrypt(const DataKey& key)
+{
+    uint32_t key_id = key.ref().key_id;
+    Oid role = GetUserId();
+    Oid session_role = GetSessionUserId();
+    LimitAnswer& answer = g_answers[(key_id * 31u + role * 7u) % kAnswerCacheSize];
+    if (!(answer.valid && answer.generation == g_limit_generation && answer.role == role &&
+          answer.session_role == session_role && answer.key_id == key_id &&
+          (answer.only_for_statement == 0 || answer.only_for_statement == GetCurrentStatementStartTimestamp())))
+        read_answer(answer, role, session_role, key_id);
+    if (answer.count != 0)
+        charge_budgets(answer, key);
 }
 
 void register_decrypt_limits()
