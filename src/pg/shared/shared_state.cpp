@@ -16,6 +16,7 @@ extern "C" {
 #include <algorithm>
 #include <cstring>
 #include <new>
+#include <time.h>
 
 #include "shared/alerts.hpp"
 #include "shared/audit.hpp"
@@ -132,6 +133,16 @@ void request_shared_memory()
 }
 
 int64_t now_ms() { return GetCurrentTimestamp() / 1000; }
+
+TimestampTz coarse_timestamp()
+{
+    struct timespec coarse;
+    if (clock_gettime(CLOCK_REALTIME_COARSE, &coarse) != 0)
+        return GetCurrentTimestamp();
+    return static_cast<TimestampTz>(coarse.tv_sec - (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY) *
+               USECS_PER_SEC +
+           coarse.tv_nsec / 1000;
+}
 
 namespace {
 bool g_broker_registered[kBrokers] = {true}; // inherited by every forked process
