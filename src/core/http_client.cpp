@@ -107,6 +107,12 @@ bool is_metadata_service_host(const std::string& host)
     return host == "169.254.169.254" || host == "[fd00:ec2::254]" || host == "fd00:ec2::254";
 }
 
+bool is_container_service_host(const std::string& host)
+{
+    return host == "169.254.170.2" || host == "169.254.170.23" || host == "[fd00:ec2::23]" ||
+           host == "fd00:ec2::23" || is_loopback_host(host);
+}
+
 struct CurlUrl {
     CURLU* handle = curl_url();
     ~CurlUrl() { curl_url_cleanup(handle); }
@@ -246,7 +252,8 @@ void HttpClient::check_url(const std::string& url) const
         return;
     if (std::strcmp(scheme.text, "http") == 0 &&
         ((plain_http_.loopback && is_loopback_host(host.text)) ||
-         (plain_http_.metadata_service && is_metadata_service_host(host.text))))
+         (plain_http_.metadata_service && is_metadata_service_host(host.text)) ||
+         (plain_http_.container_service && is_container_service_host(host.text))))
         return;
     throw Error(ErrorCode::ConfigError, service_ + " address \"" + url + "\" does not use https",
                 "pgphi talks to key managers over TLS only.",
@@ -284,7 +291,7 @@ HttpResponse HttpClient::send(const HttpRequest& request)
     curl_easy_setopt(curl_, CURLOPT_URL, request.url.c_str());
     // Only the schemes check_url allowed. CURLOPT_PROTOCOLS_STR is 7.85's; the
     // bitmask it replaces is what 7.76 (RHEL 9) and 7.81 (Ubuntu 22.04) have.
-    bool plain_allowed = plain_http_.loopback || plain_http_.metadata_service;
+    bool plain_allowed = plain_http_.loopback || plain_http_.metadata_service || plain_http_.container_service;
 #if LIBCURL_VERSION_NUM >= 0x075500
     curl_easy_setopt(curl_, CURLOPT_PROTOCOLS_STR, plain_allowed ? "http,https" : "https");
 #else

@@ -49,6 +49,10 @@ struct HttpResponse {
 struct PlainHttp {
     bool loopback = false;
     bool metadata_service = false;
+    // The container credentials endpoint: ECS's 169.254.170.2, EKS Pod
+    // Identity's 169.254.170.23 / fd00:ec2::23, or a loopback agent, the
+    // plain-http hosts the AWS SDKs accept for it.
+    bool container_service = false;
 };
 
 // An explicit outbound proxy (pgphi never takes one from the environment):

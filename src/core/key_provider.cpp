@@ -12,6 +12,11 @@ GeneratedDek KeyProvider::generate_dek(const std::string& kek_ref, const DekBind
     return generated;
 }
 
+std::optional<WrappedDek> KeyProvider::rewrap_to(const std::string&, const std::string&, ByteView, const DekBinding&)
+{
+    return std::nullopt;
+}
+
 std::string KeyProvider::create_kek(const std::string&)
 {
     throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot create KEKs", {},

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -61,6 +62,12 @@ public:
     // inside the key manager (Vault rewrap, KMS ReEncrypt) never expose the DEK.
     virtual WrappedDek rewrap(const std::string& kek_ref, ByteView wrapped,
                               const DekBinding& binding) = 0;
+
+    // Re-wraps under another KEK of the same key manager (pgphi.rekey), inside
+    // it where it can (KMS ReEncrypt to another key), so the DEK never leaves
+    // it. By default nullopt: the key broker unwraps and wraps instead.
+    virtual std::optional<WrappedDek> rewrap_to(const std::string& source_kek, const std::string& destination_kek,
+                                                ByteView wrapped, const DekBinding& binding);
 
     virtual KekDescription describe(const std::string& kek_ref) = 0;
 

@@ -30,11 +30,10 @@ json encryption_context(const DekBinding& binding)
 // The key a wrapped DEK names in Decrypt and ReEncrypt: the key ARN recorded
 // when it was wrapped, else the configured reference (a catalog from before
 // pgphi recorded ARNs, or one whose KEK version is not an ARN).
-const std::string& source_key(const std::string& kek_ref, const DekBinding& binding)
+std::string source_key(const std::string& kek_ref, const DekBinding& binding)
 {
-    return binding.wrapped_by.rfind("arn:", 0) == 0 && binding.wrapped_by.find(":key/") != std::string::npos
-               ? binding.wrapped_by
-               : kek_ref;
+    std::string arn = kms::arn_of_kek_version(binding.wrapped_by);
+    return arn.rfind("arn:", 0) == 0 && arn.find(":key/") != std::string::npos ? arn : kek_ref;
 }
 
 struct Partition {
@@ -80,6 +79,11 @@ bool matches_partition(const std::string& region, const std::string& prefix)
 
 std::string kms_default_endpoint(const std::string& region, bool fips, bool dualstack)
 {
+    return aws_default_endpoint("kms", region, fips, dualstack);
+}
+
+std::string aws_default_endpoint(const std::string& service, const std::string& region, bool fips, bool dualstack)
+{
     // The endpoint rules require a valid host label (RFC 1123, lower case here).
     bool valid = !region.empty() && region.size() <= 63 && region.front() != '-' && region.back() != '-';
     for (char c : region)
@@ -91,7 +95,7 @@ std::string kms_default_endpoint(const std::string& region, bool fips, bool dual
     for (const Partition& candidate : kPartitions)
         if (matches_partition(region, candidate.region_prefix))
             partition = &candidate;
-    return std::string("https://") + (fips ? "kms-fips." : "kms.") + region + "." +
+    return "https://" + service + (fips ? "-fips." : ".") + region + "." +
            (dualstack ? partition->dualstack_suffix : partition->dns_suffix);
 }
 
@@ -125,8 +129,19 @@ json KmsKeyProvider::call(const std::string& operation, const json& body)
         signing.headers = {{"host", endpoint_.host_header},
                            {"content-type", "application/x-amz-json-1.1"},
                            {"x-amz-target", "TrentService." + operation}};
-        const sigv4::Credentials& credentials = credentials_.get(std::time(nullptr));
-        std::string authorization = sigv4::sign(signing, credentials, settings_.region, "kms", std::time(nullptr));
+        std::string authorization;
+        try {
+            // A credential source that cannot be reached (STS, the container
+            // endpoint or the metadata service down or throttling) is retried
+            // like KMS itself; a refusal is not.
+            const sigv4::Credentials& credentials = credentials_.get(std::time(nullptr));
+            authorization = sigv4::sign(signing, credentials, settings_.region, "kms", std::time(nullptr));
+        } catch (const Error& e) {
+            if (e.code() != ErrorCode::KeyManagerUnavailable)
+                throw;
+            last_error = e;
+            return false;
+        }
 
         HttpRequest request;
         request.method = "POST";
@@ -191,7 +206,7 @@ GeneratedDek KmsKeyProvider::generate_dek(const std::string& kek_ref, const DekB
                           {"EncryptionContext", encryption_context(binding)}});
     GeneratedDek generated;
     generated.wrapped.blob = kms::ciphertext_blob(response);
-    generated.wrapped.kek_version = kms::key_id(response, kek_ref);
+    generated.wrapped.kek_version = kms::kek_version(response, kek_ref, "KeyMaterialId");
     return generated;
 }
 
@@ -203,7 +218,7 @@ WrappedDek KmsKeyProvider::wrap(const std::string& kek_ref, const SecureBytes& d
     json response = call("Encrypt", request);
     auto& plaintext_in_request = request["Plaintext"].get_ref<std::string&>();
     OPENSSL_cleanse(plaintext_in_request.data(), plaintext_in_request.size());
-    return WrappedDek{kms::ciphertext_blob(response), kms::key_id(response, kek_ref)};
+    return WrappedDek{kms::ciphertext_blob(response), kms::kek_version(response, kek_ref, "KeyMaterialId")};
 }
 
 SecureBytes KmsKeyProvider::unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding)
@@ -216,13 +231,22 @@ SecureBytes KmsKeyProvider::unwrap(const std::string& kek_ref, ByteView wrapped,
 
 WrappedDek KmsKeyProvider::rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding)
 {
+    return *rewrap_to(kek_ref, kek_ref, wrapped, binding);
+}
+
+// ReEncrypt names the key that wrapped the DEK as the source and the new one
+// as the destination; the binding (encryption context) stays the same.
+std::optional<WrappedDek> KmsKeyProvider::rewrap_to(const std::string& source_kek, const std::string& destination_kek,
+                                                    ByteView wrapped, const DekBinding& binding)
+{
     json context = encryption_context(binding);
     json response = call("ReEncrypt", {{"CiphertextBlob", base64_encode(wrapped)},
-                                       {"SourceKeyId", source_key(kek_ref, binding)},
+                                       {"SourceKeyId", source_key(source_kek, binding)},
                                        {"SourceEncryptionContext", context},
-                                       {"DestinationKeyId", kek_ref},
+                                       {"DestinationKeyId", destination_kek},
                                        {"DestinationEncryptionContext", context}});
-    return WrappedDek{kms::ciphertext_blob(response), kms::key_id(response, kek_ref)};
+    return WrappedDek{kms::ciphertext_blob(response),
+                      kms::kek_version(response, destination_kek, "DestinationKeyMaterialId")};
 }
 
 KekDescription KmsKeyProvider::describe(const std::string& kek_ref)

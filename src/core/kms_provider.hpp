@@ -22,6 +22,8 @@ namespace pgphi {
 // DNS suffix, FIPS uses "kms-fips", dual-stack the partition's dual-stack
 // suffix. Throws ConfigError for a region that is not a host label.
 std::string kms_default_endpoint(const std::string& region, bool fips, bool dualstack);
+// The same rules for another service ("sts": the regional STS endpoint).
+std::string aws_default_endpoint(const std::string& service, const std::string& region, bool fips, bool dualstack);
 
 struct KmsSettings {
     std::string region;
@@ -46,6 +48,8 @@ public:
     WrappedDek wrap(const std::string& kek_ref, const SecureBytes& dek, const DekBinding& binding) override;
     SecureBytes unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
     WrappedDek rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
+    std::optional<WrappedDek> rewrap_to(const std::string& source_kek, const std::string& destination_kek,
+                                        ByteView wrapped, const DekBinding& binding) override;
     KekDescription describe(const std::string& kek_ref) override;
 
     // GenerateMac / VerifyMac with an HMAC_256 KMS key (HMAC_SHA_256); the MAC

@@ -134,6 +134,25 @@ std::string key_id(const json& response, const std::string& fallback)
     return id.empty() ? fallback : id;
 }
 
+std::string kek_version(const json& response, const std::string& fallback, const char* material_field)
+{
+    std::string arn = key_id(response, fallback);
+    const json* material = member(response, material_field);
+    if (!material)
+        return arn;
+    const std::string* id = material->is_string() ? material->get_ptr<const std::string*>() : nullptr;
+    bool valid = id && id->size() == 64 &&
+                 id->find_first_not_of("0123456789abcdef") == std::string::npos;
+    if (!valid)
+        throw Error(ErrorCode::ProviderError, std::string("AWS KMS answered an invalid ") + material_field);
+    return arn + "#" + *id;
+}
+
+std::string arn_of_kek_version(const std::string& kek_version)
+{
+    return kek_version.substr(0, kek_version.find('#'));
+}
+
 std::string described_arn(const json& response, const std::string& fallback)
 {
     const json* metadata = member(response, "KeyMetadata");

@@ -45,6 +45,16 @@ SecureBytes unwrapped_dek(nlohmann::json& response);
 // The KeyId of an answer (the key's ARN), or `fallback` when it has none.
 std::string key_id(const nlohmann::json& response, const std::string& fallback);
 
+// The KEK version pgphi records for a DEK KMS wrapped: the key's ARN (the
+// answer's KeyId, else `fallback`), then "#" and the key material id that
+// `material_field` names (KeyMaterialId, DestinationKeyMaterialId), which a
+// rotation of the KMS key changes. Without that field (Encrypt's answer, an
+// older KMS), the ARN alone. ProviderError when the field is not 64 hex digits.
+std::string kek_version(const nlohmann::json& response, const std::string& fallback, const char* material_field);
+
+// The key ARN of a recorded KEK version ("<arn>#<material id>" or "<arn>").
+std::string arn_of_kek_version(const std::string& kek_version);
+
 // The ARN of a DescribeKey answer (`fallback` when it has none); a key that
 // is not Enabled is refused (KeyManagerKeyDisabled).
 std::string described_arn(const nlohmann::json& response, const std::string& fallback);

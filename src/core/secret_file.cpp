@@ -13,7 +13,9 @@
 
 namespace pgphi {
 
-SecureBytes read_secret_file(const std::string& path, const std::string& what, size_t max_size)
+namespace {
+
+SecureBytes read_file(const std::string& path, const std::string& what, size_t max_size, bool private_file)
 {
     std::string named = what + " \"" + path + "\"";
     // O_NONBLOCK: a FIFO planted at the path must not block the backend in
@@ -30,10 +32,13 @@ SecureBytes read_secret_file(const std::string& path, const std::string& what, s
         throw Error(ErrorCode::Io, "could not stat " + named + ": " + std::strerror(errno));
     if (!S_ISREG(st.st_mode))
         throw Error(ErrorCode::SecretFileInvalid, named + " is not a regular file");
-    if (st.st_uid != geteuid())
+    if (!private_file && (st.st_mode & (S_IWGRP | S_IWOTH)) != 0)
+        throw Error(ErrorCode::SecretFileInvalid, named + " is writable by group or others", {},
+                    "Run chmod go-w on the file.");
+    if (private_file && st.st_uid != geteuid())
         throw Error(ErrorCode::SecretFileInvalid, named + " is not owned by the database server's user", {},
                     "chown the file to the account the server runs as.");
-    if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0)
+    if (private_file && (st.st_mode & (S_IRWXG | S_IRWXO)) != 0)
         throw Error(ErrorCode::SecretFileInvalid, named + " is accessible by group or others", {},
                     "Run chmod 0600 on the file.");
     if (static_cast<size_t>(st.st_size) > max_size)
@@ -52,9 +57,8 @@ SecureBytes read_secret_file(const std::string& path, const std::string& what, s
     return contents;
 }
 
-std::string read_secret_text(const std::string& path, const std::string& what)
+std::string trimmed_text(const SecureBytes& raw, const std::string& path, const std::string& what)
 {
-    SecureBytes raw = read_secret_file(path, what, 64 * 1024);
     const char* begin = reinterpret_cast<const char*>(raw.data());
     const char* end = begin + raw.size();
     while (begin < end && std::strchr(" \t\r\n", *begin))
@@ -64,6 +68,23 @@ std::string read_secret_text(const std::string& path, const std::string& what)
     if (begin == end)
         throw Error(ErrorCode::SecretFileInvalid, what + " \"" + path + "\" is empty");
     return std::string(begin, end);
+}
+
+} // namespace
+
+SecureBytes read_secret_file(const std::string& path, const std::string& what, size_t max_size)
+{
+    return read_file(path, what, max_size, true);
+}
+
+std::string read_secret_text(const std::string& path, const std::string& what)
+{
+    return trimmed_text(read_file(path, what, 64 * 1024, true), path, what);
+}
+
+std::string read_identity_token_file(const std::string& path, const std::string& what)
+{
+    return trimmed_text(read_file(path, what, 16 * 1024, false), path, what);
 }
 
 } // namespace pgphi

@@ -29,4 +29,13 @@ SecureBytes read_secret_file(const std::string& path, const std::string& what, s
 // The file's contents without surrounding whitespace, for token-like secrets.
 std::string read_secret_text(const std::string& path, const std::string& what);
 
+// An identity token another system writes and rotates: a Kubernetes service
+// account token, an EKS web identity or Pod Identity token. Those files are
+// projected by the kubelet, owned by root and often readable by the pod's
+// group, so the owner and read bits are not checked; the file must be a
+// regular file that neither group nor others can write, at most 16 kB. Read
+// afresh at each use, so a rotated token is picked up. Trimmed; refused when
+// empty (SecretFileInvalid) or absent (SecretFileMissing).
+std::string read_identity_token_file(const std::string& path, const std::string& what);
+
 } // namespace pgphi

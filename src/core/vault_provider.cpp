@@ -36,13 +36,71 @@ VaultKeyProvider::VaultKeyProvider(VaultSettings settings)
         throw Error(ErrorCode::ConfigError, "the Vault provider has no address", {}, "Set pgphi.vault_addr.");
     while (!settings_.address.empty() && settings_.address.back() == '/')
         settings_.address.pop_back();
-    if (settings_.token_file.empty() && (settings_.approle_role_id_file.empty() || settings_.approle_secret_id_file.empty()))
+    std::string& method = settings_.auth_method;
+    bool approle_ready = !settings_.approle_role_id_file.empty() &&
+                         (!settings_.approle_secret_id_file.empty() || !settings_.approle_wrapped_secret_id_file.empty());
+    if (method.empty())
+        method = !settings_.token_file.empty() ? "token" : approle_ready ? "approle" : "";
+    if (method.empty() || (method == "token" && settings_.token_file.empty()) || (method == "approle" && !approle_ready))
         throw Error(ErrorCode::ConfigError, "the Vault provider has no credentials",
                     {}, "Set pgphi.vault_token_file, or pgphi.vault_approle_role_id_file and "
-                        "pgphi.vault_approle_secret_id_file.");
+                        "pgphi.vault_approle_secret_id_file (or ..._wrapped_secret_id_file), or "
+                        "pgphi.vault_auth_method.");
+    if (method == "kubernetes" || method == "jwt") {
+        if (settings_.auth_role.empty())
+            throw Error(ErrorCode::ConfigError, "Vault " + method + " auth needs a role", {},
+                        "Set pgphi.vault_auth_role.");
+        if (settings_.jwt_file.empty() && method == "kubernetes")
+            settings_.jwt_file = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+        if (settings_.jwt_file.empty())
+            throw Error(ErrorCode::ConfigError, "Vault JWT auth needs a token file", {}, "Set pgphi.vault_jwt_file.");
+    } else if (method == "cert") {
+        if (settings_.tls.client_cert.empty() || settings_.tls.client_key.empty())
+            throw Error(ErrorCode::ConfigError, "Vault TLS certificate auth needs a client certificate", {},
+                        "Set pgphi.vault_client_cert and pgphi.vault_client_key.");
+    } else if (method != "token" && method != "approle") {
+        throw Error(ErrorCode::ConfigError, "pgphi.vault_auth_method must be token, approle, kubernetes, jwt or cert");
+    }
+    if (settings_.auth_mount.empty())
+        settings_.auth_mount = method;
+    if (settings_.auth_mount.find_first_of("?#% ") != std::string::npos)
+        throw Error(ErrorCode::ConfigError, "pgphi.vault_auth_mount is not a mount path");
 }
 
 VaultKeyProvider::~VaultKeyProvider() { forget_token(); }
+
+std::string VaultKeyProvider::approle_secret_id()
+{
+    if (!settings_.approle_secret_id_file.empty())
+        return read_secret_text(settings_.approle_secret_id_file, "Vault AppRole secret id file");
+    if (unwrapped_secret_id_.empty()) {
+        // A wrapping token works once: unwrap it now, keep the secret id in
+        // memory only, and never read the file again while it lasts.
+        std::string wrapping_token =
+            read_secret_text(settings_.approle_wrapped_secret_id_file, "Vault wrapped secret id file");
+        WipeOnExit wipe_wrapping_token(wrapping_token);
+        json response;
+        json body = json::object();
+        long status = exchange(Method::Post, "sys/wrapping/unwrap", &body, &wrapping_token, response);
+        if (status != 200) {
+            std::string reason = vault::first_error(response);
+            std::string text = "Vault refused to unwrap the AppRole secret id (HTTP " + std::to_string(status) + ")" +
+                               (reason.empty() ? "" : ": " + reason);
+            if (status == 429 || status >= 500)
+                throw Error(ErrorCode::KeyManagerUnavailable, text);
+            throw Error(ErrorCode::KeyManagerDenied, "permission denied: " + text,
+                        "A wrapping token can be unwrapped once, before its TTL ends: put a new one in "
+                        "pgphi.vault_approle_wrapped_secret_id_file.");
+        }
+        vault::unwrapped_secret_id(response, unwrapped_secret_id_);
+    }
+    return std::string(reinterpret_cast<const char*>(unwrapped_secret_id_.data()), unwrapped_secret_id_.size());
+}
+
+long VaultKeyProvider::login_with(const std::string& mount, json& body, json& response)
+{
+    return exchange(Method::Post, "auth/" + mount + "/login", &body, nullptr, response);
+}
 
 void VaultKeyProvider::check_key_name(const std::string& kek_ref)
 {
@@ -121,20 +179,57 @@ bool VaultKeyProvider::token_still_valid()
 void VaultKeyProvider::login(std::time_t now)
 {
     forget_token();
-    if (!settings_.token_file.empty()) {
+    if (settings_.auth_method == "token") {
         token_ = read_secret_text(settings_.token_file, "Vault token file");
         token_obtained_ = now;
         return;
     }
-    json credentials = {{"role_id", read_secret_text(settings_.approle_role_id_file, "Vault AppRole role id file")},
-                        {"secret_id", read_secret_text(settings_.approle_secret_id_file, "Vault AppRole secret id file")}};
+    const std::string& method = settings_.auth_method;
+    json credentials;
+    const char* secret_field = nullptr; // wiped after the login
+    std::string mount = settings_.auth_mount;
+    const char* label = "AppRole";
+    if (method == "approle") {
+        std::string secret_id = approle_secret_id();
+        WipeOnExit wipe_secret_id(secret_id);
+        credentials = {{"role_id", read_secret_text(settings_.approle_role_id_file, "Vault AppRole role id file")},
+                       {"secret_id", secret_id}};
+        secret_field = "secret_id";
+        mount = settings_.approle_mount;
+    } else if (method == "kubernetes" || method == "jwt") {
+        // Read at each login: the kubelet rotates projected tokens.
+        std::string jwt = read_identity_token_file(settings_.jwt_file, method == "kubernetes"
+                                                                           ? "Kubernetes service account token file"
+                                                                           : "Vault JWT file");
+        WipeOnExit wipe_jwt(jwt);
+        credentials = {{"role", settings_.auth_role}, {"jwt", jwt}};
+        secret_field = "jwt";
+        label = method == "kubernetes" ? "Kubernetes" : "JWT";
+    } else { // cert: the client certificate of the TLS connection is the credential
+        credentials = json::object();
+        if (!settings_.auth_role.empty())
+            credentials["name"] = settings_.auth_role;
+        label = "TLS certificate";
+    }
     json response;
-    long status = exchange(Method::Post, "auth/" + settings_.approle_mount + "/login", &credentials, nullptr, response);
-    wipe(credentials["secret_id"].get_ref<std::string&>());
+    long status = 0;
+    try {
+        status = login_with(mount, credentials, response);
+    } catch (...) {
+        if (secret_field)
+            wipe(credentials[secret_field].get_ref<std::string&>());
+        throw;
+    }
+    if (secret_field)
+        wipe(credentials[secret_field].get_ref<std::string&>());
     if (status != 200 || !response.contains("auth") || !response["auth"].is_object()) {
         std::string reason = vault::first_error(response);
-        std::string text = "Vault AppRole login failed (HTTP " + std::to_string(status) + ")" +
+        std::string text = std::string("Vault ") + label + " login failed (HTTP " + std::to_string(status) + ")" +
                            (reason.empty() ? "" : ": " + reason);
+        // An unwrapped secret id Vault no longer takes (used up, expired) is
+        // dropped: the next login needs a new wrapping token in the file.
+        if (method == "approle" && !settings_.approle_wrapped_secret_id_file.empty() && status == 400)
+            unwrapped_secret_id_.clear();
         // A sealed, overloaded or failing Vault is unavailable, not a denial.
         throw Error(status == 429 || status >= 500 ? ErrorCode::KeyManagerUnavailable : ErrorCode::KeyManagerDenied,
                     text);

@@ -4,9 +4,13 @@
 // to the Transit key's newest version inside Vault. The Transit key version
 // that wrapped each DEK ("vault:vN:") is recorded as its KEK version.
 //
-// Authentication is a token read from a file, or AppRole (role id and secret
-// id read from files): the token is renewed when a third of its lease is left,
-// and pgphi logs in again when renewal fails or Vault refuses the token.
+// Authentication (auth_method): a token read from a file; AppRole (role id
+// from a file, secret id from a file or unwrapped once from a response-wrapping
+// token and then kept in memory only); Kubernetes or JWT/OIDC (a token file
+// read afresh at each login, so a rotated service account token is used); or
+// TLS certificate auth (the client certificate pgphi presents). A token from a
+// login is renewed when a third of its lease is left, and pgphi logs in again
+// when renewal fails or Vault refuses the token.
 #pragma once
 
 #include <ctime>
@@ -27,6 +31,11 @@ struct VaultSettings {
     std::string approle_role_id_file;
     std::string approle_secret_id_file;
     std::string approle_mount = "approle";
+    std::string approle_wrapped_secret_id_file; // a wrapping token whose secret is the secret id
+    std::string auth_method;    // "", token, approle, kubernetes, jwt, cert ("": token file, else AppRole)
+    std::string auth_mount;     // kubernetes, jwt, cert: "" is the method's name
+    std::string auth_role;      // kubernetes, jwt: the role; cert: the certificate role's name (optional)
+    std::string jwt_file;       // kubernetes (default: the service account token), jwt
     TlsSettings tls;
     HttpTimeouts timeouts;
     RetryPolicy retry;
@@ -72,6 +81,10 @@ private:
     bool token_still_valid();
     void ensure_token(std::time_t now);
     void login(std::time_t now);
+    // The AppRole secret id: from its file, or unwrapped once from the
+    // wrapping token file and kept (wiped on exit) for later logins.
+    std::string approle_secret_id();
+    long login_with(const std::string& mount, nlohmann::json& body, nlohmann::json& response);
     bool renew(std::time_t now);
     void forget_token();
     static void check_key_name(const std::string& kek_ref);
@@ -82,6 +95,7 @@ private:
     std::time_t token_obtained_ = 0;
     long token_ttl_ = 0;          // seconds; 0: no expiry known
     bool token_renewable_ = false;
+    SecureBytes unwrapped_secret_id_; // held in memory only: the wrapping token works once
 };
 
 } // namespace pgphi

@@ -190,6 +190,20 @@ TokenLease login_lease(json& response, std::string& token)
     return lease;
 }
 
+void unwrapped_secret_id(json& response, SecureBytes& secret_id)
+{
+    const json* found = member(data_of(response), "secret_id");
+    if (!found || !found->is_string())
+        throw Error(ErrorCode::ProviderError, "the response-wrapped secret has no secret_id",
+                    "The wrapping token must wrap an AppRole secret id (auth/<approle>/role/<role>/secret-id "
+                    "with -wrap-ttl).");
+    std::string& text = response["data"]["secret_id"].get_ref<std::string&>();
+    WipeOnExit wipe_text(text);
+    if (text.empty() || text.size() > 1024 || !is_header_safe(text))
+        throw Error(ErrorCode::ProviderError, "the response-wrapped secret_id is malformed");
+    secret_id = SecureBytes(reinterpret_cast<const uint8_t*>(text.data()), text.size());
+}
+
 bool renewed_lease(const json& response, TokenLease& lease)
 {
     const json* auth = member(response, "auth");

@@ -43,6 +43,11 @@ struct TokenLease {
 // response's copy, and returns the token's lease.
 TokenLease login_lease(nlohmann::json& response, std::string& token);
 
+// A sys/wrapping/unwrap answer that wrapped an AppRole secret id: moves
+// data.secret_id into `secret_id`, wiping the response's copy.
+// ProviderError when there is none or it is unfit for a request body.
+void unwrapped_secret_id(nlohmann::json& response, SecureBytes& secret_id);
+
 // A renew-self answer: updates `lease`; false when the answer holds none.
 bool renewed_lease(const nlohmann::json& response, TokenLease& lease);
 

@@ -56,7 +56,13 @@ CREATE TABLE pgphi.key_versions (
     suspended_by name,
     compromised_at timestamptz,
     compromised_by name,
+    -- Set while pgphi.rekey (40_key_admin.sql) moves the key to another
+    -- provider or KEK: the provider and KEK that still wrap this version's
+    -- DEK. NULL: the key's own (keys.provider, keys.kek_ref).
+    rekey_source_provider text,
+    rekey_source_kek text,
     PRIMARY KEY (key_id, version),
+    CONSTRAINT key_versions_rekey_source CHECK ((rekey_source_provider IS NULL) = (rekey_source_kek IS NULL)),
     -- A destroyed version has no DEK left; every other state has one.
     CHECK ((state = 'destroyed') = (wrapped_dek IS NULL))
 );
@@ -103,6 +109,18 @@ CREATE TABLE pgphi.grant_approvals (
     approved_by name NOT NULL,
     approved_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (key_id, privilege, grantee, approved_by)
+);
+
+-- A second custodian's approval of moving a key to another provider or KEK
+-- (pgphi.approve_rekey): whoever holds a KEK can unwrap the key's DEKs, so
+-- one custodian alone cannot hand them to a KEK of their choosing.
+CREATE TABLE pgphi.rekey_approvals (
+    key_id      integer NOT NULL REFERENCES pgphi.keys,
+    provider    text NOT NULL,
+    kek_ref     text NOT NULL,
+    approved_by name NOT NULL,
+    approved_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (key_id, provider, kek_ref, approved_by)
 );
 
 -- Where each batch conversion (reencrypt, rebuild_blind_index) stands; a
@@ -243,9 +261,9 @@ SELECT pg_catalog.pg_extension_config_dump('pgphi.key_grant_members', '');
 -- Privileges on the tables: none for PUBLIC. Key custodians and auditors
 -- read what they audit; the batch procedures' callers record progress.
 REVOKE ALL ON pgphi.key_grants, pgphi.audit_log, pgphi.key_use_stats, pgphi.audit_anchors,
-    pgphi.grant_approvals, pgphi.key_grant_members FROM PUBLIC;
+    pgphi.grant_approvals, pgphi.key_grant_members, pgphi.rekey_approvals FROM PUBLIC;
 GRANT SELECT ON pgphi.audit_log, pgphi.key_use_stats, pgphi.audit_anchors TO pgphi_key_auditor;
-GRANT SELECT ON pgphi.grant_approvals, pgphi.key_grant_members TO pgphi_key_custodian, pgphi_key_auditor;
+GRANT SELECT ON pgphi.grant_approvals, pgphi.key_grant_members, pgphi.rekey_approvals TO pgphi_key_custodian, pgphi_key_auditor;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgphi.reencrypt_progress TO pgphi_key_custodian, pgphi_encrypt;
 REVOKE ALL ON pgphi.seal_reservations FROM PUBLIC;
 GRANT SELECT ON pgphi.seal_reservations TO pgphi_key_auditor;

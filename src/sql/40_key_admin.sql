@@ -110,6 +110,8 @@ BEGIN
     FOR v IN SELECT k.key_id, k.name, k.provider, k.kek_ref, kv.version, kv.wrapped_dek
                FROM pgphi.keys k JOIN pgphi.key_versions kv USING (key_id)
               WHERE kv.wrapped_dek IS NOT NULL AND (rewrap_keys.name IS NULL OR k.name = rewrap_keys.name)
+                -- (a version that a rekey is moving goes to the key's new KEK instead)
+                AND kv.rekey_source_provider IS NULL
               ORDER BY k.key_id, kv.version
                 FOR UPDATE OF kv
     LOOP
@@ -126,6 +128,170 @@ BEGIN
     RETURN done;
 END
 $$;
+
+------------------------------------------------------------------------------
+-- rekey: moving a key to another provider or KEK (docs/key-lifecycle.md)
+------------------------------------------------------------------------------
+-- The key broker of the source provider unwraps the DEK and hands it, in
+-- shared memory, to the broker of the destination, which wraps it (KMS to KMS:
+-- ReEncrypt, inside KMS). The DEK itself never changes, so no table data is
+-- touched, and its plaintext never reaches this backend or SQL.
+CREATE FUNCTION pgphi._rekey_dek(provider text, kek text, key_id integer, version integer, key_name text,
+        wrapped bytea, to_provider text, to_kek text, OUT wrapped_dek bytea, OUT kek_version text)
+    AS 'MODULE_PATHNAME', 'pgphi_rekey_dek' LANGUAGE C VOLATILE STRICT;
+
+-- The destination's KEK reference as the catalog stores it; refuses an
+-- unknown provider or a missing KEK.
+CREATE FUNCTION pgphi._rekey_target(provider text, kek text) RETURNS text
+    LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF provider IS NULL OR provider NOT IN ('local', 'vault', 'aws_kms', 'kmip', 'pkcs11') THEN
+        RAISE EXCEPTION 'unknown pgphi key provider' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Available providers: local, vault, aws_kms, kmip, pkcs11.';
+    END IF;
+    IF kek IS NULL AND provider <> 'local' THEN
+        RAISE EXCEPTION 'provider % needs the KEK to use', provider USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, the KMIP key''s Name or Unique Identifier, or the PKCS#11 key as label:NAME or id:HEX.';
+    END IF;
+    RETURN coalesce(kek, 'default');
+END
+$$;
+
+-- A second key custodian approves moving a key to this provider and KEK
+-- (valid for a day, used up by the rekey it allows).
+CREATE FUNCTION pgphi.approve_rekey(name text, provider text, kek text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(approve_rekey.name);
+    target_kek text := pgphi._rekey_target(approve_rekey.provider, approve_rekey.kek);
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    IF NOT pg_catalog.pg_has_role(session_user, 'pgphi_key_custodian', 'MEMBER') THEN
+        RAISE EXCEPTION 'only key custodians can approve moving a key to another KEK'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the approving role.';
+    END IF;
+    INSERT INTO pgphi.rekey_approvals (key_id, provider, kek_ref, approved_by)
+        VALUES (target_id, approve_rekey.provider, target_kek, session_user)
+        ON CONFLICT ON CONSTRAINT rekey_approvals_pkey DO UPDATE SET approved_at = pg_catalog.now();
+END
+$$;
+
+-- The first step of pgphi.rekey: new DEK versions of the key go to the
+-- destination from now on, and every existing version records the provider
+-- and KEK that still wrap it until it is moved. Called again for the same
+-- destination (a rekey that stopped), it changes nothing and needs no new
+-- approval. Returns the key's id.
+CREATE FUNCTION pgphi._rekey_start(key_name text, provider text, kek text) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key record;
+    target_kek text := pgphi._rekey_target(_rekey_start.provider, _rekey_start.kek);
+    approvers name[];
+BEGIN
+    SELECT * INTO key FROM pgphi.keys k WHERE k.name = _rekey_start.key_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    IF key.provider = _rekey_start.provider AND key.kek_ref = target_kek THEN
+        RETURN key.key_id;
+    END IF;
+    SELECT array_agg(a.approved_by ORDER BY a.approved_by) INTO approvers
+      FROM pgphi.rekey_approvals a
+     WHERE a.key_id = key.key_id AND a.provider = _rekey_start.provider AND a.kek_ref = target_kek
+       AND a.approved_at > pg_catalog.now() - interval '1 day'
+       AND a.approved_by <> session_user
+       AND pg_catalog.pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+    IF approvers IS NULL THEN
+        RAISE EXCEPTION 'moving pgphi key "%" to provider %, KEK % needs the approval of a second key custodian',
+            key.name, _rekey_start.provider, target_kek
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Whoever holds a KEK can unwrap the DEKs it wraps.',
+                  HINT = pg_catalog.format('Another member of pgphi_key_custodian runs SELECT pgphi.approve_rekey(%L, %L, %L);',
+                                           key.name, _rekey_start.provider, target_kek);
+    END IF;
+    -- Versions that a rekey left under the new destination are home already.
+    UPDATE pgphi.key_versions v SET rekey_source_provider = NULL, rekey_source_kek = NULL
+     WHERE v.key_id = key.key_id AND v.rekey_source_provider = _rekey_start.provider
+       AND v.rekey_source_kek = target_kek;
+    UPDATE pgphi.key_versions v SET rekey_source_provider = key.provider, rekey_source_kek = key.kek_ref
+     WHERE v.key_id = key.key_id AND v.wrapped_dek IS NOT NULL AND v.rekey_source_provider IS NULL;
+    UPDATE pgphi.keys k SET provider = _rekey_start.provider, kek_ref = target_kek
+     WHERE k.key_id = key.key_id;
+    DELETE FROM pgphi.rekey_approvals a WHERE a.key_id = key.key_id;
+    RETURN key.key_id;
+END
+$$;
+
+-- Moves the lowest version still under its old KEK (NOTICE: which); false,
+-- with a NOTICE that the rekey is complete, when none is left.
+CREATE FUNCTION pgphi._rekey_next(key_id integer) RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+    moved record;
+BEGIN
+    -- The key's row too: its destination cannot change under this move.
+    SELECT k.name, k.provider, k.kek_ref, kv.version, kv.wrapped_dek, kv.rekey_source_provider,
+           kv.rekey_source_kek INTO v
+      FROM pgphi.keys k JOIN pgphi.key_versions kv USING (key_id)
+     WHERE k.key_id = _rekey_next.key_id AND kv.rekey_source_provider IS NOT NULL AND kv.wrapped_dek IS NOT NULL
+     ORDER BY kv.version LIMIT 1
+       FOR UPDATE OF k, kv;
+    IF NOT FOUND THEN
+        SELECT k.name, k.provider, k.kek_ref INTO v FROM pgphi.keys k WHERE k.key_id = _rekey_next.key_id;
+        RAISE NOTICE 'pgphi key "%": every DEK version is under provider %, KEK %', v.name, v.provider, v.kek_ref;
+        RETURN false;
+    END IF;
+    SELECT * INTO moved FROM pgphi._rekey_dek(v.rekey_source_provider, v.rekey_source_kek, _rekey_next.key_id,
+                                               v.version, v.name, v.wrapped_dek, v.provider, v.kek_ref);
+    UPDATE pgphi.key_versions kv
+       SET wrapped_dek = moved.wrapped_dek, kek_version = moved.kek_version,
+           rekey_source_provider = NULL, rekey_source_kek = NULL
+     WHERE kv.key_id = _rekey_next.key_id AND kv.version = v.version;
+    RAISE NOTICE 'pgphi key "%" version % moved from provider % to provider %', v.name, v.version,
+        v.rekey_source_provider, v.provider;
+    RETURN true;
+END
+$$;
+
+-- CALL pgphi.rekey(key, provider, kek): rewraps every DEK version of the key
+-- under a KEK of another provider (or another KEK of the same one), after a
+-- second custodian's pgphi.approve_rekey. One transaction per version, so a
+-- rekey that stops (key manager unreachable, cancel) keeps what it moved:
+-- every version stays decryptable meanwhile, and calling it again finishes
+-- the job. No SET clause (a procedure with one cannot commit), so the body
+-- only calls qualified functions and loops.
+CREATE PROCEDURE pgphi.rekey(key_name text, provider text, kek text DEFAULT NULL)
+    LANGUAGE plpgsql
+AS $$
+DECLARE
+    target pg_catalog.int4;
+    more pg_catalog.bool;
+BEGIN
+    target := pgphi._rekey_start(key_name, provider, kek);
+    COMMIT;
+    LOOP
+        more := pgphi._rekey_next(target);
+        COMMIT;
+        EXIT WHEN more IS NOT TRUE;
+    END LOOP;
+END
+$$;
+
+GRANT EXECUTE ON FUNCTION pgphi.approve_rekey(text, text, text), pgphi._rekey_start(text, text, text),
+    pgphi._rekey_next(integer) TO pgphi_key_custodian;
+GRANT EXECUTE ON PROCEDURE pgphi.rekey(text, text, text) TO pgphi_key_custodian;
 
 -- Called by pgphi's rotation worker once a version has encrypted
 -- pgphi.dek_rotation_threshold values: rotates the key unless that version is

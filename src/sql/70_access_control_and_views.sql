@@ -602,7 +602,10 @@ $$;
 
 -- Every key version, with what an auditor asks about it. Never the DEK.
 CREATE VIEW pgphi.key_inventory AS
-    SELECT k.name AS key_name, k.key_id, k.purpose, k.created_by AS owner, k.provider, k.kek_ref,
+    SELECT k.name AS key_name, k.key_id, k.purpose, k.created_by AS owner,
+           -- What wraps this version's DEK (mid-rekey: the KEK it is leaving).
+           coalesce(v.rekey_source_provider, k.provider) AS provider,
+           coalesce(v.rekey_source_kek, k.kek_ref) AS kek_ref,
            v.version, v.state, v.kek_version, v.created_at, k.rotated_at, v.retired_at, v.destroyed_at,
            k.cryptoperiod,
            CASE WHEN v.state = 'active' THEN v.created_at + k.cryptoperiod END AS rotate_by,
@@ -616,7 +619,9 @@ CREATE VIEW pgphi.key_inventory AS
            coalesce(v.suspended_at, k.suspended_at) AS suspended_at,
            coalesce(v.suspended_by, k.suspended_by) AS suspended_by,
            v.compromised_at IS NOT NULL AS compromised,
-           v.compromised_at, v.compromised_by
+           v.compromised_at, v.compromised_by,
+           -- A rekey still has to move this version to the key's provider.
+           (v.rekey_source_provider IS NOT NULL AND v.wrapped_dek IS NOT NULL) AS rekey_pending
       FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id);
 
 GRANT EXECUTE ON FUNCTION pgphi._change_key_grant(text, regrole, text, boolean),

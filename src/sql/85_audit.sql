@@ -134,10 +134,20 @@ BEGIN
         ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IN ('retired', 'destroyed') THEN
             PERFORM pgphi._audit(CASE NEW.state WHEN 'retired' THEN 'retire' ELSE 'destroy' END,
                                  NEW.key_id, NEW.version, 'ok', NULL);
+        ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek
+              AND OLD.rekey_source_provider IS NOT NULL AND NEW.rekey_source_provider IS NULL THEN
+            PERFORM pgphi._audit('rekey', NEW.key_id, NEW.version, 'ok',
+                                 (SELECT format('from provider %s, KEK %s to provider %s, KEK %s, KEK version %s',
+                                                OLD.rekey_source_provider, OLD.rekey_source_kek, k.provider,
+                                                k.kek_ref, coalesce(NEW.kek_version, 'unknown'))
+                                    FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
         ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek THEN
             PERFORM pgphi._audit('rewrap', NEW.key_id, NEW.version, 'ok',
                                  format('KEK version %s', coalesce(NEW.kek_version, 'unknown')));
         END IF;
+    ELSIF TG_TABLE_NAME = 'rekey_approvals' THEN
+        PERFORM pgphi._audit('approve_rekey', NEW.key_id, NULL, 'ok',
+                             format('to provider %s, KEK %s', NEW.provider, NEW.kek_ref));
     ELSIF TG_TABLE_NAME = 'destroy_approvals' THEN
         PERFORM pgphi._audit('approve_destroy', NEW.key_id, NEW.version, 'ok', NULL);
     ELSIF TG_TABLE_NAME = 'key_grants' THEN
@@ -155,6 +165,13 @@ BEGIN
         PERFORM pgphi._audit('grant_member', NEW.key_id, NULL, 'ok',
                              format('%s grant to %s covers %s (%s)', NEW.privilege, NEW.grantee, NEW.member,
                                     NEW.reason));
+    ELSIF TG_TABLE_NAME = 'keys' AND (NEW.provider, NEW.kek_ref) IS DISTINCT FROM (OLD.provider, OLD.kek_ref) THEN
+        PERFORM pgphi._audit('rekey', NEW.key_id, NULL, 'ok',
+                             format('new DEK versions under provider %s, KEK %s (was provider %s, KEK %s); %s versions to move',
+                                    NEW.provider, NEW.kek_ref, OLD.provider, OLD.kek_ref,
+                                    (SELECT count(*) FROM pgphi.key_versions v
+                                      WHERE v.key_id = NEW.key_id AND v.rekey_source_provider IS NOT NULL
+                                        AND v.wrapped_dek IS NOT NULL)));
     ELSIF TG_TABLE_NAME = 'keys' AND NEW.cryptoperiod IS DISTINCT FROM OLD.cryptoperiod THEN
         PERFORM pgphi._audit('set_cryptoperiod', NEW.key_id, NULL, 'ok', format('%s', NEW.cryptoperiod));
     END IF;
@@ -165,6 +182,8 @@ $$;
 CREATE TRIGGER key_versions_audit AFTER INSERT OR UPDATE ON pgphi.key_versions
     FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
 CREATE TRIGGER destroy_approvals_audit AFTER INSERT ON pgphi.destroy_approvals
+    FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
+CREATE TRIGGER rekey_approvals_audit AFTER INSERT ON pgphi.rekey_approvals
     FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
 CREATE TRIGGER key_grants_audit AFTER INSERT OR DELETE ON pgphi.key_grants
     FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();

@@ -117,11 +117,17 @@ BEGIN
         IF pgphi._writer_ran_statement(writer, stack)
            AND current_setting('session_replication_role') <> 'replica' THEN
             -- pgphi's own change: its function's path writes the semantic
-            -- record. One path had none: a renewed destroy approval.
+            -- record. Two paths had none: a renewed destroy or rekey approval.
             IF TG_TABLE_NAME = 'destroy_approvals' AND TG_OP = 'UPDATE' THEN
                 IF (new_row -> 'approved_at') IS DISTINCT FROM (old_row -> 'approved_at') THEN
                     PERFORM pgphi._audit('approve_destroy', (new_row ->> 'key_id')::integer,
                                          (new_row ->> 'version')::integer, 'ok', 'approval renewed');
+                END IF;
+            ELSIF TG_TABLE_NAME = 'rekey_approvals' AND TG_OP = 'UPDATE' THEN
+                IF (new_row -> 'approved_at') IS DISTINCT FROM (old_row -> 'approved_at') THEN
+                    PERFORM pgphi._audit('approve_rekey', (new_row ->> 'key_id')::integer, NULL, 'ok',
+                                         format('to provider %s, KEK %s; approval renewed', new_row ->> 'provider',
+                                                new_row ->> 'kek_ref'));
                 END IF;
             END IF;
             RETURN NULL;

@@ -157,7 +157,9 @@ FAULT_MODES = ("none", "deny", "disable_key", "throttle", "internal_error", "slo
                # a performance standby without the client's index state.
                "standby_redirect", "sealed", "namespace_locked", "missing_state")
 VAULT_ONLY_FAULTS = ("standby_redirect", "sealed", "namespace_locked", "missing_state")
-FAULT_TARGETS = ("kms", "vault", "all")
+# "sts" and "container" (the container credentials endpoint) take deny, throttle,
+# internal_error, slow, drop and malformed.
+FAULT_TARGETS = ("kms", "vault", "sts", "container", "all")
 
 
 @dataclass
@@ -243,11 +245,12 @@ class Stats:
 
     def reset(self) -> None:
         with self._lock:
-            self._operations = {"kms": {}, "vault": {}, "imds": {}}
-            self._errors = {"kms": {}, "vault": {}, "imds": {}}
+            self._operations = {"kms": {}, "vault": {}, "imds": {}, "sts": {}, "container": {}}
+            self._errors = {"kms": {}, "vault": {}, "imds": {}, "sts": {}, "container": {}}
             self._namespaces: dict[str, int] = {}
             self._counters = {"total": 0, "rejected_signatures": 0, "rejected_tokens": 0,
-                              "faults_injected": 0, "denied_by_policy": 0, "vault_logins": 0}
+                              "faults_injected": 0, "denied_by_policy": 0, "vault_logins": 0,
+                              "vault_unwraps": 0}
 
     def request(self, api: str, operation: str, namespace: str | None = None) -> None:
         with self._lock:
@@ -271,6 +274,8 @@ class Stats:
             return {"kms": dict(self._operations["kms"]),
                     "vault": dict(self._operations["vault"]),
                     "imds": dict(self._operations["imds"]),
+                    "sts": dict(self._operations["sts"]),
+                    "container": dict(self._operations["container"]),
                     **self._counters,
                     "errors": {api: dict(codes) for api, codes in self._errors.items()},
                     "vault_namespaces": dict(self._namespaces)}
@@ -319,6 +324,7 @@ class AwsCredential:
     access_key_id: str
     secret_access_key: str
     session_token: str | None = None
+    expires: float | None = None       # temporary credentials (STS, container, IMDS) expire
 
 
 def parse_authorization(value: str) -> dict:
@@ -445,6 +451,9 @@ class SigV4Verifier:
         elif session_token is None or not hmac.compare_digest(
                 session_token.encode(), credential.session_token.encode()):
             raise invalid
+        if credential.expires is not None and credential.expires <= time.time():
+            raise SignatureRejected("ExpiredTokenException",
+                                    "The security token included in the request is expired")
         return credential
 
     def _check_date(self, amz_date: str | None) -> str:
@@ -662,8 +671,18 @@ class KmsStore:
         with self._lock:
             return sorted(self._aliases.values(), key=lambda a: a.name)
 
-    def seal(self, key: KmsKey, plaintext: bytes, context: dict) -> bytes:
-        """Encrypts under the newest backing key, as KMS does after a rotation."""
+    @staticmethod
+    def material_id(key: KmsKey, version: int) -> str:
+        """The KeyMaterialId KMS reports for a backing-key version: 64 hex digits."""
+        return hashlib.sha256(f"{key.arn}#{version}".encode()).hexdigest()
+
+    def current_material_id(self, key: KmsKey) -> str:
+        with self._lock:
+            return self.material_id(key, len(key.versions))
+
+    def seal(self, key: KmsKey, plaintext: bytes, context: dict) -> tuple[bytes, int]:
+        """Encrypts under the newest backing key, as KMS does after a rotation;
+        returns the blob and that backing-key version."""
         with self._lock:
             version = len(key.versions)
             material = key.versions[-1]
@@ -673,7 +692,7 @@ class KmsStore:
         else:
             header = BLOB_HEADER.pack(BLOB_MAGIC, uuid.UUID(key.key_id).bytes, version)
         return header + aes_gcm_seal(material, plaintext,
-                                     header + canonical_encryption_context(context))
+                                     header + canonical_encryption_context(context)), version
 
     def blob_key(self, blob: bytes) -> tuple[KmsKey, int]:
         """The key and backing-key version a ciphertext blob was made with."""
@@ -864,7 +883,7 @@ class KmsApi:
         self.stats = stats
         # access key id -> IamPolicy; a credential without one may do everything
         # (the tests' administrator), one with one only what its policy allows.
-        self.policies = policies or {}
+        self.policies = policies if policies is not None else {}
         self._operations = {
             "Encrypt": self._encrypt,
             "Decrypt": self._decrypt,
@@ -997,7 +1016,8 @@ class KmsApi:
             raise KmsError("DisabledException", f"{key.arn} is disabled.")
 
     def _open_blob(self, call: KmsCall, blob: bytes, context: dict, expected_ref,
-                   action: str | None = None) -> tuple[KmsKey, bytes]:
+                   action: str | None = None) -> tuple[KmsKey, int, bytes]:
+        """The key, backing-key version and plaintext of a blob."""
         key, version = self.store.blob_key(blob)
         if expected_ref is not None and self.store.resolve(expected_ref).key_id != key.key_id:
             raise KmsError("IncorrectKeyException",
@@ -1009,7 +1029,7 @@ class KmsApi:
             raise KmsError("InvalidKeyUsageException",
                            f"{key.arn} key usage is {key.key_usage} which is not valid for "
                            f"{call.operation}.")
-        return key, self.store.open(key, version, blob, context)
+        return key, version, self.store.open(key, version, blob, context)
 
     def _metadata(self, key: KmsKey) -> dict:
         return {
@@ -1033,7 +1053,8 @@ class KmsApi:
                 "PrimaryKey": {"Arn": key.arn, "Region": self.store.region},
                 "ReplicaKeys": []}} if key.multi_region else {}),
             **({"MacAlgorithms": [KMS_HMAC_SPECS[key.key_spec][1]]} if key.key_spec in KMS_HMAC_SPECS
-               else {"EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"]}),
+               else {"EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+                     "CurrentKeyMaterialId": self.store.current_material_id(key)}),
         }
 
     # Operations.
@@ -1045,17 +1066,19 @@ class KmsApi:
         context = kms_context(params, "EncryptionContext")
         kms_check_algorithm(params, "EncryptionAlgorithm")
         key = self._usable_key(call, key_ref)
-        return {"CiphertextBlob": b64encode(self.store.seal(key, plaintext, context)),
-                "KeyId": key.arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+        blob, _ = self.store.seal(key, plaintext, context)
+        # (Encrypt's answer names no key material, unlike the data-key and decrypt ones.)
+        return {"CiphertextBlob": b64encode(blob), "KeyId": key.arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
 
     def _decrypt(self, call: KmsCall) -> dict:
         params = call.params
         blob = kms_binary(params, "CiphertextBlob", 6144)
         context = kms_context(params, "EncryptionContext")
         kms_check_algorithm(params, "EncryptionAlgorithm")
-        key, plaintext = self._open_blob(call, blob, context, params.get("KeyId"))
+        key, version, plaintext = self._open_blob(call, blob, context, params.get("KeyId"))
         return {"KeyId": key.arn, "Plaintext": b64encode(plaintext),
-                "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+                "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                "KeyMaterialId": self.store.material_id(key, version)}
 
     def _re_encrypt(self, call: KmsCall) -> dict:
         params = call.params
@@ -1065,13 +1088,15 @@ class KmsApi:
         destination_ref = kms_required(params, "DestinationKeyId")
         kms_check_algorithm(params, "SourceEncryptionAlgorithm")
         kms_check_algorithm(params, "DestinationEncryptionAlgorithm")
-        source, plaintext = self._open_blob(call, blob, source_context,
-                                            params.get("SourceKeyId"), "kms:ReEncryptFrom")
+        source, source_version, plaintext = self._open_blob(call, blob, source_context,
+                                                            params.get("SourceKeyId"), "kms:ReEncryptFrom")
         destination = self._usable_key(call, destination_ref, action="kms:ReEncryptTo")
-        new_blob = self.store.seal(destination, plaintext, destination_context)
+        new_blob, version = self.store.seal(destination, plaintext, destination_context)
         return {"CiphertextBlob": b64encode(new_blob), "SourceKeyId": source.arn,
                 "KeyId": destination.arn, "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
-                "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+                "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                "SourceKeyMaterialId": self.store.material_id(source, source_version),
+                "DestinationKeyMaterialId": self.store.material_id(destination, version)}
 
     def _generate_data_key(self, call: KmsCall, with_plaintext: bool) -> dict:
         params = call.params
@@ -1080,8 +1105,9 @@ class KmsApi:
         context = kms_context(params, "EncryptionContext")
         key = self._usable_key(call, key_ref)
         data_key = os.urandom(length)
-        result = {"CiphertextBlob": b64encode(self.store.seal(key, data_key, context)),
-                  "KeyId": key.arn}
+        blob, version = self.store.seal(key, data_key, context)
+        result = {"CiphertextBlob": b64encode(blob), "KeyId": key.arn,
+                  "KeyMaterialId": self.store.material_id(key, version)}
         if with_plaintext:
             result["Plaintext"] = b64encode(data_key)
         return result
@@ -1255,6 +1281,7 @@ VAULT_CAPABILITIES = {"create", "read", "update", "patch", "delete", "list", "su
 VAULT_DEFAULT_POLICY = [("auth/token/lookup-self", {"read"}),
                         ("auth/token/renew-self", {"update"}),
                         ("auth/token/revoke-self", {"update"}),
+                        ("sys/wrapping/wrap", {"update"}),
                         ("sys/wrapping/unwrap", {"update"})]
 
 
@@ -1347,6 +1374,7 @@ class TokenStore:
         self._lock = threading.Lock()
         self._tokens: dict[str, VaultToken] = {}
         self._approles = {role.role_id: role for role in approles}
+        self._wrapped: dict[str, tuple] = {}
         self.approle_policies = ["default", *(approle_policies or [])]
         self.logins = 0
         for token_id, policies in static_tokens or []:
@@ -1375,6 +1403,36 @@ class TokenStore:
         with self._lock:
             self._tokens[token.token_id] = token
         return token
+
+    def login_as(self, method: str, role: str, namespace: str, meta: dict) -> VaultToken:
+        """A token from the Kubernetes, JWT or cert auth method (the AppRole policies)."""
+        now = time.time()
+        self.logins += 1
+        token = VaultToken(
+            "hvs." + secrets.token_urlsafe(24), secrets.token_urlsafe(18),
+            list(self.approle_policies), f"{method}-{role}", f"auth/{method}/login", namespace,
+            now, self.token_ttl, self.token_max_ttl, True, now + self.token_ttl,
+            {"role": role, **meta}, str(uuid.uuid4()))
+        with self._lock:
+            self._tokens[token.token_id] = token
+        return token
+
+    def wrap(self, data: dict, ttl: int, namespace: str) -> dict:
+        """Response wrapping: a single-use token whose secret is `data`."""
+        token, now = "hvs.wrap-" + secrets.token_urlsafe(24), time.time()
+        with self._lock:
+            self._wrapped[token] = (data, now + ttl, namespace)
+        return {"token": token, "accessor": secrets.token_urlsafe(18), "ttl": ttl,
+                "creation_time": iso_time(now), "creation_path": "sys/wrapping/wrap",
+                "wrapped_accessor": ""}
+
+    def unwrap(self, token: str | None, namespace: str) -> dict:
+        """The wrapped data, once: the wrapping token is spent by its first unwrap."""
+        with self._lock:
+            entry = self._wrapped.pop(token or "", None)
+        if entry is None or entry[1] <= time.time() or not namespace_covers(entry[2], namespace):
+            raise VaultError(400, "wrapping token is not valid or does not exist")
+        return entry[0]
 
     def lookup(self, token_id: str, namespace: str) -> VaultToken | None:
         """The live token with that id if it may be used in namespace, else None."""
@@ -1639,6 +1697,8 @@ class VaultCall:
     captures: dict
     body: dict
     token: VaultToken | None = None
+    headers: object = None
+    peer_cert: dict | None = None
 
     @property
     def mount(self) -> str:
@@ -1654,6 +1714,11 @@ class VaultCall:
 VAULT_ROUTES = [
     (("sys", "health"), {"GET": "health", "HEAD": "health"}),
     (("auth", "approle", "login"), {"POST": "login", "PUT": "login"}),
+    (("auth", "kubernetes", "login"), {"POST": "login_kubernetes", "PUT": "login_kubernetes"}),
+    (("auth", "jwt", "login"), {"POST": "login_jwt", "PUT": "login_jwt"}),
+    (("auth", "cert", "login"), {"POST": "login_cert", "PUT": "login_cert"}),
+    (("sys", "wrapping", "wrap"), {"POST": "wrap", "PUT": "wrap"}),
+    (("sys", "wrapping", "unwrap"), {"POST": "unwrap", "PUT": "unwrap"}),
     (("auth", "token", "lookup-self"), {"GET": "lookup_self", "POST": "lookup_self"}),
     (("auth", "token", "renew-self"), {"POST": "renew_self", "PUT": "renew_self"}),
     (("auth", "token", "revoke-self"), {"POST": "revoke_self", "PUT": "revoke_self"}),
@@ -1671,7 +1736,8 @@ VAULT_ROUTES = [
     (("{mount}", "verify", "{name}"), {"POST": "verify", "PUT": "verify"}),
     (("{mount}", "verify", "{name}", "{kind}"), {"POST": "verify", "PUT": "verify"}),
 ]
-VAULT_UNAUTHENTICATED = {"health", "login"}
+# Logins authenticate with what they carry; unwrap with the wrapping token itself.
+VAULT_UNAUTHENTICATED = {"health", "login", "login_kubernetes", "login_jwt", "login_cert", "unwrap"}
 VAULT_CRYPTO_OPERATIONS = {"encrypt", "decrypt", "rewrap", "datakey", "hmac", "verify"}
 # Transit's HMAC algorithms (path suffix or "algorithm"), and their hashes.
 VAULT_HMAC_ALGORITHMS = {"sha2-224": hashlib.sha224, "sha2-256": hashlib.sha256,
@@ -1691,8 +1757,13 @@ class VaultApi:
         self.stats = stats
         self.cluster_id = str(uuid.uuid4())
 
-    def handle(self, method: str, path: str, raw_query: str, headers, body: bytes
-               ) -> HttpResponse:
+    kubernetes_roles: dict = {}            # role -> (service account subject, audience or None)
+    jwt_roles: dict = {}                   # role -> (bound subject, bound audience or None)
+    cert_roles: dict = {}                  # role -> allowed common name ("*": any)
+    jwt = None                             # the JwtIssuer that signs the tests' tokens
+
+    def handle(self, method: str, path: str, raw_query: str, headers, body: bytes,
+               peer_cert: dict | None = None) -> HttpResponse:
         if method == "GET" and urllib.parse.parse_qs(raw_query).get("list") == ["true"]:
             method = "LIST"
         segments = [urllib.parse.unquote(s) for s in path[len("/v1/"):].split("/") if s]
@@ -1715,7 +1786,8 @@ class VaultApi:
             if fault:
                 inject_fault(fault, self.stats,
                              lambda mode: self._fault_error(mode, None, path, raw_query))
-            call = VaultCall(operation, namespace, captures, self._parse_body(body))
+            call = VaultCall(operation, namespace, captures, self._parse_body(body),
+                             headers=headers, peer_cert=peer_cert)
             if operation not in VAULT_UNAUTHENTICATED:
                 call.token = self._authenticate(headers, namespace)
                 self._authorize(call, method, relative_path)
@@ -1877,6 +1949,83 @@ class VaultApi:
         token = self.tokens.login_approle(role_id, secret_id, call.namespace)
         self.stats.bump("vault_logins")
         return 200, self._envelope(auth=self._auth_block(token), mount_type="approle")
+
+    def _login_token(self, call: VaultCall, claims_of: Callable, roles: dict, method: str):
+        role = call.body.get("role")
+        if not isinstance(role, str) or not role:
+            raise VaultError(400, "missing role")
+        if role not in roles:
+            raise VaultError(400, f'invalid role name "{role}"' if method == "kubernetes"
+                             else f'role "{role}" could not be found')
+        jwt = call.body.get("jwt")
+        if not isinstance(jwt, str) or not jwt:
+            raise VaultError(400, "missing jwt")
+        claims = claims_of(jwt)
+        subject, audience = roles[role]
+        if claims.get("sub") != subject:
+            raise VaultError(403 if method == "kubernetes" else 400,
+                             "service account name not authorized" if method == "kubernetes"
+                             else "error validating claims: sub claim does not match bound subject")
+        if audience and claims.get("aud") != audience:
+            raise VaultError(403 if method == "kubernetes" else 400,
+                             "invalid audience (aud) claim: audience claim does not match any "
+                             "expected audience")
+        token = self.tokens.login_as(method, role, call.namespace, {"sub": subject})
+        self.stats.bump("vault_logins")
+        return 200, self._envelope(auth=self._auth_block(token), mount_type=method)
+
+    def _op_login_kubernetes(self, call: VaultCall):
+        def claims_of(jwt: str) -> dict:
+            # Vault asks the cluster's TokenReview API, which refuses an invalid or
+            # expired service account token; Vault answers 403 permission denied.
+            try:
+                return self.jwt.verify(jwt)
+            except ValueError:
+                raise VaultError(403, "permission denied") from None
+        return self._login_token(call, claims_of, self.kubernetes_roles, "kubernetes")
+
+    def _op_login_jwt(self, call: VaultCall):
+        def claims_of(jwt: str) -> dict:
+            try:
+                return self.jwt.verify(jwt)
+            except ValueError as exc:
+                if str(exc).startswith("expired"):
+                    raise VaultError(400, "error validating token: token is expired") from None
+                raise VaultError(400, "error validating token: invalid signature") from None
+        return self._login_token(call, claims_of, self.jwt_roles, "jwt")
+
+    def _op_login_cert(self, call: VaultCall):
+        name = call.body.get("name") or None
+        invalid = VaultError(400, "invalid certificate or no client certificate supplied")
+        if not call.peer_cert:
+            raise invalid
+        subject = dict(part for rdn in call.peer_cert.get("subject", ()) for part in rdn)
+        common_name = subject.get("commonName", "")
+        candidates = [name] if name else sorted(self.cert_roles)
+        for role in candidates:
+            if role in self.cert_roles and self.cert_roles[role] in ("*", common_name):
+                token = self.tokens.login_as("cert", role, call.namespace, {"common_name": common_name})
+                self.stats.bump("vault_logins")
+                return 200, self._envelope(auth=self._auth_block(token), mount_type="cert")
+        raise invalid
+
+    def _op_wrap(self, call: VaultCall):
+        ttl_header = call.headers.get("X-Vault-Wrap-TTL") if call.headers else None
+        try:
+            ttl = parse_duration(ttl_header) if ttl_header else 300
+        except ValueError as exc:
+            raise VaultError(400, str(exc)) from None
+        if not call.body:
+            raise VaultError(400, "empty wrap request")
+        envelope = self._envelope()
+        envelope["wrap_info"] = self.tokens.wrap(call.body, ttl, call.namespace)
+        return 200, envelope
+
+    def _op_unwrap(self, call: VaultCall):
+        token = call.body.get("token") or (call.headers.get("X-Vault-Token") if call.headers else None)
+        data = self.tokens.unwrap(token, call.namespace)
+        self.stats.bump("vault_unwraps")
+        return 200, self._envelope(data=data)
 
     @staticmethod
     def _auth_block(token: VaultToken) -> dict:
@@ -2150,7 +2299,33 @@ class AdminApi:
             ("POST", "/_emulator/kms/keys"): self._create_kms_key,
             ("POST", "/_emulator/vault/keys"): self._create_vault_key,
             ("POST", "/_emulator/shutdown"): lambda body: {"status": "shutting down"},
+            ("POST", "/_emulator/jwt"): self._issue_jwt,
+            ("POST", "/_emulator/container/token"): self._set_container_token,
         }
+        self.jwt: JwtIssuer | None = None
+        self.container: ContainerCredentialsApi | None = None
+
+    def _issue_jwt(self, body: dict) -> dict:
+        """A signed identity token: {"subject", "audience", "ttl" (negative: expired),
+        "claims"}."""
+        subject, audience = body.get("subject", "system:serviceaccount:db:pgphi"), body.get("audience")
+        ttl, claims = body.get("ttl", 3600), body.get("claims") or {}
+        if not isinstance(subject, str) or not isinstance(audience, str) or not audience:
+            raise AdminError(400, "subject and audience must be strings")
+        if not isinstance(ttl, int) or not isinstance(claims, dict):
+            raise AdminError(400, "ttl must be an integer and claims an object")
+        return {"token": self.jwt.issue(subject, audience, ttl, claims)}
+
+    def _set_container_token(self, body: dict) -> dict:
+        """The authorization token the container credentials endpoint accepts from now on
+        (EKS Pod Identity rotates it)."""
+        if self.container is None:
+            raise AdminError(404, "the container credentials endpoint is not enabled")
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            raise AdminError(400, "token must be a non-empty string")
+        self.container.token = token
+        return {"status": "ok"}
 
     def handle(self, method: str, path: str, headers, body: bytes) -> HttpResponse:
         label = f"admin {method} {path}"
@@ -2299,10 +2474,17 @@ class EmulatorRequestHandler(BaseHTTPRequestHandler):
         if path.startswith("/_emulator/"):
             return self.server.admin.handle(self.command, path, self.headers, body)
         if path.startswith("/v1/"):
-            return self.server.vault.handle(self.command, path, query, self.headers, body)
+            peer = self.connection.getpeercert() if hasattr(self.connection, "getpeercert") else None
+            return self.server.vault.handle(self.command, path, query, self.headers, body, peer)
+        if path.startswith(ContainerCredentialsApi.PATH) and self.server.container:
+            return self.server.container.handle(self.command, path, self.headers)
         target = self.headers.get("X-Amz-Target")
         if target:
             return self.server.kms.handle(target, self.command, path, query, self.headers, body)
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if self.server.sts and (content_type == "application/x-www-form-urlencoded"
+                                or "Action=" in query):
+            return self.server.sts.handle(self.command, path, query, self.headers, body)
         return json_response(404, {"errors": ["unsupported path"]},
                              label=f"{self.command} {path} (unknown API)")
 
@@ -2382,13 +2564,19 @@ class EmulatorServer(ThreadingHTTPServer):
         LOG.debug("connection from %s ended with an error", client_address[0], exc_info=True)
 
 
-def make_tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+def make_tls_context(cert: str, key: str, client_ca: str | None,
+                     optional_client_ca: str | None = None) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
     if client_ca:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(cafile=client_ca)
+    elif optional_client_ca:
+        # As a Vault listener for cert auth: a client certificate is asked for and,
+        # when sent, verified, but connections without one are served too.
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(cafile=optional_client_ca)
     return context
 
 
@@ -2414,6 +2602,292 @@ def parse_kms_key_id(text: str) -> str:
     if not UUID_RE.match(text):
         raise argparse.ArgumentTypeError("KMS key ids are lowercase UUIDs")
     return text
+
+
+# --------------------------------------------------------------------------
+# Signed test identity tokens (JWT, HS256): web identity for STS, and the
+# Kubernetes service account and OIDC tokens Vault's auth methods verify
+# --------------------------------------------------------------------------
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class JwtIssuer:
+    """Issues and verifies the identity tokens the tests hand to pgphi. Real identity
+    providers sign with RS256 and publish a JWKS; a shared HMAC key is enough to make
+    a tampered, foreign or expired token fail here as it fails there."""
+
+    ISSUER = "https://oidc.emulator.invalid"
+
+    def __init__(self):
+        self._key = secrets.token_bytes(32)
+
+    def issue(self, subject: str, audience: str, ttl: int, claims: dict | None = None) -> str:
+        now = int(time.time())
+        header = {"alg": "HS256", "typ": "JWT", "kid": "emulator"}
+        payload = {"iss": self.ISSUER, "sub": subject, "aud": audience, "iat": now,
+                   "nbf": now - 5, "exp": now + ttl, "jti": str(uuid.uuid4()), **(claims or {})}
+        signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(payload).encode())
+        signature = hmac.new(self._key, signing_input.encode(), hashlib.sha256).digest()
+        return signing_input + "." + b64url(signature)
+
+    def verify(self, token) -> dict:
+        """The token's claims; ValueError("invalid ...") or ValueError("expired ...")."""
+        if not isinstance(token, str) or token.count(".") != 2:
+            raise ValueError("invalid: not a JWT")
+        head, body, signature = token.split(".")
+        try:
+            expected = hmac.new(self._key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+            if not hmac.compare_digest(expected, b64url_decode(signature)):
+                raise ValueError("invalid: signature")
+            claims = json.loads(b64url_decode(body))
+        except (binascii.Error, ValueError) as exc:
+            if str(exc).startswith("invalid"):
+                raise
+            raise ValueError("invalid: undecodable") from None
+        if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int):
+            raise ValueError("invalid: claims")
+        if claims["exp"] <= time.time():
+            raise ValueError(f"expired: {claims['exp']}")
+        return claims
+
+
+# --------------------------------------------------------------------------
+# AWS STS (query protocol, XML answers) and the container credentials endpoint
+# --------------------------------------------------------------------------
+
+STS_NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
+STS_VERSION = "2011-06-15"
+STS_AUDIENCE = "sts.amazonaws.com"
+ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,128}$")
+ROLE_SESSION_RE = re.compile(r"^[\w+=,.@-]{2,64}$")
+# What STS calls the signature failures the SigV4 verifier reports in KMS's words.
+STS_SIGNATURE_ERRORS = {
+    "UnrecognizedClientException": ("InvalidClientTokenId", 403),
+    "InvalidSignatureException": ("SignatureDoesNotMatch", 403),
+    "ExpiredTokenException": ("ExpiredToken", 400),
+    "IncompleteSignatureException": ("IncompleteSignature", 400),
+    "MissingAuthenticationTokenException": ("MissingAuthenticationToken", 403),
+}
+
+
+class StsError(Exception):
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.status = code, message, status
+
+
+def xml_escape(text: str) -> str:
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;"))
+
+
+def issue_temporary_credential(credentials: dict, policies: dict, policy, ttl: int
+                               ) -> AwsCredential:
+    """New temporary keys that KMS (and STS) accept until they expire."""
+    credential = AwsCredential("ASIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30),
+                               secrets.token_urlsafe(48), time.time() + ttl)
+    credentials[credential.access_key_id] = credential
+    if policy is not None:
+        policies[credential.access_key_id] = policy
+    return credential
+
+
+class StsApi:
+    """AssumeRole (SigV4-signed with service "sts") and AssumeRoleWithWebIdentity
+    (unsigned: the web identity token is the credential), as the query protocol
+    sends them: POST / with an application/x-www-form-urlencoded body (or the
+    parameters in the query string), answers in XML."""
+
+    def __init__(self, verifier: SigV4Verifier, kms_policies: dict, roles: dict,
+                 jwt: JwtIssuer, faults: FaultBook, stats: Stats, account_id: str):
+        self.verifier = verifier            # service "sts"; shares the credentials dict
+        self.kms_policies = kms_policies
+        self.roles = roles                  # role ARN -> IamPolicy or None
+        self.jwt = jwt
+        self.faults = faults
+        self.stats = stats
+        self.account_id = account_id
+        self.max_session_duration = 3600
+
+    def handle(self, method: str, raw_path: str, raw_query: str, headers, body: bytes
+               ) -> HttpResponse:
+        text = body.decode("utf-8", "replace") if method == "POST" else raw_query
+        params = dict(urllib.parse.parse_qsl(text, keep_blank_values=True))
+        action = params.get("Action", "")
+        self.stats.request("sts", action or "-")
+        label = f"sts {action or '-'}"
+        try:
+            if params.get("Version") != STS_VERSION:
+                raise StsError("InvalidAction", f"Could not find operation {action} for version "
+                               f"{params.get('Version', 'NO_VERSION_SPECIFIED')}")
+            if action == "AssumeRole":
+                try:
+                    caller = self.verifier.verify(method, raw_path, raw_query, headers, body)
+                except SignatureRejected as exc:
+                    self.stats.bump("rejected_signatures")
+                    code, status = STS_SIGNATURE_ERRORS.get(exc.error_type, (exc.error_type, 403))
+                    raise StsError(code, exc.message, status) from None
+            elif action == "AssumeRoleWithWebIdentity":
+                caller = None
+            else:
+                raise StsError("InvalidAction", f"Could not find operation {action} for version "
+                               f"{STS_VERSION}")
+            fault = self.faults.take_request_fault("sts")
+            if fault:
+                inject_fault(fault, self.stats, self._fault_error)
+            return self._answer(action, self._assume(action, params, caller), label)
+        except StsError as exc:
+            return self._error(exc, label)
+
+    def _fault_error(self, mode: str) -> StsError:
+        if mode == "deny":
+            return StsError("AccessDenied", "Not authorized to perform sts:AssumeRole", 403)
+        if mode == "throttle":
+            return StsError("Throttling", "Rate exceeded", 400)
+        return StsError("InternalFailure", "An internal error occurred.", 500)
+
+    def _assume(self, action: str, params: dict, caller: AwsCredential | None) -> dict:
+        role_arn, session = params.get("RoleArn"), params.get("RoleSessionName")
+        for name in ("RoleArn", "RoleSessionName"):
+            if not params.get(name):
+                raise StsError("MissingParameter",
+                               f"The request must contain the parameter {name}")
+        if not ROLE_ARN_RE.match(role_arn):
+            raise StsError("ValidationError", f"{role_arn} is invalid")
+        if not ROLE_SESSION_RE.match(session):
+            raise StsError("ValidationError",
+                           "1 validation error detected: Value at 'roleSessionName' failed to "
+                           "satisfy constraint: Member must satisfy regular expression pattern: "
+                           "[\\w+=,.@-]*")
+        try:
+            duration = int(params.get("DurationSeconds", "3600"))
+        except ValueError:
+            raise StsError("ValidationError", "DurationSeconds must be an integer") from None
+        if duration < 900:
+            raise StsError("ValidationError",
+                           "1 validation error detected: Value at 'durationSeconds' failed to "
+                           "satisfy constraint: Member must have value greater than or equal to 900")
+        if duration > self.max_session_duration:
+            raise StsError("ValidationError", "The requested DurationSeconds exceeds the "
+                           "MaxSessionDuration set for this role.")
+        subject = None
+        if action == "AssumeRoleWithWebIdentity":
+            try:
+                claims = self.jwt.verify(params.get("WebIdentityToken"))
+            except ValueError as exc:
+                if str(exc).startswith("expired"):
+                    raise StsError("ExpiredTokenException",
+                                   f"Token expired: current date/time {int(time.time())} must be "
+                                   f"before the expiration date/time{str(exc)[8:]}") from None
+                raise StsError("InvalidIdentityToken",
+                               "The web identity token that was passed could not be validated "
+                               "by AWS. Get a new identity token from the identity provider and "
+                               "then retry the request.") from None
+            if claims.get("aud") != STS_AUDIENCE:
+                raise StsError("InvalidIdentityToken", "Incorrect token audience")
+            subject = str(claims.get("sub", ""))
+            if role_arn not in self.roles:
+                raise StsError("AccessDenied", "Not authorized to perform "
+                               "sts:AssumeRoleWithWebIdentity", 403)
+        elif role_arn not in self.roles:
+            raise StsError("AccessDenied", f"User: arn:aws:iam::{self.account_id}:user/"
+                           f"{caller.access_key_id} is not authorized to perform: sts:AssumeRole "
+                           f"on resource: {role_arn}", 403)
+        credential = issue_temporary_credential(self.verifier.credentials, self.kms_policies,
+                                                self.roles[role_arn], duration)
+        role_name = role_arn.rsplit("/", 1)[-1]
+        return {"credential": credential, "subject": subject,
+                "assumed_arn": f"arn:aws:sts::{self.account_id}:assumed-role/{role_name}/{session}",
+                "assumed_id": f"AROA{hashlib.sha1(role_arn.encode()).hexdigest()[:17].upper()}:{session}"}
+
+    def _answer(self, action: str, result: dict, label: str) -> HttpResponse:
+        credential = result["credential"]
+        expiration = datetime.datetime.fromtimestamp(credential.expires, datetime.timezone.utc)
+        extra = ""
+        if result["subject"] is not None:
+            extra = (f"<SubjectFromWebIdentityToken>{xml_escape(result['subject'])}"
+                     f"</SubjectFromWebIdentityToken><Audience>{STS_AUDIENCE}</Audience>"
+                     f"<Provider>{JwtIssuer.ISSUER[len('https://'):]}</Provider>")
+        request_id = str(uuid.uuid4())
+        xml = (f'<{action}Response xmlns="{STS_NAMESPACE}">\n  <{action}Result>\n'
+               f"    {extra}<AssumedRoleUser><AssumedRoleId>{xml_escape(result['assumed_id'])}"
+               f"</AssumedRoleId><Arn>{xml_escape(result['assumed_arn'])}</Arn></AssumedRoleUser>\n"
+               f"    <Credentials>\n      <AccessKeyId>{credential.access_key_id}</AccessKeyId>\n"
+               f"      <SecretAccessKey>{xml_escape(credential.secret_access_key)}</SecretAccessKey>\n"
+               f"      <SessionToken>{xml_escape(credential.session_token)}</SessionToken>\n"
+               f"      <Expiration>{expiration.strftime('%Y-%m-%dT%H:%M:%SZ')}</Expiration>\n"
+               f"    </Credentials>\n  </{action}Result>\n  <ResponseMetadata><RequestId>"
+               f"{request_id}</RequestId></ResponseMetadata>\n</{action}Response>\n")
+        return HttpResponse(200, xml.encode(), "text/xml", {"x-amzn-RequestId": request_id}, label)
+
+    def _error(self, exc: StsError, label: str) -> HttpResponse:
+        self.stats.error("sts", exc.code)
+        LOG.info("%s failed: %s %s", label, exc.code, exc.message)
+        request_id = str(uuid.uuid4())
+        kind = "Receiver" if exc.status >= 500 else "Sender"
+        xml = (f'<ErrorResponse xmlns="{STS_NAMESPACE}">\n  <Error>\n    <Type>{kind}</Type>\n'
+               f"    <Code>{xml_escape(exc.code)}</Code>\n    <Message>{xml_escape(exc.message)}"
+               f"</Message>\n  </Error>\n  <RequestId>{request_id}</RequestId>\n</ErrorResponse>\n")
+        return HttpResponse(exc.status, xml.encode(), "text/xml", {"x-amzn-RequestId": request_id},
+                            f"{label} {exc.code}")
+
+
+class ContainerCredentialsApi:
+    """The ECS / EKS Pod Identity container credentials endpoint: GET
+    /v2/credentials/<id> with the authorization token in Authorization (when one is
+    configured) answers temporary keys in JSON, as the ECS agent and the EKS Pod
+    Identity agent do."""
+
+    PATH = "/v2/credentials/"
+
+    def __init__(self, token: str | None, ttl: int, verifier: SigV4Verifier, kms_policies: dict,
+                 policy, faults: FaultBook, stats: Stats, account_id: str):
+        self.token = token
+        self.ttl = ttl
+        self.verifier = verifier
+        self.kms_policies = kms_policies
+        self.policy = policy
+        self.faults = faults
+        self.stats = stats
+        self.account_id = account_id
+
+    def handle(self, method: str, path: str, headers) -> HttpResponse:
+        self.stats.request("container", "GET credentials")
+        label = "container credentials"
+        if method != "GET":
+            return json_response(405, {"code": "MethodNotAllowed", "message": "use GET"}, label=label)
+        fault = self.faults.take_request_fault("container")
+        if fault:
+            try:
+                inject_fault(fault, self.stats, lambda mode: ValueError(mode))
+            except ValueError as exc:
+                self.stats.error("container", str(exc))
+                status = {"deny": 403, "throttle": 429}.get(str(exc), 500)
+                return json_response(status, {"code": str(exc), "message": "injected fault"},
+                                     label=f"{label} {status}")
+        if self.token is not None:
+            given = headers.get("Authorization") or ""
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                self.stats.error("container", "unauthorized")
+                return json_response(401, {"code": "AccessDeniedException",
+                                           "message": "invalid authorization token"},
+                                     label=f"{label} 401")
+        credential = issue_temporary_credential(self.verifier.credentials, self.kms_policies,
+                                                self.policy, self.ttl)
+        expiration = datetime.datetime.fromtimestamp(credential.expires, datetime.timezone.utc)
+        return json_response(200, {
+            "RoleArn": f"arn:aws:iam::{self.account_id}:role/pgphi-task-role",
+            "AccessKeyId": credential.access_key_id,
+            "SecretAccessKey": credential.secret_access_key,
+            "Token": credential.session_token,
+            "Expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "AccountId": self.account_id}, label=label)
 
 
 class InstanceMetadataService:
@@ -2524,6 +2998,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--aws-policy", action="append", default=[],
                         help="AKID=FILE: the IAM policy (JSON) of that credential; credentials "
                              "without one may do everything (repeatable)")
+    parser.add_argument("--vault-kubernetes-role", action="append", default=[],
+                        help="ROLE=SUBJECT[@AUDIENCE]: auth/kubernetes/login accepts service "
+                             "account tokens (control API /_emulator/jwt) with that sub (repeatable)")
+    parser.add_argument("--vault-jwt-role", action="append", default=[],
+                        help="ROLE=SUBJECT[@AUDIENCE]: auth/jwt/login's bound subject and "
+                             "audience (repeatable)")
+    parser.add_argument("--vault-cert-role", action="append", default=[],
+                        help="NAME=COMMON_NAME ('*': any): auth/cert/login accepts a client "
+                             "certificate from --vault-cert-ca with that CN (repeatable)")
+    parser.add_argument("--vault-cert-ca",
+                        help="CA of client certificates for cert auth: asked for, not required")
     parser.add_argument("--approle-token-ttl", type=int, default=3600,
                         help="TTL in seconds of tokens issued by AppRole login")
     parser.add_argument("--approle-token-max-ttl", type=int, default=86400,
@@ -2537,6 +3022,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--imds-role",
                         help="also serve the EC2 instance metadata service (IMDSv2, plain HTTP "
                              "on 127.0.0.1) with this IAM role; its port goes to STATE_DIR/imds_port")
+    parser.add_argument("--sts-role", action="append", default=[],
+                        help="ARN[=POLICY_FILE]: an IAM role STS AssumeRole and "
+                             "AssumeRoleWithWebIdentity may issue credentials for, with that IAM "
+                             "policy at KMS (repeatable; any role: STS is served)")
+    parser.add_argument("--container-credentials", action="store_true",
+                        help="serve the container credentials endpoint (GET /v2/credentials/ID)")
+    parser.add_argument("--container-credentials-token",
+                        help="the Authorization token the container endpoint requires")
+    parser.add_argument("--container-credentials-ttl", type=int, default=3600,
+                        help="lifetime in seconds of the container endpoint's credentials")
+    parser.add_argument("--container-credentials-policy",
+                        help="IAM policy (JSON) of the container endpoint's credentials at KMS")
     parser.add_argument("--max-clock-skew", type=int, default=900,
                         help="seconds a SigV4 X-Amz-Date may differ from now")
     return parser.parse_args(argv)
@@ -2602,12 +3099,53 @@ def build_server(args: argparse.Namespace) -> EmulatorServer:
 
     admin = AdminApi(args.admin_token, kms_store, transit, tokens, mounts[0], faults, stats,
                      request_shutdown)
-    server = EmulatorServer(args.port, make_tls_context(args.cert, args.key, args.client_ca),
+    server = EmulatorServer(args.port, make_tls_context(args.cert, args.key, args.client_ca,
+                                                        args.vault_cert_ca),
                             KmsApi(kms_store, verifier, faults, stats, kms_policies),
                             VaultApi(transit, tokens, mounts, faults, stats, vault_policies,
                                      args.require_request_header), admin)
     server.vault.port = server.server_address[1]
     server_box.append(server)
+    jwt = JwtIssuer()
+    admin.jwt = jwt
+    server.vault.jwt = jwt
+
+    def role_specs(specs: list, with_audience: bool) -> dict:
+        roles = {}
+        for spec in specs:
+            role, _, bound = spec.partition("=")
+            if with_audience:
+                subject, _, audience = bound.partition("@")
+                roles[role] = (subject, audience or None)
+            else:
+                roles[role] = bound or "*"
+        return roles
+    server.vault.kubernetes_roles = role_specs(args.vault_kubernetes_role, True)
+    server.vault.jwt_roles = role_specs(args.vault_jwt_role, True)
+    server.vault.cert_roles = role_specs(args.vault_cert_role, False)
+    sts_roles = {}
+    for spec in args.sts_role:
+        arn, _, path = spec.partition("=")
+        policy = None
+        if path:
+            with open(path) as source:
+                policy = IamPolicy(json.load(source), path)
+        sts_roles[arn] = policy
+    server.sts = None
+    if sts_roles:
+        sts_verifier = SigV4Verifier(verifier.credentials, args.region, "sts", args.max_clock_skew)
+        server.sts = StsApi(sts_verifier, kms_policies, sts_roles, jwt, faults, stats,
+                            args.account_id)
+    server.container = None
+    if args.container_credentials:
+        policy = None
+        if args.container_credentials_policy:
+            with open(args.container_credentials_policy) as source:
+                policy = IamPolicy(json.load(source), args.container_credentials_policy)
+        server.container = ContainerCredentialsApi(
+            args.container_credentials_token, args.container_credentials_ttl, verifier,
+            kms_policies, policy, faults, stats, args.account_id)
+        admin.container = server.container
     server.imds = None
     if args.imds_role:
         server.imds = start_imds_server(InstanceMetadataService(args.imds_role, verifier, stats))

@@ -1,7 +1,8 @@
 // libFuzzer target for what the AWS credential sources parse
 // (src/core/aws_credentials.cpp): the EC2 instance metadata service's role
 // listing and credentials document, which arrive over plain http, and the
-// shared-credentials file. Each input is given to every parser; each returns
+// shared-credentials file, STS's XML answers and errors, the container
+// credentials endpoint's document, and shared config profile chains. Each input is given to every parser; each returns
 // or refuses with a pgphi::Error.
 #include <cstdint>
 #include <ctime>
@@ -42,5 +43,31 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size)
             fuzz::require(!credentials.access_key_id.empty() && !credentials.secret_access_key.empty(),
                           "parse_credentials_file", "accepted a profile without a key id or secret");
         });
+    for (const char* action : {"AssumeRole", "AssumeRoleWithWebIdentity"}) {
+        std::time_t sts_expires = 0;
+        if (fuzz::refuses_cleanly("sts_credentials", {ErrorCode::ProviderError}, [&] {
+                sigv4::Credentials credentials = aws::sts_credentials(text, action, now, sts_expires);
+                fuzz::require(fuzz::header_safe(credentials.access_key_id) &&
+                                  fuzz::header_safe(credentials.session_token) &&
+                                  !credentials.secret_access_key.empty(),
+                              "sts_credentials", "credentials unfit for a request");
+            }))
+            fuzz::require(sts_expires > now, "sts_credentials", "credentials that expired already");
+    }
+    aws::StsError sts_error = aws::sts_error(text);
+    fuzz::require(sts_error.request_id.size() <= 64 && sts_error.code.size() <= 300 && sts_error.message.size() <= 300,
+                  "sts_error", "unbounded error fields");
+    fuzz::refuses_cleanly("container_credentials", {ErrorCode::ProviderError},
+                          [&] { aws::container_credentials(text, now, expires_at); });
+
+    for (bool config_format : {true, false}) {
+        aws::ProfileSet profiles;
+        aws::parse_profiles(text, config_format, profiles);
+        for (const char* profile : {"default", "pgphi"})
+            fuzz::refuses_cleanly("resolve_profile", {ErrorCode::ConfigError}, [&] {
+                aws::ProfileChain chain = aws::resolve_profile(profiles, profile);
+                fuzz::require(chain.roles.size() <= 16, "resolve_profile", "a chain longer than the limit");
+            });
+    }
     return 0;
 }

@@ -69,6 +69,8 @@ write("ciphertext", "not-ciphertext", b"123-45-6789")
 # vault_response: what Vault answers to each call pgphi makes.
 dek = bytes(range(32))
 wrapped = "vault:v1:" + b64(bytes(range(60)))
+write("vault_response", "unwrap-secret-id", {"request_id": "r9", "data": {"secret_id": "fuzz-secret-id-0001"},
+                                            "wrap_info": None})
 write("vault_response", "datakey-wrapped", {"request_id": "r1", "data": {"ciphertext": wrapped, "key_version": 1}})
 write("vault_response", "rewrap", {"data": {"ciphertext": "vault:v12:" + b64(bytes(range(1, 61))), "key_version": 12}})
 write("vault_response", "decrypt", {"data": {"plaintext": b64(dek)}})
@@ -130,6 +132,22 @@ write("aws_credentials", "credentials-file", "[default]\naws_access_key_id = FUZ
                                              "# the database's role\n[pgphi]\naws_access_key_id=FUZZKEYID0004\n"
                                              "aws_secret_access_key=fuzz-secret-0004\naws_session_token = fuzz-0004\n")
 write("aws_credentials", "credentials-file-incomplete", "[default]\naws_access_key_id = FUZZKEYID0005\n")
+write("aws_credentials", "sts-assume-role",
+      '<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><AssumeRoleResult>'
+      "<AssumedRoleUser><Arn>arn:aws:sts::111122223333:assumed-role/r/s</Arn></AssumedRoleUser>"
+      "<Credentials><AccessKeyId>FUZZKEYID0006</AccessKeyId><SecretAccessKey>fuzz-secret-0006</SecretAccessKey>"
+      "<SessionToken>fuzz-session&amp;0006</SessionToken><Expiration>2026-11-01T06:00:00Z</Expiration>"
+      "</Credentials></AssumeRoleResult><ResponseMetadata><RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7"
+      "</RequestId></ResponseMetadata></AssumeRoleResponse>")
+write("aws_credentials", "sts-error",
+      '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type>'
+      "<Code>InvalidIdentityToken</Code><Message>could not be validated</Message></Error>"
+      "<RequestId>4f6b6c4e-0d2a-11e9-a0a5-0d6bf2f0ae8d</RequestId></ErrorResponse>")
+write("aws_credentials", "config-profile-chain",
+      "[profile pgphi]\nrole_arn = arn:aws:iam::111122223333:role/db\nsource_profile = base\n"
+      "[profile base]\naws_access_key_id = FUZZKEYID0007\naws_secret_access_key = fuzz-secret-0007\n"
+      "[profile default]\nrole_arn = arn:aws:iam::111122223333:role/db\nsource_profile = pgphi\n"
+      "[profile loop]\nrole_arn = arn:aws:iam::1:role/a\nsource_profile = loop\n")
 
 # kmip_ttlv: KMIP Response Messages as pykmip-server answers pgphi's
 # requests (protocol 1.4), TTLV items of every type, and wrapped DEKs.

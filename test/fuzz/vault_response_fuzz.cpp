@@ -1,7 +1,7 @@
 // libFuzzer target for the parsers of HashiCorp Vault's answers
 // (src/core/vault_response.cpp): each input is one HTTP body, given to every
 // parser in turn, as each of datakey/wrapped, decrypt, rewrap, keys/<name>,
-// AppRole login and token renewal. Every parser returns or refuses with a
+// AppRole login, token renewal and sys/wrapping/unwrap. Every parser returns or refuses with a
 // pgphi::Error; a DEK or token taken out of an answer is wiped there, even
 // when the answer is refused.
 #include <cstdint>
@@ -75,6 +75,20 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size)
     if (had_token) {
         const std::string* left = field(login, "auth", "client_token");
         fuzz::require(left && fuzz::wiped(*left), "login_lease", "left the token in the answer");
+    }
+
+    // sys/wrapping/unwrap of a response-wrapped AppRole secret id
+    json unwrap = doc;
+    bool had_secret_id = field(unwrap, "data", "secret_id") != nullptr;
+    SecureBytes secret_id;
+    if (fuzz::refuses_cleanly("unwrapped_secret_id", {ErrorCode::ProviderError},
+                              [&] { vault::unwrapped_secret_id(unwrap, secret_id); }))
+        fuzz::require(!secret_id.empty() &&
+                          fuzz::header_safe(std::string(reinterpret_cast<const char*>(secret_id.data()), secret_id.size())),
+                      "unwrapped_secret_id", "accepted a secret id unfit for a request");
+    if (had_secret_id) {
+        const std::string* left = field(unwrap, "data", "secret_id");
+        fuzz::require(left && fuzz::wiped(*left), "unwrapped_secret_id", "left the secret id in the answer");
     }
 
     // renew-self

@@ -74,6 +74,13 @@ sub new
 		'--kms-key', $self->{kms_key},
 		'--vault-key', $self->{vault_key},
 		($params{imds_role} ? ('--imds-role', $params{imds_role}) : ()),
+		# STS roles pgphi may assume; their credentials get the documented IAM policy.
+		(map { ('--sts-role', "$_=" . kms_policy_file()) } @{ $params{sts_roles} // [] }),
+		($params{container_token}
+			? ('--container-credentials', '--container-credentials-token', $params{container_token},
+				'--container-credentials-ttl', $params{container_ttl} // 3600,
+				'--container-credentials-policy', kms_policy_file())
+			: ()),
 		($params{client_ca} ? ('--client-ca', "$self->{pki}/$params{client_ca}.pem") : ()),
 		@{ $params{extra} // [] });
 	$self->{handle} = IPC::Run::start(\@cmd, '>', "$self->{state}/stdout", '2>', "$self->{state}/stderr");
@@ -124,6 +131,15 @@ sub fault { my ($self, %fault) = @_; return $self->control('POST', 'fault', \%fa
 sub clear_faults { my ($self) = @_; return $self->fault(mode => 'none', target => 'all'); }
 sub stats { my ($self) = @_; return $self->control('GET', 'stats'); }
 sub reset_stats { my ($self) = @_; return $self->control('POST', 'stats/reset', {}); }
+
+# A signed identity token (JWT) from the emulator's test identity provider:
+# for STS web identity (audience sts.amazonaws.com) or Vault's Kubernetes and
+# JWT auth. ttl < 0 gives one that has expired.
+sub jwt
+{
+	my ($self, %claims) = @_;
+	return $self->control('POST', 'jwt', \%claims)->{token};
+}
 
 # A new Vault token, from an AppRole login through the real API.
 sub vault_login

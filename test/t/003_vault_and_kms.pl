@@ -38,7 +38,7 @@ $node->safe_psql('postgres', qq{
 is($node->safe_psql('postgres', q{SELECT k.name, v.kek_version FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id) WHERE k.name = 'vault_ssn'}),
 	'vault_ssn|v1', 'the Vault key records the Transit key version that wrapped its DEK');
 like($node->safe_psql('postgres', q{SELECT v.kek_version FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id) WHERE k.name = 'kms_ssn'}),
-	qr/^arn:aws:kms:us-east-1:\d+:key\/\Q$kms_key\E$/, 'the KMS key records the KMS key ARN');
+	qr/^arn:aws:kms:us-east-1:\d+:key\/\Q$kms_key\E#[0-9a-f]{64}$/, 'the KMS key records the KMS key ARN and its key material id');
 
 my $all_ok = q{SELECT count(*) FROM patients
 	WHERE pgphi.decrypt_phi(v_ssn, 'vault_ssn', mrn) = 'ssn-' || id

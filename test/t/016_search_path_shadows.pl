@@ -219,6 +219,7 @@ for my $run (@runs)
 		SELECT pgphi.create_key('k_$id');
 		SELECT pgphi.create_blind_index_key('bk_$id');
 		SELECT pgphi.create_key('dk_$id');
+		SELECT pgphi.create_key('rk_$id');
 		SELECT pgphi.rotate_key('dk_$id');
 		SELECT pgphi.rotate_key('dk_$id');
 		SELECT pgphi.retire_key_version('dk_$id', 1);
@@ -242,6 +243,10 @@ for my $run (@runs)
 	# A second custodian's approval, so that destroy_key can proceed.
 	$node->safe_psql($db, "SET search_path = pg_catalog; SELECT pgphi.approve_destroy('dk_$id', 1)",
 		extra_params => [ '-U', 'custodian2' ]);
+	# A key in the middle of a rekey (its version still to move from the
+	# local KEK to the local KEK: the only provider here), for pgphi.rekey.
+	$node->safe_psql($db, "UPDATE pgphi.key_versions SET rekey_source_provider = 'local', rekey_source_kek = 'default'
+		WHERE key_id = pgphi._key_id('rk_$id')");
 }
 
 # --- Every routine, with sample arguments ----------------------------------
@@ -263,6 +268,7 @@ my %sample = (
 	'retire_key_version.name' => "'{DK}'", 'approve_destroy.name' => "'{DK}'", 'destroy_key.name' => "'{DK}'",
 	'unretire_key_version.name' => "'{DK}'", 'retire_key_version.version' => '2',
 	'unretire_key_version.version' => '2',
+	'approve_rekey.name' => "'rk_{ID}'",
 	'mark_compromised.name' => "'{DK}'", 'mark_compromised.version' => '2',
 	'suspend_key.name' => "'{DK}'", 'suspend_key.version' => '2',
 	'approve_resume.name' => "'{DK}'", 'approve_resume.version' => '2', 'reason' => "'tap'",
@@ -326,6 +332,8 @@ my %mechanism = (
 	'pgphi.break_glass(text,text)' => "SELECT pgphi.break_glass('{K}', 'tap')",
 	# Ends in its error with the local provider, so the statistics do not count it.
 	'pgphi.create_kek(text,text)' => "SELECT pgphi.create_kek('local', 'kek_{ID}')",
+	# Finishes the rekey the fixture left in the middle (no approval needed).
+	'pgphi.rekey(text,text,text)' => "CALL pgphi.rekey('rk_{ID}', 'local')",
 	# Resuming needs a second custodian: the caller's own approval (made by
 	# approve_resume just before) is refused, which shows it ran its checks.
 	'pgphi.resume_key(text,integer)' => "SELECT pgphi.resume_key('{DK}', 2)",

@@ -59,6 +59,19 @@ $node->safe_psql($db, q{
 	SELECT pgphi.approve_grant('alpha', 'pgphi_decrypt', 'decrypt');
 	RESET SESSION AUTHORIZATION;
 });
+# A key in the middle of a rekey, 'moving' (rows in rekey_approvals and a version that
+# records the KEK it is leaving): the move to Vault, which this server has
+# not configured, stops at its first version.
+$node->safe_psql($db, q{
+	SELECT pgphi.create_key('moving');
+	SET SESSION AUTHORIZATION catalog_audit_cust_b;
+	SELECT pgphi.approve_rekey('moving', 'vault', 'pgphi-kek'), pgphi.approve_rekey('moving', 'aws_kms', 'alias/pgphi');
+});
+my ($rekey_ret, $rekey_out, $rekey_err) = $node->psql($db, q{SET SESSION AUTHORIZATION catalog_audit_cust_a;
+	CALL pgphi.rekey('moving', 'vault', 'pgphi-kek')});
+like($rekey_err, qr/ERROR/, 'the rekey of moving stops at its first version (no Vault here)');
+$node->safe_psql($db, q{SET SESSION AUTHORIZATION catalog_audit_cust_b;
+	SELECT pgphi.approve_rekey('moving', 'aws_kms', 'alias/pgphi')});
 $node->safe_psql($db, q{SELECT count(pgphi.decrypt_phi(v)) FROM catalog_audit_data});
 $node->poll_query_until($db, q{SELECT EXISTS (SELECT FROM pgphi.key_use_stats)})
   or die 'the audit writer wrote no key use counts';

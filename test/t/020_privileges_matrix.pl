@@ -111,6 +111,10 @@ pgphi._reencrypt_progress_claim()                                            key
 pgphi._reencrypt_sql(regclass,name,name)                                     key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._reencrypt_start(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._reencrypt_sweep(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 55000
+pgphi._rekey_dek(text,text,integer,integer,text,bytea,text,text)             key     42501  42501 42501 42501 42501 42501 42501 42501 42704
+pgphi._rekey_next(integer)                                                   key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi._rekey_start(text,text,text)                                           key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi._rekey_target(text,text)                                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._require_retired(text,integer,integer,boolean)                         key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._rewrap_dek(text,text,integer,integer,text,bytea)                      key     42501  42501 42501 42501 42501 42501 42501 42501 XX001
 pgphi._reserve_seals(integer,integer,bigint,bigint,boolean)                  key     42501  42501 42501 42501 42501 42501 42501 42501 ok
@@ -128,6 +132,7 @@ pgphi.anchor_audit_log()                                                     key
 pgphi.approve_destroy(text,integer)                                          key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.approve_grant(text,regrole,text)                                       key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.approve_grant_member(text,text,regrole,regrole)                        key     42501  42501 42501 42501 42501 42501 42704 42501 42704
+pgphi.approve_rekey(text,text,text)                                          key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.approve_resume(text,integer)                                           key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.audit_queue_status()                                                   key     42501  42501 42501 42501 42501 42501 42501 ok    ok
 pgphi.blind_index(text,text)                                                 key     42501  42501 ok    42501 42501 ok    42501 42501 ok
@@ -194,6 +199,7 @@ pgphi.rebuild_blind_index(regclass,name,name,text,integer,name)              key
 pgphi.reencrypt(regclass,name,integer,name,text)                             key     42501  42501 42501 42501 42501 ok    42501 42501 ok
 pgphi.reencrypt_value(bytea,text,text)                                       key     42501  42501 42501 42501 42501 ok    42501 42501 ok
 pgphi.reencrypt_value(pgphi.encrypted,text,text)                             key     42501  42501 42501 42501 42501 ok    42501 42501 ok
+pgphi.rekey(text,text,text)                                                  key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.resume_key(text,integer)                                               key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.retire_key_version(text,integer,regclass[],text,interval)              key     42501  42501 42501 42501 42501 42501 55006 42501 55006
 pgphi.revoke_decrypt(text,regrole)                                           key     42501  42501 42501 42501 42501 42501 ok    42501 ok
@@ -232,6 +238,7 @@ pgphi.key_versions              -      -     -     -     -     -     -     -    
 pgphi.keys                      -      -     -     -     -     -     -     -     rawdD
 pgphi.keys_key_id_seq           -      -     -     -     -     -     -     -     rUw
 pgphi.reencrypt_progress        -      rawd  rawd  -     -     rawd  rawd  -     rawdD
+pgphi.rekey_approvals           -      -     -     -     -     -     r     r     rawdD
 pgphi.resume_approvals          -      -     -     -     -     -     r     r     rawdD
 pgphi.seal_reservations         -      -     -     -     -     -     -     r     rawdD
 TABLE

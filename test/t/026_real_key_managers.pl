@@ -102,15 +102,28 @@ $node->safe_psql('postgres', q{
 	CREATE TABLE a AS SELECT i AS id, pgphi.encrypt_phi('a-' || i, 'alias_key') AS v FROM generate_series(1, 10) i});
 my $kek_version = q{SELECT string_agg(kv.kek_version, ',' ORDER BY kv.version) FROM pgphi.key_versions kv
 	JOIN pgphi.keys k USING (key_id) WHERE k.name = 'alias_key'};
-is($node->safe_psql('postgres', $kek_version), $first, 'the DEK records the key ARN the alias named');
+like($node->safe_psql('postgres', $kek_version), qr/^\Q$first\E#[0-9a-f]{64}$/,
+	'the DEK records the key ARN the alias named, and its key material id');
 aws('update-alias', '--alias-name', 'alias/pgphi-moving', '--target-key-id', $second);
 my $alias_ok = q{SELECT pgphi.flush_cache() >= 0; SELECT count(*) FROM a WHERE pgphi.decrypt_phi(v) = 'a-' || id};
 is($node->safe_psql('postgres', $alias_ok), "t\n10", 'after UpdateAlias, old values still decrypt');
 is($node->safe_psql('postgres', q{SELECT pgphi.rewrap_keys('alias_key')}), '1', 'rewrap_keys rewraps the DEK');
-is($node->safe_psql('postgres', $kek_version), $second, '... to the key the alias names now');
+like($node->safe_psql('postgres', $kek_version), qr/^\Q$second\E#[0-9a-f]{64}$/, '... to the key the alias names now');
 is($node->safe_psql('postgres', $alias_ok), "t\n10", '... and every value decrypts');
 aws('disable-key', '--key-id', $first);
 is($node->safe_psql('postgres', $alias_ok), "t\n10", '... without the old key');
+
+# A rotation of the KMS key (new key material, as automatic rotation makes)
+# shows in key_versions once rewrap_keys has moved the DEK onto it.
+my $material_before = $node->safe_psql('postgres', $kek_version);
+$emulator->control('POST', 'kms/rotate', { key => $second });
+is($node->safe_psql('postgres', $kek_version), $material_before, 'after a KMS key rotation the DEK still names the old material');
+is($node->safe_psql('postgres', $alias_ok), "t\n10", '... which KMS still decrypts');
+is($node->safe_psql('postgres', q{SELECT pgphi.rewrap_keys('alias_key')}), '1', 'rewrap_keys after the rotation');
+my $material_after = $node->safe_psql('postgres', $kek_version);
+like($material_after, qr/^\Q$second\E#[0-9a-f]{64}$/, '... records the same key ARN');
+isnt($material_after, $material_before, '... with the new key material id: the rotation shows in key_versions');
+is($node->safe_psql('postgres', $alias_ok), "t\n10", '... and every value decrypts');
 
 ###########################################################################
 # 3. A KMS key pending deletion: 55000 with the reason.

@@ -140,6 +140,27 @@ TEST(KmsResponse, ReadsEachAnswer)
     EXPECT_TRUE(kms::credentials_refused(kms::parse_error(R"({"__type":"ExpiredTokenException"})")));
 }
 
+// The KEK version names the key material, which a KMS key rotation changes,
+// so that a rotation shows in key_versions; Decrypt and ReEncrypt go on
+// naming the key's ARN.
+TEST(KmsResponse, KekVersionNamesTheKeyMaterial)
+{
+    const std::string material(64, 'a');
+    json generated = {{"KeyId", "arn:aws:kms:us-east-1:1:key/k"}, {"KeyMaterialId", material}};
+    EXPECT_EQ(kms::kek_version(generated, "alias/x", "KeyMaterialId"), "arn:aws:kms:us-east-1:1:key/k#" + material);
+    json reencrypted = {{"KeyId", "arn:aws:kms:us-east-1:1:key/k2"}, {"SourceKeyMaterialId", material},
+                        {"DestinationKeyMaterialId", std::string(64, 'b')}};
+    EXPECT_EQ(kms::kek_version(reencrypted, "k2", "DestinationKeyMaterialId"),
+              "arn:aws:kms:us-east-1:1:key/k2#" + std::string(64, 'b'));
+    // Encrypt's answer (and an older KMS) names no material: the ARN alone.
+    EXPECT_EQ(kms::kek_version(json{{"KeyId", "arn:k"}}, "f", "KeyMaterialId"), "arn:k");
+    EXPECT_EQ(kms::arn_of_kek_version("arn:aws:kms:us-east-1:1:key/k#" + material), "arn:aws:kms:us-east-1:1:key/k");
+    EXPECT_EQ(kms::arn_of_kek_version("arn:aws:kms:us-east-1:1:key/k"), "arn:aws:kms:us-east-1:1:key/k");
+    for (const json& bad : {json("ABC"), json(std::string(63, 'a')), json(std::string(64, 'A')), json(7)})
+        EXPECT_EQ(refusal([&] { kms::kek_version(json{{"KeyId", "arn:k"}, {"KeyMaterialId", bad}}, "f", "KeyMaterialId"); }),
+                  ErrorCode::ProviderError);
+}
+
 TEST(KmsResponse, MalformedAnswersAreProviderErrors)
 {
     // Found by the fuzzer: an answer that is JSON but not an object.
@@ -159,6 +180,23 @@ TEST(KmsResponse, MalformedAnswersAreProviderErrors)
     json decrypt = json{{"Plaintext", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXG!kaGxwdHg=="}};
     EXPECT_EQ(refusal([&] { kms::unwrapped_dek(decrypt); }), ErrorCode::ProviderError);
     EXPECT_TRUE(wiped(decrypt["Plaintext"].get<std::string>()));
+}
+
+TEST(VaultResponses, UnwrappedSecretIdMovesOutOfTheAnswer)
+{
+    json answer = json::parse(R"({"data": {"secret_id": "5c1e-secret"}, "wrap_info": null})");
+    SecureBytes secret_id;
+    vault::unwrapped_secret_id(answer, secret_id);
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(secret_id.data()), secret_id.size()), "5c1e-secret");
+    EXPECT_TRUE(wiped(answer["data"]["secret_id"].get<std::string>()));
+    for (const char* body : {R"({"data": {"secret_id": ""}})", R"({"data": {"secret_id": 7}})",
+                             R"({"data": {"token": "x"}})", R"({"data": null})", "{}"}) {
+        json bad = json::parse(body);
+        EXPECT_EQ(refusal([&] { vault::unwrapped_secret_id(bad, secret_id); }), ErrorCode::ProviderError) << body;
+    }
+    json line_break = json::parse(R"({"data": {"secret_id": "a\nX-Vault-Token: b"}})");
+    EXPECT_EQ(refusal([&] { vault::unwrapped_secret_id(line_break, secret_id); }), ErrorCode::ProviderError);
+    EXPECT_TRUE(wiped(line_break["data"]["secret_id"].get<std::string>()));
 }
 
 TEST(MetadataService, ParsesAndChecksWhatGoesIntoTheNextRequest)

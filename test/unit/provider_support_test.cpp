@@ -14,6 +14,7 @@
 #include "aws_credentials.hpp"
 #include "encoding.hpp"
 #include "error.hpp"
+#include "vault_provider.hpp"
 #include "http_client.hpp"
 #include "secret_file.hpp"
 
@@ -188,4 +189,55 @@ TEST(AwsCredentials, NoSourceIsADenial)
     settings.use_environment = false;
     AwsCredentialChain chain(settings);
     EXPECT_EQ(error_code_of([&] { chain.get(std::time(nullptr)); }), ErrorCode::KeyManagerDenied);
+}
+
+TEST(VaultAuthSettings, EachMethodNeedsWhatItLogsInWith)
+{
+    auto settings = [] {
+        VaultSettings s;
+        s.address = "https://127.0.0.1:8200";
+        return s;
+    };
+    auto config_error = [&](VaultSettings s) { return error_code_of([&] { VaultKeyProvider provider(std::move(s)); }); };
+    VaultSettings none = settings();
+    EXPECT_EQ(config_error(none), ErrorCode::ConfigError);
+    VaultSettings kubernetes = settings();
+    kubernetes.auth_method = "kubernetes";
+    EXPECT_EQ(config_error(kubernetes), ErrorCode::ConfigError); // no role
+    kubernetes.auth_role = "pgphi";
+    EXPECT_NO_THROW(VaultKeyProvider{kubernetes}); // the service account token by default
+    VaultSettings jwt = settings();
+    jwt.auth_method = "jwt";
+    jwt.auth_role = "pgphi";
+    EXPECT_EQ(config_error(jwt), ErrorCode::ConfigError); // no token file
+    VaultSettings cert = settings();
+    cert.auth_method = "cert";
+    EXPECT_EQ(config_error(cert), ErrorCode::ConfigError); // no client certificate
+    cert.tls.client_cert = "/c.pem";
+    cert.tls.client_key = "/c.key";
+    EXPECT_NO_THROW(VaultKeyProvider{cert});
+    VaultSettings wrapped = settings();
+    wrapped.approle_role_id_file = "/role-id";
+    wrapped.approle_wrapped_secret_id_file = "/wrapped";
+    EXPECT_NO_THROW(VaultKeyProvider{wrapped}); // AppRole, chosen without auth_method
+    VaultSettings unknown = settings();
+    unknown.auth_method = "ldap";
+    EXPECT_EQ(config_error(unknown), ErrorCode::ConfigError);
+}
+
+TEST_F(TempDir, IdentityTokenFilesMayBeRootOwnedProjectionsButNotWritableByOthers)
+{
+    // A projected Kubernetes token: 0644 (owner and mode of the server
+    // account are not required, unlike a secret file pgphi's admin writes).
+    std::string token = write("token", "eyJhbGciOi.token.sig\n");
+    chmod(token.c_str(), 0644);
+    EXPECT_EQ(read_identity_token_file(token, "Kubernetes service account token file"), "eyJhbGciOi.token.sig");
+    EXPECT_EQ(error_code_of([&] { read_secret_text(token, "Vault token file"); }), ErrorCode::SecretFileInvalid);
+    chmod(token.c_str(), 0666);
+    std::string message;
+    EXPECT_EQ(error_code_of([&] { read_identity_token_file(token, "web identity token file"); }, &message),
+              ErrorCode::SecretFileInvalid);
+    EXPECT_NE(message.find("writable by group or others"), std::string::npos) << message;
+    EXPECT_EQ(error_code_of([&] { read_identity_token_file(token + ".absent", "token file"); }),
+              ErrorCode::SecretFileMissing);
 }

@@ -150,6 +150,64 @@ PGPHI_FUNCTION(pgphi_rewrap_dek)
     PG_RETURN_DATUM(wrapped_result(fcinfo, *result));
 }
 
+namespace {
+
+// The rekey's catalog row: the version still wrapped by (provider, kek) and
+// its key's destination (to_provider, to_kek), as pgphi._rekey_start left
+// them. Arguments: provider, kek, key_id, version, key_name, wrapped,
+// to_provider, to_kek.
+SPIPlanPtr g_plan_rekey_row = nullptr;
+
+void require_rekey_row(FunctionCallInfo fcinfo)
+{
+    Oid argtypes[8] = {INT4OID, INT4OID, TEXTOID, TEXTOID, TEXTOID, BYTEAOID, TEXTOID, TEXTOID};
+    Datum args[8] = {PG_GETARG_DATUM(2), PG_GETARG_DATUM(3), PG_GETARG_DATUM(4), PG_GETARG_DATUM(0),
+                     PG_GETARG_DATUM(1), PG_GETARG_DATUM(5), PG_GETARG_DATUM(6), PG_GETARG_DATUM(7)};
+    if (query_catalog(&g_plan_rekey_row,
+                      "SELECT FROM pgphi.keys k JOIN pgphi.key_versions v ON v.key_id OPERATOR(pg_catalog.=) k.key_id "
+                      "WHERE k.key_id OPERATOR(pg_catalog.=) $1 AND v.version OPERATOR(pg_catalog.=) $2 "
+                      "AND k.name OPERATOR(pg_catalog.=) $3 AND v.rekey_source_provider OPERATOR(pg_catalog.=) $4 "
+                      "AND v.rekey_source_kek OPERATOR(pg_catalog.=) $5 AND v.wrapped_dek OPERATOR(pg_catalog.=) $6 "
+                      "AND k.provider OPERATOR(pg_catalog.=) $7 AND k.kek_ref OPERATOR(pg_catalog.=) $8",
+                      8, argtypes, args, 1, note_row, nullptr, nullptr) == 0)
+        ereport(ERROR, (errcode(ERRCODE_UNDEFINED_OBJECT), errmsg("pgphi key version is not being rekeyed"),
+                        errdetail("pgphi does not repeat a name that names no key: a misplaced argument could be PHI."),
+                        errhint("CALL pgphi.rekey() moves a key's DEK versions to another provider or KEK.")));
+}
+
+} // namespace
+
+// pgphi._rekey_dek(provider, kek, key_id, version, key_name, wrapped_dek,
+//                  to_provider, to_kek) RETURNS (wrapped_dek bytea, kek_version text)
+// STRICT. The brokers of both providers move the DEK (run_rekey in
+// workers/key_broker.cpp); only the new wrapped DEK comes back.
+PGPHI_FUNCTION(pgphi_rekey_dek)
+{
+    require_rekey_row(fcinfo);
+    cache::UnwrapRequest source;
+    memset(&source, 0, sizeof(source));
+    copy_text_arg(PG_GETARG_TEXT_PP(0), source.provider, sizeof(source.provider), "provider name");
+    copy_text_arg(PG_GETARG_TEXT_PP(1), source.kek_ref, sizeof(source.kek_ref), "KEK reference");
+    copy_text_arg(PG_GETARG_TEXT_PP(4), source.key_name, sizeof(source.key_name), "key name");
+    source.key_id = static_cast<uint32>(PG_GETARG_INT32(2));
+    source.key_version = static_cast<uint32>(PG_GETARG_INT32(3));
+    bytea* wrapped = PG_GETARG_BYTEA_PP(5);
+    if (VARSIZE_ANY_EXHDR(wrapped) > sizeof(source.wrapped))
+        ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("wrapped DEK is too large")));
+    memcpy(source.wrapped, VARDATA_ANY(wrapped), VARSIZE_ANY_EXHDR(wrapped));
+    source.wrapped_size = static_cast<uint16_t>(VARSIZE_ANY_EXHDR(wrapped));
+    wrapped_by_from_catalog(&source, PG_DETOAST_DATUM(PG_GETARG_DATUM(5)));
+
+    char to_provider[cache::kMaxProvider];
+    char to_kek_ref[cache::kMaxKekRef];
+    copy_text_arg(PG_GETARG_TEXT_PP(6), to_provider, sizeof(to_provider), "provider name");
+    copy_text_arg(PG_GETARG_TEXT_PP(7), to_kek_ref, sizeof(to_kek_ref), "KEK reference");
+
+    AdminRequest* result = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
+    run_rekey_request(source, to_provider, to_kek_ref, result);
+    PG_RETURN_DATUM(wrapped_result(fcinfo, *result));
+}
+
 // pgphi.create_kek(provider, kek_name) RETURNS text, STRICT: a new KEK made
 // in the key manager by the provider's broker (KMIP: Create and Activate an
 // AES-256 key with that Name; PKCS#11: C_GenerateKey of the next version of

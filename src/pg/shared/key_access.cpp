@@ -48,6 +48,8 @@ SPIPlanPtr g_plan_by_name = nullptr;
 SPIPlanPtr g_plan_by_ref = nullptr;
 SPIPlanPtr g_plan_by_name_version = nullptr;
 
+// Columns 4 and 5 are the provider and KEK that wrap the version's DEK: the
+// key's, or while pgphi.rekey moves the version, the ones it is leaving.
 // Columns 9..11 are the key's purpose and blind-index settings (0.2.0), 12 the
 // KEK (version) that wrapped the DEK, 13
 // whether the key or the version is suspended and 14 whether the version is
@@ -56,7 +58,10 @@ SPIPlanPtr g_plan_by_name_version = nullptr;
 // library also serves a 0.1.0 catalog (every key is then an encryption key)
 // until ALTER EXTENSION pgphi UPDATE has run.
 #define PGPHI_KEY_COLUMNS                                                                                        \
-    "SELECT k.key_id, v.version, k.name, k.provider, k.kek_ref, v.state, v.wrapped_dek, v.xmin, "                \
+    "SELECT k.key_id, v.version, k.name, "                                                                       \
+    "COALESCE(pg_catalog.to_jsonb(v) OPERATOR(pg_catalog.->>) 'rekey_source_provider', k.provider), "   \
+    "COALESCE(pg_catalog.to_jsonb(v) OPERATOR(pg_catalog.->>) 'rekey_source_kek', k.kek_ref), "         \
+    "v.state, v.wrapped_dek, v.xmin, "                                                                            \
     "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'purpose', "                                                \
     "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'normalization', "                                          \
     "pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'index_bytes', v.kek_version, "                           \

@@ -43,7 +43,10 @@ std::string configuration_fingerprint()
                           aws_credentials_file, aws_profile, aws_imds_endpoint, aws_ca_file, aws_client_cert,
                           aws_client_key, kmip_host, kmip_client_cert, kmip_client_key, kmip_ca, pkcs11_module,
                           pkcs11_token_label, pkcs11_pin_file, pkcs11_mechanism, provider_proxy,
-                          provider_proxy_ca_file})
+                          provider_proxy_ca_file, aws_config_file, aws_sts_endpoint, aws_role_arn,
+                          aws_role_session_name, aws_web_identity_token_file, aws_container_credentials_uri,
+                          aws_container_authorization_token_file, vault_auth_method, vault_auth_mount,
+                          vault_auth_role, vault_jwt_file, vault_approle_wrapped_secret_id_file})
         all += str(s) + '\n';
     all += std::to_string(kmip_port) + ',' + std::to_string(pkcs11_slot) + ',';
     all += std::to_string(aws_use_fips_endpoint) + std::to_string(aws_use_dualstack_endpoint);
@@ -66,6 +69,11 @@ std::unique_ptr<KeyProvider> build(std::string_view name)
         settings.approle_role_id_file = str(vault_approle_role_id_file);
         settings.approle_secret_id_file = str(vault_approle_secret_id_file);
         settings.approle_mount = str(vault_approle_mount);
+        settings.approle_wrapped_secret_id_file = str(vault_approle_wrapped_secret_id_file);
+        settings.auth_method = str(vault_auth_method);
+        settings.auth_mount = str(vault_auth_mount);
+        settings.auth_role = str(vault_auth_role);
+        settings.jwt_file = str(vault_jwt_file);
         settings.tls = TlsSettings{str(vault_ca_file), str(vault_client_cert), str(vault_client_key)};
         settings.timeouts = timeouts();
         settings.retry = retry_policy();
@@ -89,6 +97,20 @@ std::unique_ptr<KeyProvider> build(std::string_view name)
         settings.credentials.profile = str(aws_profile);
         settings.credentials.imds_endpoint = str(aws_imds_endpoint);
         settings.credentials.allow_http_loopback = allow_insecure_http_loopback;
+        settings.credentials.config_file = str(aws_config_file);
+        settings.credentials.region = settings.region;
+        settings.credentials.sts_endpoint = str(aws_sts_endpoint);
+        if (settings.credentials.sts_endpoint.empty() && !settings.region.empty())
+            settings.credentials.sts_endpoint =
+                aws_default_endpoint("sts", settings.region, aws_use_fips_endpoint, aws_use_dualstack_endpoint);
+        settings.credentials.role_arn = str(aws_role_arn);
+        settings.credentials.role_session_name = str(aws_role_session_name);
+        settings.credentials.web_identity_token_file = str(aws_web_identity_token_file);
+        settings.credentials.container_credentials_uri = str(aws_container_credentials_uri);
+        settings.credentials.container_authorization_token_file = str(aws_container_authorization_token_file);
+        settings.credentials.tls = settings.tls;
+        settings.credentials.proxy = settings.proxy;
+        settings.credentials.timeouts = timeouts();
         return std::make_unique<KmsKeyProvider>(std::move(settings));
     }
     if (name == "kmip") {

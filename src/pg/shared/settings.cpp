@@ -29,6 +29,18 @@ bool aws_use_dualstack_endpoint;
 char* provider_proxy;
 char* provider_proxy_ca_file;
 char* aws_imds_endpoint;
+char* aws_config_file;
+char* aws_sts_endpoint;
+char* aws_role_arn;
+char* aws_role_session_name;
+char* aws_web_identity_token_file;
+char* aws_container_credentials_uri;
+char* aws_container_authorization_token_file;
+char* vault_auth_method;
+char* vault_auth_mount;
+char* vault_auth_role;
+char* vault_jwt_file;
+char* vault_approle_wrapped_secret_id_file;
 char* aws_ca_file;
 char* aws_client_cert;
 char* aws_client_key;
@@ -72,6 +84,16 @@ const StringSetting kStringSettings[] = {
     {"pgphi.vault_approle_secret_id_file", &vault_approle_secret_id_file, "",
      "File holding the Vault AppRole secret id."},
     {"pgphi.vault_approle_mount", &vault_approle_mount, "approle", "Mount path of Vault's AppRole auth method."},
+    {"pgphi.vault_auth_method", &vault_auth_method, "",
+     "How pgphi logs in to Vault: token, approle, kubernetes, jwt or cert; empty: token file, else AppRole."},
+    {"pgphi.vault_auth_mount", &vault_auth_mount, "",
+     "Mount path of the Kubernetes, JWT or cert auth method; empty: the method's name."},
+    {"pgphi.vault_auth_role", &vault_auth_role, "",
+     "Role of the Kubernetes or JWT auth method (for cert: the certificate role's name, optional)."},
+    {"pgphi.vault_jwt_file", &vault_jwt_file, "",
+     "Token file for Kubernetes or JWT auth, read at each login; kubernetes default: the service account token."},
+    {"pgphi.vault_approle_wrapped_secret_id_file", &vault_approle_wrapped_secret_id_file, "",
+     "File holding a response-wrapping token whose secret is the AppRole secret id (single use)."},
     {"pgphi.vault_ca_file", &vault_ca_file, "", "CA bundle that signs Vault's certificate (default: system store)."},
     {"pgphi.vault_client_cert", &vault_client_cert, "", "Client certificate for mutual TLS with Vault."},
     {"pgphi.vault_client_key", &vault_client_key, "", "Client key for mutual TLS with Vault."},
@@ -86,6 +108,19 @@ const StringSetting kStringSettings[] = {
     {"pgphi.aws_profile", &aws_profile, "default", "Profile to read from pgphi.aws_credentials_file."},
     {"pgphi.aws_imds_endpoint", &aws_imds_endpoint, "",
      "EC2 instance metadata service for role credentials, e.g. http://169.254.169.254; empty: not used."},
+    {"pgphi.aws_config_file", &aws_config_file, "",
+     "Shared AWS config file ([profile name] sections: role_arn, source_profile, web_identity_token_file ...)."},
+    {"pgphi.aws_sts_endpoint", &aws_sts_endpoint, "",
+     "AWS STS endpoint for assuming roles; default: the region's STS endpoint in its AWS partition."},
+    {"pgphi.aws_role_arn", &aws_role_arn, "", "IAM role to assume with pgphi.aws_web_identity_token_file."},
+    {"pgphi.aws_role_session_name", &aws_role_session_name, "",
+     "Session name for the roles pgphi assumes; default: pgphi-<time>."},
+    {"pgphi.aws_web_identity_token_file", &aws_web_identity_token_file, "",
+     "Web identity (OIDC) token file for STS AssumeRoleWithWebIdentity, e.g. EKS IRSA's; read at each refresh."},
+    {"pgphi.aws_container_credentials_uri", &aws_container_credentials_uri, "",
+     "Container credentials endpoint (ECS, EKS Pod Identity), e.g. http://169.254.170.23/v1/credentials."},
+    {"pgphi.aws_container_authorization_token_file", &aws_container_authorization_token_file, "",
+     "File holding the container credentials endpoint's authorization token; read at each refresh."},
     {"pgphi.aws_ca_file", &aws_ca_file, "", "CA bundle that signs the KMS endpoint's certificate."},
     {"pgphi.aws_client_cert", &aws_client_cert, "", "Client certificate for mutual TLS with the KMS endpoint."},
     {"pgphi.aws_client_key", &aws_client_key, "", "Client key for mutual TLS with the KMS endpoint."},

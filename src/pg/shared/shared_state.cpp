@@ -591,9 +591,14 @@ void get_dek(const cache::UnwrapRequest& request, uint8_t* dek, int64_t* valid_u
     ConditionVariableCancelSleep();
 }
 
-void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapRequest& key,
-                       bool may_create_local_kek, AdminRequest* result)
+namespace {
+
+// Posts `prototype` (operation, key and its other inputs) in a free admin
+// request, waits for the broker to finish it, copies the result out and frees
+// the request; raises the broker's failure, naming `action`.
+void run_posted_request(const AdminRequest& prototype, const char* action, AdminRequest* result)
 {
+    const cache::UnwrapRequest& key = prototype.key;
     SharedState* state = shared_state();
     int64_t deadline = now_ms() + key_wait_timeout_ms;
     AdminRequest* request = nullptr;
@@ -605,10 +610,7 @@ void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapReq
         for (AdminRequest& candidate : state->admin)
             if (candidate.state == AdminRequest::State::Free) {
                 request = &candidate;
-                std::memset(request, 0, sizeof(*request));
-                request->operation = operation;
-                request->key = key;
-                request->may_create_local_kek = may_create_local_kek;
+                *request = prototype;
                 request->ticket = ticket;
                 request->state = AdminRequest::State::Pending;
                 break;
@@ -645,11 +647,37 @@ void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapReq
     }
     ConditionVariableCancelSleep();
     if (!result->ok)
-        raise_failure(result->failure,
-                      operation == AdminRequest::Operation::Generate    ? "generate"
-                      : operation == AdminRequest::Operation::CreateKek ? "create_kek"
-                                                                        : "rewrap",
-                      key);
+        raise_failure(result->failure, action, key);
+}
+
+} // namespace
+
+void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapRequest& key,
+                       bool may_create_local_kek, AdminRequest* result)
+{
+    AdminRequest* prototype = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
+    prototype->operation = operation;
+    prototype->key = key;
+    prototype->may_create_local_kek = may_create_local_kek;
+    run_posted_request(*prototype, operation == AdminRequest::Operation::Generate    ? "generate"
+                                   : operation == AdminRequest::Operation::CreateKek ? "create_kek"
+                                                                                     : "rewrap",
+                       result);
+    explicit_bzero(prototype, sizeof(*prototype));
+    pfree(prototype);
+}
+
+void run_rekey_request(const cache::UnwrapRequest& source, const char* to_provider, const char* to_kek_ref,
+                       AdminRequest* result)
+{
+    AdminRequest* prototype = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
+    prototype->operation = AdminRequest::Operation::Rekey;
+    prototype->key = source;
+    strlcpy(prototype->to_provider, to_provider, sizeof(prototype->to_provider));
+    strlcpy(prototype->to_kek_ref, to_kek_ref, sizeof(prototype->to_kek_ref));
+    run_posted_request(*prototype, "rekey", result);
+    explicit_bzero(prototype, sizeof(*prototype));
+    pfree(prototype);
 }
 
 } // namespace pgphi::pg

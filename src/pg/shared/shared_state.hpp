@@ -26,13 +26,21 @@ namespace pgphi::pg {
 // kek_version returns the new KEK's own reference).
 struct AdminRequest {
     enum class State : uint8_t { Free, Pending, InFlight, Done };
-    enum class Operation : uint8_t { Generate, Rewrap, CreateKek };
+    enum class Operation : uint8_t { Generate, Rewrap, CreateKek, Rekey };
     State state;
     Operation operation;
     uint64_t ticket;              // identifies the requester's use of the slot
     int64_t done_at_ms;
     cache::UnwrapRequest key;     // provider, KEK, key identity; the wrapped DEK to rewrap
     bool may_create_local_kek;
+    // Rekey (pgphi.rekey): the destination, and the plaintext DEK on its way
+    // from the source provider's broker to the destination's (`handed_over`:
+    // the destination's broker takes the request from there). Zeroed as soon
+    // as the destination has wrapped it; never read by a backend.
+    char to_provider[cache::kMaxProvider];
+    char to_kek_ref[cache::kMaxKekRef];
+    bool handed_over;
+    uint8_t dek_in_transit[cache::kDekSize];
     // Results
     bool ok;
     bool created_local_kek_file;
@@ -167,5 +175,11 @@ void check_seal_budget(DataKey& key, Oid database);
 // raises on failure.
 void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapRequest& key,
                        bool may_create_local_kek, AdminRequest* result);
+
+// Rekey: the broker of `source`'s provider unwraps its DEK, the broker of
+// `to_provider` wraps it under `to_kek_ref`; `result` holds the new wrapped
+// DEK and KEK version, never the DEK. Raises as run_admin_request does.
+void run_rekey_request(const cache::UnwrapRequest& source, const char* to_provider, const char* to_kek_ref,
+                       AdminRequest* result);
 
 } // namespace pgphi::pg

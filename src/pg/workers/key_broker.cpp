@@ -59,6 +59,7 @@ extern "C" {
 #include <chrono>
 #include <csetjmp>
 #include <cstring>
+#include <optional>
 
 #include <unistd.h>
 
@@ -129,6 +130,14 @@ int g_broker = 0;
 
 bool mine(const cache::UnwrapRequest& request) { return broker_serves(g_broker, request.provider); }
 
+// An admin request is for the broker of its key's provider, but a rekey's
+// second step, once the source's broker handed the DEK over, is for the
+// destination's.
+bool mine(const AdminRequest& request)
+{
+    return broker_serves(g_broker, request.handed_over ? request.to_provider : request.key.provider);
+}
+
 // Under the exclusive lock: after an ERROR in this broker, or when it starts,
 // the work of its provider that was in hand goes back to the queue (the next
 // loop takes it again).
@@ -139,7 +148,7 @@ void requeue_in_flight(SharedState* state)
         if (table.at(i).in_flight && mine(table.at(i).request))
             table.at(i).in_flight = false;
     for (AdminRequest& request : state->admin)
-        if (request.state == AdminRequest::State::InFlight && mine(request.key))
+        if (request.state == AdminRequest::State::InFlight && mine(request))
             request.state = AdminRequest::State::Pending;
 }
 
@@ -201,7 +210,7 @@ int collect_work(SharedState* state, int64_t now, int* admin_jobs, int* admin_co
     *admin_count = 0;
     for (int i = 0; i < kAdminRequests; ++i) {
         AdminRequest& request = state->admin[i];
-        if (request.state == AdminRequest::State::Pending && mine(request.key)) {
+        if (request.state == AdminRequest::State::Pending && mine(request)) {
             request.state = AdminRequest::State::InFlight;
             admin_jobs[(*admin_count)++] = i;
         } else if (request.state == AdminRequest::State::Done && now - request.done_at_ms > kAbandonedRequestMs) {
@@ -298,9 +307,111 @@ void run_unwrap(SharedState* state, UnwrapJob& job)
         state->invalidation_generation.fetch_add(1);
 }
 
+// pgphi.rekey moves a DEK to another provider or KEK. The broker of the
+// source unwraps it and, when another broker serves the destination, hands it
+// over in the request (shared memory, like the DEK cache); the destination's
+// broker wraps it. One broker serving both does both steps, and a key manager
+// that can move the DEK between its own keys does it without the DEK leaving
+// (KMS ReEncrypt). The backend gets the new wrapped DEK, never the DEK.
+void run_rekey(SharedState* state, int index)
+{
+    AdminRequest& shared = state->admin[index];
+    cache::UnwrapRequest key;
+    char to_provider[cache::kMaxProvider];
+    char to_kek_ref[cache::kMaxKekRef];
+    uint8_t dek[cache::kDekSize];
+    LWLockAcquire(state->lock, LW_SHARED);
+    key = shared.key;
+    std::memcpy(to_provider, shared.to_provider, sizeof(to_provider));
+    std::memcpy(to_kek_ref, shared.to_kek_ref, sizeof(to_kek_ref));
+    bool handed_over = shared.handed_over;
+    std::memcpy(dek, shared.dek_in_transit, sizeof(dek));
+    uint64_t ticket = shared.ticket;
+    LWLockRelease(state->lock);
+    to_provider[sizeof(to_provider) - 1] = '\0';
+    to_kek_ref[sizeof(to_kek_ref) - 1] = '\0';
+
+    CoreFailure failure;
+    bool hand_over = false;
+    bool wrapping = handed_over; // which step a failure belongs to
+    uint8_t wrapped[cache::kMaxWrapped];
+    size_t wrapped_size = 0;
+    char kek_version[cache::kMaxKekRef] = "";
+    bool ok = run_core(failure, [&] {
+        std::optional<WrappedDek> result;
+        if (!handed_over) {
+            KeyProvider& source = provider_named(key.provider);
+            if (std::strcmp(key.provider, to_provider) == 0)
+                result = source.rewrap_to(key.kek_ref, to_kek_ref, ByteView(key.wrapped, key.wrapped_size),
+                                          binding_of(key));
+            if (!result) {
+                SecureBytes plaintext =
+                    source.unwrap(key.kek_ref, ByteView(key.wrapped, key.wrapped_size), binding_of(key));
+                if (plaintext.size() != cache::kDekSize)
+                    throw Error(ErrorCode::WrappedDekInvalid, "the key provider unwrapped a DEK of the wrong size");
+                std::memcpy(dek, plaintext.data(), cache::kDekSize);
+                if (!broker_serves(g_broker, to_provider)) {
+                    hand_over = true;
+                    return;
+                }
+            }
+        }
+        if (!result) {
+            wrapping = true;
+            result = provider_named(to_provider).wrap(to_kek_ref, SecureBytes(dek, sizeof(dek)), binding_of(key));
+        }
+        if (result->blob.size() > sizeof(wrapped) || result->kek_version.size() >= sizeof(kek_version))
+            throw Error(ErrorCode::ProviderError, "the key provider returned an oversized wrapped DEK");
+        std::memcpy(wrapped, result->blob.data(), result->blob.size());
+        wrapped_size = result->blob.size();
+        std::strcpy(kek_version, result->kek_version.c_str());
+    });
+    state->stats.key_manager_calls.fetch_add(1, std::memory_order_relaxed);
+    if (!ok) {
+        state->stats.key_manager_errors.fetch_add(1, std::memory_order_relaxed);
+        cache::UnwrapRequest logged = key;
+        if (wrapping) {
+            strlcpy(logged.provider, to_provider, sizeof(logged.provider));
+            strlcpy(logged.kek_ref, to_kek_ref, sizeof(logged.kek_ref));
+        }
+        log_failure(wrapping ? "rekey (wrapping under the new KEK)" : "rekey (unwrapping under the old KEK)", logged,
+                    failure);
+    }
+
+    LWLockAcquire(state->lock, LW_EXCLUSIVE);
+    if (shared.ticket == ticket && shared.state == AdminRequest::State::InFlight) {
+        if (ok && hand_over) {
+            std::memcpy(shared.dek_in_transit, dek, sizeof(dek));
+            shared.handed_over = true;
+            shared.state = AdminRequest::State::Pending;
+        } else {
+            explicit_bzero(shared.dek_in_transit, sizeof(shared.dek_in_transit));
+            shared.ok = ok;
+            if (ok) {
+                std::memcpy(shared.wrapped, wrapped, wrapped_size);
+                shared.wrapped_size = static_cast<uint16_t>(wrapped_size);
+                std::strcpy(shared.kek_version, kek_version);
+            } else {
+                shared.failure.set(static_cast<int32_t>(failure.code), failure.message, failure.detail, failure.hint);
+            }
+            shared.state = AdminRequest::State::Done;
+            shared.done_at_ms = now_ms();
+        }
+    }
+    LWLockRelease(state->lock);
+    explicit_bzero(dek, sizeof(dek));
+    explicit_bzero(&key, sizeof(key));
+    if (hand_over)
+        wake_broker(); // the destination's broker
+}
+
 void run_admin(SharedState* state, int index)
 {
     AdminRequest& shared = state->admin[index];
+    if (shared.operation == AdminRequest::Operation::Rekey) {
+        run_rekey(state, index);
+        return;
+    }
     LWLockAcquire(state->lock, LW_SHARED);
     cache::UnwrapRequest key = shared.key;
     bool may_create = shared.may_create_local_kek;
