@@ -12,8 +12,10 @@ extern "C" {
 
 #include "policy/access_control.hpp"
 #include "policy/catalog_audit.hpp"
+#include "policy/decrypt_limits.hpp"
 #include "policy/derived_data.hpp"
 #include "policy/utility_guard.hpp"
+#include "shared/alerts.hpp"
 #include "shared/audit.hpp"
 #include "shared/key_access.hpp"
 #include "shared/settings.hpp"
@@ -38,12 +40,15 @@ void _PG_init(void)
     pgphi::pg::define_settings();
     pgphi::pg::define_audit_settings();
     pgphi::pg::register_access_control();
+    pgphi::pg::define_alert_settings();
+    pgphi::pg::register_decrypt_limits();
     pgphi::pg::register_derived_data_guard();
     pgphi::pg::request_shared_memory();
     pgphi::pg::register_key_brokers();
     pgphi::pg::register_key_invalidation();
     pgphi::pg::register_catalog_writer_tracking();
     pgphi::pg::register_utility_guard();
+    pgphi::pg::reserve_setting_prefix();
 
     ereport(LOG, (errmsg("pgphi: the local key provider keeps its KEK in a file beside the database; "
                          "it is for development only"),

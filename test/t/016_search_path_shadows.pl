@@ -285,7 +285,7 @@ my %sample = (
 	'provider' => "'local'", 'kek' => 'NULL', 'normalization' => "'trim_lower'", 'index_bytes' => '16',
 	'cryptoperiod' => "'1 year'", 'recorded_head' => 'NULL',
 	'view_name' => "'view_{ID}'", 'columns' => "'{enc,det}'", 'create_decrypted_view.key_name' => "'{K}'",
-	'batch_size' => '100',
+	'batch_size' => '100', 'max_values' => '100', 'max_duration' => "'1 hour'",
 	# Unnamed parameters: the comparison support of pgphi.encrypted.
 	'pgphi.encrypted' => $ct, 'int8' => '0', 'bytea' => "$ct\::pg_catalog.bytea",
 );
@@ -324,6 +324,12 @@ my %mechanism = (
 	'pgphi.encrypt_phi(jsonb,text,boolean,text)' =>
 	  "SELECT pgphi.encrypt_phi('{}'::pg_catalog.jsonb, '{K}', (SELECT false), ''::pg_catalog.text)",
 	'pgphi._changes_pgphi_members(pg_ddl_command)' => "ALTER EXTENSION pgphi DROP FUNCTION pgphi.flush_cache()",
+	# The audit writer's: break-glass counts and the volume alert.
+	'pgphi._record_break_glass_use(integer,oid,timestamp with time zone,bigint)' =>
+	  "SELECT pgphi._record_break_glass_use(pgphi._key_id('{K}'), 0, pg_catalog.now(), 0)",
+	'pgphi._volume_alerts(double precision,bigint,integer,integer)' => "SELECT pgphi._volume_alerts(10, 1, 24, 3600)",
+	# Nobody is a break-glass role of the run's key: refused after its checks.
+	'pgphi.break_glass(text,text)' => "SELECT pgphi.break_glass('{K}', 'tap')",
 	# Ends in its error with the local provider, so the statistics do not count it.
 	'pgphi.create_kek(text,text)' => "SELECT pgphi.create_kek('local', 'kek_{ID}')",
 	# The independence of a rekey's approver (reached when a rekey needs an approval).
@@ -342,6 +348,8 @@ my %mechanism = (
 my %runs_by_error = ('pgphi._audit_log_is_append_only()' => '42501',
 	'pgphi._audit_anchors_are_append_only()' => '42501', 'pgphi._queue_catalog_refusal(text,text)' => '42501',
 	'pgphi._changes_pgphi_members(pg_ddl_command)' => '42501', 'pgphi.resume_key(text,integer)' => '42501',
+	# Nobody is a break-glass role of the run's key: refused after its checks.
+	'pgphi.break_glass(text,text)' => '42501',
 	# The local provider creates no KEKs (the kmip one does: test/t/024_kmip.pl).
 	'pgphi.create_kek(text,text)' => 'F0000');
 

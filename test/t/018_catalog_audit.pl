@@ -89,6 +89,25 @@ $node->safe_psql($db, q{
 });
 is($node->safe_psql($db, q{SELECT count(*) FROM pgphi.audit_log WHERE action LIKE 'catalog%'}), '0',
 	'suspending and approving a resume leave no catalog_* record');
+# A decrypt limit, a break-glass role (proposed and approved) and an event
+# (issue 16): rows in pgphi.decrypt_limits, break_glass_roles and
+# break_glass_events.
+$node->safe_psql($db, q{
+	CREATE ROLE catalog_audit_doc; GRANT pgphi_decrypt TO catalog_audit_doc;
+	CREATE ROLE catalog_audit_doc2;
+	SET SESSION AUTHORIZATION catalog_audit_cust_a;
+	SELECT pgphi.set_decrypt_limit('alpha', 'catalog_audit_app', 1000, '1 hour');
+	SELECT pgphi.set_break_glass_role('alpha', 'catalog_audit_doc2', '2 hours');
+	SELECT pgphi.set_break_glass_role('alpha', 'catalog_audit_doc', '1 hour');
+	SET SESSION AUTHORIZATION catalog_audit_cust_b;
+	SELECT pgphi.set_break_glass_role('alpha', 'catalog_audit_doc', '1 hour');
+	RESET SESSION AUTHORIZATION;
+	SET ROLE catalog_audit_doc;
+	SELECT pgphi.break_glass('alpha', 'catalog audit probe');
+	RESET ROLE;
+});
+is($node->safe_psql($db, q{SELECT count(*) FROM pgphi.audit_log WHERE action LIKE 'catalog%'}), '0',
+	'decrypt limits and break-glass leave no catalog_* record');
 # A version in the middle of a rekey (it records the KEK it is leaving):
 # made by a superuser's direct DML, since no rekey can be left half-done
 # without a second key manager here.

@@ -104,6 +104,7 @@ pgphi._rebuild_blind_index_start(regclass,name,name,text,integer,name)       key
 pgphi._rebuild_blind_index_sweep(regclass,name,name,text,integer,name,text)  key     42501  42703 42703 42501 42501 42703 42703 42501 42703
 pgphi._record_audit_event(timestamp with time zone,text,text,text,integer,text,integer,text,text) key 42501 42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._record_audit_event(timestamp with time zone,text,text,text,integer,text,integer,text,text,bigint,timestamp with time zone,timestamp with time zone) key     42501  42501 42501 42501 42501 42501 42501 42501 23514
+pgphi._record_break_glass_use(integer,oid,timestamp with time zone,bigint)   key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._record_grant_members(integer,text,regrole)                            key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._record_key_use(timestamp with time zone,text,integer,bigint,bigint)   key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._reencrypt_pages(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 55000
@@ -125,6 +126,7 @@ pgphi._update_pages(text,text,text,integer,integer,bigint,bigint)            key
 pgphi._update_sweep(regclass,text,text,text,integer,integer,integer)         key     42501  42601 42601 42501 42501 42601 42601 42501 42601
 pgphi._usage_counts()                                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._verify_audit_anchor(bigint,timestamp with time zone,bigint,bytea,text,text,text,text) key     42501  42501 42501 42501 42501 42501 42501 42501 22023
+pgphi._volume_alerts(double precision,bigint,integer,integer)                key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._writer_ran_statement(regprocedure,text)                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi.access_review()                                                        key     42501  42501 42501 42501 42501 42501 ok    ok    ok
 pgphi.anchor_audit_log()                                                     key     42501  42501 42501 42501 42501 42501 ok    ok    ok
@@ -137,6 +139,7 @@ pgphi.audit_queue_status()                                                   key
 pgphi.blind_index(text,text)                                                 key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi.blind_index(text,text,integer)                                         key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi.blind_index_all_versions(text,text)                                    key     42501  42501 ok    42501 42501 ok    42501 42501 ok
+pgphi.break_glass(text,text)                                                 key     42501  42501 42501 42501 42501 42501 42501 42501 42501
 pgphi.broker_processes()                                                     key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi.broker_status()                                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi.cache_stats()                                                          key     42501  42501 42501 42501 42501 42501 42501 42501 ok
@@ -205,7 +208,9 @@ pgphi.revoke_encrypt(text,regrole)                                           key
 pgphi.rewrap_keys(text)                                                      key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.rotate_key(text)                                                       key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.rotation_report()                                                      key     42501  42501 42501 42501 42501 42501 ok    ok    ok
+pgphi.set_break_glass_role(text,regrole,interval)                            key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.set_cryptoperiod(text,interval)                                        key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.set_decrypt_limit(text,regrole,bigint,interval)                          key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.suspend_key(text,integer,text)                                         key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.unretire_key_version(text,integer)                                     key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.verify_audit_log(text)                                                 key     42501  42501 42501 42501 42501 42501 42501 ok    ok
@@ -219,7 +224,10 @@ my $relations = <<'TABLE';
 # relation                      public enc   enc_g dec   dec_g app   cust  aud   super
 pgphi.audit_log                 -      -     -     -     -     -     -     r     rawdD
 pgphi.audit_anchors             -      -     -     -     -     -     -     r     rawdD
+pgphi.break_glass_events        -      -     -     -     -     -     r     r     rawdD
+pgphi.break_glass_roles         -      -     -     -     -     -     r     r     rawdD
 pgphi.cache_stats               -      -     -     -     -     -     -     -     rawdD
+pgphi.decrypt_limits            -      -     -     -     -     -     r     r     rawdD
 pgphi.destroy_approvals         -      -     -     -     -     -     -     -     rawdD
 pgphi.grant_approvals           -      -     -     -     -     -     r     r     rawdD
 pgphi.key_grant_members         -      -     -     -     -     -     r     r     rawdD
@@ -326,7 +334,8 @@ sub sample_arg
 		col => $proname eq 'protect_column' ? "'plain'" : "'v'", index_column => "'b'", source_column => "'plain'",
 		provider => "'local'", kek => "'default'", context => "''", privilege => "'decrypt'",
 		view_name => "'mx_view_$kind'", normalization => "'none'", outcome => "'ok'", version => '1',
-		batch_size => '100', index_bytes => '16', key_id => '1', value => "'abc'");
+		batch_size => '100', index_bytes => '16', key_id => '1', value => "'abc'", max_values => '100',
+		max_duration => "'1 hour'");
 	return "'{\"a\": 1}'::jsonb" if $type eq 'jsonb';
 	return $by_name{$name} if exists $by_name{$name} && $type ne 'bytea' && $type ne 'pgphi.encrypted';
 	return $blind ? "'mx_bidx'" : $proname =~ /^create_/ ? "'mx_fresh'" : "'mx_key'"

@@ -166,6 +166,8 @@ my %value_of = (
 	'regclass[]'               => q{'{}'},
 	'regprocedure'             => q{'pgphi.create_key(text,text,text)'},
 	'pg_ddl_command'           => 'NULL',
+	'oid'                      => '0',
+	'double precision'         => '1',
 );
 # Arguments of type name are SQL identifiers (a table's columns), which
 # PostgreSQL's own errors name as they do everywhere: the marker goes into

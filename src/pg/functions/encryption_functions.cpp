@@ -12,6 +12,7 @@ extern "C" {
 
 #include "core/ciphertext_format.hpp"
 #include "policy/access_control.hpp"
+#include "policy/decrypt_limits.hpp"
 #include "policy/derived_data.hpp"
 #include "shared/audit.hpp"
 #include "shared/error_bridge.hpp"
@@ -112,6 +113,9 @@ struct varlena* decrypt_to_varlena(FunctionCallInfo fcinfo)
                                    key->name().c_str())));
     }
     ByteView context = context_arg(fcinfo, 2);
+    // Decrypt limits and break-glass counts: a local count, a shared budget
+    // taken in batches.
+    charge_decrypt(*key);
 
     // Room for the whole body; the plaintext may be a byte shorter (SIV framing).
     struct varlena* plaintext = static_cast<struct varlena*>(palloc(VARHDRSZ + parsed.ciphertext.size));

@@ -19,6 +19,7 @@ extern "C" {
 #include "policy/access_control.hpp"
 #include "shared/audit.hpp"
 #include "shared/key_access.hpp"
+#include "shared/shared_state.hpp"
 
 namespace pgphi::pg {
 
@@ -194,6 +195,19 @@ bool lookup_grant(Oid role, uint32_t key_id, KeyUse use, Verdict* verdict)
     return latest;
 }
 
+// Whether now is before `expires_at`, per value. The kernel's coarse clock
+// (a vDSO read of the time at the last tick, no timer read) lags the real
+// one by at most a tick, a few milliseconds: while it shows the expiry more
+// than kCoarseSlackUs (a second, far more than a tick) away, the real clock
+// is before it too; closer than that, the real clock decides. So the check
+// stays exact and, for nearly every value, costs less than
+// GetCurrentTimestamp().
+constexpr int64_t kCoarseSlackUs = 1'000'000;
+bool before_expiry(TimestampTz expires_at)
+{
+    return coarse_timestamp() < expires_at - kCoarseSlackUs || GetCurrentTimestamp() < expires_at;
+}
+
 // The role's answer for a key and use, from the session's cache or the
 // catalog. Refusals for an expired grant or a later member are not cached:
 // the next use reads again (and is audited again; identical events
@@ -203,14 +217,14 @@ Verdict decide(Oid role, uint32_t key_id, KeyUse use)
     GrantAnswer& answer = g_grant_cache[(key_id * 31u + role * 7u +
                                          static_cast<unsigned>(use)) %
                                         kGrantCacheSize];
-    // A time-limited answer is re-checked against the real clock (a vDSO
-    // read, only for such answers), so a grant stops working at its expiry
-    // also inside a statement that started before it; once past, the grants
-    // are read again (another grant may still allow it).
+    // A time-limited answer is re-checked against the real clock (only for
+    // such answers), so a grant stops working at its expiry also inside a
+    // statement that started before it; once past, the grants are read again
+    // (another grant may still allow it).
     if (answer.valid && answer.generation == g_grant_generation && answer.role == role &&
         answer.key_id == key_id && answer.use == use &&
         (answer.only_for_statement == 0 || answer.only_for_statement == GetCurrentStatementStartTimestamp()) &&
-        (!answer.allowed || answer.expires_at == DT_NOEND || GetCurrentTimestamp() < answer.expires_at))
+        (!answer.allowed || answer.expires_at == DT_NOEND || before_expiry(answer.expires_at)))
         return Verdict{answer.allowed, false, InvalidOid, InvalidOid, answer.expires_at};
     uint64_t generation = g_grant_generation;
     Verdict verdict;

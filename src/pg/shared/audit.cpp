@@ -17,6 +17,7 @@ extern "C" {
 #include <atomic>
 #include <cstring>
 
+#include "shared/alerts.hpp"
 #include "shared/audit.hpp"
 #include "shared/audit_internal.hpp"
 #include "shared/error_bridge.hpp"
@@ -489,6 +490,39 @@ bool coalesce_into(const AuditEvent& wanted, int from, int to)
 
 } // namespace
 
+namespace {
+
+// Refused key uses and failed decrypts also count towards the anomaly
+// alerts (shared/alerts.hpp): the one that passes its threshold in the
+// window raises the alert. Refusals by a decrypt limit have their own.
+void note_anomaly(const char* action, AuditOutcome outcome, uint32_t key_id, uint32_t key_version,
+                  const char* key_name, const char* detail)
+{
+    bool key_use = strcmp(action, "decrypt") == 0 || strcmp(action, "encrypt") == 0;
+    if (!key_use || !detail)
+        return;
+    Oid role = GetUserId();
+    if (outcome == AuditOutcome::Refused && strcmp(detail, "decrypt limit reached") != 0) {
+        if (count_anomaly(AnomalyKind::RefusedAttempts, MyDatabaseId, role)) {
+            char* name = GetUserNameFromId(role, true);
+            char text[256];
+            snprintf(text, sizeof(text), "role %s was refused %d key uses within %d s (the last: %s)",
+                     name ? name : "?", g_alert_refused_attempts, g_alert_window_s, detail);
+            raise_alert("refused_attempts", key_id, key_version, key_name, text);
+        }
+    } else if (outcome == AuditOutcome::Failed && strcmp(detail, "ciphertext failed authentication") == 0) {
+        if (count_anomaly(AnomalyKind::FailedDecrypts, MyDatabaseId, role)) {
+            char* name = GetUserNameFromId(role, true);
+            char text[256];
+            snprintf(text, sizeof(text), "%d values read by role %s within %d s failed authentication",
+                     g_alert_failed_decrypts, name ? name : "?", g_alert_window_s);
+            raise_alert("failed_decrypts", key_id, key_version, key_name, text);
+        }
+    }
+}
+
+} // namespace
+
 void queue_audit_event(const char* action, AuditOutcome outcome, uint32_t key_id, uint32_t key_version,
                        const char* key_name, const char* detail)
 {
@@ -530,6 +564,7 @@ void queue_audit_event(const char* action, AuditOutcome outcome, uint32_t key_id
         wake_broker();
     else
         g_audit->dropped_events.fetch_add(1);
+    note_anomaly(action, outcome, key_id, key_version, key_name, detail);
 }
 
 void queue_audit_event(const char* action, AuditOutcome outcome, const DataKey& key, const char* detail)

@@ -21,8 +21,9 @@ enum class KeyUse : uint8_t { Encrypt = 0, Decrypt = 1 };
 // Ok: a change that happened but must be on record (see utility_guard.cpp).
 enum class AuditOutcome : uint8_t { Refused, Failed, Ok };
 
-// Queues an event for pgphi.audit_log in this database. Never raises and
-// never logs. Identical events coalesce into one entry with a count and the
+// Queues an event for pgphi.audit_log in this database. Never raises, and
+// logs only an alert (a WARNING, once per window: shared/alerts.hpp) when a
+// refused key use or failed decrypt passes its alert threshold. Identical events coalesce into one entry with a count and the
 // first and last time; when too many distinct events wait, the rest are
 // counted per role, action and outcome in overflow entries (their key and
 // detail are not kept); only when those are full too is an event dropped,

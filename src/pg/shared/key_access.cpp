@@ -152,10 +152,12 @@ DataKey* still_valid(DataKey* key)
     if (!key || key->valid_until_ms() <= now)
         return nullptr;
     // Tell the broker the key is in use, so it re-validates it before its
-    // TTL ends instead of letting it expire as idle. By the real clock (a
-    // vDSO read): with the statement's start, a statement longer than the
-    // TTL would never report its key, and the broker would let it expire.
-    int64_t real_now = now_ms();
+    // TTL ends instead of letting it expire as idle. By the real clock: with
+    // the statement's start, a statement longer than the TTL would never
+    // report its key, and the broker would let it expire. The coarse clock
+    // (a tick behind at most) is as good for a report due every few seconds,
+    // and cheaper per value.
+    int64_t real_now = coarse_timestamp() / 1000;
     if (real_now - key->use_reported_ms() >= kUseReportIntervalMs) {
         report_key_use(key->cache_slot(), real_now);
         key->set_use_reported_ms(real_now);

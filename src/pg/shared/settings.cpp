@@ -226,8 +226,8 @@ void define_settings()
                                nullptr, &test_fault_setting, "", PGC_SIGHUP,
                                GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE, nullptr, nullptr,
                                nullptr);
-
-    MarkGUCPrefixReserved("pgphi");
 }
+
+void reserve_setting_prefix() { MarkGUCPrefixReserved("pgphi"); }
 
 } // namespace pgphi::pg

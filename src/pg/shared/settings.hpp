@@ -78,5 +78,10 @@ extern char* test_fault_setting;
 bool test_fault_is(const char* name);
 
 void define_settings();
+// Last in _PG_init, once every module has defined its settings: from then on
+// an unknown pgphi.* name is refused. (Called earlier, it would remove the
+// server configuration's values of the settings defined after it, which
+// then took effect only at the first reload.)
+void reserve_setting_prefix();
 
 } // namespace pgphi::pg

@@ -16,7 +16,9 @@ extern "C" {
 #include <algorithm>
 #include <cstring>
 #include <new>
+#include <time.h>
 
+#include "shared/alerts.hpp"
 #include "shared/audit.hpp"
 #include "shared/compat.hpp"
 #include "shared/error_bridge.hpp"
@@ -45,6 +47,8 @@ void on_shmem_request()
     RequestNamedLWLockTranche("pgphi", 1);
     RequestAddinShmemSpace(audit_shared_size());
     request_audit_lwlock();
+    RequestAddinShmemSpace(alerts_shared_size());
+    request_alerts_lwlock();
 }
 
 void on_shmem_startup()
@@ -77,6 +81,8 @@ void on_shmem_startup()
     g_state = static_cast<SharedState*>(memory);
     void* audit_memory = ShmemInitStruct("pgphi_audit", audit_shared_size(), &found);
     init_audit_shared_memory(audit_memory, found);
+    void* alerts_memory = ShmemInitStruct("pgphi_alerts", alerts_shared_size(), &found);
+    init_alerts_shared_memory(alerts_memory, found);
     LWLockRelease(AddinShmemInitLock);
 }
 
@@ -127,6 +133,16 @@ void request_shared_memory()
 }
 
 int64_t now_ms() { return GetCurrentTimestamp() / 1000; }
+
+TimestampTz coarse_timestamp()
+{
+    struct timespec coarse;
+    if (clock_gettime(CLOCK_REALTIME_COARSE, &coarse) != 0)
+        return GetCurrentTimestamp();
+    return static_cast<TimestampTz>(coarse.tv_sec - (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY) *
+               USECS_PER_SEC +
+           coarse.tv_nsec / 1000;
+}
 
 namespace {
 bool g_broker_registered[kBrokers] = {true}; // inherited by every forked process

@@ -126,6 +126,10 @@ struct SharedState {
 SharedState* shared_state();
 void request_shared_memory();      // from _PG_init
 int64_t now_ms();                  // PostgreSQL's clock, in ms since 2000
+// The kernel's coarse clock as a PostgreSQL timestamp: the time at the last
+// tick (a vDSO read without a timer read, so cheaper than
+// GetCurrentTimestamp() per value), behind the real clock by at most a tick.
+TimestampTz coarse_timestamp();
 
 // Wakes the brokers that run. Takes the lock: the caller must not hold it.
 void wake_broker();

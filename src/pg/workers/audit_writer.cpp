@@ -22,6 +22,7 @@ extern "C" {
 #include <atomic>
 #include <cstring>
 
+#include "shared/alerts.hpp"
 #include "shared/audit_internal.hpp"
 #include "shared/shared_state.hpp"
 #include "workers/audit_writer.hpp"
@@ -193,6 +194,32 @@ AuditSchema installed_audit_schema()
     return AuditSchema::None;
 }
 
+// An alert's NOTIFY pgphi_alert, sent when the transaction that writes its
+// audit row commits: once per alert (alerts are raised once per window), never
+// per value, and from here because the session that raised the alert may be
+// read-only or about to abort. The payload is JSON: alert (its kind), key,
+// role, detail, at.
+void notify_alert(const AuditEvent& event)
+{
+    const char* colon = strchr(event.detail, ':');
+    size_t kind_length = colon ? static_cast<size_t>(colon - event.detail) : strlen(event.detail);
+    const char* text = colon ? colon + 1 : "";
+    while (*text == ' ')
+        ++text;
+    Oid types[5] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID};
+    Datum values[5] = {
+        PointerGetDatum(cstring_to_text_with_len(event.detail, static_cast<int>(kind_length))),
+        CStringGetTextDatum(event.key_name),
+        CStringGetTextDatum(role_name_or_oid(event.acting_role)),
+        CStringGetTextDatum(text),
+        TimestampTzGetDatum(event.first_at),
+    };
+    if (SPI_execute_with_args("SELECT pg_catalog.pg_notify('pgphi_alert', pg_catalog.json_build_object("
+                              "'alert', $1, 'key', $2, 'role', $3, 'detail', $4, 'at', $5)::pg_catalog.text)",
+                              5, types, values, nullptr, false, 1) != SPI_OK_SELECT)
+        elog(ERROR, "pgphi: could not signal an alert");
+}
+
 void write_event(const AuditEvent& event, AuditSchema schema)
 {
     Oid types[12] = {TIMESTAMPTZOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, TEXTOID,
@@ -223,6 +250,8 @@ void write_event(const AuditEvent& event, AuditSchema schema)
     if (SPI_execute_with_args(sql, schema == AuditSchema::Coalesced ? 12 : 9, types, values, nullptr, false, 1) !=
         SPI_OK_SELECT)
         elog(ERROR, "pgphi: could not write an audit event");
+    if (strcmp(event.action, "alert") == 0)
+        notify_alert(event);
 }
 
 struct VolumeSnapshot {
@@ -248,12 +277,25 @@ void write_volume(const VolumeSnapshot& volume)
         elog(ERROR, "pgphi: could not write key use counts");
 }
 
+// Values decrypted under a break-glass event, added to its row.
+void write_break_glass_count(const BreakGlassCount& count)
+{
+    Oid types[4] = {INT4OID, OIDOID, TIMESTAMPTZOID, INT8OID};
+    Datum values[4] = {Int32GetDatum(static_cast<int32>(count.key_id)), ObjectIdGetDatum(count.role),
+                       TimestampTzGetDatum(count.started_at), Int64GetDatum(static_cast<int64>(count.values))};
+    if (SPI_execute_with_args("SELECT pgphi._record_break_glass_use($1, $2, $3, $4)", 4, types, values, nullptr,
+                              false, 1) != SPI_OK_SELECT)
+        elog(ERROR, "pgphi: could not write a break-glass count");
+}
+
 // What one writer claimed, and what it found installed.
 struct WriteJob {
     const AuditEvent* events;
     int event_count;
     const VolumeSnapshot* volumes;
     int volume_count;
+    const BreakGlassCount* break_glass;
+    int break_glass_count;
     AuditSchema schema; // out
 };
 
@@ -267,6 +309,23 @@ void write_claimed(void* arg)
         write_event(job->events[i], job->schema);
     for (int i = 0; i < job->volume_count; ++i)
         write_volume(job->volumes[i]);
+    bool alerts_installed =
+        query_bool("SELECT pg_catalog.to_regprocedure('pgphi._volume_alerts(pg_catalog.float8,pg_catalog.int8,"
+                   "pg_catalog.int4,pg_catalog.int4)') IS NOT NULL");
+    if (!alerts_installed)
+        return;
+    for (int i = 0; i < job->break_glass_count; ++i)
+        write_break_glass_count(job->break_glass[i]);
+    // A role's decrypts far above its own baseline: the volumes just written
+    // against the windows before (once per role, key and window).
+    if (job->volume_count > 0 && g_alert_volume_factor > 0) {
+        Oid types[4] = {FLOAT8OID, INT8OID, INT4OID, INT4OID};
+        Datum values[4] = {Float8GetDatum(g_alert_volume_factor), Int64GetDatum(g_alert_volume_min),
+                           Int32GetDatum(g_alert_volume_baseline_windows), Int32GetDatum(g_key_use_window_s)};
+        if (SPI_execute_with_args("SELECT pgphi._volume_alerts($1, $2, $3, $4)", 4, types, values, nullptr, false,
+                                  1) != SPI_OK_SELECT)
+            elog(ERROR, "pgphi: could not check decrypt volumes");
+    }
 }
 
 void anchor_if_installed(void*)
@@ -358,6 +417,12 @@ void launch_audit_writers()
         if (anchor_due(entry, now))
             add_due(entry.database); // its writer anchors the chain
     LWLockRelease(g_audit->lock);
+    // Break-glass counts go with the volumes, about every 10 seconds.
+    BreakGlassCount counts[kWriterSlots];
+    int pending = collect_break_glass_counts(InvalidOid, counts, kWriterSlots);
+    for (int i = 0; i < pending; ++i)
+        if (now >= volume_flush_due_ms(counts[i].database))
+            add_due(counts[i].database);
     for (int i = 0; i < due_count; ++i)
         launch_writer(due[i], now);
 }
@@ -401,11 +466,16 @@ void pgphi_audit_writer_main(Datum argument)
         }
     }
     LWLockRelease(g_audit->lock);
+    constexpr int kBreakGlassBatch = 256;
+    BreakGlassCount* break_glass = static_cast<BreakGlassCount*>(palloc(sizeof(BreakGlassCount) * kBreakGlassBatch));
+    int break_glass_count = collect_break_glass_counts(database, break_glass, kBreakGlassBatch);
 
     connect_database_worker(database, "writing pgphi audit events and key use counts");
-    WriteJob job{events, event_count, volumes, volume_count, AuditSchema::None};
+    WriteJob job{events, event_count, volumes, volume_count, break_glass, break_glass_count, AuditSchema::None};
     run_in_transaction(write_claimed, &job, true);
     AuditSchema schema = job.schema;
+    // Written (or, where pgphi is too old to take them, discarded).
+    mark_break_glass_counts_written(break_glass, break_glass_count);
 
     if (schema == AuditSchema::None && (event_count || volume_count))
         ereport(LOG, (errmsg("pgphi discarded %d audit events and the key use counts of database %u", event_count,
