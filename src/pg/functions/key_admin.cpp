@@ -76,6 +76,18 @@ void require_catalog_key(FunctionCallInfo fcinfo)
                                 "pgphi.rotate_key() and pgphi.rewrap_keys().")));
 }
 
+// The wrapped DEK of argument `arg`, and which KEK (version) the catalog
+// says wrapped it.
+void wrapped_dek_from_arg(FunctionCallInfo fcinfo, int arg, cache::UnwrapRequest* key)
+{
+    bytea* wrapped = PG_GETARG_BYTEA_PP(arg);
+    if (VARSIZE_ANY_EXHDR(wrapped) > sizeof(key->wrapped))
+        ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("wrapped DEK is too large")));
+    memcpy(key->wrapped, VARDATA_ANY(wrapped), VARSIZE_ANY_EXHDR(wrapped));
+    key->wrapped_size = static_cast<uint16_t>(VARSIZE_ANY_EXHDR(wrapped));
+    wrapped_by_from_catalog(key, PG_DETOAST_DATUM(PG_GETARG_DATUM(arg)));
+}
+
 // Arguments 0..4 of both functions below: provider, kek_ref, key_id,
 // version, key_name.
 void key_identity_from_args(FunctionCallInfo fcinfo, cache::UnwrapRequest* key)
@@ -138,12 +150,7 @@ PGPHI_FUNCTION(pgphi_rewrap_dek)
 {
     cache::UnwrapRequest key;
     key_identity_from_args(fcinfo, &key);
-    bytea* wrapped = PG_GETARG_BYTEA_PP(5);
-    if (VARSIZE_ANY_EXHDR(wrapped) > sizeof(key.wrapped))
-        ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("wrapped DEK is too large")));
-    memcpy(key.wrapped, VARDATA_ANY(wrapped), VARSIZE_ANY_EXHDR(wrapped));
-    key.wrapped_size = static_cast<uint16_t>(VARSIZE_ANY_EXHDR(wrapped));
-    wrapped_by_from_catalog(&key, PG_DETOAST_DATUM(PG_GETARG_DATUM(5)));
+    wrapped_dek_from_arg(fcinfo, 5, &key);
 
     AdminRequest* result = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
     run_admin_request(AdminRequest::Operation::Rewrap, key, false, result);
@@ -191,12 +198,7 @@ PGPHI_FUNCTION(pgphi_rekey_dek)
     copy_text_arg(PG_GETARG_TEXT_PP(4), source.key_name, sizeof(source.key_name), "key name");
     source.key_id = static_cast<uint32>(PG_GETARG_INT32(2));
     source.key_version = static_cast<uint32>(PG_GETARG_INT32(3));
-    bytea* wrapped = PG_GETARG_BYTEA_PP(5);
-    if (VARSIZE_ANY_EXHDR(wrapped) > sizeof(source.wrapped))
-        ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("wrapped DEK is too large")));
-    memcpy(source.wrapped, VARDATA_ANY(wrapped), VARSIZE_ANY_EXHDR(wrapped));
-    source.wrapped_size = static_cast<uint16_t>(VARSIZE_ANY_EXHDR(wrapped));
-    wrapped_by_from_catalog(&source, PG_DETOAST_DATUM(PG_GETARG_DATUM(5)));
+    wrapped_dek_from_arg(fcinfo, 5, &source);
 
     char to_provider[cache::kMaxProvider];
     char to_kek_ref[cache::kMaxKekRef];

@@ -307,6 +307,41 @@ void run_unwrap(SharedState* state, UnwrapJob& job)
         state->invalidation_generation.fetch_add(1);
 }
 
+// What an admin request's provider call gave: the new wrapped DEK and KEK
+// version, or the failure. Written into the request (under the lock) by
+// finish(), which marks it done.
+struct AdminResult {
+    bool ok = false;
+    CoreFailure failure;
+    uint8_t wrapped[cache::kMaxWrapped];
+    size_t wrapped_size = 0;
+    char kek_version[cache::kMaxKekRef] = "";
+
+    // Inside run_core: throws when the answer does not fit the request.
+    void take(const WrappedDek& result)
+    {
+        if (result.blob.size() > sizeof(wrapped) || result.kek_version.size() >= sizeof(kek_version))
+            throw Error(ErrorCode::ProviderError, "the key provider returned an oversized wrapped DEK");
+        std::memcpy(wrapped, result.blob.data(), result.blob.size());
+        wrapped_size = result.blob.size();
+        std::strcpy(kek_version, result.kek_version.c_str());
+    }
+
+    void finish(AdminRequest& shared) const
+    {
+        shared.ok = ok;
+        if (ok) {
+            std::memcpy(shared.wrapped, wrapped, wrapped_size);
+            shared.wrapped_size = static_cast<uint16_t>(wrapped_size);
+            std::strcpy(shared.kek_version, kek_version);
+        } else {
+            shared.failure.set(static_cast<int32_t>(failure.code), failure.message, failure.detail, failure.hint);
+        }
+        shared.state = AdminRequest::State::Done;
+        shared.done_at_ms = now_ms();
+    }
+};
+
 // pgphi.rekey moves a DEK to another provider or KEK. The broker of the
 // source unwraps it and, when another broker serves the destination, hands it
 // over in the request (shared memory, like the DEK cache); the destination's
@@ -331,13 +366,10 @@ void run_rekey(SharedState* state, int index)
     to_provider[sizeof(to_provider) - 1] = '\0';
     to_kek_ref[sizeof(to_kek_ref) - 1] = '\0';
 
-    CoreFailure failure;
+    AdminResult outcome;
     bool hand_over = false;
     bool wrapping = handed_over; // which step a failure belongs to
-    uint8_t wrapped[cache::kMaxWrapped];
-    size_t wrapped_size = 0;
-    char kek_version[cache::kMaxKekRef] = "";
-    bool ok = run_core(failure, [&] {
+    outcome.ok = run_core(outcome.failure, [&] {
         std::optional<WrappedDek> result;
         if (!handed_over) {
             KeyProvider& source = provider_named(key.provider);
@@ -360,14 +392,10 @@ void run_rekey(SharedState* state, int index)
             wrapping = true;
             result = provider_named(to_provider).wrap(to_kek_ref, SecureBytes(dek, sizeof(dek)), binding_of(key));
         }
-        if (result->blob.size() > sizeof(wrapped) || result->kek_version.size() >= sizeof(kek_version))
-            throw Error(ErrorCode::ProviderError, "the key provider returned an oversized wrapped DEK");
-        std::memcpy(wrapped, result->blob.data(), result->blob.size());
-        wrapped_size = result->blob.size();
-        std::strcpy(kek_version, result->kek_version.c_str());
+        outcome.take(*result);
     });
     state->stats.key_manager_calls.fetch_add(1, std::memory_order_relaxed);
-    if (!ok) {
+    if (!outcome.ok) {
         state->stats.key_manager_errors.fetch_add(1, std::memory_order_relaxed);
         cache::UnwrapRequest logged = key;
         if (wrapping) {
@@ -375,27 +403,18 @@ void run_rekey(SharedState* state, int index)
             strlcpy(logged.kek_ref, to_kek_ref, sizeof(logged.kek_ref));
         }
         log_failure(wrapping ? "rekey (wrapping under the new KEK)" : "rekey (unwrapping under the old KEK)", logged,
-                    failure);
+                    outcome.failure);
     }
 
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
     if (shared.ticket == ticket && shared.state == AdminRequest::State::InFlight) {
-        if (ok && hand_over) {
+        if (outcome.ok && hand_over) {
             std::memcpy(shared.dek_in_transit, dek, sizeof(dek));
             shared.handed_over = true;
             shared.state = AdminRequest::State::Pending;
         } else {
             explicit_bzero(shared.dek_in_transit, sizeof(shared.dek_in_transit));
-            shared.ok = ok;
-            if (ok) {
-                std::memcpy(shared.wrapped, wrapped, wrapped_size);
-                shared.wrapped_size = static_cast<uint16_t>(wrapped_size);
-                std::strcpy(shared.kek_version, kek_version);
-            } else {
-                shared.failure.set(static_cast<int32_t>(failure.code), failure.message, failure.detail, failure.hint);
-            }
-            shared.state = AdminRequest::State::Done;
-            shared.done_at_ms = now_ms();
+            outcome.finish(shared);
         }
     }
     LWLockRelease(state->lock);
@@ -419,12 +438,9 @@ void run_admin(SharedState* state, int index)
     uint64_t ticket = shared.ticket;
     LWLockRelease(state->lock);
 
-    CoreFailure failure;
+    AdminResult outcome;
     bool created = false;
-    uint8_t wrapped[cache::kMaxWrapped];
-    size_t wrapped_size = 0;
-    char kek_version[cache::kMaxKekRef] = "";
-    bool ok = run_core(failure, [&] {
+    outcome.ok = run_core(outcome.failure, [&] {
         KeyProvider& provider = provider_named(key.provider);
         WrappedDek result;
         if (operation == AdminRequest::Operation::CreateKek) {
@@ -439,34 +455,21 @@ void run_admin(SharedState* state, int index)
                 created = local->ensure_kek_file();
             result = provider.generate_dek(key.kek_ref, binding_of(key)).wrapped;
         }
-        if (result.blob.size() > sizeof(wrapped) || result.kek_version.size() >= sizeof(kek_version))
-            throw Error(ErrorCode::ProviderError, "the key provider returned an oversized wrapped DEK");
-        std::memcpy(wrapped, result.blob.data(), result.blob.size());
-        wrapped_size = result.blob.size();
-        std::strcpy(kek_version, result.kek_version.c_str());
+        outcome.take(result);
     });
     state->stats.key_manager_calls.fetch_add(1, std::memory_order_relaxed);
-    if (!ok) {
+    if (!outcome.ok) {
         state->stats.key_manager_errors.fetch_add(1, std::memory_order_relaxed);
         log_failure(operation == AdminRequest::Operation::Rewrap      ? "rewrap"
                     : operation == AdminRequest::Operation::CreateKek ? "KEK creation"
                                                                       : "creation",
-                    key, failure);
+                    key, outcome.failure);
     }
 
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
     if (shared.ticket == ticket && shared.state == AdminRequest::State::InFlight) {
-        shared.ok = ok;
         shared.created_local_kek_file = created;
-        if (ok) {
-            std::memcpy(shared.wrapped, wrapped, wrapped_size);
-            shared.wrapped_size = static_cast<uint16_t>(wrapped_size);
-            std::strcpy(shared.kek_version, kek_version);
-        } else {
-            shared.failure.set(static_cast<int32_t>(failure.code), failure.message, failure.detail, failure.hint);
-        }
-        shared.state = AdminRequest::State::Done;
-        shared.done_at_ms = now_ms();
+        outcome.finish(shared);
     }
     LWLockRelease(state->lock);
 }
