@@ -3612,475 +3612,6 @@ GRANT EXECUTE ON FUNCTION pgphi.approve_grant_member(text, text, regrole, regrol
 
 
 ------------------------------------------------------------------------------
--- Section: rekey.
--- pgphi.rekey(key, provider, kek) moves every DEK version of a key to a KEK of
--- another provider (or another KEK of the same one), after a second key
--- custodian's pgphi.approve_rekey: one transaction per version, resumable, the
--- plaintext DEK passing only between the key brokers. key_versions records
--- the provider and KEK that still wrap a version while a rekey moves it;
--- key_inventory shows them, and rewrap_keys leaves such versions to the rekey.
-------------------------------------------------------------------------------
-
-ALTER TABLE pgphi.key_versions ADD COLUMN rekey_source_provider text, ADD COLUMN rekey_source_kek text,
-    ADD CONSTRAINT key_versions_rekey_source CHECK ((rekey_source_provider IS NULL) = (rekey_source_kek IS NULL));
-
--- A second custodian's approval of moving a key to another provider or KEK
--- (pgphi.approve_rekey): whoever holds a KEK can unwrap the key's DEKs, so
--- one custodian alone cannot hand them to a KEK of their choosing.
-CREATE TABLE pgphi.rekey_approvals (
-    key_id      integer NOT NULL REFERENCES pgphi.keys,
-    provider    text NOT NULL,
-    kek_ref     text NOT NULL,
-    approved_by name NOT NULL,
-    approved_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    PRIMARY KEY (key_id, provider, kek_ref, approved_by)
-);
-
-REVOKE ALL ON pgphi.rekey_approvals FROM PUBLIC;
-GRANT SELECT ON pgphi.rekey_approvals TO pgphi_key_custodian, pgphi_key_auditor;
-
--- The semantic audit records, with approve_rekey and rekey.
-CREATE OR REPLACE FUNCTION pgphi._audit_key_change() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF TG_TABLE_NAME = 'key_versions' THEN
-        IF TG_OP = 'INSERT' THEN
-            PERFORM pgphi._audit(CASE WHEN NEW.version = 1 THEN 'create' ELSE 'rotate' END,
-                                 NEW.key_id, NEW.version, 'ok',
-                                 (SELECT format('provider %s, KEK %s', k.provider, k.kek_ref)
-                                    FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
-        ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IN ('retired', 'destroyed') THEN
-            PERFORM pgphi._audit(CASE NEW.state WHEN 'retired' THEN 'retire' ELSE 'destroy' END,
-                                 NEW.key_id, NEW.version, 'ok', NULL);
-        ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek
-              AND OLD.rekey_source_provider IS NOT NULL AND NEW.rekey_source_provider IS NULL THEN
-            PERFORM pgphi._audit('rekey', NEW.key_id, NEW.version, 'ok',
-                                 (SELECT format('from provider %s, KEK %s to provider %s, KEK %s, KEK version %s',
-                                                OLD.rekey_source_provider, OLD.rekey_source_kek, k.provider,
-                                                k.kek_ref, coalesce(NEW.kek_version, 'unknown'))
-                                    FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
-        ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek THEN
-            PERFORM pgphi._audit('rewrap', NEW.key_id, NEW.version, 'ok',
-                                 format('KEK version %s', coalesce(NEW.kek_version, 'unknown')));
-        END IF;
-    ELSIF TG_TABLE_NAME = 'rekey_approvals' THEN
-        PERFORM pgphi._audit('approve_rekey', NEW.key_id, NULL, 'ok',
-                             format('to provider %s, KEK %s', NEW.provider, NEW.kek_ref));
-    ELSIF TG_TABLE_NAME = 'destroy_approvals' THEN
-        PERFORM pgphi._audit('approve_destroy', NEW.key_id, NEW.version, 'ok', NULL);
-    ELSIF TG_TABLE_NAME = 'key_grants' THEN
-        IF TG_OP = 'INSERT' THEN
-            PERFORM pgphi._audit('grant_' || NEW.privilege, NEW.key_id, NULL, 'ok',
-                                 format('to %s', NEW.grantee)
-                                 || coalesce(' until ' || pgphi._audit_time(NEW.valid_until), ''));
-        ELSIF OLD.valid_until IS NOT NULL AND OLD.valid_until <= now() THEN
-            PERFORM pgphi._audit('expire_' || OLD.privilege, OLD.key_id, NULL, 'ok',
-                                 format('from %s; expired at %s', OLD.grantee, pgphi._audit_time(OLD.valid_until)));
-        ELSE
-            PERFORM pgphi._audit('revoke_' || OLD.privilege, OLD.key_id, NULL, 'ok', format('from %s', OLD.grantee));
-        END IF;
-    ELSIF TG_TABLE_NAME = 'key_grant_members' THEN
-        PERFORM pgphi._audit('grant_member', NEW.key_id, NULL, 'ok',
-                             format('%s grant to %s covers %s (%s)', NEW.privilege, NEW.grantee, NEW.member,
-                                    NEW.reason));
-    ELSIF TG_TABLE_NAME = 'keys' AND (NEW.provider, NEW.kek_ref) IS DISTINCT FROM (OLD.provider, OLD.kek_ref) THEN
-        PERFORM pgphi._audit('rekey', NEW.key_id, NULL, 'ok',
-                             format('new DEK versions under provider %s, KEK %s (was provider %s, KEK %s); %s versions to move',
-                                    NEW.provider, NEW.kek_ref, OLD.provider, OLD.kek_ref,
-                                    (SELECT count(*) FROM pgphi.key_versions v
-                                      WHERE v.key_id = NEW.key_id AND v.rekey_source_provider IS NOT NULL
-                                        AND v.wrapped_dek IS NOT NULL)));
-    ELSIF TG_TABLE_NAME = 'keys' AND NEW.cryptoperiod IS DISTINCT FROM OLD.cryptoperiod THEN
-        PERFORM pgphi._audit('set_cryptoperiod', NEW.key_id, NULL, 'ok', format('%s', NEW.cryptoperiod));
-    END IF;
-    RETURN NULL;
-END
-$$;
-
--- The catalog audit, with renewed rekey approvals.
-CREATE OR REPLACE FUNCTION pgphi._audit_catalog_change() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    writer regprocedure := pgphi._catalog_writer();
-    stack text;
-    how text;
-    old_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN to_jsonb(OLD) END;
-    new_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN to_jsonb(NEW) END;
-    row_values jsonb := coalesce(new_row, old_row);
-    row_key integer;
-    row_version integer;
-    identity text;
-    changes text[] := '{}';
-    rows_before bigint;
-    c record;
-BEGIN
-    IF writer IS NOT NULL THEN
-        GET DIAGNOSTICS stack = PG_CONTEXT;
-        -- Under session_replication_role = replica the semantic audit
-        -- triggers do not fire: then pgphi's own change is recorded here.
-        IF pgphi._writer_ran_statement(writer, stack)
-           AND current_setting('session_replication_role') <> 'replica' THEN
-            -- pgphi's own change: its function's path writes the semantic
-            -- record. Two paths had none: a renewed destroy or rekey approval.
-            IF TG_TABLE_NAME = 'destroy_approvals' AND TG_OP = 'UPDATE' THEN
-                IF (new_row -> 'approved_at') IS DISTINCT FROM (old_row -> 'approved_at') THEN
-                    PERFORM pgphi._audit('approve_destroy', (new_row ->> 'key_id')::integer,
-                                         (new_row ->> 'version')::integer, 'ok', 'approval renewed');
-                END IF;
-            ELSIF TG_TABLE_NAME = 'rekey_approvals' AND TG_OP = 'UPDATE' THEN
-                IF (new_row -> 'approved_at') IS DISTINCT FROM (old_row -> 'approved_at') THEN
-                    PERFORM pgphi._audit('approve_rekey', (new_row ->> 'key_id')::integer, NULL, 'ok',
-                                         format('to provider %s, KEK %s; approval renewed', new_row ->> 'provider',
-                                                new_row ->> 'kek_ref'));
-                END IF;
-            END IF;
-            RETURN NULL;
-        END IF;
-        how := CASE WHEN pgphi._writer_ran_statement(writer, stack)
-                    THEN format('by %s under session_replication_role = replica', writer)
-                    ELSE format('not by a pgphi function (inside %s)', writer) END;
-    ELSIF pgphi._in_extension_script() THEN
-        how := 'by a pgphi extension script';
-    ELSE
-        how := 'by direct DML, not by a pgphi function';
-    END IF;
-
-    IF TG_OP = 'TRUNCATE' THEN
-        EXECUTE format('SELECT count(*) FROM ONLY %I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME) INTO rows_before;
-        PERFORM pgphi._audit('catalog_truncate', NULL, NULL, 'ok',
-                             format('%I.%I truncated (%s rows); %s', TG_TABLE_SCHEMA, TG_TABLE_NAME, rows_before, how));
-        RETURN NULL;
-    END IF;
-
-    -- The row, by its primary key (the old key when it changed).
-    SELECT string_agg(format('%s %s', a.attname, pgphi._audit_value(coalesce(old_row, new_row) -> a.attname::text, false)),
-                      ', ' ORDER BY k.n)
-      INTO identity
-      FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
-      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = TG_RELID AND i.indisprimary;
-
-    FOR c IN SELECT a.attname::text AS name,
-                    a.atttypid IN ('bytea'::regtype, 'pgphi.encrypted'::regtype) AS binary_value
-               FROM pg_attribute a
-              WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum LOOP
-        IF TG_OP = 'UPDATE' THEN
-            IF (old_row -> c.name) IS DISTINCT FROM (new_row -> c.name) THEN
-                changes := changes || format('%s %s -> %s', c.name, pgphi._audit_value(old_row -> c.name, c.binary_value),
-                                             pgphi._audit_value(new_row -> c.name, c.binary_value));
-            END IF;
-        ELSE
-            changes := changes || format('%s %s', c.name, pgphi._audit_value(row_values -> c.name, c.binary_value));
-        END IF;
-    END LOOP;
-    IF TG_OP = 'UPDATE' AND cardinality(changes) = 0 THEN
-        changes := ARRAY['no column changed'];
-    END IF;
-
-    IF row_values ? 'key_id' AND jsonb_typeof(row_values -> 'key_id') = 'number' THEN
-        row_key := (row_values ->> 'key_id')::integer;
-    END IF;
-    IF row_values ? 'version' AND jsonb_typeof(row_values -> 'version') = 'number' THEN
-        row_version := (row_values ->> 'version')::integer;
-    END IF;
-    PERFORM pgphi._audit(CASE TG_OP WHEN 'INSERT' THEN 'catalog_insert' WHEN 'UPDATE' THEN 'catalog_update'
-                                    ELSE 'catalog_delete' END,
-                         row_key, row_version, 'ok',
-                         format('%I.%I row (%s) %s: %s; %s', TG_TABLE_SCHEMA, TG_TABLE_NAME, coalesce(identity, ''),
-                                CASE TG_OP WHEN 'INSERT' THEN 'inserted' WHEN 'UPDATE' THEN 'changed' ELSE 'deleted' END,
-                                array_to_string(changes, ', '), how));
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER rekey_approvals_audit AFTER INSERT ON pgphi.rekey_approvals
-    FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
-
--- Every key version, with what an auditor asks about it. Never the DEK.
-CREATE OR REPLACE VIEW pgphi.key_inventory AS
-    SELECT k.name AS key_name, k.key_id, k.purpose, k.created_by AS owner,
-           -- What wraps this version's DEK (mid-rekey: the KEK it is leaving).
-           coalesce(v.rekey_source_provider, k.provider) AS provider,
-           coalesce(v.rekey_source_kek, k.kek_ref) AS kek_ref,
-           v.version, v.state, v.kek_version, v.created_at, k.rotated_at, v.retired_at, v.destroyed_at,
-           k.cryptoperiod,
-           CASE WHEN v.state = 'active' THEN v.created_at + k.cryptoperiod END AS rotate_by,
-           coalesce(v.state = 'active' AND v.created_at + k.cryptoperiod < pg_catalog.now(), false)
-               AS rotation_overdue,
-           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
-                  WHERE g.key_id = k.key_id AND g.privilege = 'encrypt' ORDER BY 1) AS encrypt_grantees,
-           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
-                  WHERE g.key_id = k.key_id AND g.privilege = 'decrypt' ORDER BY 1) AS decrypt_grantees,
-           (k.suspended_at IS NOT NULL OR v.suspended_at IS NOT NULL) AS suspended,
-           coalesce(v.suspended_at, k.suspended_at) AS suspended_at,
-           coalesce(v.suspended_by, k.suspended_by) AS suspended_by,
-           v.compromised_at IS NOT NULL AS compromised,
-           v.compromised_at, v.compromised_by,
-           -- A rekey still has to move this version to the key's provider.
-           (v.rekey_source_provider IS NOT NULL AND v.wrapped_dek IS NOT NULL) AS rekey_pending
-      FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id);
-
--- Rewrapping leaves the versions a rekey is moving to the rekey.
-CREATE OR REPLACE FUNCTION pgphi.rewrap_keys(name text DEFAULT NULL) RETURNS integer
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v record;
-    rewrapped record;
-    done integer := 0;
-BEGIN
-    FOR v IN SELECT k.key_id, k.name, k.provider, k.kek_ref, kv.version, kv.wrapped_dek
-               FROM pgphi.keys k JOIN pgphi.key_versions kv USING (key_id)
-              WHERE kv.wrapped_dek IS NOT NULL AND (rewrap_keys.name IS NULL OR k.name = rewrap_keys.name)
-                -- (a version that a rekey is moving goes to the key's new KEK instead)
-                AND kv.rekey_source_provider IS NULL
-              ORDER BY k.key_id, kv.version
-                FOR UPDATE OF kv
-    LOOP
-        SELECT * INTO rewrapped FROM pgphi._rewrap_dek(v.provider, v.kek_ref, v.key_id, v.version, v.name,
-                                                        v.wrapped_dek);
-        UPDATE pgphi.key_versions kv SET wrapped_dek = rewrapped.wrapped_dek, kek_version = rewrapped.kek_version
-         WHERE kv.key_id = v.key_id AND kv.version = v.version;
-        done := done + 1;
-    END LOOP;
-    IF rewrap_keys.name IS NOT NULL AND done = 0 AND pgphi._key_id(rewrap_keys.name) IS NULL THEN
-        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
-            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
-    END IF;
-    RETURN done;
-END
-$$;
-
--- The key broker of the source provider unwraps the DEK and hands it, in
--- shared memory, to the broker of the destination, which wraps it (KMS to KMS:
--- ReEncrypt, inside KMS). The DEK itself never changes, so no table data is
--- touched, and its plaintext never reaches this backend or SQL.
-CREATE FUNCTION pgphi._rekey_dek(provider text, kek text, key_id integer, version integer, key_name text,
-        wrapped bytea, to_provider text, to_kek text, OUT wrapped_dek bytea, OUT kek_version text)
-    AS 'MODULE_PATHNAME', 'pgphi_rekey_dek' LANGUAGE C VOLATILE STRICT;
-
--- The destination's KEK reference as the catalog stores it; refuses an
--- unknown provider, a missing KEK, and a reference no key manager takes (too
--- long for the key broker, or with control characters, which would forge
--- lines in the audit trail and the server log). The KEK is not repeated: a
--- misplaced argument could be PHI.
-CREATE FUNCTION pgphi._rekey_target(provider text, kek text) RETURNS text
-    LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF provider IS NULL OR provider NOT IN ('local', 'vault', 'aws_kms', 'kmip', 'pkcs11') THEN
-        RAISE EXCEPTION 'unknown pgphi key provider' USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Available providers: local, vault, aws_kms, kmip, pkcs11.';
-    END IF;
-    IF kek IS NULL AND provider <> 'local' THEN
-        RAISE EXCEPTION 'provider % needs the KEK to use', provider USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, the KMIP key''s Name or Unique Identifier, or the PKCS#11 key as label:NAME or id:HEX.';
-    END IF;
-    IF octet_length(kek) > 255 OR kek = '' OR kek ~ '[[:cntrl:]]' THEN
-        RAISE EXCEPTION 'invalid KEK reference for provider %', provider USING ERRCODE = 'invalid_parameter_value',
-            DETAIL = 'A KEK reference has 1 to 255 bytes and no control characters; pgphi does not repeat it.';
-    END IF;
-    RETURN coalesce(kek, 'default');
-END
-$$;
-
--- Why `approver` cannot be the second custodian of `requester`, or NULL: an
--- approval counts only from a role the requester does not control, the same
--- rule as for approve_grant_member (70_access_control_and_views.sql).
-CREATE FUNCTION pgphi._approval_dependence(requester name, approver name) RETURNS text
-    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT CASE
-        WHEN requester = approver THEN 'it is the same role'
-        WHEN pg_has_role(requester, approver, 'MEMBER') OR pg_has_role(approver, requester, 'MEMBER')
-            THEN 'one role is a member of the other'
-        -- CREATEROLE (on 15, enough to make any role a custodian, or reset
-        -- its password), or ADMIN OPTION on the approver or on a role between
-        -- it and pgphi_key_custodian.
-        WHEN (SELECT r.rolcreaterole FROM pg_roles r WHERE r.rolname = requester)
-            THEN format('%s has CREATEROLE', requester)
-        WHEN EXISTS (SELECT FROM pg_roles x
-                      WHERE (x.rolname = approver OR (pg_has_role(approver, x.oid, 'MEMBER')
-                                                     AND pg_has_role(x.oid, 'pgphi_key_custodian', 'MEMBER')))
-                        AND pg_has_role(requester, x.oid, 'MEMBER WITH ADMIN OPTION'))
-            THEN format('%s has ADMIN OPTION on %s or a role that makes it a key custodian', requester, approver)
-        -- A membership on the approver's way to pgphi_key_custodian granted by
-        -- the requester, a role it belongs to, or a role dropped since.
-        WHEN EXISTS (SELECT FROM pg_auth_members am LEFT JOIN pg_roles g ON g.oid = am.grantor
-                      WHERE pg_has_role(am.roleid, 'pgphi_key_custodian', 'MEMBER')
-                        AND (am.member = (SELECT r.oid FROM pg_roles r WHERE r.rolname = approver)
-                             OR pg_has_role(approver, am.member, 'MEMBER'))
-                        AND (g.oid IS NULL OR pg_has_role(requester, g.oid, 'MEMBER')))
-            THEN format('%s, a role it belongs to or a dropped role made %s a key custodian', requester, approver)
-    END
-$$;
-
--- A second key custodian approves moving a key to this provider and KEK
--- (valid for a day, used up by the rekey it allows). A procedure, called by
--- the approver itself: a view, a trigger or a function somebody else wrote
--- cannot approve in the approver's session (CALL is refused outside a
--- statement of its own).
-CREATE PROCEDURE pgphi.approve_rekey(name text, provider text, kek text DEFAULT NULL)
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    target_id integer := pgphi._key_id(approve_rekey.name);
-    target_kek text := pgphi._rekey_target(approve_rekey.provider, approve_rekey.kek);
-    stack text;
-BEGIN
-    GET DIAGNOSTICS stack = PG_CONTEXT;
-    IF pg_trigger_depth() > 0 OR strpos(stack, E'\n') > 0 THEN
-        RAISE EXCEPTION 'pgphi.approve_rekey must be called by the approving custodian itself'
-            USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'It was called from a trigger or another routine, which could act for somebody else.',
-                  HINT = 'Run CALL pgphi.approve_rekey(...) as a statement of its own.';
-    END IF;
-    IF target_id IS NULL THEN
-        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
-            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
-    END IF;
-    IF NOT pg_catalog.pg_has_role(session_user, 'pgphi_key_custodian', 'MEMBER') THEN
-        RAISE EXCEPTION 'only key custodians can approve moving a key to another KEK'
-            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the approving role.';
-    END IF;
-    INSERT INTO pgphi.rekey_approvals (key_id, provider, kek_ref, approved_by)
-        VALUES (target_id, approve_rekey.provider, target_kek, session_user)
-        ON CONFLICT ON CONSTRAINT rekey_approvals_pkey DO UPDATE SET approved_at = pg_catalog.now();
-END
-$$;
-
--- The first step of pgphi.rekey: new DEK versions of the key go to the
--- destination from now on, every existing version records the provider and
--- KEK that still wrap it until it is moved, and the first version moves in
--- the same transaction, so a destination that does not work changes nothing
--- (and leaves the approval unused). Called again for the same destination (a
--- rekey that stopped), or back to a provider and KEK that still wrap pending
--- versions, it needs no new approval. Returns the key's id.
-CREATE FUNCTION pgphi._rekey_start(key_name text, provider text, kek text) RETURNS integer
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    key record;
-    target_kek text := pgphi._rekey_target(_rekey_start.provider, _rekey_start.kek);
-    approvers name[];
-BEGIN
-    SELECT * INTO key FROM pgphi.keys k WHERE k.name = _rekey_start.key_name FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
-            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
-    END IF;
-    IF key.provider = _rekey_start.provider AND key.kek_ref = target_kek THEN
-        RETURN key.key_id;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pgphi.key_versions v
-                    WHERE v.key_id = key.key_id AND v.wrapped_dek IS NOT NULL
-                      AND v.rekey_source_provider = _rekey_start.provider AND v.rekey_source_kek = target_kek) THEN
-        SELECT array_agg(a.approved_by ORDER BY a.approved_by) INTO approvers
-          FROM pgphi.rekey_approvals a
-         WHERE a.key_id = key.key_id AND a.provider = _rekey_start.provider AND a.kek_ref = target_kek
-           AND a.approved_at > pg_catalog.now() - interval '1 day'
-           AND pg_catalog.pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER')
-           AND pgphi._approval_dependence(session_user, a.approved_by) IS NULL;
-        IF approvers IS NULL THEN
-            RAISE EXCEPTION 'moving pgphi key "%" to provider % needs the approval of a second key custodian',
-                key.name, _rekey_start.provider
-                USING ERRCODE = 'insufficient_privilege',
-                      DETAIL = 'Whoever holds a KEK can unwrap the DEKs it wraps. Approvals by the caller, or by roles it controls (CREATEROLE, ADMIN OPTION, memberships it granted), do not count.',
-                      HINT = pg_catalog.format('Another member of pgphi_key_custodian runs CALL pgphi.approve_rekey(%L, %L, <the KEK>);',
-                                               key.name, _rekey_start.provider);
-        END IF;
-    END IF;
-    -- Versions that a rekey left under the new destination are home already.
-    UPDATE pgphi.key_versions v SET rekey_source_provider = NULL, rekey_source_kek = NULL
-     WHERE v.key_id = key.key_id AND v.rekey_source_provider = _rekey_start.provider
-       AND v.rekey_source_kek = target_kek;
-    UPDATE pgphi.key_versions v SET rekey_source_provider = key.provider, rekey_source_kek = key.kek_ref
-     WHERE v.key_id = key.key_id AND v.wrapped_dek IS NOT NULL AND v.rekey_source_provider IS NULL;
-    UPDATE pgphi.keys k SET provider = _rekey_start.provider, kek_ref = target_kek
-     WHERE k.key_id = key.key_id;
-    DELETE FROM pgphi.rekey_approvals a WHERE a.key_id = key.key_id;
-    -- The destination works, or nothing here commits.
-    PERFORM pgphi._rekey_next(key.key_id);
-    RETURN key.key_id;
-END
-$$;
-
--- Moves the lowest version still under its old KEK (NOTICE: which); false,
--- with a NOTICE that the rekey is complete, when none is left.
-CREATE FUNCTION pgphi._rekey_next(key_id integer) RETURNS boolean
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v record;
-    moved record;
-BEGIN
-    -- The key's row too: its destination cannot change under this move.
-    SELECT k.name, k.provider, k.kek_ref, kv.version, kv.wrapped_dek, kv.rekey_source_provider,
-           kv.rekey_source_kek INTO v
-      FROM pgphi.keys k JOIN pgphi.key_versions kv USING (key_id)
-     WHERE k.key_id = _rekey_next.key_id AND kv.rekey_source_provider IS NOT NULL AND kv.wrapped_dek IS NOT NULL
-     ORDER BY kv.version LIMIT 1
-       FOR UPDATE OF k, kv;
-    IF NOT FOUND THEN
-        SELECT k.name, k.provider, k.kek_ref INTO v FROM pgphi.keys k WHERE k.key_id = _rekey_next.key_id;
-        RAISE NOTICE 'pgphi key "%": every DEK version is under provider %, KEK %', v.name, v.provider, v.kek_ref;
-        RETURN false;
-    END IF;
-    SELECT * INTO moved FROM pgphi._rekey_dek(v.rekey_source_provider, v.rekey_source_kek, _rekey_next.key_id,
-                                               v.version, v.name, v.wrapped_dek, v.provider, v.kek_ref);
-    UPDATE pgphi.key_versions kv
-       SET wrapped_dek = moved.wrapped_dek, kek_version = moved.kek_version,
-           rekey_source_provider = NULL, rekey_source_kek = NULL
-     WHERE kv.key_id = _rekey_next.key_id AND kv.version = v.version;
-    RAISE NOTICE 'pgphi key "%" version % moved from provider % to provider %', v.name, v.version,
-        v.rekey_source_provider, v.provider;
-    RETURN true;
-END
-$$;
-
--- CALL pgphi.rekey(key, provider, kek): rewraps every DEK version of the key
--- under a KEK of another provider (or another KEK of the same one), after a
--- second custodian's pgphi.approve_rekey. One transaction per version, so a
--- rekey that stops (key manager unreachable, cancel) keeps what it moved:
--- every version stays decryptable meanwhile, and calling it again finishes
--- the job. No SET clause (a procedure with one cannot commit), so the body
--- only calls qualified functions and loops.
-CREATE PROCEDURE pgphi.rekey(key_name text, provider text, kek text DEFAULT NULL)
-    LANGUAGE plpgsql
-AS $$
-DECLARE
-    target pg_catalog.int4;
-    more pg_catalog.bool;
-BEGIN
-    target := pgphi._rekey_start(key_name, provider, kek);
-    COMMIT;
-    LOOP
-        more := pgphi._rekey_next(target);
-        COMMIT;
-        EXIT WHEN more IS NOT TRUE;
-    END LOOP;
-END
-$$;
-
-
-REVOKE ALL ON FUNCTION pgphi._rekey_dek(text, text, integer, integer, text, bytea, text, text),
-    pgphi._rekey_target(text, text), pgphi._approval_dependence(name, name), pgphi._rekey_start(text, text, text),
-    pgphi._rekey_next(integer) FROM PUBLIC;
-REVOKE ALL ON PROCEDURE pgphi.approve_rekey(text, text, text), pgphi.rekey(text, text, text) FROM PUBLIC;
-
-GRANT EXECUTE ON FUNCTION pgphi._rekey_start(text, text, text), pgphi._rekey_next(integer) TO pgphi_key_custodian;
-GRANT EXECUTE ON PROCEDURE pgphi.approve_rekey(text, text, text), pgphi.rekey(text, text, text) TO pgphi_key_custodian;
-
--- (end of section: rekey)
-
-
-------------------------------------------------------------------------------
 -- Section: limits and break-glass.
 -- Decrypt limits per role and key, break-glass roles and events, and the
 -- volume alert the audit writer runs (src/sql/82_limits_and_break_glass.sql;
@@ -4441,6 +3972,493 @@ GRANT EXECUTE ON FUNCTION pgphi.set_decrypt_limit(text, regrole, bigint, interva
 GRANT EXECUTE ON FUNCTION pgphi.break_glass(text, text) TO pgphi_decrypt;
 
 -- (end of section: limits and break-glass)
+
+
+------------------------------------------------------------------------------
+-- Section: rekey.
+-- pgphi.rekey(key, provider, kek) moves every DEK version of a key to a KEK of
+-- another provider (or another KEK of the same one), after a second key
+-- custodian's pgphi.approve_rekey: one transaction per version, resumable, the
+-- plaintext DEK passing only between the key brokers. key_versions records
+-- the provider and KEK that still wrap a version while a rekey moves it;
+-- key_inventory shows them, and rewrap_keys leaves such versions to the rekey.
+------------------------------------------------------------------------------
+
+ALTER TABLE pgphi.key_versions ADD COLUMN rekey_source_provider text, ADD COLUMN rekey_source_kek text,
+    ADD CONSTRAINT key_versions_rekey_source CHECK ((rekey_source_provider IS NULL) = (rekey_source_kek IS NULL));
+
+-- A second custodian's approval of moving a key to another provider or KEK
+-- (pgphi.approve_rekey): whoever holds a KEK can unwrap the key's DEKs, so
+-- one custodian alone cannot hand them to a KEK of their choosing.
+CREATE TABLE pgphi.rekey_approvals (
+    key_id      integer NOT NULL REFERENCES pgphi.keys,
+    provider    text NOT NULL,
+    kek_ref     text NOT NULL,
+    approved_by name NOT NULL,
+    approved_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (key_id, provider, kek_ref, approved_by)
+);
+
+REVOKE ALL ON pgphi.rekey_approvals FROM PUBLIC;
+GRANT SELECT ON pgphi.rekey_approvals TO pgphi_key_custodian, pgphi_key_auditor;
+
+-- The semantic audit records, with approve_rekey and rekey.
+CREATE OR REPLACE FUNCTION pgphi._audit_key_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'key_versions' THEN
+        IF TG_OP = 'INSERT' THEN
+            PERFORM pgphi._audit(CASE WHEN NEW.version = 1 THEN 'create' ELSE 'rotate' END,
+                                 NEW.key_id, NEW.version, 'ok',
+                                 (SELECT format('provider %s, KEK %s', k.provider, k.kek_ref)
+                                    FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
+        ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IN ('retired', 'destroyed') THEN
+            PERFORM pgphi._audit(CASE NEW.state WHEN 'retired' THEN 'retire' ELSE 'destroy' END,
+                                 NEW.key_id, NEW.version, 'ok', NULL);
+        ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek
+              AND OLD.rekey_source_provider IS NOT NULL AND NEW.rekey_source_provider IS NULL THEN
+            PERFORM pgphi._audit('rekey', NEW.key_id, NEW.version, 'ok',
+                                 (SELECT format('from provider %s, KEK %s to provider %s, KEK %s, KEK version %s',
+                                                OLD.rekey_source_provider, OLD.rekey_source_kek, k.provider,
+                                                k.kek_ref, coalesce(NEW.kek_version, 'unknown'))
+                                    FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
+        ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek THEN
+            PERFORM pgphi._audit('rewrap', NEW.key_id, NEW.version, 'ok',
+                                 format('KEK version %s', coalesce(NEW.kek_version, 'unknown')));
+        END IF;
+    ELSIF TG_TABLE_NAME = 'rekey_approvals' THEN
+        PERFORM pgphi._audit('approve_rekey', NEW.key_id, NULL, 'ok',
+                             format('to provider %s, KEK %s', NEW.provider, NEW.kek_ref));
+    ELSIF TG_TABLE_NAME = 'destroy_approvals' THEN
+        PERFORM pgphi._audit('approve_destroy', NEW.key_id, NEW.version, 'ok', NULL);
+    ELSIF TG_TABLE_NAME = 'key_grants' THEN
+        IF TG_OP = 'INSERT' THEN
+            PERFORM pgphi._audit('grant_' || NEW.privilege, NEW.key_id, NULL, 'ok',
+                                 format('to %s', NEW.grantee)
+                                 || coalesce(' until ' || pgphi._audit_time(NEW.valid_until), ''));
+        ELSIF OLD.valid_until IS NOT NULL AND OLD.valid_until <= now() THEN
+            PERFORM pgphi._audit('expire_' || OLD.privilege, OLD.key_id, NULL, 'ok',
+                                 format('from %s; expired at %s', OLD.grantee, pgphi._audit_time(OLD.valid_until)));
+        ELSE
+            PERFORM pgphi._audit('revoke_' || OLD.privilege, OLD.key_id, NULL, 'ok', format('from %s', OLD.grantee));
+        END IF;
+    ELSIF TG_TABLE_NAME = 'key_grant_members' THEN
+        PERFORM pgphi._audit('grant_member', NEW.key_id, NULL, 'ok',
+                             format('%s grant to %s covers %s (%s)', NEW.privilege, NEW.grantee, NEW.member,
+                                    NEW.reason));
+    ELSIF TG_TABLE_NAME = 'keys' AND (NEW.provider, NEW.kek_ref) IS DISTINCT FROM (OLD.provider, OLD.kek_ref) THEN
+        PERFORM pgphi._audit('rekey', NEW.key_id, NULL, 'ok',
+                             format('new DEK versions under provider %s, KEK %s (was provider %s, KEK %s); %s versions to move',
+                                    NEW.provider, NEW.kek_ref, OLD.provider, OLD.kek_ref,
+                                    (SELECT count(*) FROM pgphi.key_versions v
+                                      WHERE v.key_id = NEW.key_id AND v.rekey_source_provider IS NOT NULL
+                                        AND v.wrapped_dek IS NOT NULL)));
+    ELSIF TG_TABLE_NAME = 'keys' AND NEW.cryptoperiod IS DISTINCT FROM OLD.cryptoperiod THEN
+        PERFORM pgphi._audit('set_cryptoperiod', NEW.key_id, NULL, 'ok', format('%s', NEW.cryptoperiod));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- The catalog audit, with renewed rekey approvals.
+CREATE OR REPLACE FUNCTION pgphi._audit_catalog_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    writer regprocedure := pgphi._catalog_writer();
+    stack text;
+    how text;
+    old_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN to_jsonb(OLD) END;
+    new_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN to_jsonb(NEW) END;
+    row_values jsonb := coalesce(new_row, old_row);
+    row_key integer;
+    row_version integer;
+    identity text;
+    changes text[] := '{}';
+    rows_before bigint;
+    c record;
+BEGIN
+    IF writer IS NOT NULL THEN
+        GET DIAGNOSTICS stack = PG_CONTEXT;
+        -- Under session_replication_role = replica the semantic audit
+        -- triggers do not fire: then pgphi's own change is recorded here.
+        IF pgphi._writer_ran_statement(writer, stack)
+           AND current_setting('session_replication_role') <> 'replica' THEN
+            -- pgphi's own change: its function's path writes the semantic
+            -- record. Two paths had none: a renewed destroy or rekey approval.
+            IF TG_TABLE_NAME = 'destroy_approvals' AND TG_OP = 'UPDATE' THEN
+                IF (new_row -> 'approved_at') IS DISTINCT FROM (old_row -> 'approved_at') THEN
+                    PERFORM pgphi._audit('approve_destroy', (new_row ->> 'key_id')::integer,
+                                         (new_row ->> 'version')::integer, 'ok', 'approval renewed');
+                END IF;
+            ELSIF TG_TABLE_NAME = 'rekey_approvals' AND TG_OP = 'UPDATE' THEN
+                IF (new_row -> 'approved_at') IS DISTINCT FROM (old_row -> 'approved_at') THEN
+                    PERFORM pgphi._audit('approve_rekey', (new_row ->> 'key_id')::integer, NULL, 'ok',
+                                         format('to provider %s, KEK %s; approval renewed', new_row ->> 'provider',
+                                                new_row ->> 'kek_ref'));
+                END IF;
+            END IF;
+            RETURN NULL;
+        END IF;
+        how := CASE WHEN pgphi._writer_ran_statement(writer, stack)
+                    THEN format('by %s under session_replication_role = replica', writer)
+                    ELSE format('not by a pgphi function (inside %s)', writer) END;
+    ELSIF pgphi._in_extension_script() THEN
+        how := 'by a pgphi extension script';
+    ELSE
+        how := 'by direct DML, not by a pgphi function';
+    END IF;
+
+    IF TG_OP = 'TRUNCATE' THEN
+        EXECUTE format('SELECT count(*) FROM ONLY %I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME) INTO rows_before;
+        PERFORM pgphi._audit('catalog_truncate', NULL, NULL, 'ok',
+                             format('%I.%I truncated (%s rows); %s', TG_TABLE_SCHEMA, TG_TABLE_NAME, rows_before, how));
+        RETURN NULL;
+    END IF;
+
+    -- The row, by its primary key (the old key when it changed).
+    SELECT string_agg(format('%s %s', a.attname, pgphi._audit_value(coalesce(old_row, new_row) -> a.attname::text, false)),
+                      ', ' ORDER BY k.n)
+      INTO identity
+      FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = TG_RELID AND i.indisprimary;
+
+    FOR c IN SELECT a.attname::text AS name,
+                    a.atttypid IN ('bytea'::regtype, 'pgphi.encrypted'::regtype) AS binary_value
+               FROM pg_attribute a
+              WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum LOOP
+        IF TG_OP = 'UPDATE' THEN
+            IF (old_row -> c.name) IS DISTINCT FROM (new_row -> c.name) THEN
+                changes := changes || format('%s %s -> %s', c.name, pgphi._audit_value(old_row -> c.name, c.binary_value),
+                                             pgphi._audit_value(new_row -> c.name, c.binary_value));
+            END IF;
+        ELSE
+            changes := changes || format('%s %s', c.name, pgphi._audit_value(row_values -> c.name, c.binary_value));
+        END IF;
+    END LOOP;
+    IF TG_OP = 'UPDATE' AND cardinality(changes) = 0 THEN
+        changes := ARRAY['no column changed'];
+    END IF;
+
+    IF row_values ? 'key_id' AND jsonb_typeof(row_values -> 'key_id') = 'number' THEN
+        row_key := (row_values ->> 'key_id')::integer;
+    END IF;
+    IF row_values ? 'version' AND jsonb_typeof(row_values -> 'version') = 'number' THEN
+        row_version := (row_values ->> 'version')::integer;
+    END IF;
+    PERFORM pgphi._audit(CASE TG_OP WHEN 'INSERT' THEN 'catalog_insert' WHEN 'UPDATE' THEN 'catalog_update'
+                                    ELSE 'catalog_delete' END,
+                         row_key, row_version, 'ok',
+                         format('%I.%I row (%s) %s: %s; %s', TG_TABLE_SCHEMA, TG_TABLE_NAME, coalesce(identity, ''),
+                                CASE TG_OP WHEN 'INSERT' THEN 'inserted' WHEN 'UPDATE' THEN 'changed' ELSE 'deleted' END,
+                                array_to_string(changes, ', '), how));
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER rekey_approvals_audit AFTER INSERT ON pgphi.rekey_approvals
+    FOR EACH ROW EXECUTE FUNCTION pgphi._audit_key_change();
+
+-- Every key version, with what an auditor asks about it. Never the DEK.
+CREATE OR REPLACE VIEW pgphi.key_inventory AS
+    SELECT k.name AS key_name, k.key_id, k.purpose, k.created_by AS owner,
+           -- What wraps this version's DEK (mid-rekey: the KEK it is leaving).
+           coalesce(v.rekey_source_provider, k.provider) AS provider,
+           coalesce(v.rekey_source_kek, k.kek_ref) AS kek_ref,
+           v.version, v.state, v.kek_version, v.created_at, k.rotated_at, v.retired_at, v.destroyed_at,
+           k.cryptoperiod,
+           CASE WHEN v.state = 'active' THEN v.created_at + k.cryptoperiod END AS rotate_by,
+           coalesce(v.state = 'active' AND v.created_at + k.cryptoperiod < pg_catalog.now(), false)
+               AS rotation_overdue,
+           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
+                  WHERE g.key_id = k.key_id AND g.privilege = 'encrypt' ORDER BY 1) AS encrypt_grantees,
+           ARRAY(SELECT g.grantee::text FROM pgphi.key_grants g
+                  WHERE g.key_id = k.key_id AND g.privilege = 'decrypt' ORDER BY 1) AS decrypt_grantees,
+           (k.suspended_at IS NOT NULL OR v.suspended_at IS NOT NULL) AS suspended,
+           coalesce(v.suspended_at, k.suspended_at) AS suspended_at,
+           coalesce(v.suspended_by, k.suspended_by) AS suspended_by,
+           v.compromised_at IS NOT NULL AS compromised,
+           v.compromised_at, v.compromised_by,
+           -- A rekey still has to move this version to the key's provider.
+           (v.rekey_source_provider IS NOT NULL AND v.wrapped_dek IS NOT NULL) AS rekey_pending
+      FROM pgphi.keys k JOIN pgphi.key_versions v USING (key_id);
+
+-- Rewrapping leaves the versions a rekey is moving to the rekey.
+CREATE OR REPLACE FUNCTION pgphi.rewrap_keys(name text DEFAULT NULL) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+    rewrapped record;
+    done integer := 0;
+BEGIN
+    FOR v IN SELECT k.key_id, k.name, k.provider, k.kek_ref, kv.version, kv.wrapped_dek
+               FROM pgphi.keys k JOIN pgphi.key_versions kv USING (key_id)
+              WHERE kv.wrapped_dek IS NOT NULL AND (rewrap_keys.name IS NULL OR k.name = rewrap_keys.name)
+                -- (a version that a rekey is moving goes to the key's new KEK instead)
+                AND kv.rekey_source_provider IS NULL
+              ORDER BY k.key_id, kv.version
+                FOR UPDATE OF kv
+    LOOP
+        SELECT * INTO rewrapped FROM pgphi._rewrap_dek(v.provider, v.kek_ref, v.key_id, v.version, v.name,
+                                                        v.wrapped_dek);
+        UPDATE pgphi.key_versions kv SET wrapped_dek = rewrapped.wrapped_dek, kek_version = rewrapped.kek_version
+         WHERE kv.key_id = v.key_id AND kv.version = v.version;
+        done := done + 1;
+    END LOOP;
+    IF rewrap_keys.name IS NOT NULL AND done = 0 AND pgphi._key_id(rewrap_keys.name) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    RETURN done;
+END
+$$;
+
+-- The key broker of the source provider unwraps the DEK and hands it, in
+-- shared memory, to the broker of the destination, which wraps it (KMS to KMS:
+-- ReEncrypt, inside KMS). The DEK itself never changes, so no table data is
+-- touched, and its plaintext never reaches this backend or SQL.
+CREATE FUNCTION pgphi._rekey_dek(provider text, kek text, key_id integer, version integer, key_name text,
+        wrapped bytea, to_provider text, to_kek text, OUT wrapped_dek bytea, OUT kek_version text)
+    AS 'MODULE_PATHNAME', 'pgphi_rekey_dek' LANGUAGE C VOLATILE STRICT;
+
+-- The destination's KEK reference as the catalog stores it; refuses an
+-- unknown provider, a missing KEK, and a reference no key manager takes (too
+-- long for the key broker, or with control characters, which would forge
+-- lines in the audit trail and the server log). The KEK is not repeated: a
+-- misplaced argument could be PHI.
+CREATE FUNCTION pgphi._rekey_target(provider text, kek text) RETURNS text
+    LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF provider IS NULL OR provider NOT IN ('local', 'vault', 'aws_kms', 'kmip', 'pkcs11') THEN
+        RAISE EXCEPTION 'unknown pgphi key provider' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Available providers: local, vault, aws_kms, kmip, pkcs11.';
+    END IF;
+    IF kek IS NULL AND provider <> 'local' THEN
+        RAISE EXCEPTION 'provider % needs the KEK to use', provider USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, the KMIP key''s Name or Unique Identifier, or the PKCS#11 key as label:NAME or id:HEX.';
+    END IF;
+    IF octet_length(kek) > 255 OR kek = '' OR kek ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'invalid KEK reference for provider %', provider USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = 'A KEK reference has 1 to 255 bytes and no control characters; pgphi does not repeat it.';
+    END IF;
+    RETURN coalesce(kek, 'default');
+END
+$$;
+
+-- Why `approver` cannot be the second custodian of `requester`, or NULL. Dual
+-- control needs two people: no one role may be able to act as both, or to
+-- make a role of its choosing a custodian for the occasion. A role controls a
+-- party when it can act as it (membership), holds ADMIN OPTION on the party or
+-- on a role on its way to pgphi_key_custodian, granted (or can act as the
+-- grantor of) a membership on that way, or, before PostgreSQL 16, has
+-- CREATEROLE (which could then take over any role). Superusers are above dual
+-- control, and are not counted.
+CREATE FUNCTION pgphi._approval_dependence(requester name, approver name) RETURNS text
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH party AS (
+        SELECT r.oid AS party FROM pg_roles r WHERE r.rolname IN (requester, approver)
+    ),
+    -- Each party, and the roles on its way to pgphi_key_custodian.
+    step AS (
+        SELECT p.party, x.oid AS step FROM party p JOIN pg_roles x
+            ON x.oid = p.party OR (pg_has_role(p.party, x.oid, 'MEMBER')
+                                   AND pg_has_role(x.oid, 'pgphi_key_custodian', 'MEMBER'))
+    ),
+    -- The memberships on those ways.
+    edge AS (
+        SELECT s.party, am.grantor FROM step s
+          JOIN pg_auth_members am ON am.member = s.step
+         WHERE pg_has_role(am.roleid, 'pgphi_key_custodian', 'MEMBER')
+    ),
+    control AS (
+        SELECT p.party, c.oid AS controller FROM party p JOIN pg_roles c ON pg_has_role(c.oid, p.party, 'MEMBER')
+        UNION
+        SELECT s.party, c.oid FROM step s JOIN pg_roles c ON pg_has_role(c.oid, s.step, 'MEMBER WITH ADMIN OPTION')
+        UNION
+        SELECT e.party, c.oid FROM edge e JOIN pg_roles g ON g.oid = e.grantor
+          JOIN pg_roles c ON pg_has_role(c.oid, g.oid, 'MEMBER')
+        UNION
+        SELECT p.party, c.oid FROM party p, pg_roles c
+         WHERE c.rolcreaterole AND current_setting('server_version_num')::integer < 160000
+    )
+    SELECT CASE
+        WHEN requester = approver THEN 'it is the same role'
+        WHEN EXISTS (SELECT FROM edge e WHERE NOT EXISTS (SELECT FROM pg_roles g WHERE g.oid = e.grantor))
+            THEN 'a membership on the way to pgphi_key_custodian was granted by a role dropped since'
+        ELSE (SELECT format('role %s can act for both, or make either a key custodian', c.rolname)
+                FROM control a JOIN control b ON b.controller = a.controller AND b.party <> a.party
+                JOIN pg_roles c ON c.oid = a.controller
+               WHERE NOT c.rolsuper
+               ORDER BY c.rolname LIMIT 1)
+    END
+$$;
+
+-- A second key custodian approves moving a key to this provider and KEK
+-- (valid for a day, used up by the rekey it allows). A procedure, called by
+-- the approver itself: a view, a trigger or a function somebody else wrote
+-- cannot approve in the approver's session (CALL is refused outside a
+-- statement of its own).
+CREATE PROCEDURE pgphi.approve_rekey(name text, provider text, kek text DEFAULT NULL)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(approve_rekey.name);
+    target_kek text := pgphi._rekey_target(approve_rekey.provider, approve_rekey.kek);
+    stack text;
+BEGIN
+    GET DIAGNOSTICS stack = PG_CONTEXT;
+    IF pg_trigger_depth() > 0 OR strpos(stack, E'\n') > 0 THEN
+        RAISE EXCEPTION 'pgphi.approve_rekey must be called by the approving custodian itself'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'It was called from a trigger or another routine, which could act for somebody else.',
+                  HINT = 'Run CALL pgphi.approve_rekey(...) as a statement of its own.';
+    END IF;
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    IF NOT pg_catalog.pg_has_role(session_user, 'pgphi_key_custodian', 'MEMBER') THEN
+        RAISE EXCEPTION 'only key custodians can approve moving a key to another KEK'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pgphi_key_custodian TO the approving role.';
+    END IF;
+    INSERT INTO pgphi.rekey_approvals (key_id, provider, kek_ref, approved_by)
+        VALUES (target_id, approve_rekey.provider, target_kek, session_user)
+        ON CONFLICT ON CONSTRAINT rekey_approvals_pkey DO UPDATE SET approved_at = pg_catalog.now();
+END
+$$;
+
+-- The first step of pgphi.rekey: new DEK versions of the key go to the
+-- destination from now on, every existing version records the provider and
+-- KEK that still wrap it until it is moved, and the first version moves in
+-- the same transaction, so a destination that does not work changes nothing
+-- (and leaves the approval unused). Called again for the same destination (a
+-- rekey that stopped), or back to a provider and KEK that still wrap pending
+-- versions, it needs no new approval. Returns the key's id.
+CREATE FUNCTION pgphi._rekey_start(key_name text, provider text, kek text) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key record;
+    target_kek text := pgphi._rekey_target(_rekey_start.provider, _rekey_start.kek);
+    approvers name[];
+BEGIN
+    SELECT * INTO key FROM pgphi.keys k WHERE k.name = _rekey_start.key_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    IF key.provider = _rekey_start.provider AND key.kek_ref = target_kek THEN
+        RETURN key.key_id;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pgphi.key_versions v
+                    WHERE v.key_id = key.key_id AND v.wrapped_dek IS NOT NULL
+                      AND v.rekey_source_provider = _rekey_start.provider AND v.rekey_source_kek = target_kek) THEN
+        SELECT array_agg(a.approved_by ORDER BY a.approved_by) INTO approvers
+          FROM pgphi.rekey_approvals a
+         WHERE a.key_id = key.key_id AND a.provider = _rekey_start.provider AND a.kek_ref = target_kek
+           AND a.approved_at > pg_catalog.now() - interval '1 day'
+           AND pg_catalog.pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER')
+           AND pgphi._approval_dependence(session_user, a.approved_by) IS NULL;
+        IF approvers IS NULL THEN
+            RAISE EXCEPTION 'moving pgphi key "%" to provider % needs the approval of a second key custodian',
+                key.name, _rekey_start.provider
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = 'Whoever holds a KEK can unwrap the DEKs it wraps. Approvals by the caller, or by roles it controls (CREATEROLE, ADMIN OPTION, memberships it granted), do not count.',
+                      HINT = pg_catalog.format('Another member of pgphi_key_custodian runs CALL pgphi.approve_rekey(%L, %L, <the KEK>);',
+                                               key.name, _rekey_start.provider);
+        END IF;
+    END IF;
+    -- Versions that a rekey left under the new destination are home already.
+    UPDATE pgphi.key_versions v SET rekey_source_provider = NULL, rekey_source_kek = NULL
+     WHERE v.key_id = key.key_id AND v.rekey_source_provider = _rekey_start.provider
+       AND v.rekey_source_kek = target_kek;
+    UPDATE pgphi.key_versions v SET rekey_source_provider = key.provider, rekey_source_kek = key.kek_ref
+     WHERE v.key_id = key.key_id AND v.wrapped_dek IS NOT NULL AND v.rekey_source_provider IS NULL;
+    UPDATE pgphi.keys k SET provider = _rekey_start.provider, kek_ref = target_kek
+     WHERE k.key_id = key.key_id;
+    DELETE FROM pgphi.rekey_approvals a WHERE a.key_id = key.key_id;
+    -- The destination works, or nothing here commits.
+    PERFORM pgphi._rekey_next(key.key_id);
+    RETURN key.key_id;
+END
+$$;
+
+-- Moves the lowest version still under its old KEK (NOTICE: which); false,
+-- with a NOTICE that the rekey is complete, when none is left.
+CREATE FUNCTION pgphi._rekey_next(key_id integer) RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+    moved record;
+BEGIN
+    -- The key's row too: its destination cannot change under this move.
+    SELECT k.name, k.provider, k.kek_ref, kv.version, kv.wrapped_dek, kv.rekey_source_provider,
+           kv.rekey_source_kek INTO v
+      FROM pgphi.keys k JOIN pgphi.key_versions kv USING (key_id)
+     WHERE k.key_id = _rekey_next.key_id AND kv.rekey_source_provider IS NOT NULL AND kv.wrapped_dek IS NOT NULL
+     ORDER BY kv.version LIMIT 1
+       FOR UPDATE OF k, kv;
+    IF NOT FOUND THEN
+        SELECT k.name, k.provider, k.kek_ref INTO v FROM pgphi.keys k WHERE k.key_id = _rekey_next.key_id;
+        RAISE NOTICE 'pgphi key "%": every DEK version is under provider %, KEK %', v.name, v.provider, v.kek_ref;
+        RETURN false;
+    END IF;
+    SELECT * INTO moved FROM pgphi._rekey_dek(v.rekey_source_provider, v.rekey_source_kek, _rekey_next.key_id,
+                                               v.version, v.name, v.wrapped_dek, v.provider, v.kek_ref);
+    UPDATE pgphi.key_versions kv
+       SET wrapped_dek = moved.wrapped_dek, kek_version = moved.kek_version,
+           rekey_source_provider = NULL, rekey_source_kek = NULL
+     WHERE kv.key_id = _rekey_next.key_id AND kv.version = v.version;
+    RAISE NOTICE 'pgphi key "%" version % moved from provider % to provider %', v.name, v.version,
+        v.rekey_source_provider, v.provider;
+    RETURN true;
+END
+$$;
+
+-- CALL pgphi.rekey(key, provider, kek): rewraps every DEK version of the key
+-- under a KEK of another provider (or another KEK of the same one), after a
+-- second custodian's pgphi.approve_rekey. One transaction per version, so a
+-- rekey that stops (key manager unreachable, cancel) keeps what it moved:
+-- every version stays decryptable meanwhile, and calling it again finishes
+-- the job. No SET clause (a procedure with one cannot commit), so the body
+-- only calls qualified functions and loops.
+CREATE PROCEDURE pgphi.rekey(key_name text, provider text, kek text DEFAULT NULL)
+    LANGUAGE plpgsql
+AS $$
+DECLARE
+    target pg_catalog.int4;
+    more pg_catalog.bool;
+BEGIN
+    target := pgphi._rekey_start(key_name, provider, kek);
+    COMMIT;
+    LOOP
+        more := pgphi._rekey_next(target);
+        COMMIT;
+        EXIT WHEN more IS NOT TRUE;
+    END LOOP;
+END
+$$;
+
+
+REVOKE ALL ON FUNCTION pgphi._rekey_dek(text, text, integer, integer, text, bytea, text, text),
+    pgphi._rekey_target(text, text), pgphi._approval_dependence(name, name), pgphi._rekey_start(text, text, text),
+    pgphi._rekey_next(integer) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE pgphi.approve_rekey(text, text, text), pgphi.rekey(text, text, text) FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION pgphi._rekey_start(text, text, text), pgphi._rekey_next(integer) TO pgphi_key_custodian;
+GRANT EXECUTE ON PROCEDURE pgphi.approve_rekey(text, text, text), pgphi.rekey(text, text, text) TO pgphi_key_custodian;
+
+-- (end of section: rekey)
 
 
 ------------------------------------------------------------------------------

@@ -165,34 +165,52 @@ BEGIN
 END
 $$;
 
--- Why `approver` cannot be the second custodian of `requester`, or NULL: an
--- approval counts only from a role the requester does not control, the same
--- rule as for approve_grant_member (70_access_control_and_views.sql).
+-- Why `approver` cannot be the second custodian of `requester`, or NULL. Dual
+-- control needs two people: no one role may be able to act as both, or to
+-- make a role of its choosing a custodian for the occasion. A role controls a
+-- party when it can act as it (membership), holds ADMIN OPTION on the party or
+-- on a role on its way to pgphi_key_custodian, granted (or can act as the
+-- grantor of) a membership on that way, or, before PostgreSQL 16, has
+-- CREATEROLE (which could then take over any role). Superusers are above dual
+-- control, and are not counted.
 CREATE FUNCTION pgphi._approval_dependence(requester name, approver name) RETURNS text
     LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
+    WITH party AS (
+        SELECT r.oid AS party FROM pg_roles r WHERE r.rolname IN (requester, approver)
+    ),
+    -- Each party, and the roles on its way to pgphi_key_custodian.
+    step AS (
+        SELECT p.party, x.oid AS step FROM party p JOIN pg_roles x
+            ON x.oid = p.party OR (pg_has_role(p.party, x.oid, 'MEMBER')
+                                   AND pg_has_role(x.oid, 'pgphi_key_custodian', 'MEMBER'))
+    ),
+    -- The memberships on those ways.
+    edge AS (
+        SELECT s.party, am.grantor FROM step s
+          JOIN pg_auth_members am ON am.member = s.step
+         WHERE pg_has_role(am.roleid, 'pgphi_key_custodian', 'MEMBER')
+    ),
+    control AS (
+        SELECT p.party, c.oid AS controller FROM party p JOIN pg_roles c ON pg_has_role(c.oid, p.party, 'MEMBER')
+        UNION
+        SELECT s.party, c.oid FROM step s JOIN pg_roles c ON pg_has_role(c.oid, s.step, 'MEMBER WITH ADMIN OPTION')
+        UNION
+        SELECT e.party, c.oid FROM edge e JOIN pg_roles g ON g.oid = e.grantor
+          JOIN pg_roles c ON pg_has_role(c.oid, g.oid, 'MEMBER')
+        UNION
+        SELECT p.party, c.oid FROM party p, pg_roles c
+         WHERE c.rolcreaterole AND current_setting('server_version_num')::integer < 160000
+    )
     SELECT CASE
         WHEN requester = approver THEN 'it is the same role'
-        WHEN pg_has_role(requester, approver, 'MEMBER') OR pg_has_role(approver, requester, 'MEMBER')
-            THEN 'one role is a member of the other'
-        -- CREATEROLE (on 15, enough to make any role a custodian, or reset
-        -- its password), or ADMIN OPTION on the approver or on a role between
-        -- it and pgphi_key_custodian.
-        WHEN (SELECT r.rolcreaterole FROM pg_roles r WHERE r.rolname = requester)
-            THEN format('%s has CREATEROLE', requester)
-        WHEN EXISTS (SELECT FROM pg_roles x
-                      WHERE (x.rolname = approver OR (pg_has_role(approver, x.oid, 'MEMBER')
-                                                     AND pg_has_role(x.oid, 'pgphi_key_custodian', 'MEMBER')))
-                        AND pg_has_role(requester, x.oid, 'MEMBER WITH ADMIN OPTION'))
-            THEN format('%s has ADMIN OPTION on %s or a role that makes it a key custodian', requester, approver)
-        -- A membership on the approver's way to pgphi_key_custodian granted by
-        -- the requester, a role it belongs to, or a role dropped since.
-        WHEN EXISTS (SELECT FROM pg_auth_members am LEFT JOIN pg_roles g ON g.oid = am.grantor
-                      WHERE pg_has_role(am.roleid, 'pgphi_key_custodian', 'MEMBER')
-                        AND (am.member = (SELECT r.oid FROM pg_roles r WHERE r.rolname = approver)
-                             OR pg_has_role(approver, am.member, 'MEMBER'))
-                        AND (g.oid IS NULL OR pg_has_role(requester, g.oid, 'MEMBER')))
-            THEN format('%s, a role it belongs to or a dropped role made %s a key custodian', requester, approver)
+        WHEN EXISTS (SELECT FROM edge e WHERE NOT EXISTS (SELECT FROM pg_roles g WHERE g.oid = e.grantor))
+            THEN 'a membership on the way to pgphi_key_custodian was granted by a role dropped since'
+        ELSE (SELECT format('role %s can act for both, or make either a key custodian', c.rolname)
+                FROM control a JOIN control b ON b.controller = a.controller AND b.party <> a.party
+                JOIN pg_roles c ON c.oid = a.controller
+               WHERE NOT c.rolsuper
+               ORDER BY c.rolname LIMIT 1)
     END
 $$;
 

@@ -153,19 +153,30 @@ $node->safe_psql('postgres', q{
 	CREATE SCHEMA carol AUTHORIZATION carol;
 	GRANT USAGE ON SCHEMA carol TO bob;
 });
-like(as_role('carol', q{CREATE ROLE sock LOGIN; GRANT pgphi_key_custodian TO sock}), qr/^ok/,
-	'carol (CREATEROLE) makes a role of her own a key custodian');
+like(as_role('carol', q{CREATE ROLE sock LOGIN; GRANT pgphi_key_custodian TO sock;
+	CREATE ROLE sock2 LOGIN; GRANT pgphi_key_custodian TO sock2}), qr/^ok/,
+	'carol (CREATEROLE) makes two roles of her own key custodians');
 like(as_role('sock', q{CALL pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek')}), qr/^ok/, '... which approves');
 like(as_role('carol', q{CALL pgphi.rekey('mrn_key', 'vault', 'pgphi-kek')}),
 	qr/42501: moving pgphi key "mrn_key" to provider vault needs the approval of a second key custodian.*roles it controls/s,
 	'an approval by a role the requester made a custodian does not count (CREATEROLE)');
+like(as_role('sock2', q{CALL pgphi.rekey('mrn_key', 'vault', 'pgphi-kek')}), qr/42501: .*needs the approval of a second key custodian/s,
+	'nor does one by a second role of hers, for the first: one role made both custodians');
 like(as_role('dave', q{GRANT pgphi_key_custodian TO erin}), qr/^ok/, 'dave (ADMIN OPTION, no CREATEROLE) makes erin a custodian');
 like(as_role('erin', q{CALL pgphi.approve_rekey('mrn_key', 'vault', 'pgphi-kek')}), qr/^ok/, '... erin approves');
 like(as_role('dave', q{CALL pgphi.rekey('mrn_key', 'vault', 'pgphi-kek')}), qr/42501: .*needs the approval of a second key custodian/s,
 	'an approval by a role whose custodian membership the requester granted does not count');
 is($node->safe_psql('postgres', q{SELECT pgphi._approval_dependence('dave', 'erin') IS NOT NULL,
-	pgphi._approval_dependence('alice', 'bob') IS NULL, pgphi._approval_dependence('alice', 'sock') IS NULL}),
-	't|t|t', 'alice and bob are independent; dave controls erin');
+	pgphi._approval_dependence('sock', 'sock2') IS NOT NULL, pgphi._approval_dependence('alice', 'bob')}),
+	't|t|role carol can act for both, or make either a key custodian',
+	'dave controls erin, carol both socks; while carol and dave administer pgphi_key_custodian, they control alice and bob too');
+# Custodian memberships administered by a superuser only, as the docs say:
+# then alice and bob are two people.
+$node->safe_psql('postgres', q{ALTER ROLE carol NOCREATEROLE;
+	REVOKE ADMIN OPTION FOR pgphi_key_custodian FROM carol, dave});
+is($node->safe_psql('postgres', q{SELECT pgphi._approval_dependence('alice', 'bob') IS NULL,
+	pgphi._approval_dependence('sock', 'sock2') IS NOT NULL}), 't|t',
+	'once they do not, alice and bob are independent again; the socks stay carol\'s');
 
 # An approval cannot be planted in another custodian's session.
 $node->safe_psql('postgres', q{DELETE FROM pgphi.rekey_approvals WHERE approved_by = 'bob'});
