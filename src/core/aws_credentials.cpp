@@ -168,42 +168,6 @@ void apply_environment(AwsCredentialSettings& settings)
 
 namespace aws {
 
-// The shared-credentials format: [profile] sections of "key = value" lines.
-// Lines are views into `text`, so the secret is copied only into the result
-// (whose destructor wipes it).
-sigv4::Credentials parse_credentials_file(const std::string& text, const std::string& profile,
-                                          const std::string& path)
-{
-    sigv4::Credentials found;
-    std::string_view rest(text), section;
-    while (!rest.empty()) {
-        size_t newline = rest.find('\n');
-        std::string_view line = trim(rest.substr(0, newline));
-        rest = newline == std::string_view::npos ? std::string_view() : rest.substr(newline + 1);
-        if (line.empty() || line[0] == '#' || line[0] == ';')
-            continue;
-        if (line.front() == '[' && line.back() == ']') {
-            section = trim(line.substr(1, line.size() - 2));
-            continue;
-        }
-        size_t eq = line.find('=');
-        if (eq == std::string_view::npos || section != profile)
-            continue;
-        std::string_view key = trim(line.substr(0, eq)), value = trim(line.substr(eq + 1));
-        if (key == "aws_access_key_id")
-            found.access_key_id = value;
-        else if (key == "aws_secret_access_key")
-            found.secret_access_key = value;
-        else if (key == "aws_session_token")
-            found.session_token = value;
-    }
-    if (found.access_key_id.empty() || found.secret_access_key.empty())
-        throw Error(ErrorCode::ConfigError,
-                    "AWS credentials file \"" + path + "\" has no complete profile \"" + profile + "\"",
-                    "A profile needs aws_access_key_id and aws_secret_access_key.");
-    return found;
-}
-
 std::string imds_session_token(const std::string& body)
 {
     if (body.empty() || body.size() > 4096 ||

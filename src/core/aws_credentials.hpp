@@ -67,11 +67,6 @@ void apply_environment(AwsCredentialSettings& settings);
 // fuzz target test/fuzz/aws_credentials_fuzz.cpp and the unit tests use them).
 namespace aws {
 
-// The named profile of a shared-credentials-style file; ConfigError naming
-// `path` when the profile lacks a key id or secret.
-sigv4::Credentials parse_credentials_file(const std::string& text, const std::string& profile,
-                                          const std::string& path);
-
 // The profiles of a shared config file ("[profile name]", "[default]"; other
 // sections ignored) or credentials file ("[name]"), as key = value maps. The
 // values are wiped when the set is destroyed (they hold secret keys).

@@ -37,12 +37,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size)
         }))
         fuzz::require(expires_at > now, "imds_credentials", "credentials that expired already");
 
-    for (const char* profile : {"default", "pgphi"})
-        fuzz::refuses_cleanly("parse_credentials_file", {ErrorCode::ConfigError}, [&] {
-            sigv4::Credentials credentials = aws::parse_credentials_file(text, profile, "fuzz");
-            fuzz::require(!credentials.access_key_id.empty() && !credentials.secret_access_key.empty(),
-                          "parse_credentials_file", "accepted a profile without a key id or secret");
-        });
     for (const char* action : {"AssumeRole", "AssumeRoleWithWebIdentity"}) {
         std::time_t sts_expires = 0;
         if (fuzz::refuses_cleanly("sts_credentials", {ErrorCode::ProviderError}, [&] {
@@ -67,6 +61,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size)
             fuzz::refuses_cleanly("resolve_profile", {ErrorCode::ConfigError}, [&] {
                 aws::ProfileChain chain = aws::resolve_profile(profiles, profile);
                 fuzz::require(chain.roles.size() <= 16, "resolve_profile", "a chain longer than the limit");
+                fuzz::require(chain.base != aws::ProfileChain::Base::StaticKeys ||
+                                  (!chain.static_keys.access_key_id.empty() &&
+                                   !chain.static_keys.secret_access_key.empty()),
+                              "resolve_profile", "accepted a profile without a key id or secret");
             });
     }
     return 0;
