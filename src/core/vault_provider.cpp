@@ -3,6 +3,8 @@
 #include <nlohmann/json.hpp>
 #include <openssl/crypto.h>
 
+#include <string_view>
+
 #include "encoding.hpp"
 #include "error.hpp"
 #include "secret_file.hpp"
@@ -16,13 +18,38 @@ namespace {
 
 void wipe(std::string& s) { OPENSSL_cleanse(s.data(), s.size()); }
 
-std::string wrapped_text(ByteView wrapped)
+// A wrapped DEK pgphi bound to its key: the Transit ciphertext after this
+// marker was encrypted with associated_data naming the pgphi key id and
+// version, so Vault refuses it under any other key or version. Without the
+// marker it is a DEK from datakey/wrapped (pgphi 0.2.0), bound to nothing.
+constexpr std::string_view kBoundMarker = "pgphi-ad1:";
+
+struct StoredDek {
+    std::string ciphertext; // vault:vN:...
+    bool bound = false;
+};
+
+StoredDek stored_dek(ByteView wrapped)
 {
-    std::string text(reinterpret_cast<const char*>(wrapped.data), wrapped.size);
-    if (text.rfind("vault:v", 0) != 0)
+    StoredDek stored;
+    stored.ciphertext.assign(reinterpret_cast<const char*>(wrapped.data), wrapped.size);
+    if (stored.ciphertext.rfind(kBoundMarker, 0) == 0) {
+        stored.ciphertext.erase(0, kBoundMarker.size());
+        stored.bound = true;
+    }
+    if (stored.ciphertext.rfind("vault:v", 0) != 0)
         throw Error(ErrorCode::WrappedDekInvalid, "wrapped DEK is not a Vault Transit ciphertext",
                     "The key catalog entry may have been created by another provider or damaged.");
-    return text;
+    return stored;
+}
+
+// What Transit authenticates with a bound DEK: the same facts the local
+// provider and KMS bind (key id and version; the name may change).
+std::string associated_data(const DekBinding& binding)
+{
+    std::string text = "pgphi DEK key_id=" + std::to_string(binding.key_id) +
+                       " version=" + std::to_string(binding.version);
+    return base64_encode(ByteView(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
 }
 
 } // namespace
@@ -354,36 +381,47 @@ json VaultKeyProvider::call(Method method, const std::string& path, const json& 
     return result;
 }
 
-GeneratedDek VaultKeyProvider::generate_dek(const std::string& kek_ref, const DekBinding&)
+WrappedDek VaultKeyProvider::wrap(const std::string& kek_ref, const SecureBytes& dek, const DekBinding& binding)
 {
     check_key_name(kek_ref);
-    json response = call(Method::Post, settings_.mount + "/datakey/wrapped/" + kek_ref, {{"bits", 256}});
-    GeneratedDek generated;
-    generated.wrapped = vault::wrapped_dek(response);
-    return generated;
-}
-
-WrappedDek VaultKeyProvider::wrap(const std::string& kek_ref, const SecureBytes& dek, const DekBinding&)
-{
-    check_key_name(kek_ref);
-    json request = {{"plaintext", base64_encode(ByteView(dek.data(), dek.size()))}};
-    json response = call(Method::Post, settings_.mount + "/encrypt/" + kek_ref, request);
+    json request = {{"plaintext", base64_encode(ByteView(dek.data(), dek.size()))},
+                    {"associated_data", associated_data(binding)}};
+    json response;
+    try {
+        response = call(Method::Post, settings_.mount + "/encrypt/" + kek_ref, request);
+    } catch (...) {
+        wipe(request["plaintext"].get_ref<std::string&>());
+        throw;
+    }
     wipe(request["plaintext"].get_ref<std::string&>());
-    return vault::wrapped_dek(response);
+    WrappedDek wrapped = vault::wrapped_dek(response);
+    wrapped.blob.insert(wrapped.blob.begin(), kBoundMarker.begin(), kBoundMarker.end());
+    return wrapped;
 }
 
-SecureBytes VaultKeyProvider::unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding&)
+SecureBytes VaultKeyProvider::unwrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding)
 {
     check_key_name(kek_ref);
-    json response = call(Method::Post, settings_.mount + "/decrypt/" + kek_ref, {{"ciphertext", wrapped_text(wrapped)}});
+    StoredDek stored = stored_dek(wrapped);
+    json request = {{"ciphertext", stored.ciphertext}};
+    if (stored.bound)
+        request["associated_data"] = associated_data(binding);
+    else if (!settings_.accept_unbound_deks)
+        throw Error(ErrorCode::WrappedDekInvalid,
+                    "wrapped DEK is not bound to its pgphi key, and pgphi.vault_accept_unbound_deks is off",
+                    "DEKs that pgphi 0.2.0 created with Transit's datakey are bound to no key. Turn the "
+                    "setting on, run pgphi.rewrap_keys() to bind every one, then turn it off again.");
+    json response = call(Method::Post, settings_.mount + "/decrypt/" + kek_ref, request);
     return vault::unwrapped_dek(response);
 }
 
-WrappedDek VaultKeyProvider::rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding&)
+// Transit's rewrap takes no associated_data (hashicorp/vault#31791): the key
+// broker unwraps and wraps again, and the DEK is in its memory only for that.
+// This also binds a DEK from before binding existed.
+WrappedDek VaultKeyProvider::rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding)
 {
-    check_key_name(kek_ref);
-    json response = call(Method::Post, settings_.mount + "/rewrap/" + kek_ref, {{"ciphertext", wrapped_text(wrapped)}});
-    return vault::wrapped_dek(response);
+    SecureBytes dek = unwrap(kek_ref, wrapped, binding);
+    return wrap(kek_ref, dek, binding);
 }
 
 KekDescription VaultKeyProvider::describe(const std::string& kek_ref)

@@ -1,7 +1,9 @@
 // The HashiCorp Vault Transit key provider: the KEK is a Transit key that
-// never leaves Vault. New DEKs come from datakey/wrapped, so their plaintext
-// is first seen when a session needs it (decrypt); rewrap moves a wrapped DEK
-// to the Transit key's newest version inside Vault. The Transit key version
+// never leaves Vault. The key broker draws each DEK and has Transit encrypt it
+// with associated_data naming its pgphi key id and version, so a wrapped DEK
+// moved to another key or version in the catalog does not decrypt. Transit's
+// datakey and rewrap cannot carry associated data, so neither is used: a
+// rewrap is a decrypt and an encrypt in the broker. The Transit key version
 // that wrapped each DEK ("vault:vN:") is recorded as its KEK version.
 //
 // Authentication (auth_method): a token read from a file; AppRole (role id
@@ -41,6 +43,8 @@ struct VaultSettings {
     RetryPolicy retry;
     bool allow_http_loopback = false;
     ProxySettings proxy;
+    // Whether DEKs that pgphi 0.2.0 wrapped without a binding still unwrap.
+    bool accept_unbound_deks = true;
 };
 
 class VaultKeyProvider final : public KeyProvider {
@@ -59,10 +63,6 @@ public:
     // Vault's "vault:v<N>:<base64>".
     std::string audit_mac(const std::string& key_ref, ByteView message) override;
     bool verify_audit_mac(const std::string& key_ref, ByteView message, const std::string& mac) override;
-    // The plaintext of a generated DEK is left empty: Vault returns only the
-    // wrapped form, and the DEK is unwrapped on first use.
-    GeneratedDek generate_dek(const std::string& kek_ref, const DekBinding& binding) override;
-
     // Seconds until the current token's lease ends (for status reporting);
     // negative when no token is held or it does not expire.
     long token_seconds_left(std::time_t now) const;

@@ -811,6 +811,12 @@ class VaultTests(EmulatorTestCase):
                 "ciphertext": ciphertext,
                 "associated_data": base64.b64encode(b"row 8").decode()})
         self.assertIn("message authentication failed", str(caught.exception))
+        # Vault's rewrap takes no associated data, so it cannot rewrap this
+        # ciphertext: pgphi decrypts and encrypts instead.
+        with self.assertRaises(hvac.exceptions.InvalidRequest) as caught:
+            self.vault.adapter.post(f"/v1/transit/rewrap/{name}", json={
+                "ciphertext": ciphertext, "associated_data": aad})
+        self.assertIn("message authentication failed", str(caught.exception))
         # A ciphertext of one key does not decrypt under another.
         other = unique("other")
         self.transit.create_key(other)
@@ -1161,21 +1167,28 @@ class RealServiceRulesTests(unittest.TestCase):
         return vault_client(self.emu, token=token, **kwargs)
 
     def test_vault_policy_allows_what_pgphi_calls_and_nothing_else(self):
-        transit = self.vault().secrets.transit
-        wrapped = transit.generate_data_key("pgphi-kek", "wrapped")["data"]["ciphertext"]
-        transit.decrypt_data("pgphi-kek", wrapped)
-        transit.rewrap_data("pgphi-kek", wrapped)
+        vault = self.vault()
+        transit = vault.secrets.transit
+        # (hvac 1.0 has no associated_data argument: the raw API, as pgphi sends it)
+        binding = base64.b64encode(b"pgphi DEK key_id=1 version=1").decode()
+        wrapped = vault.adapter.post("/v1/transit/encrypt/pgphi-kek", json={
+            "plaintext": "eA==", "associated_data": binding})["data"]["ciphertext"]
+        vault.adapter.post("/v1/transit/decrypt/pgphi-kek", json={
+            "ciphertext": wrapped, "associated_data": binding})
         transit.read_key("pgphi-kek")
-        self.vault().auth.token.lookup_self()          # the default policy
-        transit.encrypt_data("pgphi-kek", "eA==")       # pgphi.rekey into Vault
-        for call in (lambda: transit.generate_data_key("pgphi-kek", "plaintext"),
+        vault.auth.token.lookup_self()                 # the default policy
+        # pgphi uses neither datakey nor rewrap: they take no associated data.
+        for call in (lambda: transit.generate_data_key("pgphi-kek", "wrapped"),
+                     lambda: transit.generate_data_key("pgphi-kek", "plaintext"),
+                     lambda: transit.rewrap_data("pgphi-kek", wrapped),
                      lambda: transit.rotate_key("pgphi-kek"),
                      lambda: transit.decrypt_data("precreated", wrapped)):
             with self.assertRaises(hvac.exceptions.Forbidden):
                 call()
         client = vault_client(self.emu)
         client.auth.approle.login(role_id=ROLE_ID, secret_id=SECRET_ID)
-        client.secrets.transit.decrypt_data("pgphi-kek", wrapped)   # AppRole tokens: the same policy
+        client.adapter.post("/v1/transit/decrypt/pgphi-kek", json={   # AppRole tokens: the same policy
+            "ciphertext": wrapped, "associated_data": binding})
 
     def test_request_header_is_required(self):
         with self.assertRaises(hvac.exceptions.VaultError) as caught:

@@ -154,6 +154,20 @@ sub vault_login
 	return decode_json($out)->{auth}{client_token};
 }
 
+# A Transit call as the Vault root token (what an operator does by hand);
+# returns the decoded answer.
+sub vault_api
+{
+	my ($self, $path, $body) = @_;
+	my ($out, $err);
+	IPC::Run::run(
+		[ 'curl', '-sS', '--max-time', '10', '--cacert', "$self->{pki}/ca.pem", '-X', 'POST',
+		  '-H', 'X-Vault-Request: true', '-H', "X-Vault-Token: $self->{vault_root_token}",
+		  '-d', encode_json($body), $self->url . "/v1/$path" ],
+		'>', \$out, '2>', \$err) or die "Vault $path failed: $err";
+	return decode_json($out);
+}
+
 # postgresql.conf lines that point pgphi's Vault and AWS KMS providers at
 # this emulator, with a token file and a credentials file written for them.
 sub postgres_settings

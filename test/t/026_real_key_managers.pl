@@ -2,11 +2,12 @@
 # enforces the IAM and Vault policies docs/providers-vault-and-kms.md prints):
 # the documented policies suffice and a wrong one fails, alias retargeting,
 # keys pending deletion, endpoints with a port, slash or path, and a Vault
-# cluster's HA and degraded answers.
+# cluster's HA and degraded answers; Vault DEKs bound to their key.
 use strict;
 use warnings;
 
 use IPC::Run;
+use MIME::Base64 ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -230,5 +231,60 @@ cmp_ok($short_stats->{lookup_self} // 0, '>=', 1, '... pgphi looked the token up
 cmp_ok($short_stats->{renew_self} // 0, '>=', 1, '... and renewed it before it expired');
 $node->safe_psql('postgres', 'ALTER SYSTEM RESET pgphi.vault_addr; ALTER SYSTEM RESET pgphi.vault_token_file');
 $short->stop;
+
+###########################################################################
+# 8. Each Vault DEK is bound to its pgphi key and version (Transit
+#    associated_data): a wrapped DEK moved in the catalog does not unwrap.
+#    A DEK of pgphi 0.2.0, bound to nothing, still unwraps; rewrap_keys
+#    binds it; with pgphi.vault_accept_unbound_deks off it is refused.
+###########################################################################
+PgphiTest::reload_broker($node);
+my $v_key_id = $node->safe_psql('postgres', q{SELECT key_id FROM pgphi.keys WHERE name = 'v_key'});
+sub stored_dek
+{
+	my ($key_id, $version) = @_;
+	return $node->safe_psql('postgres', "SELECT convert_from(wrapped_dek, 'UTF8') FROM pgphi.key_versions
+		WHERE key_id = $key_id AND version = $version");
+}
+sub store_dek
+{
+	my ($key_id, $version, $text) = @_;
+	$node->safe_psql('postgres', "UPDATE pgphi.key_versions SET wrapped_dek = convert_to('$text', 'UTF8')
+		WHERE key_id = $key_id AND version = $version");
+}
+my ($bound_v1, $bound_v2) = (stored_dek($v_key_id, 1), stored_dek($v_key_id, 2));
+like($bound_v1, qr/^pgphi-ad1:vault:v\d+:/, 'a Vault DEK is stored with the mark of its binding');
+$node->safe_psql('postgres', qq{SELECT pgphi.create_key('v_other', provider => 'vault', kek => '$emulator->{vault_key}')});
+my $other_id = $node->safe_psql('postgres', q{SELECT key_id FROM pgphi.keys WHERE name = 'v_other'});
+store_dek($v_key_id, 1, stored_dek($other_id, 1));
+fails_with(q{SELECT count(pgphi.decrypt_phi(v)) FROM t}, qr/XX001: Vault could not unwrap the DEK/,
+	"another key's wrapped DEK, copied into this key's version: XX001");
+store_dek($v_key_id, 1, $bound_v2);
+fails_with(q{SELECT count(pgphi.decrypt_phi(v)) FROM t}, qr/XX001: Vault could not unwrap the DEK/,
+	"the same key's version 2 DEK, copied into version 1: XX001");
+store_dek($v_key_id, 1, $bound_v1);
+is($node->safe_psql('postgres', $vault_all), "t\n30", '... and with its own DEK back, every value decrypts');
+
+# The 0.2.0 form of the same DEK: Transit ciphertext without associated data.
+(my $transit_ciphertext = $bound_v1) =~ s/^pgphi-ad1://;
+my $binding = MIME::Base64::encode_base64("pgphi DEK key_id=$v_key_id version=1", '');
+my $dek = $emulator->vault_api("transit/decrypt/$emulator->{vault_key}",
+	{ ciphertext => $transit_ciphertext, associated_data => $binding })->{data}{plaintext};
+my $unbound = $emulator->vault_api("transit/encrypt/$emulator->{vault_key}", { plaintext => $dek })->{data}{ciphertext};
+store_dek($v_key_id, 1, $unbound);
+is($node->safe_psql('postgres', $vault_all), "t\n30", 'a DEK of pgphi 0.2.0, bound to nothing, still unwraps');
+is($node->safe_psql('postgres', q{SELECT pgphi.rewrap_keys('v_key')}), '2', 'rewrap_keys rewraps both versions');
+like(stored_dek($v_key_id, 1), qr/^pgphi-ad1:vault:v\d+:/, '... and binds the unbound one');
+is($node->safe_psql('postgres', $vault_all), "t\n30", '... after which every value decrypts');
+store_dek($v_key_id, 1, $unbound);
+$node->safe_psql('postgres', 'ALTER SYSTEM SET pgphi.vault_accept_unbound_deks = off');
+PgphiTest::reload_broker($node);
+fails_with(q{SELECT count(pgphi.decrypt_phi(v)) FROM t},
+	qr/XX001: wrapped DEK is not bound to its pgphi key, and pgphi.vault_accept_unbound_deks is off/,
+	'with pgphi.vault_accept_unbound_deks off, an unbound DEK is refused: XX001');
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET pgphi.vault_accept_unbound_deks');
+PgphiTest::reload_broker($node);
+$node->safe_psql('postgres', q{SELECT pgphi.rewrap_keys('v_key')});
+is($node->safe_psql('postgres', $vault_all), "t\n30", '... and, accepted again and rewrapped, it decrypts');
 
 done_testing();

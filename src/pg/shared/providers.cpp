@@ -50,6 +50,7 @@ std::string configuration_fingerprint()
         all += str(s) + '\n';
     all += std::to_string(kmip_port) + ',' + std::to_string(pkcs11_slot) + ',';
     all += std::to_string(aws_use_fips_endpoint) + std::to_string(aws_use_dualstack_endpoint);
+    all += std::to_string(vault_accept_unbound_deks);
     all += std::to_string(aws_use_environment) + std::to_string(provider_connect_timeout_ms) + ',' +
            std::to_string(provider_timeout_ms) + ',' + std::to_string(provider_max_retries) + ',' +
            std::to_string(allow_insecure_http_loopback) + ',' + std::to_string(pkcs11_slot);
@@ -79,6 +80,7 @@ std::unique_ptr<KeyProvider> build(std::string_view name)
         settings.retry = retry_policy();
         settings.allow_http_loopback = allow_insecure_http_loopback;
         settings.proxy = ProxySettings{str(provider_proxy), str(provider_proxy_ca_file)};
+        settings.accept_unbound_deks = vault_accept_unbound_deks;
         return std::make_unique<VaultKeyProvider>(std::move(settings));
     }
     if (name == "aws_kms") {

@@ -25,6 +25,7 @@ char* aws_credentials_file;
 char* aws_profile;
 bool aws_use_environment;
 bool aws_use_fips_endpoint;
+bool vault_accept_unbound_deks;
 bool aws_use_dualstack_endpoint;
 char* provider_proxy;
 char* provider_proxy_ca_file;
@@ -164,6 +165,11 @@ void define_settings()
                             "PKCS#11 slot id of the token, used when pgphi.pkcs11_token_label is empty (-1: none).",
                             nullptr, &pkcs11_slot, -1, -1, INT_MAX, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr,
                             nullptr);
+    DefineCustomBoolVariable("pgphi.vault_accept_unbound_deks",
+                             "Unwrap Vault DEKs that pgphi 0.2.0 wrapped without binding them to their key.",
+                             "Turn off once pgphi.rewrap_keys() has bound every Vault DEK.",
+                             &vault_accept_unbound_deks, true, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr,
+                             nullptr);
     DefineCustomBoolVariable("pgphi.aws_use_fips_endpoint",
                              "Use the region's FIPS 140 KMS endpoint (kms-fips.<region>...).", nullptr,
                              &aws_use_fips_endpoint, false, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);

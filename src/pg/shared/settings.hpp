@@ -32,6 +32,7 @@ extern char* aws_credentials_file;
 extern char* aws_profile;
 extern bool aws_use_environment;
 extern bool aws_use_fips_endpoint;
+extern bool vault_accept_unbound_deks;
 extern bool aws_use_dualstack_endpoint;
 extern char* provider_proxy;
 extern char* provider_proxy_ca_file;

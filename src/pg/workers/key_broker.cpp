@@ -447,7 +447,9 @@ void run_admin(SharedState* state, int index)
             // A new KEK in the key manager; its own reference comes back as the "KEK version".
             result.kek_version = provider.create_kek(key.kek_ref);
         } else if (operation == AdminRequest::Operation::Rewrap) {
-            // Inside the key manager where it can (Vault rewrap, KMS ReEncrypt).
+            // Inside the key manager where it can (KMS ReEncrypt); Vault, KMIP
+            // and PKCS#11 unwrap and wrap in this process (Vault's rewrap
+            // cannot keep the DEK's binding), and the DEK is wiped after.
             result = provider.rewrap(key.kek_ref, ByteView(key.wrapped, key.wrapped_size), binding_of(key));
         } else {
             auto* local = dynamic_cast<LocalKeyProvider*>(&provider);
