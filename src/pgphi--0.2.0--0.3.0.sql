@@ -4462,6 +4462,328 @@ GRANT EXECUTE ON PROCEDURE pgphi.approve_rekey(text, text, text), pgphi.rekey(te
 
 
 ------------------------------------------------------------------------------
+-- Section: dedicated KEKs.
+-- create_key(..., dedicated_kek => true) makes a KEK in the key manager for
+-- that key alone; destroy_key of its last version deletes the KEK there (KMS:
+-- schedules its deletion), so that backups and WAL archives of the wrapped
+-- DEKs can never be unwrapped. rotate_key refuses a key whose KEK is gone,
+-- rekey a key with a KEK of its own; the deletion is audited (delete_kek).
+-- deactivate_key leaves a key without an active version, so that its last
+-- version can be retired and destroyed.
+------------------------------------------------------------------------------
+
+ALTER TABLE pgphi.keys ADD COLUMN kek_dedicated boolean NOT NULL DEFAULT false,
+    ADD COLUMN kek_deleted_at timestamptz, ADD COLUMN kek_deletion text;
+
+DROP FUNCTION pgphi.create_key(text, text, text);
+CREATE FUNCTION pgphi.create_key(name text, provider text DEFAULT 'local', kek text DEFAULT NULL,
+        dedicated_kek boolean DEFAULT false)
+    RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    new_key_id integer;
+    kek_ref text := coalesce(create_key.kek, CASE WHEN create_key.provider = 'local' THEN 'default' END);
+    dek record;
+BEGIN
+    IF create_key.name IS NULL OR create_key.name !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid pgphi key name'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.',
+                  HINT = 'Key names have 1 to 63 letters, digits, "_", "." or "-", and start with a letter or "_".';
+    END IF;
+    IF create_key.provider IS NULL THEN
+        RAISE EXCEPTION 'a pgphi key needs a provider' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF create_key.dedicated_kek THEN
+        IF create_key.provider NOT IN ('vault', 'aws_kms', 'kmip', 'pkcs11') THEN
+            RAISE EXCEPTION '%', CASE WHEN create_key.provider = 'local' THEN 'the local provider cannot make a KEK for one key' ELSE 'unknown pgphi key provider' END
+                USING ERRCODE = CASE WHEN create_key.provider = 'local' THEN 'feature_not_supported' ELSE 'invalid_parameter_value' END,
+                      HINT = 'Dedicated KEKs live in Vault, AWS KMS, a KMIP server or a PKCS#11 token; the local provider has one KEK file.';
+        END IF;
+        IF create_key.provider = 'aws_kms' AND create_key.kek IS NOT NULL THEN
+            RAISE EXCEPTION 'AWS KMS names a new key itself' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Omit kek with dedicated_kek => true; the new key''s ARN becomes the pgphi key''s KEK.';
+        END IF;
+        kek_ref := coalesce(create_key.kek, CASE WHEN create_key.provider = 'aws_kms' THEN ''
+            ELSE CASE WHEN create_key.provider = 'pkcs11' THEN 'label:' ELSE '' END
+                 || 'pgphi-dedicated-' || create_key.name || '-'
+                 || left(pg_catalog.md5(pg_catalog.gen_random_uuid()::text), 12) END);
+    END IF;
+    IF kek_ref IS NULL THEN
+        RAISE EXCEPTION '%', CASE WHEN create_key.provider IN ('vault', 'aws_kms', 'kmip', 'pkcs11') THEN format('provider %s needs the KEK to use', create_key.provider) ELSE 'unknown pgphi key provider' END
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, the KMIP key''s Name or Unique Identifier, or the PKCS#11 key as label:NAME or id:HEX; or dedicated_kek => true.';
+    END IF;
+    IF EXISTS (SELECT FROM pgphi.keys k WHERE k.name = create_key.name) THEN
+        RAISE EXCEPTION 'pgphi key "%" already exists', create_key.name USING ERRCODE = 'duplicate_object';
+    END IF;
+    IF create_key.dedicated_kek THEN
+        -- Made by the provider's key broker before the key exists; when a
+        -- later step fails, the new KEK stays unused in the key manager.
+        kek_ref := pgphi._create_dedicated_kek(create_key.provider, kek_ref, create_key.name);
+    END IF;
+
+    INSERT INTO pgphi.keys (name, provider, kek_ref, kek_dedicated)
+        VALUES (create_key.name, create_key.provider, kek_ref, create_key.dedicated_kek)
+        RETURNING key_id INTO new_key_id;
+    SELECT * INTO dek FROM pgphi._generate_wrapped_dek(
+        create_key.provider, kek_ref, new_key_id, 1, create_key.name,
+        NOT EXISTS (SELECT FROM pgphi.keys k WHERE k.provider = 'local' AND k.key_id <> new_key_id));
+    INSERT INTO pgphi.key_versions (key_id, version, state, wrapped_dek, kek_version)
+        VALUES (new_key_id, 1, 'active', dek.wrapped_dek, dek.kek_version);
+    RETURN new_key_id;
+END
+$$;
+
+CREATE FUNCTION pgphi._create_dedicated_kek(provider text, kek_name text, key_name text) RETURNS text
+    AS 'MODULE_PATHNAME', 'pgphi_create_dedicated_kek' LANGUAGE C VOLATILE STRICT;
+
+CREATE FUNCTION pgphi._delete_dedicated_kek(provider text, kek_ref text, key_id integer, key_name text)
+    RETURNS text
+    AS 'MODULE_PATHNAME', 'pgphi_delete_dedicated_kek' LANGUAGE C VOLATILE STRICT;
+
+CREATE OR REPLACE FUNCTION pgphi.rotate_key(name text) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key record;
+    new_version integer;
+    dek record;
+BEGIN
+    SELECT * INTO key FROM pgphi.keys k WHERE k.name = rotate_key.name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    IF key.kek_deleted_at IS NOT NULL THEN
+        RAISE EXCEPTION 'the dedicated KEK of pgphi key "%" has been deleted', key.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = pg_catalog.format('Every version of the key was destroyed, and then: %s.', key.kek_deletion),
+                  HINT = 'Create a new key for new values.';
+    END IF;
+    SELECT max(v.version) + 1 INTO new_version FROM pgphi.key_versions v WHERE v.key_id = key.key_id;
+    SELECT * INTO dek FROM pgphi._generate_wrapped_dek(key.provider, key.kek_ref, key.key_id, new_version,
+                                                        key.name, false);
+    UPDATE pgphi.key_versions v SET state = 'decrypt_only' WHERE v.key_id = key.key_id AND v.state = 'active';
+    INSERT INTO pgphi.key_versions (key_id, version, state, wrapped_dek, kek_version)
+        VALUES (key.key_id, new_version, 'active', dek.wrapped_dek, dek.kek_version);
+    UPDATE pgphi.keys k SET rotated_at = pg_catalog.now() WHERE k.key_id = key.key_id;
+    RETURN new_version;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi._rekey_start(key_name text, provider text, kek text) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key record;
+    target_kek text := pgphi._rekey_target(_rekey_start.provider, _rekey_start.kek);
+    approvers name[];
+BEGIN
+    SELECT * INTO key FROM pgphi.keys k WHERE k.name = _rekey_start.key_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    IF key.provider = _rekey_start.provider AND key.kek_ref = target_kek THEN
+        RETURN key.key_id;
+    END IF;
+    IF key.kek_dedicated THEN
+        -- Its KEK is deleted with its last version: under another KEK, that
+        -- deletion would no longer reach the DEKs.
+        RAISE EXCEPTION 'pgphi key "%" has a KEK of its own, which does not move', key.name
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Create a key under the new KEK and move the values with CALL pgphi.reencrypt().';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pgphi.key_versions v
+                    WHERE v.key_id = key.key_id AND v.wrapped_dek IS NOT NULL
+                      AND v.rekey_source_provider = _rekey_start.provider AND v.rekey_source_kek = target_kek) THEN
+        SELECT array_agg(a.approved_by ORDER BY a.approved_by) INTO approvers
+          FROM pgphi.rekey_approvals a
+         WHERE a.key_id = key.key_id AND a.provider = _rekey_start.provider AND a.kek_ref = target_kek
+           AND a.approved_at > pg_catalog.now() - interval '1 day'
+           AND pg_catalog.pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER')
+           AND pgphi._approval_dependence(session_user, a.approved_by) IS NULL;
+        IF approvers IS NULL THEN
+            RAISE EXCEPTION 'moving pgphi key "%" to provider % needs the approval of a second key custodian',
+                key.name, _rekey_start.provider
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = 'Whoever holds a KEK can unwrap the DEKs it wraps. Approvals by the caller, or by roles it controls (CREATEROLE, ADMIN OPTION, memberships it granted), do not count.',
+                      HINT = pg_catalog.format('Another member of pgphi_key_custodian runs CALL pgphi.approve_rekey(%L, %L, <the KEK>);',
+                                               key.name, _rekey_start.provider);
+        END IF;
+    END IF;
+    -- Versions that a rekey left under the new destination are home already.
+    UPDATE pgphi.key_versions v SET rekey_source_provider = NULL, rekey_source_kek = NULL
+     WHERE v.key_id = key.key_id AND v.rekey_source_provider = _rekey_start.provider
+       AND v.rekey_source_kek = target_kek;
+    UPDATE pgphi.key_versions v SET rekey_source_provider = key.provider, rekey_source_kek = key.kek_ref
+     WHERE v.key_id = key.key_id AND v.wrapped_dek IS NOT NULL AND v.rekey_source_provider IS NULL;
+    UPDATE pgphi.keys k SET provider = _rekey_start.provider, kek_ref = target_kek
+     WHERE k.key_id = key.key_id;
+    DELETE FROM pgphi.rekey_approvals a WHERE a.key_id = key.key_id;
+    -- The destination works, or nothing here commits.
+    PERFORM pgphi._rekey_next(key.key_id);
+    RETURN key.key_id;
+END
+$$;
+
+CREATE FUNCTION pgphi.deactivate_key(name text) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(deactivate_key.name);
+    deactivated integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    PERFORM FROM pgphi.keys k WHERE k.key_id = target_id FOR UPDATE;
+    UPDATE pgphi.key_versions v SET state = 'decrypt_only'
+     WHERE v.key_id = target_id AND v.state = 'active'
+    RETURNING v.version INTO deactivated;
+    IF deactivated IS NOT NULL THEN
+        PERFORM pgphi._audit('deactivate', target_id, deactivated, 'ok',
+                             'the key encrypts nothing until pgphi.rotate_key makes a new active version');
+    END IF;
+    RETURN deactivated;
+END
+$$;
+
+CREATE FUNCTION pgphi._delete_dedicated_kek_if_unused(target_id integer) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key record;
+BEGIN
+    SELECT * INTO key FROM pgphi.keys k
+     WHERE k.key_id = target_id AND k.kek_dedicated AND k.kek_deleted_at IS NULL FOR UPDATE;
+    IF NOT FOUND OR EXISTS (SELECT FROM pgphi.key_versions v
+                             WHERE v.key_id = target_id AND v.wrapped_dek IS NOT NULL) THEN
+        RETURN;
+    END IF;
+    UPDATE pgphi.keys k
+       SET kek_deletion = pgphi._delete_dedicated_kek(key.provider, key.kek_ref, key.key_id, key.name),
+           kek_deleted_at = pg_catalog.now()
+     WHERE k.key_id = target_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi.destroy_key(name text, version integer) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(destroy_key.name);
+    approvers name[];
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    END IF;
+    -- Locks the row: nobody un-retires, rewraps or destroys it meanwhile.
+    PERFORM pgphi._require_retired(destroy_key.name, target_id, destroy_key.version, true);
+    SELECT array_agg(a.approved_by ORDER BY a.approved_by) INTO approvers
+      FROM pgphi.destroy_approvals a
+     WHERE a.key_id = target_id AND a.version = destroy_key.version
+       AND a.approved_at > pg_catalog.now() - interval '1 day'
+       AND pg_catalog.pg_has_role(a.approved_by, 'pgphi_key_custodian', 'MEMBER');
+    IF coalesce(pg_catalog.cardinality(approvers), 0) < 2 THEN
+        RAISE EXCEPTION 'destroying pgphi key "%" version % needs the approval of two key custodians',
+            destroy_key.name, destroy_key.version
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = pg_catalog.format('Approved by: %s.', coalesce(pg_catalog.array_to_string(approvers, ', '), 'nobody')),
+                  HINT = 'Two different members of pgphi_key_custodian must call pgphi.approve_destroy().';
+    END IF;
+    -- The guard trigger schedules the erasure of every older copy of the
+    -- wrapped DEK at commit (pgphi._shred_at_commit).
+    UPDATE pgphi.key_versions v SET state = 'destroyed', wrapped_dek = NULL, destroyed_at = pg_catalog.now()
+     WHERE v.key_id = target_id AND v.version = destroy_key.version;
+    DELETE FROM pgphi.destroy_approvals a WHERE a.key_id = target_id AND a.version = destroy_key.version;
+    -- Wipe the plaintext DEK from shared memory and every session once this
+    -- commits (before, a concurrent decrypt could load it again).
+    PERFORM pgphi._flush_cache_at_commit();
+    PERFORM pgphi._delete_dedicated_kek_if_unused(target_id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi._audit_key_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'key_versions' THEN
+        IF TG_OP = 'INSERT' THEN
+            PERFORM pgphi._audit(CASE WHEN NEW.version = 1 THEN 'create' ELSE 'rotate' END,
+                                 NEW.key_id, NEW.version, 'ok',
+                                 (SELECT format('provider %s, KEK %s', k.provider, k.kek_ref)
+                                         || CASE WHEN k.kek_dedicated THEN ' (dedicated to this key)' ELSE '' END
+                                    FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
+        ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IN ('retired', 'destroyed') THEN
+            PERFORM pgphi._audit(CASE NEW.state WHEN 'retired' THEN 'retire' ELSE 'destroy' END,
+                                 NEW.key_id, NEW.version, 'ok', NULL);
+        ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek
+              AND OLD.rekey_source_provider IS NOT NULL AND NEW.rekey_source_provider IS NULL THEN
+            PERFORM pgphi._audit('rekey', NEW.key_id, NEW.version, 'ok',
+                                 (SELECT format('from provider %s, KEK %s to provider %s, KEK %s, KEK version %s',
+                                                OLD.rekey_source_provider, OLD.rekey_source_kek, k.provider,
+                                                k.kek_ref, coalesce(NEW.kek_version, 'unknown'))
+                                    FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
+        ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek THEN
+            PERFORM pgphi._audit('rewrap', NEW.key_id, NEW.version, 'ok',
+                                 format('KEK version %s', coalesce(NEW.kek_version, 'unknown')));
+        END IF;
+    ELSIF TG_TABLE_NAME = 'rekey_approvals' THEN
+        PERFORM pgphi._audit('approve_rekey', NEW.key_id, NULL, 'ok',
+                             format('to provider %s, KEK %s', NEW.provider, NEW.kek_ref));
+    ELSIF TG_TABLE_NAME = 'destroy_approvals' THEN
+        PERFORM pgphi._audit('approve_destroy', NEW.key_id, NEW.version, 'ok', NULL);
+    ELSIF TG_TABLE_NAME = 'key_grants' THEN
+        IF TG_OP = 'INSERT' THEN
+            PERFORM pgphi._audit('grant_' || NEW.privilege, NEW.key_id, NULL, 'ok',
+                                 format('to %s', NEW.grantee)
+                                 || coalesce(' until ' || pgphi._audit_time(NEW.valid_until), ''));
+        ELSIF OLD.valid_until IS NOT NULL AND OLD.valid_until <= now() THEN
+            PERFORM pgphi._audit('expire_' || OLD.privilege, OLD.key_id, NULL, 'ok',
+                                 format('from %s; expired at %s', OLD.grantee, pgphi._audit_time(OLD.valid_until)));
+        ELSE
+            PERFORM pgphi._audit('revoke_' || OLD.privilege, OLD.key_id, NULL, 'ok', format('from %s', OLD.grantee));
+        END IF;
+    ELSIF TG_TABLE_NAME = 'key_grant_members' THEN
+        PERFORM pgphi._audit('grant_member', NEW.key_id, NULL, 'ok',
+                             format('%s grant to %s covers %s (%s)', NEW.privilege, NEW.grantee, NEW.member,
+                                    NEW.reason));
+    ELSIF TG_TABLE_NAME = 'keys' AND (NEW.provider, NEW.kek_ref) IS DISTINCT FROM (OLD.provider, OLD.kek_ref) THEN
+        PERFORM pgphi._audit('rekey', NEW.key_id, NULL, 'ok',
+                             format('new DEK versions under provider %s, KEK %s (was provider %s, KEK %s); %s versions to move',
+                                    NEW.provider, NEW.kek_ref, OLD.provider, OLD.kek_ref,
+                                    (SELECT count(*) FROM pgphi.key_versions v
+                                      WHERE v.key_id = NEW.key_id AND v.rekey_source_provider IS NOT NULL
+                                        AND v.wrapped_dek IS NOT NULL)));
+    ELSIF TG_TABLE_NAME = 'keys' AND NEW.kek_deleted_at IS DISTINCT FROM OLD.kek_deleted_at THEN
+        PERFORM pgphi._audit('delete_kek', NEW.key_id, NULL, 'ok',
+                             format('dedicated KEK %s of provider %s: %s', NEW.kek_ref, NEW.provider,
+                                    coalesce(NEW.kek_deletion, 'deletion record removed')));
+    ELSIF TG_TABLE_NAME = 'keys' AND NEW.cryptoperiod IS DISTINCT FROM OLD.cryptoperiod THEN
+        PERFORM pgphi._audit('set_cryptoperiod', NEW.key_id, NULL, 'ok', format('%s', NEW.cryptoperiod));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgphi.create_key(text, text, text, boolean), pgphi._create_dedicated_kek(text, text, text),
+    pgphi._delete_dedicated_kek(text, text, integer, text), pgphi._delete_dedicated_kek_if_unused(integer),
+    pgphi.deactivate_key(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.create_key(text, text, text, boolean), pgphi.deactivate_key(text) TO pgphi_key_custodian;
+
+-- (end of section: dedicated KEKs)
+
+
+------------------------------------------------------------------------------
 -- Last: every table of pgphi's catalog gets the audit triggers, including the
 -- tables the sections above add.
 ------------------------------------------------------------------------------

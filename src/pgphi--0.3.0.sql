@@ -117,6 +117,14 @@ CREATE TABLE pgphi.keys (
     -- Containment (suspend_key, 80_lifecycle.sql): the whole key suspended.
     suspended_at timestamptz,
     suspended_by name,
+    -- A KEK made for this key alone (create_key(..., dedicated_kek => true)):
+    -- once every version is destroyed, pgphi deletes the KEK in the key
+    -- manager, or schedules its deletion (KMS), and records when and what
+    -- the key manager did. Backups and WAL archives of the catalog then hold
+    -- wrapped DEKs that nothing can unwrap.
+    kek_dedicated boolean NOT NULL DEFAULT false,
+    kek_deleted_at timestamptz,
+    kek_deletion text,
     CONSTRAINT keys_blind_index_settings
         CHECK ((purpose = 'blind_index') = (normalization IS NOT NULL)
                AND (purpose = 'blind_index') = (index_bytes IS NOT NULL))
@@ -528,8 +536,12 @@ CREATE FUNCTION pgphi._generate_wrapped_dek(provider text, kek text, key_id inte
     AS 'MODULE_PATHNAME', 'pgphi_generate_wrapped_dek' LANGUAGE C VOLATILE STRICT;
 
 -- Creates a named key: version 1 of its DEK, generated and wrapped by the
--- provider's KEK. Returns the key id that ciphertexts carry.
-CREATE FUNCTION pgphi.create_key(name text, provider text DEFAULT 'local', kek text DEFAULT NULL)
+-- provider's KEK. Returns the key id that ciphertexts carry. With
+-- dedicated_kek, the KEK is made for this key alone in the key manager
+-- (named kek, or pgphi-dedicated-<name>-<random>; KMS names its keys
+-- itself), so that destroying the key's last version can delete it.
+CREATE FUNCTION pgphi.create_key(name text, provider text DEFAULT 'local', kek text DEFAULT NULL,
+        dedicated_kek boolean DEFAULT false)
     RETURNS integer
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -547,17 +559,37 @@ BEGIN
     IF create_key.provider IS NULL THEN
         RAISE EXCEPTION 'a pgphi key needs a provider' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF create_key.dedicated_kek THEN
+        IF create_key.provider NOT IN ('vault', 'aws_kms', 'kmip', 'pkcs11') THEN
+            RAISE EXCEPTION '%', CASE WHEN create_key.provider = 'local' THEN 'the local provider cannot make a KEK for one key' ELSE 'unknown pgphi key provider' END
+                USING ERRCODE = CASE WHEN create_key.provider = 'local' THEN 'feature_not_supported' ELSE 'invalid_parameter_value' END,
+                      HINT = 'Dedicated KEKs live in Vault, AWS KMS, a KMIP server or a PKCS#11 token; the local provider has one KEK file.';
+        END IF;
+        IF create_key.provider = 'aws_kms' AND create_key.kek IS NOT NULL THEN
+            RAISE EXCEPTION 'AWS KMS names a new key itself' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Omit kek with dedicated_kek => true; the new key''s ARN becomes the pgphi key''s KEK.';
+        END IF;
+        kek_ref := coalesce(create_key.kek, CASE WHEN create_key.provider = 'aws_kms' THEN ''
+            ELSE CASE WHEN create_key.provider = 'pkcs11' THEN 'label:' ELSE '' END
+                 || 'pgphi-dedicated-' || create_key.name || '-'
+                 || left(pg_catalog.md5(pg_catalog.gen_random_uuid()::text), 12) END);
+    END IF;
     IF kek_ref IS NULL THEN
         RAISE EXCEPTION '%', CASE WHEN create_key.provider IN ('vault', 'aws_kms', 'kmip', 'pkcs11') THEN format('provider %s needs the KEK to use', create_key.provider) ELSE 'unknown pgphi key provider' END
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, the KMIP key''s Name or Unique Identifier, or the PKCS#11 key as label:NAME or id:HEX.';
+                  HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, the KMIP key''s Name or Unique Identifier, or the PKCS#11 key as label:NAME or id:HEX; or dedicated_kek => true.';
     END IF;
     IF EXISTS (SELECT FROM pgphi.keys k WHERE k.name = create_key.name) THEN
         RAISE EXCEPTION 'pgphi key "%" already exists', create_key.name USING ERRCODE = 'duplicate_object';
     END IF;
+    IF create_key.dedicated_kek THEN
+        -- Made by the provider's key broker before the key exists; when a
+        -- later step fails, the new KEK stays unused in the key manager.
+        kek_ref := pgphi._create_dedicated_kek(create_key.provider, kek_ref, create_key.name);
+    END IF;
 
-    INSERT INTO pgphi.keys (name, provider, kek_ref)
-        VALUES (create_key.name, create_key.provider, kek_ref)
+    INSERT INTO pgphi.keys (name, provider, kek_ref, kek_dedicated)
+        VALUES (create_key.name, create_key.provider, kek_ref, create_key.dedicated_kek)
         RETURNING key_id INTO new_key_id;
     SELECT * INTO dek FROM pgphi._generate_wrapped_dek(
         create_key.provider, kek_ref, new_key_id, 1, create_key.name,
@@ -567,6 +599,15 @@ BEGIN
     RETURN new_key_id;
 END
 $$;
+
+-- The provider's key broker makes a KEK for one key (create_key) or deletes
+-- it once nothing it wrapped is left (pgphi._delete_dedicated_kek_if_unused);
+-- the deletion checks the catalog first.
+CREATE FUNCTION pgphi._create_dedicated_kek(provider text, kek_name text, key_name text) RETURNS text
+    AS 'MODULE_PATHNAME', 'pgphi_create_dedicated_kek' LANGUAGE C VOLATILE STRICT;
+CREATE FUNCTION pgphi._delete_dedicated_kek(provider text, kek_ref text, key_id integer, key_name text)
+    RETURNS text
+    AS 'MODULE_PATHNAME', 'pgphi_delete_dedicated_kek' LANGUAGE C VOLATILE STRICT;
 
 -- pgphi.create_kek(provider, kek_name): a new KEK in the key manager (only
 -- kmip can: Create and Activate an AES-256 key with that Name), made by the
@@ -596,6 +637,12 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
             DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    IF key.kek_deleted_at IS NOT NULL THEN
+        RAISE EXCEPTION 'the dedicated KEK of pgphi key "%" has been deleted', key.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = pg_catalog.format('Every version of the key was destroyed, and then: %s.', key.kek_deletion),
+                  HINT = 'Create a new key for new values.';
     END IF;
     SELECT max(v.version) + 1 INTO new_version FROM pgphi.key_versions v WHERE v.key_id = key.key_id;
     SELECT * INTO dek FROM pgphi._generate_wrapped_dek(key.provider, key.kek_ref, key.key_id, new_version,
@@ -787,6 +834,13 @@ BEGIN
     IF key.provider = _rekey_start.provider AND key.kek_ref = target_kek THEN
         RETURN key.key_id;
     END IF;
+    IF key.kek_dedicated THEN
+        -- Its KEK is deleted with its last version: under another KEK, that
+        -- deletion would no longer reach the DEKs.
+        RAISE EXCEPTION 'pgphi key "%" has a KEK of its own, which does not move', key.name
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Create a key under the new KEK and move the values with CALL pgphi.reencrypt().';
+    END IF;
     IF NOT EXISTS (SELECT FROM pgphi.key_versions v
                     WHERE v.key_id = key.key_id AND v.wrapped_dek IS NOT NULL
                       AND v.rekey_source_provider = _rekey_start.provider AND v.rekey_source_kek = target_kek) THEN
@@ -974,7 +1028,7 @@ BEGIN
 END
 $$;
 
-GRANT EXECUTE ON FUNCTION pgphi.create_key(text, text, text), pgphi.rotate_key(text), pgphi.rewrap_keys(text),
+GRANT EXECUTE ON FUNCTION pgphi.create_key(text, text, text, boolean), pgphi.rotate_key(text), pgphi.rewrap_keys(text),
     pgphi.set_cryptoperiod(text, interval) TO pgphi_key_custodian;
 GRANT EXECUTE ON FUNCTION pgphi.key_usage() TO pgphi_key_custodian, pg_monitor, pgphi_key_auditor;
 
@@ -2826,6 +2880,37 @@ BEGIN
 END
 $$;
 
+-- Deactivation (NIST SP 800-57's "deactivated"): the key's active version
+-- becomes decrypt-only, so the key encrypts nothing from the next statement
+-- on, in every session, while its values still decrypt. It is how a key
+-- reaches its end: each version can then be retired and destroyed, the last
+-- one taking a dedicated KEK with it. rotate_key makes a new active version.
+-- Returns the version deactivated, NULL when none was active. Audited as
+-- deactivate.
+CREATE FUNCTION pgphi.deactivate_key(name text) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(deactivate_key.name);
+    deactivated integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    PERFORM FROM pgphi.keys k WHERE k.key_id = target_id FOR UPDATE;
+    UPDATE pgphi.key_versions v SET state = 'decrypt_only'
+     WHERE v.key_id = target_id AND v.state = 'active'
+    RETURNING v.version INTO deactivated;
+    IF deactivated IS NOT NULL THEN
+        PERFORM pgphi._audit('deactivate', target_id, deactivated, 'ok',
+                             'the key encrypts nothing until pgphi.rotate_key makes a new active version');
+    END IF;
+    RETURN deactivated;
+END
+$$;
+
 -- Retired means refused for decryption (like Vault's
 -- min_decryption_version): a value replayed into a table under a retired
 -- version does not decrypt. A custodian who needs such values back (to
@@ -2962,6 +3047,33 @@ BEGIN
     -- Wipe the plaintext DEK from shared memory and every session once this
     -- commits (before, a concurrent decrypt could load it again).
     PERFORM pgphi._flush_cache_at_commit();
+    PERFORM pgphi._delete_dedicated_kek_if_unused(target_id);
+END
+$$;
+
+-- True crypto-shredding (create_key(..., dedicated_kek => true)): once no
+-- version of the key has a wrapped DEK left, its KEK is deleted in the key
+-- manager (KMS: scheduled for deletion), so that the copies of its wrapped
+-- DEKs in backups and WAL archives can never be unwrapped. Called last by
+-- destroy_key: when the key manager fails, the destruction rolls back, and
+-- a retry finds a KEK already deleted and completes.
+CREATE FUNCTION pgphi._delete_dedicated_kek_if_unused(target_id integer) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key record;
+BEGIN
+    SELECT * INTO key FROM pgphi.keys k
+     WHERE k.key_id = target_id AND k.kek_dedicated AND k.kek_deleted_at IS NULL FOR UPDATE;
+    IF NOT FOUND OR EXISTS (SELECT FROM pgphi.key_versions v
+                             WHERE v.key_id = target_id AND v.wrapped_dek IS NOT NULL) THEN
+        RETURN;
+    END IF;
+    UPDATE pgphi.keys k
+       SET kek_deletion = pgphi._delete_dedicated_kek(key.provider, key.kek_ref, key.key_id, key.name),
+           kek_deleted_at = pg_catalog.now()
+     WHERE k.key_id = target_id;
 END
 $$;
 
@@ -3035,7 +3147,7 @@ ALTER TABLE pgphi.key_versions ENABLE ALWAYS TRIGGER key_versions_guard;
 
 ALTER TABLE pgphi.key_versions ENABLE ALWAYS TRIGGER key_versions_guard_truncate;
 
-GRANT EXECUTE ON FUNCTION pgphi.key_version_usage(text, integer, interval),
+GRANT EXECUTE ON FUNCTION pgphi.key_version_usage(text, integer, interval), pgphi.deactivate_key(text),
     pgphi.retire_key_version(text, integer, regclass[], text, interval),
     pgphi.unretire_key_version(text, integer), pgphi.approve_destroy(text, integer),
     pgphi.destroy_key(text, integer) TO pgphi_key_custodian;
@@ -3901,6 +4013,7 @@ BEGIN
             PERFORM pgphi._audit(CASE WHEN NEW.version = 1 THEN 'create' ELSE 'rotate' END,
                                  NEW.key_id, NEW.version, 'ok',
                                  (SELECT format('provider %s, KEK %s', k.provider, k.kek_ref)
+                                         || CASE WHEN k.kek_dedicated THEN ' (dedicated to this key)' ELSE '' END
                                     FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
         ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IN ('retired', 'destroyed') THEN
             PERFORM pgphi._audit(CASE NEW.state WHEN 'retired' THEN 'retire' ELSE 'destroy' END,
@@ -3943,6 +4056,10 @@ BEGIN
                                     (SELECT count(*) FROM pgphi.key_versions v
                                       WHERE v.key_id = NEW.key_id AND v.rekey_source_provider IS NOT NULL
                                         AND v.wrapped_dek IS NOT NULL)));
+    ELSIF TG_TABLE_NAME = 'keys' AND NEW.kek_deleted_at IS DISTINCT FROM OLD.kek_deleted_at THEN
+        PERFORM pgphi._audit('delete_kek', NEW.key_id, NULL, 'ok',
+                             format('dedicated KEK %s of provider %s: %s', NEW.kek_ref, NEW.provider,
+                                    coalesce(NEW.kek_deletion, 'deletion record removed')));
     ELSIF TG_TABLE_NAME = 'keys' AND NEW.cryptoperiod IS DISTINCT FROM OLD.cryptoperiod THEN
         PERFORM pgphi._audit('set_cryptoperiod', NEW.key_id, NULL, 'ok', format('%s', NEW.cryptoperiod));
     END IF;

@@ -24,6 +24,18 @@ std::string KeyProvider::create_kek(const std::string&)
                 "KEKs in KMIP servers and PKCS#11 tokens only.");
 }
 
+std::string KeyProvider::create_dedicated_kek(const std::string&, const std::string&)
+{
+    throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot make a KEK for one key",
+                {}, "Dedicated KEKs live in Vault, AWS KMS, a KMIP server or a PKCS#11 token; the local provider has "
+                    "one KEK file.");
+}
+
+std::string KeyProvider::delete_dedicated_kek(const std::string&)
+{
+    throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider has no dedicated KEKs");
+}
+
 std::string KeyProvider::audit_mac(const std::string&, ByteView)
 {
     throw Error(ErrorCode::ConfigError, std::string("the ") + name() + " key provider cannot anchor the audit log");

@@ -83,6 +83,20 @@ public:
     // themselves (Vault, KMS) and the local file cannot: ConfigError.
     virtual std::string create_kek(const std::string& kek_name);
 
+    // A KEK for one pgphi key alone (create_key(..., dedicated_kek => true)),
+    // so that destroying the key's last version can delete the KEK itself,
+    // which no backup or WAL archive outlives. `kek_name` names the new KEK
+    // where the key manager names keys ("" for KMS, which assigns an id); an
+    // existing key of that name is refused, since it may wrap other data.
+    // `key_name` goes into its description. Returns the KEK's reference.
+    // By default a provider cannot: ConfigError.
+    virtual std::string create_dedicated_kek(const std::string& kek_name, const std::string& key_name);
+    // Deletes a dedicated KEK, or schedules its deletion where the key
+    // manager waits first (KMS); says what was done, for the key catalog and
+    // the audit trail. A KEK already gone (or already scheduled) is no error,
+    // so a destruction that has to be retried completes.
+    virtual std::string delete_dedicated_kek(const std::string& kek_ref);
+
     // Audit anchors: a MAC over `message` under a key that stays in the key
     // manager (the local provider: HMAC-SHA-256 under a key derived from its
     // KEK with its own HKDF label). The MAC is printable text, stored as is.

@@ -133,6 +133,20 @@ Item activate(const std::string& unique_id)
     return Item::structure(tag::RequestPayload, {Item::text(tag::UniqueIdentifier, unique_id)});
 }
 
+Item revoke_ceased(const std::string& unique_id)
+{
+    constexpr uint32_t kCessationOfOperation = 6; // Revocation Reason Code, 9.1.3.2.19
+    return Item::structure(tag::RequestPayload,
+                           {Item::text(tag::UniqueIdentifier, unique_id),
+                            Item::structure(tag::RevocationReason,
+                                            {Item::enumeration(tag::RevocationReasonCode, kCessationOfOperation)})});
+}
+
+Item destroy(const std::string& unique_id)
+{
+    return Item::structure(tag::RequestPayload, {Item::text(tag::UniqueIdentifier, unique_id)});
+}
+
 Item encrypt(const std::string& unique_id, ByteView plaintext, ByteView iv, ByteView aad)
 {
     return Item::structure(tag::RequestPayload,

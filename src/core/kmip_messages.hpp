@@ -5,7 +5,8 @@
 // pgphi speaks KMIP 1.4: authenticated additional data in Encrypt and
 // Decrypt (the DEK's key id and version) appeared in 1.4. Operations: Locate
 // (a KEK named by its Name attribute), Get Attributes (State), Create and
-// Activate (a KEK pgphi creates on request), Encrypt and Decrypt (AES-GCM).
+// Activate (a KEK pgphi creates on request), Encrypt and Decrypt (AES-GCM),
+// Revoke and Destroy (a dedicated KEK, when its pgphi key is destroyed).
 // There is no Get: the KEK never leaves the server.
 #pragma once
 
@@ -27,6 +28,8 @@ enum class Operation : uint32_t {
     Locate = 0x08,
     GetAttributes = 0x0B,
     Activate = 0x12,
+    Revoke = 0x13,
+    Destroy = 0x14,
     Encrypt = 0x1F,
     Decrypt = 0x20,
 };
@@ -66,6 +69,10 @@ Item locate_by_name(const std::string& name, bool active_only = true);
 Item get_state(const std::string& unique_id);
 Item create_aes256(const std::string& name);         // usable to encrypt and decrypt
 Item activate(const std::string& unique_id);
+// Revoke with reason Cessation of Operation: the object becomes Deactivated,
+// which Destroy requires of an object that was Active.
+Item revoke_ceased(const std::string& unique_id);
+Item destroy(const std::string& unique_id);
 Item encrypt(const std::string& unique_id, ByteView plaintext, ByteView iv, ByteView aad);
 Item decrypt(const std::string& unique_id, ByteView ciphertext, ByteView iv, ByteView aad, ByteView tag);
 

@@ -279,4 +279,39 @@ std::string KmipKeyProvider::create_kek(const std::string& kek_name)
     return unique_id;
 }
 
+std::string KmipKeyProvider::create_dedicated_kek(const std::string& kek_name, const std::string&)
+{
+    check_ref(kek_name);
+    kmip::Response any = call(kmip::Operation::Locate, kmip::locate_by_name(kek_name, false));
+    if (!any.ok())
+        refuse(kmip::Operation::Locate, any, kek_name, false);
+    if (!kmip::located_ids(any.payload).empty())
+        throw Error(ErrorCode::InvalidArgument, "a KMIP object of that name already exists",
+                    "A dedicated KEK is made for one pgphi key; an existing object may wrap other data.",
+                    "Omit kek, and pgphi names a new object pgphi-dedicated-<key>-<random>.");
+    return create_kek(kek_name);
+}
+
+std::string KmipKeyProvider::delete_dedicated_kek(const std::string& kek_ref)
+{
+    check_ref(kek_ref);
+    kmip::Response state = call(kmip::Operation::GetAttributes, kmip::get_state(kek_ref));
+    if (!state.ok() && state.reason == kmip::reason::ItemNotFound)
+        return "the KMIP object was already destroyed";
+    if (!state.ok())
+        refuse(kmip::Operation::GetAttributes, state, kek_ref, true);
+    uint32_t s = kmip::state_of(state.payload);
+    if (s == static_cast<uint32_t>(kmip::State::Destroyed) || s == static_cast<uint32_t>(kmip::State::DestroyedCompromised))
+        return "the KMIP object was already destroyed";
+    if (s == static_cast<uint32_t>(kmip::State::Active)) {
+        kmip::Response revoked = call(kmip::Operation::Revoke, kmip::revoke_ceased(kek_ref));
+        if (!revoked.ok())
+            refuse(kmip::Operation::Revoke, revoked, kek_ref, true);
+    }
+    kmip::Response destroyed = call(kmip::Operation::Destroy, kmip::destroy(kek_ref));
+    if (!destroyed.ok())
+        refuse(kmip::Operation::Destroy, destroyed, kek_ref, true);
+    return "the KMIP object was revoked and destroyed";
+}
+
 } // namespace pgphi

@@ -53,6 +53,11 @@ public:
     WrappedDek rewrap(const std::string& kek_ref, ByteView wrapped, const DekBinding& binding) override;
     KekDescription describe(const std::string& kek_ref) override;
     std::string create_kek(const std::string& kek_name) override;
+    // Create and Activate under a Name no object has yet; the reference is
+    // the new object's Unique Identifier, so no later key of that name can
+    // take its place. Deletion: Revoke (Cessation of Operation), then Destroy.
+    std::string create_dedicated_kek(const std::string& kek_name, const std::string& key_name) override;
+    std::string delete_dedicated_kek(const std::string& kek_ref) override;
 
     // The unique identifier a KEK reference stands for now; `known` tells
     // whether the server named it (a Locate answer) or it is the reference

@@ -255,6 +255,34 @@ KekDescription KmsKeyProvider::describe(const std::string& kek_ref)
     return KekDescription{name(), kek_ref, kms::described_arn(response, kek_ref)};
 }
 
+std::string KmsKeyProvider::create_dedicated_kek(const std::string& kek_name, const std::string& key_name)
+{
+    if (!kek_name.empty())
+        throw Error(ErrorCode::InvalidArgument, "AWS KMS names a new key itself", {},
+                    "Omit kek with dedicated_kek => true; the new key's ARN becomes the pgphi key's KEK.");
+    // No Tags: tagging at creation needs kms:TagResource as well.
+    json response = call("CreateKey", {{"Description", "pgphi: the dedicated KEK of pgphi key " + key_name},
+                                       {"KeyUsage", "ENCRYPT_DECRYPT"},
+                                       {"KeySpec", "SYMMETRIC_DEFAULT"}});
+    return kms::described_arn(response, "");
+}
+
+std::string KmsKeyProvider::delete_dedicated_kek(const std::string& kek_ref)
+{
+    json description;
+    try {
+        description = call("DescribeKey", {{"KeyId", kek_ref}});
+    } catch (const Error& e) {
+        if (e.code() == ErrorCode::KeyNotFound)
+            return "the AWS KMS key was already deleted";
+        throw;
+    }
+    if (kms::key_state(description) == "PendingDeletion")
+        return "the AWS KMS key was already scheduled for deletion";
+    return kms::scheduled_deletion(
+        call("ScheduleKeyDeletion", {{"KeyId", kek_ref}, {"PendingWindowInDays", settings_.deletion_window_days}}));
+}
+
 namespace {
 constexpr const char* kKmsMacPrefix = "kms:HMAC_SHA_256:";
 }

@@ -36,6 +36,7 @@ struct KmsSettings {
     RetryPolicy retry;
     bool allow_http_loopback = false;
     AwsCredentialSettings credentials;
+    int deletion_window_days = 30; // ScheduleKeyDeletion of a dedicated KEK
 };
 
 class KmsKeyProvider final : public KeyProvider {
@@ -51,6 +52,10 @@ public:
     std::optional<WrappedDek> rewrap_to(const std::string& source_kek, const std::string& destination_kek,
                                         ByteView wrapped, const DekBinding& binding) override;
     KekDescription describe(const std::string& kek_ref) override;
+    // CreateKey (a symmetric key described as the pgphi key's own), and
+    // ScheduleKeyDeletion with the configured waiting period (7 to 30 days).
+    std::string create_dedicated_kek(const std::string& kek_name, const std::string& key_name) override;
+    std::string delete_dedicated_kek(const std::string& kek_ref) override;
 
     // GenerateMac / VerifyMac with an HMAC_256 KMS key (HMAC_SHA_256); the MAC
     // is "kms:HMAC_SHA_256:" and KMS's base64.

@@ -1,5 +1,7 @@
 #include "kms_response.hpp"
 
+#include <ctime>
+
 #include <nlohmann/json.hpp>
 #include <openssl/crypto.h>
 
@@ -163,6 +165,29 @@ std::string described_arn(const json& response, const std::string& fallback)
         throw Error(ErrorCode::KeyManagerKeyDisabled, "the KMS key is not usable: its state is " + state);
     std::string arn = string_or(*metadata, "Arn", fallback);
     return arn.empty() ? fallback : arn;
+}
+
+std::string key_state(const json& response)
+{
+    const json* metadata = member(response, "KeyMetadata");
+    return metadata && metadata->is_object() ? string_or(*metadata, "KeyState", "") : "";
+}
+
+std::string scheduled_deletion(const json& response)
+{
+    const json* date = member(response, "DeletionDate");
+    if (!date || !date->is_number() || date->get<double>() <= 0 || date->get<double>() > 1e11)
+        throw Error(ErrorCode::ProviderError, "AWS KMS's answer to ScheduleKeyDeletion has no DeletionDate");
+    std::time_t when = static_cast<std::time_t>(date->get<double>());
+    std::tm utc{};
+    gmtime_r(&when, &utc);
+    char text[32];
+    std::strftime(text, sizeof(text), "%Y-%m-%dT%H:%M:%SZ", &utc);
+    const json* days = member(response, "PendingWindowInDays");
+    return std::string("AWS KMS deletes the key on ") + text +
+           (days && days->is_number_integer() ? " (after a waiting period of " +
+                                                    std::to_string(days->get<long>()) + " days)"
+                                              : "");
 }
 
 } // namespace pgphi::kms

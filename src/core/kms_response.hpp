@@ -59,4 +59,12 @@ std::string arn_of_kek_version(const std::string& kek_version);
 // is not Enabled is refused (KeyManagerKeyDisabled).
 std::string described_arn(const nlohmann::json& response, const std::string& fallback);
 
+// The KeyState of a DescribeKey answer ("" when it has none).
+std::string key_state(const nlohmann::json& response);
+
+// A ScheduleKeyDeletion answer, as the sentence pgphi records: when KMS
+// deletes the key and the waiting period. ProviderError without a
+// DeletionDate.
+std::string scheduled_deletion(const nlohmann::json& response);
+
 } // namespace pgphi::kms

@@ -872,4 +872,31 @@ std::string Pkcs11KeyProvider::create_kek(const std::string& kek_ref)
     });
 }
 
+std::string Pkcs11KeyProvider::create_dedicated_kek(const std::string& kek_name, const std::string&)
+{
+    KekRef ref = parse_kek_ref(kek_name);
+    bool exists = state_->with_session([&] { return !state_->find_versions(kek_name, ref).empty(); });
+    if (exists)
+        throw Error(ErrorCode::InvalidArgument, "a key of that reference already exists on the PKCS#11 token",
+                    "A dedicated KEK is made for one pgphi key; an existing key may wrap other data.",
+                    "Omit kek, and pgphi names a new key label:pgphi-dedicated-<key>-<random>.");
+    create_kek(kek_name);
+    return kek_name;
+}
+
+std::string Pkcs11KeyProvider::delete_dedicated_kek(const std::string& kek_ref)
+{
+    KekRef ref = parse_kek_ref(kek_ref);
+    State& s = *state_;
+    return s.with_session([&] {
+        auto versions = s.find_versions(kek_ref, ref);
+        for (const auto& [version, object] : versions)
+            s.check(s.call(s.fn->C_DestroyObject(s.session, object)), "C_DestroyObject");
+        s.handles.erase(kek_ref);
+        return versions.empty() ? std::string("the PKCS#11 key was already destroyed")
+                                : "the PKCS#11 key was destroyed on the token (" + std::to_string(versions.size()) +
+                                      (versions.size() == 1 ? " version)" : " versions)");
+    });
+}
+
 } // namespace pgphi

@@ -63,6 +63,10 @@ public:
     KekDescription describe(const std::string& kek_ref) override;
     // Generates the next KEK version on the token (version 1 if none exists).
     std::string create_kek(const std::string& kek_ref) override;
+    // A dedicated KEK: version 1 of a label (or id) no key on the token has
+    // yet; deleting it destroys every version of it on the token.
+    std::string create_dedicated_kek(const std::string& kek_name, const std::string& key_name) override;
+    std::string delete_dedicated_kek(const std::string& kek_ref) override;
 
     // PKCS#11 functions called so far (C_Encrypt, C_Decrypt, C_FindObjects,
     // ...), for tests.

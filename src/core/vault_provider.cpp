@@ -155,7 +155,7 @@ long VaultKeyProvider::exchange(Method method, const std::string& path, const js
                                 json& out, HttpResponse* raw)
 {
     HttpRequest request;
-    request.method = method == Method::Get ? "GET" : "POST";
+    request.method = method == Method::Get ? "GET" : method == Method::Delete ? "DELETE" : "POST";
     request.url = settings_.address + "/v1/" + path;
     // Vault Agent and Proxy listeners with require_request_header refuse
     // requests without it (an SSRF guard); Vault itself ignores it.
@@ -422,6 +422,39 @@ WrappedDek VaultKeyProvider::rewrap(const std::string& kek_ref, ByteView wrapped
 {
     SecureBytes dek = unwrap(kek_ref, wrapped, binding);
     return wrap(kek_ref, dek, binding);
+}
+
+bool VaultKeyProvider::transit_key_exists(const std::string& kek_ref)
+{
+    try {
+        call(Method::Get, settings_.mount + "/keys/" + kek_ref, json::object());
+        return true;
+    } catch (const Error& e) {
+        if (e.code() != ErrorCode::KeyNotFound)
+            throw;
+        return false;
+    }
+}
+
+std::string VaultKeyProvider::create_dedicated_kek(const std::string& kek_name, const std::string&)
+{
+    check_key_name(kek_name);
+    if (transit_key_exists(kek_name))
+        throw Error(ErrorCode::InvalidArgument, "a Transit key of that name already exists",
+                    "A dedicated KEK is made for one pgphi key; an existing Transit key may wrap other data.",
+                    "Omit kek, and pgphi names a new Transit key pgphi-dedicated-<key>-<random>.");
+    call(Method::Post, settings_.mount + "/keys/" + kek_name, {{"type", "aes256-gcm96"}});
+    return kek_name;
+}
+
+std::string VaultKeyProvider::delete_dedicated_kek(const std::string& kek_ref)
+{
+    check_key_name(kek_ref);
+    if (!transit_key_exists(kek_ref))
+        return "the Vault Transit key was already deleted";
+    call(Method::Post, settings_.mount + "/keys/" + kek_ref + "/config", {{"deletion_allowed", true}});
+    call(Method::Delete, settings_.mount + "/keys/" + kek_ref, json::object());
+    return "the Vault Transit key was deleted";
 }
 
 KekDescription VaultKeyProvider::describe(const std::string& kek_ref)

@@ -63,12 +63,17 @@ public:
     // Vault's "vault:v<N>:<base64>".
     std::string audit_mac(const std::string& key_ref, ByteView message) override;
     bool verify_audit_mac(const std::string& key_ref, ByteView message, const std::string& mac) override;
+
+    // A new aes256-gcm96 Transit key of that name (refused when one exists);
+    // deleting it first allows deletion in its config, as Transit requires.
+    std::string create_dedicated_kek(const std::string& kek_name, const std::string& key_name) override;
+    std::string delete_dedicated_kek(const std::string& kek_ref) override;
     // Seconds until the current token's lease ends (for status reporting);
     // negative when no token is held or it does not expire.
     long token_seconds_left(std::time_t now) const;
 
 private:
-    enum class Method { Get, Post };
+    enum class Method { Get, Post, Delete };
 
     // One authenticated Transit call with retries; `path` follows /v1/.
     nlohmann::json call(Method method, const std::string& path, const nlohmann::json& body);
@@ -88,6 +93,8 @@ private:
     bool renew(std::time_t now);
     void forget_token();
     static void check_key_name(const std::string& kek_ref);
+    // Whether the Transit key exists (keys/<name> answers, not 404).
+    bool transit_key_exists(const std::string& kek_ref);
 
     VaultSettings settings_;
     HttpClient http_;

@@ -33,6 +33,14 @@ CREATE TABLE pgphi.keys (
     -- Containment (suspend_key, 80_lifecycle.sql): the whole key suspended.
     suspended_at timestamptz,
     suspended_by name,
+    -- A KEK made for this key alone (create_key(..., dedicated_kek => true)):
+    -- once every version is destroyed, pgphi deletes the KEK in the key
+    -- manager, or schedules its deletion (KMS), and records when and what
+    -- the key manager did. Backups and WAL archives of the catalog then hold
+    -- wrapped DEKs that nothing can unwrap.
+    kek_dedicated boolean NOT NULL DEFAULT false,
+    kek_deleted_at timestamptz,
+    kek_deletion text,
     CONSTRAINT keys_blind_index_settings
         CHECK ((purpose = 'blind_index') = (normalization IS NOT NULL)
                AND (purpose = 'blind_index') = (index_bytes IS NOT NULL))

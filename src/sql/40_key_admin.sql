@@ -14,8 +14,12 @@ CREATE FUNCTION pgphi._generate_wrapped_dek(provider text, kek text, key_id inte
     AS 'MODULE_PATHNAME', 'pgphi_generate_wrapped_dek' LANGUAGE C VOLATILE STRICT;
 
 -- Creates a named key: version 1 of its DEK, generated and wrapped by the
--- provider's KEK. Returns the key id that ciphertexts carry.
-CREATE FUNCTION pgphi.create_key(name text, provider text DEFAULT 'local', kek text DEFAULT NULL)
+-- provider's KEK. Returns the key id that ciphertexts carry. With
+-- dedicated_kek, the KEK is made for this key alone in the key manager
+-- (named kek, or pgphi-dedicated-<name>-<random>; KMS names its keys
+-- itself), so that destroying the key's last version can delete it.
+CREATE FUNCTION pgphi.create_key(name text, provider text DEFAULT 'local', kek text DEFAULT NULL,
+        dedicated_kek boolean DEFAULT false)
     RETURNS integer
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -33,17 +37,37 @@ BEGIN
     IF create_key.provider IS NULL THEN
         RAISE EXCEPTION 'a pgphi key needs a provider' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF create_key.dedicated_kek THEN
+        IF create_key.provider NOT IN ('vault', 'aws_kms', 'kmip', 'pkcs11') THEN
+            RAISE EXCEPTION '%', CASE WHEN create_key.provider = 'local' THEN 'the local provider cannot make a KEK for one key' ELSE 'unknown pgphi key provider' END
+                USING ERRCODE = CASE WHEN create_key.provider = 'local' THEN 'feature_not_supported' ELSE 'invalid_parameter_value' END,
+                      HINT = 'Dedicated KEKs live in Vault, AWS KMS, a KMIP server or a PKCS#11 token; the local provider has one KEK file.';
+        END IF;
+        IF create_key.provider = 'aws_kms' AND create_key.kek IS NOT NULL THEN
+            RAISE EXCEPTION 'AWS KMS names a new key itself' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Omit kek with dedicated_kek => true; the new key''s ARN becomes the pgphi key''s KEK.';
+        END IF;
+        kek_ref := coalesce(create_key.kek, CASE WHEN create_key.provider = 'aws_kms' THEN ''
+            ELSE CASE WHEN create_key.provider = 'pkcs11' THEN 'label:' ELSE '' END
+                 || 'pgphi-dedicated-' || create_key.name || '-'
+                 || left(pg_catalog.md5(pg_catalog.gen_random_uuid()::text), 12) END);
+    END IF;
     IF kek_ref IS NULL THEN
         RAISE EXCEPTION '%', CASE WHEN create_key.provider IN ('vault', 'aws_kms', 'kmip', 'pkcs11') THEN format('provider %s needs the KEK to use', create_key.provider) ELSE 'unknown pgphi key provider' END
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, the KMIP key''s Name or Unique Identifier, or the PKCS#11 key as label:NAME or id:HEX.';
+                  HINT = 'Pass kek => the Vault Transit key name, the AWS KMS key id, ARN or alias, the KMIP key''s Name or Unique Identifier, or the PKCS#11 key as label:NAME or id:HEX; or dedicated_kek => true.';
     END IF;
     IF EXISTS (SELECT FROM pgphi.keys k WHERE k.name = create_key.name) THEN
         RAISE EXCEPTION 'pgphi key "%" already exists', create_key.name USING ERRCODE = 'duplicate_object';
     END IF;
+    IF create_key.dedicated_kek THEN
+        -- Made by the provider's key broker before the key exists; when a
+        -- later step fails, the new KEK stays unused in the key manager.
+        kek_ref := pgphi._create_dedicated_kek(create_key.provider, kek_ref, create_key.name);
+    END IF;
 
-    INSERT INTO pgphi.keys (name, provider, kek_ref)
-        VALUES (create_key.name, create_key.provider, kek_ref)
+    INSERT INTO pgphi.keys (name, provider, kek_ref, kek_dedicated)
+        VALUES (create_key.name, create_key.provider, kek_ref, create_key.dedicated_kek)
         RETURNING key_id INTO new_key_id;
     SELECT * INTO dek FROM pgphi._generate_wrapped_dek(
         create_key.provider, kek_ref, new_key_id, 1, create_key.name,
@@ -53,6 +77,15 @@ BEGIN
     RETURN new_key_id;
 END
 $$;
+
+-- The provider's key broker makes a KEK for one key (create_key) or deletes
+-- it once nothing it wrapped is left (pgphi._delete_dedicated_kek_if_unused);
+-- the deletion checks the catalog first.
+CREATE FUNCTION pgphi._create_dedicated_kek(provider text, kek_name text, key_name text) RETURNS text
+    AS 'MODULE_PATHNAME', 'pgphi_create_dedicated_kek' LANGUAGE C VOLATILE STRICT;
+CREATE FUNCTION pgphi._delete_dedicated_kek(provider text, kek_ref text, key_id integer, key_name text)
+    RETURNS text
+    AS 'MODULE_PATHNAME', 'pgphi_delete_dedicated_kek' LANGUAGE C VOLATILE STRICT;
 
 -- pgphi.create_kek(provider, kek_name): a new KEK in the key manager (only
 -- kmip can: Create and Activate an AES-256 key with that Name), made by the
@@ -82,6 +115,12 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
             DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    IF key.kek_deleted_at IS NOT NULL THEN
+        RAISE EXCEPTION 'the dedicated KEK of pgphi key "%" has been deleted', key.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = pg_catalog.format('Every version of the key was destroyed, and then: %s.', key.kek_deletion),
+                  HINT = 'Create a new key for new values.';
     END IF;
     SELECT max(v.version) + 1 INTO new_version FROM pgphi.key_versions v WHERE v.key_id = key.key_id;
     SELECT * INTO dek FROM pgphi._generate_wrapped_dek(key.provider, key.kek_ref, key.key_id, new_version,
@@ -273,6 +312,13 @@ BEGIN
     IF key.provider = _rekey_start.provider AND key.kek_ref = target_kek THEN
         RETURN key.key_id;
     END IF;
+    IF key.kek_dedicated THEN
+        -- Its KEK is deleted with its last version: under another KEK, that
+        -- deletion would no longer reach the DEKs.
+        RAISE EXCEPTION 'pgphi key "%" has a KEK of its own, which does not move', key.name
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Create a key under the new KEK and move the values with CALL pgphi.reencrypt().';
+    END IF;
     IF NOT EXISTS (SELECT FROM pgphi.key_versions v
                     WHERE v.key_id = key.key_id AND v.wrapped_dek IS NOT NULL
                       AND v.rekey_source_provider = _rekey_start.provider AND v.rekey_source_kek = target_kek) THEN
@@ -460,6 +506,6 @@ BEGIN
 END
 $$;
 
-GRANT EXECUTE ON FUNCTION pgphi.create_key(text, text, text), pgphi.rotate_key(text), pgphi.rewrap_keys(text),
+GRANT EXECUTE ON FUNCTION pgphi.create_key(text, text, text, boolean), pgphi.rotate_key(text), pgphi.rewrap_keys(text),
     pgphi.set_cryptoperiod(text, interval) TO pgphi_key_custodian;
 GRANT EXECUTE ON FUNCTION pgphi.key_usage() TO pgphi_key_custodian, pg_monitor, pgphi_key_auditor;

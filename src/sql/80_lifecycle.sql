@@ -152,6 +152,37 @@ BEGIN
 END
 $$;
 
+-- Deactivation (NIST SP 800-57's "deactivated"): the key's active version
+-- becomes decrypt-only, so the key encrypts nothing from the next statement
+-- on, in every session, while its values still decrypt. It is how a key
+-- reaches its end: each version can then be retired and destroyed, the last
+-- one taking a dedicated KEK with it. rotate_key makes a new active version.
+-- Returns the version deactivated, NULL when none was active. Audited as
+-- deactivate.
+CREATE FUNCTION pgphi.deactivate_key(name text) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(deactivate_key.name);
+    deactivated integer;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object',
+            DETAIL = 'pgphi does not repeat a name that names no key: a misplaced argument could be PHI.';
+    END IF;
+    PERFORM FROM pgphi.keys k WHERE k.key_id = target_id FOR UPDATE;
+    UPDATE pgphi.key_versions v SET state = 'decrypt_only'
+     WHERE v.key_id = target_id AND v.state = 'active'
+    RETURNING v.version INTO deactivated;
+    IF deactivated IS NOT NULL THEN
+        PERFORM pgphi._audit('deactivate', target_id, deactivated, 'ok',
+                             'the key encrypts nothing until pgphi.rotate_key makes a new active version');
+    END IF;
+    RETURN deactivated;
+END
+$$;
+
 -- Retired means refused for decryption (like Vault's
 -- min_decryption_version): a value replayed into a table under a retired
 -- version does not decrypt. A custodian who needs such values back (to
@@ -288,6 +319,33 @@ BEGIN
     -- Wipe the plaintext DEK from shared memory and every session once this
     -- commits (before, a concurrent decrypt could load it again).
     PERFORM pgphi._flush_cache_at_commit();
+    PERFORM pgphi._delete_dedicated_kek_if_unused(target_id);
+END
+$$;
+
+-- True crypto-shredding (create_key(..., dedicated_kek => true)): once no
+-- version of the key has a wrapped DEK left, its KEK is deleted in the key
+-- manager (KMS: scheduled for deletion), so that the copies of its wrapped
+-- DEKs in backups and WAL archives can never be unwrapped. Called last by
+-- destroy_key: when the key manager fails, the destruction rolls back, and
+-- a retry finds a KEK already deleted and completes.
+CREATE FUNCTION pgphi._delete_dedicated_kek_if_unused(target_id integer) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key record;
+BEGIN
+    SELECT * INTO key FROM pgphi.keys k
+     WHERE k.key_id = target_id AND k.kek_dedicated AND k.kek_deleted_at IS NULL FOR UPDATE;
+    IF NOT FOUND OR EXISTS (SELECT FROM pgphi.key_versions v
+                             WHERE v.key_id = target_id AND v.wrapped_dek IS NOT NULL) THEN
+        RETURN;
+    END IF;
+    UPDATE pgphi.keys k
+       SET kek_deletion = pgphi._delete_dedicated_kek(key.provider, key.kek_ref, key.key_id, key.name),
+           kek_deleted_at = pg_catalog.now()
+     WHERE k.key_id = target_id;
 END
 $$;
 
@@ -361,7 +419,7 @@ ALTER TABLE pgphi.key_versions ENABLE ALWAYS TRIGGER key_versions_guard;
 
 ALTER TABLE pgphi.key_versions ENABLE ALWAYS TRIGGER key_versions_guard_truncate;
 
-GRANT EXECUTE ON FUNCTION pgphi.key_version_usage(text, integer, interval),
+GRANT EXECUTE ON FUNCTION pgphi.key_version_usage(text, integer, interval), pgphi.deactivate_key(text),
     pgphi.retire_key_version(text, integer, regclass[], text, interval),
     pgphi.unretire_key_version(text, integer), pgphi.approve_destroy(text, integer),
     pgphi.destroy_key(text, integer) TO pgphi_key_custodian;

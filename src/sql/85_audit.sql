@@ -130,6 +130,7 @@ BEGIN
             PERFORM pgphi._audit(CASE WHEN NEW.version = 1 THEN 'create' ELSE 'rotate' END,
                                  NEW.key_id, NEW.version, 'ok',
                                  (SELECT format('provider %s, KEK %s', k.provider, k.kek_ref)
+                                         || CASE WHEN k.kek_dedicated THEN ' (dedicated to this key)' ELSE '' END
                                     FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
         ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IN ('retired', 'destroyed') THEN
             PERFORM pgphi._audit(CASE NEW.state WHEN 'retired' THEN 'retire' ELSE 'destroy' END,
@@ -172,6 +173,10 @@ BEGIN
                                     (SELECT count(*) FROM pgphi.key_versions v
                                       WHERE v.key_id = NEW.key_id AND v.rekey_source_provider IS NOT NULL
                                         AND v.wrapped_dek IS NOT NULL)));
+    ELSIF TG_TABLE_NAME = 'keys' AND NEW.kek_deleted_at IS DISTINCT FROM OLD.kek_deleted_at THEN
+        PERFORM pgphi._audit('delete_kek', NEW.key_id, NULL, 'ok',
+                             format('dedicated KEK %s of provider %s: %s', NEW.kek_ref, NEW.provider,
+                                    coalesce(NEW.kek_deletion, 'deletion record removed')));
     ELSIF TG_TABLE_NAME = 'keys' AND NEW.cryptoperiod IS DISTINCT FROM OLD.cryptoperiod THEN
         PERFORM pgphi._audit('set_cryptoperiod', NEW.key_id, NULL, 'ok', format('%s', NEW.cryptoperiod));
     END IF;

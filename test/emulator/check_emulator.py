@@ -1075,9 +1075,13 @@ class RealServiceRulesTests(unittest.TestCase):
         self.pgphi_kms.describe_key(KeyId=KMS_KEY)
         # pgphi.rekey into KMS from another key manager.
         self.pgphi_kms.encrypt(KeyId=KMS_KEY, Plaintext=b"x" * 32, EncryptionContext=context)
+        # A dedicated KEK: created, then scheduled for deletion.
+        dedicated = self.pgphi_kms.create_key(Description="pgphi: the dedicated KEK of pgphi key k")
+        self.pgphi_kms.schedule_key_deletion(KeyId=dedicated["KeyMetadata"]["Arn"], PendingWindowInDays=7)
         # kms:GenerateDataKey is another permission than kms:GenerateDataKeyWithoutPlaintext.
         for call in (lambda: self.pgphi_kms.generate_data_key(KeyId=KMS_KEY, KeySpec="AES_256"),
-                     lambda: self.pgphi_kms.create_key(),
+                     lambda: self.pgphi_kms.cancel_key_deletion(KeyId=dedicated["KeyMetadata"]["Arn"]),
+                     lambda: self.pgphi_kms.create_alias(AliasName="alias/pgphi-x", TargetKeyId=KMS_KEY),
                      lambda: self.pgphi_kms.disable_key(KeyId=KMS_KEY)):
             with self.assertRaises(botocore.exceptions.ClientError) as caught:
                 call()

@@ -154,18 +154,37 @@ sub vault_login
 	return decode_json($out)->{auth}{client_token};
 }
 
-# A Transit call as the Vault root token (what an operator does by hand);
-# returns the decoded answer.
+# A Vault call as the root token (what an operator does by hand), POST
+# unless a method is given; returns the decoded answer.
 sub vault_api
 {
-	my ($self, $path, $body) = @_;
+	my ($self, $path, $body, $method) = @_;
 	my ($out, $err);
 	IPC::Run::run(
-		[ 'curl', '-sS', '--max-time', '10', '--cacert', "$self->{pki}/ca.pem", '-X', 'POST',
+		[ 'curl', '-sS', '--max-time', '10', '--cacert', "$self->{pki}/ca.pem", '-X', $method // 'POST',
 		  '-H', 'X-Vault-Request: true', '-H', "X-Vault-Token: $self->{vault_root_token}",
-		  '-d', encode_json($body), $self->url . "/v1/$path" ],
+		  ($body ? ('-d', encode_json($body)) : ()), $self->url . "/v1/$path" ],
 		'>', \$out, '2>', \$err) or die "Vault $path failed: $err";
-	return decode_json($out);
+	return $out =~ /\S/ ? decode_json($out) : {};
+}
+
+# The AWS CLI's kms commands as the tests' administrator (no policy at the
+# emulator); returns the text output.
+sub aws_cli
+{
+	my ($self, @args) = @_;
+	my ($out, $err);
+	local $ENV{AWS_ACCESS_KEY_ID} = $self->{aws_admin}[0];
+	local $ENV{AWS_SECRET_ACCESS_KEY} = $self->{aws_admin}[1];
+	local $ENV{AWS_DEFAULT_REGION} = 'us-east-1';
+	local $ENV{AWS_CONFIG_FILE} = '/dev/null';
+	local $ENV{AWS_SHARED_CREDENTIALS_FILE} = '/dev/null';
+	local $ENV{AWS_EC2_METADATA_DISABLED} = 'true';
+	local $ENV{HOME} = $self->{state};
+	IPC::Run::run([ '/usr/bin/aws', 'kms', @args, '--endpoint-url', $self->url, '--ca-bundle', "$self->{pki}/ca.pem",
+		'--output', 'text' ], '>', \$out, '2>', \$err, IPC::Run::timeout(120))
+	  or die "aws kms @args failed: $err";
+	return $out;
 }
 
 # postgresql.conf lines that point pgphi's Vault and AWS KMS providers at

@@ -272,6 +272,7 @@ my %sample = (
 	'mark_compromised.name' => "'{DK}'", 'mark_compromised.version' => '2',
 	'suspend_key.name' => "'{DK}'", 'suspend_key.version' => '2',
 	'approve_resume.name' => "'{DK}'", 'approve_resume.version' => '2', 'reason' => "'tap'",
+	'deactivate_key.name' => "'{DK}'",
 	'valid_until' => "pg_catalog.now() OPERATOR(pg_catalog.+) '1 hour'::pg_catalog.interval",
 	'key_version_usage.name' => "'{K}'", 'version' => '1',
 	'value:text' => "'v'", 'value:jsonb' => q{'{"a": 1}'}, 'value:pgphi.encrypted' => $ct,
@@ -332,6 +333,10 @@ my %mechanism = (
 	'pgphi.break_glass(text,text)' => "SELECT pgphi.break_glass('{K}', 'tap')",
 	# Ends in its error with the local provider, so the statistics do not count it.
 	'pgphi.create_kek(text,text)' => "SELECT pgphi.create_kek('local', 'kek_{ID}')",
+	# A dedicated KEK: the local provider makes none, and the run's key has none to delete.
+	'pgphi._create_dedicated_kek(text,text,text)' => "SELECT pgphi._create_dedicated_kek('local', 'kek_{ID}', 'k_{ID}')",
+	'pgphi._delete_dedicated_kek(text,text,integer,text)' =>
+	  "SELECT pgphi._delete_dedicated_kek('local', 'default', pgphi._key_id('{K}'), '{K}')",
 	# The independence of a rekey's approver (reached when a rekey needs an approval).
 	'pgphi._approval_dependence(name,name)' => "SELECT pgphi._approval_dependence('custodian', 'custodian2')",
 	# Finishes the rekey the fixture left in the middle (no approval needed).
@@ -351,7 +356,8 @@ my %runs_by_error = ('pgphi._audit_log_is_append_only()' => '42501',
 	# Nobody is a break-glass role of the run's key: refused after its checks.
 	'pgphi.break_glass(text,text)' => '42501',
 	# The local provider creates no KEKs (the kmip one does: test/t/024_kmip.pl).
-	'pgphi.create_kek(text,text)' => 'F0000');
+	'pgphi.create_kek(text,text)' => 'F0000', 'pgphi._create_dedicated_kek(text,text,text)' => 'F0000',
+	'pgphi._delete_dedicated_kek(text,text,integer,text)' => '55000');
 
 my $routines = $node->safe_psql($db, qq{
 	SET search_path = pg_catalog;
@@ -376,7 +382,7 @@ for my $line (split /\n/, $routines)
 # Lifecycle calls last, in this order; internal helpers after the public API
 # (they also run inside it; called directly too, so each is run by itself).
 my %order = (retire_key_version => 4, approve_destroy => 5, destroy_key => 6, unretire_key_version => 7,
-	mark_compromised => 8, suspend_key => 9, approve_resume => 10, resume_key => 11,
+	mark_compromised => 8, suspend_key => 9, approve_resume => 10, resume_key => 11, deactivate_key => 12,
 	protect_column => 2,
 	create_decrypted_view => 3,
 	rewrap_keys => 1, rotate_key => 1);

@@ -59,6 +59,9 @@ pgphi._check_grantee(regrole)                                                key
 pgphi._column_key(regclass,name)                                             key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._column_type(regclass,name)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._compromise_guard()                                                    key     -      -     -     -     -     -     -     -     x
+pgphi._create_dedicated_kek(text,text,text)                                  key     42501  42501 42501 42501 42501 42501 42501 42501 F0000
+pgphi._delete_dedicated_kek(text,text,integer,text)                          key     42501  42501 42501 42501 42501 42501 42501 42501 55000
+pgphi._delete_dedicated_kek_if_unused(integer)                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._encrypt_mode_support(internal)                                        key     -      -     -     -     -     -     -     -     x
 pgphi._encrypt_phi_deterministic(bytea,text,boolean,text)                    key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi._encrypt_phi_deterministic(jsonb,text,boolean,text)                    key     42501  42501 ok    42501 42501 ok    42501 42501 ok
@@ -148,7 +151,8 @@ pgphi.ciphertext_info(pgphi.encrypted)                                       typ
 pgphi.create_blind_index_key(text,text,integer,text,text)                    key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.create_decrypted_view(regclass,text,regrole,name[],text,name)          key     42501  ok    ok    ok    ok    ok    ok    42501 ok
 pgphi.create_kek(text,text)                                                  key     42501  42501 42501 42501 42501 42501 F0000 42501 F0000
-pgphi.create_key(text,text,text)                                             key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.create_key(text,text,text,boolean)                                     key     42501  42501 42501 42501 42501 42501 ok    42501 ok
+pgphi.deactivate_key(text)                                                   key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.decrypt_phi(bytea)                                                     key     42501  42501 42501 42501 ok    ok    42501 42501 ok
 pgphi.decrypt_phi(bytea,text,text)                                           key     42501  42501 42501 42501 ok    ok    42501 42501 ok
 pgphi.decrypt_phi(pgphi.encrypted)                                           key     42501  42501 42501 42501 ok    ok    42501 42501 ok

@@ -33,22 +33,7 @@ sub fails_with
 }
 
 # The AWS CLI as the tests' administrator (no policy at the emulator).
-sub aws
-{
-	my (@args) = @_;
-	my ($out, $err);
-	local $ENV{AWS_ACCESS_KEY_ID} = $emulator->{aws_admin}[0];
-	local $ENV{AWS_SECRET_ACCESS_KEY} = $emulator->{aws_admin}[1];
-	local $ENV{AWS_DEFAULT_REGION} = 'us-east-1';
-	local $ENV{AWS_CONFIG_FILE} = '/dev/null';
-	local $ENV{AWS_SHARED_CREDENTIALS_FILE} = '/dev/null';
-	local $ENV{AWS_EC2_METADATA_DISABLED} = 'true';
-	local $ENV{HOME} = $emulator->{state};
-	IPC::Run::run([ '/usr/bin/aws', 'kms', @args, '--endpoint-url', $url, '--ca-bundle', "$pki/ca.pem",
-		'--output', 'text' ], '>', \$out, '2>', \$err, IPC::Run::timeout(120))
-	  or die "aws kms @args failed: $err";
-	return $out;
-}
+sub aws { return $emulator->aws_cli(@_); }
 
 ###########################################################################
 # 1. The documented policies are enough for everything pgphi does.

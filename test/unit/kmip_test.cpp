@@ -228,6 +228,29 @@ TEST(KmipMessages, RequestsCarryWhatTheSpecificationAsks)
     }
 }
 
+// Revoke and Destroy of a dedicated KEK, byte for byte as the TTLV rules of
+// KMIP 1.4 (9.1) lay them out: the identifier a Text String padded to 8
+// bytes, the reason a structure holding the Revocation Reason Code
+// enumeration (6, Cessation of Operation), the payload's length the sum.
+TEST(KmipMessages, RevokeAndDestroyPayloads)
+{
+    const std::string uid = "fc8833de-70d2-4ece-b063-fede3a3c59fe"; // 36 bytes
+    std::string uid_hex;
+    for (unsigned char c : uid) {
+        static const char* digits = "0123456789abcdef";
+        uid_hex += digits[c >> 4];
+        uid_hex += digits[c & 15];
+    }
+    std::string uid_item = "42009407" "00000024" + uid_hex + "00000000";
+    EXPECT_EQ(encode(destroy(uid)), hex("42007901" "00000030" + uid_item));
+    EXPECT_EQ(encode(revoke_ceased(uid)), hex("42007901" "00000048" + uid_item +
+                                              "42008101" "00000010" "42008205" "00000004" "00000006" "00000000"));
+    Bytes message = request_message(Operation::Destroy, destroy(uid));
+    EXPECT_EQ(decode(view(message)).find(tag::BatchItem)->find(tag::Operation)->number, 0x14);
+    message = request_message(Operation::Revoke, revoke_ceased(uid));
+    EXPECT_EQ(decode(view(message)).find(tag::BatchItem)->find(tag::Operation)->number, 0x13);
+}
+
 TEST(KmipMessages, FailedAnswersAndDecryptedData)
 {
     auto response = [](std::vector<Item> batch_items) {

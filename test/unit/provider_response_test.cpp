@@ -143,6 +143,19 @@ TEST(KmsResponse, ReadsEachAnswer)
 // The KEK version names the key material, which a KMS key rotation changes,
 // so that a rotation shows in key_versions; Decrypt and ReEncrypt go on
 // naming the key's ARN.
+TEST(KmsResponse, ScheduledDeletionIsToldWithItsDate)
+{
+    EXPECT_EQ(kms::scheduled_deletion(json::parse(
+                  R"({"KeyId":"arn:k","DeletionDate":1798761600.5,"KeyState":"PendingDeletion","PendingWindowInDays":30})")),
+              "AWS KMS deletes the key on 2027-01-01T00:00:00Z (after a waiting period of 30 days)");
+    EXPECT_EQ(kms::scheduled_deletion(json::parse(R"({"DeletionDate":1798761600})")),
+              "AWS KMS deletes the key on 2027-01-01T00:00:00Z");
+    for (const char* bad : {R"({})", R"({"DeletionDate":"2027-01-01"})", R"({"DeletionDate":-1})"})
+        EXPECT_EQ(refusal([&] { kms::scheduled_deletion(json::parse(bad)); }), ErrorCode::ProviderError) << bad;
+    EXPECT_EQ(kms::key_state(json::parse(R"({"KeyMetadata":{"KeyState":"PendingDeletion"}})")), "PendingDeletion");
+    EXPECT_EQ(kms::key_state(json::parse(R"({"KeyMetadata":"x"})")), "");
+}
+
 TEST(KmsResponse, KekVersionNamesTheKeyMaterial)
 {
     const std::string material(64, 'a');

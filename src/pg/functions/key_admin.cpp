@@ -216,21 +216,88 @@ PGPHI_FUNCTION(pgphi_rekey_dek)
 // that label or id). Returns the new KEK's own reference (KMIP: its Unique
 // Identifier; PKCS#11: its version). A KEK of an existing name becomes its
 // newest version: pgphi.rewrap_keys() then moves that name's DEKs onto it.
-PGPHI_FUNCTION(pgphi_create_kek)
+namespace {
+
+// The provider and KEK name of a request for a new KEK. The broker logs the
+// provider of a failed request: only a known one gets there (an unknown name
+// is not repeated; it could be PHI).
+void new_kek_from_args(FunctionCallInfo fcinfo, cache::UnwrapRequest* key)
 {
-    cache::UnwrapRequest key;
-    memset(&key, 0, sizeof(key));
-    copy_text_arg(PG_GETARG_TEXT_PP(0), key.provider, sizeof(key.provider), "provider name");
-    // The broker logs the provider of a failed request: only a known one
-    // gets there (an unknown name is not repeated; it could be PHI).
-    bool known = strcmp(key.provider, "local") == 0;
+    memset(key, 0, sizeof(*key));
+    copy_text_arg(PG_GETARG_TEXT_PP(0), key->provider, sizeof(key->provider), "provider name");
+    bool known = strcmp(key->provider, "local") == 0;
     for (int i = 1; i < kBrokers; ++i)
-        known |= strcmp(key.provider, kBrokerProviders[i]) == 0;
+        known |= strcmp(key->provider, kBrokerProviders[i]) == 0;
     if (!known)
         ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("unknown pgphi key provider"),
                         errhint("Available providers: local, vault, aws_kms, kmip, pkcs11.")));
-    copy_text_arg(PG_GETARG_TEXT_PP(1), key.kek_ref, sizeof(key.kek_ref), "KEK name");
+    copy_text_arg(PG_GETARG_TEXT_PP(1), key->kek_ref, sizeof(key->kek_ref), "KEK name");
+}
+
+} // namespace
+
+PGPHI_FUNCTION(pgphi_create_kek)
+{
+    cache::UnwrapRequest key;
+    new_kek_from_args(fcinfo, &key);
     AdminRequest* result = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
     run_admin_request(AdminRequest::Operation::CreateKek, key, false, result);
+    PG_RETURN_TEXT_P(cstring_to_text(result->kek_version));
+}
+
+// pgphi._create_dedicated_kek(provider, kek_name, key_name) RETURNS text,
+// STRICT: a KEK for one pgphi key alone, made by the provider's broker before
+// create_key inserts the key (which checked the key's name); returns the new
+// KEK's reference (KMS: its ARN).
+PGPHI_FUNCTION(pgphi_create_dedicated_kek)
+{
+    cache::UnwrapRequest key;
+    new_kek_from_args(fcinfo, &key);
+    copy_text_arg(PG_GETARG_TEXT_PP(2), key.key_name, sizeof(key.key_name), "key name");
+    AdminRequest* result = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
+    run_admin_request(AdminRequest::Operation::CreateDedicatedKek, key, false, result);
+    PG_RETURN_TEXT_P(cstring_to_text(result->kek_version));
+}
+
+namespace {
+
+// The dedicated KEK named must be this key's, and nothing must be left that
+// it wraps or may be asked to wrap: no version's DEK, no other key naming it.
+SPIPlanPtr g_plan_unused_dedicated_kek = nullptr;
+
+} // namespace
+
+// pgphi._delete_dedicated_kek(provider, kek_ref, key_id, key_name) RETURNS
+// text, STRICT: the broker deletes the KEK (KMS: schedules its deletion) and
+// says what the key manager did.
+PGPHI_FUNCTION(pgphi_delete_dedicated_kek)
+{
+    Oid argtypes[4] = {INT4OID, TEXTOID, TEXTOID, TEXTOID};
+    Datum args[4] = {PG_GETARG_DATUM(2), PG_GETARG_DATUM(3), PG_GETARG_DATUM(0), PG_GETARG_DATUM(1)};
+    if (query_catalog(&g_plan_unused_dedicated_kek,
+                      "SELECT FROM pgphi.keys k WHERE k.key_id OPERATOR(pg_catalog.=) $1 "
+                      "AND k.name OPERATOR(pg_catalog.=) $2 AND k.provider OPERATOR(pg_catalog.=) $3 "
+                      "AND k.kek_ref OPERATOR(pg_catalog.=) $4 AND k.kek_dedicated "
+                      "AND NOT EXISTS (SELECT FROM pgphi.key_versions v WHERE v.key_id OPERATOR(pg_catalog.=) $1 "
+                      "AND v.wrapped_dek IS NOT NULL) "
+                      "AND NOT EXISTS (SELECT FROM pgphi.keys o WHERE o.key_id OPERATOR(pg_catalog.<>) $1 "
+                      "AND o.provider OPERATOR(pg_catalog.=) $3 AND o.kek_ref OPERATOR(pg_catalog.=) $4) "
+                      "AND NOT EXISTS (SELECT FROM pgphi.key_versions v WHERE v.wrapped_dek IS NOT NULL "
+                      "AND v.rekey_source_provider OPERATOR(pg_catalog.=) $3 "
+                      "AND v.rekey_source_kek OPERATOR(pg_catalog.=) $4)",
+                      4, argtypes, args, 1, note_row, nullptr, nullptr) == 0)
+        ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("pgphi will not delete that KEK"),
+                        errdetail("Only a KEK dedicated to one key is deleted, once no DEK it wraps is left "
+                                  "and no other key names it."),
+                        errhint("pgphi.destroy_key() deletes a dedicated KEK when it destroys the key's last version.")));
+    cache::UnwrapRequest key;
+    memset(&key, 0, sizeof(key));
+    copy_text_arg(PG_GETARG_TEXT_PP(0), key.provider, sizeof(key.provider), "provider name");
+    copy_text_arg(PG_GETARG_TEXT_PP(1), key.kek_ref, sizeof(key.kek_ref), "KEK reference");
+    copy_text_arg(PG_GETARG_TEXT_PP(3), key.key_name, sizeof(key.key_name), "key name");
+    key.key_id = static_cast<uint32>(PG_GETARG_INT32(2));
+    AdminRequest* result = static_cast<AdminRequest*>(palloc0(sizeof(AdminRequest)));
+    run_admin_request(AdminRequest::Operation::DeleteDedicatedKek, key, false, result);
     PG_RETURN_TEXT_P(cstring_to_text(result->kek_version));
 }

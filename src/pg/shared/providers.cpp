@@ -50,7 +50,7 @@ std::string configuration_fingerprint()
         all += str(s) + '\n';
     all += std::to_string(kmip_port) + ',' + std::to_string(pkcs11_slot) + ',';
     all += std::to_string(aws_use_fips_endpoint) + std::to_string(aws_use_dualstack_endpoint);
-    all += std::to_string(vault_accept_unbound_deks);
+    all += std::to_string(vault_accept_unbound_deks) + ',' + std::to_string(aws_kms_deletion_window_days);
     all += std::to_string(aws_use_environment) + std::to_string(provider_connect_timeout_ms) + ',' +
            std::to_string(provider_timeout_ms) + ',' + std::to_string(provider_max_retries) + ',' +
            std::to_string(allow_insecure_http_loopback) + ',' + std::to_string(pkcs11_slot);
@@ -113,6 +113,7 @@ std::unique_ptr<KeyProvider> build(std::string_view name)
         settings.credentials.tls = settings.tls;
         settings.credentials.proxy = settings.proxy;
         settings.credentials.timeouts = timeouts();
+        settings.deletion_window_days = aws_kms_deletion_window_days;
         return std::make_unique<KmsKeyProvider>(std::move(settings));
     }
     if (name == "kmip") {

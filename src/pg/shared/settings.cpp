@@ -58,6 +58,7 @@ char* pkcs11_mechanism;
 int provider_connect_timeout_ms;
 int provider_timeout_ms;
 int provider_max_retries;
+int aws_kms_deletion_window_days;
 bool allow_insecure_http_loopback;
 int cache_size;
 int cache_ttl_s;
@@ -183,6 +184,11 @@ void define_settings()
     DefineCustomIntVariable("pgphi.provider_timeout", "Time limit for one request to a key manager.", nullptr,
                             &provider_timeout_ms, 5000, 100, 300000, PGC_SIGHUP, GUC_UNIT_MS | GUC_SUPERUSER_ONLY,
                             nullptr, nullptr, nullptr);
+    DefineCustomIntVariable("pgphi.aws_kms_deletion_window",
+                            "Days AWS KMS waits before deleting a dedicated KEK whose key was destroyed.",
+                            "KMS allows 7 to 30; until then the deletion can be cancelled in KMS.",
+                            &aws_kms_deletion_window_days, 30, 7, 30, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr,
+                            nullptr, nullptr);
     DefineCustomIntVariable("pgphi.provider_max_retries",
                             "Retries after throttling or a transient key manager failure (never after a denial).",
                             nullptr, &provider_max_retries, 2, 0, 10, PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr,

@@ -64,6 +64,7 @@ extern char* pkcs11_mechanism;
 extern int provider_connect_timeout_ms;
 extern int provider_timeout_ms;
 extern int provider_max_retries;
+extern int aws_kms_deletion_window_days;
 extern bool allow_insecure_http_loopback;
 
 // Key broker and shared DEK cache

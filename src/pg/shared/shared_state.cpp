@@ -652,6 +652,19 @@ void run_posted_request(const AdminRequest& prototype, const char* action, Admin
 
 } // namespace
 
+const char* admin_action(AdminRequest::Operation operation)
+{
+    switch (operation) {
+    case AdminRequest::Operation::Generate: return "generate";
+    case AdminRequest::Operation::Rewrap: return "rewrap";
+    case AdminRequest::Operation::CreateKek: return "create_kek";
+    case AdminRequest::Operation::Rekey: return "rekey";
+    case AdminRequest::Operation::CreateDedicatedKek: return "create_dedicated_kek";
+    case AdminRequest::Operation::DeleteDedicatedKek: return "delete_dedicated_kek";
+    }
+    return "admin";
+}
+
 void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapRequest& key,
                        bool may_create_local_kek, AdminRequest* result)
 {
@@ -659,10 +672,7 @@ void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapReq
     prototype->operation = operation;
     prototype->key = key;
     prototype->may_create_local_kek = may_create_local_kek;
-    run_posted_request(*prototype, operation == AdminRequest::Operation::Generate    ? "generate"
-                                   : operation == AdminRequest::Operation::CreateKek ? "create_kek"
-                                                                                     : "rewrap",
-                       result);
+    run_posted_request(*prototype, admin_action(operation), result);
     explicit_bzero(prototype, sizeof(*prototype));
     pfree(prototype);
 }

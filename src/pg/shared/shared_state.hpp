@@ -26,7 +26,9 @@ namespace pgphi::pg {
 // kek_version returns the new KEK's own reference).
 struct AdminRequest {
     enum class State : uint8_t { Free, Pending, InFlight, Done };
-    enum class Operation : uint8_t { Generate, Rewrap, CreateKek, Rekey };
+    // CreateDedicatedKek, DeleteDedicatedKek: a KEK of one pgphi key alone
+    // (create_key(..., dedicated_kek => true), and its last version destroyed).
+    enum class Operation : uint8_t { Generate, Rewrap, CreateKek, Rekey, CreateDedicatedKek, DeleteDedicatedKek };
     State state;
     Operation operation;
     uint64_t ticket;              // identifies the requester's use of the slot
@@ -171,7 +173,11 @@ void report_seals(DataKey& key, Oid database);
 // uncounted version would escape the limit and automatic rotation.
 void check_seal_budget(DataKey& key, Oid database);
 
-// Asks the broker to generate and wrap a new DEK, or to rewrap key.wrapped;
+// The audit action of a failed admin request ("generate", "rewrap", ...).
+const char* admin_action(AdminRequest::Operation operation);
+
+// Asks the broker to generate and wrap a new DEK, to rewrap key.wrapped, or
+// to create or delete a KEK (its reference or outcome in result->kek_version);
 // raises on failure.
 void run_admin_request(AdminRequest::Operation operation, const cache::UnwrapRequest& key,
                        bool may_create_local_kek, AdminRequest* result);

@@ -424,6 +424,20 @@ void run_rekey(SharedState* state, int index)
         wake_broker(); // the destination's broker
 }
 
+// What the server log calls a failed admin request.
+const char* operation_label(AdminRequest::Operation operation)
+{
+    switch (operation) {
+    case AdminRequest::Operation::Rewrap: return "rewrap";
+    case AdminRequest::Operation::CreateKek: return "KEK creation";
+    case AdminRequest::Operation::CreateDedicatedKek: return "dedicated KEK creation";
+    case AdminRequest::Operation::DeleteDedicatedKek: return "dedicated KEK deletion";
+    case AdminRequest::Operation::Rekey: return "rekey";
+    case AdminRequest::Operation::Generate: break;
+    }
+    return "creation";
+}
+
 void run_admin(SharedState* state, int index)
 {
     AdminRequest& shared = state->admin[index];
@@ -446,6 +460,11 @@ void run_admin(SharedState* state, int index)
         if (operation == AdminRequest::Operation::CreateKek) {
             // A new KEK in the key manager; its own reference comes back as the "KEK version".
             result.kek_version = provider.create_kek(key.kek_ref);
+        } else if (operation == AdminRequest::Operation::CreateDedicatedKek) {
+            result.kek_version = provider.create_dedicated_kek(key.kek_ref, key.key_name);
+        } else if (operation == AdminRequest::Operation::DeleteDedicatedKek) {
+            // What the key manager did comes back for the catalog and the audit trail.
+            result.kek_version = provider.delete_dedicated_kek(key.kek_ref);
         } else if (operation == AdminRequest::Operation::Rewrap) {
             // Inside the key manager where it can (KMS ReEncrypt); Vault, KMIP
             // and PKCS#11 unwrap and wrap in this process (Vault's rewrap
@@ -462,10 +481,7 @@ void run_admin(SharedState* state, int index)
     state->stats.key_manager_calls.fetch_add(1, std::memory_order_relaxed);
     if (!outcome.ok) {
         state->stats.key_manager_errors.fetch_add(1, std::memory_order_relaxed);
-        log_failure(operation == AdminRequest::Operation::Rewrap      ? "rewrap"
-                    : operation == AdminRequest::Operation::CreateKek ? "KEK creation"
-                                                                      : "creation",
-                    key, outcome.failure);
+        log_failure(operation_label(operation), key, outcome.failure);
     }
 
     LWLockAcquire(state->lock, LW_EXCLUSIVE);
