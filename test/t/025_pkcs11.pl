@@ -17,30 +17,20 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
 use PgphiTest;
+use SoftHsmToken;
 
-my $softhsm = '/usr/lib/softhsm/libsofthsm2.so';
+my $softhsm = $SoftHsmToken::MODULE;
 my ($spy) = grep { -e } ('/usr/lib/x86_64-linux-gnu/pkcs11-spy.so', '/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so');
 plan skip_all => 'softhsm2 and opensc are not installed (scripts/install-deps.sh)'
-  unless -e $softhsm && $spy && system('command -v softhsm2-util pkcs11-tool >/dev/null') == 0;
+  unless SoftHsmToken::available() && $spy;
 
 my $dir = "$PostgreSQL::Test::Utils::tmp_check/pkcs11";
-mkdir $dir;
-mkdir "$dir/tokens", 0700;
-open my $conf, '>', "$dir/softhsm2.conf" or die;
-print $conf "directories.tokendir = $dir/tokens\nobjectstore.backend = file\nlog.level = ERROR\n";
-close $conf;
-$ENV{SOFTHSM2_CONF} = "$dir/softhsm2.conf";
+my $pin = '31415926';
+my $token = SoftHsmToken->new(dir => $dir, label => 'pgphi-tap', pin => $pin);
 $ENV{PKCS11SPY} = $softhsm;
 $ENV{PKCS11SPY_OUTPUT} = "$dir/spy-primary.log";
-my $pin = '31415926';
-system("softhsm2-util --init-token --free --label pgphi-tap --so-pin 27182818 --pin $pin >/dev/null") == 0
-  or die 'softhsm2-util --init-token failed';
 
-sub tool
-{
-	my ($args) = @_;
-	return system("pkcs11-tool --module $softhsm --token-label pgphi-tap --login --pin $pin $args >/dev/null 2>&1");
-}
+sub tool { my ($args) = @_; return $token->tool($args); }
 
 sub write_pin
 {

@@ -19,10 +19,10 @@ use IPC::Run;
 use PgphiTest;
 use KeyManagerEmulator;
 use KmipServer;
+use SoftHsmToken;
 
-my $softhsm = '/usr/lib/softhsm/libsofthsm2.so';
-plan skip_all => 'softhsm2 and opensc are not installed (scripts/install-deps.sh)'
-  unless -e $softhsm && system('command -v softhsm2-util pkcs11-tool >/dev/null') == 0;
+plan skip_all => 'softhsm2 and opensc are not installed (scripts/install-deps.sh)' unless SoftHsmToken::available();
+my $softhsm = $SoftHsmToken::MODULE;
 
 my $pki = KeyManagerEmulator::make_pki("$PostgreSQL::Test::Utils::tmp_check/pki");
 my $second_kms_key = '0987dcba-09fe-87dc-65ba-ab0987654321';
@@ -31,19 +31,9 @@ my $kmip = KmipServer->new(pki => $pki, dir => "$PostgreSQL::Test::Utils::tmp_ch
 my $kmip_kek = $kmip->admin('create', 'pgphi-kek');
 
 # A SoftHSM2 token with a non-extractable AES-256 KEK.
-my $hsm = "$PostgreSQL::Test::Utils::tmp_check/pkcs11";
-mkdir $hsm;
-mkdir "$hsm/tokens", 0700;
-open my $conf, '>', "$hsm/softhsm2.conf" or die;
-print $conf "directories.tokendir = $hsm/tokens\nobjectstore.backend = file\nlog.level = ERROR\n";
-close $conf;
-$ENV{SOFTHSM2_CONF} = "$hsm/softhsm2.conf";
 my $pin = '16180339';
-system("softhsm2-util --init-token --free --label pgphi-rekey --so-pin 27182818 --pin $pin >/dev/null") == 0
-  or die 'softhsm2-util --init-token failed';
-system("pkcs11-tool --module $softhsm --token-label pgphi-rekey --login --pin $pin "
-	  . "--keygen --key-type AES:32 --sensitive --label pgphi-kek --id 01 >/dev/null 2>&1") == 0
-  or die 'pkcs11-tool --keygen failed';
+my $token = SoftHsmToken->new(dir => "$PostgreSQL::Test::Utils::tmp_check/pkcs11", label => 'pgphi-rekey', pin => $pin);
+$token->tool('--keygen --key-type AES:32 --sensitive --label pgphi-kek --id 01') == 0 or die 'pkcs11-tool --keygen failed';
 my $pin_file = $emulator->write_secret('pkcs11-pin', "$pin\n");
 
 my $node = PgphiTest::new_node('primary', allows_streaming => 1);

@@ -12,41 +12,24 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use IPC::Run;
 use PgphiTest;
 use KeyManagerEmulator;
 use KmipServer;
+use SoftHsmToken;
 
-my $softhsm = '/usr/lib/softhsm/libsofthsm2.so';
-plan skip_all => 'softhsm2 and opensc are not installed (scripts/install-deps.sh)'
-  unless -e $softhsm && system('command -v softhsm2-util pkcs11-tool >/dev/null') == 0;
+plan skip_all => 'softhsm2 and opensc are not installed (scripts/install-deps.sh)' unless SoftHsmToken::available();
 
 my $pki = KeyManagerEmulator::make_pki("$PostgreSQL::Test::Utils::tmp_check/pki");
 my $emulator = KeyManagerEmulator->new(pki => $pki);
 my $kmip = KmipServer->new(pki => $pki, dir => "$PostgreSQL::Test::Utils::tmp_check/kmip");
 
-my $hsm = "$PostgreSQL::Test::Utils::tmp_check/pkcs11";
-mkdir $hsm;
-mkdir "$hsm/tokens", 0700;
-open my $conf, '>', "$hsm/softhsm2.conf" or die;
-print $conf "directories.tokendir = $hsm/tokens\nobjectstore.backend = file\nlog.level = ERROR\n";
-close $conf;
-$ENV{SOFTHSM2_CONF} = "$hsm/softhsm2.conf";
 my $pin = '14142135';
-system("softhsm2-util --init-token --free --label pgphi-dedicated --so-pin 17320508 --pin $pin >/dev/null") == 0
-  or die 'softhsm2-util --init-token failed';
+my $token = SoftHsmToken->new(dir => "$PostgreSQL::Test::Utils::tmp_check/pkcs11", label => 'pgphi-dedicated', pin => $pin);
 my $pin_file = $emulator->write_secret('pkcs11-pin', "$pin\n");
-sub token_labels
-{
-	my ($out, $err);
-	IPC::Run::run([ 'pkcs11-tool', '--module', $softhsm, '--token-label', 'pgphi-dedicated', '--login', '--pin', $pin,
-		'--list-objects', '--type', 'secrkey' ], '>', \$out, '2>', \$err) or die "pkcs11-tool: $err";
-	return join ',', sort $out =~ /label:\s+(\S+)/g;
-}
 
 my $node = PgphiTest::new_node('primary', allows_streaming => 1);
 $node->append_conf('postgresql.conf', $emulator->postgres_settings . $kmip->postgres_settings . <<CONF);
-pgphi.pkcs11_module = '$softhsm'
+pgphi.pkcs11_module = '$SoftHsmToken::MODULE'
 pgphi.pkcs11_token_label = 'pgphi-dedicated'
 pgphi.pkcs11_pin_file = '$pin_file'
 pgphi.aws_kms_deletion_window = 7
@@ -99,7 +82,7 @@ is($emulator->aws_cli('describe-key', '--key-id', $kek{aws_kms}, '--query', 'Key
 like($kek{kmip}, qr/^\S+$/, "KMIP: a new object, unique identifier $kek{kmip}");
 is($kmip->admin('state', $kek{kmip}), 'ACTIVE', '... active on the KMIP server');
 like($kek{pkcs11}, qr/^label:pgphi-dedicated-d_pkcs11-[0-9a-f]{12}$/, "PKCS#11: a new token key, $kek{pkcs11}");
-is(token_labels(), substr($kek{pkcs11}, 6), '... on the token');
+is($token->secret_key_labels(), substr($kek{pkcs11}, 6), '... on the token');
 my $all = join ' + ', map { "(SELECT count(*) FROM t_$_ WHERE pgphi.decrypt_phi(v) = '$_-' || id)" } @providers;
 is($node->safe_psql('postgres', "SELECT pgphi.flush_cache() >= 0; SELECT $all"), "t\n160",
 	'every value decrypts through its own KEK');
@@ -156,7 +139,7 @@ is($emulator->aws_cli('describe-key', '--key-id', $kek{aws_kms}, '--query', 'Key
 is($deletion{kmip}, 'the KMIP object was revoked and destroyed', 'KMIP: the object was revoked and destroyed');
 ok(!eval { $kmip->admin('state', $kek{kmip}); 1 }, '... and the KMIP server no longer has it');
 like($deletion{pkcs11}, qr/^the PKCS#11 key was destroyed on the token \(1 version\)$/, 'PKCS#11: the token key was destroyed');
-is(token_labels(), '', '... and the token holds no key');
+is($token->secret_key_labels(), '', '... and the token holds no key');
 is($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.audit_log WHERE action = 'delete_kek'
 	AND detail LIKE 'dedicated KEK % of provider %: %'}), '4', 'each deletion is audited (delete_kek)');
 fails_with(q{SELECT pgphi.rotate_key('d_vault')}, qr/55000: the dedicated KEK of pgphi key "d_vault" has been deleted/,
