@@ -27,6 +27,11 @@ esac
 cache=${PGPHI_PG_CACHE:-/var/cache/pgphi}
 apt_dir=$cache/apt
 mkdir -p "$apt_dir/state/lists/partial" "$apt_dir/cache/archives/partial" "$cache/src"
+# One build of a version at a time (scripts/test.sh starts them ahead in the
+# background): a second caller waits for the first, then finds its build.
+# The private apt state is shared by every version, so one lock serves all.
+exec 9>"$cache/.build.lock"
+flock 9
 
 log() { echo "build-postgres: $*" >&2; }
 

@@ -30,6 +30,15 @@ suites=("$@")
 # server (unit, fuzz, emulator) run once, with the first version.
 if [ -n "${PG_VERSIONS:-}" ]; then
     summary=() status=0 first=1
+    # Versions built from source (17, 18: several minutes each on a fresh
+    # machine) are built in the background while the first version's suites
+    # run; scripts/build-postgres.sh takes a lock, so the loop below waits for
+    # a build still running and then uses it, or reports its failure.
+    # Packages first, so that no two apt-get runs meet.
+    scripts/install-deps.sh && scripts/install-deps.sh build-postgres || exit 1
+    (for version in $PG_VERSIONS; do
+        [ "$version" = 15 ] || scripts/build-postgres.sh "$version" >/dev/null 2>&1 || true
+    done) &
     for version in $PG_VERSIONS; do
         started=$SECONDS
         if [ "$version" = 15 ]; then
