@@ -12,34 +12,13 @@
 
 #include "aws_credentials.hpp"
 #include "error.hpp"
+#include "refusal.hpp"
 
 using namespace pgphi;
+using pgphi::test_support::refusal;
+using pgphi::test_support::refusal_text;
 
 namespace {
-
-ErrorCode refusal(const std::function<void()>& fn)
-{
-    try {
-        fn();
-    } catch (const Error& e) {
-        return e.code();
-    } catch (const std::exception& e) {
-        ADD_FAILURE() << "not a pgphi::Error: " << e.what();
-        return ErrorCode::Internal;
-    }
-    ADD_FAILURE() << "accepted";
-    return ErrorCode::Internal;
-}
-
-std::string refusal_text(const std::function<void()>& fn)
-{
-    try {
-        fn();
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "accepted";
-}
 
 // Credentials made up at test time (no key-like literal in the repository);
 // the secret has the "/" and "+" that real ones carry.

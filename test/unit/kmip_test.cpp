@@ -18,8 +18,11 @@
 #include "kmip_messages.hpp"
 #include "kmip_provider.hpp"
 #include "kmip_ttlv.hpp"
+#include "refusal.hpp"
 
 using namespace pgphi;
+using pgphi::test_support::refusal;
+using pgphi::test_support::refusal_text;
 using namespace pgphi::kmip;
 
 namespace {
@@ -39,20 +42,6 @@ Bytes hex(const std::string& text)
 }
 
 ByteView view(const Bytes& b) { return ByteView(b.data(), b.size()); }
-
-ErrorCode refusal(const std::function<void()>& fn)
-{
-    try {
-        fn();
-    } catch (const Error& e) {
-        return e.code();
-    } catch (const std::exception& e) {
-        ADD_FAILURE() << "not a pgphi::Error: " << e.what();
-        return ErrorCode::Internal;
-    }
-    ADD_FAILURE() << "accepted";
-    return ErrorCode::Internal;
-}
 
 constexpr uint32_t kExampleTag = 0x420020;
 

@@ -15,26 +15,16 @@
 
 #include "error.hpp"
 #include "pkcs11_provider.hpp"
+#include "refusal.hpp"
 
 using namespace pgphi;
+using pgphi::test_support::refusal;
+using pgphi::test_support::refusal_text;
 
 namespace {
 
 const char* kModule = "/usr/lib/softhsm/libsofthsm2.so";
 const char* kPin = "48151623";
-
-ErrorCode code_of(const std::function<void()>& fn, std::string* message = nullptr)
-{
-    try {
-        fn();
-    } catch (const Error& e) {
-        if (message)
-            *message = e.what();
-        return e.code();
-    }
-    ADD_FAILURE() << "expected a pgphi::Error";
-    return ErrorCode::Internal;
-}
 
 class SoftHsm : public ::testing::Test {
 protected:
@@ -122,13 +112,13 @@ TEST_F(SoftHsm, WrapsAndUnwrapsWithAesGcmAndBindsTheKey)
     EXPECT_TRUE(same(provider.unwrap("id:0a0b", view, binding()), dek));
 
     // Another key id or version: the token refuses (the AAD differs).
-    EXPECT_EQ(code_of([&] { provider.unwrap("label:pgphi-kek", view, binding(8, 1)); }), ErrorCode::WrappedDekInvalid);
-    EXPECT_EQ(code_of([&] { provider.unwrap("label:pgphi-kek", view, binding(7, 2)); }), ErrorCode::WrappedDekInvalid);
+    EXPECT_EQ(refusal([&] { provider.unwrap("label:pgphi-kek", view, binding(8, 1)); }), ErrorCode::WrappedDekInvalid);
+    EXPECT_EQ(refusal([&] { provider.unwrap("label:pgphi-kek", view, binding(7, 2)); }), ErrorCode::WrappedDekInvalid);
     // Any flipped bit.
     for (size_t i = 0; i < wrapped.blob.size(); ++i) {
         std::vector<uint8_t> bad = wrapped.blob;
         bad[i] ^= 0x01;
-        ErrorCode code = code_of([&] { provider.unwrap("label:pgphi-kek", ByteView(bad.data(), bad.size()), binding()); });
+        ErrorCode code = refusal([&] { provider.unwrap("label:pgphi-kek", ByteView(bad.data(), bad.size()), binding()); });
         EXPECT_TRUE(code == ErrorCode::WrappedDekInvalid || code == ErrorCode::KeyManagerKeyDisabled) << i;
     }
     // Two wraps of one DEK differ (fresh IV).
@@ -145,10 +135,10 @@ TEST_F(SoftHsm, FallsBackToAesKeyWrapPad)
     EXPECT_EQ(wrapped.blob[1], 2); // CKM_AES_KEY_WRAP_PAD
     ByteView view(wrapped.blob.data(), wrapped.blob.size());
     EXPECT_TRUE(same(provider.unwrap("label:pgphi-kek", view, binding()), dek));
-    EXPECT_EQ(code_of([&] { provider.unwrap("label:pgphi-kek", view, binding(8, 1)); }), ErrorCode::WrappedDekInvalid);
+    EXPECT_EQ(refusal([&] { provider.unwrap("label:pgphi-kek", view, binding(8, 1)); }), ErrorCode::WrappedDekInvalid);
     std::vector<uint8_t> bad = wrapped.blob;
     bad[20] ^= 0x80;
-    EXPECT_EQ(code_of([&] { provider.unwrap("label:pgphi-kek", ByteView(bad.data(), bad.size()), binding()); }),
+    EXPECT_EQ(refusal([&] { provider.unwrap("label:pgphi-kek", ByteView(bad.data(), bad.size()), binding()); }),
               ErrorCode::WrappedDekInvalid);
     // A provider set to GCM still unwraps it: the blob says its mechanism.
     Pkcs11KeyProvider gcm(settings("aes_gcm"));
@@ -159,7 +149,7 @@ TEST_F(SoftHsm, NewKekVersionsAndRewrap)
 {
     Pkcs11KeyProvider provider(settings());
     // No KEK yet: 55000-class refusal, then pgphi creates version 1.
-    EXPECT_EQ(code_of([&] { provider.describe("label:made-here"); }), ErrorCode::KeyManagerKeyDisabled);
+    EXPECT_EQ(refusal([&] { provider.describe("label:made-here"); }), ErrorCode::KeyManagerKeyDisabled);
     EXPECT_EQ(provider.create_kek("label:made-here"), "v1");
     SecureBytes dek = SecureBytes::random(32);
     WrappedDek v1 = provider.wrap("label:made-here", dek, binding());
@@ -200,10 +190,10 @@ TEST_F(SoftHsm, RefusesExtractableKeksAndBadReferences)
     Pkcs11KeyProvider provider(settings());
     SecureBytes dek = SecureBytes::random(32);
     std::string message;
-    EXPECT_EQ(code_of([&] { provider.wrap("label:leaky", dek, binding()); }, &message), ErrorCode::KeyManagerKeyDisabled);
+    EXPECT_EQ(refusal([&] { provider.wrap("label:leaky", dek, binding()); }, &message), ErrorCode::KeyManagerKeyDisabled);
     EXPECT_NE(message.find("extractable"), std::string::npos);
     for (const char* ref : {"leaky", "label:", "id:zz", "id:abc", "123-45-6789"}) {
-        EXPECT_EQ(code_of([&] { provider.wrap(ref, dek, binding()); }, &message), ErrorCode::InvalidArgument) << ref;
+        EXPECT_EQ(refusal([&] { provider.wrap(ref, dek, binding()); }, &message), ErrorCode::InvalidArgument) << ref;
         EXPECT_EQ(message.find("123-45"), std::string::npos);
     }
 }
@@ -217,9 +207,9 @@ TEST_F(SoftHsm, DeletedKekIsNotUsable)
     ByteView view(wrapped.blob.data(), wrapped.blob.size());
     ASSERT_TRUE(same(provider.unwrap("label:gone", view, binding()), dek)); // handle cached
     ASSERT_EQ(sh(tool("--delete-object --type secrkey --label gone")), 0);
-    EXPECT_EQ(code_of([&] { provider.unwrap("label:gone", view, binding()); }), ErrorCode::KeyManagerKeyDisabled);
+    EXPECT_EQ(refusal([&] { provider.unwrap("label:gone", view, binding()); }), ErrorCode::KeyManagerKeyDisabled);
     Pkcs11KeyProvider fresh(settings());
-    EXPECT_EQ(code_of([&] { fresh.unwrap("label:gone", view, binding()); }), ErrorCode::KeyManagerKeyDisabled);
+    EXPECT_EQ(refusal([&] { fresh.unwrap("label:gone", view, binding()); }), ErrorCode::KeyManagerKeyDisabled);
 }
 
 TEST_F(SoftHsm, WrongPinIsDeniedAndNotRetried)
@@ -229,11 +219,11 @@ TEST_F(SoftHsm, WrongPinIsDeniedAndNotRetried)
     Pkcs11KeyProvider provider(settings());
     SecureBytes dek = SecureBytes::random(32);
     std::string message;
-    EXPECT_EQ(code_of([&] { provider.wrap("label:pgphi-kek", dek, binding()); }, &message), ErrorCode::KeyManagerDenied);
+    EXPECT_EQ(refusal([&] { provider.wrap("label:pgphi-kek", dek, binding()); }, &message), ErrorCode::KeyManagerDenied);
     EXPECT_EQ(message.find("00000000"), std::string::npos);
     uint64_t calls = provider.token_calls();
     // The same wrong PIN is not sent again.
-    EXPECT_EQ(code_of([&] { provider.wrap("label:pgphi-kek", dek, binding()); }), ErrorCode::KeyManagerDenied);
+    EXPECT_EQ(refusal([&] { provider.wrap("label:pgphi-kek", dek, binding()); }), ErrorCode::KeyManagerDenied);
     EXPECT_LE(provider.token_calls() - calls, 4u);
     write_pin(kPin);
     EXPECT_EQ(provider.wrap("label:pgphi-kek", dek, binding()).kek_version, "v1");
@@ -257,7 +247,7 @@ TEST_F(SoftHsm, TokenGoingAwayAndComingBack)
     ASSERT_EQ(rename((dir + "/tokens").c_str(), (dir + "/away").c_str()), 0);
     mkdir((dir + "/tokens").c_str(), 0700);
     provider.drop_session_for_testing();
-    EXPECT_EQ(code_of([&] { provider.unwrap("label:pgphi-kek", view, binding()); }), ErrorCode::KeyManagerUnavailable);
+    EXPECT_EQ(refusal([&] { provider.unwrap("label:pgphi-kek", view, binding()); }), ErrorCode::KeyManagerUnavailable);
     // It comes back: the next call opens a session and logs in again.
     ASSERT_EQ(sh("rm -rf " + dir + "/tokens"), 0);
     ASSERT_EQ(rename((dir + "/away").c_str(), (dir + "/tokens").c_str()), 0);
@@ -274,13 +264,13 @@ TEST_F(SoftHsm, MissingModuleAndUnsafePinFile)
     s.module_path = dir + "/no-such-module.so";
     Pkcs11KeyProvider missing(s);
     SecureBytes dek = SecureBytes::random(32);
-    EXPECT_EQ(code_of([&] { missing.wrap("label:x", dek, binding()); }), ErrorCode::KeyManagerUnavailable);
+    EXPECT_EQ(refusal([&] { missing.wrap("label:x", dek, binding()); }), ErrorCode::KeyManagerUnavailable);
     chmod(pin_file.c_str(), 0644);
     Pkcs11KeyProvider unsafe(settings());
-    EXPECT_EQ(code_of([&] { unsafe.wrap("label:x", dek, binding()); }), ErrorCode::SecretFileInvalid);
+    EXPECT_EQ(refusal([&] { unsafe.wrap("label:x", dek, binding()); }), ErrorCode::SecretFileInvalid);
     Pkcs11Settings no_token = settings();
     no_token.token_label = "no-such-token";
     chmod(pin_file.c_str(), 0600);
     Pkcs11KeyProvider absent(no_token);
-    EXPECT_EQ(code_of([&] { absent.wrap("label:x", dek, binding()); }), ErrorCode::KeyManagerUnavailable);
+    EXPECT_EQ(refusal([&] { absent.wrap("label:x", dek, binding()); }), ErrorCode::KeyManagerUnavailable);
 }

@@ -16,26 +16,14 @@
 #include "http_client.hpp"
 #include "kms_response.hpp"
 #include "vault_response.hpp"
+#include "refusal.hpp"
 
 using namespace pgphi;
+using pgphi::test_support::refusal;
+using pgphi::test_support::refusal_text;
 using nlohmann::json;
 
 namespace {
-
-// The code of the pgphi::Error `fn` throws; fails the test on anything else.
-ErrorCode refusal(const std::function<void()>& fn)
-{
-    try {
-        fn();
-    } catch (const Error& e) {
-        return e.code();
-    } catch (const std::exception& e) {
-        ADD_FAILURE() << "not a pgphi::Error: " << e.what();
-        return ErrorCode::Internal;
-    }
-    ADD_FAILURE() << "accepted";
-    return ErrorCode::Internal;
-}
 
 bool wiped(const std::string& s) { return s.find_first_not_of('\0') == std::string::npos; }
 

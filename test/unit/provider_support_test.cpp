@@ -17,23 +17,13 @@
 #include "vault_provider.hpp"
 #include "http_client.hpp"
 #include "secret_file.hpp"
+#include "refusal.hpp"
 
 using namespace pgphi;
+using pgphi::test_support::refusal;
+using pgphi::test_support::refusal_text;
 
 namespace {
-
-ErrorCode error_code_of(const std::function<void()>& fn, std::string* message = nullptr)
-{
-    try {
-        fn();
-    } catch (const Error& e) {
-        if (message)
-            *message = e.what();
-        return e.code();
-    }
-    ADD_FAILURE() << "expected a pgphi::Error";
-    return ErrorCode::Internal;
-}
 
 class TempDir : public ::testing::Test {
 protected:
@@ -84,13 +74,13 @@ TEST_F(TempDir, SecretTextIsTrimmedAndChecked)
 
     std::string open_to_all = write("open", "secret", 0644);
     std::string message;
-    EXPECT_EQ(error_code_of([&] { read_secret_text(open_to_all, "Vault token file"); }, &message),
+    EXPECT_EQ(refusal([&] { read_secret_text(open_to_all, "Vault token file"); }, &message),
               ErrorCode::SecretFileInvalid);
     EXPECT_NE(message.find("Vault token file"), std::string::npos);
-    EXPECT_EQ(error_code_of([&] { read_secret_text(dir + "/absent", "Vault token file"); }),
+    EXPECT_EQ(refusal([&] { read_secret_text(dir + "/absent", "Vault token file"); }),
               ErrorCode::SecretFileMissing);
     std::string empty = write("empty", " \n");
-    EXPECT_EQ(error_code_of([&] { read_secret_text(empty, "Vault token file"); }), ErrorCode::SecretFileInvalid);
+    EXPECT_EQ(refusal([&] { read_secret_text(empty, "Vault token file"); }), ErrorCode::SecretFileInvalid);
 }
 
 TEST(HttpClient, RefusesPlainHttpExceptToAllowedLoopback)
@@ -99,14 +89,14 @@ TEST(HttpClient, RefusesPlainHttpExceptToAllowedLoopback)
     HttpRequest request;
     request.url = "http://127.0.0.1:1/v1/sys/health";
     std::string message;
-    EXPECT_EQ(error_code_of([&] { strict.send(request); }, &message), ErrorCode::ConfigError);
+    EXPECT_EQ(refusal([&] { strict.send(request); }, &message), ErrorCode::ConfigError);
     EXPECT_NE(message.find("does not use https"), std::string::npos);
 
     HttpClient loopback("Vault", TlsSettings{}, HttpTimeouts{}, PlainHttp{true, false});
     request.url = "http://10.0.0.1:8200/v1/sys/health"; // not loopback: refused before any connection
-    EXPECT_EQ(error_code_of([&] { loopback.send(request); }), ErrorCode::ConfigError);
+    EXPECT_EQ(refusal([&] { loopback.send(request); }), ErrorCode::ConfigError);
     request.url = "ftp://127.0.0.1/x";
-    EXPECT_EQ(error_code_of([&] { loopback.send(request); }), ErrorCode::ConfigError);
+    EXPECT_EQ(refusal([&] { loopback.send(request); }), ErrorCode::ConfigError);
 }
 
 TEST(HttpClient, UnreachableServerIsUnavailable)
@@ -116,7 +106,7 @@ TEST(HttpClient, UnreachableServerIsUnavailable)
     HttpRequest request;
     request.url = "https://127.0.0.1:1/";
     std::string message;
-    EXPECT_EQ(error_code_of([&] { client.send(request); }, &message), ErrorCode::KeyManagerUnavailable);
+    EXPECT_EQ(refusal([&] { client.send(request); }, &message), ErrorCode::KeyManagerUnavailable);
     EXPECT_NE(message.find("AWS KMS is unavailable"), std::string::npos);
 }
 
@@ -166,7 +156,7 @@ TEST_F(TempDir, AwsCredentialsFileProfiles)
 
     settings.profile = "missing";
     AwsCredentialChain missing(settings);
-    EXPECT_EQ(error_code_of([&] { missing.get(std::time(nullptr)); }), ErrorCode::ConfigError);
+    EXPECT_EQ(refusal([&] { missing.get(std::time(nullptr)); }), ErrorCode::ConfigError);
 }
 
 TEST_F(TempDir, AwsCredentialsFromEnvironmentComeFirst)
@@ -188,7 +178,7 @@ TEST(AwsCredentials, NoSourceIsADenial)
     AwsCredentialSettings settings;
     settings.use_environment = false;
     AwsCredentialChain chain(settings);
-    EXPECT_EQ(error_code_of([&] { chain.get(std::time(nullptr)); }), ErrorCode::KeyManagerDenied);
+    EXPECT_EQ(refusal([&] { chain.get(std::time(nullptr)); }), ErrorCode::KeyManagerDenied);
 }
 
 TEST(VaultAuthSettings, EachMethodNeedsWhatItLogsInWith)
@@ -198,7 +188,7 @@ TEST(VaultAuthSettings, EachMethodNeedsWhatItLogsInWith)
         s.address = "https://127.0.0.1:8200";
         return s;
     };
-    auto config_error = [&](VaultSettings s) { return error_code_of([&] { VaultKeyProvider provider(std::move(s)); }); };
+    auto config_error = [&](VaultSettings s) { return refusal([&] { VaultKeyProvider provider(std::move(s)); }); };
     VaultSettings none = settings();
     EXPECT_EQ(config_error(none), ErrorCode::ConfigError);
     VaultSettings kubernetes = settings();
@@ -232,12 +222,12 @@ TEST_F(TempDir, IdentityTokenFilesMayBeRootOwnedProjectionsButNotWritableByOther
     std::string token = write("token", "eyJhbGciOi.token.sig\n");
     chmod(token.c_str(), 0644);
     EXPECT_EQ(read_identity_token_file(token, "Kubernetes service account token file"), "eyJhbGciOi.token.sig");
-    EXPECT_EQ(error_code_of([&] { read_secret_text(token, "Vault token file"); }), ErrorCode::SecretFileInvalid);
+    EXPECT_EQ(refusal([&] { read_secret_text(token, "Vault token file"); }), ErrorCode::SecretFileInvalid);
     chmod(token.c_str(), 0666);
     std::string message;
-    EXPECT_EQ(error_code_of([&] { read_identity_token_file(token, "web identity token file"); }, &message),
+    EXPECT_EQ(refusal([&] { read_identity_token_file(token, "web identity token file"); }, &message),
               ErrorCode::SecretFileInvalid);
     EXPECT_NE(message.find("writable by group or others"), std::string::npos) << message;
-    EXPECT_EQ(error_code_of([&] { read_identity_token_file(token + ".absent", "token file"); }),
+    EXPECT_EQ(refusal([&] { read_identity_token_file(token + ".absent", "token file"); }),
               ErrorCode::SecretFileMissing);
 }
