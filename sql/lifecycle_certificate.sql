@@ -138,4 +138,20 @@ SELECT c->'no_value_remained' AS no_value_remained, c->'check_at_destruction'->'
   FROM (SELECT :'left_cert'::jsonb AS c) s;
 SELECT pgphi.verify_destruction_certificate(:'left_cert') AS verifies;
 RESET SESSION AUTHORIZATION;
+
+-- A destruction without its audit record (a superuser's UPDATE with the
+-- audit triggers off, under session_replication_role = replica) gets no
+-- certificate: XX001, the log is missing what it must hold.
+SELECT pgphi.create_key('lcc_quiet') AS lcc_quiet_id \gset
+SELECT pgphi.rotate_key('lcc_quiet') AS new_version;
+SELECT pgphi.retire_key_version('lcc_quiet', 1);
+SET session_replication_role = replica;
+UPDATE pgphi.key_versions SET state = 'destroyed', wrapped_dek = NULL, destroyed_at = now()
+ WHERE key_id = :lcc_quiet_id AND version = 1;
+RESET session_replication_role;
+SELECT count(*) AS destroy_records FROM pgphi.audit_log
+ WHERE key_id = :lcc_quiet_id AND key_version = 1 AND action = 'destroy';
+SET SESSION AUTHORIZATION lcc_auditor;
+SELECT pgphi.destruction_certificate('lcc_quiet', 1);
+RESET SESSION AUTHORIZATION;
 \set VERBOSITY default
