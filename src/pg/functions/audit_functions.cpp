@@ -121,7 +121,6 @@ PGPHI_FUNCTION(pgphi_audit_chain_changed)
     PG_RETURN_VOID();
 }
 
-
 // pgphi.destruction_certificate(name, version): the signed certificate of a
 // destroyed key version (auditors and custodians). The document is built by
 // pgphi._destruction_certificate_body from the audit log and the catalog,
@@ -133,7 +132,8 @@ PGPHI_FUNCTION(pgphi_destruction_certificate)
 {
     using namespace pgphi::pg;
     Oid types[2] = {TEXTOID, INT4OID};
-    Datum args[2] = {PG_ARGISNULL(0) ? Datum(0) : PG_GETARG_DATUM(0), PG_ARGISNULL(1) ? Datum(0) : PG_GETARG_DATUM(1)};
+    Datum args[2] = {PG_ARGISNULL(0) ? Datum(0) : PG_GETARG_DATUM(0),
+                     PG_ARGISNULL(1) ? Datum(0) : PG_GETARG_DATUM(1)};
     char nulls[3] = {PG_ARGISNULL(0) ? 'n' : ' ', PG_ARGISNULL(1) ? 'n' : ' ', '\0'};
     SPI_connect();
     if (SPI_execute_with_args("SELECT b::pg_catalog.text, pg_catalog.encode(pg_catalog.sha256("
