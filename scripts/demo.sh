@@ -59,6 +59,7 @@ fi
 psql_as billing_clerk -f scripts/demo/as_clerk.sql 2>&1
 psql_as postgres -f scripts/demo/tamper.sql 2>&1
 psql_as postgres -f scripts/demo/audit.sql
+psql_as postgres -f scripts/demo/evidence.sql
 
 cat <<MSG
 

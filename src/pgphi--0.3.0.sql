@@ -3077,6 +3077,61 @@ BEGIN
 END
 $$;
 
+-- The facts of a destruction that its audit record keeps for the
+-- destruction certificate (pgphi.destruction_certificate): the custodians
+-- whose approvals count (as destroy_key counts them: within the last day,
+-- custodians still) and a last scan of the database for values under the
+-- version, made by the audit trigger as the version becomes destroyed (by
+-- destroy_key or by direct DML). The scan is key_version_usage's; values
+-- found do not stop the destruction (the version is retired: nothing
+-- decrypts them any more), they are recorded. The text's form is fixed,
+-- since pgphi._destruction_certificate_body reads it back:
+--   approved by <custodians, quote_ident, or nobody>; checked at destruction:
+--   <n> values under the version in <n> columns scanned, <n> columns not
+--   scanned[; found: ...][; not scanned: ...]
+CREATE FUNCTION pgphi._destruction_check(key_id integer, version integer) RETURNS text
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    approvers text;
+    blind_index boolean := pgphi._key_purpose(_destruction_check.key_id) = 'blind_index';
+    columns bigint;
+    found bigint := 0;
+    places text[] := '{}';
+    unscanned text[] := '{}';
+    u record;
+BEGIN
+    SELECT string_agg(quote_ident(a.approved_by), ', ' ORDER BY a.approved_by) INTO approvers
+      FROM pgphi.destroy_approvals a JOIN pg_roles r ON r.rolname = a.approved_by
+     WHERE a.key_id = _destruction_check.key_id AND a.version = _destruction_check.version
+       AND a.approved_at > now() - interval '1 day'
+       AND pg_has_role(r.oid, 'pgphi_key_custodian', 'MEMBER');
+    -- The columns key_version_usage scans (the same filter).
+    SELECT count(*) INTO columns
+      FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid
+      JOIN pg_namespace s ON s.oid = r.relnamespace
+     WHERE r.relkind IN ('r', 'm') AND a.attnum > 0 AND NOT a.attisdropped
+       AND (a.atttypid = 'bytea'::regtype OR (NOT blind_index AND a.atttypid = 'pgphi.encrypted'::regtype))
+       AND s.nspname NOT IN ('pg_catalog', 'information_schema', 'pgphi')
+       AND s.nspname NOT LIKE 'pg_toast%' AND s.nspname NOT LIKE 'pg_temp%';
+    FOR u IN SELECT * FROM pgphi.key_version_usage(pgphi._key_name(_destruction_check.key_id),
+                                                   _destruction_check.version) LOOP
+        IF u.not_scanned IS NOT NULL THEN
+            unscanned := unscanned || format('%s.%I (owner %s): %s', u.relation, u.column_name, u.owner, u.not_scanned);
+        ELSE
+            found := found + u."values";
+            places := places || format('%s.%I (owner %s): %s', u.relation, u.column_name, u.owner, u."values");
+        END IF;
+    END LOOP;
+    RETURN format('approved by %s; checked at destruction: %s values under the version in %s columns scanned, '
+                  '%s columns not scanned', coalesce(approvers, 'nobody'), found,
+                  greatest(columns - cardinality(unscanned), 0), cardinality(unscanned))
+           || CASE WHEN cardinality(places) > 0 THEN '; found: ' || array_to_string(places, ', ') ELSE '' END
+           || CASE WHEN cardinality(unscanned) > 0 THEN '; not scanned: ' || array_to_string(unscanned, ', ')
+                   ELSE '' END;
+END
+$$;
+
 -- Crypto-shredding. destroy_key sets wrapped_dek to NULL; every
 -- older tuple version of the row still holds the wrapped DEK (left by the
 -- destroying UPDATE, and by every rotation, rewrap and retirement before it),
@@ -3522,6 +3577,202 @@ GRANT EXECUTE ON FUNCTION pgphi.suspend_key(text, integer, text), pgphi.approve_
     pgphi._change_key_grant(text, regrole, text, boolean, timestamptz),
     pgphi.expire_key_grants() TO pgphi_key_custodian;
 GRANT EXECUTE ON FUNCTION pgphi.access_review(), pgphi.rotation_report() TO pgphi_key_custodian, pgphi_key_auditor;
+
+-- Evidence for an auditor: the certificate of a destroyed key version. What
+-- was destroyed and when, by whom, the two custodians whose approvals it
+-- took, the check for values left under the version made at destruction,
+-- the retirement before it, and the audit records of all this with their
+-- place in the hash chain (seq and row_hash). Everything comes from records
+-- that do not change (the append-only audit log, the frozen destroyed row),
+-- so the document is the same every time it is asked for, also on a
+-- standby. It holds names, times, counts and hashes, never a key or a value.
+-- The document's form is in docs/key-lifecycle.md ("Destruction
+-- certificates"); its canonical text is the jsonb text form.
+CREATE FUNCTION pgphi._destruction_certificate_body(name text, version integer) RETURNS jsonb
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(_destruction_certificate_body.name);
+    v record;
+    destroyed pgphi.audit_log;
+    retired pgphi.audit_log;
+    ignoring pgphi.audit_log;
+    checked text[];
+    approvers text[];
+    approvals pgphi.audit_log[];
+    records pgphi.audit_log[];
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF _destruction_certificate_body.version IS NULL THEN
+        RAISE EXCEPTION 'a destruction certificate needs a key version'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'pgphi.key_inventory lists the versions.';
+    END IF;
+    SELECT kv.state, kv.created_at, kv.retired_at, kv.destroyed_at, k.purpose INTO v
+      FROM pgphi.key_versions kv JOIN pgphi.keys k ON k.key_id = kv.key_id
+     WHERE kv.key_id = target_id AND kv.version = _destruction_certificate_body.version;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgphi key "%" has no version %', pgphi._key_name(target_id),
+            _destruction_certificate_body.version
+            USING ERRCODE = 'undefined_object';
+    ELSIF v.state <> 'destroyed' THEN
+        RAISE EXCEPTION 'pgphi key "%" version % has not been destroyed', pgphi._key_name(target_id),
+            _destruction_certificate_body.version
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('The version is %s; only a destroyed version has a destruction certificate.',
+                                  replace(v.state, '_', '-'));
+    END IF;
+    SELECT * INTO destroyed FROM pgphi.audit_log a
+     WHERE a.key_id = target_id AND a.key_version = _destruction_certificate_body.version
+       AND a.action = 'destroy' AND a.outcome = 'ok'
+     ORDER BY a.seq LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'the audit log has no record of the destruction of pgphi key "%" version %',
+            pgphi._key_name(target_id), _destruction_certificate_body.version
+            USING ERRCODE = 'data_corrupted',
+                  HINT = 'pgphi.verify_audit_log() tells whether audit rows were removed.';
+    END IF;
+    -- The retirement the destruction followed (none when a superuser
+    -- destroyed a version directly), and what it decided to leave behind.
+    SELECT * INTO retired FROM pgphi.audit_log a
+     WHERE a.key_id = target_id AND a.key_version = _destruction_certificate_body.version
+       AND a.action = 'retire' AND a.outcome = 'ok' AND a.seq < destroyed.seq
+     ORDER BY a.seq DESC LIMIT 1;
+    IF retired.seq IS NOT NULL THEN
+        SELECT * INTO ignoring FROM pgphi.audit_log a
+         WHERE a.key_id = target_id AND a.key_version = _destruction_certificate_body.version
+           AND a.action = 'retire_ignoring' AND a.seq > retired.seq AND a.seq < destroyed.seq
+         ORDER BY a.seq LIMIT 1;
+    END IF;
+    -- The destroy record's detail (pgphi._destruction_check); records made
+    -- before 0.3.0 have none, and then the certificate says the check was
+    -- not recorded.
+    checked := regexp_match(destroyed.detail,
+        '^approved by ((?:"(?:[^"]|"")*"|[a-z0-9_]+)(?:, (?:"(?:[^"]|"")*"|[a-z0-9_]+))*|nobody); '
+        'checked at destruction: ([0-9]+) values under the version in ([0-9]+) columns scanned, '
+        '([0-9]+) columns not scanned(?:;|$)');
+    IF checked IS NOT NULL THEN
+        approvers := CASE WHEN checked[1] = 'nobody' THEN '{}'::text[] ELSE ARRAY(
+            SELECT coalesce(replace(t.m[1], '""', '"'), t.m[2])
+              FROM regexp_matches(checked[1], '"((?:[^"]|"")*)"|([a-z0-9_]+)', 'g') WITH ORDINALITY AS t(m, n)
+             ORDER BY t.n) END;
+    END IF;
+    -- Each approver's last approval of this retirement before the
+    -- destruction (an un-retirement voids approvals, and is followed by a
+    -- new retirement).
+    approvals := ARRAY(
+        SELECT a FROM pgphi.audit_log a
+         WHERE a.seq IN (SELECT DISTINCT ON (x.login_role) x.seq
+                           FROM pgphi.audit_log x
+                          WHERE x.key_id = target_id AND x.key_version = _destruction_certificate_body.version
+                            AND x.action = 'approve_destroy' AND x.outcome = 'ok'
+                            AND x.seq > coalesce(retired.seq, 0) AND x.seq < destroyed.seq
+                            AND (approvers IS NULL OR x.login_role = ANY (approvers))
+                          ORDER BY x.login_role, x.seq DESC)
+         ORDER BY a.seq);
+    IF approvers IS NULL THEN
+        approvers := ARRAY(SELECT a.login_role FROM unnest(approvals) a ORDER BY a.login_role);
+    END IF;
+    -- The records the certificate cites, in the order of the chain.
+    records := approvals || destroyed;
+    IF ignoring.seq IS NOT NULL THEN
+        records := ignoring || records;
+    END IF;
+    IF retired.seq IS NOT NULL THEN
+        records := retired || records;
+    END IF;
+    RETURN jsonb_build_object(
+        'certificate', 'pgphi destruction certificate v1',
+        'database', current_database(),
+        'key', destroyed.key_name,
+        'key_id', target_id,
+        'version', _destruction_certificate_body.version,
+        'purpose', v.purpose,
+        'version_created_at', pgphi._audit_time(v.created_at),
+        'retired_at', pgphi._audit_time(v.retired_at),
+        'destroyed_at', pgphi._audit_time(v.destroyed_at),
+        'destroyed_by', destroyed.login_role,
+        'destroyed_as', destroyed.acting_role,
+        'approved_by', to_jsonb(approvers),
+        'approvals', coalesce((SELECT jsonb_agg(jsonb_build_object(
+                                          'approver', a.login_role, 'approved_at', pgphi._audit_time(a.logged_at),
+                                          'audit_seq', a.seq) ORDER BY a.seq)
+                                 FROM unnest(approvals) a), '[]'::jsonb),
+        'check_at_destruction', CASE WHEN checked IS NOT NULL THEN jsonb_build_object(
+                                    'values_found', checked[2]::bigint, 'columns_scanned', checked[3]::bigint,
+                                    'columns_not_scanned', checked[4]::bigint, 'audit_seq', destroyed.seq) END,
+        'no_value_remained', CASE WHEN checked IS NOT NULL THEN checked[2]::bigint = 0 AND checked[4]::bigint = 0 END,
+        'retirement', CASE WHEN retired.seq IS NOT NULL THEN jsonb_build_object(
+                          'audit_seq', retired.seq, 'retired_at', pgphi._audit_time(retired.logged_at),
+                          'ignored_relations', ignoring.detail, 'ignored_audit_seq', ignoring.seq) END,
+        'erased', 'the version''s wrapped DEK in pgphi.key_versions, with every older copy of its row and the free '
+                  'space of the table''s pages (crypto-shredding at commit, WAL-logged, so also on streaming '
+                  'standbys), and the DEK in the shared DEK cache and in every session''s key cache',
+        'not_erased', 'copies of the wrapped DEK in WAL and WAL archives, base backups, snapshots and dumps taken '
+                      'before the destruction (they stay useless without the KEK that wrapped it)',
+        'audit_records', (SELECT jsonb_agg(jsonb_build_object(
+                                     'seq', r.seq, 'logged_at', pgphi._audit_time(r.logged_at), 'action', r.action,
+                                     'login_role', r.login_role, 'acting_role', r.acting_role, 'detail', r.detail,
+                                     'row_hash', encode(r.row_hash, 'hex')) ORDER BY r.seq)
+                            FROM unnest(records) r));
+END
+$$;
+
+-- The certificate, signed: the key manager's MAC over the SHA-256 of its
+-- canonical text, with the provider and key of the audit anchors (the
+-- key broker's pgphi.audit_anchor_provider and pgphi.audit_anchor_key),
+-- added as "signature": {"provider", "key", "mac"}. Refuses (55000) a
+-- version that is not destroyed.
+CREATE FUNCTION pgphi.destruction_certificate(name text, version integer) RETURNS text
+    AS 'MODULE_PATHNAME', 'pgphi_destruction_certificate'
+    LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION pgphi._verify_destruction_certificate(body_sha256 text, provider text, key_ref text, mac text)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'pgphi_verify_destruction_certificate' LANGUAGE C VOLATILE STRICT;
+
+-- Whether a certificate is exactly as destruction_certificate() issued it:
+-- its text in canonical form (any changed byte, even whitespace, fails), a
+-- v1 certificate, and a MAC the key manager named in it vouches for. False
+-- for anything else, text that is not JSON included; the key manager's
+-- error when it cannot be asked. It checks the document, not this database:
+-- it works anywhere the key manager can be asked.
+CREATE FUNCTION pgphi.verify_destruction_certificate(certificate text) RETURNS boolean
+    LANGUAGE plpgsql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    doc jsonb;
+    signature jsonb;
+BEGIN
+    BEGIN
+        doc := certificate::jsonb;
+    EXCEPTION WHEN data_exception THEN
+        RETURN false;
+    END;
+    IF jsonb_typeof(doc) <> 'object' OR doc::text <> certificate
+       OR doc->>'certificate' IS DISTINCT FROM 'pgphi destruction certificate v1' THEN
+        RETURN false;
+    END IF;
+    signature := doc->'signature';
+    IF jsonb_typeof(signature) IS DISTINCT FROM 'object'
+       OR jsonb_typeof(signature->'provider') IS DISTINCT FROM 'string'
+       OR jsonb_typeof(signature->'key') IS DISTINCT FROM 'string'
+       OR jsonb_typeof(signature->'mac') IS DISTINCT FROM 'string' THEN
+        RETURN false;
+    END IF;
+    RETURN pgphi._verify_destruction_certificate(
+        encode(sha256(convert_to((doc - 'signature')::text, 'UTF8')), 'hex'),
+        signature->>'provider', signature->>'key', signature->>'mac');
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgphi._destruction_check(integer, integer), pgphi._destruction_certificate_body(text, integer),
+    pgphi.destruction_certificate(text, integer), pgphi._verify_destruction_certificate(text, text, text, text),
+    pgphi.verify_destruction_certificate(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.destruction_certificate(text, integer), pgphi.verify_destruction_certificate(text)
+    TO pgphi_key_auditor, pgphi_key_custodian;
 
 ------------------------------------------------------------------------------
 -- src/sql/82_limits_and_break_glass.sql
@@ -4015,9 +4266,13 @@ BEGIN
                                  (SELECT format('provider %s, KEK %s', k.provider, k.kek_ref)
                                          || CASE WHEN k.kek_dedicated THEN ' (dedicated to this key)' ELSE '' END
                                     FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
-        ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IN ('retired', 'destroyed') THEN
-            PERFORM pgphi._audit(CASE NEW.state WHEN 'retired' THEN 'retire' ELSE 'destroy' END,
-                                 NEW.key_id, NEW.version, 'ok', NULL);
+        ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state = 'retired' THEN
+            PERFORM pgphi._audit('retire', NEW.key_id, NEW.version, 'ok', NULL);
+        ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state = 'destroyed' THEN
+            -- With the approvals that count and a last scan for values under
+            -- the version, which the destruction certificate cites.
+            PERFORM pgphi._audit('destroy', NEW.key_id, NEW.version, 'ok',
+                                 pgphi._destruction_check(NEW.key_id, NEW.version));
         ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek
               AND OLD.rekey_source_provider IS NOT NULL AND NEW.rekey_source_provider IS NULL THEN
             PERFORM pgphi._audit('rekey', NEW.key_id, NEW.version, 'ok',

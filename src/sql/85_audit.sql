@@ -132,9 +132,13 @@ BEGIN
                                  (SELECT format('provider %s, KEK %s', k.provider, k.kek_ref)
                                          || CASE WHEN k.kek_dedicated THEN ' (dedicated to this key)' ELSE '' END
                                     FROM pgphi.keys k WHERE k.key_id = NEW.key_id));
-        ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IN ('retired', 'destroyed') THEN
-            PERFORM pgphi._audit(CASE NEW.state WHEN 'retired' THEN 'retire' ELSE 'destroy' END,
-                                 NEW.key_id, NEW.version, 'ok', NULL);
+        ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state = 'retired' THEN
+            PERFORM pgphi._audit('retire', NEW.key_id, NEW.version, 'ok', NULL);
+        ELSIF NEW.state IS DISTINCT FROM OLD.state AND NEW.state = 'destroyed' THEN
+            -- With the approvals that count and a last scan for values under
+            -- the version, which the destruction certificate cites.
+            PERFORM pgphi._audit('destroy', NEW.key_id, NEW.version, 'ok',
+                                 pgphi._destruction_check(NEW.key_id, NEW.version));
         ELSIF NEW.state = OLD.state AND NEW.wrapped_dek IS DISTINCT FROM OLD.wrapped_dek
               AND OLD.rekey_source_provider IS NOT NULL AND NEW.rekey_source_provider IS NULL THEN
             PERFORM pgphi._audit('rekey', NEW.key_id, NEW.version, 'ok',

@@ -267,6 +267,9 @@ my %sample = (
 	'rotate_key.name' => "'{K}'", 'rewrap_keys.name' => "'{K}'",
 	'retire_key_version.name' => "'{DK}'", 'approve_destroy.name' => "'{DK}'", 'destroy_key.name' => "'{DK}'",
 	'unretire_key_version.name' => "'{DK}'", 'retire_key_version.version' => '2',
+	# After destroy_key: the certificate of {DK} version 1, and its check.
+	'destruction_certificate.name' => "'{DK}'",
+	'verify_destruction_certificate.certificate' => "pgphi.destruction_certificate('{DK}', 1)",
 	'unretire_key_version.version' => '2',
 	'approve_rekey.name' => "'rk_{ID}'",
 	'mark_compromised.name' => "'{DK}'", 'mark_compromised.version' => '2',
@@ -381,7 +384,8 @@ for my $line (split /\n/, $routines)
 }
 # Lifecycle calls last, in this order; internal helpers after the public API
 # (they also run inside it; called directly too, so each is run by itself).
-my %order = (retire_key_version => 4, approve_destroy => 5, destroy_key => 6, unretire_key_version => 7,
+my %order = (retire_key_version => 4, approve_destroy => 5, destroy_key => 6, destruction_certificate => 6.1,
+	verify_destruction_certificate => 6.2, unretire_key_version => 7,
 	mark_compromised => 8, suspend_key => 9, approve_resume => 10, resume_key => 11, deactivate_key => 12,
 	protect_column => 2,
 	create_decrypted_view => 3,

@@ -23,6 +23,7 @@ my $primary = PgphiTest::new_node('primary', allows_streaming => 'logical');
 $primary->safe_psql('postgres', q{
 	CREATE EXTENSION pgphi;
 	CREATE ROLE c1 LOGIN; CREATE ROLE c2 LOGIN; GRANT pgphi_key_custodian TO c1, c2;
+	CREATE ROLE a1 LOGIN; GRANT pgphi_key_auditor TO a1;
 	SELECT pgphi.create_key('shred');
 	SELECT pgphi.create_key('bystander');
 	CREATE TABLE patients (id int PRIMARY KEY, ssn pgphi.encrypted);
@@ -159,6 +160,32 @@ like(PgphiTest::psql_error($standby, 'postgres', "SELECT pgphi.decrypt_phi('$old
 	qr/55000: pgphi key "shred" version 1 has been destroyed/, 'the standby refuses it too');
 is($standby->safe_psql('postgres', q{SELECT count(*) FROM patients WHERE pgphi.decrypt_phi(ssn) = 'ssn-' || id}),
 	'200', 'and decrypts the live version');
+
+# The destruction certificate (docs/key-lifecycle.md), as an auditor reads
+# it: the version, both custodians, the check that no value was left, the
+# records' place in the chain. The standby, which replayed the records,
+# issues the same document, and both verify it.
+my $certificate = $primary->safe_psql('postgres', q{SET ROLE a1; SELECT pgphi.destruction_certificate('shred', 1)});
+(my $quoted = $certificate) =~ s/'/''/g;
+is($primary->safe_psql('postgres', qq{SELECT c->>'key', c->'version', c->'approved_by', c->>'destroyed_by',
+	c->'no_value_remained', c->'check_at_destruction'->'values_found',
+	c->'check_at_destruction'->'columns_not_scanned'
+	FROM (SELECT '$quoted'::jsonb AS c) s}), 'shred|1|["c1", "c2"]|c2|true|0|0',
+	'the certificate names the version, both approvers, and no value left');
+is($primary->safe_psql('postgres', qq{SELECT string_agg(r->>'action' || ' ' || (a.row_hash = decode(r->>'row_hash', 'hex')),
+	', ' ORDER BY (r->>'seq')::bigint) FROM jsonb_array_elements('$quoted'::jsonb->'audit_records') r
+	JOIN pgphi.audit_log a ON a.seq = (r->>'seq')::bigint}),
+	'retire true, approve_destroy true, approve_destroy true, destroy true',
+	'it cites the records at their place in the hash chain');
+is($standby->safe_psql('postgres', q{SET ROLE a1; SELECT pgphi.destruction_certificate('shred', 1)}), $certificate,
+	'the standby issues the same certificate');
+is($standby->safe_psql('postgres', qq{SET ROLE a1; SELECT pgphi.verify_destruction_certificate('$quoted')}), 't',
+	'the standby verifies it');
+(my $forged = $quoted) =~ s/"c1"/"c3"/;
+is($primary->safe_psql('postgres', qq{SET ROLE a1; SELECT pgphi.verify_destruction_certificate('$quoted'),
+	pgphi.verify_destruction_certificate('$forged')}), 't|f', 'the primary verifies it, and not a changed copy');
+like(PgphiTest::psql_error($standby, 'postgres', q{SELECT pgphi.destruction_certificate('shred', 2)}),
+	qr/55000: pgphi key "shred" version 2 has not been destroyed/, 'the standby refuses a live version');
 
 # The subscriber erased its copies when it applied the destruction.
 $primary->wait_for_catchup('keys');

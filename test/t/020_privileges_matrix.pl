@@ -62,6 +62,8 @@ pgphi._compromise_guard()                                                    key
 pgphi._create_dedicated_kek(text,text,text)                                  key     42501  42501 42501 42501 42501 42501 42501 42501 F0000
 pgphi._delete_dedicated_kek(text,text,integer,text)                          key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._delete_dedicated_kek_if_unused(integer)                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._destruction_certificate_body(text,integer)                            key     42501  42501 42501 42501 42501 42501 42501 42501 55000
+pgphi._destruction_check(integer,integer)                                    key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._encrypt_mode_support(internal)                                        key     -      -     -     -     -     -     -     -     x
 pgphi._encrypt_phi_deterministic(bytea,text,boolean,text)                    key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi._encrypt_phi_deterministic(jsonb,text,boolean,text)                    key     42501  42501 ok    42501 42501 ok    42501 42501 ok
@@ -129,6 +131,7 @@ pgphi._update_pages(text,text,text,integer,integer,bigint,bigint)            key
 pgphi._update_sweep(regclass,text,text,text,integer,integer,integer)         key     42501  42601 42601 42501 42501 42601 42601 42501 42601
 pgphi._usage_counts()                                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._verify_audit_anchor(bigint,timestamp with time zone,bigint,bytea,text,text,text,text) key     42501  42501 42501 42501 42501 42501 42501 42501 22023
+pgphi._verify_destruction_certificate(text,text,text,text)                   key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._volume_alerts(double precision,bigint,integer,integer)                key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._writer_ran_statement(regprocedure,text)                               key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi.access_review()                                                        key     42501  42501 42501 42501 42501 42501 ok    ok    ok
@@ -166,6 +169,7 @@ pgphi.decrypt_phi_jsonb(bytea,text,text)                                     key
 pgphi.decrypt_phi_jsonb(pgphi.encrypted)                                     key     42501  42501 42501 42501 22P02 22P02 42501 42501 22P02
 pgphi.decrypt_phi_jsonb(pgphi.encrypted,text,text)                           key     42501  42501 42501 42501 22P02 22P02 42501 42501 22P02
 pgphi.destroy_key(text,integer)                                              key     42501  42501 42501 42501 42501 42501 55000 42501 55000
+pgphi.destruction_certificate(text,integer)                                  key     42501  42501 42501 42501 42501 42501 55000 55000 55000
 pgphi.encrypt_phi(bytea,text,boolean,text)                                   key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi.encrypt_phi(bytea,text,text)                                           key     42501  42501 ok    42501 42501 ok    42501 42501 ok
 pgphi.encrypt_phi(jsonb,text,boolean,text)                                   key     42501  42501 ok    42501 42501 ok    42501 42501 ok
@@ -218,6 +222,7 @@ pgphi.set_decrypt_limit(text,regrole,bigint,interval)                          k
 pgphi.suspend_key(text,integer,text)                                         key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.unretire_key_version(text,integer)                                     key     42501  42501 42501 42501 42501 42501 55000 42501 55000
 pgphi.verify_audit_log(text)                                                 key     42501  42501 42501 42501 42501 42501 42501 ok    ok
+pgphi.verify_destruction_certificate(text)                                   key     42501  42501 42501 42501 42501 42501 ok    ok    ok
 TABLE
 
 # Privileges each kind holds on each relation of the extension, as

@@ -1,6 +1,7 @@
 #include "shared/postgres.hpp"
 
 extern "C" {
+#include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "storage/lwlock.h"
@@ -120,3 +121,86 @@ PGPHI_FUNCTION(pgphi_audit_chain_changed)
     PG_RETURN_VOID();
 }
 
+// pgphi.destruction_certificate(name, version): the signed certificate of a
+// destroyed key version (auditors and custodians). The document is built by
+// pgphi._destruction_certificate_body from the audit log and the catalog,
+// which also refuses what was not destroyed; this function MACs nothing it
+// is given. The key broker MACs the SHA-256 of the document's canonical
+// text (its jsonb text form) with the provider and key of the audit anchors,
+// and the signature is added to the document as "signature".
+PGPHI_FUNCTION(pgphi_destruction_certificate)
+{
+    using namespace pgphi::pg;
+    Oid types[2] = {TEXTOID, INT4OID};
+    Datum args[2] = {PG_ARGISNULL(0) ? Datum(0) : PG_GETARG_DATUM(0),
+                     PG_ARGISNULL(1) ? Datum(0) : PG_GETARG_DATUM(1)};
+    char nulls[3] = {PG_ARGISNULL(0) ? 'n' : ' ', PG_ARGISNULL(1) ? 'n' : ' ', '\0'};
+    SPI_connect();
+    if (SPI_execute_with_args("SELECT b::pg_catalog.text, pg_catalog.encode(pg_catalog.sha256("
+                              "pg_catalog.convert_to(b::pg_catalog.text, 'UTF8')), 'hex') "
+                              "FROM pgphi._destruction_certificate_body($1, $2) b",
+                              2, types, args, nulls, true, 1) != SPI_OK_SELECT ||
+        SPI_processed != 1)
+        elog(ERROR, "pgphi: could not build the destruction certificate");
+    char* body = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+    char* digest = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+    if (!body || !digest)
+        elog(ERROR, "pgphi: could not build the destruction certificate");
+
+    AnchorRequest request;
+    memset(&request, 0, sizeof(request));
+    request.verify = false;
+    request.database = MyDatabaseId;
+    if (!build_certificate_message(request, digest))
+        elog(ERROR, "pgphi: the destruction certificate's message is malformed");
+    ask_broker(request);
+    if (!request.ok)
+        raise_core_failure(request.failure);
+
+    Oid sign_types[4] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+    Datum sign_args[4] = {CStringGetTextDatum(body), CStringGetTextDatum(request.provider),
+                          CStringGetTextDatum(request.key_ref), CStringGetTextDatum(request.mac)};
+    if (SPI_execute_with_args("SELECT ($1::pg_catalog.jsonb OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object("
+                              "'signature', pg_catalog.jsonb_build_object('provider', $2, 'key', $3, 'mac', $4)"
+                              "))::pg_catalog.text",
+                              4, sign_types, sign_args, nullptr, true, 1) != SPI_OK_SELECT ||
+        SPI_processed != 1)
+        elog(ERROR, "pgphi: could not sign the destruction certificate");
+    char* signed_text = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+    if (!signed_text)
+        elog(ERROR, "pgphi: could not sign the destruction certificate");
+    size_t size = strlen(signed_text);
+    text* result = static_cast<text*>(SPI_palloc(VARHDRSZ + size));
+    SET_VARSIZE(result, VARHDRSZ + size);
+    memcpy(VARDATA(result), signed_text, size);
+    SPI_finish();
+    PG_RETURN_TEXT_P(result);
+}
+
+// pgphi._verify_destruction_certificate(body_sha256, provider, key_ref, mac):
+// whether the key manager vouches for a certificate's MAC over the SHA-256
+// (hex) of its canonical text without the signature. Raises the key
+// manager's error when it cannot be asked.
+PGPHI_FUNCTION(pgphi_verify_destruction_certificate)
+{
+    using namespace pgphi::pg;
+    char* digest = text_to_cstring(PG_GETARG_TEXT_PP(0));
+    char* provider = text_to_cstring(PG_GETARG_TEXT_PP(1));
+    char* key_ref = text_to_cstring(PG_GETARG_TEXT_PP(2));
+    char* mac = text_to_cstring(PG_GETARG_TEXT_PP(3));
+    AnchorRequest request;
+    memset(&request, 0, sizeof(request));
+    request.verify = true;
+    request.database = MyDatabaseId;
+    // Anything that does not fit what pgphi makes is simply not authentic.
+    if (!known_provider(provider) || strlen(key_ref) >= sizeof(request.key_ref) || key_ref[0] == '\0' ||
+        strlen(mac) >= sizeof(request.mac) || !build_certificate_message(request, digest))
+        PG_RETURN_BOOL(false);
+    strlcpy(request.provider, provider, sizeof(request.provider));
+    strlcpy(request.key_ref, key_ref, sizeof(request.key_ref));
+    strlcpy(request.mac, mac, sizeof(request.mac));
+    ask_broker(request);
+    if (!request.ok)
+        raise_core_failure(request.failure);
+    PG_RETURN_BOOL(request.valid);
+}

@@ -192,11 +192,12 @@ void copy_string(char* dst, size_t size, const char* src) { strlcpy(dst, src ? s
 
 constexpr int64_t kAbandonedAnchorMs = 60'000;
 
-[[noreturn]] void raise_anchor_timeout()
+[[noreturn]] void raise_anchor_timeout(bool certificate)
 {
     ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE),
                     errmsg("pgphi key broker did not answer within %d ms", key_wait_timeout_ms),
-                    errdetail("It was asked for an audit anchor's MAC."),
+                    errdetail(certificate ? "It was asked for a destruction certificate's MAC."
+                                          : "It was asked for an audit anchor's MAC."),
                     errhint("Check that the key broker runs (pgphi.broker_status()).")));
 }
 
@@ -270,6 +271,20 @@ bool build_anchor_message(AnchorRequest& request, int64_t anchor_seq, TimestampT
     return true;
 }
 
+bool build_certificate_message(AnchorRequest& request, const char* body_sha256_hex)
+{
+    size_t hex_size = strlen(body_sha256_hex);
+    if (hex_size != 64 || strspn(body_sha256_hex, "0123456789abcdef") != hex_size)
+        return false;
+    int n = snprintf(request.message, sizeof(request.message), "pgphi destruction certificate v1\n%s",
+                     body_sha256_hex);
+    if (n < 0 || static_cast<size_t>(n) >= sizeof(request.message))
+        return false;
+    request.message_size = static_cast<uint16_t>(n);
+    request.certificate = true;
+    return true;
+}
+
 // Posts the request to the broker and waits for its answer (at most
 // pgphi.key_wait_timeout; cancel works). `request` comes back answered.
 void ask_broker(AnchorRequest& request)
@@ -299,7 +314,7 @@ void ask_broker(AnchorRequest& request)
             break;
         if (now >= deadline) {
             ConditionVariableCancelSleep();
-            raise_anchor_timeout();
+            raise_anchor_timeout(request.certificate);
         }
         ConditionVariableTimedSleep(&g_audit->anchor_done, std::min<int64_t>(deadline - now, 100), PG_WAIT_EXTENSION);
     }
@@ -319,7 +334,7 @@ void ask_broker(AnchorRequest& request)
                 memset(&slot, 0, sizeof(slot)); // a late answer finds another ticket and is dropped
             LWLockRelease(g_audit->lock);
             ConditionVariableCancelSleep();
-            raise_anchor_timeout();
+            raise_anchor_timeout(request.certificate);
         }
         LWLockRelease(g_audit->lock);
         ConditionVariableTimedSleep(&g_audit->anchor_done, deadline - now, PG_WAIT_EXTENSION);

@@ -73,6 +73,7 @@ struct AnchorRequest {
     enum class State : uint8_t { Free, Pending, InFlight, Done };
     State state;
     bool verify;
+    bool certificate;               // a destruction certificate's MAC, not an anchor's
     uint64_t ticket;
     int64_t done_at_ms;
     Oid database;
@@ -147,6 +148,11 @@ bool known_provider(const char* name);
 // The text an anchor's MAC covers. False when it does not fit.
 bool build_anchor_message(AnchorRequest& request, int64_t anchor_seq, TimestampTz anchored_at, int64_t audit_seq,
                           const uint8_t* hash, size_t hash_size, const char* prev_mac);
+
+// The text a destruction certificate's MAC covers: a label of its own (so no
+// certificate MAC passes for an anchor's, nor the reverse) and the SHA-256,
+// in hex, of the certificate's canonical text without its signature.
+bool build_certificate_message(AnchorRequest& request, const char* body_sha256_hex);
 
 // Posts the request to the broker and waits for its answer (at most
 // pgphi.key_wait_timeout; cancel works). `request` comes back answered.

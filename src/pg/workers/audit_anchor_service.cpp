@@ -48,8 +48,9 @@ void serve_anchor_request(int index)
     job = shared;
     // An anchor must come after the last one this server made for the
     // database: a lower number means anchors were removed and are being
-    // redone over a rewritten chain.
-    if (!job.verify) {
+    // redone over a rewritten chain. (A destruction certificate is no
+    // anchor: it can be signed any number of times.)
+    if (!job.verify && !job.certificate) {
         AnchorDatabase* known = anchor_database(job.database, false);
         if (known && known->committed_seq != 0 &&
             (job.anchor_seq <= known->committed_seq || job.audit_seq < known->committed_audit_seq)) {
