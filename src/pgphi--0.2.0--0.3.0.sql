@@ -4462,6 +4462,337 @@ GRANT EXECUTE ON PROCEDURE pgphi.approve_rekey(text, text, text), pgphi.rekey(te
 
 
 ------------------------------------------------------------------------------
+-- Citus: pgphi in a Citus cluster (docs/citus.md).
+------------------------------------------------------------------------------
+
+-- What Citus makes of a table, read from its catalog only where it exists
+-- (pgphi does not depend on Citus); NULL for any other table.
+CREATE FUNCTION pgphi._citus_table_kind(tbl regclass) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    kind text;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE 'SELECT CASE WHEN p.partmethod <> ''n'' THEN ''distributed''
+                         WHEN p.repmodel = ''t'' THEN ''reference''
+                         WHEN p.colocationid <> 0 THEN ''distributed''
+                         ELSE ''Citus local'' END
+               FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1'
+        INTO kind USING tbl;
+    RETURN kind;
+END
+$$;
+
+-- reencrypt, rebuild_blind_index and protect_column refuse a Citus table
+-- (feature_not_supported, naming it) instead of "succeeding" on its empty
+-- shell.
+CREATE FUNCTION pgphi._refuse_citus_table(tbl regclass, operation text) RETURNS void
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    kind text := pgphi._citus_table_kind(tbl);
+BEGIN
+    IF kind IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'feature_not_supported',
+            MESSAGE = format('%s does not support Citus %s table %s', operation, kind, tbl),
+            DETAIL = 'Citus keeps the table''s rows in its shards; the table on this node is an empty shell, so a run here would change nothing.',
+            HINT = 'See "Citus" in pgphi''s documentation (docs/citus.md) for what runs on distributed tables.';
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgphi._citus_table_kind(regclass), pgphi._refuse_citus_table(regclass, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi._citus_table_kind(regclass), pgphi._refuse_citus_table(regclass, text)
+    TO pgphi_key_custodian, pgphi_encrypt;
+
+CREATE OR REPLACE FUNCTION pgphi._reencrypt_start(tbl regclass, col name, batch_size integer, context_column name,
+        key_name text) RETURNS text
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_key text := _reencrypt_start.key_name;
+    target record;
+BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.reencrypt');
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgphi._check_column_type(tbl, col, ARRAY['pgphi.encrypted'::regtype, 'bytea'::regtype],
+                                     ', not pgphi.encrypted or bytea');
+    IF target_key IS NULL THEN
+        target_key := pgphi._column_key(tbl, col);
+        IF target_key IS NULL THEN
+            RAISE NOTICE 'column "%" of % holds no encrypted values', col, tbl;
+            RETURN NULL;
+        END IF;
+    END IF;
+    target := pgphi._batch_key(target_key);
+    PERFORM pgphi._progress_begin(tbl, col, target.key_id, target.version,
+                                  (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b),
+                                  're-encryption');
+    RETURN target_key;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi._rebuild_blind_index_start(tbl regclass, index_column name, source_column name,
+        key_name text, batch_size integer, context_column name) RETURNS text
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    source_type regtype;
+    source_key text;
+    target record;
+BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.rebuild_blind_index');
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgphi._check_column_type(tbl, index_column, ARRAY['bytea'::regtype], '; a blind index column is bytea');
+    source_type := pgphi._column_type(tbl, source_column);
+    IF pgphi._key_id(key_name) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    END IF;
+    IF pgphi._key_purpose(pgphi._key_id(key_name)) IS DISTINCT FROM 'blind_index' THEN
+        RAISE EXCEPTION 'pgphi key "%" is not a blind-index key', key_name
+            USING ERRCODE = 'wrong_object_type', HINT = 'Make one with pgphi.create_blind_index_key().';
+    END IF;
+    target := pgphi._batch_key(key_name);
+    IF source_type IN ('pgphi.encrypted'::regtype, 'bytea'::regtype) THEN
+        source_key := pgphi._column_key(tbl, source_column);
+    ELSIF source_type IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype) THEN
+        IF context_column IS NOT NULL THEN
+            RAISE EXCEPTION 'a context column applies only to an encrypted source column'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    ELSE
+        PERFORM pgphi._check_column_type(tbl, source_column, '{}', ', not pgphi.encrypted, bytea or text');
+    END IF;
+    PERFORM pgphi._progress_begin(tbl, index_column, target.key_id, target.version,
+                                  (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b),
+                                  'the blind index rebuild');
+    RETURN source_key;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi._protect_column_start(tbl regclass, col name, key_name text, batch_size integer,
+        context_column name) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    names record := pgphi._protect_column_names(col);
+    has_shadow boolean;
+    trigger_args bytea;
+BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.protect_column');
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgphi._check_column_type(tbl, col,
+        ARRAY['text'::regtype, 'character varying'::regtype, 'character'::regtype],
+        '; protect_column converts text columns');
+    IF pgphi._key_id(key_name) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT t.tgargs INTO trigger_args FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = names.trigger_name;
+    has_shadow := EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = names.shadow
+                             AND NOT a.attisdropped);
+    IF trigger_args IS DISTINCT FROM pgphi._protect_column_trigger_args(col, key_name, context_column)
+       AND trigger_args IS NOT NULL THEN
+        RAISE EXCEPTION 'a conversion of column "%" of % is under way with another key or context', col, tbl
+            USING ERRCODE = 'object_in_use', HINT = 'Call protect_column with the arguments of the first call.';
+    END IF;
+    IF trigger_args IS NULL AND has_shadow THEN
+        -- Not ours to fill (or left without its trigger, so possibly stale).
+        RAISE EXCEPTION 'relation % already has a column "%", and no conversion of column "%" is under way',
+            tbl, names.shadow, col
+            USING ERRCODE = 'object_in_use', HINT = 'Drop or rename that column first.';
+    END IF;
+    IF NOT has_shadow THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN %I pgphi.encrypted', tbl, names.shadow);
+    END IF;
+    IF trigger_args IS NULL THEN
+        EXECUTE format(
+            -- UPDATE OF the plaintext and context columns only: the backfill,
+            -- which sets the shadow column alone, does not fire it.
+            'CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %s ON %s FOR EACH ROW
+             EXECUTE FUNCTION pgphi._protect_column_sync(%L, %L, %L, %L)',
+            names.trigger_name,
+            CASE WHEN context_column IS NULL THEN quote_ident(col) ELSE format('%I, %I', col, context_column) END,
+            tbl, col, names.shadow, key_name, coalesce(context_column, ''));
+    END IF;
+    RETURN (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b);
+END
+$$;
+
+-- key_version_usage counts a Citus table through Citus (every shard), and
+-- skips the shards themselves.
+CREATE OR REPLACE FUNCTION pgphi.key_version_usage(name text, version integer, lock_wait interval DEFAULT interval '2s')
+    RETURNS TABLE (relation regclass, column_name name, "values" bigint, owner name, not_scanned text)
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET lock_timeout = '2s'
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_version_usage.name);
+    blind_index boolean;
+    version_of text;
+    c record;
+    n bigint;
+    citus boolean := to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL;
+    citus_shard boolean;
+    distributed boolean := false;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF lock_wait IS NULL OR lock_wait <= interval '0' THEN
+        RAISE EXCEPTION 'lock_wait must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Until this function returns (its SET clause restores the setting).
+    PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM lock_wait) * 1000))::bigint::text, true);
+    blind_index := pgphi._key_purpose(target_id) = 'blind_index';
+    version_of := CASE WHEN blind_index THEN 'pgphi._blind_index_version_of' ELSE 'pgphi._key_version_of' END;
+    FOR c IN SELECT a.attrelid::regclass AS rel, a.attname, pg_get_userbyid(r.relowner) AS relowner
+               FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid
+               JOIN pg_namespace s ON s.oid = r.relnamespace
+              WHERE r.relkind IN ('r', 'm') AND a.attnum > 0 AND NOT a.attisdropped
+                AND (a.atttypid = 'bytea'::regtype OR (NOT blind_index AND a.atttypid = 'pgphi.encrypted'::regtype))
+                AND s.nspname NOT IN ('pg_catalog', 'information_schema', 'pgphi')
+                AND s.nspname NOT LIKE 'pg_toast%' AND s.nspname NOT LIKE 'pg_temp%'
+              ORDER BY 1, 2
+    LOOP
+        relation := c.rel; column_name := c.attname; owner := c.relowner;
+        "values" := NULL; not_scanned := NULL;
+        IF citus THEN
+            EXECUTE 'SELECT pg_catalog.relation_is_a_known_shard($1)' INTO citus_shard USING c.rel;
+            CONTINUE WHEN citus_shard;
+            distributed := pgphi._citus_table_kind(c.rel) IS NOT NULL;
+        END IF;
+        BEGIN
+            EXECUTE format('SELECT count(*) FROM %s%s WHERE %s(%I::bytea, $1) = $2',
+                           CASE WHEN distributed THEN '' ELSE 'ONLY ' END, c.rel, version_of, c.attname)
+                INTO n USING target_id, key_version_usage.version;
+        EXCEPTION
+            WHEN lock_not_available THEN
+                not_scanned := format('lock not available within %s', lock_wait);
+            WHEN OTHERS THEN
+                -- Only the SQLSTATE: the message might quote data.
+                IF NOT EXISTS (SELECT FROM pg_class x WHERE x.oid = c.rel::oid) THEN
+                    CONTINUE;   -- dropped since the list was read: it holds nothing
+                END IF;
+                not_scanned := format('scan failed with SQLSTATE %s', SQLSTATE);
+        END;
+        IF not_scanned IS NOT NULL THEN
+            RETURN NEXT;
+        ELSIF n > 0 THEN
+            "values" := n;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- The DDL guard lets CREATE EXTENSION pgphi make its schema in a database
+-- that already has event triggers (Citus's).
+CREATE OR REPLACE FUNCTION pgphi._guard_catalog_ddl() RETURNS event_trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target text;
+    writer regprocedure;
+    stack text;
+    recorded boolean := false;
+BEGIN
+    -- (A renamed schema pgphi leaves no name below to call.)
+    IF NOT EXISTS (SELECT FROM pg_namespace n WHERE n.nspname = 'pgphi') THEN
+        RAISE EXCEPTION 'schema pgphi cannot be renamed' USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF TG_TAG IN ('GRANT', 'REVOKE', 'ALTER DEFAULT PRIVILEGES') THEN
+        RETURN;
+    END IF;
+    -- Only pg_catalog is consulted until a pgphi object is found: anyone's
+    -- DDL fires this.
+    IF TG_EVENT = 'ddl_command_end' THEN
+        -- CREATE EXTENSION pgphi itself: its script is checked as it runs, but
+        -- the schema PostgreSQL makes for it beforehand is not part of the
+        -- extension (in_extension is false). Only with another event trigger
+        -- already in the database (Citus has some) does this trigger see that
+        -- command at all.
+        IF TG_TAG = 'CREATE EXTENSION' AND EXISTS (
+               SELECT FROM pg_event_trigger_ddl_commands() c
+                WHERE c.object_type = 'extension' AND c.object_identity = 'pgphi') THEN
+            RETURN;
+        END IF;
+        SELECT c.object_identity INTO target
+          FROM pg_event_trigger_ddl_commands() c
+          LEFT JOIN pg_trigger t ON c.classid = 'pg_trigger'::regclass AND t.oid = c.objid
+          LEFT JOIN pg_rewrite r ON c.classid = 'pg_rewrite'::regclass AND r.oid = c.objid
+          LEFT JOIN pg_policy p ON c.classid = 'pg_policy'::regclass AND p.oid = c.objid
+          LEFT JOIN pg_class owner ON owner.oid = coalesce(t.tgrelid, r.ev_class, p.polrelid)
+         WHERE NOT c.in_extension
+           AND (c.schema_name = 'pgphi' OR (c.object_type = 'schema' AND c.object_identity = 'pgphi')
+                OR owner.relnamespace = 'pgphi'::regnamespace
+                -- A member, or a trigger, rule or policy of one, wherever it
+                -- now is (ALTER ... SET SCHEMA).
+                OR EXISTS (SELECT FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+                            WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+                              AND e.extname = 'pgphi'
+                              AND ((d.classid = c.classid AND d.objid = c.objid)
+                                   OR (d.classid = 'pg_class'::regclass AND d.objid = owner.oid))))
+         LIMIT 1;
+        -- ALTER EXTENSION pgphi ADD or DROP (members taken out of the
+        -- extension would escape the check above).
+        IF target IS NULL AND TG_TAG = 'ALTER EXTENSION' THEN
+            SELECT 'extension pgphi''s members' INTO target
+              FROM pg_event_trigger_ddl_commands() c
+             WHERE c.object_identity = 'pgphi' AND pgphi._changes_pgphi_members(c.command)
+             LIMIT 1;
+        END IF;
+    ELSIF TG_EVENT = 'sql_drop' AND TG_TAG <> 'DROP EXTENSION' THEN
+        SELECT d.object_identity INTO target
+          FROM pg_event_trigger_dropped_objects() d
+         WHERE d.schema_name = 'pgphi' OR (d.object_type = 'schema' AND d.object_identity = 'pgphi')
+            OR (d.object_type IN ('trigger', 'rule', 'policy', 'table constraint', 'default value')
+                AND d.address_names[1] = 'pgphi')
+         LIMIT 1;
+    END IF;
+    IF target IS NULL THEN
+        RETURN;
+    END IF;
+    BEGIN
+        IF pgphi._in_extension_script() THEN
+            RETURN;
+        END IF;
+        writer := pgphi._catalog_writer();
+        IF writer IS NOT NULL THEN
+            GET DIAGNOSTICS stack = PG_CONTEXT;
+            IF pgphi._writer_ran_statement(writer, stack) THEN
+                RETURN;
+            END IF;
+        END IF;
+        PERFORM pgphi._queue_catalog_refusal('catalog_ddl', left(format('%s: %s', TG_TAG, target), 120));
+        recorded := true;
+    EXCEPTION WHEN undefined_function THEN
+        -- The command moved one of the helpers above out of schema pgphi:
+        -- refused all the same, but there is nothing left to record it with.
+        NULL;
+    END;
+    RAISE EXCEPTION '% on pgphi''s catalog is not allowed', TG_TAG
+        USING ERRCODE = 'insufficient_privilege',
+              DETAIL = format('%s belongs to pgphi; changing it outside pgphi''s functions and scripts could keep changes out of the audit log.%s',
+                              target, CASE WHEN recorded THEN ' The attempt was recorded.' ELSE '' END),
+              HINT = 'Use pgphi''s functions, or ALTER EXTENSION pgphi UPDATE.';
+END
+$$;
+
+-- (end of section: Citus)
+
+
+------------------------------------------------------------------------------
 -- Last: every table of pgphi's catalog gets the audit triggers, including the
 -- tables the sections above add.
 ------------------------------------------------------------------------------

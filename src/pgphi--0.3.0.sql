@@ -1124,6 +1124,50 @@ BEGIN
 END
 $$;
 
+-- Citus. pgphi does not depend on Citus: its catalog is read only where it
+-- exists (to_regclass), and through dynamic SQL, so these compile and run
+-- without it. What Citus makes of a table: 'distributed' (hash, range,
+-- append or single-shard), 'reference' or 'Citus local'; each keeps its rows
+-- in shards (on the workers, or on the coordinator for a Citus local
+-- table), and the table of that name on this node is an empty shell. NULL
+-- for any other table, and where Citus is not installed.
+CREATE FUNCTION pgphi._citus_table_kind(tbl regclass) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    kind text;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE 'SELECT CASE WHEN p.partmethod <> ''n'' THEN ''distributed''
+                         WHEN p.repmodel = ''t'' THEN ''reference''
+                         WHEN p.colocationid <> 0 THEN ''distributed''
+                         ELSE ''Citus local'' END
+               FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1'
+        INTO kind USING tbl;
+    RETURN kind;
+END
+$$;
+
+-- The batch procedures scan and update the table they are given. On a Citus
+-- table that is the empty shell, and a run would "succeed" having changed
+-- nothing: refused instead, naming the table (docs/citus.md).
+CREATE FUNCTION pgphi._refuse_citus_table(tbl regclass, operation text) RETURNS void
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    kind text := pgphi._citus_table_kind(tbl);
+BEGIN
+    IF kind IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'feature_not_supported',
+            MESSAGE = format('%s does not support Citus %s table %s', operation, kind, tbl),
+            DETAIL = 'Citus keeps the table''s rows in its shards; the table on this node is an empty shell, so a run here would change nothing.',
+            HINT = 'See "Citus" in pgphi''s documentation (docs/citus.md) for what runs on distributed tables.';
+    END IF;
+END
+$$;
+
 -- A table's size in pages, and how many pages hold about batch_size rows
 -- (from the planner's statistics).
 CREATE FUNCTION pgphi._page_batches(tbl regclass, batch_size integer,
@@ -1354,6 +1398,7 @@ DECLARE
     target_key text := _reencrypt_start.key_name;
     target record;
 BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.reencrypt');
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -1461,6 +1506,7 @@ DECLARE
     source_key text;
     target record;
 BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.rebuild_blind_index');
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -1603,6 +1649,7 @@ DECLARE
     has_shadow boolean;
     trigger_args bytea;
 BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.protect_column');
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -1767,6 +1814,7 @@ GRANT EXECUTE ON PROCEDURE pgphi.protect_column(regclass, name, text, integer, n
     pgphi.rebuild_blind_index(regclass, name, name, text, integer, name) TO pgphi_encrypt;
 GRANT EXECUTE ON FUNCTION
     pgphi._key_version_of(bytea, integer), pgphi._column_type(regclass, name), pgphi._page_batches(regclass, integer),
+    pgphi._citus_table_kind(regclass), pgphi._refuse_citus_table(regclass, text),
     pgphi._check_column_type(regclass, name, regtype[], text), pgphi._batch_key(text),
     pgphi._column_key(regclass, name),
     pgphi._update_pages(text, text, text, integer, integer, bigint, bigint),
@@ -2685,6 +2733,10 @@ GRANT SELECT ON pgphi.key_inventory TO pgphi_key_custodian, pgphi_key_auditor;
 -- its shape), with every relation's owner. Scans every such column and
 -- returns counts only. It waits at most lock_wait for each relation's lock
 -- and reports the relations it could not scan, never skipping one silently.
+-- On Citus, a distributed or reference table is counted through Citus, which
+-- runs the count on every shard (a worker that cannot answer makes it "not
+-- scanned"); the shards themselves, ordinary tables on the node that holds
+-- them, are skipped, being counted through their table.
 CREATE FUNCTION pgphi.key_version_usage(name text, version integer, lock_wait interval DEFAULT interval '2s')
     RETURNS TABLE (relation regclass, column_name name, "values" bigint, owner name, not_scanned text)
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -2697,6 +2749,9 @@ DECLARE
     version_of text;
     c record;
     n bigint;
+    citus boolean := to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL;
+    citus_shard boolean;
+    distributed boolean := false;
 BEGIN
     IF target_id IS NULL THEN
         RAISE EXCEPTION 'pgphi key does not exist'
@@ -2720,8 +2775,14 @@ BEGIN
     LOOP
         relation := c.rel; column_name := c.attname; owner := c.relowner;
         "values" := NULL; not_scanned := NULL;
+        IF citus THEN
+            EXECUTE 'SELECT pg_catalog.relation_is_a_known_shard($1)' INTO citus_shard USING c.rel;
+            CONTINUE WHEN citus_shard;
+            distributed := pgphi._citus_table_kind(c.rel) IS NOT NULL;
+        END IF;
         BEGIN
-            EXECUTE format('SELECT count(*) FROM ONLY %s WHERE %s(%I::bytea, $1) = $2', c.rel, version_of, c.attname)
+            EXECUTE format('SELECT count(*) FROM %s%s WHERE %s(%I::bytea, $1) = $2',
+                           CASE WHEN distributed THEN '' ELSE 'ONLY ' END, c.rel, version_of, c.attname)
                 INTO n USING target_id, key_version_usage.version;
         EXCEPTION
             WHEN lock_not_available THEN
@@ -4331,6 +4392,16 @@ BEGIN
     -- Only pg_catalog is consulted until a pgphi object is found: anyone's
     -- DDL fires this.
     IF TG_EVENT = 'ddl_command_end' THEN
+        -- CREATE EXTENSION pgphi itself: its script is checked as it runs, but
+        -- the schema PostgreSQL makes for it beforehand is not part of the
+        -- extension (in_extension is false). Only with another event trigger
+        -- already in the database (Citus has some) does this trigger see that
+        -- command at all.
+        IF TG_TAG = 'CREATE EXTENSION' AND EXISTS (
+               SELECT FROM pg_event_trigger_ddl_commands() c
+                WHERE c.object_type = 'extension' AND c.object_identity = 'pgphi') THEN
+            RETURN;
+        END IF;
         SELECT c.object_identity INTO target
           FROM pg_event_trigger_ddl_commands() c
           LEFT JOIN pg_trigger t ON c.classid = 'pg_trigger'::regclass AND t.oid = c.objid

@@ -215,6 +215,16 @@ BEGIN
     -- Only pg_catalog is consulted until a pgphi object is found: anyone's
     -- DDL fires this.
     IF TG_EVENT = 'ddl_command_end' THEN
+        -- CREATE EXTENSION pgphi itself: its script is checked as it runs, but
+        -- the schema PostgreSQL makes for it beforehand is not part of the
+        -- extension (in_extension is false). Only with another event trigger
+        -- already in the database (Citus has some) does this trigger see that
+        -- command at all.
+        IF TG_TAG = 'CREATE EXTENSION' AND EXISTS (
+               SELECT FROM pg_event_trigger_ddl_commands() c
+                WHERE c.object_type = 'extension' AND c.object_identity = 'pgphi') THEN
+            RETURN;
+        END IF;
         SELECT c.object_identity INTO target
           FROM pg_event_trigger_ddl_commands() c
           LEFT JOIN pg_trigger t ON c.classid = 'pg_trigger'::regclass AND t.oid = c.objid

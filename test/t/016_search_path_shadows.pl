@@ -285,6 +285,7 @@ my %sample = (
 	'provider' => "'local'", 'kek' => 'NULL', 'normalization' => "'trim_lower'", 'index_bytes' => '16',
 	'cryptoperiod' => "'1 year'", 'recorded_head' => 'NULL',
 	'view_name' => "'view_{ID}'", 'columns' => "'{enc,det}'", 'create_decrypted_view.key_name' => "'{K}'",
+	'_refuse_citus_table.operation' => "'pgphi.reencrypt'",
 	'batch_size' => '100', 'max_values' => '100', 'max_duration' => "'1 hour'",
 	# Unnamed parameters: the comparison support of pgphi.encrypted.
 	'pgphi.encrypted' => $ct, 'int8' => '0', 'bytea' => "$ct\::pg_catalog.bytea",

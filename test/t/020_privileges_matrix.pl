@@ -56,6 +56,7 @@ pgphi._change_key_grant(text,regrole,text,boolean,timestamp with time zone)  key
 pgphi._changes_pgphi_members(pg_ddl_command)                                 key     ok     ok    ok    ok    ok    ok    ok    ok    ok
 pgphi._check_column_type(regclass,name,regtype[],text)                       key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._check_grantee(regrole)                                                key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._citus_table_kind(regclass)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._column_key(regclass,name)                                             key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._column_type(regclass,name)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._compromise_guard()                                                    key     -      -     -     -     -     -     -     -     x
@@ -112,6 +113,7 @@ pgphi._reencrypt_progress_claim()                                            key
 pgphi._reencrypt_sql(regclass,name,name)                                     key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._reencrypt_start(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._reencrypt_sweep(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 55000
+pgphi._refuse_citus_table(regclass,text)                                     key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._rekey_dek(text,text,integer,integer,text,bytea,text,text)             key     42501  42501 42501 42501 42501 42501 42501 42501 42704
 pgphi._rekey_next(integer)                                                   key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi._rekey_start(text,text,text)                                           key     42501  42501 42501 42501 42501 42501 ok    42501 ok
