@@ -110,7 +110,10 @@ DECLARE
     rows_before bigint;
     c record;
 BEGIN
-    IF writer IS NOT NULL THEN
+    IF writer IS NOT NULL AND writer = to_regprocedure('pgphi._citus_apply_row(name, jsonb, jsonb)') THEN
+        -- A Citus worker's copy of the coordinator's catalog (87_citus.sql).
+        how := 'copied from the Citus coordinator by pgphi._citus_apply_row()';
+    ELSIF writer IS NOT NULL THEN
         GET DIAGNOSTICS stack = PG_CONTEXT;
         -- Under session_replication_role = replica the semantic audit
         -- triggers do not fire: then pgphi's own change is recorded here.

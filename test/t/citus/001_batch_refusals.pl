@@ -14,6 +14,7 @@ use CitusTest;
 
 my ($coordinator, @workers) = CitusTest::new_cluster();
 $coordinator->safe_psql('postgres', q{
+	SELECT pgphi.citus_setup();
 	SELECT pgphi.create_key('ssn');
 	SELECT pgphi.create_blind_index_key('ssn_index');
 	CREATE TABLE patients (id int PRIMARY KEY, mrn text, ssn pgphi.encrypted, ssn_plain text, ssn_bidx bytea);
@@ -56,4 +57,10 @@ is($coordinator->safe_psql('postgres', q{SELECT relation, column_name, "values",
 like(PgphiTest::psql_error($coordinator, 'postgres', q{SELECT pgphi.retire_key_version('ssn', 1)}),
 	qr/55006: pgphi key "ssn" version 1 is still used by 205 values/,
 	'retire_key_version refuses while shards hold values under the version');
+# On a worker, which holds shards of its own: the shards are counted through
+# their table, not twice.
+is($workers[0]->safe_psql('postgres', q{SELECT string_agg(relation::text || '=' || "values", ',' ORDER BY relation::text)
+	FROM pgphi.key_version_usage('ssn', 1)}),
+	'clinics=5,patients=200', 'on a worker too: each table counted once, its shards skipped');
+
 done_testing();
