@@ -26,7 +26,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 
 suites=("$@")
-[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap catalogue package)
+[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap citus catalogue package)
 
 # PG_VERSIONS="15 17 18": the suites against each version in turn (17 and 18
 # built by scripts/build-postgres.sh). The suites that do not involve the
