@@ -27,6 +27,11 @@ if [ "${1:-}" = build-postgres ]; then
     PACKAGES=(gcc make bison flex zlib1g-dev libssl-dev curl bzip2 ca-certificates libipc-run-perl)
 fi
 
+# scripts/build-citus.sh builds Citus from source for the citus suite.
+if [ "${1:-}" = citus ]; then
+    PACKAGES=(gcc make libzstd-dev liblz4-dev libkrb5-dev libssl-dev)
+fi
+
 # scripts/build-deb.sh builds the Debian packages with pg_buildext.
 if [ "${1:-}" = deb ]; then
     PACKAGES=(debhelper dpkg-dev fakeroot postgresql-server-dev-all postgresql-server-dev-15 g++ make
@@ -49,5 +54,5 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 as_root apt-get update -qq
 # postgresql-15 is named again so it is upgraded to match the -dev package.
-[ "${1:-}" = build-postgres ] || [ "${1:-}" = deb ] || missing+=(postgresql-15)
+[ "${1:-}" = build-postgres ] || [ "${1:-}" = deb ] || [ "${1:-}" = citus ] || missing+=(postgresql-15)
 as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -16,6 +16,9 @@
 #            dpkg -i, and the demo against it (as root; 15 only)
 #   valgrind the regress suite with the server under valgrind memcheck; slow,
 #            so only on request (not in the default list)
+#   citus    pgphi on Citus (test/t/citus/*.pl): a coordinator and two workers
+#            on 127.0.0.1; Citus is built once into a cache by
+#            scripts/build-citus.sh from CITUS_SOURCE (default ../shared/vendor)
 # With no argument it installs what is missing, builds, installs pgphi into a
 # private copy of PostgreSQL (see use_private_install) and runs all suites.
 set -uo pipefail
@@ -23,7 +26,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 
 suites=("$@")
-[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap catalogue package)
+[ ${#suites[@]} -eq 0 ] && suites=(unit fuzz emulator regress tap citus catalogue package)
 
 # PG_VERSIONS="15 17 18": the suites against each version in turn (17 and 18
 # built by scripts/build-postgres.sh). The suites that do not involve the
@@ -263,6 +266,25 @@ run_tap() {
     local status=$?
     keep_evidence tap "$work/tmp_check/log"
     [ $status -ne 0 ] && echo "TAP logs kept in $work/tmp_check/log"
+    [ $status -eq 0 ] && rm -rf "$work"
+    return $status
+}
+
+run_citus() {
+    # Citus, built once (scripts/build-citus.sh), is copied into the private
+    # installation beside pgphi; the tests start their own nodes.
+    local stage dest work
+    stage=$(scripts/build-citus.sh) || { echo "could not build Citus" >&2; return 1; }
+    dest=${PG_BIN%"$("$PG_CONFIG" --bindir)"}
+    cp -a "$stage"/. "$dest"/ && chmod -R a+rX "$dest" || return 1
+    work=$(make_pg_workdir citus)
+    cp -r test "$work"/
+    (cd "$work" && as_pg_user env PATH="$PG_BIN:$PATH" PG_REGRESS="$PG_REGRESS" TESTDIR="$work" \
+        TESTDATADIR="$work/tmp_check" TESTLOGDIR="$work/tmp_check/log" \
+        PGPHI_TEST_DIR="$work/test" prove -I "$PERL_TEST_LIB" -I "$work/test/perl" ${CITUS_TESTS:-test/t/citus/*.pl})
+    local status=$?
+    keep_evidence citus "$work/tmp_check/log"
+    [ $status -ne 0 ] && echo "Citus TAP logs kept in $work/tmp_check/log"
     [ $status -eq 0 ] && rm -rf "$work"
     return $status
 }

@@ -4462,6 +4462,819 @@ GRANT EXECUTE ON PROCEDURE pgphi.approve_rekey(text, text, text), pgphi.rekey(te
 
 
 ------------------------------------------------------------------------------
+-- Citus: pgphi in a Citus cluster (docs/citus.md).
+------------------------------------------------------------------------------
+
+-- What Citus makes of a table, read from its catalog only where it exists
+-- (pgphi does not depend on Citus); NULL for any other table.
+CREATE FUNCTION pgphi._citus_table_kind(tbl regclass) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    kind text;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE 'SELECT CASE WHEN p.partmethod <> ''n'' THEN ''distributed''
+                         WHEN p.repmodel = ''t'' THEN ''reference''
+                         WHEN p.colocationid <> 0 THEN ''distributed''
+                         ELSE ''Citus local'' END
+               FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1'
+        INTO kind USING tbl;
+    RETURN kind;
+END
+$$;
+
+-- reencrypt, rebuild_blind_index and protect_column refuse a Citus table
+-- (feature_not_supported, naming it) instead of "succeeding" on its empty
+-- shell.
+CREATE FUNCTION pgphi._refuse_citus_table(tbl regclass, operation text) RETURNS void
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    kind text := pgphi._citus_table_kind(tbl);
+BEGIN
+    IF kind IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'feature_not_supported',
+            MESSAGE = format('%s does not support Citus %s table %s', operation, kind, tbl),
+            DETAIL = 'Citus keeps the table''s rows in its shards; the table on this node is an empty shell, so a run here would change nothing.',
+            HINT = 'See "Citus" in pgphi''s documentation (docs/citus.md) for what runs on distributed tables.';
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgphi._citus_table_kind(regclass), pgphi._refuse_citus_table(regclass, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi._citus_table_kind(regclass), pgphi._refuse_citus_table(regclass, text)
+    TO pgphi_key_custodian, pgphi_encrypt;
+
+CREATE OR REPLACE FUNCTION pgphi._reencrypt_start(tbl regclass, col name, batch_size integer, context_column name,
+        key_name text) RETURNS text
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_key text := _reencrypt_start.key_name;
+    target record;
+BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.reencrypt');
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgphi._check_column_type(tbl, col, ARRAY['pgphi.encrypted'::regtype, 'bytea'::regtype],
+                                     ', not pgphi.encrypted or bytea');
+    IF target_key IS NULL THEN
+        target_key := pgphi._column_key(tbl, col);
+        IF target_key IS NULL THEN
+            RAISE NOTICE 'column "%" of % holds no encrypted values', col, tbl;
+            RETURN NULL;
+        END IF;
+    END IF;
+    target := pgphi._batch_key(target_key);
+    PERFORM pgphi._progress_begin(tbl, col, target.key_id, target.version,
+                                  (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b),
+                                  're-encryption');
+    RETURN target_key;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi._rebuild_blind_index_start(tbl regclass, index_column name, source_column name,
+        key_name text, batch_size integer, context_column name) RETURNS text
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    source_type regtype;
+    source_key text;
+    target record;
+BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.rebuild_blind_index');
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgphi._check_column_type(tbl, index_column, ARRAY['bytea'::regtype], '; a blind index column is bytea');
+    source_type := pgphi._column_type(tbl, source_column);
+    IF pgphi._key_id(key_name) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    END IF;
+    IF pgphi._key_purpose(pgphi._key_id(key_name)) IS DISTINCT FROM 'blind_index' THEN
+        RAISE EXCEPTION 'pgphi key "%" is not a blind-index key', key_name
+            USING ERRCODE = 'wrong_object_type', HINT = 'Make one with pgphi.create_blind_index_key().';
+    END IF;
+    target := pgphi._batch_key(key_name);
+    IF source_type IN ('pgphi.encrypted'::regtype, 'bytea'::regtype) THEN
+        source_key := pgphi._column_key(tbl, source_column);
+    ELSIF source_type IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype) THEN
+        IF context_column IS NOT NULL THEN
+            RAISE EXCEPTION 'a context column applies only to an encrypted source column'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    ELSE
+        PERFORM pgphi._check_column_type(tbl, source_column, '{}', ', not pgphi.encrypted, bytea or text');
+    END IF;
+    PERFORM pgphi._progress_begin(tbl, index_column, target.key_id, target.version,
+                                  (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b),
+                                  'the blind index rebuild');
+    RETURN source_key;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi._protect_column_start(tbl regclass, col name, key_name text, batch_size integer,
+        context_column name) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    names record := pgphi._protect_column_names(col);
+    has_shadow boolean;
+    trigger_args bytea;
+BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.protect_column');
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgphi._check_column_type(tbl, col,
+        ARRAY['text'::regtype, 'character varying'::regtype, 'character'::regtype],
+        '; protect_column converts text columns');
+    IF pgphi._key_id(key_name) IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist' USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT t.tgargs INTO trigger_args FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = names.trigger_name;
+    has_shadow := EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = names.shadow
+                             AND NOT a.attisdropped);
+    IF trigger_args IS DISTINCT FROM pgphi._protect_column_trigger_args(col, key_name, context_column)
+       AND trigger_args IS NOT NULL THEN
+        RAISE EXCEPTION 'a conversion of column "%" of % is under way with another key or context', col, tbl
+            USING ERRCODE = 'object_in_use', HINT = 'Call protect_column with the arguments of the first call.';
+    END IF;
+    IF trigger_args IS NULL AND has_shadow THEN
+        -- Not ours to fill (or left without its trigger, so possibly stale).
+        RAISE EXCEPTION 'relation % already has a column "%", and no conversion of column "%" is under way',
+            tbl, names.shadow, col
+            USING ERRCODE = 'object_in_use', HINT = 'Drop or rename that column first.';
+    END IF;
+    IF NOT has_shadow THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN %I pgphi.encrypted', tbl, names.shadow);
+    END IF;
+    IF trigger_args IS NULL THEN
+        EXECUTE format(
+            -- UPDATE OF the plaintext and context columns only: the backfill,
+            -- which sets the shadow column alone, does not fire it.
+            'CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %s ON %s FOR EACH ROW
+             EXECUTE FUNCTION pgphi._protect_column_sync(%L, %L, %L, %L)',
+            names.trigger_name,
+            CASE WHEN context_column IS NULL THEN quote_ident(col) ELSE format('%I, %I', col, context_column) END,
+            tbl, col, names.shadow, key_name, coalesce(context_column, ''));
+    END IF;
+    RETURN (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b);
+END
+$$;
+
+-- key_version_usage counts a Citus table through Citus (every shard), and
+-- skips the shards themselves.
+CREATE OR REPLACE FUNCTION pgphi.key_version_usage(name text, version integer, lock_wait interval DEFAULT interval '2s')
+    RETURNS TABLE (relation regclass, column_name name, "values" bigint, owner name, not_scanned text)
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET lock_timeout = '2s'
+AS $$
+DECLARE
+    target_id integer := pgphi._key_id(key_version_usage.name);
+    blind_index boolean;
+    version_of text;
+    c record;
+    n bigint;
+    citus boolean := to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL;
+    citus_shard boolean;
+    distributed boolean := false;
+BEGIN
+    IF target_id IS NULL THEN
+        RAISE EXCEPTION 'pgphi key does not exist'
+            USING ERRCODE = 'undefined_object', HINT = 'pgphi.key_inventory lists the keys.';
+    END IF;
+    IF lock_wait IS NULL OR lock_wait <= interval '0' THEN
+        RAISE EXCEPTION 'lock_wait must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Until this function returns (its SET clause restores the setting).
+    PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM lock_wait) * 1000))::bigint::text, true);
+    blind_index := pgphi._key_purpose(target_id) = 'blind_index';
+    version_of := CASE WHEN blind_index THEN 'pgphi._blind_index_version_of' ELSE 'pgphi._key_version_of' END;
+    FOR c IN SELECT a.attrelid::regclass AS rel, a.attname, pg_get_userbyid(r.relowner) AS relowner
+               FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid
+               JOIN pg_namespace s ON s.oid = r.relnamespace
+              WHERE r.relkind IN ('r', 'm') AND a.attnum > 0 AND NOT a.attisdropped
+                AND (a.atttypid = 'bytea'::regtype OR (NOT blind_index AND a.atttypid = 'pgphi.encrypted'::regtype))
+                AND s.nspname NOT IN ('pg_catalog', 'information_schema', 'pgphi')
+                AND s.nspname NOT LIKE 'pg_toast%' AND s.nspname NOT LIKE 'pg_temp%'
+              ORDER BY 1, 2
+    LOOP
+        relation := c.rel; column_name := c.attname; owner := c.relowner;
+        "values" := NULL; not_scanned := NULL;
+        IF citus THEN
+            EXECUTE 'SELECT pg_catalog.relation_is_a_known_shard($1)' INTO citus_shard USING c.rel;
+            CONTINUE WHEN citus_shard;
+            distributed := pgphi._citus_table_kind(c.rel) IS NOT NULL;
+        END IF;
+        BEGIN
+            EXECUTE format('SELECT count(*) FROM %s%s WHERE %s(%I::bytea, $1) = $2',
+                           CASE WHEN distributed THEN '' ELSE 'ONLY ' END, c.rel, version_of, c.attname)
+                INTO n USING target_id, key_version_usage.version;
+        EXCEPTION
+            WHEN lock_not_available THEN
+                not_scanned := format('lock not available within %s', lock_wait);
+            WHEN OTHERS THEN
+                -- Only the SQLSTATE: the message might quote data.
+                IF NOT EXISTS (SELECT FROM pg_class x WHERE x.oid = c.rel::oid) THEN
+                    CONTINUE;   -- dropped since the list was read: it holds nothing
+                END IF;
+                not_scanned := format('scan failed with SQLSTATE %s', SQLSTATE);
+        END;
+        IF not_scanned IS NOT NULL THEN
+            RETURN NEXT;
+        ELSIF n > 0 THEN
+            "values" := n;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- The DDL guard lets CREATE EXTENSION pgphi make its schema in a database
+-- that already has event triggers (Citus's).
+CREATE OR REPLACE FUNCTION pgphi._guard_catalog_ddl() RETURNS event_trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target text;
+    writer regprocedure;
+    stack text;
+    recorded boolean := false;
+BEGIN
+    -- (A renamed schema pgphi leaves no name below to call.)
+    IF NOT EXISTS (SELECT FROM pg_namespace n WHERE n.nspname = 'pgphi') THEN
+        RAISE EXCEPTION 'schema pgphi cannot be renamed' USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF TG_TAG IN ('GRANT', 'REVOKE', 'ALTER DEFAULT PRIVILEGES') THEN
+        RETURN;
+    END IF;
+    -- Only pg_catalog is consulted until a pgphi object is found: anyone's
+    -- DDL fires this.
+    IF TG_EVENT = 'ddl_command_end' THEN
+        -- CREATE EXTENSION pgphi itself: its script is checked as it runs, but
+        -- the schema PostgreSQL makes for it beforehand is not part of the
+        -- extension (in_extension is false). Only with another event trigger
+        -- already in the database (Citus has some) does this trigger see that
+        -- command at all.
+        IF TG_TAG = 'CREATE EXTENSION' AND EXISTS (
+               SELECT FROM pg_event_trigger_ddl_commands() c
+                WHERE c.object_type = 'extension' AND c.object_identity = 'pgphi') THEN
+            RETURN;
+        END IF;
+        SELECT c.object_identity INTO target
+          FROM pg_event_trigger_ddl_commands() c
+          LEFT JOIN pg_trigger t ON c.classid = 'pg_trigger'::regclass AND t.oid = c.objid
+          LEFT JOIN pg_rewrite r ON c.classid = 'pg_rewrite'::regclass AND r.oid = c.objid
+          LEFT JOIN pg_policy p ON c.classid = 'pg_policy'::regclass AND p.oid = c.objid
+          LEFT JOIN pg_class owner ON owner.oid = coalesce(t.tgrelid, r.ev_class, p.polrelid)
+         WHERE NOT c.in_extension
+           AND (c.schema_name = 'pgphi' OR (c.object_type = 'schema' AND c.object_identity = 'pgphi')
+                OR owner.relnamespace = 'pgphi'::regnamespace
+                -- A member, or a trigger, rule or policy of one, wherever it
+                -- now is (ALTER ... SET SCHEMA).
+                OR EXISTS (SELECT FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+                            WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+                              AND e.extname = 'pgphi'
+                              AND ((d.classid = c.classid AND d.objid = c.objid)
+                                   OR (d.classid = 'pg_class'::regclass AND d.objid = owner.oid))))
+         LIMIT 1;
+        -- ALTER EXTENSION pgphi ADD or DROP (members taken out of the
+        -- extension would escape the check above).
+        IF target IS NULL AND TG_TAG = 'ALTER EXTENSION' THEN
+            SELECT 'extension pgphi''s members' INTO target
+              FROM pg_event_trigger_ddl_commands() c
+             WHERE c.object_identity = 'pgphi' AND pgphi._changes_pgphi_members(c.command)
+             LIMIT 1;
+        END IF;
+    ELSIF TG_EVENT = 'sql_drop' AND TG_TAG <> 'DROP EXTENSION' THEN
+        SELECT d.object_identity INTO target
+          FROM pg_event_trigger_dropped_objects() d
+         WHERE d.schema_name = 'pgphi' OR (d.object_type = 'schema' AND d.object_identity = 'pgphi')
+            OR (d.object_type IN ('trigger', 'rule', 'policy', 'table constraint', 'default value')
+                AND d.address_names[1] = 'pgphi')
+         LIMIT 1;
+    END IF;
+    IF target IS NULL THEN
+        RETURN;
+    END IF;
+    BEGIN
+        IF pgphi._in_extension_script() THEN
+            RETURN;
+        END IF;
+        writer := pgphi._catalog_writer();
+        IF writer IS NOT NULL THEN
+            GET DIAGNOSTICS stack = PG_CONTEXT;
+            IF pgphi._writer_ran_statement(writer, stack) THEN
+                RETURN;
+            END IF;
+        END IF;
+        PERFORM pgphi._queue_catalog_refusal('catalog_ddl', left(format('%s: %s', TG_TAG, target), 120));
+        recorded := true;
+    EXCEPTION WHEN undefined_function THEN
+        -- The command moved one of the helpers above out of schema pgphi:
+        -- refused all the same, but there is nothing left to record it with.
+        NULL;
+    END;
+    RAISE EXCEPTION '% on pgphi''s catalog is not allowed', TG_TAG
+        USING ERRCODE = 'insufficient_privilege',
+              DETAIL = format('%s belongs to pgphi; changing it outside pgphi''s functions and scripts could keep changes out of the audit log.%s',
+                              target, CASE WHEN recorded THEN ' The attempt was recorded.' ELSE '' END),
+              HINT = 'Use pgphi''s functions, or ALTER EXTENSION pgphi UPDATE.';
+END
+$$;
+
+-- The catalog audit says which changes a worker copied from the coordinator.
+CREATE OR REPLACE FUNCTION pgphi._audit_catalog_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    writer regprocedure := pgphi._catalog_writer();
+    stack text;
+    how text;
+    old_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN to_jsonb(OLD) END;
+    new_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN to_jsonb(NEW) END;
+    row_values jsonb := coalesce(new_row, old_row);
+    row_key integer;
+    row_version integer;
+    identity text;
+    changes text[] := '{}';
+    rows_before bigint;
+    c record;
+BEGIN
+    IF writer IS NOT NULL AND writer = to_regprocedure('pgphi._citus_apply_row(name, jsonb, jsonb)') THEN
+        -- A Citus worker's copy of the coordinator's catalog (87_citus.sql).
+        how := 'copied from the Citus coordinator by pgphi._citus_apply_row()';
+    ELSIF writer IS NOT NULL THEN
+        GET DIAGNOSTICS stack = PG_CONTEXT;
+        -- Under session_replication_role = replica the semantic audit
+        -- triggers do not fire: then pgphi's own change is recorded here.
+        IF pgphi._writer_ran_statement(writer, stack)
+           AND current_setting('session_replication_role') <> 'replica' THEN
+            -- pgphi's own change: its function's path writes the semantic
+            -- record. Two paths had none: a renewed destroy or rekey approval.
+            IF TG_TABLE_NAME = 'destroy_approvals' AND TG_OP = 'UPDATE' THEN
+                IF (new_row -> 'approved_at') IS DISTINCT FROM (old_row -> 'approved_at') THEN
+                    PERFORM pgphi._audit('approve_destroy', (new_row ->> 'key_id')::integer,
+                                         (new_row ->> 'version')::integer, 'ok', 'approval renewed');
+                END IF;
+            ELSIF TG_TABLE_NAME = 'rekey_approvals' AND TG_OP = 'UPDATE' THEN
+                IF (new_row -> 'approved_at') IS DISTINCT FROM (old_row -> 'approved_at') THEN
+                    PERFORM pgphi._audit('approve_rekey', (new_row ->> 'key_id')::integer, NULL, 'ok',
+                                         format('to provider %s, KEK %s; approval renewed', new_row ->> 'provider',
+                                                new_row ->> 'kek_ref'));
+                END IF;
+            END IF;
+            RETURN NULL;
+        END IF;
+        how := CASE WHEN pgphi._writer_ran_statement(writer, stack)
+                    THEN format('by %s under session_replication_role = replica', writer)
+                    ELSE format('not by a pgphi function (inside %s)', writer) END;
+    ELSIF pgphi._in_extension_script() THEN
+        how := 'by a pgphi extension script';
+    ELSE
+        how := 'by direct DML, not by a pgphi function';
+    END IF;
+
+    IF TG_OP = 'TRUNCATE' THEN
+        EXECUTE format('SELECT count(*) FROM ONLY %I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME) INTO rows_before;
+        PERFORM pgphi._audit('catalog_truncate', NULL, NULL, 'ok',
+                             format('%I.%I truncated (%s rows); %s', TG_TABLE_SCHEMA, TG_TABLE_NAME, rows_before, how));
+        RETURN NULL;
+    END IF;
+
+    -- The row, by its primary key (the old key when it changed).
+    SELECT string_agg(format('%s %s', a.attname, pgphi._audit_value(coalesce(old_row, new_row) -> a.attname::text, false)),
+                      ', ' ORDER BY k.n)
+      INTO identity
+      FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = TG_RELID AND i.indisprimary;
+
+    FOR c IN SELECT a.attname::text AS name,
+                    a.atttypid IN ('bytea'::regtype, 'pgphi.encrypted'::regtype) AS binary_value
+               FROM pg_attribute a
+              WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum LOOP
+        IF TG_OP = 'UPDATE' THEN
+            IF (old_row -> c.name) IS DISTINCT FROM (new_row -> c.name) THEN
+                changes := changes || format('%s %s -> %s', c.name, pgphi._audit_value(old_row -> c.name, c.binary_value),
+                                             pgphi._audit_value(new_row -> c.name, c.binary_value));
+            END IF;
+        ELSE
+            changes := changes || format('%s %s', c.name, pgphi._audit_value(row_values -> c.name, c.binary_value));
+        END IF;
+    END LOOP;
+    IF TG_OP = 'UPDATE' AND cardinality(changes) = 0 THEN
+        changes := ARRAY['no column changed'];
+    END IF;
+
+    IF row_values ? 'key_id' AND jsonb_typeof(row_values -> 'key_id') = 'number' THEN
+        row_key := (row_values ->> 'key_id')::integer;
+    END IF;
+    IF row_values ? 'version' AND jsonb_typeof(row_values -> 'version') = 'number' THEN
+        row_version := (row_values ->> 'version')::integer;
+    END IF;
+    PERFORM pgphi._audit(CASE TG_OP WHEN 'INSERT' THEN 'catalog_insert' WHEN 'UPDATE' THEN 'catalog_update'
+                                    ELSE 'catalog_delete' END,
+                         row_key, row_version, 'ok',
+                         format('%I.%I row (%s) %s: %s; %s', TG_TABLE_SCHEMA, TG_TABLE_NAME, coalesce(identity, ''),
+                                CASE TG_OP WHEN 'INSERT' THEN 'inserted' WHEN 'UPDATE' THEN 'changed' ELSE 'deleted' END,
+                                array_to_string(changes, ', '), how));
+    RETURN NULL;
+END
+$$;
+
+-- One key catalog on every node of a Citus cluster (src/sql/87_citus.sql).
+-- This node's part in a Citus cluster: 'coordinator' (also a node that is
+-- not in a cluster yet: Citus numbers it group 0), 'worker', or NULL where
+-- Citus is not installed.
+CREATE FUNCTION pgphi._citus_node_role() RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    local_group integer;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_local_group') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE 'SELECT g.groupid FROM pg_catalog.pg_dist_local_group g' INTO local_group;
+    RETURN CASE WHEN local_group = 0 THEN 'coordinator' WHEN local_group > 0 THEN 'worker' END;
+END
+$$;
+
+-- The tables copied to every node, parents first (the order a new node's
+-- catalog is built in), and the columns of each that stay per node (a
+-- break-glass event's count of the values decrypted on that node).
+CREATE FUNCTION pgphi._citus_replicated_tables(OUT relation_name name, OUT local_columns name[])
+    RETURNS SETOF record
+    LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    VALUES ('keys'::name, '{}'::name[]), ('key_versions', '{}'), ('key_grants', '{}'),
+           ('key_grant_members', '{}'), ('grant_approvals', '{}'), ('destroy_approvals', '{}'),
+           ('rekey_approvals', '{}'), ('resume_approvals', '{}'), ('decrypt_limits', '{}'),
+           ('break_glass_roles', '{}'), ('break_glass_events', '{values_decrypted}')
+$$;
+
+-- A row's primary key, as the part of its to_jsonb() form that names it.
+CREATE FUNCTION pgphi._citus_row_key(tbl regclass, row_data jsonb) RETURNS jsonb
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_object_agg(a.attname, row_data -> a.attname::text)
+      FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) AS k(attnum)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = tbl AND i.indisprimary
+$$;
+
+-- Applies one row of the coordinator's catalog to this node's: row_data is
+-- the row (to_jsonb), or NULL for a row that is gone. Roles travel by name
+-- (regrole), so a grant names the same role on every node whatever its oid.
+-- Run by the trigger on this node's copy of pgphi_citus.catalog_rows and by
+-- citus_sync(); the catalog audit records each change it makes.
+CREATE FUNCTION pgphi._citus_apply_row(relation_name name, row_key jsonb, row_data jsonb) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tbl regclass;
+    local_columns name[];
+    key_match text;
+    all_columns text;
+    copied_columns text;
+    current_row jsonb;
+    wanted_row jsonb;
+BEGIN
+    SELECT r.local_columns INTO local_columns FROM pgphi._citus_replicated_tables() r
+     WHERE r.relation_name = _citus_apply_row.relation_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgphi does not copy table "%" between Citus nodes', _citus_apply_row.relation_name
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    tbl := format('pgphi.%I', _citus_apply_row.relation_name)::regclass;
+    SELECT string_agg(format('t.%1$I IS NOT DISTINCT FROM r.%1$I', a.attname), ' AND ')
+      INTO key_match
+      FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) AS k(attnum)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = tbl AND i.indisprimary;
+    IF row_data IS NULL THEN
+        EXECUTE format('DELETE FROM %s t USING jsonb_populate_record(NULL::%s, $1) r WHERE %s', tbl, tbl, key_match)
+            USING row_key;
+        RETURN;
+    END IF;
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum),
+           string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FILTER (WHERE a.attname <> ALL (local_columns))
+      INTO all_columns, copied_columns
+      FROM pg_attribute a WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped;
+    EXECUTE format('SELECT to_jsonb(t) FROM %s t, jsonb_populate_record(NULL::%s, $1) r WHERE %s', tbl, tbl, key_match)
+        INTO current_row USING row_data;
+    IF current_row IS NULL THEN
+        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM jsonb_populate_record(NULL::%s, $1)',
+                       tbl, all_columns, all_columns, tbl)
+            USING row_data;
+        RETURN;
+    END IF;
+    -- Unchanged rows (citus_sync() goes over all of them) are left alone.
+    EXECUTE format('SELECT to_jsonb(r) FROM jsonb_populate_record(NULL::%s, $1) r', tbl) INTO wanted_row USING row_data;
+    IF (SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(current_row) e WHERE e.key <> ALL (local_columns))
+       IS DISTINCT FROM
+       (SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(wanted_row) e WHERE e.key <> ALL (local_columns)) THEN
+        EXECUTE format('UPDATE %s t SET (%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1)) '
+                       'FROM jsonb_populate_record(NULL::%s, $1) r WHERE %s',
+                       tbl, copied_columns, copied_columns, tbl, tbl, key_match)
+            USING row_data;
+    END IF;
+END
+$$;
+
+-- The trigger on every copy of pgphi_citus.catalog_rows: applies what the
+-- coordinator wrote there to this node's catalog (the coordinator's own
+-- catalog already holds it).
+CREATE FUNCTION pgphi._citus_apply() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pgphi._citus_node_role() IS DISTINCT FROM 'worker' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND (OLD.relation_name, OLD.row_key) IS DISTINCT FROM
+                                                 (NEW.relation_name, NEW.row_key)) THEN
+        PERFORM pgphi._citus_apply_row(OLD.relation_name, OLD.row_key, NULL);
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        PERFORM pgphi._citus_apply_row(NEW.relation_name, NEW.row_key, NEW.row_data);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- The trigger on each copied table (citus_forward): once citus_setup() has
+-- run, a change on the coordinator goes into pgphi_citus.catalog_rows, in
+-- the same transaction; a change on a worker is refused, as it would reach
+-- no other node, unless it is one being applied from the coordinator or
+-- touches only a node's own columns. Without Citus it does nothing.
+CREATE FUNCTION pgphi._citus_forward() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    local_columns name[];
+    old_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN to_jsonb(OLD) END;
+    new_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN to_jsonb(NEW) END;
+    old_key jsonb;
+    new_key jsonb;
+BEGIN
+    IF to_regclass('pgphi_citus.catalog_rows') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    -- The copy of a coordinator's row, and the pruning of grant members that
+    -- a role membership change (which Citus carries to every node) makes on
+    -- each node alike: a node's own, not forwarded.
+    IF pgphi._catalog_writer() = ANY (ARRAY[to_regprocedure('pgphi._citus_apply_row(name, jsonb, jsonb)'),
+                                              to_regprocedure('pgphi._prune_grant_members()')]) THEN
+        RETURN NULL;
+    END IF;
+    SELECT r.local_columns INTO local_columns FROM pgphi._citus_replicated_tables() r
+     WHERE r.relation_name = TG_TABLE_NAME;
+    IF TG_OP = 'UPDATE' AND (old_row - local_columns::text[]) = (new_row - local_columns::text[]) THEN
+        RETURN NULL;   -- a node's own count
+    END IF;
+    IF pgphi._citus_node_role() IS DISTINCT FROM 'coordinator' THEN
+        RAISE EXCEPTION 'pgphi keys are administered on the Citus coordinator'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = format('A change to pgphi.%s on a worker node would reach no other node.', TG_TABLE_NAME),
+                  HINT = 'Connect to the coordinator and run it there; it reaches every node.';
+    END IF;
+    IF TG_TABLE_NAME = 'key_versions' AND (new_row ->> 'state') = 'destroyed' THEN
+        -- Shredding overwrites the wrapped DEK at commit, which a prepared
+        -- transaction (Citus's two-phase commit on the workers) cannot do.
+        RAISE EXCEPTION 'pgphi cannot destroy key versions in a Citus cluster yet'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'Crypto-shredding runs when the transaction commits, and Citus commits the workers'' part with two-phase commit.',
+                  HINT = 'The version stays retired: refused for decryption on every node.';
+    END IF;
+    IF old_row IS NOT NULL THEN
+        old_key := pgphi._citus_row_key(TG_RELID, old_row);
+    END IF;
+    IF new_row IS NOT NULL THEN
+        new_key := pgphi._citus_row_key(TG_RELID, new_row);
+    END IF;
+    IF old_key IS NOT NULL AND old_key IS DISTINCT FROM new_key THEN
+        EXECUTE 'DELETE FROM pgphi_citus.catalog_rows c WHERE c.relation_name = $1 AND c.row_key = $2'
+            USING TG_TABLE_NAME, old_key;
+    END IF;
+    IF new_key IS NOT NULL THEN
+        EXECUTE 'INSERT INTO pgphi_citus.catalog_rows AS c (relation_name, row_key, row_data) VALUES ($1, $2, $3)
+                 ON CONFLICT (relation_name, row_key) DO UPDATE SET row_data = EXCLUDED.row_data'
+            USING TG_TABLE_NAME, new_key, new_row;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- On a worker, before any row is written (a key made there would take an id
+-- the coordinator's sequence gives out too): refused unless the change is
+-- being applied from the coordinator. The row trigger refuses the rest.
+CREATE FUNCTION pgphi._citus_coordinator_only() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF to_regclass('pgphi_citus.catalog_rows') IS NOT NULL
+       AND NOT coalesce(pgphi._catalog_writer() = ANY (ARRAY[to_regprocedure('pgphi._citus_apply_row(name, jsonb, jsonb)'),
+                                                       to_regprocedure('pgphi._prune_grant_members()')]), false)
+       AND pgphi._citus_node_role() IS DISTINCT FROM 'coordinator' THEN
+        RAISE EXCEPTION 'pgphi keys are administered on the Citus coordinator'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = format('A change to pgphi.%s on a worker node would reach no other node.', TG_TABLE_NAME),
+                  HINT = 'Connect to the coordinator and run it there; it reaches every node.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER citus_coordinator_only BEFORE INSERT OR UPDATE OR DELETE ON pgphi.keys
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._citus_coordinator_only();
+CREATE TRIGGER citus_coordinator_only BEFORE INSERT OR UPDATE OR DELETE ON pgphi.key_versions
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._citus_coordinator_only();
+CREATE TRIGGER citus_coordinator_only BEFORE INSERT OR UPDATE OR DELETE ON pgphi.key_grants
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._citus_coordinator_only();
+CREATE TRIGGER citus_coordinator_only BEFORE INSERT OR UPDATE OR DELETE ON pgphi.key_grant_members
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._citus_coordinator_only();
+CREATE TRIGGER citus_coordinator_only BEFORE INSERT OR UPDATE OR DELETE ON pgphi.grant_approvals
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._citus_coordinator_only();
+CREATE TRIGGER citus_coordinator_only BEFORE INSERT OR UPDATE OR DELETE ON pgphi.destroy_approvals
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._citus_coordinator_only();
+CREATE TRIGGER citus_coordinator_only BEFORE INSERT OR UPDATE OR DELETE ON pgphi.rekey_approvals
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._citus_coordinator_only();
+CREATE TRIGGER citus_coordinator_only BEFORE INSERT OR UPDATE OR DELETE ON pgphi.resume_approvals
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._citus_coordinator_only();
+CREATE TRIGGER citus_coordinator_only BEFORE INSERT OR UPDATE OR DELETE ON pgphi.decrypt_limits
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._citus_coordinator_only();
+CREATE TRIGGER citus_coordinator_only BEFORE INSERT OR UPDATE OR DELETE ON pgphi.break_glass_roles
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._citus_coordinator_only();
+CREATE TRIGGER citus_coordinator_only BEFORE INSERT OR DELETE ON pgphi.break_glass_events
+    FOR EACH STATEMENT EXECUTE FUNCTION pgphi._citus_coordinator_only();
+CREATE TRIGGER citus_forward AFTER INSERT OR UPDATE OR DELETE ON pgphi.keys
+    FOR EACH ROW EXECUTE FUNCTION pgphi._citus_forward();
+CREATE TRIGGER citus_forward AFTER INSERT OR UPDATE OR DELETE ON pgphi.key_versions
+    FOR EACH ROW EXECUTE FUNCTION pgphi._citus_forward();
+CREATE TRIGGER citus_forward AFTER INSERT OR UPDATE OR DELETE ON pgphi.key_grants
+    FOR EACH ROW EXECUTE FUNCTION pgphi._citus_forward();
+CREATE TRIGGER citus_forward AFTER INSERT OR UPDATE OR DELETE ON pgphi.key_grant_members
+    FOR EACH ROW EXECUTE FUNCTION pgphi._citus_forward();
+CREATE TRIGGER citus_forward AFTER INSERT OR UPDATE OR DELETE ON pgphi.grant_approvals
+    FOR EACH ROW EXECUTE FUNCTION pgphi._citus_forward();
+CREATE TRIGGER citus_forward AFTER INSERT OR UPDATE OR DELETE ON pgphi.destroy_approvals
+    FOR EACH ROW EXECUTE FUNCTION pgphi._citus_forward();
+CREATE TRIGGER citus_forward AFTER INSERT OR UPDATE OR DELETE ON pgphi.rekey_approvals
+    FOR EACH ROW EXECUTE FUNCTION pgphi._citus_forward();
+CREATE TRIGGER citus_forward AFTER INSERT OR UPDATE OR DELETE ON pgphi.resume_approvals
+    FOR EACH ROW EXECUTE FUNCTION pgphi._citus_forward();
+CREATE TRIGGER citus_forward AFTER INSERT OR UPDATE OR DELETE ON pgphi.decrypt_limits
+    FOR EACH ROW EXECUTE FUNCTION pgphi._citus_forward();
+CREATE TRIGGER citus_forward AFTER INSERT OR UPDATE OR DELETE ON pgphi.break_glass_roles
+    FOR EACH ROW EXECUTE FUNCTION pgphi._citus_forward();
+CREATE TRIGGER citus_forward AFTER INSERT OR UPDATE OR DELETE ON pgphi.break_glass_events
+    FOR EACH ROW EXECUTE FUNCTION pgphi._citus_forward();
+
+-- Builds this node's catalog from its copy of pgphi_citus.catalog_rows: rows
+-- added or changed, parents first, then rows the coordinator no longer has,
+-- children first. Returns how many rows it changed.
+CREATE FUNCTION pgphi._citus_sync_local() RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+    r record;
+    gone boolean;
+    changed bigint := 0;
+BEGIN
+    IF pgphi._citus_node_role() IS DISTINCT FROM 'worker' THEN
+        RAISE EXCEPTION 'pgphi._citus_sync_local() runs on Citus worker nodes'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    FOR t IN SELECT * FROM pgphi._citus_replicated_tables() LOOP
+        FOR r IN EXECUTE 'SELECT c.row_key, c.row_data FROM pgphi_citus.catalog_rows c
+                           WHERE c.relation_name = $1 ORDER BY c.row_key' USING t.relation_name LOOP
+            PERFORM pgphi._citus_apply_row(t.relation_name, r.row_key, r.row_data);
+        END LOOP;
+    END LOOP;
+    FOR t IN SELECT * FROM pgphi._citus_replicated_tables() WITH ORDINALITY o ORDER BY o.ordinality DESC LOOP
+        FOR r IN EXECUTE format('SELECT pgphi._citus_row_key(%L::regclass, to_jsonb(x)) AS row_key FROM pgphi.%I x',
+                                format('pgphi.%I', t.relation_name), t.relation_name) LOOP
+            EXECUTE 'SELECT NOT EXISTS (SELECT FROM pgphi_citus.catalog_rows c
+                                         WHERE c.relation_name = $1 AND c.row_key = $2)'
+                INTO gone USING t.relation_name, r.row_key;
+            IF gone THEN
+                PERFORM pgphi._citus_apply_row(t.relation_name, r.row_key, NULL);
+                changed := changed + 1;
+            END IF;
+        END LOOP;
+    END LOOP;
+    RETURN changed;
+END
+$$;
+
+-- Makes the coordinator's key catalog the cluster's: creates the reference
+-- table pgphi_citus.catalog_rows and the trigger that applies it on every
+-- node, copies the catalog into it, and returns how many rows it holds. Run
+-- once, on the coordinator, after CREATE EXTENSION citus and pgphi (again is
+-- harmless). Superusers only: it creates a schema and lets a trigger run on
+-- every node.
+CREATE FUNCTION pgphi.citus_setup() RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+    total bigint;
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
+        RAISE EXCEPTION 'pgphi.citus_setup() needs a superuser' USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF pgphi._citus_node_role() IS DISTINCT FROM 'coordinator' THEN
+        RAISE EXCEPTION 'pgphi.citus_setup() runs on a Citus coordinator'
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'CREATE EXTENSION citus first, and run it on the coordinator.';
+    END IF;
+    IF to_regclass('pgphi_citus.catalog_rows') IS NULL THEN
+        CREATE SCHEMA IF NOT EXISTS pgphi_citus;
+        REVOKE ALL ON SCHEMA pgphi_citus FROM PUBLIC;
+        CREATE TABLE pgphi_citus.catalog_rows (
+            relation_name name NOT NULL,
+            row_key       jsonb NOT NULL,
+            row_data      jsonb NOT NULL,
+            PRIMARY KEY (relation_name, row_key)
+        );
+        REVOKE ALL ON pgphi_citus.catalog_rows FROM PUBLIC;
+        PERFORM pg_catalog.create_reference_table('pgphi_citus.catalog_rows');
+        -- Citus refuses triggers on reference tables unless told: this one
+        -- only applies the coordinator's rows to each node's own catalog.
+        PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+        CREATE TRIGGER citus_apply AFTER INSERT OR UPDATE OR DELETE ON pgphi_citus.catalog_rows
+            FOR EACH ROW EXECUTE FUNCTION pgphi._citus_apply();
+        ALTER TABLE pgphi_citus.catalog_rows ENABLE ALWAYS TRIGGER citus_apply;
+    END IF;
+    FOR t IN SELECT * FROM pgphi._citus_replicated_tables() LOOP
+        EXECUTE format('INSERT INTO pgphi_citus.catalog_rows AS c (relation_name, row_key, row_data)
+                        SELECT %L, pgphi._citus_row_key(%L::regclass, to_jsonb(x)), to_jsonb(x) FROM pgphi.%I x
+                        ON CONFLICT (relation_name, row_key) DO UPDATE SET row_data = EXCLUDED.row_data',
+                       t.relation_name, format('pgphi.%I', t.relation_name), t.relation_name);
+    END LOOP;
+    SELECT count(*) INTO total FROM pgphi_citus.catalog_rows;
+    RETURN total;
+END
+$$;
+
+-- After citus_add_node: copies pgphi_citus.catalog_rows to nodes that lack
+-- it and builds every worker's catalog from it. Returns one row per worker.
+CREATE FUNCTION pgphi.citus_sync(OUT nodeid integer, OUT success boolean, OUT result text)
+    RETURNS SETOF record
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
+        RAISE EXCEPTION 'pgphi.citus_sync() needs a superuser' USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF pgphi._citus_node_role() IS DISTINCT FROM 'coordinator' OR to_regclass('pgphi_citus.catalog_rows') IS NULL THEN
+        RAISE EXCEPTION 'pgphi.citus_sync() runs on a Citus coordinator after pgphi.citus_setup()'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    PERFORM pg_catalog.replicate_reference_tables('block_writes');
+    RETURN QUERY EXECUTE
+        'SELECT w.nodeid, w.success, w.result FROM pg_catalog.run_command_on_all_nodes(
+             $c$SELECT CASE WHEN pgphi._citus_node_role() = $r$worker$r$ THEN pgphi._citus_sync_local() END$c$) w
+          ORDER BY w.nodeid';
+END
+$$;
+
+-- Checks the audit chain of every node (pgphi.verify_audit_log() on each):
+-- each node keeps its own, anchored with its own key.
+CREATE FUNCTION pgphi.citus_verify_audit_logs(OUT nodeid integer, OUT success boolean, OUT result text)
+    RETURNS SETOF record
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_local_group') IS NULL THEN
+        RAISE EXCEPTION 'pgphi.citus_verify_audit_logs() needs Citus' USING ERRCODE = 'feature_not_supported';
+    END IF;
+    RETURN QUERY EXECUTE
+        'SELECT w.nodeid, w.success, w.result FROM pg_catalog.run_command_on_all_nodes(
+             $c$SELECT pg_catalog.array_to_string(pg_catalog.array_agg(v::text), $s$; $s$) FROM pgphi.verify_audit_log() v$c$) w
+          ORDER BY w.nodeid';
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgphi._citus_node_role(), pgphi._citus_replicated_tables(), pgphi._citus_row_key(regclass, jsonb),
+    pgphi._citus_apply_row(name, jsonb, jsonb), pgphi._citus_apply(), pgphi._citus_forward(),
+    pgphi._citus_coordinator_only(),
+    pgphi._citus_sync_local(), pgphi.citus_setup(), pgphi.citus_sync(), pgphi.citus_verify_audit_logs() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi.citus_verify_audit_logs() TO pgphi_key_auditor;
+
+-- (end of section: Citus)
+
+
+------------------------------------------------------------------------------
 -- Section: destruction certificates.
 -- pgphi.destruction_certificate(key, version): the signed evidence of a
 -- destroyed key version, from its audit records (docs/key-lifecycle.md), and

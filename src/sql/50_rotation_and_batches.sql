@@ -99,6 +99,50 @@ BEGIN
 END
 $$;
 
+-- Citus. pgphi does not depend on Citus: its catalog is read only where it
+-- exists (to_regclass), and through dynamic SQL, so these compile and run
+-- without it. What Citus makes of a table: 'distributed' (hash, range,
+-- append or single-shard), 'reference' or 'Citus local'; each keeps its rows
+-- in shards (on the workers, or on the coordinator for a Citus local
+-- table), and the table of that name on this node is an empty shell. NULL
+-- for any other table, and where Citus is not installed.
+CREATE FUNCTION pgphi._citus_table_kind(tbl regclass) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    kind text;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE 'SELECT CASE WHEN p.partmethod <> ''n'' THEN ''distributed''
+                         WHEN p.repmodel = ''t'' THEN ''reference''
+                         WHEN p.colocationid <> 0 THEN ''distributed''
+                         ELSE ''Citus local'' END
+               FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1'
+        INTO kind USING tbl;
+    RETURN kind;
+END
+$$;
+
+-- The batch procedures scan and update the table they are given. On a Citus
+-- table that is the empty shell, and a run would "succeed" having changed
+-- nothing: refused instead, naming the table (docs/citus.md).
+CREATE FUNCTION pgphi._refuse_citus_table(tbl regclass, operation text) RETURNS void
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    kind text := pgphi._citus_table_kind(tbl);
+BEGIN
+    IF kind IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'feature_not_supported',
+            MESSAGE = format('%s does not support Citus %s table %s', operation, kind, tbl),
+            DETAIL = 'Citus keeps the table''s rows in its shards; the table on this node is an empty shell, so a run here would change nothing.',
+            HINT = 'See "Citus" in pgphi''s documentation (docs/citus.md) for what runs on distributed tables.';
+    END IF;
+END
+$$;
+
 -- A table's size in pages, and how many pages hold about batch_size rows
 -- (from the planner's statistics).
 CREATE FUNCTION pgphi._page_batches(tbl regclass, batch_size integer,
@@ -329,6 +373,7 @@ DECLARE
     target_key text := _reencrypt_start.key_name;
     target record;
 BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.reencrypt');
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -436,6 +481,7 @@ DECLARE
     source_key text;
     target record;
 BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.rebuild_blind_index');
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -578,6 +624,7 @@ DECLARE
     has_shadow boolean;
     trigger_args bytea;
 BEGIN
+    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.protect_column');
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -742,6 +789,7 @@ GRANT EXECUTE ON PROCEDURE pgphi.protect_column(regclass, name, text, integer, n
     pgphi.rebuild_blind_index(regclass, name, name, text, integer, name) TO pgphi_encrypt;
 GRANT EXECUTE ON FUNCTION
     pgphi._key_version_of(bytea, integer), pgphi._column_type(regclass, name), pgphi._page_batches(regclass, integer),
+    pgphi._citus_table_kind(regclass), pgphi._refuse_citus_table(regclass, text),
     pgphi._check_column_type(regclass, name, regtype[], text), pgphi._batch_key(text),
     pgphi._column_key(regclass, name),
     pgphi._update_pages(text, text, text, integer, integer, bigint, bigint),

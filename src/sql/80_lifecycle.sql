@@ -11,6 +11,10 @@
 -- its shape), with every relation's owner. Scans every such column and
 -- returns counts only. It waits at most lock_wait for each relation's lock
 -- and reports the relations it could not scan, never skipping one silently.
+-- On Citus, a distributed or reference table is counted through Citus, which
+-- runs the count on every shard (a worker that cannot answer makes it "not
+-- scanned"); the shards themselves, ordinary tables on the node that holds
+-- them, are skipped, being counted through their table.
 CREATE FUNCTION pgphi.key_version_usage(name text, version integer, lock_wait interval DEFAULT interval '2s')
     RETURNS TABLE (relation regclass, column_name name, "values" bigint, owner name, not_scanned text)
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -23,6 +27,9 @@ DECLARE
     version_of text;
     c record;
     n bigint;
+    citus boolean := to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL;
+    citus_shard boolean;
+    distributed boolean := false;
 BEGIN
     IF target_id IS NULL THEN
         RAISE EXCEPTION 'pgphi key does not exist'
@@ -46,8 +53,14 @@ BEGIN
     LOOP
         relation := c.rel; column_name := c.attname; owner := c.relowner;
         "values" := NULL; not_scanned := NULL;
+        IF citus THEN
+            EXECUTE 'SELECT pg_catalog.relation_is_a_known_shard($1)' INTO citus_shard USING c.rel;
+            CONTINUE WHEN citus_shard;
+            distributed := pgphi._citus_table_kind(c.rel) IS NOT NULL;
+        END IF;
         BEGIN
-            EXECUTE format('SELECT count(*) FROM ONLY %s WHERE %s(%I::bytea, $1) = $2', c.rel, version_of, c.attname)
+            EXECUTE format('SELECT count(*) FROM %s%s WHERE %s(%I::bytea, $1) = $2',
+                           CASE WHEN distributed THEN '' ELSE 'ONLY ' END, c.rel, version_of, c.attname)
                 INTO n USING target_id, key_version_usage.version;
         EXCEPTION
             WHEN lock_not_available THEN

@@ -110,7 +110,10 @@ DECLARE
     rows_before bigint;
     c record;
 BEGIN
-    IF writer IS NOT NULL THEN
+    IF writer IS NOT NULL AND writer = to_regprocedure('pgphi._citus_apply_row(name, jsonb, jsonb)') THEN
+        -- A Citus worker's copy of the coordinator's catalog (87_citus.sql).
+        how := 'copied from the Citus coordinator by pgphi._citus_apply_row()';
+    ELSIF writer IS NOT NULL THEN
         GET DIAGNOSTICS stack = PG_CONTEXT;
         -- Under session_replication_role = replica the semantic audit
         -- triggers do not fire: then pgphi's own change is recorded here.
@@ -215,6 +218,16 @@ BEGIN
     -- Only pg_catalog is consulted until a pgphi object is found: anyone's
     -- DDL fires this.
     IF TG_EVENT = 'ddl_command_end' THEN
+        -- CREATE EXTENSION pgphi itself: its script is checked as it runs, but
+        -- the schema PostgreSQL makes for it beforehand is not part of the
+        -- extension (in_extension is false). Only with another event trigger
+        -- already in the database (Citus has some) does this trigger see that
+        -- command at all.
+        IF TG_TAG = 'CREATE EXTENSION' AND EXISTS (
+               SELECT FROM pg_event_trigger_ddl_commands() c
+                WHERE c.object_type = 'extension' AND c.object_identity = 'pgphi') THEN
+            RETURN;
+        END IF;
         SELECT c.object_identity INTO target
           FROM pg_event_trigger_ddl_commands() c
           LEFT JOIN pg_trigger t ON c.classid = 'pg_trigger'::regclass AND t.oid = c.objid

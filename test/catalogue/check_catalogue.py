@@ -11,7 +11,8 @@ README.md must not hold such a table any more (the catalogue moved to docs/ in
    text in its "error" column) must appear in an ERROR or FATAL line, with
    the row's SQLSTATE, in a server log that the regress or TAP suites wrote
    (scripts/test.sh keeps them in EVIDENCE_DIR; the servers log the
-   SQLSTATE with %e in log_line_prefix).
+   SQLSTATE with %e in log_line_prefix). Rows about Citus may come from the
+   citus suite's logs instead; without them they are reported, not failed.
 2. Every SQLSTATE pgphi's code can raise is in some row: the core's error
    codes (through the mapping in src/pg/shared/error_bridge.cpp), the errcode()s
    and SQLSTATE overrides in src/pg, and the ERRCODEs of RAISE in the SQL
@@ -115,9 +116,14 @@ for suite in ("regress", "tap"):
     if not any(os.path.relpath(p, evidence_dir).startswith(suite + os.sep) for p in logs):
         sys.exit(f"no server logs of the {suite} suite in {evidence_dir}: run scripts/test.sh regress tap first")
 
+# Rows about Citus are produced by the citus suite (test/t/citus), which needs
+# Citus built: without its logs they are reported, not failed.
+citus_logs = any(os.path.relpath(p, evidence_dir).startswith("citus" + os.sep) for p in logs)
+
 verbose = os.environ.get("CATALOGUE_VERBOSE") == "1"   # also list where each row was seen
 failures = 0
 checked = 0
+unchecked = 0
 for what, messages, row_code in rows:
     for message in messages:
         checked += 1
@@ -129,11 +135,14 @@ for what, messages, row_code in rows:
         found = next((src for (c, text), src in produced.items() if c == code and pattern.search(text)), None)
         if found and verbose:
             print(f"  ok       {code} {message}  ({found})")
+        elif not found and "Citus" in what and not citus_logs:
+            unchecked += 1
+            print(f"  UNCHECKED {code} {message}  (a Citus row, and no logs of the citus suite)")
         elif not found:
             failures += 1
             print(f"  MISSING  {code} {message}  (no test produced it; row: {what})")
-print(f"catalogue: {len(rows)} rows, {checked} messages, {checked - failures} produced by the tests "
-      f"(in {len(logs)} server logs)")
+print(f"catalogue: {len(rows)} rows, {checked} messages, {checked - failures - unchecked} produced by the tests "
+      f"(in {len(logs)} server logs)" + (f", {unchecked} Citus messages unchecked" if unchecked else ""))
 
 # --- what the code can raise ------------------------------------------------
 errcode_values = {}   # ERRCODE_NAME -> SQLSTATE, from PostgreSQL's errcodes.h

@@ -289,6 +289,7 @@ my %sample = (
 	'provider' => "'local'", 'kek' => 'NULL', 'normalization' => "'trim_lower'", 'index_bytes' => '16',
 	'cryptoperiod' => "'1 year'", 'recorded_head' => 'NULL',
 	'view_name' => "'view_{ID}'", 'columns' => "'{enc,det}'", 'create_decrypted_view.key_name' => "'{K}'",
+	'_refuse_citus_table.operation' => "'pgphi.reencrypt'",
 	'batch_size' => '100', 'max_values' => '100', 'max_duration' => "'1 hour'",
 	# Unnamed parameters: the comparison support of pgphi.encrypted.
 	'pgphi.encrypted' => $ct, 'int8' => '0', 'bytea' => "$ct\::pg_catalog.bytea",
@@ -348,6 +349,21 @@ my %mechanism = (
 	# approve_resume just before) is refused, which shows it ran its checks.
 	'pgphi.resume_key(text,integer)' => "SELECT pgphi.resume_key('{DK}', 2)",
 	# Needs a grant to a group with a member (covered already: it adds none).
+	# Citus (test/t/citus): without it, what runs is the copy of a row that
+	# is already there, the apply trigger's early return, and the refusals.
+	'pgphi._citus_apply_row(name,jsonb,jsonb)' =>
+	  "SELECT pgphi._citus_apply_row('keys', pgphi._citus_row_key('pgphi.keys', pg_catalog.to_jsonb(k)), pg_catalog.to_jsonb(k))"
+	  . " FROM pgphi.keys k WHERE k.name OPERATOR(pg_catalog.=) '{K}'",
+	'pgphi._citus_row_key(regclass,jsonb)' =>
+	  "SELECT pgphi._citus_row_key('pgphi.keys', pg_catalog.to_jsonb(k)) FROM pgphi.keys k",
+	'pgphi._citus_replicated_tables()' => "SELECT * FROM pgphi._citus_replicated_tables()",
+	'pgphi._citus_apply()' => "CREATE TEMP TABLE citus_rows_{ID} (relation_name pg_catalog.name, row_key pg_catalog.jsonb, row_data pg_catalog.jsonb);\n"
+	  . "CREATE TRIGGER citus_apply AFTER INSERT ON citus_rows_{ID} FOR EACH ROW EXECUTE FUNCTION pgphi._citus_apply();\n"
+	  . "INSERT INTO citus_rows_{ID} VALUES ('keys', '{}', '{}')",
+	'pgphi._citus_sync_local()' => "SELECT pgphi._citus_sync_local()",
+	'pgphi.citus_setup()' => "SELECT pgphi.citus_setup()",
+	'pgphi.citus_sync()' => "SELECT * FROM pgphi.citus_sync()",
+	'pgphi.citus_verify_audit_logs()' => "SELECT * FROM pgphi.citus_verify_audit_logs()",
 	'pgphi.approve_grant_member(text,text,regrole,regrole)' => "SELECT pgphi.grant_decrypt('{K}', 'clerk_crew');\n"
 	  . "SELECT pgphi.approve_grant_member('{K}', 'decrypt', 'clerk_crew', 'clerk_aide')",
 );
@@ -360,7 +376,10 @@ my %runs_by_error = ('pgphi._audit_log_is_append_only()' => '42501',
 	'pgphi.break_glass(text,text)' => '42501',
 	# The local provider creates no KEKs (the kmip one does: test/t/024_kmip.pl).
 	'pgphi.create_kek(text,text)' => 'F0000', 'pgphi._create_dedicated_kek(text,text,text)' => 'F0000',
-	'pgphi._delete_dedicated_kek(text,text,integer,text)' => '55000');
+	'pgphi._delete_dedicated_kek(text,text,integer,text)' => '55000',
+	# The Citus functions refuse to run without Citus.
+	'pgphi._citus_sync_local()' => '0A000', 'pgphi.citus_setup()' => '0A000', 'pgphi.citus_sync()' => '0A000',
+	'pgphi.citus_verify_audit_logs()' => '0A000');
 
 my $routines = $node->safe_psql($db, qq{
 	SET search_path = pg_catalog;

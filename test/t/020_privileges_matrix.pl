@@ -56,6 +56,15 @@ pgphi._change_key_grant(text,regrole,text,boolean,timestamp with time zone)  key
 pgphi._changes_pgphi_members(pg_ddl_command)                                 key     ok     ok    ok    ok    ok    ok    ok    ok    ok
 pgphi._check_column_type(regclass,name,regtype[],text)                       key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._check_grantee(regrole)                                                key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._citus_apply()                                                         key     -      -     -     -     -     -     -     -     x
+pgphi._citus_apply_row(name,jsonb,jsonb)                                     key     42501  42501 42501 42501 42501 42501 42501 42501 22023
+pgphi._citus_coordinator_only()                                              key     -      -     -     -     -     -     -     -     x
+pgphi._citus_forward()                                                       key     -      -     -     -     -     -     -     -     x
+pgphi._citus_node_role()                                                     key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._citus_replicated_tables()                                             key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._citus_row_key(regclass,jsonb)                                         key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._citus_sync_local()                                                    key     42501  42501 42501 42501 42501 42501 42501 42501 0A000
+pgphi._citus_table_kind(regclass)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._column_key(regclass,name)                                             key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._column_type(regclass,name)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._compromise_guard()                                                    key     -      -     -     -     -     -     -     -     x
@@ -117,6 +126,7 @@ pgphi._reencrypt_progress_claim()                                            key
 pgphi._reencrypt_sql(regclass,name,name)                                     key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._reencrypt_start(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._reencrypt_sweep(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 55000
+pgphi._refuse_citus_table(regclass,text)                                     key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._rekey_dek(text,text,integer,integer,text,bytea,text,text)             key     42501  42501 42501 42501 42501 42501 42501 42501 42704
 pgphi._rekey_next(integer)                                                   key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi._rekey_start(text,text,text)                                           key     42501  42501 42501 42501 42501 42501 ok    42501 ok
@@ -151,6 +161,9 @@ pgphi.broker_status()                                                        key
 pgphi.cache_stats()                                                          key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi.ciphertext_info(bytea)                                                 type    ok     ok    ok    ok    ok    ok    ok    ok    ok
 pgphi.ciphertext_info(pgphi.encrypted)                                       type    ok     ok    ok    ok    ok    ok    ok    ok    ok
+pgphi.citus_setup()                                                          key     42501  42501 42501 42501 42501 42501 42501 42501 0A000
+pgphi.citus_sync()                                                           key     42501  42501 42501 42501 42501 42501 42501 42501 0A000
+pgphi.citus_verify_audit_logs()                                              key     42501  42501 42501 42501 42501 42501 42501 0A000 0A000
 pgphi.create_blind_index_key(text,text,integer,text,text)                    key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi.create_decrypted_view(regclass,text,regrole,name[],text,name)          key     42501  ok    ok    ok    ok    ok    ok    42501 ok
 pgphi.create_kek(text,text)                                                  key     42501  42501 42501 42501 42501 42501 F0000 42501 F0000
