@@ -38,7 +38,7 @@ if [ -n "${PG_VERSIONS:-}" ]; then
     # run; scripts/build-postgres.sh takes a lock, so the loop below waits for
     # a build still running and then uses it, or reports its failure.
     # Packages first, so that no two apt-get runs meet.
-    scripts/install-deps.sh && scripts/install-deps.sh build-postgres || exit 1
+    scripts/install-deps.sh && scripts/install-deps.sh build-postgres && scripts/install-deps.sh citus || exit 1
     (for version in $PG_VERSIONS; do
         [ "$version" = 15 ] || scripts/build-postgres.sh "$version" >/dev/null 2>&1 || true
     done) &
