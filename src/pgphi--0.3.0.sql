@@ -539,8 +539,8 @@ CREATE FUNCTION pgphi._generate_wrapped_dek(provider text, kek text, key_id inte
 -- Creates a named key: version 1 of its DEK, generated and wrapped by the
 -- provider's KEK. Returns the key id that ciphertexts carry. With
 -- dedicated_kek, the KEK is made for this key alone in the key manager
--- (named kek, or pgphi-dedicated-<name>-<random>; KMS names its keys
--- itself), so that destroying the key's last version can delete it.
+-- (named pgphi-dedicated-<name>-<random>; KMS names its keys itself), so
+-- that destroying the key's last version can delete it.
 CREATE FUNCTION pgphi.create_key(name text, provider text DEFAULT 'local', kek text DEFAULT NULL,
         dedicated_kek boolean DEFAULT false)
     RETURNS integer
@@ -566,14 +566,17 @@ BEGIN
                 USING ERRCODE = CASE WHEN create_key.provider = 'local' THEN 'feature_not_supported' ELSE 'invalid_parameter_value' END,
                       HINT = 'Dedicated KEKs live in Vault, AWS KMS, a KMIP server or a PKCS#11 token; the local provider has one KEK file.';
         END IF;
-        IF create_key.provider = 'aws_kms' AND create_key.kek IS NOT NULL THEN
-            RAISE EXCEPTION 'AWS KMS names a new key itself' USING ERRCODE = 'invalid_parameter_value',
-                HINT = 'Omit kek with dedicated_kek => true; the new key''s ARN becomes the pgphi key''s KEK.';
+        -- pgphi names it: a name of the caller's choosing could be one that
+        -- another system creates (or resolves) later, which the deletion of
+        -- this key would then take with it.
+        IF create_key.kek IS NOT NULL THEN
+            RAISE EXCEPTION 'pgphi names a dedicated KEK itself' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Omit kek with dedicated_kek => true: the new KEK is named pgphi-dedicated-<key>-<random> (KMS: its ARN).';
         END IF;
-        kek_ref := coalesce(create_key.kek, CASE WHEN create_key.provider = 'aws_kms' THEN ''
+        kek_ref := CASE WHEN create_key.provider = 'aws_kms' THEN ''
             ELSE CASE WHEN create_key.provider = 'pkcs11' THEN 'label:' ELSE '' END
                  || 'pgphi-dedicated-' || create_key.name || '-'
-                 || left(pg_catalog.md5(pg_catalog.gen_random_uuid()::text), 12) END);
+                 || left(pg_catalog.md5(pg_catalog.gen_random_uuid()::text), 12) END;
     END IF;
     IF kek_ref IS NULL THEN
         RAISE EXCEPTION '%', CASE WHEN create_key.provider IN ('vault', 'aws_kms', 'kmip', 'pkcs11') THEN format('provider %s needs the KEK to use', create_key.provider) ELSE 'unknown pgphi key provider' END

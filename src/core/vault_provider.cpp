@@ -432,6 +432,12 @@ bool VaultKeyProvider::transit_key_exists(const std::string& kek_ref)
     } catch (const Error& e) {
         if (e.code() != ErrorCode::KeyNotFound)
             throw;
+        // A missing mount or namespace also answers 404 ("no handler for
+        // route"): that says nothing of the key, and must not pass for a key
+        // already deleted.
+        if (std::string(e.what()).find("no handler") != std::string::npos)
+            throw Error(ErrorCode::ConfigError, "Vault has no Transit mount at pgphi.vault_mount", e.what(),
+                        "Check pgphi.vault_mount and pgphi.vault_namespace.");
         return false;
     }
 }
@@ -453,7 +459,16 @@ std::string VaultKeyProvider::delete_dedicated_kek(const std::string& kek_ref)
     if (!transit_key_exists(kek_ref))
         return "the Vault Transit key was already deleted";
     call(Method::Post, settings_.mount + "/keys/" + kek_ref + "/config", {{"deletion_allowed", true}});
-    call(Method::Delete, settings_.mount + "/keys/" + kek_ref, json::object());
+    try {
+        call(Method::Delete, settings_.mount + "/keys/" + kek_ref, json::object());
+    } catch (...) {
+        // The destruction rolls back: leave the key as undeletable as it was.
+        try {
+            call(Method::Post, settings_.mount + "/keys/" + kek_ref + "/config", {{"deletion_allowed", false}});
+        } catch (...) {
+        }
+        throw;
+    }
     return "the Vault Transit key was deleted";
 }
 

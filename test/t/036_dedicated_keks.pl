@@ -53,9 +53,9 @@ sub fails_with
 fails_with(q{SELECT pgphi.create_key('d_local', dedicated_kek => true)},
 	qr/0A000: the local provider cannot make a KEK for one key/, 'the local provider: 0A000');
 fails_with(q{SELECT pgphi.create_key('d_named', provider => 'aws_kms', kek => 'alias/mine', dedicated_kek => true)},
-	qr/22023: AWS KMS names a new key itself/, 'a KEK name for KMS: 22023');
+	qr/22023: pgphi names a dedicated KEK itself/, 'a KEK name of the caller\'s choosing: 22023');
 fails_with(qq{SELECT pgphi.create_key('d_taken', provider => 'vault', kek => '$emulator->{vault_key}', dedicated_kek => true)},
-	qr/22023: a Transit key of that name already exists/, 'an existing Transit key is never adopted: 22023');
+	qr/22023: pgphi names a dedicated KEK itself/, '... so an existing Transit key is never adopted');
 is($node->safe_psql('postgres', q{SELECT count(*) FROM pgphi.keys}), '0', '... and no key was created');
 
 ###########################################################################
@@ -126,6 +126,10 @@ for my $p (@providers)
 	});
 	is($node->safe_psql('postgres', qq{SELECT kek_deleted_at IS NULL FROM pgphi.keys WHERE name = 'd_$p'}), 't',
 		"$p: destroying version 1 leaves the KEK, which still wraps version 2");
+	fails_with(qq{BEGIN; SET SESSION AUTHORIZATION c2; SELECT pgphi.destroy_key('d_$p', 2); COMMIT;},
+		qr/25001: destroying the last version of a key with a KEK of its own cannot run inside a transaction block/,
+		"$p: the destruction that deletes the KEK refuses a transaction block (a ROLLBACK could not undo it)")
+	  if $p eq 'vault';
 	$node->safe_psql('postgres', qq{SET SESSION AUTHORIZATION c2; SELECT pgphi.destroy_key('d_$p', 2)});
 }
 my %deletion = map { $_ => $node->safe_psql('postgres',

@@ -4,6 +4,7 @@
 
 extern "C" {
 #include "access/htup_details.h"
+#include "access/xact.h"
 }
 
 #include <cstring>
@@ -284,13 +285,28 @@ PGPHI_FUNCTION(pgphi_delete_dedicated_kek)
                       "AND o.provider OPERATOR(pg_catalog.=) $3 AND o.kek_ref OPERATOR(pg_catalog.=) $4) "
                       "AND NOT EXISTS (SELECT FROM pgphi.key_versions v WHERE v.wrapped_dek IS NOT NULL "
                       "AND v.rekey_source_provider OPERATOR(pg_catalog.=) $3 "
-                      "AND v.rekey_source_kek OPERATOR(pg_catalog.=) $4)",
+                      "AND v.rekey_source_kek OPERATOR(pg_catalog.=) $4) "
+                      // Another key reaching the same KEK under another name (a KMS
+                      // alias or key id, a KMIP Name): its versions record the KEK
+                      // itself (KMS: "<ARN>#<material>", KMIP: the identifier).
+                      "AND NOT EXISTS (SELECT FROM pgphi.key_versions v WHERE v.key_id OPERATOR(pg_catalog.<>) $1 "
+                      "AND v.wrapped_dek IS NOT NULL AND (v.kek_version OPERATOR(pg_catalog.=) $4 "
+                      "OR pg_catalog.starts_with(v.kek_version, $4 OPERATOR(pg_catalog.||) '#')))",
                       4, argtypes, args, 1, note_row, nullptr, nullptr) == 0)
         ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                         errmsg("pgphi will not delete that KEK"),
                         errdetail("Only a KEK dedicated to one key is deleted, once no DEK it wraps is left "
                                   "and no other key names it."),
                         errhint("pgphi.destroy_key() deletes a dedicated KEK when it destroys the key's last version.")));
+    // The key manager's deletion cannot be rolled back: inside a transaction
+    // block, a later ROLLBACK would undo the destruction and its audit record
+    // but not the deletion. In its own statement, nothing follows but COMMIT.
+    if (IsTransactionBlock())
+        ereport(ERROR, (errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+                        errmsg("destroying the last version of a key with a KEK of its own cannot run inside a "
+                               "transaction block"),
+                        errdetail("It deletes the KEK in the key manager, which a rollback cannot undo."),
+                        errhint("Call pgphi.destroy_key() for that version on its own, outside BEGIN ... COMMIT.")));
     cache::UnwrapRequest key;
     memset(&key, 0, sizeof(key));
     copy_text_arg(PG_GETARG_TEXT_PP(0), key.provider, sizeof(key.provider), "provider name");
