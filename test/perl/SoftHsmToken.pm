@@ -1,6 +1,7 @@
 # A SoftHSM2 token for the PKCS#11 tests: its own token directory and
 # configuration (SOFTHSM2_CONF is set for this process and the servers it
-# starts), initialised with a label and a user PIN.
+# starts), initialised with a label. Its user and SO PINs are drawn at test
+# time, so no PIN is written in the repository; $token->{pin} is the user's.
 package SoftHsmToken;
 
 use strict;
@@ -16,11 +17,14 @@ sub available
 	return -e $MODULE && system('command -v softhsm2-util pkcs11-tool >/dev/null') == 0;
 }
 
-# new(dir => ..., label => ..., pin => ...): a fresh token in `dir`.
+# Eight random digits (SoftHSM2 takes PINs of 4 to 255 bytes).
+sub random_pin { return join '', map { int(rand(10)) } 1 .. 8; }
+
+# new(dir => ..., label => ...): a fresh token in `dir`.
 sub new
 {
 	my ($class, %opts) = @_;
-	my $self = bless { %opts }, $class;
+	my $self = bless { %opts, pin => random_pin(), so_pin => random_pin() }, $class;
 	my $dir = $self->{dir};
 	mkdir $dir;
 	mkdir "$dir/tokens", 0700;
@@ -28,7 +32,7 @@ sub new
 	print $conf "directories.tokendir = $dir/tokens\nobjectstore.backend = file\nlog.level = ERROR\n";
 	close $conf;
 	$ENV{SOFTHSM2_CONF} = "$dir/softhsm2.conf";
-	system("softhsm2-util --init-token --free --label $self->{label} --so-pin 27182818 --pin $self->{pin} >/dev/null")
+	system("softhsm2-util --init-token --free --label $self->{label} --so-pin $self->{so_pin} --pin $self->{pin} >/dev/null")
 	  == 0 or die 'softhsm2-util --init-token failed';
 	return $self;
 }

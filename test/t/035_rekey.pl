@@ -31,8 +31,8 @@ my $kmip = KmipServer->new(pki => $pki, dir => "$PostgreSQL::Test::Utils::tmp_ch
 my $kmip_kek = $kmip->admin('create', 'pgphi-kek');
 
 # A SoftHSM2 token with a non-extractable AES-256 KEK.
-my $pin = '16180339';
-my $token = SoftHsmToken->new(dir => "$PostgreSQL::Test::Utils::tmp_check/pkcs11", label => 'pgphi-rekey', pin => $pin);
+my $token = SoftHsmToken->new(dir => "$PostgreSQL::Test::Utils::tmp_check/pkcs11", label => 'pgphi-rekey');
+my $pin = $token->{pin};
 $token->tool('--keygen --key-type AES:32 --sensitive --label pgphi-kek --id 01') == 0 or die 'pkcs11-tool --keygen failed';
 my $pin_file = $emulator->write_secret('pkcs11-pin', "$pin\n");
 

@@ -23,8 +23,8 @@ my $pki = KeyManagerEmulator::make_pki("$PostgreSQL::Test::Utils::tmp_check/pki"
 my $emulator = KeyManagerEmulator->new(pki => $pki);
 my $kmip = KmipServer->new(pki => $pki, dir => "$PostgreSQL::Test::Utils::tmp_check/kmip");
 
-my $pin = '14142135';
-my $token = SoftHsmToken->new(dir => "$PostgreSQL::Test::Utils::tmp_check/pkcs11", label => 'pgphi-dedicated', pin => $pin);
+my $token = SoftHsmToken->new(dir => "$PostgreSQL::Test::Utils::tmp_check/pkcs11", label => 'pgphi-dedicated');
+my $pin = $token->{pin};
 my $pin_file = $emulator->write_secret('pkcs11-pin', "$pin\n");
 
 my $node = PgphiTest::new_node('primary', allows_streaming => 1);

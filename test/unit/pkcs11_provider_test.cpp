@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <random>
 #include <string>
 
 #include <stdlib.h>
@@ -24,7 +25,15 @@ using pgphi::test_support::refusal_text;
 namespace {
 
 const char* kModule = "/usr/lib/softhsm/libsofthsm2.so";
-const char* kPin = "48151623";
+// PINs drawn at test time: eight digits, so no PIN is written in the repository.
+std::string random_pin()
+{
+    std::random_device random;
+    std::string pin;
+    for (int i = 0; i < 8; ++i)
+        pin += static_cast<char>('0' + random() % 10);
+    return pin;
+}
 
 class SoftHsm : public ::testing::Test {
 protected:
@@ -40,11 +49,11 @@ protected:
         std::ofstream(dir + "/softhsm2.conf")
             << "directories.tokendir = " << dir << "/tokens\nobjectstore.backend = file\nlog.level = ERROR\n";
         setenv("SOFTHSM2_CONF", (dir + "/softhsm2.conf").c_str(), 1);
-        ASSERT_EQ(sh("softhsm2-util --init-token --free --label pgphi-unit --so-pin 12345678 --pin " +
-                     std::string(kPin)),
+        pin = random_pin();
+        ASSERT_EQ(sh("softhsm2-util --init-token --free --label pgphi-unit --so-pin " + random_pin() + " --pin " + pin),
                   0);
         pin_file = dir + "/pin";
-        write_pin(kPin);
+        write_pin(pin);
     }
     void TearDown() override
     {
@@ -56,7 +65,7 @@ protected:
 
     std::string tool(const std::string& args)
     {
-        return std::string("pkcs11-tool --module ") + kModule + " --token-label pgphi-unit --login --pin " + kPin +
+        return std::string("pkcs11-tool --module ") + kModule + " --token-label pgphi-unit --login --pin " + pin +
                " " + args;
     }
 
@@ -86,6 +95,7 @@ protected:
 
     std::string dir;
     std::string pin_file;
+    std::string pin;
 };
 
 DekBinding binding(uint32_t id = 7, uint32_t version = 1) { return DekBinding{id, version, "ssn_key"}; }
@@ -215,17 +225,20 @@ TEST_F(SoftHsm, DeletedKekIsNotUsable)
 TEST_F(SoftHsm, WrongPinIsDeniedAndNotRetried)
 {
     keygen("pgphi-kek", "04");
-    write_pin("00000000");
+    std::string wrong = random_pin();
+    while (wrong == pin)
+        wrong = random_pin();
+    write_pin(wrong);
     Pkcs11KeyProvider provider(settings());
     SecureBytes dek = SecureBytes::random(32);
     std::string message;
     EXPECT_EQ(refusal([&] { provider.wrap("label:pgphi-kek", dek, binding()); }, &message), ErrorCode::KeyManagerDenied);
-    EXPECT_EQ(message.find("00000000"), std::string::npos);
+    EXPECT_EQ(message.find(wrong), std::string::npos);
     uint64_t calls = provider.token_calls();
     // The same wrong PIN is not sent again.
     EXPECT_EQ(refusal([&] { provider.wrap("label:pgphi-kek", dek, binding()); }), ErrorCode::KeyManagerDenied);
     EXPECT_LE(provider.token_calls() - calls, 4u);
-    write_pin(kPin);
+    write_pin(pin);
     EXPECT_EQ(provider.wrap("label:pgphi-kek", dek, binding()).kek_version, "v1");
 }
 
