@@ -386,14 +386,8 @@ WrappedDek VaultKeyProvider::wrap(const std::string& kek_ref, const SecureBytes&
     check_key_name(kek_ref);
     json request = {{"plaintext", base64_encode(ByteView(dek.data(), dek.size()))},
                     {"associated_data", associated_data(binding)}};
-    json response;
-    try {
-        response = call(Method::Post, settings_.mount + "/encrypt/" + kek_ref, request);
-    } catch (...) {
-        wipe(request["plaintext"].get_ref<std::string&>());
-        throw;
-    }
-    wipe(request["plaintext"].get_ref<std::string&>());
+    WipeOnExit wipe_plaintext(request["plaintext"].get_ref<std::string&>());
+    json response = call(Method::Post, settings_.mount + "/encrypt/" + kek_ref, request);
     WrappedDek wrapped = vault::wrapped_dek(response);
     wrapped.blob.insert(wrapped.blob.begin(), kBoundMarker.begin(), kBoundMarker.end());
     return wrapped;
