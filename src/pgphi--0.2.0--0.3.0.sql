@@ -4486,28 +4486,260 @@ BEGIN
 END
 $$;
 
--- reencrypt, rebuild_blind_index and protect_column refuse a Citus table
--- (feature_not_supported, naming it) instead of "succeeding" on its empty
--- shell.
-CREATE FUNCTION pgphi._refuse_citus_table(tbl regclass, operation text) RETURNS void
+-- (begin: the batch procedures on Citus tables, shard by shard)
+-- Citus: the batch procedures, shard by shard (docs/citus.md). The table of
+-- that name on this node is an empty shell, so a run here would change
+-- nothing: the procedures run their batches on each shard instead, on the
+-- node that holds it, as the caller (Citus connects to the node as the
+-- current user), each shard's batches committed and resumable there like
+-- any table's. Progress on this node counts shards (reencrypt_progress's
+-- next_page and total_pages); each shard's own progress is on its node.
+--
+-- The placements of a Citus table's shards, in shard order: a distributed
+-- table's shard has one (more with Citus's old replication), a reference
+-- table's one on every node. Shard names are schema-qualified.
+CREATE FUNCTION pgphi._citus_placements(tbl regclass, OUT shard_index bigint, OUT shard_id bigint,
+        OUT shard_name text, OUT node_name text, OUT node_port integer)
+    RETURNS SETOF record
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pgphi._citus_table_kind(tbl) IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE
+        'SELECT dense_rank() OVER (ORDER BY s.shardid) - 1, s.shardid,
+                pg_catalog.shard_name(s.logicalrelid, s.shardid, false), d.nodename::text, d.nodeport
+           FROM pg_catalog.pg_dist_shard s
+           JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
+           JOIN pg_catalog.pg_dist_node d ON d.groupid = p.groupid AND d.noderole = ''primary''
+          WHERE s.logicalrelid = $1
+          ORDER BY s.shardid, d.nodeid'
+        USING tbl;
+END
+$$;
+
+-- How far a batch run goes: the table's pages, or a Citus table's shards.
+CREATE FUNCTION pgphi._batch_extent(tbl regclass, batch_size integer) RETURNS bigint
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pgphi._citus_table_kind(tbl) IS NULL THEN
+        RETURN (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b);
+    END IF;
+    RETURN (SELECT count(DISTINCT p.shard_id) FROM pgphi._citus_placements(tbl) p);
+END
+$$;
+
+-- Runs a shard's batches on a Citus node (what = 'batches'), or asks it
+-- how many values they changed ('changed'), as the current user, on a
+-- connection of its own (Citus's master_run_on_worker); returns the result.
+-- It builds the command itself: callers name a shard and a batch procedure,
+-- never SQL. Only an error's first line comes back, so the shard's steps put
+-- their SQLSTATE in it ("[42501] permission denied ..."), and it is raised
+-- again here with that SQLSTATE.
+CREATE FUNCTION pgphi._citus_remote(node_name text, node_port integer, what text, operation text, shard_name text,
+        col name, key_name text, batch_size integer, context_column name, source_column name) RETURNS text
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    command text;
+    outcome record;
+    tagged text[];
+BEGIN
+    IF to_regprocedure('pg_catalog.master_run_on_worker(text[],integer[],text[],boolean)') IS NULL THEN
+        RAISE EXCEPTION 'pgphi runs batches on shards only in a Citus cluster' USING ERRCODE = 'feature_not_supported';
+    END IF;
+    EXECUTE 'SELECT NOT EXISTS (SELECT FROM pg_catalog.pg_dist_node d WHERE d.nodename = $1 AND d.nodeport = $2)
+                 AS not_exists'
+        INTO outcome USING node_name, node_port;
+    IF outcome.not_exists THEN
+        RAISE EXCEPTION 'pgphi runs batches only on the nodes of this Citus cluster' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF what = 'batches' THEN
+        command := format('CALL pgphi._citus_shard_batches(%L, %L, %L, %L, %s, %L, %L)', operation, shard_name, col,
+                          key_name, batch_size, context_column, source_column);
+    ELSE
+        command := format('SELECT pgphi._citus_shard_changed(%L, %L)', shard_name, col);
+    END IF;
+    EXECUTE 'SELECT w.success, w.result FROM pg_catalog.master_run_on_worker(ARRAY[$1], ARRAY[$2], ARRAY[$3], false) w'
+        INTO outcome USING node_name, node_port, command;
+    IF outcome.success THEN
+        RETURN outcome.result;
+    END IF;
+    tagged := regexp_match(outcome.result, '^(?:ERROR:\s+)?\[([0-9A-Z]{5})\] (.*)$');
+    IF tagged IS NULL THEN
+        RAISE EXCEPTION 'pgphi could not run a batch on Citus node %:%: %', node_name, node_port, outcome.result
+            USING ERRCODE = 'connection_exception', DETAIL = format('The batch was for shard %s.', shard_name),
+                  HINT = 'Call the procedure again once the node is back: it resumes where it stopped.';
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = tagged[1], MESSAGE = tagged[2],
+        DETAIL = format('Raised on Citus node %s:%s, in shard %s.', node_name, node_port, shard_name),
+        HINT = 'Call the procedure again once the cause is fixed: it resumes where it stopped.';
+END
+$$;
+
+-- Runs one shard's batches on every placement of it (the shard_index-th in
+-- shard order) and returns the values they changed; NULL past the last
+-- shard. `operation` is the procedure: 'reencrypt', 'rebuild_blind_index'
+-- (col is the index column) or 'protect_column'.
+CREATE FUNCTION pgphi._citus_run_shard(operation text, tbl regclass, col name, key_name text, batch_size integer,
+        context_column name, source_column name, shard_index bigint) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    placement record;
+    shards bigint := (SELECT count(DISTINCT p.shard_id) FROM pgphi._citus_placements(tbl) p);
+    changed bigint;
+    total bigint;
+BEGIN
+    FOR placement IN SELECT * FROM pgphi._citus_placements(tbl) p WHERE p.shard_index = _citus_run_shard.shard_index
+    LOOP
+        PERFORM pgphi._citus_remote(placement.node_name, placement.node_port, 'batches', operation,
+                                    placement.shard_name, col, key_name, batch_size, context_column, source_column);
+        changed := pgphi._citus_remote(placement.node_name, placement.node_port, 'changed', operation,
+                                       placement.shard_name, col, NULL, NULL, NULL, NULL)::bigint;
+        total := coalesce(total, 0) + changed;
+        RAISE NOTICE '% of %.%: shard % of % (% on %:%) done%', operation, tbl, quote_ident(col), shard_index + 1,
+            shards, placement.shard_name, placement.node_name, placement.node_port,
+            CASE WHEN operation = 'protect_column' THEN '' ELSE format(', %s values changed', changed) END;
+    END LOOP;
+    RETURN total;
+END
+$$;
+
+-- The next shard of a run with progress on this node; false once the last
+-- is done.
+CREATE FUNCTION pgphi._citus_progress_shard(operation text, tbl regclass, col name, key_name text,
+        batch_size integer, context_column name, source_column name) RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    progress pgphi.reencrypt_progress := pgphi._progress_get(tbl, col);
+    changed bigint;
+BEGIN
+    IF progress.next_page >= progress.total_pages THEN
+        RETURN false;
+    END IF;
+    changed := pgphi._citus_run_shard(operation, tbl, col, key_name, batch_size, context_column, source_column,
+                                      progress.next_page);
+    PERFORM pgphi._progress_advance(tbl, col, progress.next_page + 1, coalesce(changed, 0));
+    RETURN progress.next_page + 1 < progress.total_pages;
+END
+$$;
+
+-- A Citus table's sweep: counts, through Citus (every shard), the rows that
+-- still need the run (the `stale` condition of its batches; parameters $1
+-- the key name, $2 the key id, $3 the version). Rows that concurrent writers
+-- copied from old ones, or shards split or added during the run: if any,
+-- every shard runs again, and true is returned (another sweep follows).
+CREATE FUNCTION pgphi._citus_sweep(operation text, tbl regclass, col name, key_name text, batch_size integer,
+        context_column name, source_column name, stale text, key_id integer, version integer) RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    left_over bigint;
+    shard bigint;
+    changed bigint;
+    total bigint := 0;
+BEGIN
+    EXECUTE format('SELECT count(*) FROM %s WHERE ', tbl) || stale INTO left_over USING key_name, key_id, version;
+    IF left_over = 0 THEN
+        RETURN false;
+    END IF;
+    RAISE NOTICE '% of %.%: % rows still to do, every shard again', operation, tbl, quote_ident(col), left_over;
+    FOR shard IN SELECT DISTINCT p.shard_index FROM pgphi._citus_placements(tbl) p ORDER BY 1 LOOP
+        changed := pgphi._citus_run_shard(operation, tbl, col, key_name, batch_size, context_column, source_column,
+                                          shard);
+        total := total + coalesce(changed, 0);
+    END LOOP;
+    IF col IN (SELECT p.column_name FROM pgphi.reencrypt_progress p WHERE p.relation = tbl) THEN
+        PERFORM pgphi._progress_advance(tbl, col, NULL, total);
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- The distribution column of a Citus distributed table (NULL for any other).
+CREATE FUNCTION pgphi._citus_distribution_column(tbl regclass) RETURNS name
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    kind text := pgphi._citus_table_kind(tbl);
+    col name;
 BEGIN
-    IF kind IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'feature_not_supported',
-            MESSAGE = format('%s does not support Citus %s table %s', operation, kind, tbl),
-            DETAIL = 'Citus keeps the table''s rows in its shards; the table on this node is an empty shell, so a run here would change nothing.',
-            HINT = 'See "Citus" in pgphi''s documentation (docs/citus.md) for what runs on distributed tables.';
+    IF pgphi._citus_table_kind(tbl) IS DISTINCT FROM 'distributed' THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE 'SELECT pg_catalog.column_to_column_name(p.logicalrelid, p.partkey)
+               FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1 AND p.partkey IS NOT NULL'
+        INTO col USING tbl;
+    RETURN col;
+END
+$$;
+
+-- Whether a relation is a shard of a Citus table on this node.
+CREATE FUNCTION pgphi._citus_is_shard(tbl regclass) RETURNS boolean
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    known boolean;
+BEGIN
+    IF to_regprocedure('pg_catalog.relation_is_a_known_shard(regclass)') IS NULL THEN
+        RETURN false;
+    END IF;
+    EXECUTE 'SELECT pg_catalog.relation_is_a_known_shard($1)' INTO known USING tbl;
+    RETURN coalesce(known, false);
+END
+$$;
+
+-- The values a shard's last run changed (its progress on this node; 0 for
+-- protect_column, which keeps none).
+CREATE FUNCTION pgphi._citus_shard_changed(shard_name text, col name) RETURNS bigint
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce((SELECT p.rows_reencrypted FROM pgphi.reencrypt_progress p
+                      WHERE p.relation = to_regclass(shard_name) AND p.column_name = col), 0)
+$$;
+
+-- Starts, or resumes, the batches of a (relation, column) towards a key
+-- version; a run towards another key or version starts over. A run belongs
+-- to the role that started it (started_by): another role's unfinished run
+-- is not taken over.
+CREATE OR REPLACE FUNCTION pgphi._progress_begin(tbl regclass, col name, key_id integer, version integer,
+        relation_pages bigint, task text) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    progress pgphi.reencrypt_progress;
+    acting regrole := to_regrole(quote_ident(pgphi._acting_role()));
+BEGIN
+    PERFORM pgphi._progress_check(tbl, col);
+    SELECT * INTO progress FROM pgphi.reencrypt_progress p WHERE p.relation = tbl AND p.column_name = col
+       FOR UPDATE;
+    IF FOUND AND progress.finished_at IS NULL AND progress.started_by IS DISTINCT FROM acting THEN
+        RAISE EXCEPTION 'a conversion of column "%" of % is under way by role %', col, tbl,
+            coalesce(progress.started_by::text, '(unknown)')
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'That role resumes it by calling the procedure again; a key custodian can discard it by deleting its row of pgphi.reencrypt_progress.';
+    END IF;
+    IF NOT FOUND OR progress.finished_at IS NOT NULL OR progress.target_version <> _progress_begin.version
+       OR progress.key_id <> _progress_begin.key_id THEN
+        DELETE FROM pgphi.reencrypt_progress p WHERE p.relation = tbl AND p.column_name = col;
+        INSERT INTO pgphi.reencrypt_progress (relation, column_name, key_id, target_version, total_pages,
+                                              started_by)
+            VALUES (tbl, col, _progress_begin.key_id, _progress_begin.version, relation_pages, acting);
+    ELSE
+        RAISE NOTICE 'resuming % of %.% at % % of %', task, tbl, quote_ident(col),
+            CASE WHEN pgphi._citus_table_kind(tbl) IS NULL THEN 'page' ELSE 'shard' END, progress.next_page,
+            relation_pages;
+        UPDATE pgphi.reencrypt_progress p SET total_pages = relation_pages
+         WHERE p.relation = tbl AND p.column_name = col;
     END IF;
 END
 $$;
 
-REVOKE ALL ON FUNCTION pgphi._citus_table_kind(regclass), pgphi._refuse_citus_table(regclass, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pgphi._citus_table_kind(regclass), pgphi._refuse_citus_table(regclass, text)
-    TO pgphi_key_custodian, pgphi_encrypt;
-
+-- Checks the arguments and starts (or resumes) the run; returns the key the
+-- values move to, or NULL when the column holds no encrypted values.
 CREATE OR REPLACE FUNCTION pgphi._reencrypt_start(tbl regclass, col name, batch_size integer, context_column name,
         key_name text) RETURNS text
     LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
@@ -4516,7 +4748,6 @@ DECLARE
     target_key text := _reencrypt_start.key_name;
     target record;
 BEGIN
-    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.reencrypt');
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -4530,13 +4761,37 @@ BEGIN
         END IF;
     END IF;
     target := pgphi._batch_key(target_key);
-    PERFORM pgphi._progress_begin(tbl, col, target.key_id, target.version,
-                                  (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b),
+    PERFORM pgphi._progress_begin(tbl, col, target.key_id, target.version, pgphi._batch_extent(tbl, batch_size),
                                   're-encryption');
     RETURN target_key;
 END
 $$;
 
+CREATE OR REPLACE FUNCTION pgphi._reencrypt_pages(tbl regclass, col name, batch_size integer, context_column name,
+        key_name text) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN pgphi._citus_table_kind(tbl) IS NULL
+                THEN pgphi._progress_pages(tbl, col, s.update_head, s.stale, key_name, batch_size)
+                ELSE pgphi._citus_progress_shard('reencrypt', tbl, col, key_name, batch_size, context_column, NULL)
+           END
+      FROM pgphi._reencrypt_sql(tbl, col, context_column) s
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi._reencrypt_sweep(tbl regclass, col name, batch_size integer, context_column name,
+        key_name text) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN pgphi._citus_table_kind(tbl) IS NULL
+                THEN pgphi._progress_sweep(tbl, col, s.update_head, s.stale, key_name, batch_size)
+                ELSE pgphi._citus_sweep('reencrypt', tbl, col, key_name, batch_size, context_column, NULL, s.stale,
+                                        p.key_id, p.target_version)
+           END
+      FROM pgphi._reencrypt_sql(tbl, col, context_column) s, pgphi._progress_get(tbl, col) p
+$$;
+
+-- Checks the arguments and starts (or resumes) the run; returns the key of
+-- the encrypted source column (NULL for a text source, or no values).
 CREATE OR REPLACE FUNCTION pgphi._rebuild_blind_index_start(tbl regclass, index_column name, source_column name,
         key_name text, batch_size integer, context_column name) RETURNS text
     LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
@@ -4546,7 +4801,6 @@ DECLARE
     source_key text;
     target record;
 BEGIN
-    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.rebuild_blind_index');
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -4571,12 +4825,39 @@ BEGIN
         PERFORM pgphi._check_column_type(tbl, source_column, '{}', ', not pgphi.encrypted, bytea or text');
     END IF;
     PERFORM pgphi._progress_begin(tbl, index_column, target.key_id, target.version,
-                                  (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b),
-                                  'the blind index rebuild');
+                                  pgphi._batch_extent(tbl, batch_size), 'the blind index rebuild');
     RETURN source_key;
 END
 $$;
 
+CREATE OR REPLACE FUNCTION pgphi._rebuild_blind_index_pages(tbl regclass, index_column name, source_column name,
+        key_name text, batch_size integer, context_column name, source_key text) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN pgphi._citus_table_kind(tbl) IS NULL
+                THEN pgphi._progress_pages(tbl, index_column, s.update_head, s.stale, key_name, batch_size)
+                ELSE pgphi._citus_progress_shard('rebuild_blind_index', tbl, index_column, key_name, batch_size,
+                                                 context_column, source_column)
+           END
+      FROM pgphi._rebuild_blind_index_sql(tbl, index_column, source_column, context_column, source_key) s
+$$;
+
+CREATE OR REPLACE FUNCTION pgphi._rebuild_blind_index_sweep(tbl regclass, index_column name, source_column name,
+        key_name text, batch_size integer, context_column name, source_key text) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN pgphi._citus_table_kind(tbl) IS NULL
+                THEN pgphi._progress_sweep(tbl, index_column, s.update_head, s.stale, key_name, batch_size)
+                ELSE pgphi._citus_sweep('rebuild_blind_index', tbl, index_column, key_name, batch_size,
+                                        context_column, source_column, s.stale, p.key_id, p.target_version)
+           END
+      FROM pgphi._rebuild_blind_index_sql(tbl, index_column, source_column, context_column, source_key) s,
+           pgphi._progress_get(tbl, index_column) p
+$$;
+
+-- Checks the arguments, and makes the shadow column and the trigger (kept if
+-- a previous call made them, which must then have used the same key and
+-- context). Returns the table's size in pages, the extent of the batches.
 CREATE OR REPLACE FUNCTION pgphi._protect_column_start(tbl regclass, col name, key_name text, batch_size integer,
         context_column name) RETURNS bigint
     LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
@@ -4586,7 +4867,12 @@ DECLARE
     has_shadow boolean;
     trigger_args bytea;
 BEGIN
-    PERFORM pgphi._refuse_citus_table(tbl, 'pgphi.protect_column');
+    IF col IS NOT DISTINCT FROM pgphi._citus_distribution_column(tbl) THEN
+        RAISE EXCEPTION 'pgphi.protect_column cannot encrypt column "%", the distribution column of Citus table %',
+            col, tbl
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'Citus places each row by the value of that column, and would place the encrypted values elsewhere.';
+    END IF;
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -4614,6 +4900,10 @@ BEGIN
         EXECUTE format('ALTER TABLE %s ADD COLUMN %I pgphi.encrypted', tbl, names.shadow);
     END IF;
     IF trigger_args IS NULL THEN
+        IF pgphi._citus_table_kind(tbl) IS NOT NULL THEN
+            -- Citus creates the trigger on every shard too, once told that it may.
+            PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+        END IF;
         EXECUTE format(
             -- UPDATE OF the plaintext and context columns only: the backfill,
             -- which sets the shadow column alone, does not fire it.
@@ -4623,9 +4913,212 @@ BEGIN
             CASE WHEN context_column IS NULL THEN quote_ident(col) ELSE format('%I, %I', col, context_column) END,
             tbl, col, names.shadow, key_name, coalesce(context_column, ''));
     END IF;
-    RETURN (SELECT b.relation_pages FROM pgphi._page_batches(tbl, batch_size) b);
+    RETURN pgphi._batch_extent(tbl, batch_size);
 END
 $$;
+
+-- Fills the shadow column on the next batch of pages (from page, or 0 when
+-- NULL); returns the page after it, or NULL once relation_pages is reached.
+CREATE OR REPLACE FUNCTION pgphi._protect_column_fill(tbl regclass, col name, key_name text, batch_size integer,
+        context_column name, page bigint, relation_pages bigint) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sql record := pgphi._protect_column_sql(tbl, col, context_column);
+    first_page bigint := coalesce(page, 0);
+    stop bigint;
+BEGIN
+    IF first_page >= relation_pages THEN
+        RETURN NULL;
+    END IF;
+    IF pgphi._citus_table_kind(tbl) IS NOT NULL THEN
+        -- One shard at a time (relation_pages counts shards).
+        PERFORM pgphi._citus_run_shard('protect_column', tbl, col, key_name, batch_size, context_column, NULL,
+                                       first_page);
+        RETURN CASE WHEN first_page + 1 < relation_pages THEN first_page + 1 END;
+    END IF;
+    stop := first_page + (SELECT b.pages_per_batch FROM pgphi._page_batches(tbl, batch_size) b);
+    PERFORM pgphi._update_pages(sql.update_head, sql.stale, key_name, NULL, NULL, first_page, stop);
+    RETURN CASE WHEN stop < relation_pages THEN stop END;
+END
+$$;
+
+-- A sweep of what the page batches left; false once it found nothing.
+CREATE OR REPLACE FUNCTION pgphi._protect_column_sweep(tbl regclass, col name, key_name text, batch_size integer,
+        context_column name) RETURNS boolean
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN pgphi._citus_table_kind(tbl) IS NULL
+                THEN pgphi._update_sweep(tbl, s.update_head, s.stale, key_name, NULL, NULL, batch_size) > 0
+                ELSE pgphi._citus_sweep('protect_column', tbl, col, key_name, batch_size, context_column, NULL,
+                                        s.stale, NULL, NULL)
+           END
+      FROM pgphi._protect_column_sql(tbl, col, context_column) s
+$$;
+
+-- The swap, under a short exclusive lock: last stragglers, then the shadow
+-- column takes the plaintext column's place.
+CREATE OR REPLACE FUNCTION pgphi._protect_column_swap(tbl regclass, col name, key_name text, context_column name)
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sql record := pgphi._protect_column_sql(tbl, col, context_column);
+    names record := pgphi._protect_column_names(col);
+    left_over bigint;
+BEGIN
+    EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', tbl);
+    IF pgphi._citus_table_kind(tbl) IS NULL THEN
+        EXECUTE sql.update_head || sql.stale USING key_name;
+    ELSE
+        -- Citus runs no UPDATE that calls encrypt_phi on its rows; the
+        -- trigger has kept every write since the shards' batches in step,
+        -- so nothing is left, which is checked.
+        EXECUTE format('SELECT count(*) FROM %s WHERE ', tbl) || sql.stale INTO left_over;
+        IF left_over > 0 THEN
+            RAISE EXCEPTION '% values of column "%" of % are not encrypted yet', left_over, col, tbl
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Call pgphi.protect_column again with the same arguments: it resumes.';
+        END IF;
+        PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    END IF;
+    EXECUTE format('DROP TRIGGER %I ON %s', names.trigger_name, tbl);
+    EXECUTE format('ALTER TABLE %s DROP COLUMN %I', tbl, col);
+    EXECUTE format('ALTER TABLE %s RENAME COLUMN %I TO %I', tbl, names.shadow, col);
+END
+$$;
+
+------------------------------------------------------------------------------
+-- A shard's batches, on the Citus node that holds it
+------------------------------------------------------------------------------
+-- One step of a batch procedure on a shard, run at the coordinator's request
+-- (pgphi._citus_run_shard): phase NULL starts, and each step returns the
+-- next ('pages', 'sweep N', 'fill PAGE PAGES', 'finish'), NULL when the
+-- shard is done. The steps are the procedures' own, on the shard; Citus
+-- lets them change the shard directly (citus.enable_manual_changes_to_shards,
+-- for this function's statements only: it ends with the function). An error
+-- is raised again with its SQLSTATE in its text, for _citus_remote.
+CREATE FUNCTION pgphi._citus_shard_step(operation text, shard_name text, col name, key_name text,
+        batch_size integer, context_column name, source_column name, phase text) RETURNS text
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    shard regclass := to_regclass(shard_name);
+    step text := split_part(coalesce(phase, 'start'), ' ', 1);
+    arg bigint := nullif(split_part(coalesce(phase, ''), ' ', 2), '')::bigint;
+    pages bigint := nullif(split_part(coalesce(phase, ''), ' ', 3), '')::bigint;
+    more boolean;
+    page bigint;
+    source_key text;
+    message text;
+    detail text;
+    hint text;
+BEGIN
+    BEGIN
+        IF shard IS NULL OR NOT pgphi._citus_is_shard(shard) THEN
+            -- The name is not repeated: the caller, not a catalog, wrote it.
+            RAISE EXCEPTION 'no shard of a Citus table by that name on this node'
+                USING ERRCODE = 'undefined_table';
+        END IF;
+        PERFORM set_config('citus.enable_manual_changes_to_shards', 'on', true);
+        IF operation = 'reencrypt' THEN
+            CASE step
+            WHEN 'start' THEN
+                PERFORM pgphi._reencrypt_start(shard, col, batch_size, context_column, key_name);
+                RETURN 'pages';
+            WHEN 'pages' THEN
+                more := pgphi._reencrypt_pages(shard, col, batch_size, context_column, key_name);
+                RETURN CASE WHEN more THEN 'pages' ELSE 'sweep 1' END;
+            WHEN 'sweep' THEN
+                more := pgphi._reencrypt_sweep(shard, col, batch_size, context_column, key_name);
+                RETURN CASE WHEN more AND arg < 1000 THEN format('sweep %s', arg + 1) ELSE 'finish' END;
+            ELSE
+                PERFORM pgphi._progress_finish(shard, col);
+                RETURN NULL;
+            END CASE;
+        ELSIF operation = 'rebuild_blind_index' THEN
+            IF step <> 'start' AND pgphi._column_type(shard, source_column)
+                                    IN ('pgphi.encrypted'::regtype, 'bytea'::regtype) THEN
+                source_key := pgphi._column_key(shard, source_column);
+            END IF;
+            CASE step
+            WHEN 'start' THEN
+                PERFORM pgphi._rebuild_blind_index_start(shard, col, source_column, key_name, batch_size,
+                                                         context_column);
+                RETURN 'pages';
+            WHEN 'pages' THEN
+                more := pgphi._rebuild_blind_index_pages(shard, col, source_column, key_name, batch_size,
+                                                         context_column, source_key);
+                RETURN CASE WHEN more THEN 'pages' ELSE 'sweep 1' END;
+            WHEN 'sweep' THEN
+                more := pgphi._rebuild_blind_index_sweep(shard, col, source_column, key_name, batch_size,
+                                                         context_column, source_key);
+                RETURN CASE WHEN more AND arg < 1000 THEN format('sweep %s', arg + 1) ELSE 'finish' END;
+            ELSE
+                PERFORM pgphi._progress_finish(shard, col);
+                RETURN NULL;
+            END CASE;
+        ELSIF operation = 'protect_column' THEN
+            -- The shadow column and the trigger came with the table's DDL.
+            CASE step
+            WHEN 'start' THEN
+                RETURN format('fill 0 %s', (SELECT b.relation_pages FROM pgphi._page_batches(shard, batch_size) b));
+            WHEN 'fill' THEN
+                page := pgphi._protect_column_fill(shard, col, key_name, batch_size, context_column, arg, pages);
+                RETURN CASE WHEN page IS NULL THEN 'sweep 1' ELSE format('fill %s %s', page, pages) END;
+            ELSE
+                more := pgphi._protect_column_sweep(shard, col, key_name, batch_size, context_column);
+                RETURN CASE WHEN more AND arg < 1000 THEN format('sweep %s', arg + 1) END;
+            END CASE;
+        END IF;
+        RAISE EXCEPTION 'unknown batch operation "%"', operation USING ERRCODE = 'invalid_parameter_value';
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS message = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
+        RAISE EXCEPTION USING ERRCODE = SQLSTATE, MESSAGE = format('[%s] %s', SQLSTATE, message),
+            DETAIL = coalesce(detail, ''), HINT = coalesce(hint, '');
+    END;
+END
+$$;
+
+-- A shard's batches, each committed (called by the coordinator through
+-- pgphi._citus_remote, on a connection of its own).
+CREATE PROCEDURE pgphi._citus_shard_batches(operation text, shard_name text, col name, key_name text,
+        batch_size integer, context_column name, source_column name)
+    LANGUAGE plpgsql
+AS $$
+DECLARE
+    phase pg_catalog.text;
+BEGIN
+    LOOP
+        phase := pgphi._citus_shard_step(operation, shard_name, col, key_name, batch_size, context_column,
+                                         source_column, phase);
+        COMMIT;
+        EXIT WHEN phase IS NULL;
+    END LOOP;
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgphi._citus_table_kind(regclass), pgphi._citus_placements(regclass), pgphi._batch_extent(regclass, integer),
+    pgphi._citus_remote(text, integer, text, text, text, name, text, integer, name, name),
+    pgphi._citus_run_shard(text, regclass, name, text, integer, name, name, bigint),
+    pgphi._citus_progress_shard(text, regclass, name, text, integer, name, name),
+    pgphi._citus_sweep(text, regclass, name, text, integer, name, name, text, integer, integer),
+    pgphi._citus_distribution_column(regclass), pgphi._citus_is_shard(regclass),
+    pgphi._citus_shard_changed(text, name),
+    pgphi._citus_shard_step(text, text, name, text, integer, name, name, text) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE pgphi._citus_shard_batches(text, text, name, text, integer, name, name) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgphi._citus_table_kind(regclass), pgphi._citus_placements(regclass), pgphi._batch_extent(regclass, integer),
+    pgphi._citus_remote(text, integer, text, text, text, name, text, integer, name, name),
+    pgphi._citus_run_shard(text, regclass, name, text, integer, name, name, bigint),
+    pgphi._citus_progress_shard(text, regclass, name, text, integer, name, name),
+    pgphi._citus_sweep(text, regclass, name, text, integer, name, name, text, integer, integer),
+    pgphi._citus_distribution_column(regclass), pgphi._citus_is_shard(regclass),
+    pgphi._citus_shard_changed(text, name),
+    pgphi._citus_shard_step(text, text, name, text, integer, name, name, text)
+    TO pgphi_key_custodian, pgphi_encrypt;
+GRANT EXECUTE ON PROCEDURE pgphi._citus_shard_batches(text, text, name, text, integer, name, name)
+    TO pgphi_key_custodian, pgphi_encrypt;
+-- (end: the batch procedures on Citus tables)
 
 -- key_version_usage counts a Citus table through Citus (every shard), and
 -- skips the shards themselves.
@@ -4974,6 +5467,15 @@ BEGIN
         EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM jsonb_populate_record(NULL::%s, $1)',
                        tbl, all_columns, all_columns, tbl)
             USING row_data;
+        -- A version reaching this node gets this node's own seal
+        -- reservation, empty and of no server life (incarnation 0), so the
+        -- node may encrypt under it: its key broker reserves as it seals,
+        -- and counts only this node's values (src/pg/shared/shared_state.cpp
+        -- gives each node its share of the version's limit).
+        IF _citus_apply_row.relation_name = 'key_versions' THEN
+            PERFORM pgphi._reserve_seals((row_data ->> 'key_id')::integer, (row_data ->> 'version')::integer, 0, 0,
+                                         true);
+        END IF;
         RETURN;
     END IF;
     -- Unchanged rows (citus_sync() goes over all of them) are left alone.

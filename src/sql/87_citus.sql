@@ -103,6 +103,15 @@ BEGIN
         EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM jsonb_populate_record(NULL::%s, $1)',
                        tbl, all_columns, all_columns, tbl)
             USING row_data;
+        -- A version reaching this node gets this node's own seal
+        -- reservation, empty and of no server life (incarnation 0), so the
+        -- node may encrypt under it: its key broker reserves as it seals,
+        -- and counts only this node's values (src/pg/shared/shared_state.cpp
+        -- gives each node its share of the version's limit).
+        IF _citus_apply_row.relation_name = 'key_versions' THEN
+            PERFORM pgphi._reserve_seals((row_data ->> 'key_id')::integer, (row_data ->> 'version')::integer, 0, 0,
+                                         true);
+        END IF;
         RETURN;
     END IF;
     -- Unchanged rows (citus_sync() goes over all of them) are left alone.

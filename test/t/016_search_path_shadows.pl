@@ -289,7 +289,6 @@ my %sample = (
 	'provider' => "'local'", 'kek' => 'NULL', 'normalization' => "'trim_lower'", 'index_bytes' => '16',
 	'cryptoperiod' => "'1 year'", 'recorded_head' => 'NULL',
 	'view_name' => "'view_{ID}'", 'columns' => "'{enc,det}'", 'create_decrypted_view.key_name' => "'{K}'",
-	'_refuse_citus_table.operation' => "'pgphi.reencrypt'",
 	'batch_size' => '100', 'max_values' => '100', 'max_duration' => "'1 hour'",
 	# Unnamed parameters: the comparison support of pgphi.encrypted.
 	'pgphi.encrypted' => $ct, 'int8' => '0', 'bytea' => "$ct\::pg_catalog.bytea",
@@ -364,6 +363,22 @@ my %mechanism = (
 	'pgphi.citus_setup()' => "SELECT pgphi.citus_setup()",
 	'pgphi.citus_sync()' => "SELECT * FROM pgphi.citus_sync()",
 	'pgphi.citus_verify_audit_logs()' => "SELECT * FROM pgphi.citus_verify_audit_logs()",
+	# The batch procedures on a Citus table's shards: without Citus there
+	# are no shards, no nodes and nothing to run.
+	'pgphi._citus_placements(regclass)' => "SELECT * FROM pgphi._citus_placements('{T}')",
+	'pgphi._citus_remote(text,integer,text,text,text,name,text,integer,name,name)' =>
+	  "SELECT pgphi._citus_remote('127.0.0.1', 5432, 'changed', 'reencrypt', 'public.{T}', 'enc', NULL, NULL, NULL, NULL)",
+	'pgphi._citus_run_shard(text,regclass,name,text,integer,name,name,bigint)' =>
+	  "SELECT pgphi._citus_run_shard('reencrypt', '{T}', 'enc', '{K}', 100, NULL, NULL, 0)",
+	'pgphi._citus_progress_shard(text,regclass,name,text,integer,name,name)' =>
+	  "SELECT pgphi._citus_progress_shard('reencrypt', '{T}', 'enc', '{K}', 100, NULL, NULL)",
+	'pgphi._citus_sweep(text,regclass,name,text,integer,name,name,text,integer,integer)' =>
+	  "SELECT pgphi._citus_sweep('reencrypt', '{T}', 'enc', '{K}', 100, NULL, NULL, 'false', 1, 1)",
+	'pgphi._citus_shard_step(text,text,name,text,integer,name,name,text)' =>
+	  "SELECT pgphi._citus_shard_step('reencrypt', 'public.{T}', 'enc', '{K}', 100, NULL, NULL, NULL)",
+	'pgphi._citus_shard_batches(text,text,name,text,integer,name,name)' =>
+	  "CALL pgphi._citus_shard_batches('reencrypt', 'public.{T}', 'enc', '{K}', 100, NULL, NULL)",
+	'pgphi._citus_shard_changed(text,name)' => "SELECT pgphi._citus_shard_changed('public.{T}', 'enc')",
 	'pgphi.approve_grant_member(text,text,regrole,regrole)' => "SELECT pgphi.grant_decrypt('{K}', 'clerk_crew');\n"
 	  . "SELECT pgphi.approve_grant_member('{K}', 'decrypt', 'clerk_crew', 'clerk_aide')",
 );
@@ -379,7 +394,11 @@ my %runs_by_error = ('pgphi._audit_log_is_append_only()' => '42501',
 	'pgphi._delete_dedicated_kek(text,text,integer,text)' => '55000',
 	# The Citus functions refuse to run without Citus.
 	'pgphi._citus_sync_local()' => '0A000', 'pgphi.citus_setup()' => '0A000', 'pgphi.citus_sync()' => '0A000',
-	'pgphi.citus_verify_audit_logs()' => '0A000');
+	'pgphi.citus_verify_audit_logs()' => '0A000',
+	'pgphi._citus_remote(text,integer,text,text,text,name,text,integer,name,name)' => '0A000',
+	# Not a shard of a Citus table: there are none.
+	'pgphi._citus_shard_step(text,text,name,text,integer,name,name,text)' => '42P01',
+	'pgphi._citus_shard_batches(text,text,name,text,integer,name,name)' => '42P01');
 
 my $routines = $node->safe_psql($db, qq{
 	SET search_path = pg_catalog;

@@ -45,6 +45,7 @@ pgphi._audit_log_is_append_only()                                            key
 pgphi._audit_row_hash(bytea,pgphi.audit_log)                                 key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._audit_time(timestamp with time zone)                                  key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._audit_value(jsonb,boolean)                                            key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._batch_extent(regclass,integer)                                        key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._batch_key(text)                                                       key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._blind_index_version_of(bytea,integer)                                 key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._catalog_writer()                                                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
@@ -59,10 +60,20 @@ pgphi._check_grantee(regrole)                                                key
 pgphi._citus_apply()                                                         key     -      -     -     -     -     -     -     -     x
 pgphi._citus_apply_row(name,jsonb,jsonb)                                     key     42501  42501 42501 42501 42501 42501 42501 42501 22023
 pgphi._citus_coordinator_only()                                              key     -      -     -     -     -     -     -     -     x
+pgphi._citus_distribution_column(regclass)                                   key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._citus_forward()                                                       key     -      -     -     -     -     -     -     -     x
+pgphi._citus_is_shard(regclass)                                              key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._citus_node_role()                                                     key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._citus_placements(regclass)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._citus_progress_shard(text,regclass,name,text,integer,name,name)       key     42501  42501 42501 42501 42501 42501 42501 42501 55000
+pgphi._citus_remote(text,integer,text,text,text,name,text,integer,name,name) key     42501  0A000 0A000 42501 42501 0A000 0A000 42501 0A000
 pgphi._citus_replicated_tables()                                             key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._citus_row_key(regclass,jsonb)                                         key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._citus_run_shard(text,regclass,name,text,integer,name,name,bigint)     key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._citus_shard_batches(text,text,name,text,integer,name,name)            key     42501  42P01 42P01 42501 42501 42P01 42P01 42501 42P01
+pgphi._citus_shard_changed(text,name)                                        key     42501  ok    ok    42501 42501 ok    ok    42501 ok
+pgphi._citus_shard_step(text,text,name,text,integer,name,name,text)          key     42501  42P01 42P01 42501 42501 42P01 42P01 42501 42P01
+pgphi._citus_sweep(text,regclass,name,text,integer,name,name,text,integer,integer) key     42501  42703 42703 42501 42501 42703 42703 42501 42703
 pgphi._citus_sync_local()                                                    key     42501  42501 42501 42501 42501 42501 42501 42501 0A000
 pgphi._citus_table_kind(regclass)                                            key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._column_key(regclass,name)                                             key     42501  ok    ok    42501 42501 ok    ok    42501 ok
@@ -126,7 +137,6 @@ pgphi._reencrypt_progress_claim()                                            key
 pgphi._reencrypt_sql(regclass,name,name)                                     key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._reencrypt_start(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._reencrypt_sweep(regclass,name,integer,name,text)                      key     42501  42501 42501 42501 42501 42501 42501 42501 55000
-pgphi._refuse_citus_table(regclass,text)                                     key     42501  ok    ok    42501 42501 ok    ok    42501 ok
 pgphi._rekey_dek(text,text,integer,integer,text,bytea,text,text)             key     42501  42501 42501 42501 42501 42501 42501 42501 42704
 pgphi._rekey_next(integer)                                                   key     42501  42501 42501 42501 42501 42501 ok    42501 ok
 pgphi._rekey_start(text,text,text)                                           key     42501  42501 42501 42501 42501 42501 ok    42501 ok

@@ -178,7 +178,7 @@ my %text_like = map { $_ => 1 } ('text', 'character varying');
 # generated statement (an error quotes its SQL) or word a message, and the
 # audit trail's writers (superuser only), whose arguments are the row.
 my %sql_fragment_args = ('_update_pages' => [ 1, 2 ], '_update_sweep' => [ 2, 3 ],
-	'_progress_pages' => [ 3, 4 ], '_progress_sweep' => [ 3, 4 ], '_check_column_type' => [4],
+	'_progress_pages' => [ 3, 4 ], '_progress_sweep' => [ 3, 4 ], '_citus_sweep' => [8], '_check_column_type' => [4],
 	'_audit' => [ 1, 4, 5 ], '_record_audit_event' => [ 2, 3, 4, 6, 8, 9 ]);
 
 # Every function and procedure of the extension. Those taking or returning

@@ -307,6 +307,25 @@ uint64_t hard_seal_limit()
     return std::min<uint64_t>(4ULL * static_cast<uint64_t>(dek_rotation_threshold), (1ULL << 32) - (1ULL << 24));
 }
 
+// In a Citus cluster (pgphi.citus_setup() has run: docs/citus.md) every node
+// seals under the same DEKs, each counting only its own values. So that all
+// of them together stay inside the one limit, each node takes an equal
+// share of it, for a cluster of up to kCitusNodeShares nodes (citus_sync()
+// warns beyond). Looked up once per transaction: the encrypt path must not
+// pay a catalog lookup per value.
+constexpr uint64_t kCitusNodeShares = 32;
+bool in_citus_cluster()
+{
+    static TimestampTz checked_in = 0; // the transaction's start: one per transaction in a backend
+    static bool member = false;
+    if (checked_in != GetCurrentTransactionStartTimestamp()) {
+        Oid schema = get_namespace_oid("pgphi_citus", true);
+        member = OidIsValid(schema) && OidIsValid(get_relname_relid("catalog_rows", schema));
+        checked_in = GetCurrentTransactionStartTimestamp();
+    }
+    return member;
+}
+
 } // namespace
 
 uint64_t unreported_seal_headroom() { return static_cast<uint64_t>(MaxBackends) * kSealReportBatch; }
@@ -498,12 +517,17 @@ void check_seal_budget(DataKey& key, Oid database)
             sync_reservation(key, database, entry);
         require_reservation(key, database, entry);
     }
-    if (entry->seals.load(std::memory_order_relaxed) >= hard_seal_limit())
+    uint64_t shares = in_citus_cluster() ? kCitusNodeShares : 1;
+    if (entry->seals.load(std::memory_order_relaxed) >= hard_seal_limit() / shares)
         ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                         errmsg("pgphi key \"%s\" version %u has encrypted as many values as is safe",
                                key.name().c_str(), key.ref().version),
-                        errdetail("Random 96-bit nonces allow about %llu values per DEK.",
-                                  static_cast<unsigned long long>(hard_seal_limit())),
+                        shares == 1 ? errdetail("Random 96-bit nonces allow about %llu values per DEK.",
+                                                static_cast<unsigned long long>(hard_seal_limit()))
+                                    : errdetail("Random 96-bit nonces allow about %llu values per DEK; each node "
+                                                "of a Citus cluster encrypts at most 1/%llu of them.",
+                                                static_cast<unsigned long long>(hard_seal_limit()),
+                                                static_cast<unsigned long long>(shares)),
                         errhint("Rotate the key with pgphi.rotate_key(); the automatic rotation has not "
                                 "happened (see the server log).")));
 }
