@@ -279,6 +279,7 @@ run_citus() {
     cp -a "$stage"/. "$dest"/ && chmod -R a+rX "$dest" || return 1
     work=$(make_pg_workdir citus)
     cp -r test "$work"/
+    cp --parents src/pg/*/*.cpp "$work"/   # the sources the transport test enumerates its cases from
     (cd "$work" && as_pg_user env PATH="$PG_BIN:$PATH" PG_REGRESS="$PG_REGRESS" TESTDIR="$work" \
         TESTDATADIR="$work/tmp_check" TESTLOGDIR="$work/tmp_check/log" \
         PGPHI_TEST_DIR="$work/test" prove -I "$PERL_TEST_LIB" -I "$work/test/perl" ${CITUS_TESTS:-test/t/citus/*.pl})

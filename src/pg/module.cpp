@@ -12,6 +12,7 @@ extern "C" {
 
 #include "policy/access_control.hpp"
 #include "policy/catalog_audit.hpp"
+#include "policy/citus_transport.hpp"
 #include "policy/decrypt_limits.hpp"
 #include "policy/derived_data.hpp"
 #include "policy/utility_guard.hpp"
@@ -40,6 +41,7 @@ void _PG_init(void)
     pgphi::pg::define_settings();
     pgphi::pg::define_audit_settings();
     pgphi::pg::register_access_control();
+    pgphi::pg::register_citus_transport_guard();
     pgphi::pg::define_alert_settings();
     pgphi::pg::register_decrypt_limits();
     pgphi::pg::register_derived_data_guard();

@@ -332,9 +332,16 @@ void check_key_use(const DataKey& key, KeyUse use)
                             key.name().c_str(), role_name ? role_name : "role")));
 }
 
-void check_plaintext_transport(const DataKey& key)
+const char* plaintext_transport_refusing()
 {
     if (g_plaintext_transport == TransportAny || transport_allowed())
+        return nullptr;
+    return g_plaintext_transport == TransportTls ? "tls" : "tls_or_local";
+}
+
+void check_plaintext_transport(const DataKey& key)
+{
+    if (plaintext_transport_refusing() == nullptr)
         return;
     queue_audit_event("decrypt", AuditOutcome::Refused, key, "client connection without TLS");
     ereport(ERROR, (errhidestmt(true), errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),

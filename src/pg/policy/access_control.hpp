@@ -21,6 +21,10 @@ void check_key_use(const DataKey& key, KeyUse use);
 // forbids returning plaintext over this session's client connection.
 void check_plaintext_transport(const DataKey& key);
 
+// The setting's value ("tls" or "tls_or_local") when it refuses plaintext to
+// this session's client, else nullptr.
+const char* plaintext_transport_refusing();
+
 // From _PG_init: the settings, the invalidation callbacks, and the hook that
 // records how the client connected.
 void register_access_control();

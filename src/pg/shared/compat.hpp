@@ -6,6 +6,7 @@
 
 extern "C" {
 #include "catalog/pg_proc.h"
+#include "nodes/nodeFuncs.h"
 #include "commands/event_trigger.h"
 #include "commands/vacuum.h"
 #include "miscadmin.h"
@@ -66,5 +67,18 @@ inline bool may_execute(Oid func, Oid role)
     return pg_proc_aclcheck(func, role, ACL_EXECUTE) == ACLCHECK_OK;
 #endif
 }
+
+// A node walker for expression_tree_walker and query_tree_walker, which take
+// it as `bool (*)()` before PostgreSQL 16 and as a tree_walker_callback since.
+using NodeWalker = bool (*)(Node*, void*);
+#if PG_VERSION_NUM >= 160000
+inline tree_walker_callback walker(NodeWalker function) { return function; }
+#else
+// Through void (*)(), the type GCC accepts any function pointer cast from.
+inline bool (*walker(NodeWalker function))()
+{
+    return reinterpret_cast<bool (*)()>(reinterpret_cast<void (*)()>(function));
+}
+#endif
 
 } // namespace pgphi::compat

@@ -314,6 +314,9 @@ uint64_t hard_seal_limit()
 // warns beyond). Looked up once per transaction: the encrypt path must not
 // pay a catalog lookup per value.
 constexpr uint64_t kCitusNodeShares = 32;
+
+} // namespace
+
 bool in_citus_cluster()
 {
     static TimestampTz checked_in = 0; // the transaction's start: one per transaction in a backend
@@ -325,8 +328,6 @@ bool in_citus_cluster()
     }
     return member;
 }
-
-} // namespace
 
 uint64_t unreported_seal_headroom() { return static_cast<uint64_t>(MaxBackends) * kSealReportBatch; }
 

@@ -154,6 +154,10 @@ inline constexpr uint64_t kSealReportBatch = 256;
 // The seals a reservation adds: a quarter of the rotation threshold, and at
 // least twice what all sessions together may hold unreported.
 uint64_t seal_reservation_block();
+
+// Whether this database is a node of a Citus cluster that pgphi serves
+// (pgphi.citus_setup() has run: docs/citus.md). Looked up once per transaction.
+bool in_citus_cluster();
 uint64_t unreported_seal_headroom();
 
 // Records the first reservation of a new key version, in the transaction

@@ -1,0 +1,187 @@
+# pgphi.plaintext_transport on Citus (src/pg/policy/citus_transport.cpp):
+# the workers decrypt for the coordinator's internal connection, which is
+# TLS, so the coordinator refuses, when it plans a statement from a client
+# the setting does not allow, whatever could make another node return
+# plaintext to that client. The cases are enumerated from the code and the
+# catalog: every pgphi function that reaches check_plaintext_transport, every
+# Citus function in the source's list of those that run SQL on other nodes
+# (and every Citus function that takes SQL text is classified), a
+# user-defined function on a Citus table, a delegated distributed function
+# and a decrypting view. Each is refused over TCP without TLS (28000,
+# audited) and the same statements run over TLS.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use IPC::Run;
+use PgphiTest;
+use CitusTest;
+
+my $src = '.';   # scripts/test.sh copies the sources beside the tests
+sub slurp { my ($path) = @_; open(my $in, '<', $path) or die "cannot read $path: $!"; local $/; return <$in>; }
+
+# --- what the code says ------------------------------------------------------
+
+# C entry points (PGPHI_FUNCTION) whose bodies reach check_plaintext_transport,
+# directly or through a helper in the same folder that calls it.
+my $functions_code = join("\n", map { slurp($_) } glob("$src/src/pg/functions/*.cpp"));
+my %reaches = (check_plaintext_transport => 1);
+while ($functions_code =~ /^(?:[\w:*&<> ]+?)\b(\w+)\(FunctionCallInfo[^)]*\)\n\{\n(.*?)^\}/msg)
+{
+	my ($helper, $body) = ($1, $2);
+	$reaches{$helper} = 1 if $body =~ /\bcheck_plaintext_transport\(/;
+}
+my @decrypting_symbols;
+while ($functions_code =~ /^PGPHI_FUNCTION\((\w+)\)\n\{\n(.*?)^\}/msg)
+{
+	my ($symbol, $body) = ($1, $2);
+	push @decrypting_symbols, $symbol if grep { $body =~ /\b\Q$_\E\(/ } keys %reaches;
+}
+cmp_ok(scalar(@decrypting_symbols), '>=', 3, "decrypting entry points found in the code: @decrypting_symbols");
+my $guard_code = slurp("$src/src/pg/policy/citus_transport.cpp");
+my ($listed_symbols) = $guard_code =~ /kDecryptingSymbols\[\] = \{([^}]*)\}/;
+my ($listed_commands) = $guard_code =~ /kNodeCommandFunctions\[\] = \{([^}]*)\}/;
+my @guarded = sort($listed_symbols =~ /"(\w+)"/g);
+is_deeply(\@guarded, [ sort @decrypting_symbols ], 'the guard lists every decrypting entry point');
+my @node_commands = sort($listed_commands =~ /"(\w+)"/g);
+cmp_ok(scalar(@node_commands), '>=', 5, "node-command functions listed: @node_commands");
+
+# --- the cluster ----------------------------------------------------------------
+
+my ($coordinator, @workers) = CitusTest::new_cluster();
+$coordinator->safe_psql('postgres', q{
+	SELECT pgphi.citus_setup();
+	SELECT pgphi.create_key('ssn');
+	CREATE TABLE patients (id int PRIMARY KEY, mrn text NOT NULL, ssn pgphi.encrypted);
+	SELECT create_distributed_table('patients', 'id');
+	INSERT INTO patients SELECT i, 'MRN-' || i, pgphi.encrypt_phi('ssn-' || i, 'ssn', 'MRN-' || i)
+	  FROM generate_series(1, 100) i;
+	CREATE ROLE reader LOGIN;
+	GRANT pgphi_decrypt, pgphi_encrypt TO reader;
+	GRANT SELECT, INSERT ON patients TO reader;
+	SELECT pgphi.grant_decrypt('ssn', 'reader'), pgphi.grant_encrypt('ssn', 'reader');
+	CREATE FUNCTION unwrap(value pgphi.encrypted, context text) RETURNS text
+	    LANGUAGE sql STABLE AS $$ SELECT pgphi.decrypt_phi(value, 'ssn', context) $$;
+	CREATE FUNCTION ssn_of(patient int) RETURNS text
+	    LANGUAGE sql STABLE AS $$ SELECT pgphi.decrypt_phi(ssn, 'ssn', mrn) FROM public.patients WHERE id = patient $$;
+	SELECT create_distributed_function('ssn_of(int)', '$1', colocate_with := 'patients');
+	SELECT pgphi.create_decrypted_view('patients', 'patients_clear', 'reader', key_name => 'ssn', context_column => 'mrn');
+});
+for my $node ($coordinator, @workers)
+{
+	$node->safe_psql('postgres', q{ALTER SYSTEM SET pgphi.plaintext_transport = 'tls'; SELECT pg_reload_conf();});
+}
+
+# One statement as "reader" over a new connection: "refused SQLSTATE" for the
+# transport refusal, "error SQLSTATE" for any other error, else the output.
+sub over
+{
+	my ($node, $conninfo, $sql) = @_;
+	my ($stdout, $stderr);
+	IPC::Run::run([ 'psql', '-XAtq', '-v', 'VERBOSITY=verbose', '-v', 'ON_ERROR_STOP=1',
+			'-d', "$conninfo port=" . $node->port . ' dbname=postgres user=reader', '-c', $sql ],
+		'>', \$stdout, '2>', \$stderr);
+	return "refused $1" if $stderr =~ /(\d{5}): pgphi does not return plaintext/;
+	return "error $1: $stderr" if $stderr =~ /ERROR:\s+(\w{5}):/;
+	return $stdout =~ s/\n$//r;
+}
+my $tcp = 'host=127.0.0.1 sslmode=disable';
+my $tls = 'host=127.0.0.1 sslmode=require';
+
+# --- every decrypting function: refused without TLS -------------------------------
+
+my $in_list = join(', ', map { "'$_'" } @decrypting_symbols);
+my @signatures = split /\n/, $coordinator->safe_psql('postgres', qq{
+	SELECT p.oid::regprocedure || '|' || array_to_string(ARRAY(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) t), ',')
+	  FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+	  JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pgphi'
+	 WHERE p.prosrc IN ($in_list) ORDER BY 1});
+cmp_ok(scalar(@signatures), '>=', 10, scalar(@signatures) . ' SQL functions call the decrypting entry points');
+for my $line (@signatures)
+{
+	my ($signature, $types) = split /\|/, $line;
+	my ($name) = $signature =~ /^([\w.]+)\(/;
+	my $args = join(', ', map { $_ eq 'pgphi.encrypted' ? 'ssn' : $_ eq 'bytea' ? 'ssn::bytea' : 'mrn' }
+		split /,/, $types);
+	my $sql = "SELECT count($name($args)) FROM patients";
+	is(over($coordinator, $tcp, $sql), 'refused 28000', "$signature on a distributed table, TCP: refused");
+}
+is(over($coordinator, $tcp, q{SELECT pgphi.decrypt_phi(NULL::pgphi.encrypted)}), 'refused 28000',
+	'... and with no table at all');
+is(over($coordinator, $tls, q{SELECT count(*) FROM patients WHERE pgphi.decrypt_phi(ssn, 'ssn', mrn) = 'ssn-' || id}),
+	'100', 'over TLS every value decrypts (on the workers)');
+
+# --- Citus's functions that run SQL on other nodes --------------------------------
+
+# Every Citus function taking SQL text (an argument named like a command or
+# query) is either in the guard's list, or runs its SQL in this backend, where
+# the statement is planned, and so checked, here.
+my %runs_here = map { $_ => 1 } qw(citus_run_local_command worker_apply_sequence_command worker_execute_sql_task
+	create_intermediate_result broadcast_intermediate_result worker_save_query_explain_analyze
+	citus_dist_stat_activity citus_worker_stat_activity database_command worker_apply_shard_ddl_command
+	worker_apply_inter_shard_ddl_command worker_create_or_replace_object worker_record_sequence_dependency
+	citus_internal_database_command worker_partition_query_result);
+my @text_takers = split /\n/, $coordinator->safe_psql('postgres', q{
+	SELECT DISTINCT p.proname FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid
+	  JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'citus'
+	 WHERE EXISTS (SELECT FROM unnest(p.proargnames, p.proargtypes::oid[]) a(n, t)
+	                WHERE a.n ~ '^(command|commands|query|queries|sql)' AND a.t IN ('text'::regtype, 'text[]'::regtype))
+	 ORDER BY 1});
+my %listed = map { $_ => 1 } @node_commands;
+my @unclassified = grep { !$listed{$_} && !$runs_here{$_} } @text_takers;
+is_deeply(\@unclassified, [], 'every Citus function that takes SQL text is classified') or diag("@unclassified");
+for my $function (@node_commands)
+{
+	my @overloads = split /\n/, $coordinator->safe_psql('postgres', qq{
+		SELECT string_agg(format('NULL::%s', format_type(t, NULL)), ', ' ORDER BY o)
+		  FROM pg_proc p, unnest(p.proargtypes::oid[]) WITH ORDINALITY a(t, o)
+		 WHERE p.proname = '$function' AND p.pronamespace = 'pg_catalog'::regnamespace GROUP BY p.oid});
+	ok(@overloads, "$function exists in this Citus");
+	is(over($coordinator, $tcp, "SELECT * FROM pg_catalog.$function($_)"), 'refused 28000',
+		"$function($_), TCP: refused") for @overloads;
+}
+
+# --- user functions that Citus runs on a worker, and views ------------------------
+
+is(over($coordinator, $tcp, q{SELECT count(unwrap(ssn, mrn)) FROM patients}), 'refused 28000',
+	'a user function on a distributed table, TCP: refused');
+is(over($coordinator, $tls, q{SELECT unwrap(ssn, mrn) FROM patients WHERE id = 3}), 'ssn-3', '... over TLS: decrypts');
+is(over($coordinator, $tcp, q{SELECT ssn_of(5)}), 'refused 28000', 'a delegated distributed function, TCP: refused');
+is(over($coordinator, $tls, q{SELECT ssn_of(5)}), 'ssn-5', '... over TLS: decrypts');
+is(over($coordinator, $tcp, q{SELECT count(*) FROM patients_clear}), 'refused 28000', 'a decrypting view, TCP: refused');
+is(over($coordinator, $tls, q{SELECT ssn FROM patients_clear WHERE id = 9}), 'ssn-9', '... over TLS: decrypts');
+
+# --- what needs no plaintext still works without TLS ------------------------------
+
+is(over($coordinator, $tcp, q{SELECT count(*), max(upper(mrn)) FROM patients}), '100|MRN-99', 'TCP: a plain scan');
+is(over($coordinator, $tcp, q{SELECT (pgphi.ciphertext_info(ssn)).key_version FROM patients WHERE id = 1}), '1',
+	'TCP: pgphi functions that return no plaintext');
+is(over($coordinator, $tcp, q{INSERT INTO patients VALUES (101, 'MRN-101', pgphi.encrypt_phi('ssn-101', 'ssn', 'MRN-101'))}),
+	'', 'TCP: encrypting inserts');
+is(over($coordinator, $tls, q{SELECT pgphi.decrypt_phi(ssn, 'ssn', mrn) FROM patients WHERE id = 101}), 'ssn-101',
+	'... and the value decrypts over TLS');
+
+# --- the Unix socket, and a worker reached directly -------------------------------
+
+my $socket = "host=$coordinator->{_host}";
+my $one = q{SELECT pgphi.decrypt_phi(ssn, 'ssn', mrn) FROM patients WHERE id = 7};
+is(over($coordinator, $socket, $one), 'refused 28000', 'Unix socket under "tls": refused');
+$coordinator->safe_psql('postgres', q{ALTER SYSTEM SET pgphi.plaintext_transport = 'tls_or_local'; SELECT pg_reload_conf();});
+is(over($coordinator, $socket, $one), 'ssn-7', 'Unix socket under "tls_or_local": decrypts');
+is(over($coordinator, $tcp, $one), 'refused 28000', 'TCP without TLS still refused');
+my $shard = $workers[0]->safe_psql('postgres', q{SET citus.override_table_visibility = off;
+	SELECT relname FROM pg_class WHERE relname ~ '^patients_\d+$' LIMIT 1});
+$workers[0]->safe_psql('postgres', qq{GRANT SELECT ON $shard TO reader});
+is(over($workers[0], $tcp, qq{SET citus.override_table_visibility = off; SELECT count(pgphi.decrypt_phi(ssn, 'ssn', mrn)) FROM $shard}),
+	'refused 28000', 'a worker reached directly without TLS refuses too');
+
+# --- audited ------------------------------------------------------------------------
+
+ok($coordinator->poll_query_until('postgres', q{SELECT coalesce(sum(occurrences), 0) >= 20 FROM pgphi.audit_log
+	WHERE outcome = 'refused' AND detail = 'client connection without TLS (Citus)' AND login_role = 'reader'}),
+	'the refusals are in the coordinator\'s audit log');
+$coordinator->safe_psql('postgres', q{ALTER SYSTEM RESET pgphi.plaintext_transport; SELECT pg_reload_conf();});
+
+done_testing();
