@@ -8,6 +8,7 @@ extern "C" {
 #include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
+#include "utils/plancache.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 }
@@ -351,13 +352,25 @@ void check_plaintext_transport(const DataKey& key)
                     errhint("Connect with sslmode=require or stronger.")));
 }
 
+namespace {
+
+// Statements on a Citus node are checked when planned (citus_transport.cpp):
+// when the setting changes, this backend's cached plans are planned again.
+void replan_on_change(int newval, void*)
+{
+    if (newval != g_plaintext_transport)
+        ResetPlanCache();
+}
+
+} // namespace
+
 void register_access_control()
 {
     DefineCustomEnumVariable("pgphi.plaintext_transport",
                              "Which client connections may receive decrypted values: any, tls_or_local "
                              "(TLS or a Unix-domain socket) or tls.",
                              nullptr, &g_plaintext_transport, TransportAny, kTransportOptions, PGC_SUSET, 0,
-                             nullptr, nullptr, nullptr);
+                             nullptr, replan_on_change, nullptr);
     DefineCustomStringVariable("pgphi.client_transport", "How this session's client connected (set by pgphi).",
                                nullptr, &g_client_transport, "", PGC_BACKEND,
                                GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE | GUC_DISALLOW_IN_FILE | GUC_NO_RESET_ALL, nullptr, nullptr,

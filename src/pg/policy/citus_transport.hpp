@@ -14,8 +14,9 @@
 //     a statement on a Citus table (its expressions are pushed down), or a
 //     distributed function whose calls Citus delegates.
 // Only in a cluster (pgphi.citus_setup() has run), only for a client that
-// pgphi.plaintext_transport does not allow: 28000, audited. Statements
-// planned before the setting was tightened keep their plans until replanned.
+// pgphi.plaintext_transport does not allow: 28000, audited. A change of the
+// setting makes the backend plan its cached statements again
+// (access_control.cpp), so none keeps a plan checked against an older value.
 #pragma once
 
 #include "shared/postgres.hpp"

@@ -177,6 +177,20 @@ $workers[0]->safe_psql('postgres', qq{GRANT SELECT ON $shard TO reader});
 is(over($workers[0], $tcp, qq{SET citus.override_table_visibility = off; SELECT count(pgphi.decrypt_phi(ssn, 'ssn', mrn)) FROM $shard}),
 	'refused 28000', 'a worker reached directly without TLS refuses too');
 
+# --- a plan cached before the setting was tightened --------------------------------
+
+# A generic plan, made while the setting allowed the session, is planned (and
+# so checked) again when the setting changes. As the superuser, who may SET it.
+my @steps = (q{SET pgphi.plaintext_transport = 'any'}, q{SET plan_cache_mode = force_generic_plan},
+	q{PREPARE one AS SELECT pgphi.decrypt_phi(ssn, 'ssn', mrn) FROM patients WHERE id = 7}, q{EXECUTE one},
+	q{SET pgphi.plaintext_transport = 'tls'}, q{EXECUTE one});
+my ($cached_out, $cached_err);
+IPC::Run::run([ 'psql', '-XAtq', '-v', 'VERBOSITY=verbose', '-d',
+		"$tcp port=" . $coordinator->port . ' dbname=postgres user=' . getpwuid($<), map { ('-c', $_) } @steps ],
+	'>', \$cached_out, '2>', \$cached_err);
+is($cached_out =~ s/\n$//r, 'ssn-7', 'a prepared statement decrypts while the setting allows it');
+like($cached_err, qr/28000: pgphi does not return plaintext/, '... and is refused once the setting is tightened');
+
 # --- audited ------------------------------------------------------------------------
 
 ok($coordinator->poll_query_until('postgres', q{SELECT coalesce(sum(occurrences), 0) >= 20 FROM pgphi.audit_log
