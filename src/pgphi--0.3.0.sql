@@ -1565,6 +1565,22 @@ BEGIN
 END
 $$;
 
+-- Finishes a run whose sweeps are over, or, if the last still found rows
+-- (concurrent writers kept copying old values), refuses to report it done:
+-- the run stays resumable.
+CREATE FUNCTION pgphi._progress_finish_swept(tbl regclass, col name, rows_left boolean) RETURNS void
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF rows_left THEN
+        RAISE EXCEPTION 'concurrent writes kept leaving rows of % to redo after 1000 sweeps', tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call the procedure again when fewer writes copy old values: it resumes where it stopped.';
+    END IF;
+    PERFORM pgphi._progress_finish(tbl, col);
+END
+$$;
+
 -- The next batch of pages of a run with progress; false once every page of
 -- the run is done.
 CREATE FUNCTION pgphi._progress_pages(tbl regclass, col name, update_head text, stale text, key_name text,
@@ -1723,7 +1739,7 @@ BEGIN
         COMMIT;
         EXIT WHEN more IS NOT TRUE;
     END LOOP;
-    PERFORM pgphi._progress_finish(tbl, col);
+    PERFORM pgphi._progress_finish_swept(tbl, col, more);
     COMMIT;
 END
 $$;
@@ -1848,7 +1864,7 @@ BEGIN
         COMMIT;
         EXIT WHEN more IS NOT TRUE;
     END LOOP;
-    PERFORM pgphi._progress_finish(tbl, index_column);
+    PERFORM pgphi._progress_finish_swept(tbl, index_column, more);
     COMMIT;
 END
 $$;
@@ -2241,7 +2257,7 @@ GRANT EXECUTE ON FUNCTION
     pgphi._progress_check(regclass, name),
     pgphi._progress_begin(regclass, name, integer, integer, bigint, text),
     pgphi._progress_get(regclass, name), pgphi._progress_advance(regclass, name, bigint, bigint),
-    pgphi._progress_finish(regclass, name),
+    pgphi._progress_finish(regclass, name), pgphi._progress_finish_swept(regclass, name, boolean),
     pgphi._progress_pages(regclass, name, text, text, text, integer),
     pgphi._progress_sweep(regclass, name, text, text, text, integer),
     pgphi._reencrypt_sql(regclass, name, name), pgphi._reencrypt_start(regclass, name, integer, name, text),
@@ -5554,6 +5570,14 @@ BEGIN
             USING ERRCODE = 'feature_not_supported',
                   HINT = 'CREATE EXTENSION citus first, and run it on the coordinator.';
     END IF;
+    -- The schema's owner could drop or replace the catalog copy: a schema
+    -- of that name made by anyone but a superuser is not used.
+    IF EXISTS (SELECT FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner
+                WHERE n.nspname = 'pgphi_citus' AND NOT r.rolsuper) THEN
+        RAISE EXCEPTION 'schema pgphi_citus exists and is not owned by a superuser'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Drop it, or make a superuser its owner, and run pgphi.citus_setup() again.';
+    END IF;
     IF to_regclass('pgphi_citus.catalog_rows') IS NULL THEN
         CREATE SCHEMA IF NOT EXISTS pgphi_citus;
         REVOKE ALL ON SCHEMA pgphi_citus FROM PUBLIC;
@@ -5589,6 +5613,8 @@ CREATE FUNCTION pgphi.citus_sync(OUT nodeid integer, OUT success boolean, OUT re
     RETURNS SETOF record
     LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    nodes bigint;
 BEGIN
     IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
         RAISE EXCEPTION 'pgphi.citus_sync() needs a superuser' USING ERRCODE = 'insufficient_privilege';
@@ -5596,6 +5622,13 @@ BEGIN
     IF pgphi._citus_node_role() IS DISTINCT FROM 'coordinator' OR to_regclass('pgphi_citus.catalog_rows') IS NULL THEN
         RAISE EXCEPTION 'pgphi.citus_sync() runs on a Citus coordinator after pgphi.citus_setup()'
             USING ERRCODE = 'feature_not_supported';
+    END IF;
+    -- Each node seals at most 1/32 of a DEK's limit (shared_state.cpp).
+    EXECUTE 'SELECT count(*) FROM pg_catalog.pg_dist_node WHERE noderole = ''primary''' INTO nodes;
+    IF nodes > 32 THEN
+        RAISE WARNING 'this Citus cluster has % nodes; pgphi keeps the values sealed under a DEK inside its limit only for up to 32', nodes
+            USING HINT = 'Each node may seal 1/32 of the limit, so more nodes together could pass it: rotate keys on the '
+                         'coordinator (pgphi.rotate_key) well before any version nears its limit.';
     END IF;
     PERFORM pg_catalog.replicate_reference_tables('block_writes');
     RETURN QUERY EXECUTE

@@ -482,6 +482,22 @@ BEGIN
 END
 $$;
 
+-- Finishes a run whose sweeps are over, or, if the last still found rows
+-- (concurrent writers kept copying old values), refuses to report it done:
+-- the run stays resumable.
+CREATE FUNCTION pgphi._progress_finish_swept(tbl regclass, col name, rows_left boolean) RETURNS void
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF rows_left THEN
+        RAISE EXCEPTION 'concurrent writes kept leaving rows of % to redo after 1000 sweeps', tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call the procedure again when fewer writes copy old values: it resumes where it stopped.';
+    END IF;
+    PERFORM pgphi._progress_finish(tbl, col);
+END
+$$;
+
 -- The next batch of pages of a run with progress; false once every page of
 -- the run is done.
 CREATE FUNCTION pgphi._progress_pages(tbl regclass, col name, update_head text, stale text, key_name text,
@@ -640,7 +656,7 @@ BEGIN
         COMMIT;
         EXIT WHEN more IS NOT TRUE;
     END LOOP;
-    PERFORM pgphi._progress_finish(tbl, col);
+    PERFORM pgphi._progress_finish_swept(tbl, col, more);
     COMMIT;
 END
 $$;
@@ -765,7 +781,7 @@ BEGIN
         COMMIT;
         EXIT WHEN more IS NOT TRUE;
     END LOOP;
-    PERFORM pgphi._progress_finish(tbl, index_column);
+    PERFORM pgphi._progress_finish_swept(tbl, index_column, more);
     COMMIT;
 END
 $$;
@@ -1158,7 +1174,7 @@ GRANT EXECUTE ON FUNCTION
     pgphi._progress_check(regclass, name),
     pgphi._progress_begin(regclass, name, integer, integer, bigint, text),
     pgphi._progress_get(regclass, name), pgphi._progress_advance(regclass, name, bigint, bigint),
-    pgphi._progress_finish(regclass, name),
+    pgphi._progress_finish(regclass, name), pgphi._progress_finish_swept(regclass, name, boolean),
     pgphi._progress_pages(regclass, name, text, text, text, integer),
     pgphi._progress_sweep(regclass, name, text, text, text, integer),
     pgphi._reencrypt_sql(regclass, name, name), pgphi._reencrypt_start(regclass, name, integer, name, text),

@@ -335,6 +335,14 @@ BEGIN
             USING ERRCODE = 'feature_not_supported',
                   HINT = 'CREATE EXTENSION citus first, and run it on the coordinator.';
     END IF;
+    -- The schema's owner could drop or replace the catalog copy: a schema
+    -- of that name made by anyone but a superuser is not used.
+    IF EXISTS (SELECT FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner
+                WHERE n.nspname = 'pgphi_citus' AND NOT r.rolsuper) THEN
+        RAISE EXCEPTION 'schema pgphi_citus exists and is not owned by a superuser'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Drop it, or make a superuser its owner, and run pgphi.citus_setup() again.';
+    END IF;
     IF to_regclass('pgphi_citus.catalog_rows') IS NULL THEN
         CREATE SCHEMA IF NOT EXISTS pgphi_citus;
         REVOKE ALL ON SCHEMA pgphi_citus FROM PUBLIC;
@@ -370,6 +378,8 @@ CREATE FUNCTION pgphi.citus_sync(OUT nodeid integer, OUT success boolean, OUT re
     RETURNS SETOF record
     LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    nodes bigint;
 BEGIN
     IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
         RAISE EXCEPTION 'pgphi.citus_sync() needs a superuser' USING ERRCODE = 'insufficient_privilege';
@@ -377,6 +387,13 @@ BEGIN
     IF pgphi._citus_node_role() IS DISTINCT FROM 'coordinator' OR to_regclass('pgphi_citus.catalog_rows') IS NULL THEN
         RAISE EXCEPTION 'pgphi.citus_sync() runs on a Citus coordinator after pgphi.citus_setup()'
             USING ERRCODE = 'feature_not_supported';
+    END IF;
+    -- Each node seals at most 1/32 of a DEK's limit (shared_state.cpp).
+    EXECUTE 'SELECT count(*) FROM pg_catalog.pg_dist_node WHERE noderole = ''primary''' INTO nodes;
+    IF nodes > 32 THEN
+        RAISE WARNING 'this Citus cluster has % nodes; pgphi keeps the values sealed under a DEK inside its limit only for up to 32', nodes
+            USING HINT = 'Each node may seal 1/32 of the limit, so more nodes together could pass it: rotate keys on the '
+                         'coordinator (pgphi.rotate_key) well before any version nears its limit.';
     END IF;
     PERFORM pg_catalog.replicate_reference_tables('block_writes');
     RETURN QUERY EXECUTE

@@ -109,6 +109,7 @@ pgphi._progress_advance(regclass,name,bigint,bigint)                         key
 pgphi._progress_begin(regclass,name,integer,integer,bigint,text)             key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._progress_check(regclass,name)                                         key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._progress_finish(regclass,name)                                        key     42501  42501 42501 42501 42501 42501 42501 42501 ok
+pgphi._progress_finish_swept(regclass,name,boolean)                          key     42501  42501 42501 42501 42501 42501 42501 42501 ok
 pgphi._progress_get(regclass,name)                                           key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._progress_pages(regclass,name,text,text,text,integer)                  key     42501  42501 42501 42501 42501 42501 42501 42501 55000
 pgphi._progress_sweep(regclass,name,text,text,text,integer)                  key     42501  42501 42501 42501 42501 42501 42501 42501 55000

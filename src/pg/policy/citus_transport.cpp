@@ -10,17 +10,23 @@ extern "C" {
 #include "access/table.h"
 #include "access/transam.h"
 #include "catalog/dependency.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_language.h"
 #include "catalog/pg_namespace.h"
 #include "catalog/pg_proc.h"
 #include "commands/extension.h"
+#include "nodes/execnodes.h"
 #include "nodes/nodeFuncs.h"
+#include "nodes/parsenodes.h"
+#include "parser/parsetree.h"
+#include "tcop/utility.h"
 #include "optimizer/planner.h"
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 #include "utils/regproc.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
+#include "utils/typcache.h"
 }
 
 #include <cstring>
@@ -36,6 +42,7 @@ namespace pgphi::pg {
 namespace {
 
 planner_hook_type g_previous_planner = nullptr;
+ProcessUtility_hook_type g_previous_utility = nullptr;
 
 // pgphi's C entry points that return plaintext (functions/encryption_functions.cpp).
 const char* const kDecryptingSymbols[] = {"pgphi_decrypt_text", "pgphi_decrypt_bytea", "pgphi_decrypt_jsonb"};
@@ -133,7 +140,10 @@ void classify_function(Oid function, Findings& findings)
     } else {
         if (!OidIsValid(findings.user_function))
             findings.user_function = function;
-        static const char* const kDelegation[] = {"distribution_argument_index", "force_delegation"};
+        // Citus delegates a call to a worker when the function is colocated
+        // with a table (distributed, reference or single-shard), or forced.
+        static const char* const kDelegation[] = {"distribution_argument_index", "colocationid",
+                                                  "force_delegation"};
         if (!OidIsValid(findings.delegated) &&
             citus_catalog_has("pg_dist_object", "objid", function, ProcedureRelationId, kDelegation,
                               lengthof(kDelegation)))
@@ -148,23 +158,72 @@ bool note_function(Oid function, void* context)
     return false; // keep walking
 }
 
+bool is_citus_table(Oid relid)
+{
+    return citus_catalog_has("pg_dist_partition", "logicalrelid", relid, InvalidOid, nullptr, 0);
+}
+
+void walk_domain_checks(Oid domain, Findings* findings);
+void walk_target_table(Oid relid, Findings* findings);
+
 bool walk(Node* node, void* context)
 {
     if (node == nullptr)
         return false;
     auto* findings = static_cast<Findings*>(context);
-    if (IsA(node, Query))
-        return query_tree_walker(reinterpret_cast<Query*>(node), compat::walker(walk), context,
-                                 QTW_EXAMINE_RTES_BEFORE);
+    if (IsA(node, Query)) {
+        auto* query = reinterpret_cast<Query*>(node);
+        if (query->resultRelation > 0 && query->commandType != CMD_SELECT) {
+            RangeTblEntry* target = rt_fetch(query->resultRelation, query->rtable);
+            if (target->rtekind == RTE_RELATION && is_citus_table(target->relid))
+                walk_target_table(target->relid, findings);
+        }
+        return query_tree_walker(query, compat::walker(walk), context, QTW_EXAMINE_RTES_BEFORE);
+    }
     if (IsA(node, RangeTblEntry)) {
         auto* entry = reinterpret_cast<RangeTblEntry*>(node);
-        if (entry->rtekind == RTE_RELATION && !OidIsValid(findings->citus_table) &&
-            citus_catalog_has("pg_dist_partition", "logicalrelid", entry->relid, InvalidOid, nullptr, 0))
+        if (entry->rtekind == RTE_RELATION && !OidIsValid(findings->citus_table) && is_citus_table(entry->relid))
             findings->citus_table = entry->relid;
         return false; // its subquery, functions and values are walked by query_tree_walker
     }
+    if (IsA(node, CoerceToDomain))
+        walk_domain_checks(reinterpret_cast<CoerceToDomain*>(node)->resulttype, findings);
     check_functions_in_node(node, note_function, context);
     return expression_tree_walker(node, compat::walker(walk), context);
+}
+
+// A domain's CHECK constraints (its base domains' too) run where the value
+// is coerced, which for a pushed-down statement is a worker.
+void walk_domain_checks(Oid domain, Findings* findings)
+{
+    // In the memory context, not on the stack: the context's reset callback
+    // points into it.
+    auto* constraints = static_cast<DomainConstraintRef*>(palloc0(sizeof(DomainConstraintRef)));
+    InitDomainConstraintRef(domain, constraints, CurrentMemoryContext, false);
+    ListCell* cell;
+    foreach (cell, constraints->constraints) {
+        auto* constraint = static_cast<DomainConstraintState*>(lfirst(cell));
+        if (constraint->constrainttype == DOM_CONSTRAINT_CHECK)
+            walk(reinterpret_cast<Node*>(constraint->check_expr), findings);
+    }
+}
+
+// What a write into a Citus table runs on the workers besides the statement:
+// CHECK constraints, generated columns and defaults, and triggers.
+void walk_target_table(Oid relid, Findings* findings)
+{
+    Relation relation = table_open(relid, AccessShareLock);
+    TupleConstr* constr = RelationGetDescr(relation)->constr;
+    if (constr != nullptr) {
+        for (int i = 0; i < constr->num_check; ++i)
+            walk(static_cast<Node*>(stringToNode(constr->check[i].ccbin)), findings);
+        for (int i = 0; i < constr->num_defval; ++i)
+            walk(static_cast<Node*>(stringToNode(constr->defval[i].adbin)), findings);
+    }
+    if (relation->trigdesc != nullptr)
+        for (int i = 0; i < relation->trigdesc->numtriggers; ++i)
+            classify_function(relation->trigdesc->triggers[i].tgfoid, *findings);
+    table_close(relation, AccessShareLock);
 }
 
 void refuse(const char* setting, Oid function, const char* why)
@@ -178,15 +237,23 @@ void refuse(const char* setting, Oid function, const char* why)
                     errhint("Connect with sslmode=require or stronger.")));
 }
 
-void check_statement(Query* query)
+// The setting's value when this session's statements are to be checked.
+const char* refusing_setting()
 {
     const char* setting = plaintext_transport_refusing();
-    if (setting == nullptr || !in_citus_cluster())
-        return;
+    return setting != nullptr && in_citus_cluster() ? setting : nullptr;
+}
+
+Findings new_findings()
+{
     Findings findings;
     findings.pgphi_extension = get_extension_oid("pgphi", true);
     findings.citus_extension = get_extension_oid("citus", true);
-    walk(reinterpret_cast<Node*>(query), &findings);
+    return findings;
+}
+
+void decide(const char* setting, const Findings& findings)
+{
     if (OidIsValid(findings.decrypting))
         refuse(setting, findings.decrypting, "which decrypts");
     if (OidIsValid(findings.node_command))
@@ -197,6 +264,54 @@ void check_statement(Query* query)
         refuse(setting, findings.user_function,
                "which Citus may run on a worker with the statement on a Citus table, where the client's connection "
                "is not known");
+}
+
+void check_statement(Query* query)
+{
+    const char* setting = refusing_setting();
+    if (setting == nullptr)
+        return;
+    Findings findings = new_findings();
+    walk(reinterpret_cast<Node*>(query), &findings);
+    decide(setting, findings);
+}
+
+// Utility statements are not planned: CALL, which Citus sends whole to a
+// worker for a distributed procedure, and COPY into a Citus table, whose
+// constraints, defaults and triggers run on the workers.
+void check_utility(Node* statement)
+{
+    const char* setting = refusing_setting();
+    if (setting == nullptr)
+        return;
+    Findings findings = new_findings();
+    if (IsA(statement, CallStmt)) {
+        FuncExpr* call = reinterpret_cast<CallStmt*>(statement)->funcexpr;
+        if (call != nullptr && citus_catalog_has("pg_dist_object", "objid", call->funcid, ProcedureRelationId,
+                                                 nullptr, 0))
+            refuse(setting, call->funcid, "a distributed procedure, which Citus runs on a worker, where the "
+                                          "client's connection is not known");
+    } else if (IsA(statement, CopyStmt)) {
+        auto* copy = reinterpret_cast<CopyStmt*>(statement);
+        if (!copy->is_from || copy->relation == nullptr)
+            return;
+        Oid relid = RangeVarGetRelid(copy->relation, AccessShareLock, true);
+        if (!OidIsValid(relid) || !is_citus_table(relid))
+            return;
+        findings.citus_table = relid;
+        walk_target_table(relid, &findings);
+    }
+    decide(setting, findings);
+}
+
+void on_utility(PlannedStmt* planned, const char* query, bool read_only, ProcessUtilityContext context,
+                ParamListInfo params, QueryEnvironment* environment, DestReceiver* dest, QueryCompletion* completion)
+{
+    check_utility(planned->utilityStmt);
+    if (g_previous_utility)
+        g_previous_utility(planned, query, read_only, context, params, environment, dest, completion);
+    else
+        standard_ProcessUtility(planned, query, read_only, context, params, environment, dest, completion);
 }
 
 PlannedStmt* plan(Query* query, const char* query_string, int cursor_options, ParamListInfo bound_params)
@@ -213,6 +328,8 @@ void register_citus_transport_guard()
 {
     g_previous_planner = planner_hook;
     planner_hook = plan;
+    g_previous_utility = ProcessUtility_hook;
+    ProcessUtility_hook = on_utility;
 }
 
 } // namespace pgphi::pg

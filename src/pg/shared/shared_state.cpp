@@ -9,7 +9,10 @@ extern "C" {
 #include "utils/wait_event.h"
 #include "utils/syscache.h"
 #include "utils/lsyscache.h"
+#include "access/htup_details.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_namespace.h"
+#include "commands/extension.h"
 #include "executor/spi.h"
 }
 
@@ -311,9 +314,19 @@ uint64_t hard_seal_limit()
 // seals under the same DEKs, each counting only its own values. So that all
 // of them together stay inside the one limit, each node takes an equal
 // share of it, for a cluster of up to kCitusNodeShares nodes (citus_sync()
-// warns beyond). Looked up once per transaction: the encrypt path must not
+// warns beyond 32). Looked up once per transaction: the encrypt path must not
 // pay a catalog lookup per value.
 constexpr uint64_t kCitusNodeShares = 32;
+
+Oid namespace_owner(Oid schema)
+{
+    HeapTuple tuple = SearchSysCache1(NAMESPACEOID, ObjectIdGetDatum(schema));
+    if (!HeapTupleIsValid(tuple))
+        return InvalidOid;
+    Oid owner = reinterpret_cast<Form_pg_namespace>(GETSTRUCT(tuple))->nspowner;
+    ReleaseSysCache(tuple);
+    return owner;
+}
 
 } // namespace
 
@@ -322,8 +335,12 @@ bool in_citus_cluster()
     static TimestampTz checked_in = 0; // the transaction's start: one per transaction in a backend
     static bool member = false;
     if (checked_in != GetCurrentTransactionStartTimestamp()) {
+        // Only pgphi.citus_setup()'s schema counts: one a superuser owns
+        // (it refuses another), with Citus installed. Anyone allowed to
+        // create a schema could otherwise make a server seal less.
         Oid schema = get_namespace_oid("pgphi_citus", true);
-        member = OidIsValid(schema) && OidIsValid(get_relname_relid("catalog_rows", schema));
+        member = OidIsValid(schema) && OidIsValid(get_extension_oid("citus", true)) &&
+                 OidIsValid(get_relname_relid("catalog_rows", schema)) && superuser_arg(namespace_owner(schema));
         checked_in = GetCurrentTransactionStartTimestamp();
     }
     return member;

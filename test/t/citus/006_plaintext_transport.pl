@@ -51,6 +51,13 @@ cmp_ok(scalar(@node_commands), '>=', 5, "node-command functions listed: @node_co
 # --- the cluster ----------------------------------------------------------------
 
 my ($coordinator, @workers) = CitusTest::new_cluster();
+# A schema of citus_setup()'s name made by another role is not used: its
+# owner could replace the catalog copy (and the node would count as one of a
+# cluster).
+$coordinator->safe_psql('postgres', q{CREATE ROLE squatter; CREATE SCHEMA pgphi_citus AUTHORIZATION squatter});
+like(PgphiTest::psql_error($coordinator, 'postgres', 'SELECT pgphi.citus_setup()'),
+	qr/42501: schema pgphi_citus exists and is not owned by a superuser/, 'citus_setup refuses a squatted schema');
+$coordinator->safe_psql('postgres', q{DROP SCHEMA pgphi_citus; DROP ROLE squatter});
 $coordinator->safe_psql('postgres', q{
 	SELECT pgphi.citus_setup();
 	SELECT pgphi.create_key('ssn');
@@ -68,6 +75,27 @@ $coordinator->safe_psql('postgres', q{
 	    LANGUAGE sql STABLE AS $$ SELECT pgphi.decrypt_phi(ssn, 'ssn', mrn) FROM public.patients WHERE id = patient $$;
 	SELECT create_distributed_function('ssn_of(int)', '$1', colocate_with := 'patients');
 	SELECT pgphi.create_decrypted_view('patients', 'patients_clear', 'reader', key_name => 'ssn', context_column => 'mrn');
+	-- Run on a worker without a user function in the statement: a function
+	-- colocated with a reference table, a distributed procedure, a domain's
+	-- CHECK, a table's CHECK and a trigger.
+	CREATE TABLE anchor (k int);
+	SELECT create_reference_table('anchor');
+	CREATE FUNCTION peek(patient int) RETURNS text
+	    LANGUAGE sql STABLE AS $$ SELECT pgphi.decrypt_phi(ssn, 'ssn', mrn) FROM public.patients WHERE id = patient $$;
+	SELECT create_distributed_function('peek(int)', colocate_with := 'anchor');
+	CREATE PROCEDURE fetch_ssn(patient int, INOUT ssn_out text DEFAULT NULL) LANGUAGE plpgsql
+	    AS $$ BEGIN SELECT pgphi.decrypt_phi(ssn, 'ssn', mrn) INTO ssn_out FROM public.patients WHERE id = patient; END $$;
+	SELECT create_distributed_function('fetch_ssn(int,text)', '$1', colocate_with := 'patients');
+	CREATE TYPE pair AS (e pgphi.encrypted, c text);
+	CREATE DOMAIN checked_pair AS pair CHECK (pgphi.decrypt_phi((VALUE).e, 'ssn', (VALUE).c) IS NOT NULL);
+	CREATE TABLE checked_copy (id int, mrn text, ssn pgphi.encrypted, CHECK (pgphi.decrypt_phi(ssn, 'ssn', mrn) IS NOT NULL));
+	SELECT create_distributed_table('checked_copy', 'id', colocate_with => 'patients');
+	CREATE FUNCTION pass_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+	CREATE TABLE triggered (id int, ssn pgphi.encrypted);
+	SELECT create_distributed_table('triggered', 'id', colocate_with => 'patients');
+	SET citus.enable_unsafe_triggers = on;
+	CREATE TRIGGER pass BEFORE INSERT ON triggered FOR EACH ROW EXECUTE FUNCTION pass_row();
+	GRANT INSERT, SELECT ON checked_copy, triggered TO reader;
 });
 for my $node ($coordinator, @workers)
 {
@@ -82,7 +110,7 @@ sub over
 	my ($stdout, $stderr);
 	IPC::Run::run([ 'psql', '-XAtq', '-v', 'VERBOSITY=verbose', '-v', 'ON_ERROR_STOP=1',
 			'-d', "$conninfo port=" . $node->port . ' dbname=postgres user=reader', '-c', $sql ],
-		'>', \$stdout, '2>', \$stderr);
+		'<', \'', '>', \$stdout, '2>', \$stderr);
 	return "refused $1" if $stderr =~ /(\d{5}): pgphi does not return plaintext/;
 	return "error $1: $stderr" if $stderr =~ /ERROR:\s+(\w{5}):/;
 	return $stdout =~ s/\n$//r;
@@ -152,6 +180,20 @@ is(over($coordinator, $tcp, q{SELECT ssn_of(5)}), 'refused 28000', 'a delegated 
 is(over($coordinator, $tls, q{SELECT ssn_of(5)}), 'ssn-5', '... over TLS: decrypts');
 is(over($coordinator, $tcp, q{SELECT count(*) FROM patients_clear}), 'refused 28000', 'a decrypting view, TCP: refused');
 is(over($coordinator, $tls, q{SELECT ssn FROM patients_clear WHERE id = 9}), 'ssn-9', '... over TLS: decrypts');
+
+is(over($coordinator, $tcp, q{SELECT peek(5)}), 'refused 28000', 'a function colocated with a reference table, TCP: refused');
+is(over($coordinator, $tcp, q{CALL fetch_ssn(5)}), 'refused 28000', 'CALL of a distributed procedure, TCP: refused');
+is(over($coordinator, $tls, q{CALL fetch_ssn(5)}), 'ssn-5', '... over TLS: decrypts');
+is(over($coordinator, $tcp, q{SELECT count(ROW(ssn, mrn)::pair::checked_pair) FROM patients}), 'refused 28000',
+	'a domain whose CHECK decrypts, TCP: refused');
+is(over($coordinator, $tls, q{SELECT count(ROW(ssn, mrn)::pair::checked_pair) FROM patients}), '100', '... over TLS: checked');
+is(over($coordinator, $tcp, q{INSERT INTO checked_copy SELECT id, mrn, ssn FROM patients}), 'refused 28000',
+	'a write into a table whose CHECK decrypts, TCP: refused');
+is(over($coordinator, $tcp, q{COPY checked_copy FROM STDIN}), 'refused 28000', '... and COPY into it');
+is(over($coordinator, $tls, q{INSERT INTO checked_copy SELECT id, mrn, ssn FROM patients}), '', '... over TLS: written');
+is(over($coordinator, $tcp, q{INSERT INTO triggered VALUES (1, NULL)}), 'refused 28000',
+	'a write into a table with a user trigger, TCP: refused');
+is(over($coordinator, $tls, q{INSERT INTO triggered VALUES (1, NULL)}), '', '... over TLS: written');
 
 # --- what needs no plaintext still works without TLS ------------------------------
 
