@@ -95,10 +95,17 @@ public:
     size_t blind_index_size() const noexcept { return kBlindIndexPrefixSize + spec_.index_bytes; }
     void blind_index(ByteView plaintext, uint8_t* out);
 
-    // Throws WrongKeyPurpose unless this key is meant for `purpose`.
-    void require(KeyPurpose purpose) const;
+    // Throws WrongKeyPurpose unless this key is meant for `purpose`. Inline:
+    // every value checks it.
+    void require(KeyPurpose purpose) const
+    {
+        if (spec_.purpose != purpose)
+            wrong_purpose(purpose);
+    }
 
 private:
+    [[noreturn]] void wrong_purpose(KeyPurpose purpose) const;
+
     format::KeyRef ref_;
     std::string name_;
     KeySpec spec_;
