@@ -36,7 +36,9 @@ PG_CXXFLAGS = -MMD -MP -std=c++17 -fPIC -Wall -Wextra -Wno-unused-parameter -Wno
               -Wno-register -Werror
 # The standard PKCS#11 header, from Debian's libp11-kit-dev (the pkcs11 provider).
 PG_CPPFLAGS = -I$(srcdir)/src -I$(srcdir)/src/pg -I/usr/include/p11-kit-1
-SHLIB_LINK = -lssl -lcrypto -lcurl -lstdc++ -ldl
+# -Bsymbolic-functions: calls between pgphi's own functions go direct instead
+# of through the PLT (nothing interposes them), a few ns per decrypted value.
+SHLIB_LINK = -lssl -lcrypto -lcurl -lstdc++ -ldl -Wl,-Bsymbolic-functions
 
 # No LLVM bitcode: JIT inlining of this module is not worth a clang dependency.
 override with_llvm = no

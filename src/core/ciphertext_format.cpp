@@ -33,6 +33,13 @@ namespace {
 
 ParsedValue parse(ByteView value)
 {
+    ParsedValue parsed;
+    parse(value, parsed);
+    return parsed;
+}
+
+void parse(ByteView value, ParsedValue& parsed)
+{
     // Checked one field at a time so that each kind of damage has its own error.
     if (value.size == 0 || value.data[0] != kMagic)
         throw Error(ErrorCode::NotCiphertext, "value is not a pgphi ciphertext",
@@ -41,7 +48,7 @@ ParsedValue parse(ByteView value)
     if (value.size < 2)
         truncated(value.size, kMinOverhead);
 
-    ParsedValue parsed;
+    parsed = ParsedValue();
     parsed.format_version = value.data[1];
     if (parsed.format_version != kVersion1)
         throw Error(ErrorCode::UnsupportedVersion,
@@ -75,7 +82,6 @@ ParsedValue parse(ByteView value)
         parsed.ciphertext = ByteView(parsed.nonce + kGcmNonceSize, value.size - kGcmOverhead);
         parsed.tag = value.data + value.size - kGcmTagSize;
     }
-    return parsed;
 }
 
 bool is_deterministic_prefix(ByteView head, uint32_t* key_id) noexcept

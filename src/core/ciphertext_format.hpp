@@ -78,6 +78,9 @@ struct ParsedValue {
 // Splits a value, trusting none of it. Throws pgphi::Error with NotCiphertext,
 // Truncated, UnsupportedVersion or UnknownAlgorithm; the tag is not checked.
 ParsedValue parse(ByteView value);
+// The same into `out`, for the per-value paths: a returned struct, copied
+// field by field right after parse stored it, stalls on store forwarding.
+void parse(ByteView value, ParsedValue& out);
 
 // Size of a sealed value for a plaintext of `plaintext_size` bytes.
 constexpr size_t sealed_size(size_t plaintext_size) { return kGcmOverhead + plaintext_size; }

@@ -52,10 +52,8 @@ DataKey::DataKey(format::KeyRef ref, std::string name, const SecureBytes& dek, c
     }
 }
 
-void DataKey::require(KeyPurpose purpose) const
+void DataKey::wrong_purpose(KeyPurpose purpose) const
 {
-    if (spec_.purpose == purpose)
-        return;
     if (purpose == KeyPurpose::Encryption)
         throw Error(ErrorCode::WrongKeyPurpose, "pgphi key \"" + name_ + "\" is a blind-index key",
                     "Blind-index keys compute blind indexes; they neither encrypt nor decrypt.",

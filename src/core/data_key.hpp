@@ -58,6 +58,10 @@ public:
     void set_cache_slot(uint32_t slot) noexcept { cache_slot_ = slot; }
     int64_t use_reported_ms() const noexcept { return use_reported_ms_; }
     void set_use_reported_ms(int64_t ms) noexcept { use_reported_ms_ = ms; }
+    // Uses since that report's clock was last read: the clock is read every
+    // so many uses, not per value (see note_use in key_access.cpp).
+    uint32_t uses_since_clock_read() const noexcept { return uses_since_clock_read_; }
+    void set_uses_since_clock_read(uint32_t uses) noexcept { uses_since_clock_read_ = uses; }
 
     // Whether the catalog had this version active or decrypt-only when it was
     // loaded: only such versions produce values for lookups.
@@ -95,10 +99,17 @@ public:
     size_t blind_index_size() const noexcept { return kBlindIndexPrefixSize + spec_.index_bytes; }
     void blind_index(ByteView plaintext, uint8_t* out);
 
-    // Throws WrongKeyPurpose unless this key is meant for `purpose`.
-    void require(KeyPurpose purpose) const;
+    // Throws WrongKeyPurpose unless this key is meant for `purpose`. Inline:
+    // every value checks it.
+    void require(KeyPurpose purpose) const
+    {
+        if (spec_.purpose != purpose)
+            wrong_purpose(purpose);
+    }
 
 private:
+    [[noreturn]] void wrong_purpose(KeyPurpose purpose) const;
+
     format::KeyRef ref_;
     std::string name_;
     KeySpec spec_;
@@ -108,6 +119,7 @@ private:
     int64_t valid_until_ms_ = INT64_MAX;
     uint32_t cache_slot_ = UINT32_MAX;
     int64_t use_reported_ms_ = 0;
+    uint32_t uses_since_clock_read_ = 0;
     bool live_ = true;
     bool compromised_ = false;
     uint64_t unreported_seals_ = 0;

@@ -39,6 +39,7 @@ DataKey& KeyRing::install(format::KeyRef ref, std::string name, bool active, Sec
         for (auto it = active_by_name_.begin(); it != active_by_name_.end();)
             it = (it->second == slot.get()) ? active_by_name_.erase(it) : std::next(it);
         last_found_ = last_active_ = nullptr;
+        ++changes_;
     }
     slot = std::move(key);
     if (active) {
@@ -50,6 +51,7 @@ DataKey& KeyRing::install(format::KeyRef ref, std::string name, bool active, Sec
 
 void KeyRing::clear() noexcept
 {
+    ++changes_;
     last_found_ = last_active_ = nullptr;
     active_by_name_.clear();
     by_ref_.clear();

@@ -28,6 +28,10 @@ public:
 
     void clear() noexcept;
 
+    // Counts the changes that destroy keys (clear(), and install() replacing
+    // a key): a pointer from find() is valid while this stays the same.
+    uint64_t changes() const noexcept { return changes_; }
+
     // Calls fn on every key (before clear(), to report their usage).
     template <typename Fn>
     void for_each(Fn&& fn)
@@ -43,6 +47,7 @@ private:
     // One-entry memo in front of each map: columns are mostly one key.
     DataKey* last_found_ = nullptr;
     DataKey* last_active_ = nullptr;
+    uint64_t changes_ = 0;
 };
 
 } // namespace pgphi

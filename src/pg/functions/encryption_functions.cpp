@@ -92,18 +92,86 @@ Datum encrypt_jsonb(FunctionCallInfo fcinfo, bool deterministic, int context_arg
     return result;
 }
 
+// What a decrypt call site (its fn_extra, one per expression) kept from the
+// last value it decrypted: the value's header, its key and the grant answer.
+// A column's values mostly share a header, so the next value with the same
+// one skips the parse, the key lookup and the grant check, revalidating
+// their results instead from counters that every change to them moves (see
+// key_still_current and key_use_still_allowed). What is due per value still
+// runs per value: the derivation and transport checks, the key name check,
+// the decrypt limit charge, the audit count and the key-use report. It holds
+// no key material: the key is the process's key ring's, used only while the
+// ring has not changed since.
+struct DecryptMemo {
+    uint8_t prefix[format::kPrefixSize]; // of an AES-256-GCM value
+    DataKey* key;                        // nullptr: nothing kept
+    uint64_t ring_changes;
+    TimestampTz statement;
+    KeyUseAnswer grant;
+};
+
+DecryptMemo* decrypt_memo(FunctionCallInfo fcinfo, DecryptMemo* unkept)
+{
+    // A direct call (DirectFunctionCall) has no call site to keep it in.
+    if (fcinfo->flinfo == nullptr) {
+        *unkept = DecryptMemo{};
+        return unkept;
+    }
+    if (fcinfo->flinfo->fn_extra == nullptr)
+        fcinfo->flinfo->fn_extra = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(DecryptMemo));
+    return static_cast<DecryptMemo*>(fcinfo->flinfo->fn_extra);
+}
+
+// The memo's key for `value` if it still holds, with `parsed` filled in as
+// format::parse would (the header is the one parse accepted before).
+DataKey* memo_key(const DecryptMemo& memo, ByteView value, format::ParsedValue& parsed)
+{
+    if (memo.key == nullptr || value.size < format::kGcmOverhead ||
+        memcmp(value.data, memo.prefix, format::kPrefixSize) != 0 ||
+        !key_still_current(memo.key, memo.ring_changes, memo.statement) || !key_use_still_allowed(memo.grant))
+        return nullptr;
+    parsed.format_version = format::kVersion1;
+    parsed.algorithm = format::Algorithm::Aes256Gcm;
+    parsed.key = memo.key->ref();
+    parsed.prefix = ByteView(value.data, format::kPrefixSize);
+    parsed.nonce = value.data + format::kPrefixSize;
+    parsed.ciphertext = ByteView(parsed.nonce + format::kGcmNonceSize, value.size - format::kGcmOverhead);
+    parsed.tag = value.data + value.size - format::kGcmTagSize;
+    return memo.key;
+}
+
 // Parses the value, checks the key name if one was given, and returns the
 // plaintext as a bytea-shaped varlena (text and bytea share the layout).
 struct varlena* decrypt_to_varlena(FunctionCallInfo fcinfo)
 {
     bytea* value = PG_GETARG_BYTEA_PP(0);
+    // The tail of a value (ciphertext and tag) is often on a cache line the
+    // scan has not touched yet: fetching it now overlaps that memory access
+    // with the checks below instead of stalling the decryption on it.
+    __builtin_prefetch(VARDATA_ANY(value) + VARSIZE_ANY_EXHDR(value) - 1);
+    ByteView bytes = view_of(value);
+    DecryptMemo unkept;
+    DecryptMemo* memo = decrypt_memo(fcinfo, &unkept);
     format::ParsedValue parsed;
-    call_core([&] { parsed = format::parse(view_of(value)); });
-
-    DataKey* key = key_for_decrypt(parsed.key);
-    check_plaintext_derivation(*key);
-    check_key_use(*key, KeyUse::Decrypt);
-    check_plaintext_transport(*key);
+    DataKey* key = memo_key(*memo, bytes, parsed);
+    if (key) {
+        check_plaintext_derivation(*key);
+        check_plaintext_transport(*key);
+    } else {
+        memo->key = nullptr;
+        call_core([&] { format::parse(bytes, parsed); });
+        key = key_for_decrypt(parsed.key);
+        uint64_t ring_changes = key_cache_clears();
+        check_plaintext_derivation(*key);
+        KeyUseAnswer grant = check_key_use(*key, KeyUse::Decrypt);
+        check_plaintext_transport(*key);
+        // Kept only once every check has passed; deterministic values
+        // (lookups, mostly one per statement) are not kept.
+        if (!parsed.deterministic()) {
+            *memo = DecryptMemo{{}, key, ring_changes, GetCurrentStatementStartTimestamp(), grant};
+            memcpy(memo->prefix, bytes.data, format::kPrefixSize);
+        }
+    }
     if (PG_NARGS() > 1) {
         text* expected = PG_GETARG_TEXT_PP(1);
         std::string_view expected_name(VARDATA_ANY(expected), VARSIZE_ANY_EXHDR(expected));

@@ -1,6 +1,7 @@
 #include "shared/postgres.hpp"
 
 extern "C" {
+#include "access/xact.h"
 #include "catalog/namespace.h"
 #include "libpq/auth.h"
 #include "libpq/libpq-be.h"
@@ -281,12 +282,16 @@ bool transport_allowed()
 
 } // namespace
 
-void check_key_use(const DataKey& key, KeyUse use)
+KeyUseAnswer check_key_use(const DataKey& key, KeyUse use)
 {
     Oid role = GetUserId();
+    // The generation before the decision: an invalidation during it makes
+    // the answer stale for a caller that keeps it.
+    uint64_t generation = g_grant_generation;
     Verdict verdict = decide(role, key.ref().key_id, use);
     if (verdict.allowed)
-        return;
+        return KeyUseAnswer{role, generation, verdict.expires_at,
+                            IsInParallelMode() ? GetCurrentStatementStartTimestamp() : 0};
     char* role_name = GetUserNameFromId(role, true);
     if (verdict.expired) {
         queue_audit_event(use_name(use), AuditOutcome::Refused, key,
@@ -331,6 +336,13 @@ void check_key_use(const DataKey& key, KeyUse use)
                               use_name(use)),
                     errhint("A key custodian can run pgphi.grant_%s('%s', '%s').", use_name(use),
                             key.name().c_str(), role_name ? role_name : "role")));
+}
+
+bool key_use_still_allowed(const KeyUseAnswer& answer)
+{
+    return answer.generation == g_grant_generation && answer.role == GetUserId() &&
+           (answer.only_for_statement == 0 || answer.only_for_statement == GetCurrentStatementStartTimestamp()) &&
+           (answer.expires_at == DT_NOEND || before_expiry(answer.expires_at));
 }
 
 const char* plaintext_transport_refusing()

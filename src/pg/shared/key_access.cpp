@@ -38,11 +38,15 @@ bool g_ring_stale = false;
 // The shared invalidation generation the ring was filled under: the broker
 // bumps it when a key manager revokes a key or a key expires unrefreshed.
 uint64_t g_ring_generation = 0;
-uint64_t g_ring_clears = 0;
 Oid g_keys_relid = InvalidOid;
 Oid g_versions_relid = InvalidOid;
 
 constexpr int64_t kUseReportIntervalMs = 500;
+// How many uses of a key may pass, within one statement, between two reads
+// of the clock for its use report (see note_use).
+constexpr uint32_t kUsesPerClockRead = 16;
+// The statement in which note_use last read the clock.
+TimestampTz g_clock_statement = 0;
 
 SPIPlanPtr g_plan_by_name = nullptr;
 SPIPlanPtr g_plan_by_ref = nullptr;
@@ -136,9 +140,36 @@ void flush_if_stale()
     if (g_ring_stale || generation != g_ring_generation) {
         report_all_seals();
         g_ring.clear();
-        ++g_ring_clears;
         g_ring_stale = false;
         g_ring_generation = generation;
+    }
+}
+
+// The use report of a key handed out for one more value.
+void note_use(DataKey* key, TimestampTz statement)
+{
+    // Tell the broker the key is in use, so it re-validates it before its
+    // TTL ends instead of letting it expire as idle. By the real clock: with
+    // the statement's start, a statement longer than the TTL would never
+    // report its key, and the broker would let it expire. The coarse clock
+    // (a tick behind at most) is as good for a report due every few seconds.
+    // Even so a clock read per value was a tenth of pgphi's cost per value in
+    // a scan, so it is read at each statement's first use and then every
+    // kUsesPerClockRead uses of the key: a scan passes those in microseconds.
+    // A statement that spaces its values out reports a little later, which
+    // at worst lets the broker expire the key as idle: the next lookup then
+    // asks the key manager again (a cost, never a key kept longer).
+    uint32_t uses = key->uses_since_clock_read() + 1;
+    if (uses < kUsesPerClockRead && statement == g_clock_statement) {
+        key->set_uses_since_clock_read(uses);
+        return;
+    }
+    key->set_uses_since_clock_read(0);
+    g_clock_statement = statement;
+    int64_t real_now = coarse_timestamp() / 1000;
+    if (real_now - key->use_reported_ms() >= kUseReportIntervalMs) {
+        report_key_use(key->cache_slot(), real_now);
+        key->set_use_reported_ms(real_now);
     }
 }
 
@@ -148,20 +179,10 @@ void flush_if_stale()
 // generation check.
 DataKey* still_valid(DataKey* key)
 {
-    int64_t now = GetCurrentStatementStartTimestamp() / 1000;
-    if (!key || key->valid_until_ms() <= now)
+    TimestampTz statement = GetCurrentStatementStartTimestamp();
+    if (!key || key->valid_until_ms() <= statement / 1000)
         return nullptr;
-    // Tell the broker the key is in use, so it re-validates it before its
-    // TTL ends instead of letting it expire as idle. By the real clock: with
-    // the statement's start, a statement longer than the TTL would never
-    // report its key, and the broker would let it expire. The coarse clock
-    // (a tick behind at most) is as good for a report due every few seconds,
-    // and cheaper per value.
-    int64_t real_now = coarse_timestamp() / 1000;
-    if (real_now - key->use_reported_ms() >= kUseReportIntervalMs) {
-        report_key_use(key->cache_slot(), real_now);
-        key->set_use_reported_ms(real_now);
-    }
+    note_use(key, statement);
     return key;
 }
 
@@ -530,7 +551,16 @@ void require_purpose(const DataKey& key, KeyPurpose purpose)
 
 NonceSource& nonce_source() { return g_nonces; }
 
-uint64_t key_cache_clears() { return g_ring_clears; }
+uint64_t key_cache_clears() { return g_ring.changes(); }
+
+bool key_still_current(DataKey* key, uint64_t changes, TimestampTz statement)
+{
+    flush_if_stale();
+    if (g_ring.changes() != changes || GetCurrentStatementStartTimestamp() != statement)
+        return false;
+    note_use(key, statement);
+    return true;
+}
 
 void register_key_invalidation() { CacheRegisterRelcacheCallback(on_relcache_invalidation, 0); }
 

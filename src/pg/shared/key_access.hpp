@@ -34,10 +34,19 @@ DataKey* key_for_version(const text* key_name, uint32 version);
 // asked to encrypt, or the reverse).
 void require_purpose(const DataKey& key, KeyPurpose purpose);
 
-// Counts how often this process's key cache was cleared. Pointers from the
-// functions above survive only while it stays the same; a caller that needs
-// two keys at once checks it (see reencrypt).
+// Counts how often this process's key cache was cleared or a key in it
+// replaced. Pointers from the functions above survive only while it stays
+// the same; a caller that needs two keys at once checks it (see reencrypt).
 uint64_t key_cache_clears();
+
+// For a caller that keeps a key from key_for_decrypt across values (a
+// decrypt call site's memo): takes in pending changes, as every lookup does,
+// and says whether a lookup would still give that key, i.e. the cache has not
+// changed since key_cache_clears() gave `changes` and the statement is still
+// the one that started at `statement` (a key's time in this process is
+// checked against the statement's start). If so the use is reported as a
+// lookup's would be.
+bool key_still_current(DataKey* key, uint64_t changes, TimestampTz statement);
 
 // Runs a read-only query on pgphi's catalog as the catalog's owner (so
 // callers need no privilege on it), preparing it into *plan once. Calls
