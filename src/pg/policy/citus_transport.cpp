@@ -74,10 +74,10 @@ struct Findings {
     Oid citus_table = InvalidOid;    // a Citus table in the range table
 };
 
-// Whether a row of Citus catalog `catalog` (in pg_catalog) has `column` = key
-// (and, when `classid` is valid, classid = it), and, if `nonnull_or_true` is
-// given, that column NOT NULL or true: delegation's distribution_argument_index
-// or force_delegation.
+// Whether Citus catalog `catalog` (in pg_catalog) has a row with `column` =
+// key (and classid = `classid`, when valid) in which, if `any_of` names
+// columns, one of them is set: NOT NULL, and true for a boolean (for
+// delegation: distribution_argument_index, colocationid, force_delegation).
 bool citus_catalog_has(const char* catalog, const char* column, Oid key, Oid classid,
                        const char* const* any_of, size_t any_count)
 {
@@ -85,6 +85,7 @@ bool citus_catalog_has(const char* catalog, const char* column, Oid key, Oid cla
     if (!OidIsValid(relid))
         return false;
     Relation relation = table_open(relid, AccessShareLock);
+    TupleDesc descriptor = RelationGetDescr(relation);
     ScanKeyData keys[2];
     int nkeys = 0;
     ScanKeyInit(&keys[nkeys++], get_attnum(relid, column), BTEqualStrategyNumber, F_OIDEQ, ObjectIdGetDatum(key));
@@ -95,18 +96,14 @@ bool citus_catalog_has(const char* catalog, const char* column, Oid key, Oid cla
     bool found = false;
     HeapTuple tuple;
     while (!found && HeapTupleIsValid(tuple = systable_getnext(scan))) {
-        if (any_count == 0) {
-            found = true;
-            break;
-        }
+        found = any_count == 0;
         for (size_t i = 0; i < any_count && !found; ++i) {
             AttrNumber attnum = get_attnum(relid, any_of[i]);
             if (attnum == InvalidAttrNumber)
-                continue;
+                continue; // a column this Citus version lacks
             bool isnull;
-            Datum value = heap_getattr(tuple, attnum, RelationGetDescr(relation), &isnull);
-            Oid type = get_atttype(relid, attnum);
-            found = !isnull && (type != BOOLOID || DatumGetBool(value));
+            Datum value = heap_getattr(tuple, attnum, descriptor, &isnull);
+            found = !isnull && (TupleDescAttr(descriptor, attnum - 1)->atttypid != BOOLOID || DatumGetBool(value));
         }
     }
     systable_endscan(scan);
